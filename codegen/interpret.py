@@ -1,0 +1,68 @@
+"""The reference interpreter: runs IR with NumPy, in any float dtype (float64 included).
+
+It is the oracle for pass tests (same numbers before and after a pass) and for
+codegen tests (StableHLO through XLA against float64 NumPy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from optgen.codegen.evaluate import evaluate
+from optgen.ir import Function
+
+# The meaning of every IR op on NumPy values; fold uses it too.
+NUMPY_OPS = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
+    "max": np.maximum, "min": np.minimum, "neg": np.negative, "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1 / np.sqrt(x), "abs": np.abs, "sign": np.sign, "exp": np.exp,
+    "log": np.log, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+    "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal, "and": np.logical_and,
+    "or": np.logical_or, "not": np.logical_not, "select": np.where,
+}
+
+
+class NumpyBackend:
+    """Backend for :func:`codegen.evaluate.evaluate` over NumPy arrays."""
+
+    def at(self, loc):
+        return contextlib.nullcontext()
+
+    def dtype_of(self, x) -> np.dtype:
+        return np.asarray(x).dtype
+
+    def constant(self, value, dtype):
+        return np.asarray(value, dtype=bool if isinstance(value, bool) else dtype)
+
+    def apply(self, opcode, operands):
+        with np.errstate(all="ignore"):  # inf and nan follow IEEE, as on XLA
+            return np.asarray(NUMPY_OPS[opcode](*operands))
+
+    def convert(self, x, dtype):
+        x = np.asarray(x)
+        return x if x.dtype == bool else x.astype(dtype)
+
+    def broadcast(self, x, like):
+        return np.broadcast_to(x, np.shape(like))
+
+    def reduce_sum(self, x):
+        return np.sum(x, dtype=np.asarray(x).dtype)
+
+    def size(self, x, dtype):
+        return np.asarray(np.size(x), dtype=dtype)
+
+
+def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
+              dtype=np.float64, delta_output: str | None = None) -> dict[str, list[np.ndarray]]:
+    """Run ``func`` with every value computed in ``dtype``; outputs are returned in ``dtype`` too.
+
+    ``tensors`` maps each tensor input (``p``, ``g``, states) to one array per
+    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number.
+    """
+    dtype = np.dtype(dtype)
+    tensors = {k: [np.asarray(x, dtype) for x in v] for k, v in tensors.items()}
+    out_dtypes = {name: [dtype] * len(tensors["p"]) for name, _ in func.outputs}
+    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output)

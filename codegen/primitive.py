@@ -1,0 +1,69 @@
+"""A JAX primitive that runs an IR function; its lowering rule emits the generated StableHLO.
+
+Because the optimizer is a primitive inside JAX's own lowering, a step composes with a
+user's ``jax.jit``, donation, sharding and ``jax.export`` like any jnp code, and XLA
+fuses it with whatever surrounds it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from optgen.codegen.evaluate import evaluate
+from optgen.codegen.stablehlo import StableHLOBackend
+from optgen.ir import Function
+
+run_ir_p = Primitive("optgen_run_ir")
+run_ir_p.multiple_results = True
+
+
+def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dict[str, jax.Array],
+           out_dtypes: dict[str, Sequence[np.dtype]], delta_output: str | None = None) -> dict[str, list]:
+    """Run ``func`` over every parameter: the JAX counterpart of :func:`codegen.interpret.interpret`.
+
+    ``tensors`` maps each tensor input to one array per parameter, ``scalars`` each step
+    input to a 0-d array whose dtype is the step dtype. Returns each output's arrays,
+    stored in ``out_dtypes``.
+    """
+    tensor_names = tuple(v.name for v in func.inputs if v.type.extent != "step")
+    scalar_names = tuple(v.name for v in func.inputs if v.type.extent == "step")
+    n = len(tensors["p"])
+    operands = [x for name in tensor_names for x in tensors[name]] + [scalars[s] for s in scalar_names]
+    out_names = tuple(name for name, _ in func.outputs)
+    flat = run_ir_p.bind(
+        *operands, func=func, n=n, tensor_names=tensor_names, scalar_names=scalar_names,
+        out_dtypes=tuple(tuple(np.dtype(d) for d in out_dtypes[name]) for name in out_names),
+        delta_output=delta_output)
+    return {name: list(flat[i * n:(i + 1) * n]) for i, name in enumerate(out_names)}
+
+
+def _split(operands, n, tensor_names, scalar_names):
+    tensors = {name: list(operands[i * n:(i + 1) * n]) for i, name in enumerate(tensor_names)}
+    scalars = dict(zip(scalar_names, operands[len(tensor_names) * n:]))
+    return tensors, scalars
+
+
+@run_ir_p.def_abstract_eval
+def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output):
+    params = operands[:n]
+    return [jax.core.ShapedArray(p.shape, dtype) for dtypes in out_dtypes for p, dtype in zip(params, dtypes)]
+
+
+def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output):
+    tensors, scalars = _split(operands, n, tensor_names, scalar_names)
+    step_dtype = ctx.avals_in[len(tensor_names) * n].dtype if scalar_names else np.dtype(np.float32)
+    names = [name for name, _ in func.outputs]
+    outputs = evaluate(func, StableHLOBackend(), tensors, scalars, step_dtype,
+                       dict(zip(names, out_dtypes)), delta_output)
+    return [x for name in names for x in outputs[name]]
+
+
+_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output")
+# Called outside any jit, the primitive compiles once per distinct params and caches it.
+run_ir_p.def_impl(jax.jit(lambda *ops, **params: run_ir_p.bind(*ops, **params), static_argnames=_PARAMS))
+mlir.register_lowering(run_ir_p, _lower)

@@ -1,0 +1,230 @@
+"""AST -> checked spec: names resolve, types agree, and the update is complete.
+
+The checker finds every mistake a user can make in a spec before anything is
+lowered, and reports it as a :class:`~optgen.diagnostics.SpecError` at the offending
+place. Later stages trust what it accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optgen import syntax as ast
+from optgen.builtins import BUILTINS
+from optgen.diagnostics import SpecError, did_you_mean
+from optgen.types import Type, widest
+
+RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"}
+STATE_DTYPES = ("f32", "bf16", "f16", "f64")
+OPTION = Type("step", "option")  # a compile-time flag: only `if` may test it
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A spec that passed the checker, with its declarations in order."""
+
+    spec: ast.Spec
+    hypers: dict[str, float]
+    options: dict[str, bool]
+    states: tuple[ast.State, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name.id
+
+
+def check(spec: ast.Spec) -> CheckedSpec:
+    """Check ``spec``; raise :class:`SpecError` at the first mistake."""
+    return _Checker(spec).run()
+
+
+class _Checker:
+    def __init__(self, spec: ast.Spec):
+        self.spec = spec
+        self.assigned: set[str] = set()
+
+    def error(self, message: str, span, hint: str | None = None) -> SpecError:
+        return SpecError(message, self.spec.source, span, hint)
+
+    def run(self) -> CheckedSpec:
+        spec = self.spec
+        self.declare()
+        for state in spec.states:
+            self.check_state(state)
+        if spec.update_span is None:
+            raise self.error("the spec has no 'update:' block", spec.name.span,
+                             "add 'update:' followed by indented statements that assign p")
+        env = {name: Type("tensor") for name in ("p", "g")} | {"t": Type("step")}
+        env |= {h.name.id: Type("step") for h in spec.hypers}
+        env |= {o.name.id: OPTION for o in spec.options}
+        env |= {s.name.id: Type("tensor") for s in spec.states}
+        self.block(spec.body, env)
+        if "p" not in self.assigned:
+            raise self.error("the update never assigns p", spec.update_span,
+                             "end the update with 'p = p - ...'")
+        for state in spec.states:
+            if state.name.id not in self.assigned:
+                raise self.error(f"state '{state.name.id}' is never updated", state.name.span,
+                                 f"assign '{state.name.id} = ...' in the update, or remove the state")
+        return CheckedSpec(spec, {h.name.id: h.default for h in spec.hypers},
+                           {o.name.id: o.default for o in spec.options}, spec.states)
+
+    def declare(self) -> None:
+        seen: dict[str, str] = {}
+        decls = [(d.name, kind) for kind, group in (("hyper", self.spec.hypers),
+                 ("option", self.spec.options), ("state", self.spec.states)) for d in group]
+        for name, kind in decls:
+            if name.id in RESERVED:
+                raise self.error(f"'{name.id}' is reserved for {RESERVED[name.id]}", name.span,
+                                 "choose another name")
+            if name.id in seen:
+                raise self.error(f"'{name.id}' is already declared as a {seen[name.id]}", name.span,
+                                 "each hyper, option and state needs its own name")
+            seen[name.id] = kind
+
+    def check_state(self, state: ast.State) -> None:
+        if state.dtype is not None and state.dtype.id not in STATE_DTYPES:
+            raise self.error(f"unknown storage dtype '{state.dtype.id}'", state.dtype.span,
+                             did_you_mean(state.dtype.id, STATE_DTYPES)
+                             or f"use one of {', '.join(STATE_DTYPES)}")
+        env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}
+        self.expect_float(state.init, env, "a state's initial value")
+
+    # -- statements -----------------------------------------------------------------------
+
+    def block(self, stmts, env: dict[str, Type]) -> dict[str, Type]:
+        for stmt in stmts:
+            if isinstance(stmt, ast.Assign):
+                self.assign(stmt, env)
+            else:
+                self.if_stmt(stmt, env)
+        return env
+
+    def assign(self, stmt: ast.Assign, env: dict[str, Type]) -> None:
+        name = stmt.target
+        kind = self.declared_kind(name.id)
+        if name.id in ("g", "t"):
+            raise self.error(f"cannot assign to '{name.id}', {RESERVED[name.id]}", name.span,
+                             "assign to a new local name instead")
+        if kind in ("hyper", "option"):
+            raise self.error(f"cannot assign to {kind} '{name.id}'", name.span,
+                             f"{kind}s are read-only in the update; assign to a new local name")
+        value = self.expect_float(stmt.value, env, "an assigned value")
+        if name.id == "p" or kind == "state":
+            # p and states keep one value per element, whatever is assigned to them.
+            value = Type("tensor")
+        env[name.id] = value
+        self.assigned.add(name.id)
+
+    def if_stmt(self, stmt: ast.If, env: dict[str, Type]) -> None:
+        self.check_condition(stmt.cond)
+        then = self.block(stmt.then, dict(env))
+        orelse = self.block(stmt.orelse, dict(env))
+        # After the if, a name is defined only if both branches define it.
+        for name in then.keys() & orelse.keys():
+            env[name] = Type(widest((then[name].extent, orelse[name].extent)), then[name].kind)
+
+    def check_condition(self, cond: ast.Expr) -> None:
+        for node in ast.walk(cond):
+            if isinstance(node, ast.Unary) and node.op == "not":
+                continue
+            if isinstance(node, ast.Binary) and node.op in ("and", "or"):
+                continue
+            if isinstance(node, (ast.Bool,)):
+                continue
+            if isinstance(node, ast.Name) and self.declared_kind(node.id) == "option":
+                continue
+            if isinstance(node, ast.Name) and node.id not in self.all_declared():
+                raise self.unknown_name(node, list(o.name.id for o in self.spec.options))
+            raise self.error("an 'if' tests options, which are fixed at compile time", node.span,
+                             "declare 'option NAME = false' to test it here; "
+                             "for a per-element choice use where(cond, a, b)")
+
+    # -- expressions ----------------------------------------------------------------------
+
+    def expect_float(self, expr: ast.Expr, env: dict[str, Type], what: str) -> Type:
+        ty = self.expr(expr, env)
+        if ty.kind != "float":
+            raise self.error(f"{what} must be a number, not a condition", expr.span,
+                             "use where(cond, a, b) to choose between numbers")
+        return ty
+
+    def expr(self, expr: ast.Expr, env: dict[str, Type]) -> Type:
+        if isinstance(expr, ast.Number):
+            return Type("step")
+        if isinstance(expr, ast.Bool):
+            return Type("step", "bool")
+        if isinstance(expr, ast.Name):
+            if expr.id not in env:
+                raise self.unknown_name(expr, env)
+            if env[expr.id] is OPTION:
+                raise self.error(f"option '{expr.id}' can only be tested by 'if'", expr.span,
+                                 f"write 'if {expr.id}:' around the statements it selects")
+            return env[expr.id]
+        if isinstance(expr, ast.Unary):
+            inner = self.expr(expr.operand, env)
+            want = "bool" if expr.op == "not" else "float"
+            self.expect_kind(expr.operand, inner, want, f"'{expr.op}'")
+            return inner
+        if isinstance(expr, ast.Binary):
+            return self.binary(expr, env)
+        return self.call(expr, env)
+
+    def binary(self, expr: ast.Binary, env: dict[str, Type]) -> Type:
+        left, right = self.expr(expr.left, env), self.expr(expr.right, env)
+        logical = expr.op in ("and", "or")
+        for node, ty in ((expr.left, left), (expr.right, right)):
+            self.expect_kind(node, ty, "bool" if logical else "float", f"'{expr.op}'")
+        kind = "bool" if logical or expr.op in ("<", "<=", ">", ">=", "==", "!=") else "float"
+        return Type(widest((left.extent, right.extent)), kind)
+
+    def call(self, expr: ast.Call, env: dict[str, Type]) -> Type:
+        fn = BUILTINS.get(expr.func.id)
+        if fn is None:
+            raise self.error(f"unknown function '{expr.func.id}'", expr.func.span,
+                             did_you_mean(expr.func.id, BUILTINS)
+                             or f"the functions are {', '.join(sorted(BUILTINS))}")
+        if len(expr.args) != fn.arity:
+            s = "" if fn.arity == 1 else "s"
+            raise self.error(f"{fn.name} takes {fn.arity} argument{s}, got {len(expr.args)}",
+                             expr.span, f"{fn.name}: {fn.doc}")
+        types = [self.expr(arg, env) for arg in expr.args]
+        for i, (arg, ty) in enumerate(zip(expr.args, types)):
+            self.expect_kind(arg, ty, "bool" if i in fn.bool_args else "float", fn.name)
+        if fn.reduces_to is None:
+            return Type(widest(ty.extent for ty in types))
+        if types[0].extent != "tensor":
+            raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
+                             f"one number per {types[0].extent}", expr.args[0].span,
+                             f"pass a per-element value such as g or p to {fn.name}")
+        return Type(fn.reduces_to)
+
+    def expect_kind(self, node: ast.Expr, ty: Type, want: str, where: str) -> None:
+        if ty.kind == want:
+            return
+        if want == "bool":
+            raise self.error(f"{where} needs a condition, not a number", node.span,
+                             "compare it, e.g. x > 0")
+        raise self.error(f"{where} needs a number, not a condition", node.span,
+                         "use where(cond, a, b) to turn a condition into a number")
+
+    # -- names ----------------------------------------------------------------------------
+
+    def declared_kind(self, name: str) -> str | None:
+        for kind, group in (("hyper", self.spec.hypers), ("option", self.spec.options),
+                            ("state", self.spec.states)):
+            if any(d.name.id == name for d in group):
+                return kind
+        return None
+
+    def all_declared(self) -> set[str]:
+        return {d.name.id for group in (self.spec.hypers, self.spec.options, self.spec.states)
+                for d in group} | set(RESERVED)
+
+    def unknown_name(self, name: ast.Name, candidates) -> SpecError:
+        hint = did_you_mean(name.id, candidates)
+        if hint is None and name.id in self.all_declared():
+            hint = f"'{name.id}' cannot be used here"
+        return self.error(f"unknown name '{name.id}'", name.span,
+                          hint or "declare it with 'hyper', 'state' or 'option', "
+                                  "or assign it before this line")

@@ -1,0 +1,79 @@
+"""Diagnostics that point at the spec: ``file:line:col: error: ...``, the line, a caret, a hint.
+
+Every user mistake, at any stage, becomes a :class:`SpecError`. The CLI prints
+``render()`` and exits with status 1; the Python API raises it. No stage lets a
+Python traceback reach a user for something the user wrote.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of a spec file; lines and columns count from 1, ``end_col`` is exclusive."""
+
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+    def to(self, other: "Span") -> "Span":
+        """The span from the start of ``self`` to the end of ``other``."""
+        return Span(self.line, self.col, other.end_line, other.end_col)
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of a spec and the name it is reported under."""
+
+    text: str
+    filename: str
+
+    def line_text(self, line: int) -> str:
+        lines = self.text.splitlines()
+        return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+class SpecError(Exception):
+    """A mistake in a spec (or in how it is used), located in the spec's text."""
+
+    def __init__(self, message: str, source: Source | None = None, span: Span | None = None,
+                 hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.source = source
+        self.span = span
+        self.hint = hint
+
+    def render(self) -> str:
+        """``file:line:col: error: message``, the source line, a caret, and the hint."""
+        if self.source is None or self.span is None:
+            where = f"{self.source.filename}: " if self.source else ""
+            out = [f"{where}error: {self.message}"]
+        else:
+            line = self.source.line_text(self.span.line)
+            col = self.span.col
+            width = self.span.end_col - col if self.span.end_line == self.span.line else len(line) - col + 1
+            # Tabs keep their width in the caret line so the caret lines up in a terminal.
+            pad = "".join(ch if ch == "\t" else " " for ch in line[: col - 1])
+            out = [
+                f"{self.source.filename}:{self.span.line}:{col}: error: {self.message}",
+                f"  {line}",
+                f"  {pad}^{'~' * max(width - 1, 0)}",
+            ]
+        if self.hint:
+            out.append(f"hint: {self.hint}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """A 'did you mean' hint naming the closest candidate, or None when nothing is close."""
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None

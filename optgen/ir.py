@@ -1,0 +1,233 @@
+"""The IR: a flat SSA list of typed ops, with a textual form that round-trips.
+
+A :class:`Function` has named inputs, a list of :class:`Op` each defining one
+:class:`Value`, and named outputs. Every value has a :class:`~optgen.types.Type`
+(kind and extent). Text form::
+
+    func @adamw(%p: tensor, %g: tensor, %mu: tensor, %t: step, %b1: step) {
+      %0 = const 1 : step
+      %1 = sub %0, %b1 : step loc("adamw.spec":14:20)
+      %2 = mul %1, %g : tensor loc("adamw.spec":14:20)
+      return p = %2, mu = %2
+    }
+
+``print_function`` numbers op results in order, so printing, parsing and printing
+again gives the same text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from optgen.types import EXTENTS, Type, widest
+
+# opcode -> arity, for every op but const. Each group below shares a typing rule.
+FLOAT_OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "max": 2, "min": 2,
+             "neg": 1, "sqrt": 1, "rsqrt": 1, "abs": 1, "sign": 1, "exp": 1, "log": 1}
+COMPARE_OPS = {"lt": 2, "le": 2, "gt": 2, "ge": 2, "eq": 2, "ne": 2}
+LOGIC_OPS = {"and": 2, "or": 2, "not": 1}
+# select(cond, a, b); sum: tensor -> leaf; size: element count, tensor -> leaf;
+# gsum: the sum over every parameter of a per-leaf value, leaf -> step.
+OTHER_OPS = {"select": 3, "sum": 1, "size": 1, "gsum": 1}
+ARITY = FLOAT_OPS | COMPARE_OPS | LOGIC_OPS | OTHER_OPS
+
+
+class IRError(Exception):
+    """Malformed IR (from text, or a pass that broke an invariant)."""
+
+
+@dataclass(frozen=True)
+class Loc:
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f'loc("{self.file}":{self.line}:{self.col})'
+
+
+class Value:
+    """An SSA value. Identity is the value: two ops never share a result."""
+
+    __slots__ = ("type", "name")
+
+    def __init__(self, type: Type, name: str | None = None):
+        self.type = type
+        self.name = name  # input values have names; op results are numbered when printed
+
+    def __repr__(self) -> str:
+        return f"Value({self.name or id(self)}: {self.type})"
+
+
+@dataclass(frozen=True)
+class Op:
+    opcode: str
+    operands: tuple[Value, ...]
+    result: Value
+    attr: float | bool | None = None  # the constant of a `const`
+    loc: Loc | None = None
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    inputs: tuple[Value, ...]
+    ops: tuple[Op, ...]
+    outputs: tuple[tuple[str, Value], ...]
+
+    def input(self, name: str) -> Value:
+        return next(v for v in self.inputs if v.name == name)
+
+    def with_body(self, ops, outputs=None) -> "Function":
+        return replace(self, ops=tuple(ops), outputs=tuple(self.outputs if outputs is None else outputs))
+
+
+@dataclass(frozen=True)
+class Program:
+    """What a spec lowers to: the per-step update and the state initializer."""
+
+    update: Function
+    init: Function
+    state_dtypes: dict[str, str | None] = field(default_factory=dict)
+
+
+def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
+    """The type an op produces from its operands' types (and raises IRError if they misfit)."""
+    if opcode == "const":
+        return Type("step", "bool" if isinstance(attr, bool) else "float")
+    if opcode not in ARITY:
+        raise IRError(f"unknown op '{opcode}'")
+    if len(operands) != ARITY[opcode]:
+        raise IRError(f"'{opcode}' takes {ARITY[opcode]} operands, got {len(operands)}")
+    kinds = [v.type.kind for v in operands]
+    extent = widest(v.type.extent for v in operands)
+    expected = {"select": ["bool", "float", "float"]}.get(
+        opcode, ["bool"] * len(operands) if opcode in LOGIC_OPS else ["float"] * len(operands))
+    if kinds != expected:
+        raise IRError(f"'{opcode}' takes ({', '.join(expected)}) operands, got ({', '.join(kinds)})")
+    if opcode in ("sum", "size"):
+        if extent != "tensor":
+            raise IRError(f"'{opcode}' reduces a tensor, got a {extent} value")
+        return Type("leaf")
+    if opcode == "gsum":
+        if extent != "leaf":
+            raise IRError(f"'gsum' sums a leaf value over all parameters, got a {extent} value")
+        return Type("step")
+    return Type(extent, "bool" if opcode in COMPARE_OPS or opcode in LOGIC_OPS else "float")
+
+
+class Builder:
+    """Appends ops to a growing list, inferring each result's type."""
+
+    def __init__(self):
+        self.ops: list[Op] = []
+
+    def op(self, opcode: str, *operands: Value, attr=None, loc: Loc | None = None) -> Value:
+        result = Value(result_type(opcode, operands, attr))
+        self.ops.append(Op(opcode, tuple(operands), result, attr, loc))
+        return result
+
+    def const(self, value: float | bool, loc: Loc | None = None) -> Value:
+        return self.op("const", attr=value, loc=loc)
+
+
+def verify(func: Function) -> None:
+    """Check SSA form and types; raise IRError naming the first broken op."""
+    defined = set(map(id, func.inputs))
+    for index, op in enumerate(func.ops):
+        for operand in op.operands:
+            if id(operand) not in defined:
+                raise IRError(f"op {index} ({op.opcode}) uses a value before it is defined")
+        try:
+            expected = result_type(op.opcode, op.operands, op.attr)
+        except IRError as err:
+            raise IRError(f"op {index}: {err}") from None
+        if expected != op.result.type:
+            raise IRError(f"op {index} ({op.opcode}) is typed {op.result.type}, expected {expected}")
+        if id(op.result) in defined:
+            raise IRError(f"op {index} ({op.opcode}) redefines a value")
+        defined.add(id(op.result))
+    for name, value in func.outputs:
+        if id(value) not in defined:
+            raise IRError(f"output '{name}' is not defined")
+
+
+# -- text form -------------------------------------------------------------------------------
+
+
+def print_function(func: Function) -> str:
+    names = {id(v): f"%{v.name}" for v in func.inputs}
+    for i, op in enumerate(func.ops):
+        names[id(op.result)] = f"%{i}"
+    args = ", ".join(f"%{v.name}: {v.type}" for v in func.inputs)
+    lines = [f"func @{func.name}({args}) {{"]
+    for op in func.ops:
+        operands = repr(op.attr).lower() if op.opcode == "const" else ", ".join(names[id(v)] for v in op.operands)
+        loc = f" {op.loc}" if op.loc else ""
+        lines.append(f"  {names[id(op.result)]} = {op.opcode} {operands} : {op.result.type}{loc}")
+    lines.append("  return " + ", ".join(f"{n} = {names[id(v)]}" for n, v in func.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def print_program(program: Program) -> str:
+    return print_function(program.update) + "\n" + print_function(program.init)
+
+
+_TYPE = r"(?:bool )?(?:" + "|".join(EXTENTS) + r")"
+_HEADER = re.compile(r"func @([\w.]+)\((.*)\) \{$")
+_ARG = re.compile(rf"%(\w+): ({_TYPE})$")
+_OP = re.compile(rf'%(\d+) = (\w+) (.*?) : ({_TYPE})(?: loc\("([^"]*)":(\d+):(\d+)\))?$')
+_RETURN = re.compile(r"return (.*)$")
+
+
+def _parse_type(text: str) -> Type:
+    return Type(text[5:], "bool") if text.startswith("bool ") else Type(text)
+
+
+def parse_function(text: str) -> Function:
+    """Parse the text form of one function (as print_function writes it)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.strip().startswith("//")]
+    if not lines or not (head := _HEADER.match(lines[0])) or lines[-1] != "}":
+        raise IRError("expected 'func @name(...) {' ... '}'")
+    inputs, values = [], {}
+    for arg in filter(None, (a.strip() for a in head.group(2).split(","))):
+        if not (m := _ARG.match(arg)):
+            raise IRError(f"bad argument '{arg}'")
+        value = Value(_parse_type(m.group(2)), m.group(1))
+        inputs.append(value)
+        values[m.group(1)] = value
+
+    def lookup(ref: str) -> Value:
+        ref = ref.strip()
+        if not ref.startswith("%") or ref[1:] not in values:
+            raise IRError(f"unknown value '{ref}'")
+        return values[ref[1:]]
+
+    ops, outputs = [], None
+    for line in lines[1:-1]:
+        if m := _RETURN.match(line):
+            outputs = []
+            for item in m.group(1).split(","):
+                name, _, ref = item.partition("=")
+                outputs.append((name.strip(), lookup(ref)))
+            continue
+        if not (m := _OP.match(line)):
+            raise IRError(f"cannot parse '{line}'")
+        number, opcode, body, type_text = m.group(1, 2, 3, 4)
+        loc = Loc(m.group(5), int(m.group(6)), int(m.group(7))) if m.group(5) is not None else None
+        if opcode == "const":
+            attr = {"true": True, "false": False}.get(body.strip())
+            attr = float(body) if attr is None else attr
+            operands = ()
+        else:
+            attr, operands = None, tuple(lookup(r) for r in body.split(","))
+        result = Value(_parse_type(type_text))
+        ops.append(Op(opcode, operands, result, attr, loc))
+        values[number] = result
+    if outputs is None:
+        raise IRError("missing 'return'")
+    func = Function(head.group(1), tuple(inputs), tuple(ops), tuple(outputs))
+    verify(func)
+    return func

@@ -1,0 +1,119 @@
+"""Checked spec + option values -> IR :class:`~optgen.ir.Program`.
+
+Options are resolved here: each ``if`` keeps the branch its condition selects, so the
+IR holds only the code that runs. States that the chosen branches never touch are
+left out of the program (and so out of the optimizer's memory).
+"""
+
+from __future__ import annotations
+
+from optgen import syntax as ast
+from optgen.checker import CheckedSpec
+from optgen.diagnostics import SpecError, did_you_mean
+from optgen.ir import Builder, Function, Loc, Program, Value
+from optgen.types import Type
+
+_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow", "<": "lt", "<=": "le",
+           ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
+_UNARY = {"-": "neg", "not": "not"}
+
+
+def resolve_options(checked: CheckedSpec, given: dict[str, object]) -> dict[str, bool]:
+    """The spec's option defaults overridden by ``given``; unknown names and non-bools are errors."""
+    options = dict(checked.options)
+    for name, value in given.items():
+        if name not in options:
+            hint = did_you_mean(name, options) or (
+                f"its options are: {', '.join(options)}" if options else "it has no options")
+            raise SpecError(f"'{checked.name}' has no option '{name}'", hint=hint)
+        if not isinstance(value, bool):
+            raise SpecError(f"option '{name}' takes true or false, got {value!r}")
+        options[name] = value
+    return options
+
+
+def lower(checked: CheckedSpec, options: dict[str, bool]) -> Program:
+    """Lower ``checked`` with resolved ``options`` to the update and init functions."""
+    return _Lowering(checked, options).run()
+
+
+class _Lowering:
+    def __init__(self, checked: CheckedSpec, options: dict[str, bool]):
+        self.checked = checked
+        self.options = options
+        self.filename = checked.spec.source.filename
+        self.builder = Builder()
+
+    def loc(self, node) -> Loc:
+        return Loc(self.filename, node.span.line, node.span.col)
+
+    def run(self) -> Program:
+        spec = self.checked.spec
+        body = self.select(spec.body)
+        used = {n.id for stmt in body for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
+        used |= {stmt.target.id for stmt in body}
+        states = [s for s in self.checked.states if s.name.id in used]
+        hypers = [Value(Type("step"), name) for name in self.checked.hypers]
+        tensors = [Value(Type("tensor"), n) for n in ("p", "g", *(s.name.id for s in states))]
+        inputs = (*tensors, Value(Type("step"), "t"), *hypers)
+        env = {v.name: v for v in inputs}
+        for stmt in body:
+            env[stmt.target.id] = self.expr(stmt.value, env)
+        outputs = [(n, env[n]) for n in ("p", *(s.name.id for s in states))]
+        update = Function(spec.name.id, inputs, tuple(self.builder.ops), tuple(outputs))
+
+        self.builder = Builder()
+        init_inputs = (tensors[0], *hypers)
+        init_env = {v.name: v for v in init_inputs}
+        init_outputs = tuple((s.name.id, self.expr(s.init, init_env)) for s in states)
+        init = Function(f"{spec.name.id}.init", init_inputs, tuple(self.builder.ops), init_outputs)
+        dtypes = {s.name.id: (s.dtype.id if s.dtype else None) for s in states}
+        return Program(update, init, dtypes)
+
+    def select(self, stmts) -> list[ast.Assign]:
+        """Flatten ``if`` statements to the assignments the options select."""
+        out = []
+        for stmt in stmts:
+            if isinstance(stmt, ast.Assign):
+                out.append(stmt)
+            else:
+                out.extend(self.select(stmt.then if self.condition(stmt.cond) else stmt.orelse))
+        return out
+
+    def condition(self, cond: ast.Expr) -> bool:
+        if isinstance(cond, ast.Bool):
+            return cond.value
+        if isinstance(cond, ast.Name):
+            return self.options[cond.id]
+        if isinstance(cond, ast.Unary):
+            return not self.condition(cond.operand)
+        left, right = self.condition(cond.left), self.condition(cond.right)
+        return (left and right) if cond.op == "and" else (left or right)
+
+    def expr(self, node: ast.Expr, env: dict[str, Value]) -> Value:
+        b, loc = self.builder, self.loc(node)
+        if isinstance(node, (ast.Number, ast.Bool)):
+            return b.const(node.value, loc)
+        if isinstance(node, ast.Name):
+            return env[node.id]
+        if isinstance(node, ast.Unary):
+            return b.op(_UNARY[node.op], self.expr(node.operand, env), loc=loc)
+        if isinstance(node, ast.Binary):
+            return b.op(_BINARY[node.op], self.expr(node.left, env), self.expr(node.right, env), loc=loc)
+        args = [self.expr(arg, env) for arg in node.args]
+        return self.call(node.func.id, args, loc)
+
+    def call(self, name: str, args: list[Value], loc: Loc) -> Value:
+        b = self.builder
+        if name == "clip":
+            return b.op("min", b.op("max", args[0], args[1], loc=loc), args[2], loc=loc)
+        if name == "where":
+            return b.op("select", *args, loc=loc)
+        if name == "mean":
+            return b.op("div", b.op("sum", args[0], loc=loc), b.op("size", args[0], loc=loc), loc=loc)
+        if name in ("norm", "global_norm"):
+            total = b.op("sum", b.op("mul", args[0], args[0], loc=loc), loc=loc)
+            if name == "global_norm":
+                total = b.op("gsum", total, loc=loc)
+            return b.op("sqrt", total, loc=loc)
+        return b.op(name, *args, loc=loc)

@@ -1,0 +1,199 @@
+"""Spec text -> AST (:mod:`optgen.syntax`).
+
+The grammar (``grammar.lark``) is written for lark: a well-kept parser library that
+gives every token its line and column, builds an LALR(1) parser with no recursion (so
+deeply nested input cannot overflow Python's stack while parsing), and has an
+indentation post-lexer for ``update:`` and ``if`` blocks. The AST is built during the
+parse by an inline transformer; lark's syntax errors are turned into
+:class:`~optgen.diagnostics.SpecError` with a caret and a hint.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.indenter import DedentError, Indenter
+
+from optgen import syntax as ast
+from optgen.diagnostics import SpecError, Source, Span
+
+
+def parse(text: str, filename: str = "<spec>") -> ast.Spec:
+    """Parse spec ``text``; ``filename`` is the name used in diagnostics and MLIR locations."""
+    source = Source(text, filename)
+    padded = text if text.endswith("\n") else text + "\n"
+    try:
+        return ast.Spec(**_parser().parse(padded), source=source)
+    except _IndentError as err:
+        raise SpecError(str(err), source, err.span,
+                        "indent each block's statements by the same amount") from None
+    except UnexpectedInput as err:
+        raise _syntax_error(err, source) from None
+
+
+def _span(tok: Token) -> Span:
+    return Span(tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+class _IndentError(Exception):
+    def __init__(self, message: str, span: Span):
+        super().__init__(message)
+        self.span = span
+
+
+class _SpecIndenter(Indenter):
+    NL_type = "_NL"
+    OPEN_PAREN_types = ["LPAR"]
+    CLOSE_PAREN_types = ["RPAR"]
+    INDENT_type = "_INDENT"
+    DEDENT_type = "_DEDENT"
+    tab_len = 8
+
+    def handle_NL(self, token):
+        try:
+            yield from super().handle_NL(token)
+        except DedentError:
+            indent = len(token.rsplit("\n", 1)[1])
+            line = token.end_line
+            raise _IndentError("this line's indentation matches no enclosing block",
+                               Span(line, 1, line, indent + 2)) from None
+
+
+class _ElseBlock(tuple):
+    pass
+
+
+@v_args(inline=True)
+class _ToAst(Transformer):
+    """Builds the AST bottom-up as the LALR parser reduces (no recursion)."""
+
+    def number(self, tok):
+        return ast.Number(float(tok), _span(tok))
+
+    def name(self, tok):
+        return ast.Name(str(tok), _span(tok))
+
+    def bool(self, tok):
+        return ast.Bool(tok == "true", _span(tok))
+
+    def signed_number(self, *toks):
+        value = float(toks[-1])
+        return -value if len(toks) == 2 else value
+
+    def unary(self, op, operand):
+        return ast.Unary(str(op), operand, _span(op).to(operand.span))
+
+    def binary(self, left, op, right):
+        return ast.Binary(str(op), left, right, left.span.to(right.span))
+
+    def call(self, func, *rest):
+        *args, rpar = rest
+        name = ast.Name(str(func), _span(func))
+        return ast.Call(name, tuple(a for a in args if a is not None), name.span.to(_span(rpar)))
+
+    def header(self, name, description=None):
+        return ("header", ast.Name(str(name), _span(name)), (description or '""')[1:-1])
+
+    def hyper(self, name, default):
+        return ast.Hyper(ast.Name(str(name), _span(name)), default, _span(name))
+
+    def option(self, name, default):
+        return ast.Option(ast.Name(str(name), _span(name)), default.value, _span(name))
+
+    def state(self, name, *rest):
+        dtype = ast.Name(str(rest[0]), _span(rest[0])) if len(rest) == 2 else None
+        return ast.State(ast.Name(str(name), _span(name)), dtype, rest[-1], _span(name))
+
+    def assign(self, target, value):
+        name = ast.Name(str(target), _span(target))
+        return ast.Assign(name, value, name.span.to(value.span))
+
+    def else_block(self, *stmts):
+        return _ElseBlock(stmts)
+
+    def if_stmt(self, if_tok, cond, *stmts):
+        orelse = stmts[-1] if stmts and isinstance(stmts[-1], _ElseBlock) else _ElseBlock()
+        then = stmts[: len(stmts) - (1 if orelse else 0)]
+        return ast.If(cond, tuple(then), tuple(orelse), _span(if_tok).to(cond.span))
+
+    def update(self, tok, *stmts):
+        return ("update", _span(tok), stmts)
+
+    def start(self, *items):
+        header = next(i for i in items if isinstance(i, tuple) and i[0] == "header")
+        updates = [i for i in items if isinstance(i, tuple) and i[0] == "update"]
+        if len(updates) > 1:
+            raise _IndentError("a spec has one 'update:' block", updates[1][1])
+        body = updates[0][2] if updates else ()
+        # The transformer never sees the text; parse() adds the Source.
+        return dict(
+            name=header[1], description=header[2],
+            hypers=tuple(i for i in items if isinstance(i, ast.Hyper)),
+            options=tuple(i for i in items if isinstance(i, ast.Option)),
+            states=tuple(i for i in items if isinstance(i, ast.State)),
+            body=tuple(body), update_span=updates[0][1] if updates else None)
+
+
+@functools.cache
+def _parser() -> Lark:
+    grammar = resources.files("optgen").joinpath("grammar.lark").read_text()
+    return Lark(grammar, parser="lalr", postlex=_SpecIndenter(), transformer=_ToAst(),
+                maybe_placeholders=True)
+
+
+_DESCRIBE = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a quoted description",
+    "_NL": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
+    "$END": "end of file", "COMPARE": "a comparison", "MUL_OP": "'*' or '/'",
+}
+
+
+def _describe(terminal: str) -> str:
+    if terminal in _DESCRIBE:
+        return _DESCRIBE[terminal]
+    pattern = _parser().get_terminal(terminal).pattern
+    return f"'{pattern.value}'" if pattern.type == "str" else terminal.lower()
+
+
+def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
+    line, col = max(err.line, 1), max(err.column, 1)
+    if isinstance(err, UnexpectedCharacters):
+        char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
+        hint = "write powers as a ^ b" if char == "*" else (
+            "descriptions are in double quotes" if char == "'" else
+            "names are letters, digits and '_'; operators are + - * / ^ and comparisons")
+        return SpecError(f"unexpected character {char!r}", source, Span(line, col, line, col + 1), hint)
+    if isinstance(err, UnexpectedToken) and err.token.type != "$END":
+        tok = err.token
+        got = _describe(tok.type) if tok.type.startswith("_") else f"'{tok}'"
+        if tok.type == "_NL":  # report at the end of the line, not the start of the next
+            line, col = tok.line, tok.column
+        span = Span(line, col, line, col + max(len(str(tok)) if not tok.type.startswith("_") else 1, 1))
+        return SpecError(f"unexpected {got}", source, span, _hint(tok, err.expected, line))
+    expected = err.expected if isinstance(err, (UnexpectedToken, UnexpectedEOF)) else set()
+    last = len(source.text.splitlines()) or 1
+    end_col = len(source.line_text(last)) + 1
+    return SpecError("unexpected end of file", source, Span(last, end_col, last, end_col + 1),
+                     _expected_hint(expected) or "the spec stops in the middle of a statement")
+
+
+def _hint(tok: Token, expected: set[str], line: int) -> str | None:
+    if "RPAR" in expected and tok.type.startswith("_"):
+        return "a '(' is not closed: add ')'"
+    if tok.type == "MUL_OP" and "MUL_OP" not in expected and tok == "*":
+        return "write powers as a ^ b"
+    if line == 1 or "optimizer" in expected or "OPTIMIZER" in expected:
+        return 'a spec starts with: optimizer NAME "description"'
+    return _expected_hint(expected)
+
+
+def _expected_hint(expected: set[str]) -> str | None:
+    names = sorted({_describe(t) for t in expected if t != "$END"})
+    if not names:
+        return None
+    if len(names) > 6:
+        return "the statement is incomplete or has an extra token here"
+    return "expected " + ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1]
