@@ -42,8 +42,7 @@ class NumpyBackend:
             return np.asarray(NUMPY_OPS[opcode](*operands))
 
     def convert(self, x, dtype):
-        x = np.asarray(x)
-        return x if x.dtype == bool else x.astype(dtype)
+        return np.asarray(x).astype(dtype)
 
     def broadcast(self, x, like):
         return np.broadcast_to(x, np.shape(like))

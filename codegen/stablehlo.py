@@ -13,6 +13,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import stablehlo as hlo
 
 from optgen.ir import Loc
+from optgen.types import DTYPES
 
 _BINARY = {"add": hlo.AddOp, "sub": hlo.SubtractOp, "mul": hlo.MulOp, "div": hlo.DivOp,
            "pow": hlo.PowOp, "max": hlo.MaxOp, "min": hlo.MinOp, "and": hlo.AndOp, "or": hlo.OrOp}
@@ -27,6 +28,9 @@ def _tensor_type(value) -> ir.RankedTensorType:
 
 class StableHLOBackend:
     """Backend for :func:`codegen.evaluate.evaluate` that emits StableHLO ops."""
+
+    def __init__(self):
+        self._shapes = {}  # symbolic shape tensors, built once per tensor
 
     def at(self, loc: Loc | None):
         return ir.Location.file(loc.file, loc.line, loc.col) if loc else ir.Location.unknown()
@@ -52,8 +56,7 @@ class StableHLOBackend:
     def convert(self, x, dtype):
         source = _tensor_type(x)
         target = mlir.dtype_to_ir_type(np.dtype(dtype))
-        if source.element_type == target or ir.IntegerType.isinstance(source.element_type) and \
-                ir.IntegerType(source.element_type).width == 1:
+        if source.element_type == target:
             return x
         return hlo.ConvertOp(ir.RankedTensorType.get(source.shape, target), x).result
 
@@ -87,16 +90,16 @@ class StableHLOBackend:
         return total
 
     def _shape_of(self, x):
-        i32 = ir.RankedTensorType.get([1], ir.IntegerType.get_signless(32))
-        dims = [hlo.ReshapeOp(i32, hlo.GetDimensionSizeOp(x, d).result).result
-                for d in range(_tensor_type(x).rank)]
-        return hlo.ConcatenateOp(dims, 0).result
+        if x not in self._shapes:
+            i32 = ir.RankedTensorType.get([1], ir.IntegerType.get_signless(32))
+            dims = [hlo.ReshapeOp(i32, hlo.GetDimensionSizeOp(x, d).result).result
+                    for d in range(_tensor_type(x).rank)]
+            self._shapes[x] = hlo.ConcatenateOp(dims, 0).result
+        return self._shapes[x]
 
 
 def _numpy_dtype(element: ir.Type) -> np.dtype:
-    import ml_dtypes
-
-    for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.int32, np.bool_):
+    for dtype in (*DTYPES.values(), np.int32, np.bool_):
         if mlir.dtype_to_ir_type(np.dtype(dtype)) == element:
             return np.dtype(dtype)
     raise TypeError(f"optgen cannot compute with element type {element}")

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from optgen import syntax as ast
 from optgen.builtins import BUILTINS
 from optgen.diagnostics import SpecError, did_you_mean
-from optgen.types import Type, widest
+from optgen.types import DTYPES, Type, widest
 
 RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"}
-STATE_DTYPES = ("f32", "bf16", "f16", "f64")
 OPTION = Type("step", "option")  # a compile-time flag: only `if` may test it
 
 
@@ -83,10 +82,10 @@ class _Checker:
             seen[name.id] = kind
 
     def check_state(self, state: ast.State) -> None:
-        if state.dtype is not None and state.dtype.id not in STATE_DTYPES:
+        if state.dtype is not None and state.dtype.id not in DTYPES:
             raise self.error(f"unknown storage dtype '{state.dtype.id}'", state.dtype.span,
-                             did_you_mean(state.dtype.id, STATE_DTYPES)
-                             or f"use one of {', '.join(STATE_DTYPES)}")
+                             did_you_mean(state.dtype.id, DTYPES)
+                             or f"use one of {', '.join(DTYPES)}")
         env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}
         self.expect_float(state.init, env, "a state's initial value")
 

@@ -124,3 +124,45 @@ def walk(expr: Expr):
             stack.extend((node.right, node.left))
         elif isinstance(node, Call):
             stack.extend(reversed(node.args))
+
+
+def format_expr(expr: Expr) -> str:
+    """An expression as a fully parenthesized S-expression: ``(+ (* b1 mu) g)``."""
+    if isinstance(expr, Number):
+        return repr(expr.value)
+    if isinstance(expr, Bool):
+        return "true" if expr.value else "false"
+    if isinstance(expr, Name):
+        return expr.id
+    if isinstance(expr, Unary):
+        return f"({expr.op} {format_expr(expr.operand)})"
+    if isinstance(expr, Binary):
+        return f"({expr.op} {format_expr(expr.left)} {format_expr(expr.right)})"
+    return f"({expr.func.id} {' '.join(format_expr(a) for a in expr.args)})"
+
+
+def format_spec(spec: Spec) -> str:
+    """The AST as indented S-expressions, one declaration or statement a line (``--emit ast``)."""
+    lines = [f"(optimizer {spec.name.id} {spec.description!r}"]
+    lines += [f"  (hyper {h.name.id} {h.default!r})" for h in spec.hypers]
+    lines += [f"  (option {o.name.id} {'true' if o.default else 'false'})" for o in spec.options]
+    lines += [f"  (state {s.name.id}{':' + s.dtype.id if s.dtype else ''} {format_expr(s.init)})"
+              for s in spec.states]
+
+    def block(stmts, depth):
+        pad = "  " * depth
+        for stmt in stmts:
+            if isinstance(stmt, Assign):
+                lines.append(f"{pad}(= {stmt.target.id} {format_expr(stmt.value)})")
+            else:
+                lines.append(f"{pad}(if {format_expr(stmt.cond)}")
+                block(stmt.then, depth + 1)
+                if stmt.orelse:
+                    lines.append(f"{pad} else")
+                    block(stmt.orelse, depth + 1)
+                lines[-1] += ")"
+
+    lines.append("  (update")
+    block(spec.body, 2)
+    lines[-1] += "))"
+    return "\n".join(lines) + "\n"

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
+import numpy as np
+
+# Storage dtypes by their spec names (`state nu: bf16 = 0`, `--dtype bf16`).
+DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16),
+          "f16": np.dtype(np.float16), "f64": np.dtype(np.float64)}
+
 EXTENTS = ("step", "leaf", "tensor")  # ordered: combining values takes the widest
 
 

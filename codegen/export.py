@@ -1,0 +1,79 @@
+"""The update function as one jitted kernel over a flat tensor: StableHLO, XLA HLO, jax.export.
+
+The kernel takes one dict of the update function's inputs (``p``, ``g``, each state,
+then ``t`` and each hyperparameter as scalars) and returns a dict of ``p`` and each
+state, so the StableHLO's argument and result locations carry those names.
+A shape may be symbolic (``n``), giving a kernel for any length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+
+from optgen.codegen.primitive import run_ir
+from optgen.ir import Program
+from optgen.types import DTYPES
+
+
+
+def kernel(program: Program, state_dtypes: dict[str, np.dtype]):
+    """A function of flat arrays that runs ``program.update`` on one tensor."""
+    func = program.update
+
+    def step(inputs):
+        tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
+        scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
+        out_dtypes = {"p": [inputs["p"].dtype]} | {n: [d] for n, d in state_dtypes.items()}
+        out = run_ir(func, tensors, scalars, out_dtypes)
+        return {name: out[name][0] for name, _ in func.outputs}
+
+    return step
+
+
+def x64_for(dtype: np.dtype):
+    """float64 parameters need JAX's x64 mode while tracing; other dtypes leave it alone."""
+    return jax.enable_x64(True) if dtype == np.float64 else contextlib.nullcontext()
+
+
+def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
+    """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"``."""
+    dims = jax.export.symbolic_shape(shape)
+    scalar = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+    return {v.name: jax.ShapeDtypeStruct((), scalar) if v.type.extent == "step"
+            else jax.ShapeDtypeStruct(dims, state_dtypes.get(v.name, dtype)) for v in program.update.inputs}
+
+
+def state_dtypes(program: Program, dtype: np.dtype) -> dict[str, np.dtype]:
+    """Each state's storage dtype: as declared, else the parameters' ``dtype``."""
+    return {name: DTYPES[d] if d else dtype for name, d in program.state_dtypes.items()}
+
+
+def lower(program: Program, dtype: np.dtype, shape: str) -> jax.stages.Lowered:
+    """Trace and lower the kernel with JAX (our primitive emits the StableHLO)."""
+    dtypes = state_dtypes(program, dtype)
+    with x64_for(dtype):
+        return jax.jit(kernel(program, dtypes)).lower(arg_specs(program, dtype, shape, dtypes))
+
+
+def stablehlo_text(program: Program, dtype: np.dtype, shape: str) -> str:
+    """The kernel's StableHLO module as MLIR text, with spec locations; the module is verified."""
+    module = lower(program, dtype, shape).compiler_ir("stablehlo")
+    if not module.operation.verify():
+        raise RuntimeError("optgen generated a StableHLO module that does not verify")
+    return module.operation.get_asm(enable_debug_info=True)
+
+
+def optimized_hlo(program: Program, dtype: np.dtype, shape: str) -> str:
+    """XLA's optimized HLO for this machine's backend (needs a concrete shape)."""
+    return lower(program, dtype, shape).compile().as_text()
+
+
+def export(program: Program, dtype: np.dtype, shape: str, platforms: list[str]) -> jax.export.Exported:
+    """A serializable ``jax.export`` artifact of the kernel for ``platforms``."""
+    dtypes = state_dtypes(program, dtype)
+    with x64_for(dtype):
+        return jax.export.export(jax.jit(kernel(program, dtypes)), platforms=platforms)(
+            arg_specs(program, dtype, shape, dtypes))

@@ -1,0 +1,89 @@
+"""Serialized, portable kernels: ``optgen compile --emit artifact`` and :func:`load_artifact`.
+
+The file is a one-line magic, a one-line JSON header (spec, dtype, shape, platforms,
+input and output names, hyperparameter defaults) and the ``jax.export`` bytes, which
+hold the StableHLO for every platform named at compile time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optgen.atomic import write_atomic
+from optgen.codegen import export as export_kernel
+from optgen.compiler import Compiled
+from optgen.diagnostics import SpecError, did_you_mean
+from optgen.types import DTYPES
+
+MAGIC = b"OPTGEN-ARTIFACT 1\n"
+
+
+def save_artifact(path: str, compiled: Compiled, dtype: str, shape: str, platforms: list[str]) -> None:
+    """Export the compiled update as a kernel on flat ``shape`` arrays and write it atomically."""
+    program = compiled.program
+    exported = export_kernel.export(program, DTYPES[dtype], shape, platforms)
+    header = {
+        "spec": compiled.checked.name, "dtype": dtype, "shape": shape, "platforms": platforms,
+        "inputs": [v.name for v in program.update.inputs],
+        "scalars": [v.name for v in program.update.inputs if v.type.extent == "step"],
+        "outputs": [name for name, _ in program.update.outputs],
+        "defaults": compiled.checked.hypers,
+    }
+    write_atomic(path, MAGIC + json.dumps(header).encode() + b"\n" + exported.serialize())
+
+
+class Artifact:
+    """A loaded artifact. Call it with named arrays; get the named outputs back.
+
+    ``artifact(p=p, g=g, mu=mu, nu=nu, t=1)`` runs one step; hyperparameters not
+    given take the spec's defaults.
+    """
+
+    def __init__(self, header: dict[str, Any], exported: jax.export.Exported):
+        self.header = header
+        self.exported = exported
+
+    def __repr__(self) -> str:
+        h = self.header
+        return f"<optgen.Artifact {h['spec']} {h['dtype']}[{h['shape']}] for {','.join(h['platforms'])}>"
+
+    def __call__(self, **inputs) -> dict[str, jax.Array]:
+        h = self.header
+        unknown = set(inputs) - set(h["inputs"])
+        if unknown:
+            name = sorted(unknown)[0]
+            raise SpecError(f"the {h['spec']} artifact has no input '{name}'",
+                            hint=did_you_mean(name, h["inputs"]) or f"its inputs are {', '.join(h['inputs'])}")
+        values = {**h["defaults"], **inputs}
+        missing = [name for name in h["inputs"] if name not in values]
+        if missing:
+            raise SpecError(f"the {h['spec']} artifact needs input '{missing[0]}'",
+                            hint=f"its inputs are {', '.join(h['inputs'])}")
+        scalar_dtype = jnp.float64 if h["dtype"] == "f64" else jnp.float32
+        args = {n: jnp.asarray(values[n], scalar_dtype) if n in h["scalars"] else values[n] for n in h["inputs"]}
+        with export_kernel.x64_for(DTYPES[h["dtype"]]):
+            return self.exported.call(args)
+
+
+def load_artifact(path: str) -> Artifact:
+    """Read an artifact written by ``optgen compile --emit artifact``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise SpecError(f"cannot read artifact '{path}': {err.strerror}") from None
+    if not data.startswith(MAGIC):
+        raise SpecError(f"'{path}' is not an optgen artifact",
+                        hint="write one with: optgen compile SPEC --emit artifact -o FILE")
+    header_line, _, payload = data[len(MAGIC):].partition(b"\n")
+    try:
+        header = json.loads(header_line)
+        exported = jax.export.deserialize(bytearray(payload))
+    except Exception as err:  # any decoding failure means a damaged file
+        raise SpecError(f"artifact '{path}' is damaged ({type(err).__name__})",
+                        hint="compile it again") from None
+    return Artifact(header, exported)

@@ -1,0 +1,138 @@
+"""The ``optgen`` command: compile, check, list and show specs.
+
+Every user mistake ends as ``file:line:col: error: ...`` on stderr with exit status 1;
+``-o`` writes atomically, so on any error nothing is written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from optgen import __version__
+from optgen import passes as passes_mod
+from optgen.artifact import save_artifact
+from optgen.atomic import write_atomic
+from optgen.codegen import export
+from optgen.compiler import check_spec, compile_checked
+from optgen.diagnostics import SpecError
+from optgen.ir import print_function, print_program
+from optgen.library import builtin_names, read_spec
+from optgen.syntax import format_spec
+from optgen.types import DTYPES
+
+EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _parse_with(values: tuple[str, ...]) -> dict[str, object]:
+    options = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        if not sep or text.lower() not in ("true", "false"):
+            raise SpecError(f"--with takes NAME=true or NAME=false, got '{item}'",
+                            hint="for example: --with nesterov=true")
+        options[name.strip()] = text.lower() == "true"
+    return options
+
+
+def _platforms(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for name in names:
+        if name not in PLATFORMS:
+            raise SpecError(f"unknown platform '{name}'", hint=f"choose from {', '.join(PLATFORMS)}")
+    return names
+
+
+class _Group(click.Group):
+    """Turns SpecError from any command into a diagnostic and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SpecError as err:
+            click.echo(err.render(), err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="optgen")
+def main():
+    """optgen: compile optimizer specs to fused XLA kernels."""
+
+
+@main.command()
+@click.argument("spec")
+@click.option("-o", "--output", metavar="FILE", help="Write here (atomically) instead of stdout.")
+@click.option("--emit", type=click.Choice(EMITS), default="stablehlo", show_default=True,
+              help="The stage to stop after.")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f64"]), default="f32", show_default=True,
+              help="Parameter dtype of the kernel.")
+@click.option("--shape", default="n", show_default=True,
+              help="Kernel shape: dims separated by commas, numbers or symbolic names.")
+@click.option("--platforms", default="cpu,cuda,rocm,tpu", show_default=True,
+              help="Platforms of an --emit artifact.")
+@click.option("--passes", metavar="LIST", help="Comma-separated passes instead of the default pipeline.")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set a spec option.")
+@click.option("--print-ir-after-all", is_flag=True, help="Print the IR after each pass to stderr.")
+def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir_after_all):
+    """Compile SPEC (a built-in name or a .spec file) and print the chosen stage."""
+    options = _parse_with(with_)
+    pipeline = passes_mod.parse_pipeline(passes) if passes is not None else passes_mod.DEFAULT_PIPELINE
+    if emit == "artifact" and not output:
+        raise SpecError("--emit artifact writes a binary file", hint="give -o FILE")
+    checked = check_spec(spec)
+    if emit == "ast":
+        return _write(output, format_spec(checked.spec))
+
+    def after_each(name, func):
+        click.echo(f"// ----- IR after {name} -----\n{print_function(func)}", err=True)
+
+    compiled = compile_checked(checked, options, pipeline, after_each if print_ir_after_all else None)
+    if emit in ("ir", "ir-opt"):
+        return _write(output, print_program(compiled.lowered if emit == "ir" else compiled.program))
+    if emit == "artifact":
+        save_artifact(output, compiled, dtype, shape, _platforms(platforms))
+        return click.echo(f"wrote {output}", err=True)
+    if emit == "hlo" and not all(d.isdigit() for d in shape.replace(" ", "").split(",")):
+        raise SpecError("--emit hlo compiles for this machine and needs a concrete shape",
+                        hint="give one, e.g. --shape 1048576")
+    emitter = export.stablehlo_text if emit == "stablehlo" else export.optimized_hlo
+    _write(output, emitter(compiled.program, DTYPES[dtype], shape))
+
+
+@main.command()
+@click.argument("spec")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Check with an option set.")
+def check(spec, with_):
+    """Parse and check SPEC; print "ok" or the first error."""
+    compile_checked(check_spec(spec), _parse_with(with_), passes=())
+    click.echo(f"{spec}: ok")
+
+
+@main.command("list")
+def list_specs():
+    """List the built-in specs with their descriptions."""
+    names = builtin_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        click.echo(f"{name:<{width}}  {check_spec(name).spec.description}")
+
+
+@main.command()
+@click.argument("name")
+def show(name):
+    """Print a built-in spec's source."""
+    click.echo(read_spec(name).text, nl=False)
+
+
+def _write(output: str | None, text: str) -> None:
+    if output:
+        write_atomic(output, text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The front door: spec name or path -> checked spec -> IR -> optimized IR."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+from optgen.checker import CheckedSpec, check
+from optgen.ir import Function, Program
+from optgen.library import read_spec
+from optgen.lower import lower, resolve_options
+from optgen.parser import parse
+from optgen.passes import DEFAULT_PIPELINE, run_pipeline
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A spec compiled to IR: what the runtime and every ``--emit`` stage start from."""
+
+    checked: CheckedSpec
+    options: dict[str, bool]
+    lowered: Program  # before any pass
+    program: Program  # after the pipeline
+
+
+def check_spec(name_or_path: str) -> CheckedSpec:
+    """Read, parse and check a built-in spec or a spec file."""
+    source = read_spec(name_or_path)
+    return check(parse(source.text, source.filename))
+
+
+def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = None,
+                    passes: Iterable[str] = DEFAULT_PIPELINE,
+                    after_each: Callable[[str, Function], None] | None = None) -> Compiled:
+    """Lower and optimize a checked spec.
+
+    ``options`` overrides the spec's ``option`` defaults; ``passes`` names the passes
+    to run (both the update and init functions go through them); ``after_each`` is
+    called with each pass's name and output, for ``--print-ir-after-all``.
+    """
+    resolved = resolve_options(checked, options or {})
+    lowered = lower(checked, resolved)
+    passes = tuple(passes)
+    program = replace(lowered,
+                      update=run_pipeline(lowered.update, passes, after_each),
+                      init=run_pipeline(lowered.init, passes, after_each))
+    return Compiled(checked, resolved, lowered, program)

@@ -1,0 +1,54 @@
+"""Finding specs: built-in names (``adamw``, ``keras/adamw``) or paths to ``.spec`` files."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from optgen.diagnostics import SpecError, Source, did_you_mean
+
+
+def builtin_names() -> list[str]:
+    """Every built-in spec's name, sorted: ``adamw``, and ``keras/adamw`` for files in folders."""
+    root = resources.files("optgen.kernels")
+    names = []
+    stack = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.name.startswith("__"):
+                stack.append((entry, f"{prefix}{entry.name}/"))
+            elif entry.name.endswith(".spec"):
+                names.append(prefix + entry.name[: -len(".spec")])
+    return sorted(names)
+
+
+def read_spec(name_or_path: str) -> Source:
+    """The text of a built-in spec, or of a spec file when the argument is a path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".spec") or path.exists():
+        return _read_file(path)
+    if name_or_path in builtin_names():
+        resource = resources.files("optgen.kernels").joinpath(f"{name_or_path}.spec")
+        return Source(resource.read_text(encoding="utf-8"), f"{name_or_path}.spec")
+    raise SpecError(f"no built-in spec or file named '{name_or_path}'",
+                    hint=did_you_mean(name_or_path, builtin_names())
+                    or "run 'optgen list' for the built-in specs, or give a path to a .spec file")
+
+
+def _read_file(path: Path) -> Source:
+    if path.is_dir():
+        raise SpecError(f"'{path}' is a directory", hint="give the path of a .spec file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"cannot read '{path}': no such file",
+                        hint="check the path, or run 'optgen list' for the built-in specs") from None
+    except OSError as err:
+        raise SpecError(f"cannot read '{path}': {err.strerror}") from None
+    try:
+        return Source(data.decode("utf-8"), str(path))
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError(f"'{path}' is not UTF-8 text (bad byte at line {line})",
+                        hint="save the spec as UTF-8") from None

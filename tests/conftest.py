@@ -1,0 +1,38 @@
+"""Shared test helpers: a mixed pytree of parameters and reproducible gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "cube": (2, 3, 4)}
+
+
+def make_params(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {name: rng.normal(size=shape).astype(dtype) for name, shape in SHAPES.items()}
+    params["zero_grad"] = rng.normal(size=(4,)).astype(dtype)
+    params["huge_grad"] = {"w": rng.normal(size=(3, 2)).astype(dtype)}
+    return params
+
+
+def make_grads(params, step, dtype):
+    """Gradients for one step: random, except one all-zero leaf and one of magnitude ~1e6."""
+    rng = np.random.default_rng(1000 + step)
+    grads = {k: rng.normal(size=np.shape(v)).astype(dtype) for k, v in params.items() if k != "huge_grad"}
+    grads["zero_grad"] = np.zeros_like(params["zero_grad"])
+    grads["huge_grad"] = {"w": (1e6 * rng.normal(size=(3, 2))).astype(dtype)}
+    return grads
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture
+def x64():
+    import jax
+
+    with jax.enable_x64(True):
+        yield
