@@ -1,0 +1,81 @@
+"""The optgen command, run as a subprocess from a folder other than the repository."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import optgen
+
+KERNELS = __import__("pathlib").Path(__file__).resolve().parent.parent / "kernels"
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "optgen.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_compile_spec_file_prints_stablehlo_with_spec_locations(tmp_path):
+    result = run("compile", str(KERNELS / "adamw.spec"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "stablehlo.multiply" in result.stdout and "func.func public @main" in result.stdout
+    assert 'adamw.spec":18:' in result.stdout  # the update of p is on line 18
+
+
+def test_compile_builtin_to_file_and_every_emit(tmp_path):
+    assert run("compile", "adamw", "-o", "adamw.mlir", cwd=tmp_path).returncode == 0
+    assert "stablehlo" in (tmp_path / "adamw.mlir").read_text()
+    for emit, marker in [("ast", "(update"), ("ir", "func @adamw("), ("ir-opt", "func @adamw.init(")]:
+        result = run("compile", "adamw", "--emit", emit, cwd=tmp_path)
+        assert result.returncode == 0 and marker in result.stdout, (emit, result.stderr)
+    hlo = run("compile", "adamw", "--emit", "hlo", "--shape", "4096", cwd=tmp_path)
+    assert hlo.returncode == 0 and "ENTRY" in hlo.stdout and "fusion" in hlo.stdout
+
+
+def test_passes_and_print_ir_after_all(tmp_path):
+    result = run("compile", "adamw", "--emit", "ir-opt", "--passes", "fold,cse", "--print-ir-after-all",
+                 cwd=tmp_path)
+    assert result.returncode == 0
+    assert "IR after fold" in result.stderr and "IR after cse" in result.stderr
+    assert "IR after hoist" not in result.stderr
+
+
+def test_check_list_show_version(tmp_path):
+    assert run("check", "nadamw", cwd=tmp_path).stdout.strip() == "nadamw: ok"
+    listed = run("list", cwd=tmp_path).stdout
+    for name in optgen.builtin_names():
+        assert name in listed
+    assert run("show", "adamax", cwd=tmp_path).stdout == (KERNELS / "adamax.spec").read_text()
+    assert optgen.__version__ in run("--version", cwd=tmp_path).stdout
+    for command in ("compile", "check", "list", "show"):
+        assert run(command, "--help", cwd=tmp_path).returncode == 0
+
+
+def test_option_changes_the_program(tmp_path):
+    default = run("compile", "amsgrad", "--emit", "ir-opt", cwd=tmp_path).stdout
+    paper = run("compile", "amsgrad", "--emit", "ir-opt", "--with", "bias_correction_mu=false", cwd=tmp_path).stdout
+    assert default.count("pow") == 2 and paper.count("pow") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "bad.spec"], "bad.spec:3:"),
+    (["compile", "bad.spec", "-o", "out.mlir"], "bad.spec:3:"),
+    (["compile", "adamww"], "did you mean 'adamw'"),
+    (["compile", "missing.spec"], "no such file"),
+    (["compile", "adamw", "-o", "nofolder/out.mlir"], "does not exist"),
+    (["compile", "adamw", "--passes", "fold,csee"], "did you mean 'cse'"),
+    (["compile", "adamw", "--with", "nesterov=true"], "has no option 'nesterov'"),
+    (["compile", "adamw", "--emit", "hlo"], "needs a concrete shape"),
+    (["compile", "adamw", "--emit", "artifact"], "give -o FILE"),
+    (["compile", "."], "is a directory"),
+])
+def test_errors_exit_1_without_traceback_and_write_nothing(tmp_path, args, message):
+    (tmp_path / "bad.spec").write_text('optimizer bad\nupdate:\n  p = p - lr * g\n')
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 1, result
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.mlir").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.spec"]

@@ -1,0 +1,76 @@
+"""Every user mistake is a diagnostic: file:line:col, the line, a caret under the place, a hint."""
+
+from __future__ import annotations
+
+import pytest
+
+from optgen.checker import check
+from optgen.diagnostics import SpecError
+from optgen.parser import parse
+
+HEADER = 'optimizer bad "test"\nhyper lr = 0.1\nstate m = 0\n'
+
+# (spec body after HEADER, message fragment, caret line text, caret, hint fragment)
+CASES = {
+    "syntax": ("update:\n  m = g\n  p = p - lr * * m\n", "unexpected '*'",
+               "    p = p - lr * * m", "                 ^", None),
+    "power written **": ("update:\n  m = g\n  p = p - lr * m ** 2\n", "unexpected '*'",
+                         None, None, "write powers as a ^ b"),
+    "unknown name": ("update:\n  m = g\n  p = p - lr * mm\n", "unknown name 'mm'",
+                     "    p = p - lr * mm", "                 ^~", "did you mean 'm'?"),
+    "unknown function": ("update:\n  m = g\n  p = p - lr * sqr(m)\n", "unknown function 'sqr'",
+                         None, "                 ^~~", "did you mean 'sqrt'?"),
+    "assign hyper": ("update:\n  m = g\n  lr = 2\n  p = p - lr * m\n", "cannot assign to hyper 'lr'",
+                     "    lr = 2", "    ^~", "read-only"),
+    "assign g": ("update:\n  m = g\n  g = 2 * g\n  p = p - lr * m\n", "cannot assign to 'g'",
+                 None, "    ^", "new local name"),
+    "assign t": ("update:\n  m = g\n  t = 1\n  p = p - lr * m\n", "cannot assign to 't'", None, None, None),
+    "duplicate": ("hyper lr = 0.2\nupdate:\n  m = g\n  p = p - lr * m\n", "'lr' is already declared",
+                  "  hyper lr = 0.2", "        ^~", "its own name"),
+    "reserved": ("hyper t = 1\nupdate:\n  m = g\n  p = p - lr * m\n", "'t' is reserved", None, None, None),
+    "arity": ("update:\n  m = max(g)\n  p = p - lr * m\n", "max takes 2 arguments, got 1",
+              None, "        ^~~~~~", "elementwise maximum"),
+    "state never updated": ("update:\n  p = p - lr * g\n", "state 'm' is never updated",
+                            "  state m = 0", "        ^", "remove the state"),
+    "p never updated": ("update:\n  m = g\n", "the update never assigns p", None, None, "p = p - ..."),
+    "no update block": ("", "has no 'update:' block", None, None, None),
+    "bad dtype": ("state v: bf61 = 0\nupdate:\n  m = g\n  v = g\n  p = p - lr * m\n",
+                  "unknown storage dtype 'bf61'", None, None, "did you mean 'bf16'?"),
+    "condition as number": ("update:\n  m = g > 0\n  p = p - lr * m\n", "must be a number", None, None, "where"),
+    "if on a tensor": ("update:\n  m = g\n  if g:\n    m = 2 * g\n  p = p - lr * m\n",
+                       "an 'if' tests options", None, None, "where(cond, a, b)"),
+    "reduction of a scalar": ("update:\n  m = g\n  p = p - norm(lr) * m\n", "norm reduces over a tensor",
+                              None, None, None),
+    "unclosed paren": ("update:\n  m = g\n  p = (p - lr * m\n", "unexpected", None, None, "not closed"),
+    "local defined in one branch": ("option o = true\nupdate:\n  m = g\n  if o:\n    k = 2\n  p = p - k * m\n",
+                                    "unknown name 'k'", None, None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_diagnostic(case):
+    body, message, line, caret, hint = CASES[case]
+    with pytest.raises(SpecError) as err:
+        check(parse(HEADER + body, "bad.spec"))
+    text = err.value.render()
+    first = text.splitlines()[0]
+    assert first.startswith("bad.spec:") and ": error: " in first, text
+    assert message in first, text
+    file_, line_no, col, *_ = first.split(":")
+    assert int(line_no) >= 1 and int(col) >= 1
+    lines = text.splitlines()
+    if line is not None:
+        assert lines[1] == line, text
+    if caret is not None:
+        assert lines[2] == caret, text
+    assert "^" in lines[2], text
+    if hint is not None:
+        assert hint in text.splitlines()[-1] and text.splitlines()[-1].startswith("hint: "), text
+
+
+def test_caret_points_at_the_reported_column():
+    with pytest.raises(SpecError) as err:
+        check(parse(HEADER + "update:\n  m = g\n  p = p - lr * mu_hatt\n", "x.spec"))
+    first, source, caret = err.value.render().splitlines()[:3]
+    col = int(first.split(":")[2])
+    assert caret.index("^") == source.index("mu_hatt") == col + 1  # both lines are indented by 2
