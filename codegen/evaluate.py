@@ -63,7 +63,7 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
         if value.type.extent == "step":
             env[id(value)] = backend.convert(scalars[value.name], step_dtype)
         else:
-            env[id(value)] = [backend.convert(x, dt) for x, dt in zip(tensors[value.name], dtypes)]
+            env[id(value)] = [backend.convert(x, dt) for x, dt in zip(tensors[value.name], dtypes, strict=True)]
 
     converted: dict[tuple[int, int], object] = {}
 
@@ -108,5 +108,5 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
         if name == delta_output:
             old = env[id(func.input(name))]
             per_leaf = [backend.apply("sub", [new, old[i]]) for i, new in enumerate(per_leaf)]
-        outputs[name] = [backend.convert(x, dt) for x, dt in zip(per_leaf, out_dtypes[name])]
+        outputs[name] = [backend.convert(x, dt) for x, dt in zip(per_leaf, out_dtypes[name], strict=True)]
     return outputs

@@ -44,14 +44,14 @@ def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dic
 
 def _split(operands, n, tensor_names, scalar_names):
     tensors = {name: list(operands[i * n:(i + 1) * n]) for i, name in enumerate(tensor_names)}
-    scalars = dict(zip(scalar_names, operands[len(tensor_names) * n:]))
+    scalars = dict(zip(scalar_names, operands[len(tensor_names) * n:], strict=True))
     return tensors, scalars
 
 
 @run_ir_p.def_abstract_eval
 def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output):
     params = operands[:n]
-    return [jax.core.ShapedArray(p.shape, dtype) for dtypes in out_dtypes for p, dtype in zip(params, dtypes)]
+    return [jax.core.ShapedArray(p.shape, dtype) for dtypes in out_dtypes for p, dtype in zip(params, dtypes, strict=True)]
 
 
 def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output):
@@ -59,7 +59,7 @@ def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delt
     step_dtype = ctx.avals_in[len(tensor_names) * n].dtype if scalar_names else np.dtype(np.float32)
     names = [name for name, _ in func.outputs]
     outputs = evaluate(func, StableHLOBackend(), tensors, scalars, step_dtype,
-                       dict(zip(names, out_dtypes)), delta_output)
+                       dict(zip(names, out_dtypes, strict=True)), delta_output)
     return [x for name in names for x in outputs[name]]
 
 

@@ -188,7 +188,7 @@ class _Checker:
             raise self.error(f"{fn.name} takes {fn.arity} argument{s}, got {len(expr.args)}",
                              expr.span, f"{fn.name}: {fn.doc}")
         types = [self.expr(arg, env) for arg in expr.args]
-        for i, (arg, ty) in enumerate(zip(expr.args, types)):
+        for i, (arg, ty) in enumerate(zip(expr.args, types, strict=True)):
             self.expect_kind(arg, ty, "bool" if i in fn.bool_args else "float", fn.name)
         if fn.reduces_to is None:
             return Type(widest(ty.extent for ty in types))

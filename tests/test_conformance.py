@@ -52,7 +52,7 @@ def _run_optgen(name, dtype, path):
 
 def _compare(name, dtype, path):
     expected, got = _run_optax(name, dtype), _run_optgen(name, dtype, path)
-    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got)):
+    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
         assert g.dtype == e.dtype == dtype, key
         assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
 
@@ -90,7 +90,7 @@ def test_bfloat16_params_keep_dtype_and_track_float32(name):
         grads = make_grads(p32, step, np.float32)
         p32, s32 = opt.step(p32, grads, s32)
         p16, s16 = opt.step(p16, jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), grads), s16)
-    for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32)):
+    for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
         assert a.dtype == ml_dtypes.bfloat16
         assert rel_err(a, b) < 2e-2
     assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(s16.slots))

@@ -50,7 +50,7 @@ def test_pass_preserves_numbers(spec, pass_name):
         tensors, scalars = _random_inputs(before, seed)
         expected, got = interpret(before, tensors, scalars), interpret(after, tensors, scalars)
         for name in expected:
-            for e, g in zip(expected[name], got[name]):
+            for e, g in zip(expected[name], got[name], strict=True):
                 np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-300)
 
 

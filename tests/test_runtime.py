@@ -42,7 +42,7 @@ def test_every_builtin_through_xla_matches_the_float64_interpreter(tmp_path, x64
         ref = interpret(program.update, {"p": p, "g": treedef.flatten_up_to(grads), "v": v},
                         {"t": step + 1, "learning_rate": 0.05, "max_norm": 1.0})
         p, v = ref["p"], ref["v"]
-    for got, want in zip(jax.tree.leaves(params), p):
+    for got, want in zip(jax.tree.leaves(params), p, strict=True):
         assert rel_err(got, want) < 1e-12
 
 
@@ -110,7 +110,7 @@ def test_schedule_matches_optax():
         ours, s_ours = opt.step(ours, grads, s_ours)
         updates, s_theirs = tx.update(grads, s_theirs, theirs)
         theirs = optax.apply_updates(theirs, updates)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         assert rel_err(a, b) < 2e-4
 
 
@@ -132,7 +132,7 @@ def test_drops_into_optax_chain_inside_a_user_jit():
         ours, s1 = train(ours, s1, grads)
         updates, s2 = ref.update(grads, s2, theirs)
         theirs = optax.apply_updates(theirs, updates)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         assert rel_err(a, b) < 2e-4
 
 
