@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
 from optgen.diagnostics import SpecError, did_you_mean
-from optgen.types import DTYPES
 
 
 
@@ -55,7 +55,6 @@ class Optimizer:
         self.description = compiled.checked.spec.description
         self.hyperparams = hyperparams
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
-        self._storage = {name: DTYPES.get(dtype) for name, dtype in compiled.program.state_dtypes.items()}
         self.step = jax.jit(self._apply, donate_argnums=(0, 2))
         self._update = jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True))
 
@@ -104,7 +103,8 @@ class Optimizer:
         return jnp.asarray(value).astype(step_dtype())
 
     def _out_dtypes(self, leaves, states: bool = False) -> dict[str, list[np.dtype]]:
-        dtypes = {name: [self._storage.get(name) or leaf.dtype for leaf in leaves] for name in self.state_names}
+        per_leaf = [state_dtypes(self.compiled.program, leaf.dtype) for leaf in leaves]
+        dtypes = {name: [d[name] for d in per_leaf] for name in self.state_names}
         return dtypes if states else {"p": [leaf.dtype for leaf in leaves]} | dtypes
 
 
