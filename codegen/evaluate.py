@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from optgen.ir import Function, Loc, Value
+from optgen.ir import Function, Loc, Op, Value
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -41,11 +41,12 @@ class Backend(Protocol):
     def broadcast(self, x, like): ...
     def reduce_sum(self, x): ...
     def size(self, x, dtype: np.dtype): ...
+    def barrier(self, xs: list) -> list: ...
 
 
 def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], scalars: dict,
              step_dtype: np.dtype, out_dtypes: dict[str, Sequence[np.dtype]],
-             delta_output: str | None = None) -> dict[str, list]:
+             delta_output: str | None = None, per_output: bool = False) -> dict[str, list]:
     """Evaluate ``func`` for every parameter; return each output as a list of per-parameter arrays.
 
     ``tensors`` maps each tensor input to one array per parameter (``p`` first: its
@@ -53,60 +54,111 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
     ``out_dtypes`` gives each output's storage dtype per parameter. If
     ``delta_output`` names an output, that output is returned as its change
     (new - old, computed before rounding) rather than its new value.
+
+    With ``per_output``, each output after the first recomputes the tensor values it
+    needs from its own copy of the tensor inputs (behind ``backend.barrier``), so the
+    outputs share no tensor intermediates: XLA:CPU's sibling multi-output fusion can
+    then emit the whole step as one loop (see docs/fusion.md). Step and leaf scalars
+    are still computed once and shared.
     """
     params = tensors["p"]
-    params_value = func.input("p")
     dtypes = [compute_dtype(backend.dtype_of(x)) for x in params]
-    leaves = range(len(params))
     env: dict[int, object] = {}
     for value in func.inputs:
         if value.type.extent == "step":
             env[id(value)] = backend.convert(scalars[value.name], step_dtype)
         else:
             env[id(value)] = [backend.convert(x, dt) for x, dt in zip(tensors[value.name], dtypes, strict=True)]
-
-    converted: dict[tuple[int, int], object] = {}
-
-    def on_leaf(value: Value, i: int, extent: str):
-        """``value`` as parameter i sees it, widened to ``extent``."""
-        x = env[id(value)]
-        if value.type.extent == "step":
-            key = (id(value), i)
-            if key not in converted:
-                converted[key] = x if value.type.kind == "bool" else backend.convert(x, dtypes[i])
-            x = converted[key]
-        else:
-            x = x[i]
-        if extent == "tensor" and value.type.extent != "tensor":
-            x = backend.broadcast(x, env[id(params_value)][i])
-        return x
-
+    leaf_view = _LeafView(func, backend, env, dtypes)
     for op in func.ops:
-        extent = op.result.type.extent
-        with backend.at(op.loc):
-            if op.opcode == "const":
-                env[id(op.result)] = backend.constant(op.attr, step_dtype)
-            elif op.opcode == "gsum":
-                parts = [backend.convert(x, step_dtype) for x in env[id(op.operands[0])]]
-                total = parts[0]
-                for part in parts[1:]:
-                    total = backend.apply("add", [total, part])
-                env[id(op.result)] = total
-            elif op.opcode in ("sum", "size"):
-                source = env[id(op.operands[0])]
-                env[id(op.result)] = [backend.reduce_sum(x) if op.opcode == "sum"
-                                      else backend.size(x, dtypes[i]) for i, x in enumerate(source)]
-            elif extent == "step":
-                env[id(op.result)] = backend.apply(op.opcode, [env[id(v)] for v in op.operands])
-            else:
-                env[id(op.result)] = [backend.apply(op.opcode, [on_leaf(v, i, extent) for v in op.operands])
-                                      for i in leaves]
+        _compute(op, backend, env, leaf_view, step_dtype)
+
+    envs = {name: env for name, _ in func.outputs}
+    if per_output:
+        for name, value in func.outputs[1:]:
+            envs[name] = _recompute_tensors(func, value, backend, env, step_dtype, dtypes)
 
     outputs = {}
     for name, value in func.outputs:
-        per_leaf = [on_leaf(value, i, "tensor") for i in leaves]
+        view = _LeafView(func, backend, envs[name], dtypes)
+        per_leaf = [view(value, i, "tensor") for i in range(len(params))]
         if name == delta_output:
             old = env[id(func.input(name))]
             per_leaf = [backend.apply("sub", [new, old[i]]) for i, new in enumerate(per_leaf)]
         outputs[name] = [backend.convert(x, dt) for x, dt in zip(per_leaf, out_dtypes[name], strict=True)]
     return outputs
+
+
+class _LeafView:
+    """A value as parameter i sees it, widened to an extent; step scalars are converted once per leaf."""
+
+    def __init__(self, func: Function, backend: Backend, env: dict, dtypes: list[np.dtype]):
+        self.backend, self.env, self.dtypes = backend, env, dtypes
+        self.params = env[id(func.input("p"))]
+        self.converted: dict[tuple[int, int], object] = {}
+
+    def __call__(self, value: Value, i: int, extent: str):
+        x = self.env[id(value)]
+        if value.type.extent == "step":
+            key = (id(value), i)
+            if key not in self.converted:
+                self.converted[key] = x if value.type.kind == "bool" else self.backend.convert(x, self.dtypes[i])
+            x = self.converted[key]
+        else:
+            x = x[i]
+        if extent == "tensor" and value.type.extent != "tensor":
+            x = self.backend.broadcast(x, self.params[i])
+        return x
+
+
+def _compute(op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dtype: np.dtype) -> None:
+    """Evaluate one op into ``env``: once for step values, once per parameter otherwise."""
+    extent = op.result.type.extent
+    with backend.at(op.loc):
+        if op.opcode == "const":
+            env[id(op.result)] = backend.constant(op.attr, step_dtype)
+        elif op.opcode == "gsum":
+            parts = [backend.convert(x, step_dtype) for x in env[id(op.operands[0])]]
+            total = parts[0]
+            for part in parts[1:]:
+                total = backend.apply("add", [total, part])
+            env[id(op.result)] = total
+        elif op.opcode in ("sum", "size"):
+            source = env[id(op.operands[0])]
+            env[id(op.result)] = [backend.reduce_sum(x) if op.opcode == "sum"
+                                  else backend.size(x, leaf_view.dtypes[i]) for i, x in enumerate(source)]
+        elif extent == "step":
+            env[id(op.result)] = backend.apply(op.opcode, [env[id(v)] for v in op.operands])
+        else:
+            env[id(op.result)] = [backend.apply(op.opcode, [leaf_view(v, i, extent) for v in op.operands])
+                                  for i in range(len(leaf_view.dtypes))]
+
+
+def _recompute_tensors(func: Function, output: Value, backend: Backend, env: dict, step_dtype: np.dtype,
+                       dtypes: list[np.dtype]) -> dict:
+    """A copy of ``env`` in which the tensor ops ``output`` depends on are recomputed from fresh inputs."""
+    needed = _tensor_cone(func, output)
+    fresh = dict(env)
+    inputs = [v for v in func.inputs if v.type.extent == "tensor" and id(v) in needed]
+    flat = backend.barrier([x for v in inputs for x in env[id(v)]])
+    for k, value in enumerate(inputs):
+        fresh[id(value)] = flat[k * len(dtypes):(k + 1) * len(dtypes)]
+    view = _LeafView(func, backend, fresh, dtypes)
+    for op in func.ops:
+        if id(op.result) in needed:
+            _compute(op, backend, fresh, view, step_dtype)
+    return fresh
+
+
+def _tensor_cone(func: Function, output: Value) -> set[int]:
+    """Ids of the tensor-extent values (inputs and op results) that ``output`` depends on."""
+    producers = {id(op.result): op for op in func.ops}
+    needed, stack = set(), [output]
+    while stack:
+        value = stack.pop()
+        if value.type.extent != "tensor" or id(value) in needed:
+            continue
+        needed.add(id(value))
+        if id(value) in producers:
+            stack.extend(producers[id(value)].operands)
+    return needed

@@ -19,15 +19,18 @@ from optgen.types import DTYPES
 
 
 
-def kernel(program: Program, state_dtypes: dict[str, np.dtype]):
-    """A function of flat arrays that runs ``program.update`` on one tensor."""
+def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = "shared"):
+    """A function of flat arrays that runs ``program.update`` on one tensor.
+
+    ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
+    """
     func = program.update
 
     def step(inputs):
         tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
         scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
         out_dtypes = {"p": [inputs["p"].dtype]} | {n: [d] for n, d in state_dtypes.items()}
-        out = run_ir(func, tensors, scalars, out_dtypes)
+        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering)
         return {name: out[name][0] for name, _ in func.outputs}
 
     return step
@@ -51,15 +54,15 @@ def state_dtypes(program: Program, dtype: np.dtype) -> dict[str, np.dtype]:
     return {name: DTYPES[d] if d else dtype for name, d in program.state_dtypes.items()}
 
 
-def lower(program: Program, dtype: np.dtype, shape: str) -> jax.stages.Lowered:
+def lower(program: Program, dtype: np.dtype, shape: str, lowering: str = "shared") -> jax.stages.Lowered:
     """Trace and lower the kernel with JAX (our primitive emits the StableHLO)."""
     dtypes = state_dtypes(program, dtype)
     with x64_for(dtype):
-        return jax.jit(kernel(program, dtypes)).lower(arg_specs(program, dtype, shape, dtypes))
+        return jax.jit(kernel(program, dtypes, lowering)).lower(arg_specs(program, dtype, shape, dtypes))
 
 
 def stablehlo_text(program: Program, dtype: np.dtype, shape: str) -> str:
-    """The kernel's StableHLO module as MLIR text, with spec locations; the module is verified."""
+    """The kernel's portable StableHLO module as MLIR text, with spec locations; the module is verified."""
     module = lower(program, dtype, shape).compiler_ir("stablehlo")
     if not module.operation.verify():
         raise RuntimeError("optgen generated a StableHLO module that does not verify")
@@ -67,8 +70,8 @@ def stablehlo_text(program: Program, dtype: np.dtype, shape: str) -> str:
 
 
 def optimized_hlo(program: Program, dtype: np.dtype, shape: str) -> str:
-    """XLA's optimized HLO for this machine's backend (needs a concrete shape)."""
-    return lower(program, dtype, shape).compile().as_text()
+    """XLA's optimized HLO for this machine's backend, lowered as ``step`` is (needs a concrete shape)."""
+    return lower(program, dtype, shape, "auto").compile().as_text()
 
 
 def export(program: Program, dtype: np.dtype, shape: str, platforms: list[str]) -> jax.export.Exported:

@@ -53,6 +53,9 @@ class NumpyBackend:
     def size(self, x, dtype):
         return np.asarray(np.size(x), dtype=dtype)
 
+    def barrier(self, xs):
+        return list(xs)
+
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
               dtype=np.float64, delta_output: str | None = None) -> dict[str, list[np.ndarray]]:

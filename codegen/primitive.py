@@ -14,6 +14,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
+from optgen.codegen import fusion
 from optgen.codegen.evaluate import evaluate
 from optgen.codegen.stablehlo import StableHLOBackend
 from optgen.ir import Function
@@ -23,12 +24,13 @@ run_ir_p.multiple_results = True
 
 
 def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dict[str, jax.Array],
-           out_dtypes: dict[str, Sequence[np.dtype]], delta_output: str | None = None) -> dict[str, list]:
+           out_dtypes: dict[str, Sequence[np.dtype]], delta_output: str | None = None,
+           lowering: str = "auto") -> dict[str, list]:
     """Run ``func`` over every parameter: the JAX counterpart of :func:`codegen.interpret.interpret`.
 
     ``tensors`` maps each tensor input to one array per parameter, ``scalars`` each step
     input to a 0-d array whose dtype is the step dtype. Returns each output's arrays,
-    stored in ``out_dtypes``.
+    stored in ``out_dtypes``. ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
     """
     tensor_names = tuple(v.name for v in func.inputs if v.type.extent != "step")
     scalar_names = tuple(v.name for v in func.inputs if v.type.extent == "step")
@@ -38,7 +40,7 @@ def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dic
     flat = run_ir_p.bind(
         *operands, func=func, n=n, tensor_names=tensor_names, scalar_names=scalar_names,
         out_dtypes=tuple(tuple(np.dtype(d) for d in out_dtypes[name]) for name in out_names),
-        delta_output=delta_output)
+        delta_output=delta_output, lowering=lowering)
     return {name: list(flat[i * n:(i + 1) * n]) for i, name in enumerate(out_names)}
 
 
@@ -49,21 +51,22 @@ def _split(operands, n, tensor_names, scalar_names):
 
 
 @run_ir_p.def_abstract_eval
-def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output):
+def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering):
     params = operands[:n]
     return [jax.core.ShapedArray(p.shape, dtype) for dtypes in out_dtypes for p, dtype in zip(params, dtypes, strict=True)]
 
 
-def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output):
+def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering):
     tensors, scalars = _split(operands, n, tensor_names, scalar_names)
     step_dtype = ctx.avals_in[len(tensor_names) * n].dtype if scalar_names else np.dtype(np.float32)
     names = [name for name, _ in func.outputs]
     outputs = evaluate(func, StableHLOBackend(), tensors, scalars, step_dtype,
-                       dict(zip(names, out_dtypes, strict=True)), delta_output)
+                       dict(zip(names, out_dtypes, strict=True)), delta_output,
+                       per_output=fusion.resolve(lowering, tuple(ctx.module_context.platforms), out_dtypes) == "per-output")
     return [x for name in names for x in outputs[name]]
 
 
-_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output")
+_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering")
 # Called outside any jit, the primitive compiles once per distinct params and caches it.
 run_ir_p.def_impl(jax.jit(lambda *ops, **params: run_ir_p.bind(*ops, **params), static_argnames=_PARAMS))
 mlir.register_lowering(run_ir_p, _lower)

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from optgen.codegen import fusion
+
+fusion.request_cpu_multi_output_fusion()  # before JAX starts its CPU backend; see codegen/fusion.py
+
 from optgen.artifact import Artifact, load_artifact
 from optgen.compiler import Compiled, check_spec, compile_checked
 from optgen.diagnostics import SpecError

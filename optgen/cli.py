@@ -1,4 +1,4 @@
-"""The ``optgen`` command: compile, check, list and show specs.
+"""The ``optgen`` command: compile, inspect, check, list and show specs.
 
 Every user mistake ends as ``file:line:col: error: ...`` on stderr with exit status 1;
 ``-o`` writes atomically, so on any error nothing is written.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 
 import click
+import jax
 
 from optgen import __version__
 from optgen import passes as passes_mod
 from optgen.artifact import save_artifact
 from optgen.atomic import write_atomic
-from optgen.codegen import export
+from optgen.codegen import export, fusion
 from optgen.compiler import check_spec, compile_checked
 from optgen.diagnostics import SpecError
 from optgen.ir import print_function, print_program
@@ -100,6 +101,27 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
                         hint="give one, e.g. --shape 1048576")
     emitter = export.stablehlo_text if emit == "stablehlo" else export.optimized_hlo
     _write(output, emitter(compiled.program, DTYPES[dtype], shape))
+
+
+@main.command()
+@click.argument("spec")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f64"]), default="f32", show_default=True,
+              help="Parameter dtype.")
+@click.option("--elements", type=click.IntRange(min=1), default=1 << 24, show_default=True,
+              help="Parameter elements (one flat tensor).")
+@click.option("--lowering", type=click.Choice(fusion.LOWERINGS), default="auto", show_default=True,
+              help="How outputs are lowered (see docs/fusion.md).")
+@click.option("--run", is_flag=True, help="Also time the step and a copy of the same size on this machine.")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set a spec option.")
+def inspect(spec, dtype, elements, lowering, run, with_):
+    """Report what XLA made of SPEC: kernels, bytes and flops per element, speed."""
+    from optgen.inspect import inspect as inspect_step  # imports jax's compiler only when asked
+
+    compiled = compile_checked(check_spec(spec), _parse_with(with_))
+    report = inspect_step(compiled.program, DTYPES[dtype], elements, lowering, run)
+    click.echo(f"{spec} step, {dtype}, on {jax.devices()[0].device_kind}")
+    for line in report.lines():
+        click.echo(f"  {line}")
 
 
 @main.command()

@@ -69,7 +69,16 @@ class Optimizer:
         slots = {}
         if self.state_names and leaves:
             scalars = {name: self._hyper(name, hypers, jnp.zeros([], jnp.int32)) for name in self.hyperparams}
-            out = run_ir(self.compiled.program.init, {"p": leaves}, scalars, self._out_dtypes(leaves, states=True))
+            out_dtypes = self._out_dtypes(leaves, states=True)
+
+            def init_slots(leaves, scalars):
+                return run_ir(self.compiled.program.init, {"p": leaves}, scalars, out_dtypes)
+
+            if all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+                # Each state is laid out like its parameter (sharded the same way), not gathered.
+                shardings = {name: [leaf.sharding for leaf in leaves] for name in self.state_names}
+                init_slots = jax.jit(init_slots, out_shardings=shardings)
+            out = init_slots(leaves, scalars)
             slots = {name: treedef.unflatten(out[name]) for name in self.state_names}
         elif self.state_names:
             slots = {name: treedef.unflatten([]) for name in self.state_names}

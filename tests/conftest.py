@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import optgen  # noqa: F401  (first: it sets XLA:CPU's fusion option before JAX starts a backend)
+
 SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "cube": (2, 3, 4)}
 
 

@@ -1,0 +1,131 @@
+"""What XLA made of a spec: fused kernels, bytes and flops per element, and measured speed.
+
+The minimum traffic a spec implies is one read of every tensor input (``p``, ``g``,
+each state) and one write of every output, at their storage dtypes; an AdamW step in
+float32 needs 16 bytes read and 12 written per element. XLA's cost analysis of the
+compiled executable says how many bytes its kernels actually touch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgen.codegen import export, fusion
+from optgen.ir import Program
+
+_FUSION = re.compile(r"^\s+%\S+ = (?P<type>\(.*?\)|\S+) fusion\(")
+_SHAPE = re.compile(r"\[(\d+(?:,\d+)*)\]")
+
+
+@dataclass
+class Report:
+    """One compiled step's figures; ``seconds`` and ``copy_seconds`` only with ``run``."""
+
+    elements: int
+    lowering: str
+    kernels: int  # fused loops over the parameter's elements
+    scalar_kernels: int  # fused loops over per-step scalars
+    bytes_per_element: float
+    min_bytes_per_element: float
+    flops_per_element: float
+    seconds: float | None = None
+    copy_seconds: float | None = None
+
+    def lines(self) -> list[str]:
+        excess = self.bytes_per_element / self.min_bytes_per_element - 1
+        out = [f"elements            {self.elements:,}",
+               f"lowering            {self.lowering}",
+               f"fused kernels       {self.kernels} per-element, {self.scalar_kernels} scalar",
+               f"bytes per element   {self.bytes_per_element:.2f} (spec minimum {self.min_bytes_per_element:g}, "
+               f"{excess:+.1%})",
+               f"flops per element   {self.flops_per_element:.2f}"]
+        if self.seconds is not None:
+            step_bw = self.min_bytes_per_element * self.elements / self.seconds / 1e9
+            copy_bw = 8 * self.elements / self.copy_seconds / 1e9
+            out += [f"step time           {self.seconds * 1e3:.3f} ms ({step_bw:.1f} GB/s of the spec minimum)",
+                    f"copy bandwidth      {copy_bw:.1f} GB/s (f32 read + write); step at {step_bw / copy_bw:.0%}"]
+        return out
+
+
+def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
+    """One read of each tensor input and one write of each output, at storage dtypes."""
+    dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
+    reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent == "tensor")
+    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs)
+
+
+def count_kernels(hlo_text: str) -> tuple[int, int]:
+    """(per-element, scalar) fusions in the entry computation of optimized HLO text."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    per_element = scalar = 0
+    for line in entry.splitlines():
+        match = _FUSION.match(line)
+        if match:
+            if _SHAPE.search(match["type"]):
+                per_element += 1
+            else:
+                scalar += 1
+    return per_element, scalar
+
+
+def inspect(program: Program, dtype: np.dtype, elements: int, lowering: str = "auto", run: bool = False,
+            repeats: int = 20) -> Report:
+    """Compile ``program``'s step for ``elements`` parameters of ``dtype`` and report on it."""
+    shape = str(elements)
+    compiled = export.lower(program, dtype, shape, lowering).compile()
+    cost = compiled.cost_analysis()
+    per_element, scalar = count_kernels(compiled.as_text())
+    out_dtypes = [[d] for d in [dtype, *export.state_dtypes(program, dtype).values()]]
+    report = Report(elements, fusion.resolve(lowering, (jax.default_backend(),), out_dtypes), per_element, scalar,
+                    cost["bytes accessed"] / elements, min_bytes_per_element(program, dtype),
+                    cost.get("flops", 0.0) / elements)
+    if run:
+        report.seconds = _time_step(program, dtype, shape, lowering, repeats)
+        report.copy_seconds = _time_copy(elements, repeats)
+    return report
+
+
+def _median_seconds(call, repeats: int) -> float:
+    call()  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _time_step(program: Program, dtype: np.dtype, shape: str, lowering: str, repeats: int) -> float:
+    """Median time of the step with ``p`` and state donated, as ``Optimizer.step`` runs it."""
+    dtypes = export.state_dtypes(program, dtype)
+    specs = export.arg_specs(program, dtype, shape, dtypes)
+    step = export.kernel(program, dtypes, lowering)
+    updated = {name for name, _ in program.update.outputs}
+    rng = np.random.default_rng(0)
+    inputs = {name: jnp.asarray(rng.uniform(0.1, 1.0, s.shape), s.dtype) for name, s in specs.items()}
+    with export.x64_for(dtype):
+        run = jax.jit(lambda donated, kept: step(donated | kept), donate_argnums=0)
+        state = [{k: v for k, v in inputs.items() if k in updated}]
+        kept = {k: v for k, v in inputs.items() if k not in updated}
+
+        def call():
+            state[0] = jax.block_until_ready(run(state[0], kept))
+
+        return _median_seconds(call, repeats)
+
+
+def _time_copy(elements: int, repeats: int) -> float:
+    """Median time to read and write ``elements`` float32 values in place (a donated scaled copy)."""
+    buffer = [jnp.ones(elements, jnp.float32)]
+    scale = jax.jit(lambda x: x * 0.5, donate_argnums=0)
+
+    def call():
+        buffer[0] = jax.block_until_ready(scale(buffer[0]))
+
+    return _median_seconds(call, repeats)

@@ -1,0 +1,129 @@
+"""The single-pass lowering: one fused loop per step, minimal bytes, same numbers, sharding kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optgen
+from optgen.codegen import export, fusion
+from optgen.inspect import count_kernels, inspect, min_bytes_per_element
+
+ELEMENTWISE = ["adam", "adamw", "adamax", "amsgrad", "nadamw"]
+
+
+def program(spec):
+    return optgen.load(spec).compiled.program
+
+
+def test_this_process_has_cpu_multi_output_fusion():
+    # conftest imports optgen before JAX starts, so the option must have taken effect.
+    assert fusion.cpu_multi_output_fusion()
+    assert "xla_cpu_use_multi_output_fusion" in os.environ["XLA_FLAGS"]
+
+
+@pytest.mark.parametrize("spec", ELEMENTWISE)
+def test_step_is_one_loop_at_the_spec_minimum(spec):
+    report = inspect(program(spec), np.dtype(np.float32), 1 << 16)
+    assert report.lowering == "per-output"
+    assert report.kernels == 1
+    assert report.bytes_per_element <= 1.05 * report.min_bytes_per_element
+
+
+@pytest.mark.parametrize("spec", ["adamw", "amsgrad"])
+def test_shared_lowering_is_what_per_output_improves_on(spec):
+    # Guards the measurement itself: without per-output, XLA:CPU splits the step.
+    report = inspect(program(spec), np.dtype(np.float32), 1 << 16, lowering="shared")
+    assert report.kernels >= 2
+    assert report.bytes_per_element > 1.2 * report.min_bytes_per_element
+
+
+def test_min_bytes_counts_reads_and_writes_at_storage_dtypes():
+    adamw = program("adamw")
+    assert min_bytes_per_element(adamw, np.dtype(np.float32)) == 28  # read p g mu nu, write p mu nu
+    assert min_bytes_per_element(adamw, np.dtype(jnp.bfloat16)) == 14
+    assert min_bytes_per_element(program("amsgrad"), np.dtype(np.float32)) == 36
+
+
+def test_count_kernels_reads_entry_fusions():
+    hlo = export.optimized_hlo(program("adamw"), np.dtype(np.float32), "4096")
+    per_element, scalar = count_kernels(hlo)
+    assert (per_element, scalar) == (1, 1)
+
+
+@pytest.mark.parametrize("spec", ELEMENTWISE)
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_per_output_and_shared_lowerings_agree(spec, dtype):
+    # Not bitwise: where a fusion boundary falls changes which multiply-adds LLVM contracts.
+    prog = program(spec)
+    dtypes = export.state_dtypes(prog, np.dtype(dtype))
+    specs = export.arg_specs(prog, np.dtype(dtype), "257", dtypes)
+    rng = np.random.default_rng(0)
+    start = {name: jnp.asarray(rng.uniform(0.1, 2.0, s.shape), s.dtype) for name, s in specs.items()}
+    grads = [jnp.asarray(rng.normal(size=257), dtype) for _ in range(20)]
+    outs = {}
+    for lowering in ("shared", "per-output"):
+        step, state = jax.jit(export.kernel(prog, dtypes, lowering)), dict(start, learning_rate=jnp.float32(1e-2))
+        for t, g in enumerate(grads, 1):
+            state |= step(state | {"t": jnp.float32(t), "g": g})
+        outs[lowering] = state
+    tolerance = 1e-5 if dtype == np.float32 else 1e-2  # mu near zero crossings needs the atol too
+    for name, _ in prog.update.outputs:
+        np.testing.assert_allclose(np.asarray(outs["per-output"][name], np.float32),
+                                   np.asarray(outs["shared"][name], np.float32), rtol=tolerance, atol=tolerance / 10,
+                                   err_msg=name)
+
+
+def test_per_output_step_is_deterministic():
+    prog = program("adamw")
+    dtypes = export.state_dtypes(prog, np.dtype(np.float32))
+    specs = export.arg_specs(prog, np.dtype(np.float32), "4099", dtypes)
+    rng = np.random.default_rng(1)
+    inputs = {name: jnp.asarray(rng.uniform(0.1, 2.0, s.shape), s.dtype) for name, s in specs.items()}
+    first, second = (jax.jit(export.kernel(prog, dtypes, "per-output"))(inputs) for _ in range(2))
+    for name in first:
+        np.testing.assert_array_equal(np.asarray(first[name]), np.asarray(second[name]))
+
+
+def test_mixed_dtype_outputs_stay_shared():
+    assert fusion.resolve("auto", ("cpu",), [[np.dtype("bfloat16")], [np.dtype(np.float32)]]) == "shared"
+    assert fusion.resolve("auto", ("cpu",), [[np.dtype(np.float32)], [np.dtype(np.float32)]]) == "per-output"
+    assert fusion.resolve("auto", ("cuda",), [[np.dtype(np.float32)], [np.dtype(np.float32)]]) == "shared"
+
+
+def test_without_the_option_auto_is_shared(monkeypatch):
+    monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: False)
+    assert fusion.resolve("auto", ("cpu",), [[np.dtype(np.float32)]]) == "shared"
+
+
+def test_request_respects_the_users_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_extra_options=mine")
+    fusion.request_cpu_multi_output_fusion()
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_extra_options=mine"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("OPTGEN_XLA_FLAGS", "0")
+    fusion.request_cpu_multi_output_fusion()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+
+def test_sharded_step_keeps_layouts_and_needs_no_collectives():
+    script = Path(__file__).parent / "scripts" / "sharded_step.py"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env.pop("OPTGEN_XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8
+    assert report["params"] == report["expected"]
+    assert report["state_init"] == report["expected"]
+    assert report["state_after"] == report["expected"]
+    assert report["collectives"] == []
+    assert report["max_diff"] < 1e-6
