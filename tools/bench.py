@@ -1,0 +1,194 @@
+"""Benchmark an optgen step against optax and PyTorch's fused AdamW, interleaved in one process.
+
+    python tools/bench.py                       # every workload, AdamW
+    python tools/bench.py --workloads single --repeats 15 --json out.json
+
+Each repeat runs a short block of steps of every implementation in turn, so machine
+noise falls on all of them alike; the table gives the median time per step over the
+repeats, and the ratios of those medians. torch is optional (``pip install torch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's idle OpenMP threads must not spin against XLA's
+
+import numpy as np  # noqa: E402
+
+import optgen  # noqa: E402  (before any JAX computation: it sets XLA:CPU's fusion option)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+try:
+    import torch  # noqa: E402
+except ImportError:
+    torch = None
+
+HYPERS = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2)
+
+# bf16 parameters with float32 state: the built-in AdamW with its states' storage dtype declared.
+_ADAMW_F32_STATE = (Path(__file__).resolve().parents[1] / "kernels" / "adamw.spec").read_text().replace(
+    "state mu = 0", "state mu: f32 = 0").replace("state nu = 0", "state nu: f32 = 0")
+
+
+def transformer_shapes(layers: int = 6, width: int = 576, vocab: int = 32000) -> list[tuple[int, ...]]:
+    """Leaf shapes of a small decoder-only transformer: ~80 leaves, ~25M elements."""
+    shapes = [(vocab, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),
+                   (width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+def small_shapes(count: int = 2000) -> list[tuple[int, ...]]:
+    """Biases and norm scales: many small 1-d leaves."""
+    rng = np.random.default_rng(0)
+    return [(int(n),) for n in rng.choice([64, 128, 256, 512, 768, 1024], size=count)]
+
+
+WORKLOADS = {
+    "single": ("one 16M-element f32 tensor", [(16 * 1024 * 1024,)], np.float32),
+    "transformer": ("~80 transformer leaves, f32", transformer_shapes(), np.float32),
+    "small": ("2,000 small leaves, f32", small_shapes(), np.float32),
+    "bf16": ("transformer leaves, bf16 params, f32 state", transformer_shapes(), jnp.bfloat16),
+}
+
+
+def make_tree(shapes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return {f"w{i:04d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for i, s in enumerate(shapes)}
+
+
+class OptgenRunner:
+    name = "optgen"
+
+    def __init__(self, params, grads, spec):
+        self.opt = optgen.load(spec, **HYPERS)
+        self.params, self.grads = jax.tree.map(jnp.copy, params), grads
+        self.state = self.opt.init(self.params)
+
+    def run(self, steps):
+        for _ in range(steps):
+            self.params, self.state = self.opt.step(self.params, self.grads, self.state)
+        jax.block_until_ready(self.params)
+
+
+class OptaxRunner:
+    name = "optax"
+
+    def __init__(self, params, grads, mu_dtype=None):
+        opt = optax.adamw(HYPERS["learning_rate"], HYPERS["b1"], HYPERS["b2"], HYPERS["eps"],
+                          weight_decay=HYPERS["weight_decay"], mu_dtype=mu_dtype)
+
+        def step(p, g, s):
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        self.step = jax.jit(step, donate_argnums=(0, 2))
+        self.params, self.grads = jax.tree.map(jnp.copy, params), grads
+        self.state = opt.init(self.params)
+
+    def run(self, steps):
+        for _ in range(steps):
+            self.params, self.state = self.step(self.params, self.grads, self.state)
+        jax.block_until_ready(self.params)
+
+
+class TorchRunner:
+    name = "torch-fused"
+
+    def __init__(self, params, grads):
+        def tensor(x):
+            return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(
+                torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
+
+        self.params = [torch.nn.Parameter(tensor(p)) for p in params.values()]
+        for p, g in zip(self.params, grads.values(), strict=True):
+            p.grad = tensor(g)
+        self.opt = torch.optim.AdamW(self.params, lr=HYPERS["learning_rate"], betas=(HYPERS["b1"], HYPERS["b2"]),
+                                     eps=HYPERS["eps"], weight_decay=HYPERS["weight_decay"], fused=True)
+
+    def run(self, steps):
+        for _ in range(steps):
+            self.opt.step()
+
+
+def bench_workload(key, spec_path, repeats, block, progress):
+    title, shapes, dtype = WORKLOADS[key]
+    params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
+    bf16 = dtype == jnp.bfloat16
+    runners = [OptgenRunner(params, grads, spec_path if bf16 else "adamw"),
+               OptaxRunner(params, grads, mu_dtype=jnp.float32 if bf16 else None)]
+    if torch is not None:
+        runners.append(TorchRunner(params, grads))
+    for runner in runners:  # compile and warm up
+        runner.run(2)
+    times = {r.name: [] for r in runners}
+    for rep in range(repeats):
+        for runner in runners:
+            progress(f"{key}: repeat {rep + 1}/{repeats}, {runner.name}")
+            start = time.perf_counter()
+            runner.run(block)
+            times[runner.name].append((time.perf_counter() - start) / block)
+    elements = sum(int(np.prod(s)) for s in shapes)
+    return {"workload": key, "title": title, "leaves": len(shapes), "elements": elements,
+            "median_ms": {name: 1e3 * float(np.median(t)) for name, t in times.items()}}
+
+
+def table(results) -> str:
+    names = sorted({n for r in results for n in r["median_ms"]}, key=["optgen", "optax", "torch-fused"].index)
+    head = ["workload", "leaves", "elements", *[f"{n} ms" for n in names], "optgen/optax"]
+    if "torch-fused" in names:
+        head.append("optgen/torch")
+    rows = [head, ["---"] * len(head)]
+    for r in results:
+        ms = r["median_ms"]
+        row = [r["workload"], str(r["leaves"]), f"{r['elements']:,}", *[f"{ms[n]:.2f}" for n in names],
+               f"{ms['optgen'] / ms['optax']:.2f}"]
+        if "torch-fused" in ms:
+            row.append(f"{ms['optgen'] / ms['torch-fused']:.2f}")
+        rows.append(row)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=9, help="blocks per implementation (median over these)")
+    parser.add_argument("--block", type=int, default=5, help="steps per block")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.workloads.split(",")]
+    unknown = [k for k in keys if k not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+
+    def progress(text):
+        if sys.stderr.isatty():
+            print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "adamw_f32_state.spec"
+        spec_path.write_text(_ADAMW_F32_STATE)
+        results = [bench_workload(k, str(spec_path), args.repeats, args.block, progress) for k in keys]
+    progress("")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}" + (
+        f", torch {torch.__version__}" if torch is not None else ", torch not installed")
+    print(f"AdamW step, median of {args.repeats} blocks of {args.block} steps ({machine})\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
