@@ -79,3 +79,14 @@ def test_errors_exit_1_without_traceback_and_write_nothing(tmp_path, args, messa
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.mlir").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.spec"]
+
+
+def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
+    result = run("inspect", "adamw", "--elements", "65536", "--run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lowering            per-output" in result.stdout
+    assert "fused kernels       1 per-element" in result.stdout
+    assert "bytes per element   28.00 (spec minimum 28, +0.0%)" in result.stdout
+    assert "GB/s" in result.stdout and "step at" in result.stdout
+    shared = run("inspect", "amsgrad", "--elements", "4096", "--lowering", "shared", cwd=tmp_path)
+    assert shared.returncode == 0 and "spec minimum 36" in shared.stdout and "step time" not in shared.stdout

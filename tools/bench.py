@@ -40,8 +40,8 @@ _ADAMW_F32_STATE = (Path(__file__).resolve().parents[1] / "kernels" / "adamw.spe
     "state mu = 0", "state mu: f32 = 0").replace("state nu = 0", "state nu: f32 = 0")
 
 
-def transformer_shapes(layers: int = 6, width: int = 576, vocab: int = 32000) -> list[tuple[int, ...]]:
-    """Leaf shapes of a small decoder-only transformer: ~80 leaves, ~25M elements."""
+def transformer_shapes(layers: int = 6, width: int = 512, vocab: int = 16000) -> list[tuple[int, ...]]:
+    """Leaf shapes of a small decoder-only transformer: 75 leaves, ~27M elements."""
     shapes = [(vocab, width)]
     for _ in range(layers):
         shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),
@@ -108,7 +108,7 @@ class TorchRunner:
 
     def __init__(self, params, grads):
         def tensor(x):
-            return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(
+            return torch.from_numpy(np.array(x.astype(jnp.float32))).to(
                 torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
 
         self.params = [torch.nn.Parameter(tensor(p)) for p in params.values()]
