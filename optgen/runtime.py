@@ -56,6 +56,7 @@ class Optimizer:
         self.hyperparams = hyperparams
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
         self.step = jax.jit(self._apply, donate_argnums=(0, 2))
+        self._init_slots = jax.jit(self._run_init, static_argnums=2)
         self._update = jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True))
 
     def __repr__(self) -> str:
@@ -69,20 +70,20 @@ class Optimizer:
         slots = {}
         if self.state_names and leaves:
             scalars = {name: self._hyper(name, hypers, jnp.zeros([], jnp.int32)) for name in self.hyperparams}
-            out_dtypes = self._out_dtypes(leaves, states=True)
-
-            def init_slots(leaves, scalars):
-                return run_ir(self.compiled.program.init, {"p": leaves}, scalars, out_dtypes)
-
-            if all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-                # Each state is laid out like its parameter (sharded the same way), not gathered.
-                shardings = {name: [leaf.sharding for leaf in leaves] for name in self.state_names}
-                init_slots = jax.jit(init_slots, out_shardings=shardings)
-            out = init_slots(leaves, scalars)
+            concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+            out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None)
             slots = {name: treedef.unflatten(out[name]) for name in self.state_names}
         elif self.state_names:
             slots = {name: treedef.unflatten([]) for name in self.state_names}
         return OptState(jnp.zeros([], jnp.int32), hypers, slots)
+
+    def _run_init(self, leaves, scalars, shardings):
+        out = run_ir(self.compiled.program.init, {"p": leaves}, scalars, self._out_dtypes(leaves, states=True))
+        if shardings is None:
+            return out
+        # Each state is laid out like its parameter (sharded the same way), not gathered.
+        return {name: [jax.lax.with_sharding_constraint(x, sharding) for x, sharding in zip(xs, shardings, strict=True)]
+                for name, xs in out.items()}
 
     def update(self, updates, state: OptState, params=None):
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""
