@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
 
 from optgen.codegen import fusion
@@ -17,13 +18,14 @@ fusion.request_cpu_multi_output_fusion()  # before JAX starts its CPU backend; s
 
 from optgen.artifact import Artifact, load_artifact
 from optgen.compiler import Compiled, check_spec, compile_checked
-from optgen.diagnostics import SpecError
+from optgen.diagnostics import InputError, SpecError, SpecWarning
 from optgen.library import builtin_names
 from optgen.passes import DEFAULT_PIPELINE
 from optgen.runtime import Optimizer, OptState, split_kwargs
+from optgen.validate import check_hyperparams
 
 __version__ = "0.1.0"
-__all__ = ["Artifact", "Compiled", "OptState", "Optimizer", "SpecError", "builtin_names",
+__all__ = ["Artifact", "Compiled", "InputError", "OptState", "Optimizer", "SpecError", "SpecWarning", "builtin_names",
            "load", "load_artifact", "__version__"]
 
 
@@ -35,5 +37,8 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, **kwargs: Any) 
     the spec's hyperparameters. Options recompile; hyperparameters never do.
     """
     checked = check_spec(spec)
+    for warning in checked.warnings:
+        warnings.warn(warning.render(), SpecWarning, stacklevel=2)
     options, hypers = split_kwargs(checked.options, checked.hypers, checked.name, kwargs)
+    check_hyperparams(checked.name, checked.ranges, hypers)
     return Optimizer(compile_checked(checked, options, passes), hypers)

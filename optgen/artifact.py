@@ -58,12 +58,13 @@ class Artifact:
         if unknown:
             name = sorted(unknown)[0]
             raise SpecError(f"the {h['spec']} artifact has no input '{name}'",
-                            hint=did_you_mean(name, h["inputs"]) or f"its inputs are {', '.join(h['inputs'])}")
+                            hint=did_you_mean(name, h["inputs"]) or f"its inputs are {', '.join(h['inputs'])}",
+                            code="E320")
         values = {**h["defaults"], **inputs}
         missing = [name for name in h["inputs"] if name not in values]
         if missing:
             raise SpecError(f"the {h['spec']} artifact needs input '{missing[0]}'",
-                            hint=f"its inputs are {', '.join(h['inputs'])}")
+                            hint=f"its inputs are {', '.join(h['inputs'])}", code="E321")
         scalar_dtype = jnp.float64 if h["dtype"] == "f64" else jnp.float32
         args = {n: jnp.asarray(values[n], scalar_dtype) if n in h["scalars"] else values[n] for n in h["inputs"]}
         with export_kernel.x64_for(DTYPES[h["dtype"]]):
@@ -75,15 +76,15 @@ def load_artifact(path: str) -> Artifact:
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        raise SpecError(f"cannot read artifact '{path}': {err.strerror}") from None
+        raise SpecError(f"cannot read artifact '{path}': {err.strerror}", code="E322") from None
     if not data.startswith(MAGIC):
         raise SpecError(f"'{path}' is not an optgen artifact",
-                        hint="write one with: optgen compile SPEC --emit artifact -o FILE")
+                        hint="write one with: optgen compile SPEC --emit artifact -o FILE", code="E323")
     header_line, _, payload = data[len(MAGIC):].partition(b"\n")
     try:
         header = json.loads(header_line)
         exported = jax.export.deserialize(bytearray(payload))
     except Exception as err:  # any decoding failure means a damaged file
         raise SpecError(f"artifact '{path}' is damaged ({type(err).__name__})",
-                        hint="compile it again") from None
+                        hint="compile it again", code="E324") from None
     return Artifact(header, exported)

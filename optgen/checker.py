@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from optgen import syntax as ast
 from optgen.builtins import BUILTINS
 from optgen.diagnostics import SpecError, did_you_mean
+from optgen.hazards import analyze
 from optgen.types import DTYPES, Type, widest
 
 RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"}
@@ -26,10 +27,16 @@ class CheckedSpec:
     hypers: dict[str, float]
     options: dict[str, bool]
     states: tuple[ast.State, ...]
+    warnings: tuple[SpecError, ...] = ()  # hazards that do not stop compilation (W codes)
 
     @property
     def name(self) -> str:
         return self.spec.name.id
+
+    @property
+    def ranges(self) -> dict[str, ast.Range]:
+        """The declared range of each hyperparameter that has one."""
+        return {h.name.id: h.range for h in self.spec.hypers if h.range is not None}
 
 
 def check(spec: ast.Spec) -> CheckedSpec:
@@ -42,8 +49,8 @@ class _Checker:
         self.spec = spec
         self.assigned: set[str] = set()
 
-    def error(self, message: str, span, hint: str | None = None) -> SpecError:
-        return SpecError(message, self.spec.source, span, hint)
+    def error(self, message: str, span, hint: str | None = None, *, code: str | None = None) -> SpecError:
+        return SpecError(message, self.spec.source, span, hint, code=code)
 
     def run(self) -> CheckedSpec:
         spec = self.spec
@@ -52,7 +59,7 @@ class _Checker:
             self.check_state(state)
         if spec.update_span is None:
             raise self.error("the spec has no 'update:' block", spec.name.span,
-                             "add 'update:' followed by indented statements that assign p")
+                             "add 'update:' followed by indented statements that assign p", code="E201")
         env = {name: Type("tensor") for name in ("p", "g")} | {"t": Type("step")}
         env |= {h.name.id: Type("step") for h in spec.hypers}
         env |= {o.name.id: OPTION for o in spec.options}
@@ -60,13 +67,14 @@ class _Checker:
         self.block(spec.body, env)
         if "p" not in self.assigned:
             raise self.error("the update never assigns p", spec.update_span,
-                             "end the update with 'p = p - ...'")
+                             "end the update with 'p = p - ...'", code="E202")
         for state in spec.states:
             if state.name.id not in self.assigned:
                 raise self.error(f"state '{state.name.id}' is never updated", state.name.span,
-                                 f"assign '{state.name.id} = ...' in the update, or remove the state")
+                                 f"assign '{state.name.id} = ...' in the update, or remove the state",
+                                 code="E203")
         return CheckedSpec(spec, {h.name.id: h.default for h in spec.hypers},
-                           {o.name.id: o.default for o in spec.options}, spec.states)
+                           {o.name.id: o.default for o in spec.options}, spec.states, analyze(spec))
 
     def declare(self) -> None:
         seen: dict[str, str] = {}
@@ -75,17 +83,17 @@ class _Checker:
         for name, kind in decls:
             if name.id in RESERVED:
                 raise self.error(f"'{name.id}' is reserved for {RESERVED[name.id]}", name.span,
-                                 "choose another name")
+                                 "choose another name", code="E204")
             if name.id in seen:
                 raise self.error(f"'{name.id}' is already declared as a {seen[name.id]}", name.span,
-                                 "each hyper, option and state needs its own name")
+                                 "each hyper, option and state needs its own name", code="E205")
             seen[name.id] = kind
 
     def check_state(self, state: ast.State) -> None:
         if state.dtype is not None and state.dtype.id not in DTYPES:
             raise self.error(f"unknown storage dtype '{state.dtype.id}'", state.dtype.span,
                              did_you_mean(state.dtype.id, DTYPES)
-                             or f"use one of {', '.join(DTYPES)}")
+                             or f"use one of {', '.join(DTYPES)}", code="E206")
         env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}
         self.expect_float(state.init, env, "a state's initial value")
 
@@ -104,10 +112,11 @@ class _Checker:
         kind = self.declared_kind(name.id)
         if name.id in ("g", "t"):
             raise self.error(f"cannot assign to '{name.id}', {RESERVED[name.id]}", name.span,
-                             "assign to a new local name instead")
+                             "assign to a new local name instead", code="E207")
         if kind in ("hyper", "option"):
             raise self.error(f"cannot assign to {kind} '{name.id}'", name.span,
-                             f"{kind}s are read-only in the update; assign to a new local name")
+                             f"{kind}s are read-only in the update; assign to a new local name",
+                             code="E208")
         value = self.expect_float(stmt.value, env, "an assigned value")
         if name.id == "p" or kind == "state":
             # p and states keep one value per element, whatever is assigned to them.
@@ -137,7 +146,7 @@ class _Checker:
                 raise self.unknown_name(node, list(o.name.id for o in self.spec.options))
             raise self.error("an 'if' tests options, which are fixed at compile time", node.span,
                              "declare 'option NAME = false' to test it here; "
-                             "for a per-element choice use where(cond, a, b)")
+                             "for a per-element choice use where(cond, a, b)", code="E210")
 
     # -- expressions ----------------------------------------------------------------------
 
@@ -145,7 +154,7 @@ class _Checker:
         ty = self.expr(expr, env)
         if ty.kind != "float":
             raise self.error(f"{what} must be a number, not a condition", expr.span,
-                             "use where(cond, a, b) to choose between numbers")
+                             "use where(cond, a, b) to choose between numbers", code="E211")
         return ty
 
     def expr(self, expr: ast.Expr, env: dict[str, Type]) -> Type:
@@ -158,7 +167,7 @@ class _Checker:
                 raise self.unknown_name(expr, env)
             if env[expr.id] is OPTION:
                 raise self.error(f"option '{expr.id}' can only be tested by 'if'", expr.span,
-                                 f"write 'if {expr.id}:' around the statements it selects")
+                                 f"write 'if {expr.id}:' around the statements it selects", code="E213")
             return env[expr.id]
         if isinstance(expr, ast.Unary):
             inner = self.expr(expr.operand, env)
@@ -182,11 +191,11 @@ class _Checker:
         if fn is None:
             raise self.error(f"unknown function '{expr.func.id}'", expr.func.span,
                              did_you_mean(expr.func.id, BUILTINS)
-                             or f"the functions are {', '.join(sorted(BUILTINS))}")
+                             or f"the functions are {', '.join(sorted(BUILTINS))}", code="E214")
         if len(expr.args) != fn.arity:
             s = "" if fn.arity == 1 else "s"
             raise self.error(f"{fn.name} takes {fn.arity} argument{s}, got {len(expr.args)}",
-                             expr.span, f"{fn.name}: {fn.doc}")
+                             expr.span, f"{fn.name}: {fn.doc}", code="E215")
         types = [self.expr(arg, env) for arg in expr.args]
         for i, (arg, ty) in enumerate(zip(expr.args, types, strict=True)):
             self.expect_kind(arg, ty, "bool" if i in fn.bool_args else "float", fn.name)
@@ -195,7 +204,7 @@ class _Checker:
         if types[0].extent != "tensor":
             raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
                              f"one number per {types[0].extent}", expr.args[0].span,
-                             f"pass a per-element value such as g or p to {fn.name}")
+                             f"pass a per-element value such as g or p to {fn.name}", code="E216")
         return Type(fn.reduces_to)
 
     def expect_kind(self, node: ast.Expr, ty: Type, want: str, where: str) -> None:
@@ -203,9 +212,9 @@ class _Checker:
             return
         if want == "bool":
             raise self.error(f"{where} needs a condition, not a number", node.span,
-                             "compare it, e.g. x > 0")
+                             "compare it, e.g. x > 0", code="E212")
         raise self.error(f"{where} needs a number, not a condition", node.span,
-                         "use where(cond, a, b) to turn a condition into a number")
+                         "use where(cond, a, b) to turn a condition into a number", code="E211")
 
     # -- names ----------------------------------------------------------------------------
 
@@ -226,4 +235,4 @@ class _Checker:
             hint = f"'{name.id}' cannot be used here"
         return self.error(f"unknown name '{name.id}'", name.span,
                           hint or "declare it with 'hyper', 'state' or 'option', "
-                                  "or assign it before this line")
+                                  "or assign it before this line", code="E209")

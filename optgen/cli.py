@@ -16,7 +16,7 @@ from optgen import passes as passes_mod
 from optgen.artifact import save_artifact
 from optgen.atomic import write_atomic
 from optgen.codegen import export, fusion
-from optgen.compiler import check_spec, compile_checked
+from optgen.compiler import check_spec as _check_spec, compile_checked
 from optgen.diagnostics import SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
@@ -27,13 +27,21 @@ EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
+def check_spec(spec: str):
+    """Read, parse and check SPEC; print the checker's warnings (W codes) to stderr."""
+    checked = _check_spec(spec)
+    for warning in checked.warnings:
+        click.echo(warning.render(), err=True)
+    return checked
+
+
 def _parse_with(values: tuple[str, ...]) -> dict[str, object]:
     options = {}
     for item in values:
         name, sep, text = item.partition("=")
         if not sep or text.lower() not in ("true", "false"):
             raise SpecError(f"--with takes NAME=true or NAME=false, got '{item}'",
-                            hint="for example: --with nesterov=true")
+                            hint="for example: --with nesterov=true", code="E009")
         options[name.strip()] = text.lower() == "true"
     return options
 
@@ -42,7 +50,7 @@ def _platforms(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     for name in names:
         if name not in PLATFORMS:
-            raise SpecError(f"unknown platform '{name}'", hint=f"choose from {', '.join(PLATFORMS)}")
+            raise SpecError(f"unknown platform '{name}'", hint=f"choose from {', '.join(PLATFORMS)}", code="E010")
     return names
 
 
@@ -82,7 +90,7 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
     options = _parse_with(with_)
     pipeline = passes_mod.parse_pipeline(passes) if passes is not None else passes_mod.DEFAULT_PIPELINE
     if emit == "artifact" and not output:
-        raise SpecError("--emit artifact writes a binary file", hint="give -o FILE")
+        raise SpecError("--emit artifact writes a binary file", hint="give -o FILE", code="E011")
     checked = check_spec(spec)
     if emit == "ast":
         return _write(output, format_spec(checked.spec))
@@ -98,7 +106,7 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
         return click.echo(f"wrote {output}", err=True)
     if emit == "hlo" and not all(d.isdigit() for d in shape.replace(" ", "").split(",")):
         raise SpecError("--emit hlo compiles for this machine and needs a concrete shape",
-                        hint="give one, e.g. --shape 1048576")
+                        hint="give one, e.g. --shape 1048576", code="E012")
     emitter = export.stablehlo_text if emit == "stablehlo" else export.optimized_hlo
     _write(output, emitter(compiled.program, DTYPES[dtype], shape))
 

@@ -1,8 +1,11 @@
 """Diagnostics that point at the spec: ``file:line:col: error: ...``, the line, a caret, a hint.
 
-Every user mistake, at any stage, becomes a :class:`SpecError`. The CLI prints
-``render()`` and exits with status 1; the Python API raises it. No stage lets a
-Python traceback reach a user for something the user wrote.
+Every user mistake, at any stage, becomes a :class:`SpecError` with a stable code
+from :mod:`optgen.errors` (``bad.spec:3:5: error[E209]: unknown name 'x'``). The CLI
+prints ``render()`` and exits with status 1; the Python API raises it. Wrong values
+given at run time (parameter trees, hyperparameters, saved state) raise its subclass
+:class:`InputError`. No stage lets a Python traceback reach a user for something the
+user wrote.
 """
 
 from __future__ import annotations
@@ -34,34 +37,40 @@ class Source:
     filename: str
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
-        return lines[line - 1] if 0 < line <= len(lines) else ""
+        # Lines end at "\n" only, as the lexer counts them (str.splitlines also splits at \f, \x1c, ...).
+        lines = self.text.split("\n")
+        return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
 
 
 class SpecError(Exception):
     """A mistake in a spec (or in how it is used), located in the spec's text."""
 
     def __init__(self, message: str, source: Source | None = None, span: Span | None = None,
-                 hint: str | None = None):
+                 hint: str | None = None, *, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.source = source
         self.span = span
         self.hint = hint
+        self.code = code  # a key of optgen.errors.CATALOG; "W..." codes are warnings
 
     def render(self) -> str:
-        """``file:line:col: error: message``, the source line, a caret, and the hint."""
+        """``file:line:col: error[CODE]: message``, the source line, a caret, and the hint."""
+        severity = "warning" if self.code and self.code.startswith("W") else "error"
+        label = f"{severity}[{self.code}]" if self.code else severity
         if self.source is None or self.span is None:
             where = f"{self.source.filename}: " if self.source else ""
-            out = [f"{where}error: {self.message}"]
+            out = [f"{where}{label}: {self.message}"]
         else:
-            line = self.source.line_text(self.span.line)
+            # Control characters (NUL, escapes) print as '?', one for one, so the caret stays aligned.
+            line = "".join(ch if ch.isprintable() or ch == "\t" else "?"
+                           for ch in self.source.line_text(self.span.line))
             col = self.span.col
             width = self.span.end_col - col if self.span.end_line == self.span.line else len(line) - col + 1
             # Tabs keep their width in the caret line so the caret lines up in a terminal.
             pad = "".join(ch if ch == "\t" else " " for ch in line[: col - 1])
             out = [
-                f"{self.source.filename}:{self.span.line}:{col}: error: {self.message}",
+                f"{self.source.filename}:{self.span.line}:{col}: {label}: {self.message}",
                 f"  {line}",
                 f"  {pad}^{'~' * max(width - 1, 0)}",
             ]
@@ -71,6 +80,17 @@ class SpecError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+class InputError(SpecError, ValueError):
+    """A wrong value given to an optimizer at run time: a parameter tree, a hyperparameter,
+    saved state. Raised before anything is computed or donated; names the leaf and what
+    was expected."""
+
+
+class SpecWarning(UserWarning):
+    """A hazard the checker sees in an accepted spec (``W`` codes), e.g. sqrt of a value that
+    can be negative. ``check_spec`` issues it through :mod:`warnings`; the CLI prints it."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:

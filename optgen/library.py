@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from optgen.diagnostics import SpecError, Source, did_you_mean
+from optgen.parser import MAX_SPEC_CHARS
 
 
 def builtin_names() -> list[str]:
@@ -33,22 +34,26 @@ def read_spec(name_or_path: str) -> Source:
         return Source(resource.read_text(encoding="utf-8"), f"{name_or_path}.spec")
     raise SpecError(f"no built-in spec or file named '{name_or_path}'",
                     hint=did_you_mean(name_or_path, builtin_names())
-                    or "run 'optgen list' for the built-in specs, or give a path to a .spec file")
+                    or "run 'optgen list' for the built-in specs, or give a path to a .spec file",
+                    code="E001")
 
 
 def _read_file(path: Path) -> Source:
     if path.is_dir():
-        raise SpecError(f"'{path}' is a directory", hint="give the path of a .spec file")
+        raise SpecError(f"'{path}' is a directory", hint="give the path of a .spec file", code="E002")
     try:
+        if path.stat().st_size > MAX_SPEC_CHARS * 4:  # UTF-8: at most 4 bytes a character
+            raise SpecError(f"'{path}' is {path.stat().st_size:,} bytes; a spec is at most "
+                            f"{MAX_SPEC_CHARS:,} characters", hint="is this the right file?", code="E008")
         data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"cannot read '{path}': no such file",
-                        hint="check the path, or run 'optgen list' for the built-in specs") from None
+                        hint="check the path, or run 'optgen list' for the built-in specs", code="E003") from None
     except OSError as err:
-        raise SpecError(f"cannot read '{path}': {err.strerror}") from None
+        raise SpecError(f"cannot read '{path}': {err.strerror}", code="E004") from None
     try:
         return Source(data.decode("utf-8"), str(path))
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise SpecError(f"'{path}' is not UTF-8 text (bad byte at line {line})",
-                        hint="save the spec as UTF-8") from None
+                        hint="save the spec as UTF-8", code="E005") from None

@@ -25,9 +25,9 @@ def resolve_options(checked: CheckedSpec, given: dict[str, object]) -> dict[str,
         if name not in options:
             hint = did_you_mean(name, options) or (
                 f"its options are: {', '.join(options)}" if options else "it has no options")
-            raise SpecError(f"'{checked.name}' has no option '{name}'", hint=hint)
+            raise SpecError(f"'{checked.name}' has no option '{name}'", hint=hint, code="E303")
         if not isinstance(value, bool):
-            raise SpecError(f"option '{name}' takes true or false, got {value!r}")
+            raise SpecError(f"option '{name}' takes true or false, got {value!r}", code="E304")
         options[name] = value
     return options
 

@@ -21,15 +21,24 @@ from optgen import syntax as ast
 from optgen.diagnostics import SpecError, Source, Span
 
 
+MAX_SPEC_CHARS = 1 << 20  # real specs are a few hundred bytes; this bounds parse time and memory
+MAX_DEPTH = 100  # nesting of expressions and blocks; the checker and lowering recurse this deep
+
+
 def parse(text: str, filename: str = "<spec>") -> ast.Spec:
     """Parse spec ``text``; ``filename`` is the name used in diagnostics and MLIR locations."""
     source = Source(text, filename)
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError(f"the spec is {len(text):,} characters long; the limit is {MAX_SPEC_CHARS:,}",
+                        source, hint="an optimizer spec is a page of text: is this the right file?",
+                        code="E008")
     padded = text if text.endswith("\n") else text + "\n"
     try:
-        return ast.Spec(**_parser().parse(padded), source=source)
-    except _IndentError as err:
-        raise SpecError(str(err), source, err.span,
-                        "indent each block's statements by the same amount") from None
+        spec = ast.Spec(**_parser().parse(padded), source=source)
+        _check_depth(spec)
+        return spec
+    except _LocatedError as err:
+        raise SpecError(str(err), source, err.span, err.hint, code=err.code) from None
     except UnexpectedInput as err:
         raise _syntax_error(err, source) from None
 
@@ -38,16 +47,18 @@ def _span(tok: Token) -> Span:
     return Span(tok.line, tok.column, tok.end_line, tok.end_column)
 
 
-class _IndentError(Exception):
-    def __init__(self, message: str, span: Span):
+class _LocatedError(Exception):
+    """A mistake found inside the parse, where the Source is not at hand; parse() adds it."""
+
+    def __init__(self, message: str, span: Span, hint: str, *, code: str):
         super().__init__(message)
-        self.span = span
+        self.span, self.hint, self.code = span, hint, code
 
 
 class _SpecIndenter(Indenter):
     NL_type = "_NL"
-    OPEN_PAREN_types = ["LPAR"]
-    CLOSE_PAREN_types = ["RPAR"]
+    OPEN_PAREN_types = ["LPAR", "LSQB"]  # a range may open with '[' and close with ')'
+    CLOSE_PAREN_types = ["RPAR", "RSQB"]
     INDENT_type = "_INDENT"
     DEDENT_type = "_DEDENT"
     tab_len = 8
@@ -58,8 +69,38 @@ class _SpecIndenter(Indenter):
         except DedentError:
             indent = len(token.rsplit("\n", 1)[1])
             line = token.end_line
-            raise _IndentError("this line's indentation matches no enclosing block",
-                               Span(line, 1, line, indent + 2)) from None
+            raise _LocatedError("this line's indentation matches no enclosing block",
+                                Span(line, 1, line, indent + 2),
+                                "indent each block's statements by the same amount", code="E104") from None
+
+
+def _check_depth(spec: ast.Spec) -> None:
+    """Refuse nesting deeper than MAX_DEPTH, found without recursion, at the first node past it."""
+    stack = [(node, 1) for node in (*spec.body, *(s.init for s in spec.states))]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _LocatedError(f"this is nested more than {MAX_DEPTH} levels deep", node.span,
+                                "name parts of the expression with assignments", code="E106")
+        if isinstance(node, ast.Assign):
+            stack.append((node.value, depth))
+        elif isinstance(node, ast.If):
+            stack.extend((child, depth + 1) for child in (node.cond, *node.then, *node.orelse))
+        elif isinstance(node, ast.Unary):
+            stack.append((node.operand, depth + 1))
+        elif isinstance(node, ast.Binary):
+            stack.extend(((node.left, depth + 1), (node.right, depth + 1)))
+        elif isinstance(node, ast.Call):
+            stack.extend((arg, depth + 1) for arg in node.args)
+
+
+def _bound_value(tok: Token) -> float:
+    if tok.type == "NUMBER":
+        return float(tok)
+    if tok == "inf":
+        return float("inf")
+    raise _LocatedError(f"a range bound is a number or inf, not '{tok}'", _span(tok),
+                        "for example: in [0, inf)", code="E107")
 
 
 class _ElseBlock(tuple):
@@ -97,8 +138,24 @@ class _ToAst(Transformer):
     def header(self, name, description=None):
         return ("header", ast.Name(str(name), _span(name)), (description or '""')[1:-1])
 
-    def hyper(self, name, default):
-        return ast.Hyper(ast.Name(str(name), _span(name)), default, _span(name))
+    def hyper(self, name, default, range_):
+        return ast.Hyper(ast.Name(str(name), _span(name)), default, _span(name), range_)
+
+    def bound(self, *toks):
+        value = _bound_value(toks[-1])
+        return (-value if len(toks) == 2 else value), _span(toks[0]).to(_span(toks[-1]))
+
+    def range(self, keyword, open_, lo, hi, close):
+        span = _span(keyword).to(_span(close))
+        if keyword != "in":
+            raise _LocatedError(f"expected 'in' before a range, got '{keyword}'", _span(keyword),
+                                "write: hyper b1 = 0.9 in [0, 1)", code="E107")
+        bounds = ast.Range(lo[0], hi[0], open_ == "(", close == ")", span)
+        if not (bounds.lo < bounds.hi or (bounds.lo == bounds.hi and not bounds.lo_open and not bounds.hi_open)):
+            raise _LocatedError(f"the range {bounds} is empty", span,
+                                "write the lower bound first; '[' and ']' include a bound, '(' and ')' exclude it",
+                                code="E107")
+        return bounds
 
     def option(self, name, default):
         return ast.Option(ast.Name(str(name), _span(name)), default.value, _span(name))
@@ -126,7 +183,8 @@ class _ToAst(Transformer):
         header = next(i for i in items if isinstance(i, tuple) and i[0] == "header")
         updates = [i for i in items if isinstance(i, tuple) and i[0] == "update"]
         if len(updates) > 1:
-            raise _IndentError("a spec has one 'update:' block", updates[1][1])
+            raise _LocatedError("a spec has one 'update:' block", updates[1][1],
+                                "put every statement in the first 'update:' block", code="E105")
         body = updates[0][2] if updates else ()
         # The transformer never sees the text; parse() adds the Source.
         return dict(
@@ -165,19 +223,20 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
         hint = "write powers as a ^ b" if char == "*" else (
             "descriptions are in double quotes" if char == "'" else
             "names are letters, digits and '_'; operators are + - * / ^ and comparisons")
-        return SpecError(f"unexpected character {char!r}", source, Span(line, col, line, col + 1), hint)
+        return SpecError(f"unexpected character {char!r}", source, Span(line, col, line, col + 1), hint,
+                         code="E101")
     if isinstance(err, UnexpectedToken) and err.token.type != "$END":
         tok = err.token
         got = _describe(tok.type) if tok.type.startswith("_") else f"'{tok}'"
         if tok.type == "_NL":  # report at the end of the line, not the start of the next
             line, col = tok.line, tok.column
         span = Span(line, col, line, col + max(len(str(tok)) if not tok.type.startswith("_") else 1, 1))
-        return SpecError(f"unexpected {got}", source, span, _hint(tok, err.expected, line))
+        return SpecError(f"unexpected {got}", source, span, _hint(tok, err.expected, line), code="E102")
     expected = err.expected if isinstance(err, (UnexpectedToken, UnexpectedEOF)) else set()
     last = len(source.text.splitlines()) or 1
     end_col = len(source.line_text(last)) + 1
     return SpecError("unexpected end of file", source, Span(last, end_col, last, end_col + 1),
-                     _expected_hint(expected) or "the spec stops in the middle of a statement")
+                     _expected_hint(expected) or "the spec stops in the middle of a statement", code="E103")
 
 
 def _hint(tok: Token, expected: set[str], line: int) -> str | None:

@@ -16,7 +16,8 @@ import numpy as np
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
-from optgen.diagnostics import SpecError, did_you_mean
+from optgen.diagnostics import InputError, did_you_mean
+from optgen.validate import InputChecker, check_params
 
 
 
@@ -55,7 +56,8 @@ class Optimizer:
         self.description = compiled.checked.spec.description
         self.hyperparams = hyperparams
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
-        self.step = jax.jit(self._apply, donate_argnums=(0, 2))
+        self._step = jax.jit(self._apply, donate_argnums=(0, 2))
+        self._inputs = InputChecker(self)
         self._init_slots = jax.jit(self._run_init, static_argnums=2)
         self._update = jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True))
 
@@ -64,6 +66,7 @@ class Optimizer:
 
     def init(self, params) -> OptState:
         """Zero count, the hyperparameters, and each state initialized from its spec expression."""
+        check_params(params)
         hypers = {name: jnp.asarray(value, step_dtype()) for name, value in self.hyperparams.items()
                   if not callable(value)}
         leaves, treedef = jax.tree.flatten(params)
@@ -88,9 +91,18 @@ class Optimizer:
     def update(self, updates, state: OptState, params=None):
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""
         if params is None:
-            raise SpecError(f"{self.name}.update needs params",
-                            hint="call update(grads, state, params), as optax does for AdamW")
+            raise InputError(f"{self.name}.update needs params",
+                            hint="call update(grads, state, params), as optax does for AdamW", code="E301")
+        self._inputs.check(params, updates, state)
         return self._update(params, updates, state)
+
+    def step(self, params, grads, state: OptState):
+        """One fused update: ``(new_params, new_state)``; ``params`` and ``state`` are donated.
+
+        Inputs are checked first (:mod:`optgen.validate`): a mistake raises InputError and
+        leaves every array the caller holds valid."""
+        self._inputs.check(params, grads, state)
+        return self._step(params, grads, state)
 
     def _apply(self, params, grads, state: OptState, as_update: bool = False):
         leaves, treedef = jax.tree.flatten(params)
@@ -129,6 +141,6 @@ def split_kwargs(compiled_options: dict[str, bool], hyper_defaults: dict[str, fl
             hypers[key] = value
         else:
             known = [*hyper_defaults, *compiled_options]
-            raise SpecError(f"'{spec_name}' has no hyperparameter or option '{key}'",
-                            hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}")
+            raise InputError(f"'{spec_name}' has no hyperparameter or option '{key}'",
+                            hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}", code="E302")
     return options, hypers

@@ -73,12 +73,30 @@ Stmt = Assign | If
 
 
 @dataclass(frozen=True)
+class Range:
+    """``in [lo, hi)``: the values a hyperparameter may take; ``(`` and ``)`` exclude the bound."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    span: Span
+
+    def contains(self, x: float) -> bool:
+        return (self.lo < x if self.lo_open else self.lo <= x) and (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+@dataclass(frozen=True)
 class Hyper:
-    """``hyper name = default``: a runtime scalar; changing it never recompiles."""
+    """``hyper name = default [in RANGE]``: a runtime scalar; changing it never recompiles."""
 
     name: Name
     default: float
     span: Span
+    range: Range | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +162,7 @@ def format_expr(expr: Expr) -> str:
 def format_spec(spec: Spec) -> str:
     """The AST as indented S-expressions, one declaration or statement a line (``--emit ast``)."""
     lines = [f"(optimizer {spec.name.id} {spec.description!r}"]
-    lines += [f"  (hyper {h.name.id} {h.default!r})" for h in spec.hypers]
+    lines += [f"  (hyper {h.name.id} {h.default!r}{f' {h.range}' if h.range else ''})" for h in spec.hypers]
     lines += [f"  (option {o.name.id} {'true' if o.default else 'false'})" for o in spec.options]
     lines += [f"  (state {s.name.id}{':' + s.dtype.id if s.dtype else ''} {format_expr(s.init)})"
               for s in spec.states]

@@ -25,7 +25,8 @@ def parse_pipeline(text: str) -> tuple[str, ...]:
     for name in names:
         if name not in PASSES:
             raise SpecError(f"unknown pass '{name}'",
-                            hint=did_you_mean(name, PASSES) or f"the passes are {', '.join(PASSES)}")
+                            hint=did_you_mean(name, PASSES) or f"the passes are {', '.join(PASSES)}",
+                            code="E013")
     return names
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from optgen.checker import check
@@ -54,7 +56,7 @@ def test_diagnostic(case):
         check(parse(HEADER + body, "bad.spec"))
     text = err.value.render()
     first = text.splitlines()[0]
-    assert first.startswith("bad.spec:") and ": error: " in first, text
+    assert first.startswith("bad.spec:") and re.search(r": error\[E\d{3}\]: ", first), text
     assert message in first, text
     file_, line_no, col, *_ = first.split(":")
     assert int(line_no) >= 1 and int(col) >= 1

@@ -1,0 +1,172 @@
+"""Numeric hazards the checker can see: values outside declared ranges, and what can go wrong
+in floating point that the spec's own declarations already reveal.
+
+An interval analysis over the update: each value gets bounds ``[lo, hi]`` (closed, possibly
+infinite) from number literals, hyperparameter ranges (``hyper b2 = 0.999 in [0, 1)``),
+``t >= 1`` and the functions applied. States are bounded by a fixpoint: start from the
+initial value, run the update, widen every bound that moved to infinity, repeat. With
+that, ``nu = b2 * nu + (1 - b2) * g^2`` is known to stay ``>= 0`` once ``b2`` is declared
+in ``[0, 1)``, and ``sqrt(nu_hat + eps_root)`` is safe once ``eps_root >= 0``.
+
+- a hyperparameter default outside its range: error E217;
+- a division by a value that is always zero: error E218;
+- ``sqrt``, ``rsqrt`` or ``log`` of a value that can be negative (NaN in float): warning W201.
+"""
+
+from __future__ import annotations
+
+import math
+
+from optgen import syntax as ast
+from optgen.diagnostics import SpecError
+
+INF = math.inf
+FULL = (-INF, INF)
+NONNEG = (0.0, INF)
+_ROOTS = ("sqrt", "rsqrt", "log")
+
+
+def analyze(spec: ast.Spec) -> tuple[SpecError, ...]:
+    """Raise the first hazard that is an error; return the warnings, in source order."""
+    for hyper in spec.hypers:
+        if hyper.range is not None and not hyper.range.contains(hyper.default):
+            raise SpecError(f"the default {hyper.default:g} of '{hyper.name.id}' is outside its range "
+                            f"{hyper.range}", spec.source, hyper.range.span,
+                            "change the default or the range", code="E217")
+    return _Intervals(spec).run()
+
+
+def _clean(lo: float, hi: float) -> tuple[float, float]:
+    # inf - inf and 0 * inf are NaN; a bound we cannot tell is infinite.
+    return (-INF if math.isnan(lo) else lo, INF if math.isnan(hi) else hi)
+
+
+def _hull(a, b):
+    return (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def _mul(a, b):
+    products = [x * y for x in a for y in b]
+    products = [0.0 if math.isnan(p) else p for p in products]  # 0 * inf: a zero factor wins
+    return (min(products), max(products))
+
+
+class _Intervals:
+    def __init__(self, spec: ast.Spec):
+        self.spec = spec
+        self.warnings: dict[tuple, SpecError] = {}
+        self.report = False  # hazards are reported on the last pass only, once states are stable
+
+    def run(self) -> tuple[SpecError, ...]:
+        spec = self.spec
+        base = {"p": FULL, "g": FULL, "t": (1.0, INF)}
+        base |= {h.name.id: (h.range.lo, h.range.hi) if h.range else FULL for h in spec.hypers}
+        states = {s.name.id: self.expr(s.init, base) for s in spec.states}
+        for _ in range(2 * len(states) + 1):  # each round widens at least one bound, or stops
+            env = self.block(spec.body, base | states)
+            moved = {name: tuple(b if b == old else w for b, old, w in
+                                 zip(_hull(iv, env.get(name, iv)), iv, (-INF, INF)))
+                     for name, iv in states.items()}
+            if moved == states:
+                break
+            states = moved
+        self.report = True
+        for s in spec.states:
+            self.expr(s.init, base)
+        self.block(spec.body, base | states)
+        return tuple(self.warnings[key] for key in sorted(self.warnings))
+
+    def block(self, stmts, env: dict) -> dict:
+        env = dict(env)
+        for stmt in stmts:
+            if isinstance(stmt, ast.Assign):
+                env[stmt.target.id] = self.expr(stmt.value, env)
+            else:  # options are not known here: either branch may run
+                then, orelse = self.block(stmt.then, env), self.block(stmt.orelse, env)
+                for name in then.keys() | orelse.keys():
+                    env[name] = _hull(then.get(name, env.get(name, FULL)), orelse.get(name, env.get(name, FULL)))
+        return env
+
+    def expr(self, node: ast.Expr, env: dict) -> tuple[float, float]:
+        # Iterative post-order: specs may nest up to parser.MAX_DEPTH, and we add no recursion.
+        values: dict[int, tuple[float, float]] = {}
+        stack = [(node, False)]
+        while stack:
+            item, ready = stack.pop()
+            children = _children(item)
+            if not ready and children:
+                stack.append((item, True))
+                stack.extend((child, False) for child in children)
+                continue
+            values[id(item)] = _clean(*self.apply(item, [values[id(c)] for c in children], env))
+        return values[id(node)]
+
+    def apply(self, node, args, env):
+        if isinstance(node, ast.Number):
+            return (node.value, node.value)
+        if isinstance(node, ast.Name):
+            return env.get(node.id, FULL)
+        if isinstance(node, ast.Unary):
+            return (-args[0][1], -args[0][0]) if node.op == "-" else FULL
+        if isinstance(node, ast.Binary):
+            return self.binary(node, *args)
+        if isinstance(node, ast.Call):
+            return self.call(node, args)
+        return FULL  # true / false
+
+    def binary(self, node: ast.Binary, a, b):
+        if node.op == "+":
+            return (a[0] + b[0], a[1] + b[1])
+        if node.op == "-":
+            return (a[0] - b[1], a[1] - b[0])
+        if node.op == "*":
+            return _mul(a, b)
+        if node.op == "/":
+            if b == (0.0, 0.0) and self.report:
+                raise SpecError("division by zero: this divisor is always 0", self.spec.source,
+                                node.right.span, "check the expression; a zero divisor gives inf or nan",
+                                code="E218")
+            if b[0] > 0 or b[1] < 0:
+                return _mul(a, (1 / b[1], 1 / b[0]))
+            return NONNEG if a[0] >= 0 and b[0] >= 0 else FULL
+        if node.op == "^":
+            if a[0] >= 0:
+                return (0.0, 1.0 if a[1] <= 1 and b[0] >= 0 else INF)
+            even = b[0] == b[1] and float(b[0]).is_integer() and b[0] % 2 == 0
+            return NONNEG if even else FULL
+        return FULL  # comparisons and logic: conditions, never arithmetic operands
+
+    def call(self, node: ast.Call, args):
+        name = node.func.id
+        if name in _ROOTS and args[0][0] < 0 and self.report:
+            arg = node.args[0]
+            self.warnings[(arg.span.line, arg.span.col)] = SpecError(
+                f"{name} of a value that can be negative (nan in float)", self.spec.source, arg.span,
+                "declare the ranges that keep it >= 0 (e.g. hyper b2 = 0.999 in [0, 1)), "
+                "or take abs() or max(x, 0) first", code="W201")
+        if name in ("sqrt", "rsqrt", "abs", "exp", "norm", "global_norm"):
+            return NONNEG
+        if name == "sign":
+            return (-1.0, 1.0)
+        if name in ("max", "min"):
+            pick = max if name == "max" else min
+            return (pick(args[0][0], args[1][0]), pick(args[0][1], args[1][1]))
+        if name == "clip":
+            return (min(max(args[0][0], args[1][0]), args[2][0]), min(max(args[0][1], args[1][1]), args[2][1]))
+        if name == "where":
+            return _hull(args[1], args[2])
+        if name == "mean":
+            return args[0]
+        if name == "sum":
+            return NONNEG if args[0][0] >= 0 else FULL
+        return FULL  # log, and functions added later until they say otherwise
+
+
+def _children(node) -> tuple:
+    if isinstance(node, ast.Unary):
+        return (node.operand,)
+    if isinstance(node, ast.Binary):
+        return (node.left, node.right)
+    if isinstance(node, ast.Call):
+        return node.args
+    return ()

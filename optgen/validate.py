@@ -1,0 +1,139 @@
+"""Checks on what a caller hands an optimizer, before anything runs or is donated.
+
+Every check reads only structure: tree definitions, shapes, dtypes, and hyperparameters
+that are host numbers. Nothing waits on the device, and a rejected call leaves the
+caller's arrays untouched (``step`` donates its inputs only after these checks pass).
+A combination of trees, shapes and dtypes that passed once is remembered, so a training
+loop pays one flatten per argument and a set lookup per step.
+
+Every mistake raises :class:`~optgen.diagnostics.InputError` naming the leaf
+(``grads['w']``, as ``jax.tree_util.keystr`` writes paths) and what was expected.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from optgen.diagnostics import InputError, did_you_mean
+from optgen.syntax import Range
+
+if TYPE_CHECKING:
+    from optgen.runtime import Optimizer
+
+
+def check_hyperparams(spec_name: str, ranges: dict[str, Range], values: dict[str, Any]) -> None:
+    """Each hyperparameter is a real number in its declared range, or a schedule (a callable)."""
+    for name, value in values.items():
+        if callable(value):
+            continue
+        _check_hyper_value(spec_name, name, value, ranges.get(name), f"hyperparameter '{name}'")
+
+
+def _check_hyper_value(spec_name: str, name: str, value: Any, bounds: Range | None, where: str) -> None:
+    if isinstance(value, jax.Array):  # on the device: reading it would wait for it; shape only
+        if value.shape != () or not jax.numpy.issubdtype(value.dtype, jax.numpy.number):
+            raise InputError(f"{where} is an array of shape {value.shape} and dtype {value.dtype}",
+                             hint="give a scalar number", code="E305")
+        return
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, np.generic)) \
+            or np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.number):
+        raise InputError(f"{where} must be a number or a schedule (a callable of the step count), "
+                         f"got {type(value).__name__} {value!r:.60}", hint="for example 1e-3", code="E305")
+    if bounds is not None and not bounds.contains(float(value)):
+        raise InputError(f"{where} = {float(value):g} is outside its range {bounds}",
+                         hint=f"the {spec_name} spec declares '{name}' in {bounds}", code="E306")
+
+
+def check_params(params) -> None:
+    """Every parameter leaf is a floating-point array (or a tracer of one)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if getattr(leaf, "shape", None) is None or dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            raise InputError(f"params{jax.tree_util.keystr(path)} is {_describe(leaf)}, not a float array",
+                             hint="parameters are float arrays (jnp.asarray(x, jnp.float32))", code="E310")
+
+
+class InputChecker:
+    """Validates ``update``/``step`` arguments of one optimizer, remembering what passed."""
+
+    def __init__(self, opt: "Optimizer"):
+        self.opt = opt
+        self.ranges = opt.compiled.checked.ranges
+        self.passed: set = set()
+
+    def check(self, params, grads, state) -> None:
+        """Raise InputError if grads or state do not fit params; never touches device data."""
+        trees = [jax.tree.flatten(tree) for tree in (params, grads, state)]
+        key = tuple((treedef, tuple(_aval(x) for x in leaves)) for leaves, treedef in trees)
+        if key not in self.passed:
+            self._check_all(params, grads, state)
+            self.passed.add(key)
+        for name, value in getattr(state, "hyperparams", {}).items():  # host numbers may change each step
+            if name in self.ranges and not isinstance(value, jax.Array):
+                _check_hyper_value(self.opt.name, name, value, self.ranges[name], f"state.hyperparams['{name}']")
+
+    def _check_all(self, params, grads, state) -> None:
+        from optgen.runtime import OptState
+
+        check_params(params)
+        _same_tree("grads", grads, "params", params, check_dtype=True)
+        if not isinstance(state, OptState):
+            raise InputError(f"state is {_describe(state)}, not an optgen OptState",
+                             hint="make it with opt.init(params)", code="E311")
+        avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        expected = jax.eval_shape(self.opt.init, avals)
+        name = self.opt.name
+        if set(state.slots) != set(expected.slots):
+            raise InputError(f"state is from another optimizer: it holds {sorted(state.slots)}, "
+                             f"{name} keeps {sorted(expected.slots)}", hint=f"make it with {name}'s init", code="E311")
+        for key in state.hyperparams.keys() - expected.hyperparams.keys():
+            raise InputError(f"state.hyperparams has '{key}', which {name} does not take",
+                             hint=did_you_mean(key, expected.hyperparams)
+                             or f"its hyperparameters are {', '.join(expected.hyperparams)}", code="E302")
+        for key in expected.hyperparams.keys() - state.hyperparams.keys():
+            raise InputError(f"state.hyperparams lacks '{key}'", hint=f"make the state with {name}'s init",
+                             code="E311")
+        for key, value in state.hyperparams.items():
+            _check_hyper_value(name, key, value, self.ranges.get(key), f"state.hyperparams['{key}']")
+        for slot in expected.slots:
+            _same_tree(f"state.slots['{slot}']", state.slots[slot], f"{name}'s state for these params",
+                       expected.slots[slot], check_dtype=True)
+        _same_tree("state.count", state.count, "an int32 scalar", expected.count, check_dtype=True)
+
+
+def _same_tree(what: str, got, expected_what: str, expected, check_dtype: bool) -> None:
+    got_leaves, got_def = jax.tree_util.tree_flatten_with_path(got)
+    want_leaves, want_def = jax.tree_util.tree_flatten_with_path(expected)
+    if got_def != want_def:
+        got_paths = [jax.tree_util.keystr(p) for p, _ in got_leaves]
+        want_paths = [jax.tree_util.keystr(p) for p, _ in want_leaves]
+        missing = [p for p in want_paths if p not in got_paths]
+        extra = [p for p in got_paths if p not in want_paths]
+        detail = (f"it has no leaf {what}{missing[0]}" if missing else
+                  f"it has a leaf {what}{extra[0]} that {expected_what} lacks" if extra else
+                  f"its containers differ: {str(got_def):.120} vs {str(want_def):.120}")
+        raise InputError(f"{what} does not have the tree structure of {expected_what}: {detail}",
+                         hint="pass trees of the same structure (same keys, same containers)", code="E307")
+    for (path, leaf), (_, want) in zip(got_leaves, want_leaves, strict=True):
+        where = f"{what}{jax.tree_util.keystr(path)}"
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if shape is None or dtype is None:
+            raise InputError(f"{where} is {_describe(leaf)}, not an array", code="E310")
+        if tuple(shape) != tuple(want.shape):
+            raise InputError(f"{where} has shape {tuple(shape)}, expected {tuple(want.shape)}",
+                             hint=f"it must match {expected_what}", code="E308")
+        if check_dtype and np.dtype(dtype) != np.dtype(want.dtype):
+            raise InputError(f"{where} has dtype {np.dtype(dtype).name}, expected {np.dtype(want.dtype).name}",
+                             hint="cast it with .astype(...)", code="E309")
+
+
+def _aval(x) -> tuple:
+    return (getattr(x, "shape", None), getattr(x, "dtype", type(x)))
+
+
+def _describe(x) -> str:
+    return f"a {type(x).__name__}" if not hasattr(x, "shape") else f"an array of dtype {x.dtype}"
