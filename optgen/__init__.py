@@ -17,6 +17,7 @@ from optgen.codegen import fusion
 fusion.request_cpu_multi_output_fusion()  # before JAX starts its CPU backend; see codegen/fusion.py
 
 from optgen.artifact import Artifact, load_artifact
+from optgen.checkpoint import load_state, save_state
 from optgen.compiler import Compiled, check_spec, compile_checked
 from optgen.diagnostics import InputError, SpecError, SpecWarning
 from optgen.library import builtin_names
@@ -26,7 +27,7 @@ from optgen.validate import check_hyperparams
 
 __version__ = "0.1.0"
 __all__ = ["Artifact", "Compiled", "InputError", "OptState", "Optimizer", "SpecError", "SpecWarning", "builtin_names",
-           "load", "load_artifact", "__version__"]
+           "load", "load_artifact", "load_state", "save_state", "__version__"]
 
 
 def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, **kwargs: Any) -> Optimizer:

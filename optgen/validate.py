@@ -87,16 +87,15 @@ class InputChecker:
         avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         expected = jax.eval_shape(self.opt.init, avals)
         name = self.opt.name
-        if set(state.slots) != set(expected.slots):
-            raise InputError(f"state is from another optimizer: it holds {sorted(state.slots)}, "
-                             f"{name} keeps {sorted(expected.slots)}", hint=f"make it with {name}'s init", code="E311")
-        for key in state.hyperparams.keys() - expected.hyperparams.keys():
-            raise InputError(f"state.hyperparams has '{key}', which {name} does not take",
-                             hint=did_you_mean(key, expected.hyperparams)
-                             or f"its hyperparameters are {', '.join(expected.hyperparams)}", code="E302")
-        for key in expected.hyperparams.keys() - state.hyperparams.keys():
-            raise InputError(f"state.hyperparams lacks '{key}'", hint=f"make the state with {name}'s init",
-                             code="E311")
+        unknown = sorted(state.hyperparams.keys() - expected.hyperparams.keys())
+        missing = sorted(expected.hyperparams.keys() - state.hyperparams.keys())
+        if len(unknown) == 1 and did_you_mean(unknown[0], missing):  # one mistyped name
+            raise InputError(f"state.hyperparams has '{unknown[0]}', which {name} does not take",
+                             hint=did_you_mean(unknown[0], missing), code="E302")
+        if unknown or missing or set(state.slots) != set(expected.slots):
+            raise InputError(f"state is from another optimizer: it holds hyperparameters {sorted(state.hyperparams)} "
+                             f"and states {sorted(state.slots)}; {name} keeps {sorted(expected.hyperparams)} "
+                             f"and {sorted(expected.slots)}", hint=f"make it with {name}'s init", code="E311")
         for key, value in state.hyperparams.items():
             _check_hyper_value(name, key, value, self.ranges.get(key), f"state.hyperparams['{key}']")
         for slot in expected.slots:

@@ -1,0 +1,216 @@
+"""Wrong runtime input: one exception type (InputError), the leaf path, what was expected,
+raised before anything is donated; and saved state that round-trips bit for bit or is refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optgen
+from optgen import atomic
+from optgen.diagnostics import InputError
+
+
+def setup(dtype=jnp.float32):
+    opt = optgen.load("adamw", learning_rate=0.1)
+    params = {"w": jnp.ones((3, 4), dtype), "b": {"c": jnp.zeros(4, dtype)}}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    return opt, params, grads, opt.init(params)
+
+
+def raises(code, fragment, fn, *args):
+    with pytest.raises(InputError) as err:
+        fn(*args)
+    assert err.value.code == code and fragment in err.value.message, err.value.render()
+    assert isinstance(err.value, optgen.SpecError) and isinstance(err.value, ValueError)
+    return err.value
+
+
+def bad_calls():
+    opt, params, grads, state = setup()
+    other = optgen.load("adamax")
+    yield "E307", "no leaf grads['b']['c']", lambda: opt.step(params, {"w": grads["w"], "b": {"d": grads["b"]["c"]}}, state)
+    yield "E308", "grads['w'] has shape (4, 3), expected (3, 4)", \
+        lambda: opt.step(params, {**grads, "w": jnp.ones((4, 3))}, state)
+    yield "E309", "grads['b']['c'] has dtype bfloat16, expected float32", \
+        lambda: opt.update({**grads, "b": {"c": grads["b"]["c"].astype(jnp.bfloat16)}}, state, params)
+    yield "E310", "params['w'] is a str", lambda: opt.init({"w": "x"})
+    yield "E310", "params['i'] is an array of dtype int32", lambda: opt.init({"i": jnp.zeros(3, jnp.int32)})
+    yield "E311", "not an optgen OptState", lambda: opt.step(params, grads, {"mu": params})
+    yield "E311", "another optimizer", lambda: opt.step(params, grads, other.init(params))
+    yield "E307", "state.slots['mu']", lambda: opt.step(params, grads, opt.init({"w": params["w"]}))
+    yield "E308", "state.slots['mu']['w'] has shape (3, 5)", \
+        lambda: opt.step(params, grads, opt.init({**params, "w": jnp.ones((3, 5))}))
+    mistyped = {**state.hyperparams, "learning_rat": 1.0}
+    del mistyped["learning_rate"]
+    yield "E302", "'learning_rat'", lambda: opt.step(params, grads, state._replace(hyperparams=mistyped))
+    yield "E306", "state.hyperparams['b1'] = 1.5", lambda: opt.step(
+        params, grads, state._replace(hyperparams={**state.hyperparams, "b1": 1.5}))
+    yield "E305", "must be a number", lambda: opt.step(
+        params, grads, state._replace(hyperparams={**state.hyperparams, "eps": "small"}))
+    yield "E301", "needs params", lambda: opt.update(grads, state)
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_bad_input_is_one_error_naming_the_leaf(case):
+    code, fragment, call = list(bad_calls())[case]
+    raises(code, fragment, call)
+
+
+def test_rejected_step_leaves_callers_arrays_valid():
+    opt, params, grads, state = setup()
+    bad = {**grads, "w": jnp.ones((4, 3))}
+    with pytest.raises(InputError):
+        opt.step(params, bad, state)
+    # Nothing was donated: every array is still readable, and a good step works on them.
+    for leaf in jax.tree.leaves((params, state)):
+        assert not leaf.is_deleted()
+        np.asarray(leaf)
+    new_params, _ = opt.step(params, grads, state)
+    assert params["w"].is_deleted() and np.all(np.isfinite(np.asarray(new_params["w"])))
+
+
+@pytest.mark.parametrize("kwargs, code, fragment", [
+    ({"learning_rat": 1e-3}, "E302", "no hyperparameter or option 'learning_rat'"),
+    ({"b1": 1.0}, "E306", "'b1' = 1 is outside its range [0, 1)"),
+    ({"eps": -1e-8}, "E306", "outside its range [0, inf)"),
+    ({"b2": "0.9"}, "E305", "must be a number"),
+    ({"b2": [0.9]}, "E305", "must be a number"),
+])
+def test_load_checks_hyperparameters(kwargs, code, fragment):
+    err = raises(code, fragment, lambda: optgen.load("adamw", **kwargs))
+    if code == "E302":
+        assert err.hint == "did you mean 'learning_rate'?"
+
+
+def test_inside_jit_checks_trace_time_only():
+    opt, params, grads, state = setup()
+    step = jax.jit(lambda p, g, s: opt.update(g, s, p))
+    step(params, grads, state)
+    with pytest.raises(InputError):
+        step(params, {**grads, "w": jnp.ones((2, 2))}, state)
+
+
+# -- saved state ----------------------------------------------------------------------------
+
+def trained(dtype):
+    opt, params, grads, state = setup(dtype)
+    for _ in range(3):
+        params, state = opt.step(params, grads, state)
+    return opt, params, state
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_state_round_trips_bit_exactly(tmp_path, dtype):
+    opt, params, state = trained(dtype)
+    path = tmp_path / "state.opt"
+    optgen.save_state(str(path), state, opt)
+    back = optgen.load_state(str(path), opt, params)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert back.slots["mu"]["w"].dtype == dtype
+
+
+def test_damaged_or_foreign_state_is_refused(tmp_path):
+    opt, params, state = trained(jnp.float32)
+    path = tmp_path / "state.opt"
+    optgen.save_state(str(path), state, opt)
+    data = path.read_bytes()
+    cases = {
+        "truncated": (data[:-7], "E332"),
+        "bit flip": (data[:-20] + bytes([data[-20] ^ 1]) + data[-19:], "E332"),
+        "other format": (b"OPTGEN-STATE 2\n" + data[15:], "E331"),
+        "empty": (b"", "E331"),
+        "header": (data[:90] + b"X" + data[91:], "E332"),
+        "digest line": (data[:20] + b"0" + data[21:], "E332"),
+    }
+    for name, (content, code) in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(InputError) as err:
+            optgen.load_state(str(path), opt, params)
+        assert err.value.code == code, (name, err.value.render())
+    path.write_bytes(data)
+    with pytest.raises(InputError) as err:
+        optgen.load_state(str(path), optgen.load("adam"), params)
+    assert err.value.code == "E333"
+    with pytest.raises(InputError) as err:
+        optgen.load_state(str(path), opt, {**params, "w": jnp.ones((3, 5))})
+    assert err.value.code == "E334" and "['w']" in err.value.message
+    with pytest.raises(InputError) as err:
+        optgen.load_state(str(tmp_path / "missing"), opt, params)
+    assert err.value.code == "E330"
+
+
+# -- atomic writes ---------------------------------------------------------------------------
+
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    opt, params, state = trained(jnp.float32)
+    path = tmp_path / "state.opt"
+    optgen.save_state(str(path), state, opt)
+    before = path.read_bytes()
+
+    real_fdopen = os.fdopen
+
+    class Dies:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])  # half the bytes reach the disk, then the process "dies"
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: Dies(real_fdopen(fd, mode)))
+    params2, state2 = opt.step(params, jax.tree.map(jnp.ones_like, params), state)
+    with pytest.raises(KeyboardInterrupt):
+        optgen.save_state(str(path), state2, opt)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.opt"]  # no temporary left behind
+
+
+def test_every_writer_goes_through_write_atomic():
+    """Nothing in optgen opens a file for writing except optgen/atomic.py."""
+    import pathlib
+    root = pathlib.Path(optgen.__file__).parent.parent
+    offenders = []
+    for folder in ("optgen", "codegen", "passes"):
+        for file in (root / folder).rglob("*.py"):
+            text = file.read_text()
+            if file.name != "atomic.py" and re.search(r"open\([^)]*['\"][wax]|write_text\(|write_bytes\(|np\.save|\.tofile\(", text):
+                offenders.append(str(file))
+    assert offenders == []
+
+
+# -- determinism -------------------------------------------------------------------------------
+
+_RUN = """
+import numpy as np, jax, jax.numpy as jnp, optgen, hashlib
+opt = optgen.load("nadamw", learning_rate=0.01)
+rng = np.random.default_rng(0)
+params = {"a": jnp.asarray(rng.normal(size=(64, 33)), jnp.float32), "b": jnp.asarray(rng.normal(size=7), jnp.bfloat16)}
+state = opt.init(params)
+for i in range(5):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+    params, state = opt.step(params, grads, state)
+print(hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves((params, state)))).hexdigest())
+"""
+
+
+def test_same_inputs_same_bits_across_processes():
+    out = [subprocess.run([sys.executable, "-c", _RUN], capture_output=True, text=True, check=True).stdout
+           for _ in range(2)]
+    assert out[0] == out[1] and len(out[0].strip()) == 64
