@@ -27,7 +27,7 @@ def builtin_names() -> list[str]:
 def read_spec(name_or_path: str) -> Source:
     """The text of a built-in spec, or of a spec file when the argument is a path."""
     path = Path(name_or_path)
-    if name_or_path.endswith(".spec") or path.exists():
+    if name_or_path.endswith(".spec") or _exists(path):
         return _read_file(path)
     if name_or_path in builtin_names():
         resource = resources.files("optgen.kernels").joinpath(f"{name_or_path}.spec")
@@ -38,10 +38,17 @@ def read_spec(name_or_path: str) -> Source:
                     code="E001")
 
 
-def _read_file(path: Path) -> Source:
-    if path.is_dir():
-        raise SpecError(f"'{path}' is a directory", hint="give the path of a .spec file", code="E002")
+def _exists(path: Path) -> bool:
     try:
+        return path.exists()
+    except OSError:  # e.g. a name too long to be a path: then it is not one
+        return False
+
+
+def _read_file(path: Path) -> Source:
+    try:
+        if path.is_dir():
+            raise SpecError(f"'{path}' is a directory", hint="give the path of a .spec file", code="E002")
         if path.stat().st_size > MAX_SPEC_CHARS * 4:  # UTF-8: at most 4 bytes a character
             raise SpecError(f"'{path}' is {path.stat().st_size:,} bytes; a spec is at most "
                             f"{MAX_SPEC_CHARS:,} characters", hint="is this the right file?", code="E008")
