@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -70,6 +71,9 @@ def test_option_changes_the_program(tmp_path):
     (["compile", "adamw", "--emit", "hlo"], "needs a concrete shape"),
     (["compile", "adamw", "--emit", "artifact"], "give -o FILE"),
     (["compile", "."], "is a directory"),
+    (["compile", "bad.spec/inner.spec"], "error[E004]: cannot read 'bad.spec/inner.spec': Not a directory"),
+    (["compile", "adamw", "-o", "."], "error[E007]: cannot write '.': it is a directory"),
+    (["compile", "adamw", "-o", "bad.spec/out.mlir"], "error[E006]"),
 ])
 def test_errors_exit_1_without_traceback_and_write_nothing(tmp_path, args, message):
     (tmp_path / "bad.spec").write_text('optimizer bad\nupdate:\n  p = p - lr * g\n')
@@ -79,6 +83,14 @@ def test_errors_exit_1_without_traceback_and_write_nothing(tmp_path, args, messa
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.mlir").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.spec"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads unreadable files")
+def test_unreadable_file(tmp_path):
+    (tmp_path / "locked.spec").write_text("optimizer x\n")
+    (tmp_path / "locked.spec").chmod(0)
+    result = run("check", "locked.spec", cwd=tmp_path)
+    assert result.returncode == 1 and "error[E004]: cannot read 'locked.spec': Permission denied" in result.stderr
 
 
 def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
