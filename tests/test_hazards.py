@@ -1,0 +1,83 @@
+"""The checker's numeric hazards: declared ranges, constant-zero divisors, roots of negatives."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import optgen
+from optgen.checker import check
+from optgen.diagnostics import SpecError
+from optgen.library import builtin_names
+from optgen.parser import parse
+
+
+def hazards(body: str, decls: str = "") -> list[str]:
+    checked = check(parse(f"optimizer h\n{decls}update:\n{body}", "h.spec"))
+    return [w.render().splitlines()[0] for w in checked.warnings]
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_builtin_specs_have_no_hazards(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert optgen.check_spec(name).warnings == ()
+        optgen.load(name)
+
+
+@pytest.mark.parametrize("expr, decls, warned", [
+    ("sqrt(g)", "", True),
+    ("sqrt(g^2)", "", False),
+    ("sqrt(g*g)", "", True),  # intervals do not know both factors are the same value
+    ("sqrt(abs(g) + 1)", "", False),
+    ("log(max(g, 0) + 1e-8)", "", False),
+    ("rsqrt(1 - b)", "hyper b = 0.5\n", True),
+    ("rsqrt(1 - b)", "hyper b = 0.5 in [0, 1]\n", False),
+    ("sqrt(1 - b^t)", "hyper b = 0.5 in [0, 1)\n", False),
+    ("sqrt(b^t - 1)", "hyper b = 0.5 in [0, 1)\n", True),
+    ("sqrt(clip(g, 0, 1))", "", False),
+    ("sqrt(where(g > 0, g, 0))", "", True),
+    ("sqrt(norm(g) - 1)", "", True),
+])
+def test_root_of_a_possibly_negative_value(expr, decls, warned):
+    found = hazards(f"  p = p - {expr}\n", decls)
+    assert bool(found) == warned, found
+    if warned:
+        assert found[0].startswith("h.spec:") and "warning[W201]" in found[0]
+
+
+def test_state_bounds_are_a_fixpoint():
+    decls = "hyper b = 0.9 in [0, 1)\nstate v = 0\n"
+    assert hazards("  v = b * v + (1 - b) * g^2\n  p = p - g / sqrt(v)\n", decls) == []
+    assert hazards("  v = b * v - g\n  p = p - g / sqrt(v)\n", decls) != []  # v can go negative
+    assert hazards("  v = b * v + (1 - b) * g^2\n  p = p - g / sqrt(v)\n", "hyper b = 0.9\nstate v = 0\n") != []
+
+
+@pytest.mark.parametrize("body, code", [
+    ("  p = p - g / 0\n", "E218"),
+    ("  p = p - g / (2 - 2 * 1)\n", "E218"),
+    ("  p = p - g / (0 * b)\n", "E218"),
+])
+def test_division_by_a_constant_zero(body, code):
+    with pytest.raises(SpecError) as err:
+        hazards(body, "hyper b = 1\n")
+    assert err.value.code == code and err.value.span.line == 4
+
+
+def test_division_by_a_value_that_may_be_zero_is_fine():
+    assert hazards("  p = p - g / b\n", "hyper b = 0 in [0, 1]\n") == []
+
+
+@pytest.mark.parametrize("decl, ok", [
+    ("hyper b = 1 in [0, 1)", False), ("hyper b = 1 in [0, 1]", True), ("hyper b = 0 in (0, 1]", False),
+    ("hyper b = -3 in [-inf, 0]", True), ("hyper b = 1e9 in [0, inf)", True), ("hyper b = 0 in [0, 0]", True),
+])
+def test_default_against_its_range(decl, ok):
+    text = f"{decl}\n"
+    if ok:
+        hazards("  p = p - b * g\n", text)
+    else:
+        with pytest.raises(SpecError) as err:
+            hazards("  p = p - b * g\n", text)
+        assert err.value.code == "E217" and err.value.span.line == 2
