@@ -90,6 +90,11 @@ class Program:
     update: Function
     init: Function
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
+    state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf or tensor; p is a tensor
+
+    def extents(self) -> dict[str, str]:
+        """The extent of each output of ``update`` (and, for states, of ``init``)."""
+        return {"p": "tensor"} | self.state_extents
 
 
 def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
