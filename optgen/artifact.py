@@ -65,7 +65,7 @@ class Artifact:
         if missing:
             raise SpecError(f"the {h['spec']} artifact needs input '{missing[0]}'",
                             hint=f"its inputs are {', '.join(h['inputs'])}", code="E321")
-        scalar_dtype = jnp.float64 if h["dtype"] == "f64" else jnp.float32
+        scalar_dtype = export_kernel.scalar_dtype(DTYPES[h["dtype"]])
         args = {n: jnp.asarray(values[n], scalar_dtype) if n in h["scalars"] else values[n] for n in h["inputs"]}
         with export_kernel.x64_for(DTYPES[h["dtype"]]):
             return self.exported.call(args)

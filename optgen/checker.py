@@ -13,7 +13,7 @@ from optgen import syntax as ast
 from optgen.builtins import BUILTINS
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.hazards import analyze
-from optgen.types import DTYPES, Type, widest
+from optgen.types import DTYPES, EXTENTS, Type, widest
 
 RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"}
 OPTION = Type("step", "option")  # a compile-time flag: only `if` may test it
@@ -27,6 +27,8 @@ class CheckedSpec:
     hypers: dict[str, float]
     options: dict[str, bool]
     states: tuple[ast.State, ...]
+    state_extents: dict[str, str]  # step, leaf or tensor: how many copies of each state there are
+    state_dtypes: dict[str, str | None]  # each state's declared storage dtype, if any
     warnings: tuple[SpecError, ...] = ()  # hazards that do not stop compilation (W codes)
 
     @property
@@ -48,6 +50,8 @@ class _Checker:
     def __init__(self, spec: ast.Spec):
         self.spec = spec
         self.assigned: set[str] = set()
+        self.extents: dict[str, str] = {}
+        self.dtypes: dict[str, str | None] = {}
 
     def error(self, message: str, span, hint: str | None = None, *, code: str | None = None) -> SpecError:
         return SpecError(message, self.spec.source, span, hint, code=code)
@@ -63,7 +67,7 @@ class _Checker:
         env = {name: Type("tensor") for name in ("p", "g")} | {"t": Type("step")}
         env |= {h.name.id: Type("step") for h in spec.hypers}
         env |= {o.name.id: OPTION for o in spec.options}
-        env |= {s.name.id: Type("tensor") for s in spec.states}
+        env |= {name: Type(extent) for name, extent in self.extents.items()}
         self.block(spec.body, env)
         if "p" not in self.assigned:
             raise self.error("the update never assigns p", spec.update_span,
@@ -74,7 +78,8 @@ class _Checker:
                                  f"assign '{state.name.id} = ...' in the update, or remove the state",
                                  code="E203")
         return CheckedSpec(spec, {h.name.id: h.default for h in spec.hypers},
-                           {o.name.id: o.default for o in spec.options}, spec.states, analyze(spec))
+                           {o.name.id: o.default for o in spec.options}, spec.states,
+                           self.extents, self.dtypes, analyze(spec))
 
     def declare(self) -> None:
         seen: dict[str, str] = {}
@@ -90,12 +95,34 @@ class _Checker:
             seen[name.id] = kind
 
     def check_state(self, state: ast.State) -> None:
-        if state.dtype is not None and state.dtype.id not in DTYPES:
-            raise self.error(f"unknown storage dtype '{state.dtype.id}'", state.dtype.span,
-                             did_you_mean(state.dtype.id, DTYPES)
-                             or f"use one of {', '.join(DTYPES)}", code="E206")
+        name = state.name.id
+        extent, dtype = "tensor", None
+        seen: set[str] = set()
+        for q in state.qualifiers:
+            group = "shape" if q.id in EXTENTS else "dtype" if q.id in DTYPES else None
+            if group is None:
+                raise self.error(f"unknown state shape or storage dtype '{q.id}'", q.span,
+                                 did_you_mean(q.id, [*EXTENTS, *DTYPES])
+                                 or f"a shape is one of {', '.join(EXTENTS)}; a dtype one of {', '.join(DTYPES)}", code="E206")
+            if group in seen:
+                raise self.error(f"state '{name}' has a second {group} '{q.id}'", q.span,
+                                 f"give at most one {group}")
+            seen.add(group)
+            if group == "shape":
+                extent = q.id
+            else:
+                dtype = q.id
+        self.extents[name], self.dtypes[name] = extent, dtype
         env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}
-        self.expect_float(state.init, env, "a state's initial value")
+        init = self.expect_float(state.init, env, "a state's initial value")
+        self.expect_fits(state.init, init, name, extent)
+
+    def expect_fits(self, node: ast.Expr, ty: Type, name: str, extent: str) -> None:
+        """A state of ``extent`` holds ``ty`` only if ``ty`` has no more copies (a narrower one broadcasts)."""
+        if EXTENTS.index(ty.extent) > EXTENTS.index(extent):
+            raise self.error(f"state '{name}' holds one number per {extent}, but this value has one "
+                             f"per {'element' if ty.extent == 'tensor' else ty.extent}", node.span,
+                             f"reduce it (sum, mean, norm) or declare 'state {name}: {ty.extent}'")
 
     # -- statements -----------------------------------------------------------------------
 
@@ -118,8 +145,11 @@ class _Checker:
                              f"{kind}s are read-only in the update; assign to a new local name",
                              code="E208")
         value = self.expect_float(stmt.value, env, "an assigned value")
-        if name.id == "p" or kind == "state":
-            # p and states keep one value per element, whatever is assigned to them.
+        if kind == "state":
+            # A state keeps its declared shape, whatever narrower value is assigned to it.
+            self.expect_fits(stmt.value, value, name.id, self.extents[name.id])
+            value = Type(self.extents[name.id])
+        elif name.id == "p":
             value = Type("tensor")
         env[name.id] = value
         self.assigned.add(name.id)

@@ -90,6 +90,11 @@ class Program:
     update: Function
     init: Function
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
+    state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf or tensor; p is a tensor
+
+    def extents(self) -> dict[str, str]:
+        """The extent of each output of ``update`` (and, for states, of ``init``)."""
+        return {"p": "tensor"} | self.state_extents
 
 
 def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
@@ -167,6 +172,7 @@ def print_function(func: Function) -> str:
         loc = f" {op.loc}" if op.loc else ""
         lines.append(f"  {names[id(op.result)]} = {op.opcode} {operands} : {op.result.type}{loc}")
     lines.append("  return " + ", ".join(f"{n} = {names[id(v)]}" for n, v in func.outputs))
+    lines[-1] = lines[-1].rstrip()  # a stateless spec's init returns nothing
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -179,7 +185,7 @@ _TYPE = r"(?:bool )?(?:" + "|".join(EXTENTS) + r")"
 _HEADER = re.compile(r"func @([\w.]+)\((.*)\) \{$")
 _ARG = re.compile(rf"%(\w+): ({_TYPE})$")
 _OP = re.compile(rf'%(\d+) = (\w+) (.*?) : ({_TYPE})(?: loc\("([^"]*)":(\d+):(\d+)\))?$')
-_RETURN = re.compile(r"return (.*)$")
+_RETURN = re.compile(r"return(?: (.*))?$")
 
 
 def _parse_type(text: str) -> Type:
@@ -209,7 +215,7 @@ def parse_function(text: str) -> Function:
     for line in lines[1:-1]:
         if m := _RETURN.match(line):
             outputs = []
-            for item in m.group(1).split(","):
+            for item in filter(None, (m.group(1) or "").split(",")):
                 name, _, ref = item.partition("=")
                 outputs.append((name.strip(), lookup(ref)))
             continue

@@ -54,8 +54,10 @@ class _Lowering:
         used |= {stmt.target.id for stmt in body}
         states = [s for s in self.checked.states if s.name.id in used]
         hypers = [Value(Type("step"), name) for name in self.checked.hypers]
-        tensors = [Value(Type("tensor"), n) for n in ("p", "g", *(s.name.id for s in states))]
-        inputs = (*tensors, Value(Type("step"), "t"), *hypers)
+        extents = {s.name.id: self.checked.state_extents[s.name.id] for s in states}
+        tensors = [Value(Type("tensor"), n) for n in ("p", "g")]
+        slots = [Value(Type(extent), name) for name, extent in extents.items()]
+        inputs = (*tensors, *slots, Value(Type("step"), "t"), *hypers)
         env = {v.name: v for v in inputs}
         for stmt in body:
             env[stmt.target.id] = self.expr(stmt.value, env)
@@ -67,8 +69,8 @@ class _Lowering:
         init_env = {v.name: v for v in init_inputs}
         init_outputs = tuple((s.name.id, self.expr(s.init, init_env)) for s in states)
         init = Function(f"{spec.name.id}.init", init_inputs, tuple(self.builder.ops), init_outputs)
-        dtypes = {s.name.id: (s.dtype.id if s.dtype else None) for s in states}
-        return Program(update, init, dtypes)
+        dtypes = {name: self.checked.state_dtypes[name] for name in extents}
+        return Program(update, init, dtypes, extents)
 
     def select(self, stmts) -> list[ast.Assign]:
         """Flatten ``if`` statements to the assignments the options select."""

@@ -161,8 +161,9 @@ class _ToAst(Transformer):
         return ast.Option(ast.Name(str(name), _span(name)), default.value, _span(name))
 
     def state(self, name, *rest):
-        dtype = ast.Name(str(rest[0]), _span(rest[0])) if len(rest) == 2 else None
-        return ast.State(ast.Name(str(name), _span(name)), dtype, rest[-1], _span(name))
+        *qualifiers, init = rest
+        qualifiers = tuple(ast.Name(str(q), _span(q)) for q in qualifiers)
+        return ast.State(ast.Name(str(name), _span(name)), qualifiers, init, _span(name))
 
     def assign(self, target, value):
         name = ast.Name(str(target), _span(target))

@@ -110,10 +110,10 @@ class Option:
 
 @dataclass(frozen=True)
 class State:
-    """``state name[: dtype] = init``: one array per parameter, same shape."""
+    """``state name[: shape dtype] = init``: per element (default), per parameter (``leaf``) or per step."""
 
     name: Name
-    dtype: Name | None
+    qualifiers: tuple[Name, ...]  # a shape and a storage dtype, each optional, in any order
     init: Expr
     span: Span
 
@@ -164,7 +164,7 @@ def format_spec(spec: Spec) -> str:
     lines = [f"(optimizer {spec.name.id} {spec.description!r}"]
     lines += [f"  (hyper {h.name.id} {h.default!r}{f' {h.range}' if h.range else ''})" for h in spec.hypers]
     lines += [f"  (option {o.name.id} {'true' if o.default else 'false'})" for o in spec.options]
-    lines += [f"  (state {s.name.id}{':' + s.dtype.id if s.dtype else ''} {format_expr(s.init)})"
+    lines += [f"  (state {s.name.id}{''.join(':' + q.id for q in s.qualifiers)} {format_expr(s.init)})"
               for s in spec.states]
 
     def block(stmts, depth):

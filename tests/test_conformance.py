@@ -12,21 +12,54 @@ import pytest
 import optgen
 from conftest import make_grads, make_params, rel_err
 
-REFERENCES = {"adam": optax.adam, "adamw": optax.adamw, "adamax": optax.adamax,
-              "amsgrad": optax.amsgrad, "nadamw": optax.nadamw}
+# Each case runs a built-in spec with some options against the optax function of the same
+# name, given the same hyperparameters and the options optax also takes; optgen's option
+# `use_X = false` is optax's `X=None`.
+CASES = {
+    "adam": ("adam", {}), "adamw": ("adamw", {}), "adamax": ("adamax", {}), "amsgrad": ("amsgrad", {}),
+    "nadamw": ("nadamw", {}), "nadam": ("nadam", {}),
+    "sgd": ("sgd", {}), "sgd-momentum": ("sgd", {"use_momentum": True}),
+    "sgd-nesterov": ("sgd", {"use_momentum": True, "nesterov": True}),
+    "rmsprop": ("rmsprop", {}),
+    "rmsprop-centered-momentum": ("rmsprop", {"centered": True, "use_momentum": True}),
+    "rmsprop-nesterov-eps-outside-corrected": ("rmsprop", {"use_momentum": True, "nesterov": True,
+                                                           "eps_in_sqrt": False, "bias_correction": True}),
+    # (centered with bias_correction is left out: at step 1 its variance is g^2 - g^2, pure
+    # rounding noise, so no two orders of evaluation agree.)
+    "adagrad": ("adagrad", {}), "adadelta": ("adadelta", {}),
+    "radam": ("radam", {}), "radam-nesterov": ("radam", {"nesterov": True}),
+    "adabelief": ("adabelief", {}), "adabelief-nesterov": ("adabelief", {"nesterov": True}),
+    "yogi": ("yogi", {}), "lion": ("lion", {}), "adan": ("adan", {}),
+}
+SPECS = sorted({spec for spec, _ in CASES.values()})
+# Every spec runs through both paths; its option variants only through one per dtype.
+PATHS = {(case, dtype, path) for case, (spec, options) in CASES.items() for dtype in ("f64", "f32")
+         for path in ("update", "step") if not options or (dtype, path) in (("f64", "update"), ("f32", "step"))}
 # Non-default values, so a hyperparameter wired to the wrong place shows.
-CUSTOM = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-10, "weight_decay": 1e-2}
+CUSTOM = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "b3": 0.95, "eps": 1e-6, "eps_root": 1e-10,
+          "weight_decay": 1e-2, "momentum": 0.7, "decay": 0.85, "initial_scale": 0.1,
+          "initial_accumulator_value": 0.2, "rho": 0.8, "threshold": 6.0}
 STEPS = 150
 TOLERANCE = {np.float64: 1e-9, np.float32: 2e-4}
 
 
-def _hypers(name):
-    spec = optgen.load(name)
-    return {k: v for k, v in CUSTOM.items() if k in spec.hyperparams}
+def _hypers(spec):
+    return {k: v for k, v in CUSTOM.items() if k in optgen.load(spec).hyperparams}
 
 
-def _run_optax(name, dtype):
-    tx = REFERENCES[name](**_hypers(name))
+def _optax_kwargs(case):
+    spec, options = CASES[case]
+    accepted = inspect.signature(getattr(optax, spec)).parameters
+    kwargs = {k: v for k, v in (_hypers(spec) | options).items() if k in accepted}
+    for option, default in optgen.check_spec(spec).options.items():
+        name = option.removeprefix("use_")
+        if option.startswith("use_") and not options.get(option, default):
+            kwargs[name] = None
+    return kwargs
+
+
+def _run_optax(case, dtype):
+    tx = getattr(optax, CASES[case][0])(**_optax_kwargs(case))
     params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -36,8 +69,9 @@ def _run_optax(name, dtype):
     return params
 
 
-def _run_optgen(name, dtype, path):
-    opt = optgen.load(name, **_hypers(name))
+def _run_optgen(case, dtype, path):
+    spec, options = CASES[case]
+    opt = optgen.load(spec, **_hypers(spec), **options)
     params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
     state = opt.init(params)
     for step in range(STEPS):
@@ -50,39 +84,47 @@ def _run_optgen(name, dtype, path):
     return params
 
 
-def _compare(name, dtype, path):
-    expected, got = _run_optax(name, dtype), _run_optgen(name, dtype, path)
+def _compare(case, dtype, path):
+    expected, got = _run_optax(case, dtype), _run_optgen(case, dtype, path)
     for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
         assert g.dtype == e.dtype == dtype, key
         assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
 
 
-@pytest.mark.parametrize("path", ["update", "step"])
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_matches_optax_float64(name, path, x64):
-    _compare(name, np.float64, path)
+@pytest.mark.parametrize(("case", "path"), sorted((c, p) for c, d, p in PATHS if d == "f64"))
+def test_matches_optax_float64(case, path, x64):
+    _compare(case, np.float64, path)
 
 
-@pytest.mark.parametrize("path", ["update", "step"])
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_matches_optax_float32(name, path):
-    _compare(name, np.float32, path)
+@pytest.mark.parametrize(("case", "path"), sorted((c, p) for c, d, p in PATHS if d == "f32"))
+def test_matches_optax_float32(case, path):
+    _compare(case, np.float32, path)
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_defaults_match_optax(name):
-    signature = inspect.signature(REFERENCES[name])
-    for hyper, default in optgen.load(name).hyperparams.items():
-        reference = signature.parameters[hyper].default
-        if reference is not inspect.Parameter.empty:  # optax has no default learning rate
-            assert default == reference, hyper
+@pytest.mark.parametrize("spec", SPECS)
+def test_defaults_match_optax(spec):
+    """Hyperparameter and option defaults are optax's; optax's None is an option use_X = false
+    (or, for a learning rate, no scaling: 1.0)."""
+    parameters = inspect.signature(getattr(optax, spec)).parameters
+    checked = optgen.check_spec(spec)
+    options = {k: v for k, v in checked.options.items() if k.removeprefix("use_") in parameters}
+    for name, default in (checked.hypers | options).items():  # amsgrad has options optax lacks
+        reference = parameters[name.removeprefix("use_")].default
+        if name.startswith("use_"):
+            assert reference is None and default is False, name
+        elif reference is None and f"use_{name}" in checked.options:
+            continue  # the value taken when the option is turned on
+        elif reference is None:
+            assert (name, default) == ("learning_rate", 1.0), name
+        elif reference is not inspect.Parameter.empty:  # optax has no default learning rate
+            assert default == reference, name
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_bfloat16_params_keep_dtype_and_track_float32(name):
+@pytest.mark.parametrize("spec", SPECS)
+def test_bfloat16_params_keep_dtype_and_track_float32(spec):
     import ml_dtypes
 
-    opt = optgen.load(name, **_hypers(name))
+    opt = optgen.load(spec, **_hypers(spec))
     p32 = jax.tree.map(jax.numpy.asarray, make_params(np.float32))
     p16 = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), p32)
     s32, s16 = opt.init(p32), opt.init(p16)

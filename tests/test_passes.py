@@ -31,7 +31,8 @@ def test_every_pass_has_a_golden_test():
 def _random_inputs(func, seed):
     rng = np.random.default_rng(seed)
     shapes = [(), (6,), (3, 4)]
-    tensors = {v.name: [rng.normal(size=s) for s in shapes] for v in func.inputs if v.type.extent != "step"}
+    tensors = {v.name: [rng.normal(size=s if v.type.extent == "tensor" else ()) for s in shapes]
+               for v in func.inputs if v.type.extent != "step"}
     tensors = {k: [np.abs(x) if k.startswith("nu") else x for x in v] for k, v in tensors.items()}
     defaults = {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0, "weight_decay": 1e-4}
     scalars = {v.name: defaults.get(v.name, 3.0) for v in func.inputs if v.type.extent == "step"}

@@ -1,0 +1,82 @@
+"""torch/nadamw against torch.optim.NAdam(decoupled_weight_decay=True), step by step.
+
+NAdam's momentum product has no closed form, so this also tests per-step state
+(``state mu_product: step = 1``) through ``init``, ``update`` and ``step``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import optgen
+from conftest import make_grads, make_params, rel_err
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch)")
+
+STEPS = 45
+# Non-default values, so a hyperparameter wired to the wrong place shows.
+HYPERS = {"lr": 3e-3, "beta1": 0.85, "beta2": 0.99, "eps": 1e-6, "weight_decay": 1e-2, "momentum_decay": 6e-3}
+TOLERANCE = {np.float64: 1e-9, np.float32: 1e-4}
+
+
+def _torch_trajectory(dtype):
+    """Parameters after each step of torch's NAdam (mu_product is kept in torch's default dtype)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
+    try:
+        params = jax.tree.map(torch.tensor, make_params(dtype))
+        leaves = jax.tree.leaves(params)
+        opt = torch.optim.NAdam(leaves, lr=HYPERS["lr"], betas=(HYPERS["beta1"], HYPERS["beta2"]),
+                                eps=HYPERS["eps"], weight_decay=HYPERS["weight_decay"],
+                                momentum_decay=HYPERS["momentum_decay"], decoupled_weight_decay=True,
+                                foreach=False)
+        trajectory = []
+        for step in range(STEPS):
+            grads = jax.tree.leaves(make_grads(params, step, dtype))
+            for leaf, grad in zip(leaves, grads, strict=True):
+                leaf.grad = torch.tensor(grad)
+            opt.step()
+            trajectory.append([leaf.detach().numpy().copy() for leaf in leaves])
+        return trajectory
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _compare(dtype, path):
+    expected = _torch_trajectory(dtype)
+    opt = optgen.load("torch/nadamw", **HYPERS)
+    params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
+    state = opt.init(params)
+    assert state.slots["mu_product"].shape == ()
+    for step in range(STEPS):
+        grads = make_grads(params, step, dtype)
+        if path == "step":
+            params, state = opt.step(params, grads, state)
+        else:
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        for got, want in zip(jax.tree.leaves(params), expected[step], strict=True):
+            assert got.dtype == want.dtype == dtype
+            assert rel_err(got, want) <= TOLERANCE[dtype], (step, rel_err(got, want))
+
+
+@pytest.mark.parametrize("path", ["update", "step"])
+def test_matches_torch_float64(path, x64):
+    _compare(np.float64, path)
+
+
+@pytest.mark.parametrize("path", ["update", "step"])
+def test_matches_torch_float32(path):
+    _compare(np.float32, path)
+
+
+def test_defaults_match_torch():
+    signature = inspect.signature(torch.optim.NAdam)
+    defaults = {name: p.default for name, p in signature.parameters.items()}
+    defaults["beta1"], defaults["beta2"] = defaults.pop("betas")
+    assert optgen.load("torch/nadamw").hyperparams == {name: defaults[name] for name in HYPERS}
