@@ -93,18 +93,17 @@ class Optimizer:
         if params is None:
             raise InputError(f"{self.name}.update needs params",
                             hint="call update(grads, state, params), as optax does for AdamW", code="E301")
-        self._inputs.check(params, updates, state)
-        return self._update(params, updates, state)
+        return self._inputs.call(self._update, params, updates, state)
 
     def step(self, params, grads, state: OptState):
         """One fused update: ``(new_params, new_state)``; ``params`` and ``state`` are donated.
 
         Inputs are checked first (:mod:`optgen.validate`): a mistake raises InputError and
         leaves every array the caller holds valid."""
-        self._inputs.check(params, grads, state)
-        return self._step(params, grads, state)
+        return self._inputs.call(self._step, params, grads, state)
 
     def _apply(self, params, grads, state: OptState, as_update: bool = False):
+        self._inputs.check(params, grads, state)  # while tracing: structure only, no per-step cost
         leaves, treedef = jax.tree.flatten(params)
         count = safe_increment(state.count)
         if not leaves:

@@ -56,9 +56,10 @@ def bad_calls():
     yield "E305", "must be a number", lambda: opt.step(
         params, grads, state._replace(hyperparams={**state.hyperparams, "eps": "small"}))
     yield "E301", "needs params", lambda: opt.update(grads, state)
+    yield "E310", "grads['w'] is a str, not an array", lambda: opt.step(params, {**grads, "w": "x"}, state)
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(14))
 def test_bad_input_is_one_error_naming_the_leaf(case):
     code, fragment, call = list(bad_calls())[case]
     raises(code, fragment, call)
