@@ -65,8 +65,12 @@ class InputChecker:
         self.opt = opt
         self.ranges = opt.compiled.checked.ranges
 
+    def guard(self, jitted) -> "Guarded":
+        """``jitted`` (a ``jax.jit`` of a step whose trace runs :meth:`check`) behind the per-call checks."""
+        return Guarded(self, jitted)
+
     def call(self, jitted, params, grads, state):
-        """``jitted(params, grads, state)``, whose trace runs :meth:`check`, after the per-call checks."""
+        """``jitted(params, grads, state)`` after the per-call checks."""
         hypers = state.hyperparams if isinstance(getattr(state, "hyperparams", None), dict) else {}
         for name, value in hypers.items():  # host numbers may change every step; device arrays are not read
             if name in self.ranges and not isinstance(value, jax.Array):
@@ -104,6 +108,19 @@ class InputChecker:
             _same_tree(f"state.slots['{slot}']", state.slots[slot], f"{name}'s state for these params",
                        expected.slots[slot], check_dtype=True)
         _same_tree("state.count", state.count, "an int32 scalar", expected.count, check_dtype=True)
+
+
+class Guarded:
+    """A jitted step behind :meth:`InputChecker.call`; jit's own attributes (``lower``, ...) pass through."""
+
+    def __init__(self, checker: InputChecker, jitted):
+        self.checker, self.jitted = checker, jitted
+
+    def __call__(self, params, grads, state):
+        return self.checker.call(self.jitted, params, grads, state)
+
+    def __getattr__(self, name: str):
+        return getattr(self.jitted, name)
 
 
 def _same_tree(what: str, got, expected_what: str, expected, check_dtype: bool) -> None:
