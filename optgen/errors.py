@@ -77,4 +77,5 @@ CATALOG: dict[str, str] = {
     "E334": "the saved state is for other parameters",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
+    "W202": "a value that can be negative to a fractional power",
 }

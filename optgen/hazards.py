@@ -10,7 +10,8 @@ in ``[0, 1)``, and ``sqrt(nu_hat + eps_root)`` is safe once ``eps_root >= 0``.
 
 - a hyperparameter default outside its range: error E217;
 - a division by a value that is always zero: error E218;
-- ``sqrt``, ``rsqrt`` or ``log`` of a value that can be negative (NaN in float): warning W201.
+- ``sqrt``, ``rsqrt`` or ``log`` of a value that can be negative (NaN in float): warning W201;
+- a value that can be negative to a constant non-integer power (NaN in float): warning W202.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class _Intervals:
                 return _mul(a, (1 / b[1], 1 / b[0]))
             return NONNEG if a[0] >= 0 and b[0] >= 0 else FULL
         if node.op == "^":
+            fractional = b[0] == b[1] and math.isfinite(b[0]) and not float(b[0]).is_integer()
+            if a[0] < 0 and fractional and self.report:
+                self.warn(node.left, f"a value that can be negative to the power {b[0]:g} (nan in float)",
+                          code="W202")
             if a[0] >= 0:
                 return (0.0, 1.0 if a[1] <= 1 and b[0] >= 0 else INF)
             even = b[0] == b[1] and float(b[0]).is_integer() and b[0] % 2 == 0
@@ -139,11 +144,7 @@ class _Intervals:
     def call(self, node: ast.Call, args):
         name = node.func.id
         if name in _ROOTS and args[0][0] < 0 and self.report:
-            arg = node.args[0]
-            self.warnings[(arg.span.line, arg.span.col)] = SpecError(
-                f"{name} of a value that can be negative (nan in float)", self.spec.source, arg.span,
-                "declare the ranges that keep it >= 0 (e.g. hyper b2 = 0.999 in [0, 1)), "
-                "or take abs() or max(x, 0) first", code="W201")
+            self.warn(node.args[0], f"{name} of a value that can be negative (nan in float)", code="W201")
         if name in ("sqrt", "rsqrt", "abs", "exp", "norm", "global_norm"):
             return NONNEG
         if name == "sign":
@@ -160,6 +161,12 @@ class _Intervals:
         if name == "sum":
             return NONNEG if args[0][0] >= 0 else FULL
         return FULL  # log, and functions added later until they say otherwise
+
+
+    def warn(self, node, message: str, *, code: str) -> None:
+        self.warnings[(node.span.line, node.span.col)] = SpecError(
+            message, self.spec.source, node.span, "declare the ranges that keep it >= 0 "
+            "(e.g. hyper b2 = 0.999 in [0, 1)), or take abs() or max(x, 0) first", code=code)
 
 
 def _children(node) -> tuple:

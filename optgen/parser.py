@@ -11,6 +11,7 @@ parse by an inline transformer; lark's syntax errors are turned into
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
@@ -18,7 +19,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.indenter import DedentError, Indenter
 
 from optgen import syntax as ast
-from optgen.diagnostics import SpecError, Source, Span
+from optgen.diagnostics import SpecError, Source, Span, did_you_mean
 
 
 MAX_SPEC_CHARS = 1 << 20  # real specs are a few hundred bytes; this bounds parse time and memory
@@ -232,12 +233,25 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
         if tok.type == "_NL":  # report at the end of the line, not the start of the next
             line, col = tok.line, tok.column
         span = Span(line, col, line, col + max(len(str(tok)) if not tok.type.startswith("_") else 1, 1))
-        return SpecError(f"unexpected {got}", source, span, _hint(tok, err.expected, line), code="E102")
+        hint = _keyword_hint(str(tok), source.line_text(tok.line)) or _hint(tok, err.expected, line)
+        return SpecError(f"unexpected {got}", source, span, hint, code="E102")
     expected = err.expected if isinstance(err, (UnexpectedToken, UnexpectedEOF)) else set()
     last = len(source.text.splitlines()) or 1
     end_col = len(source.line_text(last)) + 1
     return SpecError("unexpected end of file", source, Span(last, end_col, last, end_col + 1),
                      _expected_hint(expected) or "the spec stops in the middle of a statement", code="E103")
+
+
+_KEYWORDS = ("optimizer", "hyper", "option", "state", "update", "if", "else", "true", "false", "and", "or", "not")
+
+
+def _keyword_hint(token: str, line: str) -> str | None:
+    """'did you mean' for a misspelt keyword: the unexpected word, or a line's first word used as one."""
+    first = re.match(r"\s*([A-Za-z_]\w*)(\s+[A-Za-z_]|\s*:)", line)
+    for word in (first and first[1], token if len(token) > 2 else None):
+        if word and word not in _KEYWORDS and (hint := did_you_mean(word, _KEYWORDS)):
+            return hint
+    return None
 
 
 def _hint(tok: Token, expected: set[str], line: int) -> str | None:

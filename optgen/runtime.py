@@ -58,10 +58,10 @@ class Optimizer:
         self.hyperparams = hyperparams
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
         self.extents = compiled.program.extents()
-        self._step = jax.jit(self._apply, donate_argnums=(0, 2))
-        self._inputs = InputChecker(self)
+        self._inputs = InputChecker(self)  # wrong inputs raise InputError before anything is donated
+        self.step = self._inputs.guard(jax.jit(self._apply, donate_argnums=(0, 2)))
         self._init_slots = jax.jit(self._run_init, static_argnums=2)
-        self._update = jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True))
+        self._update = self._inputs.guard(jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True)))
 
     def __repr__(self) -> str:
         return f"<optgen.Optimizer {self.name} {self.hyperparams}>"
@@ -97,19 +97,11 @@ class Optimizer:
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""
         if params is None:
             raise InputError(f"{self.name}.update needs params",
-                            hint="call update(grads, state, params), as optax does for AdamW", code="E301")
-        self._inputs.check(params, updates, state)
+                             hint="call update(grads, state, params), as optax does for AdamW", code="E301")
         return self._update(params, updates, state)
 
-    def step(self, params, grads, state: OptState):
-        """One fused update: ``(new_params, new_state)``; ``params`` and ``state`` are donated.
-
-        Inputs are checked first (:mod:`optgen.validate`): a mistake raises InputError and
-        leaves every array the caller holds valid."""
-        self._inputs.check(params, grads, state)
-        return self._step(params, grads, state)
-
     def _apply(self, params, grads, state: OptState, as_update: bool = False):
+        self._inputs.check(params, grads, state)  # while tracing: structure only, no per-step cost
         leaves, treedef = jax.tree.flatten(params)
         count = safe_increment(state.count)
         if not leaves:
@@ -152,5 +144,5 @@ def split_kwargs(compiled_options: dict[str, bool], hyper_defaults: dict[str, fl
         else:
             known = [*hyper_defaults, *compiled_options]
             raise InputError(f"'{spec_name}' has no hyperparameter or option '{key}'",
-                            hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}", code="E302")
+                             hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}", code="E302")
     return options, hypers

@@ -2,9 +2,10 @@
 
 Every check reads only structure: tree definitions, shapes, dtypes, and hyperparameters
 that are host numbers. Nothing waits on the device, and a rejected call leaves the
-caller's arrays untouched (``step`` donates its inputs only after these checks pass).
-A combination of trees, shapes and dtypes that passed once is remembered, so a training
-loop pays one flatten per argument and a set lookup per step.
+caller's arrays untouched. The structural checks run while ``jax.jit`` traces the step,
+so they cost nothing once a step is compiled (jit's cache, keyed by trees and avals,
+remembers what passed) and raise before anything is dispatched or donated; per call,
+only the hyperparameters that are host numbers are range-checked.
 
 Every mistake raises :class:`~optgen.diagnostics.InputError` naming the leaf
 (``grads['w']``, as ``jax.tree_util.keystr`` writes paths) and what was expected.
@@ -58,25 +59,30 @@ def check_params(params) -> None:
 
 
 class InputChecker:
-    """Validates ``update``/``step`` arguments of one optimizer, remembering what passed."""
+    """Validates ``update``/``step`` arguments of one optimizer."""
 
     def __init__(self, opt: "Optimizer"):
         self.opt = opt
         self.ranges = opt.compiled.checked.ranges
-        self.passed: set = set()
 
-    def check(self, params, grads, state) -> None:
-        """Raise InputError if grads or state do not fit params; never touches device data."""
-        trees = [jax.tree.flatten(tree) for tree in (params, grads, state)]
-        key = tuple((treedef, tuple(_aval(x) for x in leaves)) for leaves, treedef in trees)
-        if key not in self.passed:
-            self._check_all(params, grads, state)
-            self.passed.add(key)
-        for name, value in getattr(state, "hyperparams", {}).items():  # host numbers may change each step
+    def guard(self, jitted) -> "Guarded":
+        """``jitted`` (a ``jax.jit`` of a step whose trace runs :meth:`check`) behind the per-call checks."""
+        return Guarded(self, jitted)
+
+    def call(self, jitted, params, grads, state):
+        """``jitted(params, grads, state)`` after the per-call checks."""
+        hypers = state.hyperparams if isinstance(getattr(state, "hyperparams", None), dict) else {}
+        for name, value in hypers.items():  # host numbers may change every step; device arrays are not read
             if name in self.ranges and not isinstance(value, jax.Array):
                 _check_hyper_value(self.opt.name, name, value, self.ranges[name], f"state.hyperparams['{name}']")
+        try:
+            return jitted(params, grads, state)
+        except TypeError:  # jit refuses a leaf that is no array before tracing: name it as InputError
+            self.check(params, grads, state)
+            raise
 
-    def _check_all(self, params, grads, state) -> None:
+    def check(self, params, grads, state) -> None:
+        """Raise InputError if grads or state do not fit params; reads shapes and dtypes only."""
         from optgen.runtime import OptState
 
         check_params(params)
@@ -104,6 +110,19 @@ class InputChecker:
         _same_tree("state.count", state.count, "an int32 scalar", expected.count, check_dtype=True)
 
 
+class Guarded:
+    """A jitted step behind :meth:`InputChecker.call`; jit's own attributes (``lower``, ...) pass through."""
+
+    def __init__(self, checker: InputChecker, jitted):
+        self.checker, self.jitted = checker, jitted
+
+    def __call__(self, params, grads, state):
+        return self.checker.call(self.jitted, params, grads, state)
+
+    def __getattr__(self, name: str):
+        return getattr(self.jitted, name)
+
+
 def _same_tree(what: str, got, expected_what: str, expected, check_dtype: bool) -> None:
     got_leaves, got_def = jax.tree_util.tree_flatten_with_path(got)
     want_leaves, want_def = jax.tree_util.tree_flatten_with_path(expected)
@@ -128,10 +147,6 @@ def _same_tree(what: str, got, expected_what: str, expected, check_dtype: bool) 
         if check_dtype and np.dtype(dtype) != np.dtype(want.dtype):
             raise InputError(f"{where} has dtype {np.dtype(dtype).name}, expected {np.dtype(want.dtype).name}",
                              hint="cast it with .astype(...)", code="E309")
-
-
-def _aval(x) -> tuple:
-    return (getattr(x, "shape", None), getattr(x, "dtype", type(x)))
 
 
 def _describe(x) -> str:

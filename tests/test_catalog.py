@@ -26,7 +26,7 @@ DOC = (ROOT / "docs" / "errors.md").read_text()
 SECTIONS = dict(re.findall(r"^## ([EW]\d{3}) .*?\n(.*?)(?=^## |\Z)", DOC, re.S | re.M))
 PRELUDE = re.search(r"```python\n(.*?)```", DOC, re.S).group(1)
 SOURCE_DIRS = ("optgen", "codegen", "passes")
-RAISERS = {"SpecError", "InputError", "_LocatedError"}  # and checker's self.error(...)
+RAISERS = {"SpecError", "InputError", "_LocatedError"}  # and self.error(...), self.warn(...)
 
 
 def test_catalog_and_doc_list_the_same_codes():
@@ -69,7 +69,7 @@ def _raise_sites():
                     continue
                 func = node.func
                 name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
-                checker_error = (name == "error" and isinstance(func, ast.Attribute)
+                checker_error = (name in ("error", "warn") and isinstance(func, ast.Attribute)
                                  and isinstance(func.value, ast.Name) and func.value.id == "self")
                 if name in RAISERS or checker_error:
                     code = next((k.value for k in node.keywords if k.arg == "code"), None)

@@ -81,3 +81,11 @@ def test_default_against_its_range(decl, ok):
         with pytest.raises(SpecError) as err:
             hazards("  p = p - b * g\n", text)
         assert err.value.code == "E217" and err.value.span.line == 2
+
+
+@pytest.mark.parametrize("expr, warned", [
+    ("g^1.5", True), ("abs(g)^1.5", False), ("g^3", False), ("g^t", False), ("g^-0.5", True),
+])
+def test_fractional_power_of_a_possibly_negative_value(expr, warned):
+    found = hazards(f"  p = p - {expr}\n")
+    assert bool(found) == warned and all("warning[W202]" in f for f in found), found
