@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import optgen
-from conftest import make_grads, make_params, rel_err
+from conftest import make_grads, make_params, rel_err, trajectory
 
 # Each case runs a built-in spec with some options against the optax function of the same
 # name, given the same hyperparameters and the options optax also takes; optgen's option
@@ -76,16 +76,7 @@ def _run_optax(case, dtype):
 
 def _run_optgen(case, dtype, path):
     spec, options = CASES[case]
-    opt = optgen.load(spec, **_hypers(spec), **options)
-    params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
-    state = opt.init(params)
-    for step in range(STEPS):
-        grads = make_grads(params, step, dtype)
-        if path == "step":
-            params, state = opt.step(params, grads, state)
-        else:
-            updates, state = opt.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
+    *_, params = trajectory(optgen.load(spec, **_hypers(spec), **options), dtype, STEPS, path)
     return params
 
 
