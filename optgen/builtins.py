@@ -28,5 +28,6 @@ BUILTINS = {b.name: b for b in (
     Builtin("sum", 1, "sum of a tensor's elements", reduces_to="leaf"),
     Builtin("mean", 1, "mean of a tensor's elements", reduces_to="leaf"),
     Builtin("norm", 1, "Euclidean norm of a tensor", reduces_to="leaf"),
+    Builtin("rms", 1, "root mean square of a tensor's elements: sqrt(mean(x^2))", reduces_to="leaf"),
     Builtin("global_norm", 1, "Euclidean norm over every parameter's tensor", reduces_to="step"),
 )}

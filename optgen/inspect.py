@@ -4,6 +4,10 @@ The minimum traffic a spec implies is one read of every tensor input (``p``, ``g
 each state) and one write of every output, at their storage dtypes; an AdamW step in
 float32 needs 16 bytes read and 12 written per element. XLA's cost analysis of the
 compiled executable says how many bytes its kernels actually touch.
+
+A per-tensor reduction (``norm(g)``, ``rms(p)``) must finish before any element that
+depends on it is updated, so it costs one more read of each tensor input it reduces
+over; the minimum counts that too.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from optgen.codegen import export, fusion
 from optgen.ir import Program
 
-_FUSION = re.compile(r"^\s+%\S+ = (?P<type>\(.*?\)|\S+) fusion\(")
+_FUSION = re.compile(r"^\s+(?:ROOT )?%\S+ = (?P<type>\(.*?\)|\S+) fusion\(")  # a lone loop may be ROOT
 _SHAPE = re.compile(r"\[(\d+(?:,\d+)*)\]")
 
 
@@ -54,11 +58,31 @@ class Report:
 
 
 def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
-    """One read of each tensor input and one write of each output, at storage dtypes."""
+    """One read of each tensor input and one write of each per-element output, at storage
+    dtypes, plus one more read of each tensor input a reduction depends on."""
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
     reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent == "tensor")
+    reads += sum(dtypes[name].itemsize for name in _reduced_inputs(program.update))
     extents = program.extents()
     return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] == "tensor")
+
+
+def _reduced_inputs(func) -> set[str]:
+    """Names of the tensor inputs that some per-tensor reduction (``sum``) depends on."""
+    producers = {id(op.result): op for op in func.ops}
+    inputs = {id(v): v.name for v in func.inputs if v.type.extent == "tensor"}
+    found, seen = set(), set()
+    stack = [op.operands[0] for op in func.ops if op.opcode == "sum"]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if id(value) in inputs:
+            found.add(inputs[id(value)])
+        elif id(value) in producers:
+            stack.extend(producers[id(value)].operands)
+    return found
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:

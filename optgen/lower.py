@@ -111,8 +111,10 @@ class _Lowering:
             return b.op("min", b.op("max", args[0], args[1], loc=loc), args[2], loc=loc)
         if name == "where":
             return b.op("select", *args, loc=loc)
-        if name == "mean":
-            return b.op("div", b.op("sum", args[0], loc=loc), b.op("size", args[0], loc=loc), loc=loc)
+        if name in ("mean", "rms"):
+            x = b.op("mul", args[0], args[0], loc=loc) if name == "rms" else args[0]
+            mean = b.op("div", b.op("sum", x, loc=loc), b.op("size", x, loc=loc), loc=loc)
+            return b.op("sqrt", mean, loc=loc) if name == "rms" else mean
         if name in ("norm", "global_norm"):
             total = b.op("sum", b.op("mul", args[0], args[0], loc=loc), loc=loc)
             if name == "global_norm":

@@ -27,6 +27,24 @@ def make_grads(params, step, dtype):
     return grads
 
 
+def trajectory(opt, dtype, steps, path):
+    """Yield the parameters after each of ``steps`` steps of ``opt`` from make_params, on
+    make_grads, through ``opt.step`` (``path="step"``) or ``opt.update`` and optax."""
+    import jax
+    import optax
+
+    params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
+    state = opt.init(params)
+    for step in range(steps):
+        grads = make_grads(params, step, dtype)
+        if path == "step":
+            params, state = opt.step(params, grads, state)
+        else:
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        yield params
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

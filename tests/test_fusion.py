@@ -17,7 +17,10 @@ import optgen
 from optgen.codegen import export, fusion
 from optgen.inspect import count_kernels, inspect, min_bytes_per_element
 
-ELEMENTWISE = ["adam", "adamw", "adamax", "amsgrad", "nadamw"]
+ELEMENTWISE = ["adabelief", "adadelta", "adagrad", "adam", "adamax", "adamw", "amsgrad", "lion", "nadam", "nadamw",
+               "radam", "rmsprop", "sgd", "torch/nadamw", "yogi"]
+# Not yet at their minimum, so not asserted: adan's six-output step (XLA:CPU splits it into two
+# loops, 68 bytes per element against 44), lamb (48 against 44) and lars (44 against 28).
 
 
 def program(spec):
@@ -38,6 +41,13 @@ def test_step_is_one_loop_at_the_spec_minimum(spec):
     assert report.bytes_per_element <= 1.05 * report.min_bytes_per_element
 
 
+def test_a_per_tensor_reduction_costs_one_more_read_in_one_loop():
+    report = inspect(program("novograd"), np.dtype(np.float32), 1 << 16)
+    assert report.min_bytes_per_element == 24  # read p g mu, g again for norm(g); write p mu
+    assert report.kernels == 1
+    assert report.bytes_per_element <= 1.05 * report.min_bytes_per_element
+
+
 @pytest.mark.parametrize("spec", ["adamw", "amsgrad"])
 def test_shared_lowering_is_what_per_output_improves_on(spec):
     # Guards the measurement itself: without per-output, XLA:CPU splits the step.
@@ -51,6 +61,11 @@ def test_min_bytes_counts_reads_and_writes_at_storage_dtypes():
     assert min_bytes_per_element(adamw, np.dtype(np.float32)) == 28  # read p g mu nu, write p mu nu
     assert min_bytes_per_element(adamw, np.dtype(jnp.bfloat16)) == 14
     assert min_bytes_per_element(program("amsgrad"), np.dtype(np.float32)) == 36
+
+
+def test_count_kernels_counts_a_root_fusion():
+    hlo = export.optimized_hlo(program("sgd"), np.dtype(np.float32), "4096")
+    assert count_kernels(hlo) == (1, 0)
 
 
 def test_count_kernels_reads_entry_fusions():
@@ -69,13 +84,17 @@ def test_per_output_and_shared_lowerings_agree(spec, dtype):
     rng = np.random.default_rng(0)
     start = {name: jnp.asarray(rng.uniform(0.1, 2.0, s.shape), s.dtype) for name, s in specs.items()}
     grads = [jnp.asarray(rng.normal(size=257), dtype) for _ in range(20)]
+    # The spec's own hyperparameters: random ones (a b2 above 1) can make the step chaotic.
+    hypers = {name: jnp.float32(value) for name, value in optgen.load(spec).hyperparams.items()}
     outs = {}
     for lowering in ("shared", "per-output"):
-        step, state = jax.jit(export.kernel(prog, dtypes, lowering)), dict(start, learning_rate=jnp.float32(1e-2))
+        step, state = jax.jit(export.kernel(prog, dtypes, lowering)), start | hypers | {"learning_rate": jnp.float32(1e-2)}
         for t, g in enumerate(grads, 1):
             state |= step(state | {"t": jnp.float32(t), "g": g})
         outs[lowering] = state
-    tolerance = 1e-5 if dtype == np.float32 else 1e-2  # mu near zero crossings needs the atol too
+    # bfloat16: a few ulps (2^-8 each), as one ulp of rounding on store carries through mu over 20 steps;
+    # mu near zero crossings needs the atol too.
+    tolerance = 1e-5 if dtype == np.float32 else 3e-2
     for name, _ in prog.update.outputs:
         np.testing.assert_allclose(np.asarray(outs["per-output"][name], np.float32),
                                    np.asarray(outs["shared"][name], np.float32), rtol=tolerance, atol=tolerance / 10,

@@ -10,11 +10,10 @@ import inspect
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 import optgen
-from conftest import make_grads, make_params, rel_err
+from conftest import make_grads, make_params, rel_err, trajectory
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch)")
 
@@ -49,17 +48,8 @@ def _torch_trajectory(dtype):
 
 def _compare(dtype, path):
     expected = _torch_trajectory(dtype)
-    opt = optgen.load("torch/nadamw", **HYPERS)
-    params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
-    state = opt.init(params)
-    assert state.slots["mu_product"].shape == ()
-    for step in range(STEPS):
-        grads = make_grads(params, step, dtype)
-        if path == "step":
-            params, state = opt.step(params, grads, state)
-        else:
-            updates, state = opt.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
+    got_trajectory = trajectory(optgen.load("torch/nadamw", **HYPERS), dtype, STEPS, path)
+    for step, params in enumerate(got_trajectory):
         for got, want in zip(jax.tree.leaves(params), expected[step], strict=True):
             assert got.dtype == want.dtype == dtype
             assert rel_err(got, want) <= TOLERANCE[dtype], (step, rel_err(got, want))

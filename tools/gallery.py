@@ -1,0 +1,80 @@
+"""The README's gallery: each built-in spec's length beside the reference source it replaces.
+
+    python tools/gallery.py        # prints the markdown table that README.md holds
+
+A spec's lines are its non-blank, non-comment lines. A reference's lines are the
+non-blank, non-comment, non-docstring source lines (``inspect.getsource``) of the
+optax function and of every optax transform it chains (``transform.scale_by_adam``,
+``transform.trace``, ...); optax's shared tree utilities are not counted. For the
+torch spec it is torch's single-tensor NAdam step. tests/test_gallery.py checks that
+the README's table is this script's output.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import textwrap
+
+import optgen
+from optgen.library import read_spec
+
+# optax modules whose functions an alias chains, by the names aliases import them as.
+_CHAINED = {"transform": "optax._src.transform", "factorized": "optax._src.factorized",
+            "_clipping": "optax._src.clipping"}
+
+
+def spec_lines(name: str) -> int:
+    """Non-blank, non-comment lines of a built-in spec."""
+    return sum(1 for line in read_spec(name).text.splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+
+
+def source_lines(func) -> int:
+    """Non-blank, non-comment source lines of ``func``, without its docstring."""
+    source = textwrap.dedent(inspect.getsource(func))
+    node = ast.parse(source).body[0]
+    skip = set()
+    if ast.get_docstring(node) is not None:
+        doc = node.body[0]
+        skip = set(range(doc.lineno, doc.end_lineno + 1))
+    return sum(1 for number, line in enumerate(source.splitlines(), 1)
+               if number not in skip and line.strip() and not line.strip().startswith("#"))
+
+
+def reference(name: str) -> tuple[str, list]:
+    """The reference's name and the functions that make it up."""
+    if name == "torch/nadamw":
+        nadam = importlib.import_module("torch.optim.nadam")
+        return "torch.optim.NAdam", [nadam._single_tensor_nadam]
+    import optax
+
+    alias = getattr(optax, name)
+    alias = getattr(alias, "func", alias)  # optax.nadam is a partial of optax.adam
+    chained = []
+    for module, attr in re.findall(r"\b(transform|factorized|_clipping)\.(\w+)\(", inspect.getsource(alias)):
+        func = getattr(importlib.import_module(_CHAINED[module]), attr)
+        if func not in chained:
+            chained.append(func)
+    return f"optax.{name}", [alias, *chained]
+
+
+def rows() -> list[tuple[str, int, str, int]]:
+    """(spec, spec lines, reference, reference lines) for every built-in spec."""
+    out = []
+    for name in optgen.builtin_names():
+        ref, funcs = reference(name)
+        out.append((name, spec_lines(name), ref, sum(map(source_lines, funcs))))
+    return out
+
+
+def table() -> str:
+    lines = ["| spec | lines | replaces | lines |", "|---|---:|---|---:|"]
+    lines += [f"| `{name}` | {n} | `{ref}` | {m} |" for name, n, ref, m in rows()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(table(), end="")
