@@ -46,12 +46,15 @@ class Backend(Protocol):
 
 def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], scalars: dict,
              step_dtype: np.dtype, out_dtypes: dict[str, Sequence[np.dtype]],
-             delta_output: str | None = None, per_output: bool = False) -> dict[str, list]:
+             delta_output: str | None = None, per_output: bool = False,
+             step_outputs: tuple[str, ...] = ()) -> dict[str, list]:
     """Evaluate ``func`` for every parameter; return each output as a list of per-parameter arrays.
 
     ``tensors`` maps each tensor input to one array per parameter (``p`` first: its
     dtypes set the compute dtypes), ``scalars`` each step input to one scalar.
-    ``out_dtypes`` gives each output's storage dtype per parameter. If
+    ``out_dtypes`` gives each output's storage dtype per parameter. The outputs named in
+    ``step_outputs`` are per-step states (counters): each is one scalar for all
+    parameters, returned as a list of one, with one dtype in ``out_dtypes``. If
     ``delta_output`` names an output, that output is returned as its change
     (new - old, computed before rounding) rather than its new value.
 
@@ -76,10 +79,14 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
     envs = {name: env for name, _ in func.outputs}
     if per_output:
         for name, value in func.outputs[1:]:
-            envs[name] = _recompute_tensors(func, value, backend, env, step_dtype, dtypes)
+            if name not in step_outputs:
+                envs[name] = _recompute_tensors(func, value, backend, env, step_dtype, dtypes)
 
     outputs = {}
     for name, value in func.outputs:
+        if name in step_outputs:
+            outputs[name] = [backend.convert(env[id(value)], out_dtypes[name][0])]
+            continue
         view = _LeafView(func, backend, envs[name], dtypes)
         per_leaf = [view(value, i, "tensor") for i in range(len(params))]
         if name == delta_output:

@@ -30,7 +30,8 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
         tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
         scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
         out_dtypes = {"p": [inputs["p"].dtype]} | {n: [d] for n, d in state_dtypes.items()}
-        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering)
+        out_dtypes |= {n: [inputs[n].dtype] for n in func.step_states()}  # counters keep the step dtype
+        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering, step_outputs=func.step_states())
         return {name: out[name][0] for name, _ in func.outputs}
 
     return step
@@ -46,7 +47,8 @@ def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[
     dims = jax.export.symbolic_shape(shape)
     scalar = np.dtype(np.float64 if dtype == np.float64 else np.float32)
     return {v.name: jax.ShapeDtypeStruct((), scalar) if v.type.extent == "step"
-            else jax.ShapeDtypeStruct(dims, state_dtypes.get(v.name, dtype)) for v in program.update.inputs}
+            else jax.ShapeDtypeStruct(() if v.type.extent == "leaf" else dims, state_dtypes.get(v.name, dtype))
+            for v in program.update.inputs}
 
 
 def state_dtypes(program: Program, dtype: np.dtype) -> dict[str, np.dtype]:

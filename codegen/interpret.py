@@ -19,7 +19,7 @@ NUMPY_OPS = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
     "max": np.maximum, "min": np.minimum, "neg": np.negative, "sqrt": np.sqrt,
     "rsqrt": lambda x: 1 / np.sqrt(x), "abs": np.abs, "sign": np.sign, "exp": np.exp,
-    "log": np.log, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+    "log": np.log, "mod": np.fmod, "isfinite": np.isfinite, "lt": np.less, "le": np.less_equal, "gt": np.greater,
     "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal, "and": np.logical_and,
     "or": np.logical_or, "not": np.logical_not, "select": np.where,
 }
@@ -58,13 +58,16 @@ class NumpyBackend:
 
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
-              dtype=np.float64, delta_output: str | None = None) -> dict[str, list[np.ndarray]]:
+              dtype=np.float64, delta_output: str | None = None,
+              step_outputs: tuple[str, ...] = ()) -> dict[str, list[np.ndarray]]:
     """Run ``func`` with every value computed in ``dtype``; outputs are returned in ``dtype`` too.
 
     ``tensors`` maps each tensor input (``p``, ``g``, states) to one array per
-    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number.
+    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number. Outputs named
+    in ``step_outputs`` (per-step states) are one scalar each.
     """
     dtype = np.dtype(dtype)
     tensors = {k: [np.asarray(x, dtype) for x in v] for k, v in tensors.items()}
-    out_dtypes = {name: [dtype] * len(tensors["p"]) for name, _ in func.outputs}
-    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output)
+    out_dtypes = {name: [dtype] * (1 if name in step_outputs else len(tensors["p"])) for name, _ in func.outputs}
+    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output,
+                    step_outputs=tuple(step_outputs))

@@ -25,12 +25,13 @@ run_ir_p.multiple_results = True
 
 def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dict[str, jax.Array],
            out_dtypes: dict[str, Sequence[np.dtype]], delta_output: str | None = None,
-           lowering: str = "auto") -> dict[str, list]:
+           lowering: str = "auto", step_outputs: tuple[str, ...] = ()) -> dict[str, list]:
     """Run ``func`` over every parameter: the JAX counterpart of :func:`codegen.interpret.interpret`.
 
     ``tensors`` maps each tensor input to one array per parameter, ``scalars`` each step
     input to a 0-d array whose dtype is the step dtype. Returns each output's arrays,
     stored in ``out_dtypes``. ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
+    Outputs named in ``step_outputs`` are one scalar each (per-step states).
     """
     tensor_names = tuple(v.name for v in func.inputs if v.type.extent != "step")
     scalar_names = tuple(v.name for v in func.inputs if v.type.extent == "step")
@@ -40,8 +41,12 @@ def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dic
     flat = run_ir_p.bind(
         *operands, func=func, n=n, tensor_names=tensor_names, scalar_names=scalar_names,
         out_dtypes=tuple(tuple(np.dtype(d) for d in out_dtypes[name]) for name in out_names),
-        delta_output=delta_output, lowering=lowering)
-    return {name: list(flat[i * n:(i + 1) * n]) for i, name in enumerate(out_names)}
+        delta_output=delta_output, lowering=lowering, step_outputs=tuple(step_outputs))
+    outputs, start = {}, 0
+    for name in out_names:
+        count = 1 if name in step_outputs else n
+        outputs[name], start = list(flat[start:start + count]), start + count
+    return outputs
 
 
 def _split(operands, n, tensor_names, scalar_names):
@@ -51,22 +56,25 @@ def _split(operands, n, tensor_names, scalar_names):
 
 
 @run_ir_p.def_abstract_eval
-def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering):
-    params = operands[:n]
-    return [jax.core.ShapedArray(p.shape, dtype) for dtypes in out_dtypes for p, dtype in zip(params, dtypes, strict=True)]
+def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering, step_outputs):
+    shapes = [p.shape for p in operands[:n]]
+    return [jax.core.ShapedArray(shape, dtype) for (name, _), dtypes in zip(func.outputs, out_dtypes, strict=True)
+            for shape, dtype in zip([()] if name in step_outputs else shapes, dtypes, strict=True)]
 
 
-def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering):
+def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering, step_outputs):
     tensors, scalars = _split(operands, n, tensor_names, scalar_names)
     step_dtype = ctx.avals_in[len(tensor_names) * n].dtype if scalar_names else np.dtype(np.float32)
     names = [name for name, _ in func.outputs]
+    per_leaf = [dtypes for name, dtypes in zip(names, out_dtypes, strict=True) if name not in step_outputs]
     outputs = evaluate(func, StableHLOBackend(), tensors, scalars, step_dtype,
                        dict(zip(names, out_dtypes, strict=True)), delta_output,
-                       per_output=fusion.resolve(lowering, tuple(ctx.module_context.platforms), out_dtypes) == "per-output")
+                       per_output=fusion.resolve(lowering, tuple(ctx.module_context.platforms), per_leaf) == "per-output",
+                       step_outputs=step_outputs)
     return [x for name in names for x in outputs[name]]
 
 
-_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering")
+_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "step_outputs")
 # Called outside any jit, the primitive compiles once per distinct params and caches it.
 run_ir_p.def_impl(jax.jit(lambda *ops, **params: run_ir_p.bind(*ops, **params), static_argnames=_PARAMS))
 mlir.register_lowering(run_ir_p, _lower)

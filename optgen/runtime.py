@@ -16,7 +16,9 @@ import numpy as np
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
+from optgen.config import get_config
 from optgen.diagnostics import SpecError, did_you_mean
+from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS, Variant
 
 
 
@@ -25,7 +27,7 @@ class OptState(NamedTuple):
 
     count: jax.Array  # int32: updates applied so far
     hyperparams: dict[str, jax.Array]  # non-schedule hyperparameters, changeable between steps
-    slots: dict[str, Any]  # each spec `state`, a pytree shaped like the parameters
+    slots: dict[str, Any]  # each spec `state`, a pytree shaped like the parameters (a scalar if per-step)
 
 
 def step_dtype() -> np.dtype:
@@ -49,12 +51,14 @@ class Optimizer:
     ``state``.
     """
 
-    def __init__(self, compiled: Compiled, hyperparams: dict[str, float | Callable]):
+    def __init__(self, compiled: Compiled, hyperparams: dict[str, float | Callable], variant: Variant = Variant()):
         self.compiled = compiled
         self.name = compiled.checked.name
         self.description = compiled.checked.spec.description
         self.hyperparams = hyperparams
+        self.variant = variant  # the options applied as transforms (clipnorm, use_ema, ...)
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
+        self.step_states = compiled.program.update.step_states()
         self.step = jax.jit(self._apply, donate_argnums=(0, 2))
         self._init_slots = jax.jit(self._run_init, static_argnums=2)
         self._update = jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True))
@@ -72,18 +76,23 @@ class Optimizer:
             scalars = {name: self._hyper(name, hypers, jnp.zeros([], jnp.int32)) for name in self.hyperparams}
             concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
             out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None)
-            slots = {name: treedef.unflatten(out[name]) for name in self.state_names}
+            slots = {name: self._unflatten(treedef, name, out[name]) for name in self.state_names}
         elif self.state_names:
-            slots = {name: treedef.unflatten([]) for name in self.state_names}
+            slots = {name: self._unflatten(treedef, name, [jnp.zeros([], step_dtype())]) for name in self.state_names}
         return OptState(jnp.zeros([], jnp.int32), hypers, slots)
 
     def _run_init(self, leaves, scalars, shardings):
-        out = run_ir(self.compiled.program.init, {"p": leaves}, scalars, self._out_dtypes(leaves, states=True))
+        out = run_ir(self.compiled.program.init, {"p": leaves}, scalars, self._out_dtypes(leaves, states=True),
+                     step_outputs=self.step_states)
         if shardings is None:
             return out
         # Each state is laid out like its parameter (sharded the same way), not gathered.
-        return {name: [jax.lax.with_sharding_constraint(x, sharding) for x, sharding in zip(xs, shardings, strict=True)]
+        return {name: xs if name in self.step_states else
+                [jax.lax.with_sharding_constraint(x, sharding) for x, sharding in zip(xs, shardings, strict=True)]
                 for name, xs in out.items()}
+
+    def _unflatten(self, treedef, name: str, values: list):
+        return values[0] if name in self.step_states else treedef.unflatten(values)
 
     def update(self, updates, state: OptState, params=None):
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""
@@ -97,14 +106,24 @@ class Optimizer:
         count = safe_increment(state.count)
         if not leaves:
             return params, OptState(count, state.hyperparams, state.slots)
-        tensors = {"p": leaves, "g": treedef.flatten_up_to(grads)}
-        tensors |= {name: treedef.flatten_up_to(state.slots[name]) for name in self.state_names}
-        scalars = {"t": count.astype(step_dtype())}
+        tensors = {"p": leaves, "g": treedef.flatten_up_to(grads)} | self.variant.leaf_inputs(params)
+        tensors |= {name: treedef.flatten_up_to(state.slots[name]) for name in self.state_names
+                    if name not in self.step_states}
+        scalars = {"t": count.astype(step_dtype())} | {name: state.slots[name] for name in self.step_states}
         scalars |= {name: self._hyper(name, state.hyperparams, state.count) for name in self.hyperparams}
         out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(leaves),
-                     delta_output="p" if as_update else None)
-        slots = {name: treedef.unflatten(out[name]) for name in self.state_names}
+                     delta_output="p" if as_update else None, step_outputs=self.step_states)
+        slots = {name: self._unflatten(treedef, name, out[name]) for name in self.state_names}
         return treedef.unflatten(out["p"]), OptState(count, state.hyperparams, slots)
+
+    def finalize(self, params, state: OptState):
+        """The parameters to keep after training: with ``use_ema``, the moving averages (Keras's
+        ``finalize_variable_values``); otherwise ``params`` unchanged."""
+        return self.variant.finalize(params, state)
+
+    def get_config(self) -> dict:
+        """A plain dict that :func:`optgen.from_config` rebuilds this optimizer from."""
+        return get_config(self)
 
     def _hyper(self, name: str, stored: dict, count: jax.Array) -> jax.Array:
         value = self.hyperparams[name]
@@ -114,7 +133,8 @@ class Optimizer:
 
     def _out_dtypes(self, leaves, states: bool = False) -> dict[str, list[np.dtype]]:
         per_leaf = [state_dtypes(self.compiled.program, leaf.dtype) for leaf in leaves]
-        dtypes = {name: [d[name] for d in per_leaf] for name in self.state_names}
+        dtypes = {name: [step_dtype()] if name in self.step_states else [d[name] for d in per_leaf]
+                  for name in self.state_names}
         return dtypes if states else {"p": [leaf.dtype for leaf in leaves]} | dtypes
 
 
@@ -128,7 +148,7 @@ def split_kwargs(compiled_options: dict[str, bool], hyper_defaults: dict[str, fl
         elif key in hyper_defaults:
             hypers[key] = value
         else:
-            known = [*hyper_defaults, *compiled_options]
+            known = [*hyper_defaults, *compiled_options, *TRANSFORM_OPTIONS]
             raise SpecError(f"'{spec_name}' has no hyperparameter or option '{key}'",
                             hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}")
     return options, hypers
