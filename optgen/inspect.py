@@ -54,10 +54,11 @@ class Report:
 
 
 def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
-    """One read of each tensor input and one write of each output, at storage dtypes."""
+    """One read of each tensor input and one write of each per-element output, at storage dtypes."""
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
     reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent == "tensor")
-    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs)
+    counters = program.update.step_states()
+    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs if name not in counters)
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:
