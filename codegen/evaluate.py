@@ -47,14 +47,15 @@ class Backend(Protocol):
 def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], scalars: dict,
              step_dtype: np.dtype, out_dtypes: dict[str, Sequence[np.dtype]],
              delta_output: str | None = None, per_output: bool = False,
-             step_outputs: tuple[str, ...] = ()) -> dict[str, list]:
+             out_extents: dict[str, str] | None = None) -> dict[str, list]:
     """Evaluate ``func`` for every parameter; return each output as a list of per-parameter arrays.
 
-    ``tensors`` maps each tensor input to one array per parameter (``p`` first: its
-    dtypes set the compute dtypes), ``scalars`` each step input to one scalar.
-    ``out_dtypes`` gives each output's storage dtype per parameter. The outputs named in
-    ``step_outputs`` are per-step states (counters): each is one scalar for all
-    parameters, returned as a list of one, with one dtype in ``out_dtypes``. If
+    ``tensors`` maps each tensor and leaf input to one array per parameter (``p``
+    first: its dtypes set the compute dtypes), ``scalars`` each step input to one
+    scalar. ``out_dtypes`` gives each output's storage dtype per parameter.
+    ``out_extents`` gives each output's extent (default ``tensor``): a ``leaf`` output
+    is one scalar per parameter, a ``step`` output a list of one scalar, stored in
+    its only ``out_dtypes`` entry. If
     ``delta_output`` names an output, that output is returned as its change
     (new - old, computed before rounding) rather than its new value.
 
@@ -79,16 +80,17 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
     envs = {name: env for name, _ in func.outputs}
     if per_output:
         for name, value in func.outputs[1:]:
-            if name not in step_outputs:
+            if value.type.extent == "tensor":
                 envs[name] = _recompute_tensors(func, value, backend, env, step_dtype, dtypes)
 
     outputs = {}
     for name, value in func.outputs:
-        if name in step_outputs:
+        extent = (out_extents or {}).get(name, "tensor")
+        if extent == "step":
             outputs[name] = [backend.convert(env[id(value)], out_dtypes[name][0])]
             continue
         view = _LeafView(func, backend, envs[name], dtypes)
-        per_leaf = [view(value, i, "tensor") for i in range(len(params))]
+        per_leaf = [view(value, i, extent) for i in range(len(params))]
         if name == delta_output:
             old = env[id(func.input(name))]
             per_leaf = [backend.apply("sub", [new, old[i]]) for i, new in enumerate(per_leaf)]

@@ -30,8 +30,7 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
         tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
         scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
         out_dtypes = {"p": [inputs["p"].dtype]} | {n: [d] for n, d in state_dtypes.items()}
-        out_dtypes |= {n: [inputs[n].dtype] for n in func.step_states()}  # counters keep the step dtype
-        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering, step_outputs=func.step_states())
+        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering, out_extents=program.extents())
         return {name: out[name][0] for name, _ in func.outputs}
 
     return step
@@ -45,15 +44,22 @@ def x64_for(dtype: np.dtype):
 def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
     """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"``."""
     dims = jax.export.symbolic_shape(shape)
-    scalar = np.dtype(np.float64 if dtype == np.float64 else np.float32)
-    return {v.name: jax.ShapeDtypeStruct((), scalar) if v.type.extent == "step"
-            else jax.ShapeDtypeStruct(() if v.type.extent == "leaf" else dims, state_dtypes.get(v.name, dtype))
-            for v in program.update.inputs}
+    shapes = {"step": (), "leaf": (), "tensor": dims}
+    return {v.name: jax.ShapeDtypeStruct(shapes[v.type.extent], state_dtypes.get(v.name, scalar_dtype(dtype)
+                                         if v.type.extent == "step" else dtype)) for v in program.update.inputs}
 
 
-def state_dtypes(program: Program, dtype: np.dtype) -> dict[str, np.dtype]:
-    """Each state's storage dtype: as declared, else the parameters' ``dtype``."""
-    return {name: DTYPES[d] if d else dtype for name, d in program.state_dtypes.items()}
+def scalar_dtype(dtype: np.dtype) -> np.dtype:
+    """The step dtype of a kernel for ``dtype`` parameters: float64 for float64, else float32."""
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
+
+
+def state_dtypes(program: Program, dtype: np.dtype, step_dtype: np.dtype | None = None) -> dict[str, np.dtype]:
+    """Each state's storage dtype: as declared, else ``step_dtype`` for a per-step state (by
+    default :func:`scalar_dtype`) and the parameters' ``dtype`` for the others."""
+    step_dtype = scalar_dtype(dtype) if step_dtype is None else step_dtype
+    return {name: DTYPES[d] if d else step_dtype if program.state_extents[name] == "step" else dtype
+            for name, d in program.state_dtypes.items()}
 
 
 def lower(program: Program, dtype: np.dtype, shape: str, lowering: str = "shared") -> jax.stages.Lowered:

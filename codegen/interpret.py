@@ -58,16 +58,13 @@ class NumpyBackend:
 
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
-              dtype=np.float64, delta_output: str | None = None,
-              step_outputs: tuple[str, ...] = ()) -> dict[str, list[np.ndarray]]:
+              dtype=np.float64, delta_output: str | None = None) -> dict[str, list[np.ndarray]]:
     """Run ``func`` with every value computed in ``dtype``; outputs are returned in ``dtype`` too.
 
     ``tensors`` maps each tensor input (``p``, ``g``, states) to one array per
-    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number. Outputs named
-    in ``step_outputs`` (per-step states) are one scalar each.
+    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number.
     """
     dtype = np.dtype(dtype)
     tensors = {k: [np.asarray(x, dtype) for x in v] for k, v in tensors.items()}
-    out_dtypes = {name: [dtype] * (1 if name in step_outputs else len(tensors["p"])) for name, _ in func.outputs}
-    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output,
-                    step_outputs=tuple(step_outputs))
+    out_dtypes = {name: [dtype] * len(tensors["p"]) for name, _ in func.outputs}
+    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output)

@@ -25,26 +25,27 @@ run_ir_p.multiple_results = True
 
 def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dict[str, jax.Array],
            out_dtypes: dict[str, Sequence[np.dtype]], delta_output: str | None = None,
-           lowering: str = "auto", step_outputs: tuple[str, ...] = ()) -> dict[str, list]:
+           lowering: str = "auto", out_extents: dict[str, str] | None = None) -> dict[str, list]:
     """Run ``func`` over every parameter: the JAX counterpart of :func:`codegen.interpret.interpret`.
 
-    ``tensors`` maps each tensor input to one array per parameter, ``scalars`` each step
-    input to a 0-d array whose dtype is the step dtype. Returns each output's arrays,
-    stored in ``out_dtypes``. ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
-    Outputs named in ``step_outputs`` are one scalar each (per-step states).
+    ``tensors`` maps each tensor and leaf input to one array per parameter, ``scalars``
+    each step input to a 0-d array whose dtype is the step dtype. Returns each output's
+    arrays, stored in ``out_dtypes``; ``out_extents`` as in :func:`codegen.evaluate.evaluate`.
+    ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
     """
     tensor_names = tuple(v.name for v in func.inputs if v.type.extent != "step")
     scalar_names = tuple(v.name for v in func.inputs if v.type.extent == "step")
     n = len(tensors["p"])
     operands = [x for name in tensor_names for x in tensors[name]] + [scalars[s] for s in scalar_names]
     out_names = tuple(name for name, _ in func.outputs)
+    extents = tuple((out_extents or {}).get(name, "tensor") for name in out_names)
     flat = run_ir_p.bind(
         *operands, func=func, n=n, tensor_names=tensor_names, scalar_names=scalar_names,
         out_dtypes=tuple(tuple(np.dtype(d) for d in out_dtypes[name]) for name in out_names),
-        delta_output=delta_output, lowering=lowering, step_outputs=tuple(step_outputs))
+        delta_output=delta_output, lowering=lowering, out_extents=extents)
     outputs, start = {}, 0
-    for name in out_names:
-        count = 1 if name in step_outputs else n
+    for name, extent in zip(out_names, extents, strict=True):
+        count = 1 if extent == "step" else n
         outputs[name], start = list(flat[start:start + count]), start + count
     return outputs
 
@@ -56,25 +57,30 @@ def _split(operands, n, tensor_names, scalar_names):
 
 
 @run_ir_p.def_abstract_eval
-def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering, step_outputs):
-    shapes = [p.shape for p in operands[:n]]
-    return [jax.core.ShapedArray(shape, dtype) for (name, _), dtypes in zip(func.outputs, out_dtypes, strict=True)
-            for shape, dtype in zip([()] if name in step_outputs else shapes, dtypes, strict=True)]
+def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
+                   out_extents):
+    params = operands[:n]
+    shapes = {"step": lambda p: (), "leaf": lambda p: (), "tensor": lambda p: p.shape}
+    return [jax.core.ShapedArray(shapes[extent](p), dtype)
+            for dtypes, extent in zip(out_dtypes, out_extents, strict=True)
+            for p, dtype in zip(params if extent != "step" else [None], dtypes, strict=True)]
 
 
-def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering, step_outputs):
+def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
+           out_extents):
     tensors, scalars = _split(operands, n, tensor_names, scalar_names)
     step_dtype = ctx.avals_in[len(tensor_names) * n].dtype if scalar_names else np.dtype(np.float32)
     names = [name for name, _ in func.outputs]
-    per_leaf = [dtypes for name, dtypes in zip(names, out_dtypes, strict=True) if name not in step_outputs]
+    # Only per-element outputs decide how the loops fuse.
+    loop_dtypes = [d for d, extent in zip(out_dtypes, out_extents, strict=True) if extent == "tensor"]
     outputs = evaluate(func, StableHLOBackend(), tensors, scalars, step_dtype,
                        dict(zip(names, out_dtypes, strict=True)), delta_output,
-                       per_output=fusion.resolve(lowering, tuple(ctx.module_context.platforms), per_leaf) == "per-output",
-                       step_outputs=step_outputs)
+                       per_output=fusion.resolve(lowering, tuple(ctx.module_context.platforms), loop_dtypes) == "per-output",
+                       out_extents=dict(zip(names, out_extents, strict=True)))
     return [x for name in names for x in outputs[name]]
 
 
-_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "step_outputs")
+_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "out_extents")
 # Called outside any jit, the primitive compiles once per distinct params and caches it.
 run_ir_p.def_impl(jax.jit(lambda *ops, **params: run_ir_p.bind(*ops, **params), static_argnames=_PARAMS))
 mlir.register_lowering(run_ir_p, _lower)

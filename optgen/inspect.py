@@ -57,8 +57,8 @@ def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
     """One read of each tensor input and one write of each per-element output, at storage dtypes."""
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
     reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent == "tensor")
-    counters = program.update.step_states()
-    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs if name not in counters)
+    extents = program.extents()
+    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] == "tensor")
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:
@@ -82,7 +82,8 @@ def inspect(program: Program, dtype: np.dtype, elements: int, lowering: str = "a
     compiled = export.lower(program, dtype, shape, lowering).compile()
     cost = compiled.cost_analysis()
     per_element, scalar = count_kernels(compiled.as_text())
-    out_dtypes = [[d] for d in [dtype, *export.state_dtypes(program, dtype).values()]]
+    out_dtypes = [[dtype]] + [[d] for name, d in export.state_dtypes(program, dtype).items()
+                              if program.state_extents[name] == "tensor"]
     report = Report(elements, fusion.resolve(lowering, (jax.default_backend(),), out_dtypes), per_element, scalar,
                     cost["bytes accessed"] / elements, min_bytes_per_element(program, dtype),
                     cost.get("flops", 0.0) / elements)

@@ -81,11 +81,6 @@ class Function:
     def input(self, name: str) -> Value:
         return next(v for v in self.inputs if v.name == name)
 
-    def step_states(self) -> tuple[str, ...]:
-        """The outputs that are per-step states (counters): their input of the same name is a ``step`` scalar."""
-        steps = {v.name for v in self.inputs if v.type.extent == "step"}
-        return tuple(name for name, _ in self.outputs if name in steps)
-
     def with_body(self, ops, outputs=None) -> "Function":
         return replace(self, ops=tuple(ops), outputs=tuple(self.outputs if outputs is None else outputs))
 
@@ -97,6 +92,11 @@ class Program:
     update: Function
     init: Function
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
+    state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf or tensor; p is a tensor
+
+    def extents(self) -> dict[str, str]:
+        """The extent of each output of ``update`` (and, for states, of ``init``)."""
+        return {"p": "tensor"} | self.state_extents
 
 
 def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:

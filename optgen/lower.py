@@ -68,7 +68,7 @@ class _Lowering:
         init_outputs = tuple((s.name.id, self.expr(s.init, init_env)) for s in states)
         init = Function(f"{spec.name.id}.init", init_inputs, tuple(self.builder.ops), init_outputs)
         dtypes = {s.name.id: (s.dtype.id if s.dtype else None) for s in states}
-        return Program(update, init, dtypes)
+        return Program(update, init, dtypes, {s.name.id: "tensor" for s in states})
 
     def select(self, stmts) -> list[ast.Assign]:
         """Flatten ``if`` statements to the assignments the options select."""

@@ -27,7 +27,8 @@ class OptState(NamedTuple):
 
     count: jax.Array  # int32: updates applied so far
     hyperparams: dict[str, jax.Array]  # non-schedule hyperparameters, changeable between steps
-    slots: dict[str, Any]  # each spec `state`, a pytree shaped like the parameters (a scalar if per-step)
+    slots: dict[str, Any]  # each spec `state`: a pytree like the parameters (of 0-d arrays for a
+    # `leaf` state), or one 0-d array for a `step` state
 
 
 def step_dtype() -> np.dtype:
@@ -58,7 +59,7 @@ class Optimizer:
         self.hyperparams = hyperparams
         self.variant = variant  # the options applied as transforms (clipnorm, use_ema, ...)
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
-        self.step_states = compiled.program.update.step_states()
+        self.extents = compiled.program.extents()
         self.step = jax.jit(self._apply, donate_argnums=(0, 2))
         self._init_slots = jax.jit(self._run_init, static_argnums=2)
         self._update = jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True))
@@ -72,27 +73,25 @@ class Optimizer:
                   if not callable(value)}
         leaves, treedef = jax.tree.flatten(params)
         slots = {}
-        if self.state_names and leaves:
+        if self.state_names:
             scalars = {name: self._hyper(name, hypers, jnp.zeros([], jnp.int32)) for name in self.hyperparams}
             concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
             out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None)
-            slots = {name: self._unflatten(treedef, name, out[name]) for name in self.state_names}
-        elif self.state_names:
-            slots = {name: self._unflatten(treedef, name, [jnp.zeros([], step_dtype())]) for name in self.state_names}
+            slots = {name: self._slot(out[name], name, treedef) for name in self.state_names}
         return OptState(jnp.zeros([], jnp.int32), hypers, slots)
+
+    def _slot(self, arrays: list, name: str, treedef):
+        """A state's outputs as stored: one array for a per-step state, else a pytree like the parameters."""
+        return arrays[0] if self.extents[name] == "step" else treedef.unflatten(arrays)
 
     def _run_init(self, leaves, scalars, shardings):
         out = run_ir(self.compiled.program.init, {"p": leaves}, scalars, self._out_dtypes(leaves, states=True),
-                     step_outputs=self.step_states)
+                     out_extents=self.extents)
         if shardings is None:
             return out
-        # Each state is laid out like its parameter (sharded the same way), not gathered.
-        return {name: xs if name in self.step_states else
-                [jax.lax.with_sharding_constraint(x, sharding) for x, sharding in zip(xs, shardings, strict=True)]
-                for name, xs in out.items()}
-
-    def _unflatten(self, treedef, name: str, values: list):
-        return values[0] if name in self.step_states else treedef.unflatten(values)
+        # Each per-element state is laid out like its parameter (sharded the same way), not gathered.
+        return {name: [jax.lax.with_sharding_constraint(x, sharding) for x, sharding in zip(xs, shardings, strict=True)]
+                if self.extents[name] == "tensor" else xs for name, xs in out.items()}
 
     def update(self, updates, state: OptState, params=None):
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""
@@ -108,12 +107,13 @@ class Optimizer:
             return params, OptState(count, state.hyperparams, state.slots)
         tensors = {"p": leaves, "g": treedef.flatten_up_to(grads)} | self.variant.leaf_inputs(params)
         tensors |= {name: treedef.flatten_up_to(state.slots[name]) for name in self.state_names
-                    if name not in self.step_states}
-        scalars = {"t": count.astype(step_dtype())} | {name: state.slots[name] for name in self.step_states}
+                    if self.extents[name] != "step"}
+        scalars = {"t": count.astype(step_dtype())}
         scalars |= {name: self._hyper(name, state.hyperparams, state.count) for name in self.hyperparams}
+        scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
         out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(leaves),
-                     delta_output="p" if as_update else None, step_outputs=self.step_states)
-        slots = {name: self._unflatten(treedef, name, out[name]) for name in self.state_names}
+                     delta_output="p" if as_update else None, out_extents=self.extents)
+        slots = {name: self._slot(out[name], name, treedef) for name in self.state_names}
         return treedef.unflatten(out["p"]), OptState(count, state.hyperparams, slots)
 
     def finalize(self, params, state: OptState):
@@ -132,8 +132,10 @@ class Optimizer:
         return jnp.asarray(value).astype(step_dtype())
 
     def _out_dtypes(self, leaves, states: bool = False) -> dict[str, list[np.dtype]]:
-        per_leaf = [state_dtypes(self.compiled.program, leaf.dtype) for leaf in leaves]
-        dtypes = {name: [step_dtype()] if name in self.step_states else [d[name] for d in per_leaf]
+        program = self.compiled.program
+        per_leaf = [state_dtypes(program, leaf.dtype, step_dtype()) for leaf in leaves]
+        shared = state_dtypes(program, step_dtype(), step_dtype())  # per-step states: one scalar
+        dtypes = {name: [shared[name]] if self.extents[name] == "step" else [d[name] for d in per_leaf]
                   for name in self.state_names}
         return dtypes if states else {"p": [leaf.dtype for leaf in leaves]} | dtypes
 

@@ -76,13 +76,14 @@ def replace_update(program: Program, update: Function, transform: str,
     function (whose inputs are ``p`` and the hyperparameters). A state whose update input
     is a ``step`` scalar is a per-step state (a counter), stored as one scalar.
     """
+    initial = initial or {}
     init = Editor(program.init, transform)
     outputs = init.body()
-    for name, make in (initial or {}).items():
+    for name, make in initial.items():
         outputs[name] = make(init)
-    dtypes = dict(program.state_dtypes)
-    dtypes |= {name: None for name in initial or {} if update.input(name).type.extent != "step"}
-    return replace(program, update=update, init=init.finish(outputs), state_dtypes=dtypes)
+    return replace(program, update=update, init=init.finish(outputs),
+                   state_dtypes=program.state_dtypes | {name: None for name in initial},
+                   state_extents=program.state_extents | {name: update.input(name).type.extent for name in initial})
 
 
 def gate(editor: Editor, cond: Value, new: dict[str, Value], old: dict[str, Value]) -> dict[str, Value]:
