@@ -19,7 +19,7 @@ NUMPY_OPS = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
     "max": np.maximum, "min": np.minimum, "neg": np.negative, "sqrt": np.sqrt,
     "rsqrt": lambda x: 1 / np.sqrt(x), "abs": np.abs, "sign": np.sign, "exp": np.exp,
-    "log": np.log, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+    "log": np.log, "mod": np.fmod, "isfinite": np.isfinite, "lt": np.less, "le": np.less_equal, "gt": np.greater,
     "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal, "and": np.logical_and,
     "or": np.logical_or, "not": np.logical_not, "select": np.where,
 }

@@ -16,9 +16,10 @@ from optgen.ir import Loc
 from optgen.types import DTYPES
 
 _BINARY = {"add": hlo.AddOp, "sub": hlo.SubtractOp, "mul": hlo.MulOp, "div": hlo.DivOp,
-           "pow": hlo.PowOp, "max": hlo.MaxOp, "min": hlo.MinOp, "and": hlo.AndOp, "or": hlo.OrOp}
+           "pow": hlo.PowOp, "max": hlo.MaxOp, "min": hlo.MinOp, "mod": hlo.RemOp, "and": hlo.AndOp, "or": hlo.OrOp}
 _UNARY = {"neg": hlo.NegOp, "sqrt": hlo.SqrtOp, "rsqrt": hlo.RsqrtOp, "abs": hlo.AbsOp,
-          "sign": hlo.SignOp, "exp": hlo.ExpOp, "log": hlo.LogOp, "not": hlo.NotOp}
+          "sign": hlo.SignOp, "exp": hlo.ExpOp, "log": hlo.LogOp, "not": hlo.NotOp,
+          "isfinite": hlo.IsFiniteOp}
 _COMPARE = {"lt": "LT", "le": "LE", "gt": "GT", "ge": "GE", "eq": "EQ", "ne": "NE"}
 
 

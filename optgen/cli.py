@@ -21,6 +21,7 @@ from optgen.diagnostics import SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
 from optgen.syntax import format_spec
+from optgen.transforms import Variant, split_options
 from optgen.types import DTYPES
 
 EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
@@ -35,15 +36,28 @@ def check_spec(spec: str):
     return checked
 
 
-def _parse_with(values: tuple[str, ...]) -> dict[str, object]:
+def _parse_with(values: tuple[str, ...]) -> tuple[dict[str, object], Variant]:
+    """``--with`` items: the spec's options, and the options every spec takes (transforms)."""
     options = {}
     for item in values:
         name, sep, text = item.partition("=")
-        if not sep or text.lower() not in ("true", "false"):
-            raise SpecError(f"--with takes NAME=true or NAME=false, got '{item}'",
-                            hint="for example: --with nesterov=true", code="E009")
-        options[name.strip()] = text.lower() == "true"
-    return options
+        if not sep or not text.strip():
+            raise SpecError(f"--with takes NAME=VALUE, got '{item}'",
+                            hint="for example: --with nesterov=true, --with global_clipnorm=1.0", code="E009")
+        options[name.strip()] = _with_value(text.strip())
+    variant, options = split_options(options)
+    return options, variant
+
+
+def _with_value(text: str) -> object:
+    """true/false, a number, or else the text itself (e.g. exclude_from_weight_decay=bias,norm)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
 def _platforms(text: str) -> list[str]:
@@ -83,11 +97,11 @@ def main():
 @click.option("--platforms", default="cpu,cuda,rocm,tpu", show_default=True,
               help="Platforms of an --emit artifact.")
 @click.option("--passes", metavar="LIST", help="Comma-separated passes instead of the default pipeline.")
-@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set a spec option.")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after each pass to stderr.")
 def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir_after_all):
     """Compile SPEC (a built-in name or a .spec file) and print the chosen stage."""
-    options = _parse_with(with_)
+    options, variant = _parse_with(with_)
     pipeline = passes_mod.parse_pipeline(passes) if passes is not None else passes_mod.DEFAULT_PIPELINE
     if emit == "artifact" and not output:
         raise SpecError("--emit artifact writes a binary file", hint="give -o FILE", code="E011")
@@ -98,7 +112,7 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
     def after_each(name, func):
         click.echo(f"// ----- IR after {name} -----\n{print_function(func)}", err=True)
 
-    compiled = compile_checked(checked, options, pipeline, after_each if print_ir_after_all else None)
+    compiled = compile_checked(checked, options, pipeline, after_each if print_ir_after_all else None, variant)
     if emit in ("ir", "ir-opt"):
         return _write(output, print_program(compiled.lowered if emit == "ir" else compiled.program))
     if emit == "artifact":
@@ -120,12 +134,13 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
 @click.option("--lowering", type=click.Choice(fusion.LOWERINGS), default="auto", show_default=True,
               help="How outputs are lowered (see docs/fusion.md).")
 @click.option("--run", is_flag=True, help="Also time the step and a copy of the same size on this machine.")
-@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set a spec option.")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).")
 def inspect(spec, dtype, elements, lowering, run, with_):
     """Report what XLA made of SPEC: kernels, bytes and flops per element, speed."""
     from optgen.inspect import inspect as inspect_step  # imports jax's compiler only when asked
 
-    compiled = compile_checked(check_spec(spec), _parse_with(with_))
+    options, variant = _parse_with(with_)
+    compiled = compile_checked(check_spec(spec), options, variant=variant)
     report = inspect_step(compiled.program, DTYPES[dtype], elements, lowering, run)
     click.echo(f"{spec} step, {dtype}, on {jax.devices()[0].device_kind}")
     for line in report.lines():
@@ -134,10 +149,11 @@ def inspect(spec, dtype, elements, lowering, run, with_):
 
 @main.command()
 @click.argument("spec")
-@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Check with an option set.")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Check with an option set (as compile's --with).")
 def check(spec, with_):
     """Parse and check SPEC; print "ok" or the first error."""
-    compile_checked(check_spec(spec), _parse_with(with_), passes=())
+    options, variant = _parse_with(with_)
+    compile_checked(check_spec(spec), options, passes=(), variant=variant)
     click.echo(f"{spec}: ok")
 
 

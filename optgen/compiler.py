@@ -11,6 +11,7 @@ from optgen.library import read_spec
 from optgen.lower import lower, resolve_options
 from optgen.parser import parse
 from optgen.passes import DEFAULT_PIPELINE, run_pipeline
+from optgen.transforms import Variant
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,9 @@ class Compiled:
 
     checked: CheckedSpec
     options: dict[str, bool]
-    lowered: Program  # before any pass
+    lowered: Program  # before any pass (transforms applied)
     program: Program  # after the pipeline
+    passes: tuple[str, ...] = DEFAULT_PIPELINE
 
 
 def check_spec(name_or_path: str) -> CheckedSpec:
@@ -31,17 +33,20 @@ def check_spec(name_or_path: str) -> CheckedSpec:
 
 def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = None,
                     passes: Iterable[str] = DEFAULT_PIPELINE,
-                    after_each: Callable[[str, Function], None] | None = None) -> Compiled:
+                    after_each: Callable[[str, Function], None] | None = None,
+                    variant: Variant = Variant()) -> Compiled:
     """Lower and optimize a checked spec.
 
-    ``options`` overrides the spec's ``option`` defaults; ``passes`` names the passes
-    to run (both the update and init functions go through them); ``after_each`` is
-    called with each pass's name and output, for ``--print-ir-after-all``.
+    ``options`` overrides the spec's ``option`` defaults; ``variant`` holds the
+    options that are transforms (``clipnorm``, ``use_ema``, ...), applied right after
+    lowering; ``passes`` names the passes to run (both the update and init functions
+    go through them); ``after_each`` is called with each pass's name and output, for
+    ``--print-ir-after-all``.
     """
     resolved = resolve_options(checked, options or {})
-    lowered = lower(checked, resolved)
+    lowered = variant.apply(lower(checked, resolved))
     passes = tuple(passes)
     program = replace(lowered,
                       update=run_pipeline(lowered.update, passes, after_each),
                       init=run_pipeline(lowered.init, passes, after_each))
-    return Compiled(checked, resolved, lowered, program)
+    return Compiled(checked, resolved, lowered, program, passes)

@@ -24,8 +24,10 @@ from optgen.types import EXTENTS, Type, widest
 
 # opcode -> arity, for every op but const. Each group below shares a typing rule.
 FLOAT_OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "max": 2, "min": 2,
-             "neg": 1, "sqrt": 1, "rsqrt": 1, "abs": 1, "sign": 1, "exp": 1, "log": 1}
-COMPARE_OPS = {"lt": 2, "le": 2, "gt": 2, "ge": 2, "eq": 2, "ne": 2}
+             "neg": 1, "sqrt": 1, "rsqrt": 1, "abs": 1, "sign": 1, "exp": 1, "log": 1,
+             "mod": 2}  # mod: C's fmod (the sign of the dividend), as stablehlo.remainder
+# Float operands, bool result; isfinite(x): neither inf nor nan.
+COMPARE_OPS = {"lt": 2, "le": 2, "gt": 2, "ge": 2, "eq": 2, "ne": 2, "isfinite": 1}
 LOGIC_OPS = {"and": 2, "or": 2, "not": 1}
 # select(cond, a, b); sum: tensor -> leaf; size: element count, tensor -> leaf;
 # gsum: the sum over every parameter of a per-leaf value, leaf -> step.

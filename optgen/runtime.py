@@ -16,7 +16,9 @@ import numpy as np
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
+from optgen.config import get_config
 from optgen.diagnostics import InputError, did_you_mean
+from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS, Variant
 from optgen.validate import InputChecker, check_params
 
 
@@ -51,11 +53,12 @@ class Optimizer:
     ``state``.
     """
 
-    def __init__(self, compiled: Compiled, hyperparams: dict[str, float | Callable]):
+    def __init__(self, compiled: Compiled, hyperparams: dict[str, float | Callable], variant: Variant = Variant()):
         self.compiled = compiled
         self.name = compiled.checked.name
         self.description = compiled.checked.spec.description
         self.hyperparams = hyperparams
+        self.variant = variant  # the options applied as transforms (clipnorm, use_ema, ...)
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
         self.extents = compiled.program.extents()
         self._inputs = InputChecker(self)  # wrong inputs raise InputError before anything is donated
@@ -106,7 +109,7 @@ class Optimizer:
         count = safe_increment(state.count)
         if not leaves:
             return params, OptState(count, state.hyperparams, state.slots)
-        tensors = {"p": leaves, "g": treedef.flatten_up_to(grads)}
+        tensors = {"p": leaves, "g": treedef.flatten_up_to(grads)} | self.variant.leaf_inputs(params)
         tensors |= {name: treedef.flatten_up_to(state.slots[name]) for name in self.state_names
                     if self.extents[name] != "step"}
         scalars = {"t": count.astype(step_dtype())}
@@ -116,6 +119,15 @@ class Optimizer:
                      delta_output="p" if as_update else None, out_extents=self.extents)
         slots = {name: self._slot(out[name], name, treedef) for name in self.state_names}
         return treedef.unflatten(out["p"]), OptState(count, state.hyperparams, slots)
+
+    def finalize(self, params, state: OptState):
+        """The parameters to keep after training: with ``use_ema``, the moving averages (Keras's
+        ``finalize_variable_values``); otherwise ``params`` unchanged."""
+        return self.variant.finalize(params, state)
+
+    def get_config(self) -> dict:
+        """A plain dict that :func:`optgen.from_config` rebuilds this optimizer from."""
+        return get_config(self)
 
     def _hyper(self, name: str, stored: dict, count: jax.Array) -> jax.Array:
         value = self.hyperparams[name]
@@ -142,7 +154,7 @@ def split_kwargs(compiled_options: dict[str, bool], hyper_defaults: dict[str, fl
         elif key in hyper_defaults:
             hypers[key] = value
         else:
-            known = [*hyper_defaults, *compiled_options]
+            known = [*hyper_defaults, *compiled_options, *TRANSFORM_OPTIONS]
             raise InputError(f"'{spec_name}' has no hyperparameter or option '{key}'",
                              hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}", code="E302")
     return options, hypers

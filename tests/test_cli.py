@@ -60,7 +60,21 @@ def test_option_changes_the_program(tmp_path):
     assert default.count("pow") == 2 and paper.count("pow") == 1
 
 
+def test_with_turns_on_transforms_in_the_ir_and_the_kernel(tmp_path):
+    args = ["compile", "adamw", "--with", "global_clipnorm=1.0", "--with", "use_ema=true",
+            "--with", "skip_nonfinite=true", "--with", "exclude_from_weight_decay=bias,norm"]
+    ir = run(*args, "--emit", "ir", cwd=tmp_path)
+    assert ir.returncode == 0, ir.stderr
+    for marker in ('loc("<global_clipnorm>"', "%ema: tensor", "%total_notfinite: step", "%weight_decay_mask: leaf",
+                   "isfinite %"):
+        assert marker in ir.stdout, marker
+    assert run(*args, cwd=tmp_path).stdout.count('loc("<use_ema>"') > 0
+
+
 @pytest.mark.parametrize("args, message", [
+    (["compile", "adamw", "--with", "clipnorm=big"], "clipnorm takes a positive number, got 'big'"),
+    (["compile", "adamw", "--with", "clipnorm"], "--with takes NAME=VALUE"),
+    (["check", "adam", "--with", "exclude_from_weight_decay=bias"], "no hyperparameter 'weight_decay' to mask"),
     (["check", "bad.spec"], "bad.spec:3:"),
     (["compile", "bad.spec", "-o", "out.mlir"], "bad.spec:3:"),
     (["compile", "adamww"], "did you mean 'adamw'"),

@@ -1,0 +1,73 @@
+"""An optimizer as a plain dict, and back: ``opt.get_config()`` and ``optgen.from_config(cfg)``.
+
+The dict names the spec (a built-in name, or a file path with the SHA-256 of its text,
+checked when it is read back), and holds the hyperparameters, the spec's options, the
+transform options (``clipnorm``, ``use_ema``, ...) and the pass pipeline. Numbers,
+named schedules (``optgen.schedules``) and strings serialize; a Python callable (a
+hand-written schedule, a callable ``mask``) or a pytree ``mask`` cannot, and
+``get_config`` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from optgen import schedules
+from optgen.diagnostics import SpecError
+from optgen.library import builtin_names, read_spec
+
+if TYPE_CHECKING:
+    from optgen.runtime import Optimizer
+
+
+def get_config(opt: Optimizer) -> dict[str, Any]:
+    """``opt`` as a plain dict of numbers, strings, lists and dicts."""
+    source = opt.compiled.checked.spec.source
+    name = source.filename[: -len(".spec")] if source.filename.endswith(".spec") else source.filename
+    if name in builtin_names() and read_spec(name).text == source.text:
+        spec = {"spec": name}
+    else:
+        spec = {"spec": source.filename, "sha256": _digest(source.text)}
+    transforms = dict(opt.variant.settings)
+    if "mask" in transforms:
+        raise SpecError("get_config cannot write down a mask (a pytree or a Python callable)",
+                        hint="use exclude_from_weight_decay (name fragments), which serializes")
+    if "exclude_from_weight_decay" in transforms:
+        transforms["exclude_from_weight_decay"] = list(transforms["exclude_from_weight_decay"])
+    spec_hypers = opt.compiled.checked.hypers
+    return spec | {
+        "hyperparameters": {name: _value(name, value) for name, value in opt.hyperparams.items() if name in spec_hypers},
+        "options": dict(opt.compiled.options),
+        "transforms": transforms,
+        "passes": list(opt.compiled.passes),
+    }
+
+
+def from_config(config: dict[str, Any]):
+    """The optimizer ``get_config`` described (built-in spec, or the same file, unchanged)."""
+    from optgen import DEFAULT_PIPELINE, load
+
+    config = dict(config)
+    spec = config.pop("spec")
+    digest = config.pop("sha256", None)
+    if digest is not None and _digest(read_spec(spec).text) != digest:
+        raise SpecError(f"'{spec}' has changed since this config was written (its SHA-256 differs)",
+                        hint="rebuild the optimizer from the spec as it is now with optgen.load")
+    hypers = {name: schedules.from_config(v) if isinstance(v, dict) else v
+              for name, v in config.pop("hyperparameters", {}).items()}
+    return load(spec, passes=tuple(config.pop("passes", DEFAULT_PIPELINE)), **hypers, **config.pop("options", {}),
+                **config.pop("transforms", {}))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _value(name: str, value):
+    if isinstance(value, schedules.Schedule):
+        return value.config()
+    if callable(value):
+        raise SpecError(f"get_config cannot write down '{name}': it is a Python callable",
+                        hint="use a named schedule from optgen.schedules (cosine_decay, ...), which serializes")
+    return float(value)

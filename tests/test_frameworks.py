@@ -1,0 +1,180 @@
+"""kernels/keras/* against Keras 3 and kernels/torch/* against torch.optim, step by step, with every option.
+
+Keras and torch are optional (the ``conformance`` extra); without them these tests
+skip and say why. Keras runs on its JAX backend (``KERAS_BACKEND=jax``, set here
+before it is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optgen
+from conftest import make_grads, make_params, rel_err
+from optgen.transforms.decay_mask import key_path_name
+
+STEPS = 40
+
+
+def _leaves(params):
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+    return [key_path_name(path) for path, _ in with_paths], [np.asarray(x) for _, x in with_paths]
+
+
+def _run_optgen(spec, settings, dtype, grad_scale=1.0):
+    opt = optgen.load(spec, **settings)
+    shapes = make_params(dtype)  # make_grads draws in this dict's order
+    params = jax.tree.map(jnp.asarray, shapes)
+    state = opt.init(params)
+    for step in range(STEPS):
+        grads = jax.tree.map(lambda g: g * grad_scale, make_grads(shapes, step, dtype))
+        params, state = opt.step(params, grads, state)
+    return _leaves(params)[1], _leaves(opt.finalize(params, state))[1]
+
+
+def _assert_close(got, want, tolerance):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == w.dtype, i
+        assert rel_err(g, w) <= tolerance, (i, rel_err(g, w))
+
+
+# -- Keras -----------------------------------------------------------------------------------
+
+KERAS_HYPERS = {"learning_rate": 3e-3, "weight_decay": 0.05, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-6}
+KERAS_CASES = {
+    "defaults": {},
+    "amsgrad": {"amsgrad": True},
+    "clipnorm": {"clipnorm": 1.0},
+    "clipvalue": {"clipvalue": 0.5},
+    "global_clipnorm": {"global_clipnorm": 1.0},
+    "use_ema": {"use_ema": True, "ema_momentum": 0.9},
+    "ema_overwrite_frequency": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 7},
+    "gradient_accumulation_steps": {"gradient_accumulation_steps": 3},
+    "loss_scale_factor": {"loss_scale_factor": 128.0},
+    "exclude_from_weight_decay": {"exclude_from_weight_decay": ["vector", "huge"]},
+    "schedule": {"learning_rate": "cosine"},
+    "all_at_once": {"gradient_accumulation_steps": 2, "clipnorm": 0.5, "use_ema": True, "ema_momentum": 0.8,
+                    "loss_scale_factor": 4.0, "exclude_from_weight_decay": ["cube"]},
+}
+KERAS_CLASSES = {"keras/adamw": "AdamW", "keras/adamax": "Adamax"}
+
+
+def _keras():
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras = pytest.importorskip("keras", reason="keras is not installed (pip install -e '.[conformance]')")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"keras runs on its {keras.backend.backend()} backend here; these tests need KERAS_BACKEND=jax")
+    return keras
+
+
+def _run_keras(keras, cls, settings, grad_scale):
+    settings = dict(settings)
+    exclude = settings.pop("exclude_from_weight_decay", None)
+    if settings.get("learning_rate") == "cosine":
+        settings["learning_rate"] = keras.optimizers.schedules.CosineDecay(3e-3, 30, alpha=0.1)
+    names, values = _leaves(make_params(np.float32))
+    variables = [keras.Variable(v, name=n.replace("/", "_")) for n, v in zip(names, values, strict=True)]
+    opt = getattr(keras.optimizers, cls)(**settings)
+    if exclude:
+        opt.exclude_from_weight_decay(var_names=exclude)
+    opt.build(variables)
+    # Keras's own jitted training path: stateless_apply, as model.fit runs it on JAX.
+    apply = jax.jit(opt.stateless_apply)
+    values, slots = [v.value for v in variables], [v.value for v in opt.variables]
+    params = make_params(np.float32)
+    for step in range(STEPS):
+        grads = _leaves(make_grads(params, step, np.float32))[1]
+        values, slots = apply(slots, [jnp.asarray(g * grad_scale) for g in grads], values)
+    for variable, value in zip([*variables, *opt.variables], [*values, *slots], strict=True):
+        variable.assign(value)
+    before = [np.asarray(v.value) for v in variables]
+    opt.finalize_variable_values(variables)
+    return before, [np.asarray(v.value) for v in variables]
+
+
+@pytest.mark.parametrize("case", sorted(KERAS_CASES))
+@pytest.mark.parametrize("spec", sorted(KERAS_CLASSES))
+def test_keras_spec_matches_keras(spec, case):
+    keras = _keras()
+    if case == "amsgrad" and spec != "keras/adamw":
+        pytest.skip("Keras's Adamax has no amsgrad")
+    settings = KERAS_HYPERS | KERAS_CASES[case]
+    scale = settings.get("loss_scale_factor", 1.0)
+    want, want_final = _run_keras(keras, KERAS_CLASSES[spec], settings, scale)
+    ours = dict(settings)
+    if ours.get("learning_rate") == "cosine":
+        ours["learning_rate"] = optgen.schedules.cosine_decay(3e-3, 30, alpha=0.1)
+    got, got_final = _run_optgen(spec, ours, np.float32, scale)
+    _assert_close(got, want, 1e-4)
+    _assert_close(got_final, want_final, 1e-4)
+
+
+@pytest.mark.parametrize("spec", sorted(KERAS_CLASSES))
+def test_keras_spec_defaults_are_keras_defaults(spec):
+    import inspect
+
+    keras = _keras()
+    signature = inspect.signature(getattr(keras.optimizers, KERAS_CLASSES[spec]))
+    for name, default in optgen.load(spec).hyperparams.items():
+        reference = signature.parameters[name].default
+        assert default == (0.0 if reference is None else reference), name
+    if spec == "keras/adamw":
+        assert optgen.check_spec(spec).options == {"amsgrad": signature.parameters["amsgrad"].default}
+
+
+# -- torch -----------------------------------------------------------------------------------
+
+TORCH_HYPERS = {"lr": 3e-3, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.05}
+TORCH_CASES = {"defaults": {}, "amsgrad": {"amsgrad": True}, "global_clipnorm": {"global_clipnorm": 1.0},
+               "clipvalue": {"clipvalue": 0.5}}
+TORCH_CLASSES = {"torch/adamw": "AdamW", "torch/adamax": "Adamax"}
+
+
+def _run_torch(torch, cls, settings, dtype):
+    settings = dict(settings)
+    clipnorm, clipvalue = settings.pop("global_clipnorm", None), settings.pop("clipvalue", None)
+    settings["betas"] = (settings.pop("beta1"), settings.pop("beta2"))
+    values = _leaves(make_params(dtype))[1]
+    tensors = [torch.tensor(v, requires_grad=True) for v in values]
+    opt = getattr(torch.optim, cls)(tensors, foreach=False, **settings)
+    params = make_params(dtype)
+    for step in range(STEPS):
+        for tensor, grad in zip(tensors, _leaves(make_grads(params, step, dtype))[1], strict=True):
+            tensor.grad = torch.tensor(grad)
+        if clipnorm is not None:
+            torch.nn.utils.clip_grad_norm_(tensors, clipnorm, foreach=False)
+        if clipvalue is not None:
+            torch.nn.utils.clip_grad_value_(tensors, clipvalue, foreach=False)
+        opt.step()
+    return [t.detach().numpy() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", sorted(TORCH_CASES))
+@pytest.mark.parametrize("spec", sorted(TORCH_CLASSES))
+def test_torch_spec_matches_torch(spec, case, dtype):
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    if case == "amsgrad" and spec != "torch/adamw":
+        pytest.skip("torch's Adamax has no amsgrad")
+    settings = TORCH_HYPERS | TORCH_CASES[case]
+    want = _run_torch(torch, TORCH_CLASSES[spec], settings, dtype)
+    with jax.enable_x64(dtype == np.float64):
+        got, _ = _run_optgen(spec, settings, dtype)
+    _assert_close(got, want, 1e-9 if dtype == np.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("spec", sorted(TORCH_CLASSES))
+def test_torch_spec_defaults_are_torch_defaults(spec):
+    import inspect
+
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    signature = inspect.signature(getattr(torch.optim, TORCH_CLASSES[spec]))
+    betas = signature.parameters["betas"].default
+    reference = {name: p.default for name, p in signature.parameters.items()} | {"beta1": betas[0], "beta2": betas[1]}
+    for name, default in optgen.load(spec).hyperparams.items():
+        assert default == reference[name], name
