@@ -106,7 +106,7 @@ class _Checker:
                                  or f"a shape is one of {', '.join(EXTENTS)}; a dtype one of {', '.join(DTYPES)}", code="E206")
             if group in seen:
                 raise self.error(f"state '{name}' has a second {group} '{q.id}'", q.span,
-                                 f"give at most one {group}")
+                                 f"give at most one {group}", code="E219")
             seen.add(group)
             if group == "shape":
                 extent = q.id
@@ -122,7 +122,7 @@ class _Checker:
         if EXTENTS.index(ty.extent) > EXTENTS.index(extent):
             raise self.error(f"state '{name}' holds one number per {extent}, but this value has one "
                              f"per {'element' if ty.extent == 'tensor' else ty.extent}", node.span,
-                             f"reduce it (sum, mean, norm) or declare 'state {name}: {ty.extent}'")
+                             f"reduce it (sum, mean, norm) or declare 'state {name}: {ty.extent}'", code="E220")
 
     # -- statements -----------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ def get_config(opt: Optimizer) -> dict[str, Any]:
     transforms = dict(opt.variant.settings)
     if "mask" in transforms:
         raise SpecError("get_config cannot write down a mask (a pytree or a Python callable)",
-                        hint="use exclude_from_weight_decay (name fragments), which serializes")
+                        hint="use exclude_from_weight_decay (name fragments), which serializes", code="E348")
     if "exclude_from_weight_decay" in transforms:
         transforms["exclude_from_weight_decay"] = list(transforms["exclude_from_weight_decay"])
     spec_hypers = opt.compiled.checked.hypers
@@ -53,7 +53,7 @@ def from_config(config: dict[str, Any]):
     digest = config.pop("sha256", None)
     if digest is not None and _digest(read_spec(spec).text) != digest:
         raise SpecError(f"'{spec}' has changed since this config was written (its SHA-256 differs)",
-                        hint="rebuild the optimizer from the spec as it is now with optgen.load")
+                        hint="rebuild the optimizer from the spec as it is now with optgen.load", code="E349")
     hypers = {name: schedules.from_config(v) if isinstance(v, dict) else v
               for name, v in config.pop("hyperparameters", {}).items()}
     return load(spec, passes=tuple(config.pop("passes", DEFAULT_PIPELINE)), **hypers, **config.pop("options", {}),
@@ -69,5 +69,5 @@ def _value(name: str, value):
         return value.config()
     if callable(value):
         raise SpecError(f"get_config cannot write down '{name}': it is a Python callable",
-                        hint="use a named schedule from optgen.schedules (cosine_decay, ...), which serializes")
+                        hint="use a named schedule from optgen.schedules (cosine_decay, ...), which serializes", code="E348")
     return float(value)

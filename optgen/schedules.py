@@ -38,13 +38,13 @@ class Schedule:
     def __init__(self, name: str, **kwargs: Any):
         if name not in _OPTAX:
             raise SpecError(f"unknown schedule '{name}'",
-                            hint=did_you_mean(name, _OPTAX) or f"the schedules are {', '.join(_OPTAX)}")
+                            hint=did_you_mean(name, _OPTAX) or f"the schedules are {', '.join(_OPTAX)}", code="E346")
         if "boundaries_and_scales" in kwargs:  # JSON turns the integer keys into strings
             kwargs["boundaries_and_scales"] = {int(k): float(v) for k, v in kwargs["boundaries_and_scales"].items()}
         try:
             self._fn = _OPTAX[name](**kwargs)
         except TypeError as err:
-            raise SpecError(f"schedule '{name}': {err}", hint=f"see optax.{_OPTAX[name].__name__}") from None
+            raise SpecError(f"schedule '{name}': {err}", hint=f"see optax.{_OPTAX[name].__name__}", code="E347") from None
         self.name, self.kwargs = name, kwargs
 
     def __call__(self, count):

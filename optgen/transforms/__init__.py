@@ -89,9 +89,9 @@ def split_options(kwargs: dict[str, Any]) -> tuple[Variant, dict[str, Any]]:
     clips = [name for name in clip.RULES if name in settings]
     if len(clips) > 1:
         raise SpecError(f"only one of clipnorm, clipvalue and global_clipnorm can be set, got {', '.join(clips)}",
-                        hint="as in Keras; chain optax.clip_by_global_norm in front for a second clip")
+                        hint="as in Keras; chain optax.clip_by_global_norm in front for a second clip", code="E340")
     if ("ema_momentum" in settings or "ema_overwrite_frequency" in settings) and not settings.get("use_ema"):
-        raise SpecError("ema_momentum and ema_overwrite_frequency need use_ema=True")
+        raise SpecError("ema_momentum and ema_overwrite_frequency need use_ema=True", code="E341")
     if isinstance(settings.get("exclude_from_weight_decay"), str):
         settings["exclude_from_weight_decay"] = tuple(settings["exclude_from_weight_decay"].split(","))
     elif "exclude_from_weight_decay" in settings:
@@ -107,17 +107,17 @@ def _is_default(name: str, value) -> bool:
 def _check(name: str, value) -> None:
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if name in _BOOLS and not isinstance(value, bool):
-        raise SpecError(f"{name} takes true or false, got {value!r}")
+        raise SpecError(f"{name} takes true or false, got {value!r}", code="E342")
     if name in _POSITIVE and not (number and value > 0):
-        raise SpecError(f"{name} takes a positive number, got {value!r}")
+        raise SpecError(f"{name} takes a positive number, got {value!r}", code="E342")
     if name == "ema_momentum" and not (number and 0 <= value <= 1):
-        raise SpecError(f"ema_momentum takes a number in [0, 1], got {value!r}")
+        raise SpecError(f"ema_momentum takes a number in [0, 1], got {value!r}", code="E342")
     integral = number and float(value).is_integer()
     if name == "gradient_accumulation_steps" and not (integral and value >= 2):
-        raise SpecError(f"gradient_accumulation_steps takes an integer >= 2, got {value!r}", hint="as in Keras")
+        raise SpecError(f"gradient_accumulation_steps takes an integer >= 2, got {value!r}", hint="as in Keras", code="E342")
     if name == "ema_overwrite_frequency" and not (integral and value >= 1):
-        raise SpecError(f"ema_overwrite_frequency takes an integer >= 1, got {value!r}", hint="as in Keras")
+        raise SpecError(f"ema_overwrite_frequency takes an integer >= 1, got {value!r}", hint="as in Keras", code="E342")
     if name == "exclude_from_weight_decay" and not (
             isinstance(value, str) or all(isinstance(v, str) for v in value)):
         raise SpecError("exclude_from_weight_decay takes name fragments (strings), "
-                        f"got {value!r}", hint="for example exclude_from_weight_decay=['bias', 'norm']")
+                        f"got {value!r}", hint="for example exclude_from_weight_decay=['bias', 'norm']", code="E342")

@@ -30,7 +30,7 @@ def apply(program: Program) -> Program:
     if not ed.has_input("weight_decay"):
         raise SpecError(f"'{program.update.name}' has no hyperparameter 'weight_decay' to mask",
                         hint="exclude_from_weight_decay and mask act on the hyperparameter named "
-                             "weight_decay; the spec must declare 'hyper weight_decay = ...'")
+                             "weight_decay; the spec must declare 'hyper weight_decay = ...'", code="E343")
     decay = ed.op("mul", ed.input("weight_decay"), ed.add_input(NAME, "leaf"))
     return replace_update(program, ed.finish(ed.body({"weight_decay": decay})), "exclude_from_weight_decay")
 
@@ -62,6 +62,6 @@ def leaf_mask(params, exclude: tuple[str, ...] | None, mask) -> list[bool]:
         except (ValueError, TypeError) as err:
             raise SpecError(f"mask does not have the structure of the parameters: {err}",
                             hint="give a pytree of booleans shaped like the parameters, "
-                                 "or a callable of the parameters that returns one") from None
+                                 "or a callable of the parameters that returns one", code="E344") from None
         keep = [k and bool(f) for k, f in zip(keep, flags, strict=True)]
     return keep

@@ -41,7 +41,7 @@ class Editor:
         """A new input; its name must be free (a spec's own ``state ema_average`` would clash)."""
         if self.has_input(name):
             raise SpecError(f"{self.transform} adds '{name}', but the spec already has a '{name}'",
-                            hint=f"rename the spec's '{name}', or leave {self.transform} off")
+                            hint=f"rename the spec's '{name}', or leave {self.transform} off", code="E345")
         value = Value(Type(extent), name)
         self.inputs.append(value)
         return value
