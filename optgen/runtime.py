@@ -26,7 +26,7 @@ from optgen.validate import InputChecker, check_params
 class OptState(NamedTuple):
     """An optgen optimizer's state: a pytree of arrays, checkpointable with any JAX tool."""
 
-    count: jax.Array  # int32: updates applied so far
+    count: jax.Array  # int32: calls of update/step so far (with skip_nonfinite or accumulation, not all update p)
     hyperparams: dict[str, jax.Array]  # non-schedule hyperparameters, changeable between steps
     slots: dict[str, Any]  # each spec `state`: a pytree like the parameters (of 0-d arrays for a
     # `leaf` state), or one 0-d array for a `step` state

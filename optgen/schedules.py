@@ -4,7 +4,7 @@ Any callable of the step count is a schedule (``optgen.load("adamw",
 learning_rate=lambda count: ...)``); the ones here also have a name and their
 arguments, so ``Optimizer.get_config`` can write them down and ``optgen.from_config``
 rebuild them. Each evaluates exactly as the optax function of the same name (it calls
-it), at the count of updates before the step:
+it), at ``state.count`` before the step (the number of calls so far, as Keras counts):
 
 - ``constant(value)``: ``optax.constant_schedule``;
 - ``cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0)``: ``optax.cosine_decay_schedule``;

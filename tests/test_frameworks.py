@@ -131,17 +131,30 @@ def test_keras_spec_defaults_are_keras_defaults(spec):
 
 TORCH_HYPERS = {"lr": 3e-3, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.05}
 TORCH_CASES = {"defaults": {}, "amsgrad": {"amsgrad": True}, "global_clipnorm": {"global_clipnorm": 1.0},
-               "clipvalue": {"clipvalue": 0.5}}
+               "clipvalue": {"clipvalue": 0.5},
+               # torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, updated after each step
+               "use_ema": {"use_ema": True, "ema_momentum": 0.9},
+               # torch.optim.lr_scheduler.ExponentialLR, stepped after each step
+               "schedule": {"lr": "exponential"}}
 TORCH_CLASSES = {"torch/adamw": "AdamW", "torch/adamax": "Adamax"}
 
 
 def _run_torch(torch, cls, settings, dtype):
+    from torch.optim import lr_scheduler, swa_utils
+
     settings = dict(settings)
     clipnorm, clipvalue = settings.pop("global_clipnorm", None), settings.pop("clipvalue", None)
+    ema_momentum = settings.pop("ema_momentum", None) if settings.pop("use_ema", False) else None
+    exponential = settings["lr"] == "exponential"
+    settings["lr"] = 3e-3 if exponential else settings["lr"]
     settings["betas"] = (settings.pop("beta1"), settings.pop("beta2"))
-    values = _leaves(make_params(dtype))[1]
-    tensors = [torch.tensor(v, requires_grad=True) for v in values]
+    model = torch.nn.Module()
+    model.params = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(v)) for v in _leaves(make_params(dtype))[1]])
+    tensors = list(model.params)
     opt = getattr(torch.optim, cls)(tensors, foreach=False, **settings)
+    scheduler = lr_scheduler.ExponentialLR(opt, gamma=0.95) if exponential else None
+    average = None if ema_momentum is None else swa_utils.AveragedModel(
+        model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema_momentum))
     params = make_params(dtype)
     for step in range(STEPS):
         for tensor, grad in zip(tensors, _leaves(make_grads(params, step, dtype))[1], strict=True):
@@ -151,7 +164,12 @@ def _run_torch(torch, cls, settings, dtype):
         if clipvalue is not None:
             torch.nn.utils.clip_grad_value_(tensors, clipvalue, foreach=False)
         opt.step()
-    return [t.detach().numpy() for t in tensors]
+        if scheduler is not None:
+            scheduler.step()
+        if average is not None:
+            average.update_parameters(model)
+    final = tensors if average is None else list(average.module.params)
+    return [t.detach().numpy() for t in tensors], [t.detach().numpy() for t in final]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -162,10 +180,17 @@ def test_torch_spec_matches_torch(spec, case, dtype):
     if case == "amsgrad" and spec != "torch/adamw":
         pytest.skip("torch's Adamax has no amsgrad")
     settings = TORCH_HYPERS | TORCH_CASES[case]
-    want = _run_torch(torch, TORCH_CLASSES[spec], settings, dtype)
+    want, want_final = _run_torch(torch, TORCH_CLASSES[spec], settings, dtype)
+    ours = dict(settings)
+    if ours["lr"] == "exponential" and dtype == np.float32:
+        ours["lr"] = optgen.schedules.exponential_decay(3e-3, 1, 0.95)
+    elif ours["lr"] == "exponential":  # optax's exponential_decay is float32 for an int32 count; this is float64
+        ours["lr"] = lambda count: 3e-3 * jnp.power(0.95, count.astype(jnp.float64))
     with jax.enable_x64(dtype == np.float64):
-        got, _ = _run_optgen(spec, settings, dtype)
-    _assert_close(got, want, 1e-9 if dtype == np.float64 else 1e-4)
+        got, got_final = _run_optgen(spec, ours, dtype)
+    tolerance = 1e-9 if dtype == np.float64 else 1e-4
+    _assert_close(got, want, tolerance)
+    _assert_close(got_final, want_final, tolerance)
 
 
 @pytest.mark.parametrize("spec", sorted(TORCH_CLASSES))
