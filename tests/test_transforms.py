@@ -126,14 +126,18 @@ def test_skipped_step_leaves_params_and_state_bit_identical():
     import ml_dtypes
 
     opt = optgen.load("adamw", skip_nonfinite=True, use_ema=True, gradient_accumulation_steps=2)
-    params = jax.tree.map(lambda x: jnp.asarray(x, ml_dtypes.bfloat16), make_params(np.float32))
+
+    def bf16(tree):  # grads come in their parameter's dtype (a mismatch is InputError E309)
+        return jax.tree.map(lambda x: jnp.asarray(x, ml_dtypes.bfloat16), tree)
+
+    params = bf16(make_params(np.float32))
     state = opt.init(params)
     for step in range(3):
-        params, state = opt.step(params, make_grads(make_params(np.float32), step, np.float32), state)
+        params, state = opt.step(params, bf16(make_grads(make_params(np.float32), step, np.float32)), state)
     before = jax.tree.map(np.array, (params, state.slots))
     grads = make_grads(make_params(np.float32), 3, np.float32)
     grads["cube"][0, 0, 0] = np.nan
-    params, state = opt.step(params, grads, state)
+    params, state = opt.step(params, bf16(grads), state)
     after = jax.tree.map(np.array, (params, state.slots))
     for key in ("total_notfinite",):
         assert before[1].pop(key) == 0 and after[1].pop(key) == 1
