@@ -136,10 +136,12 @@ TORCH_CASES = {"defaults": {}, "amsgrad": {"amsgrad": True}, "global_clipnorm": 
                "use_ema": {"use_ema": True, "ema_momentum": 0.9},
                # torch.optim.lr_scheduler.ExponentialLR, stepped after each step
                "schedule": {"lr": "exponential"}}
-TORCH_CLASSES = {"torch/adamw": "AdamW", "torch/adamax": "Adamax"}
+# spec -> (torch.optim class, the constructor arguments that select the spec's variant)
+TORCH_CLASSES = {"torch/adamw": ("AdamW", {}), "torch/adamax": ("Adamax", {}),
+                 "torch/nadamw": ("NAdam", {"decoupled_weight_decay": True})}
 
 
-def _run_torch(torch, cls, settings, dtype):
+def _run_torch(torch, torch_class, settings, dtype):
     from torch.optim import lr_scheduler, swa_utils
 
     settings = dict(settings)
@@ -151,7 +153,8 @@ def _run_torch(torch, cls, settings, dtype):
     model = torch.nn.Module()
     model.params = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(v)) for v in _leaves(make_params(dtype))[1]])
     tensors = list(model.params)
-    opt = getattr(torch.optim, cls)(tensors, foreach=False, **settings)
+    name, variant = torch_class
+    opt = getattr(torch.optim, name)(tensors, foreach=False, **variant, **settings)
     scheduler = lr_scheduler.ExponentialLR(opt, gamma=0.95) if exponential else None
     average = None if ema_momentum is None else swa_utils.AveragedModel(
         model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema_momentum))
@@ -178,7 +181,7 @@ def _run_torch(torch, cls, settings, dtype):
 def test_torch_spec_matches_torch(spec, case, dtype):
     torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
     if case == "amsgrad" and spec != "torch/adamw":
-        pytest.skip("torch's Adamax has no amsgrad")
+        pytest.skip(f"torch's {TORCH_CLASSES[spec][0]} has no amsgrad")
     settings = TORCH_HYPERS | TORCH_CASES[case]
     want, want_final = _run_torch(torch, TORCH_CLASSES[spec], settings, dtype)
     ours = dict(settings)
@@ -198,7 +201,7 @@ def test_torch_spec_defaults_are_torch_defaults(spec):
     import inspect
 
     torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
-    signature = inspect.signature(getattr(torch.optim, TORCH_CLASSES[spec]))
+    signature = inspect.signature(getattr(torch.optim, TORCH_CLASSES[spec][0]))
     betas = signature.parameters["betas"].default
     reference = {name: p.default for name, p in signature.parameters.items()} | {"beta1": betas[0], "beta2": betas[1]}
     for name, default in optgen.load(spec).hyperparams.items():
