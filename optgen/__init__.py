@@ -38,7 +38,7 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, **kwargs: Any) 
     the spec's hyperparameters. Options recompile; hyperparameters never do.
     """
     checked = check_spec(spec)
-    for warning in checked.warnings:
+    for warning in checked.warnings if spec not in builtin_names() else ():  # yours to fix, not ours
         warnings.warn(warning.render(), SpecWarning, stacklevel=2)
     options, hypers = split_kwargs(checked.options, checked.hypers, checked.name, kwargs)
     check_hyperparams(checked.name, checked.ranges, hypers)

@@ -147,7 +147,7 @@ def list_specs():
     names = builtin_names()
     width = max(map(len, names), default=0)
     for name in names:
-        click.echo(f"{name:<{width}}  {check_spec(name).spec.description}")
+        click.echo(f"{name:<{width}}  {_check_spec(name).spec.description}")
 
 
 @main.command()
