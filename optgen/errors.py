@@ -26,6 +26,7 @@ CATALOG: dict[str, str] = {
     "E011": "--emit artifact needs -o",
     "E012": "--emit hlo needs a concrete shape",
     "E013": "unknown pass",
+    "E014": "a malformed --shape",
     # Syntax
     "E101": "unexpected character",
     "E102": "unexpected token",
