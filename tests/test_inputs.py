@@ -264,3 +264,13 @@ def test_process_killed_mid_write_leaves_the_old_file(tmp_path):
     params = {"w": jnp.ones((256, 64))}
     back = optgen.load_state(str(path), opt, params)  # the first save, whole
     assert int(back.count) == 0 and float(jnp.abs(back.slots["mu"]["w"]).max()) == 0.0
+
+
+def test_load_takes_a_path_object_and_refuses_other_types(tmp_path):
+    import pathlib
+    kernels = pathlib.Path(__file__).parent.parent / "kernels"
+    assert optgen.load(kernels / "adam.spec").name == "adam"
+    for bad, code in ((3, "E001"), (None, "E001"), (kernels, "E002")):
+        with pytest.raises(optgen.SpecError) as err:
+            optgen.load(bad)
+        assert err.value.code == code, err.value.render()
