@@ -84,6 +84,8 @@ def test_rejected_step_leaves_callers_arrays_valid():
     ({"eps": -1e-8}, "E306", "outside its range [0, inf)"),
     ({"b2": "0.9"}, "E305", "must be a number"),
     ({"b2": [0.9]}, "E305", "must be a number"),
+    ({"learning_rate": float("nan")}, "E305", "is nan"),
+    ({"weight_decay": True}, "E305", "must be a number"),
 ])
 def test_load_checks_hyperparameters(kwargs, code, fragment):
     err = raises(code, fragment, lambda: optgen.load("adamw", **kwargs))
