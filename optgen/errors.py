@@ -71,6 +71,7 @@ CATALOG: dict[str, str] = {
     "E322": "the artifact cannot be read",
     "E323": "not an optgen artifact",
     "E324": "the artifact is damaged",
+    "E325": "artifact inputs of another shape or dtype",
     "E330": "the saved state cannot be read",
     "E331": "not an optgen state file, or another format version",
     "E332": "the saved state is truncated or altered",
