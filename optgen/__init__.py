@@ -43,7 +43,7 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, **kwargs: Any) 
     names the spec's hyperparameters. Options recompile; hyperparameters never do.
     """
     checked = check_spec(spec)
-    for warning in checked.warnings:
+    for warning in checked.warnings if spec not in builtin_names() else ():  # yours to fix, not ours
         warnings.warn(warning.render(), SpecWarning, stacklevel=2)
     variant, kwargs = split_options(kwargs)
     options, hypers = split_kwargs(checked.options, checked.hypers, checked.name, kwargs)

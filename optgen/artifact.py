@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from optgen.atomic import write_atomic
 from optgen.codegen import export as export_kernel
 from optgen.compiler import Compiled
-from optgen.diagnostics import SpecError, did_you_mean
+from optgen.diagnostics import InputError, SpecError, did_you_mean
 from optgen.types import DTYPES
 
 MAGIC = b"OPTGEN-ARTIFACT 1\n"
@@ -68,7 +68,11 @@ class Artifact:
         scalar_dtype = export_kernel.scalar_dtype(DTYPES[h["dtype"]])
         args = {n: jnp.asarray(values[n], scalar_dtype) if n in h["scalars"] else values[n] for n in h["inputs"]}
         with export_kernel.x64_for(DTYPES[h["dtype"]]):
-            return self.exported.call(args)
+            try:
+                return self.exported.call(args)
+            except (TypeError, ValueError) as err:  # jax.export names the argument and what it expected
+                raise InputError(f"the {h['spec']} artifact's inputs do not fit: {err}",
+                                 hint=f"it was compiled for {h['dtype']}[{h['shape']}]", code="E325") from None
 
 
 def load_artifact(path: str) -> Artifact:

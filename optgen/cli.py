@@ -6,6 +6,7 @@ Every user mistake ends as ``file:line:col: error: ...`` on stderr with exit sta
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -60,8 +61,20 @@ def _with_value(text: str) -> object:
     return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
+def _shape(text: str) -> str:
+    """``--shape``: comma-separated dims, each a size (0 to 2^40) or a symbolic name like ``n``."""
+    dims = [d.strip() for d in text.split(",")] if text.strip() else []
+    for dim in dims:
+        if not (re.fullmatch(r"[A-Za-z_]\w*", dim) or (dim.isdigit() and int(dim) <= 1 << 40)):
+            raise SpecError(f"--shape takes sizes or symbolic names separated by commas, got '{text}'",
+                            hint="for example: --shape n, --shape 1048576 or --shape 128,256", code="E014")
+    return ",".join(dims)
+
+
 def _platforms(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise SpecError("--platforms names no platform", hint=f"choose from {', '.join(PLATFORMS)}", code="E010")
     for name in names:
         if name not in PLATFORMS:
             raise SpecError(f"unknown platform '{name}'", hint=f"choose from {', '.join(PLATFORMS)}", code="E010")
@@ -101,7 +114,7 @@ def main():
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after each pass to stderr.")
 def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir_after_all):
     """Compile SPEC (a built-in name or a .spec file) and print the chosen stage."""
-    options, variant = _parse_with(with_)
+    (options, variant), shape = _parse_with(with_), _shape(shape)
     pipeline = passes_mod.parse_pipeline(passes) if passes is not None else passes_mod.DEFAULT_PIPELINE
     if emit == "artifact" and not output:
         raise SpecError("--emit artifact writes a binary file", hint="give -o FILE", code="E011")

@@ -10,7 +10,7 @@ from optgen.ir import Function, Program
 from optgen.library import read_spec
 from optgen.lower import lower, resolve_options
 from optgen.parser import parse
-from optgen.passes import DEFAULT_PIPELINE, run_pipeline
+from optgen.passes import DEFAULT_PIPELINE, known_passes, run_pipeline
 from optgen.transforms import Variant
 
 
@@ -45,7 +45,7 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
     """
     resolved = resolve_options(checked, options or {})
     lowered = variant.apply(lower(checked, resolved))
-    passes = tuple(passes)
+    passes = known_passes(passes)
     program = replace(lowered,
                       update=run_pipeline(lowered.update, passes, after_each),
                       init=run_pipeline(lowered.init, passes, after_each))

@@ -26,6 +26,7 @@ CATALOG: dict[str, str] = {
     "E011": "--emit artifact needs -o",
     "E012": "--emit hlo needs a concrete shape",
     "E013": "unknown pass",
+    "E014": "a malformed --shape",
     # Syntax
     "E101": "unexpected character",
     "E102": "unexpected token",
@@ -72,6 +73,7 @@ CATALOG: dict[str, str] = {
     "E322": "the artifact cannot be read",
     "E323": "not an optgen artifact",
     "E324": "the artifact is damaged",
+    "E325": "artifact inputs of another shape or dtype",
     "E330": "the saved state cannot be read",
     "E331": "not an optgen state file, or another format version",
     "E332": "the saved state is truncated or altered",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -24,8 +25,13 @@ def builtin_names() -> list[str]:
     return sorted(names)
 
 
-def read_spec(name_or_path: str) -> Source:
+def read_spec(name_or_path: str | os.PathLike) -> Source:
     """The text of a built-in spec, or of a spec file when the argument is a path."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str):
+        raise SpecError(f"a spec is a built-in name or a path, got {type(name_or_path).__name__}",
+                        hint="for example optgen.load('adamw') or optgen.load('my.spec')", code="E001")
     path = Path(name_or_path)
     if name_or_path.endswith(".spec") or _exists(path):
         return _read_file(path)

@@ -44,6 +44,8 @@ def _check_hyper_value(spec_name: str, name: str, value: Any, bounds: Range | No
             or np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.number):
         raise InputError(f"{where} must be a number or a schedule (a callable of the step count), "
                          f"got {type(value).__name__} {value!r:.60}", hint="for example 1e-3", code="E305")
+    if np.isnan(float(value)):
+        raise InputError(f"{where} is nan", hint="give a number", code="E305")
     if bounds is not None and not bounds.contains(float(value)):
         raise InputError(f"{where} = {float(value):g} is outside its range {bounds}",
                          hint=f"the {spec_name} spec declares '{name}' in {bounds}", code="E306")

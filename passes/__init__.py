@@ -21,7 +21,12 @@ DEFAULT_PIPELINE = ("canon", "fold", "cse", "hoist", "fold", "cse", "dce")
 
 def parse_pipeline(text: str) -> tuple[str, ...]:
     """``"fold,cse"`` -> ``("fold", "cse")``; unknown names are a SpecError with a suggestion."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return known_passes(n.strip() for n in text.split(",") if n.strip())
+
+
+def known_passes(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` as a tuple; an unknown name (or a string instead of a list) is a SpecError."""
+    names = (names,) if isinstance(names, str) else tuple(names)
     for name in names:
         if name not in PASSES:
             raise SpecError(f"unknown pass '{name}'",
@@ -33,7 +38,7 @@ def parse_pipeline(text: str) -> tuple[str, ...]:
 def run_pipeline(func: Function, names: Iterable[str] = DEFAULT_PIPELINE,
                  after_each: Callable[[str, Function], None] | None = None) -> Function:
     """Run the named passes in order, verifying the IR after each one."""
-    for name in names:
+    for name in known_passes(names):
         func = PASSES[name](func)
         verify(func)
         if after_each is not None:

@@ -56,10 +56,12 @@ def outcome(data: bytes, tmp_path) -> str:
     first = result.output.splitlines()[0]
     located = LOCATED.match(first)
     assert located or FILE_LEVEL.match(first), result.output
-    if located:  # the position is inside the file (or just past its last line)
+    if located:  # the position is inside the file (or just past its last line), and the line shown is it
         lines = data.decode("utf-8").split("\n")
         line, col = int(located[1]), int(located[2])
         assert 1 <= line <= len(lines) + 1 and col >= 1, result.output
+        shown = "".join(c if c.isprintable() or c == "\t" else "?" for c in (lines + [""])[line - 1].rstrip("\r"))
+        assert result.output.splitlines()[1] == f"  {shown}", result.output
     return first.split("]")[0].rsplit("[", 1)[1]
 
 
@@ -134,6 +136,7 @@ NASTY = {
     "tabs and spaces": (b"optimizer tabs\nstate m = 0\nupdate:\n\tm = g\n        p = p - m\n", "compiled"),
     "tab vs spaces": (b"optimizer tabs\nstate m = 0\nupdate:\n\tm = g\n  p = p - m\n", "E104"),
     "form feed": (b"optimizer ff\n\x0cupdate:\n  p = p -- g\n", "compiled"),
+    "line separators": ("optimizer ls\nhyper a = 1 \x0c # \u2028 \x1c \x85\nupdate:\n  p = p - zz\n".encode(), "E209"),
     "unclosed range": (b"optimizer r\nhyper b = 0.5 in [0, 1\nupdate:\n  p = b * g\n", "E102"),
 }
 

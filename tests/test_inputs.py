@@ -84,6 +84,8 @@ def test_rejected_step_leaves_callers_arrays_valid():
     ({"eps": -1e-8}, "E306", "outside its range [0, inf)"),
     ({"b2": "0.9"}, "E305", "must be a number"),
     ({"b2": [0.9]}, "E305", "must be a number"),
+    ({"learning_rate": float("nan")}, "E305", "is nan"),
+    ({"weight_decay": True}, "E305", "must be a number"),
 ])
 def test_load_checks_hyperparameters(kwargs, code, fragment):
     err = raises(code, fragment, lambda: optgen.load("adamw", **kwargs))
@@ -233,3 +235,44 @@ def test_non_finite_gradients_propagate_as_in_optax():
         a, b = np.asarray(a), np.asarray(b)
         assert np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(np.isinf(a), np.isinf(b))
         assert np.isnan(a).any() or np.allclose(a, b, rtol=1e-5)
+
+
+_KILLED = """
+import os, sys, jax.numpy as jnp, optgen
+from optgen import atomic
+opt = optgen.load("adamw")
+params = {"w": jnp.ones((256, 64))}
+state = opt.init(params)
+optgen.save_state(sys.argv[1], state, opt)
+real = os.fdopen
+class Dies:
+    def __init__(self, f): self.f = f
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+    def write(self, data):
+        self.f.write(data[: len(data) // 3]); self.f.flush()
+        os._exit(9)  # killed mid-write: no cleanup, no exception handlers
+atomic.os.fdopen = lambda fd, mode: Dies(real(fd, mode))
+params, state = opt.step(params, {"w": jnp.ones((256, 64))}, state)
+optgen.save_state(sys.argv[1], state, opt)
+"""
+
+
+def test_process_killed_mid_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "state.opt"
+    proc = subprocess.run([sys.executable, "-c", _KILLED, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    opt = optgen.load("adamw")
+    params = {"w": jnp.ones((256, 64))}
+    back = optgen.load_state(str(path), opt, params)  # the first save, whole
+    assert int(back.count) == 0 and float(jnp.abs(back.slots["mu"]["w"]).max()) == 0.0
+
+
+def test_load_takes_a_path_object_and_refuses_other_types(tmp_path):
+    import pathlib
+    kernels = pathlib.Path(__file__).parent.parent / "kernels"
+    assert optgen.load(kernels / "adam.spec").name == "adam"
+    for bad, code in ((3, "E001"), (None, "E001"), (kernels, "E002")):
+        with pytest.raises(optgen.SpecError) as err:
+            optgen.load(bad)
+        assert err.value.code == code, err.value.render()
