@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optgen import packing
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
@@ -25,7 +26,9 @@ class OptState(NamedTuple):
 
     count: jax.Array  # int32: updates applied so far
     hyperparams: dict[str, jax.Array]  # non-schedule hyperparameters, changeable between steps
-    slots: dict[str, Any]  # each spec `state`, a pytree shaped like the parameters
+    # Each spec `state`: a pytree shaped like the parameters, or, where small parameters'
+    # state is packed into flat buffers, a packing.PackedState (`.tree()` is that pytree).
+    slots: dict[str, Any]
 
 
 def step_dtype() -> np.dtype:
@@ -56,7 +59,7 @@ class Optimizer:
         self.hyperparams = hyperparams
         self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
         self.step = jax.jit(self._apply, donate_argnums=(0, 2))
-        self._init_slots = jax.jit(self._run_init, static_argnums=2)
+        self._init_slots = jax.jit(self._run_init, static_argnums=(2, 3))
         self._update = jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True))
 
     def __repr__(self) -> str:
@@ -71,19 +74,21 @@ class Optimizer:
         if self.state_names and leaves:
             scalars = {name: self._hyper(name, hypers, jnp.zeros([], jnp.int32)) for name in self.hyperparams}
             concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
-            out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None)
-            slots = {name: treedef.unflatten(out[name]) for name in self.state_names}
+            layout = packing.plan(self.compiled.program, leaves)
+            out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None, layout)
+            slots = {name: packing.wrap(layout, treedef, out[name]) for name in self.state_names}
         elif self.state_names:
             slots = {name: treedef.unflatten([]) for name in self.state_names}
         return OptState(jnp.zeros([], jnp.int32), hypers, slots)
 
-    def _run_init(self, leaves, scalars, shardings):
-        out = run_ir(self.compiled.program.init, {"p": leaves}, scalars, self._out_dtypes(leaves, states=True))
+    def _run_init(self, leaves, scalars, shardings, layout):
+        units = layout.pack(leaves)
+        out = run_ir(self.compiled.program.init, {"p": units}, scalars, self._out_dtypes(units, states=True))
         if shardings is None:
             return out
         # Each state is laid out like its parameter (sharded the same way), not gathered.
-        return {name: [jax.lax.with_sharding_constraint(x, sharding) for x, sharding in zip(xs, shardings, strict=True)]
-                for name, xs in out.items()}
+        return {name: [jax.lax.with_sharding_constraint(x, shardings[unit[0]])
+                       for x, unit in zip(xs, layout.units, strict=True)] for name, xs in out.items()}
 
     def update(self, updates, state: OptState, params=None):
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""
@@ -97,14 +102,16 @@ class Optimizer:
         count = safe_increment(state.count)
         if not leaves:
             return params, OptState(count, state.hyperparams, state.slots)
-        tensors = {"p": leaves, "g": treedef.flatten_up_to(grads)}
-        tensors |= {name: treedef.flatten_up_to(state.slots[name]) for name in self.state_names}
+        layout = packing.layout_of(state.slots, leaves)
+        units = layout.pack(leaves)
+        tensors = {"p": units, "g": layout.pack(treedef.flatten_up_to(grads))}
+        tensors |= {name: packing.units_of(state.slots[name], treedef) for name in self.state_names}
         scalars = {"t": count.astype(step_dtype())}
         scalars |= {name: self._hyper(name, state.hyperparams, state.count) for name in self.hyperparams}
-        out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(leaves),
+        out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(units),
                      delta_output="p" if as_update else None)
-        slots = {name: treedef.unflatten(out[name]) for name in self.state_names}
-        return treedef.unflatten(out["p"]), OptState(count, state.hyperparams, slots)
+        slots = {name: packing.wrap(layout, treedef, out[name]) for name in self.state_names}
+        return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
 
     def _hyper(self, name: str, stored: dict, count: jax.Array) -> jax.Array:
         value = self.hyperparams[name]
