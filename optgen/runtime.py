@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optgen import packing
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
@@ -28,8 +29,10 @@ class OptState(NamedTuple):
 
     count: jax.Array  # int32: calls of update/step so far (with skip_nonfinite or accumulation, not all update p)
     hyperparams: dict[str, jax.Array]  # non-schedule hyperparameters, changeable between steps
-    slots: dict[str, Any]  # each spec `state`: a pytree like the parameters (of 0-d arrays for a
-    # `leaf` state), or one 0-d array for a `step` state
+    # Each spec `state`: a pytree shaped like the parameters (of 0-d arrays for a `leaf` state),
+    # one 0-d array for a `step` state, or, where small parameters' per-element state is packed
+    # into flat buffers, a packing.PackedState (`.tree()` is the parameter-shaped pytree).
+    slots: dict[str, Any]
 
 
 def step_dtype() -> np.dtype:
@@ -63,7 +66,7 @@ class Optimizer:
         self.extents = compiled.program.extents()
         self._inputs = InputChecker(self)  # wrong inputs raise InputError before anything is donated
         self.step = self._inputs.guard(jax.jit(self._apply, donate_argnums=(0, 2)))
-        self._init_slots = jax.jit(self._run_init, static_argnums=2)
+        self._init_slots = jax.jit(self._run_init, static_argnums=(2, 3))
         self._update = self._inputs.guard(jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True)))
 
     def __repr__(self) -> str:
@@ -79,21 +82,24 @@ class Optimizer:
         if self.state_names:
             scalars = {name: self._hyper(name, hypers, jnp.zeros([], jnp.int32)) for name in self.hyperparams}
             concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
-            out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None)
-            slots = {name: self._slot(out[name], name, treedef) for name in self.state_names}
+            layout = packing.plan(self.compiled.program, leaves)
+            out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None, layout)
+            slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names}
         return OptState(jnp.zeros([], jnp.int32), hypers, slots)
 
-    def _slot(self, arrays: list, name: str, treedef):
-        """A state's outputs as stored: one array for a per-step state, else a pytree like the parameters."""
-        return arrays[0] if self.extents[name] == "step" else treedef.unflatten(arrays)
+    def _slot(self, arrays: list, name: str, layout: packing.Layout, treedef):
+        """A state's outputs as stored: one array for a per-step state; else per parameter, packed by ``layout``."""
+        return arrays[0] if self.extents[name] == "step" else packing.wrap(layout, treedef, arrays)
 
-    def _run_init(self, leaves, scalars, shardings):
-        out = run_ir(self.compiled.program.init, {"p": leaves}, scalars, self._out_dtypes(leaves, states=True),
+    def _run_init(self, leaves, scalars, shardings, layout):
+        units = layout.pack(leaves)
+        out = run_ir(self.compiled.program.init, {"p": units}, scalars, self._out_dtypes(units, states=True),
                      out_extents=self.extents)
         if shardings is None:
             return out
         # Each per-element state is laid out like its parameter (sharded the same way), not gathered.
-        return {name: [jax.lax.with_sharding_constraint(x, sharding) for x, sharding in zip(xs, shardings, strict=True)]
+        return {name: [jax.lax.with_sharding_constraint(x, shardings[unit[0]])
+                       for x, unit in zip(xs, layout.units, strict=True)]
                 if self.extents[name] == "tensor" else xs for name, xs in out.items()}
 
     def update(self, updates, state: OptState, params=None):
@@ -109,16 +115,19 @@ class Optimizer:
         count = safe_increment(state.count)
         if not leaves:
             return params, OptState(count, state.hyperparams, state.slots)
-        tensors = {"p": leaves, "g": treedef.flatten_up_to(grads)} | self.variant.leaf_inputs(params)
-        tensors |= {name: treedef.flatten_up_to(state.slots[name]) for name in self.state_names
-                    if self.extents[name] != "step"}
+        per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
+        layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
+        units = layout.pack(leaves)
+        # Per-leaf inputs (the weight-decay mask) come with leaf ops, so their specs are never packed.
+        tensors = {"p": units, "g": layout.pack(treedef.flatten_up_to(grads))} | self.variant.leaf_inputs(params)
+        tensors |= {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
         scalars = {"t": count.astype(step_dtype())}
         scalars |= {name: self._hyper(name, state.hyperparams, state.count) for name in self.hyperparams}
         scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
-        out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(leaves),
+        out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(units),
                      delta_output="p" if as_update else None, out_extents=self.extents)
-        slots = {name: self._slot(out[name], name, treedef) for name in self.state_names}
-        return treedef.unflatten(out["p"]), OptState(count, state.hyperparams, slots)
+        slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names}
+        return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
 
     def finalize(self, params, state: OptState):
         """The parameters to keep after training: with ``use_ema``, the moving averages (Keras's

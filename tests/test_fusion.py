@@ -144,5 +144,6 @@ def test_sharded_step_keeps_layouts_and_needs_no_collectives():
     assert report["params"] == report["expected"]
     assert report["state_init"] == report["expected"]
     assert report["state_after"] == report["expected"]
+    assert report["packed_groups"] == ["P()"]  # b and c, still replicated
     assert report["collectives"] == []
     assert report["max_diff"] < 1e-6

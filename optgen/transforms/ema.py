@@ -14,6 +14,7 @@ are hyperparameters; the average is the state ``ema``, initialized to ``p``.
 
 from __future__ import annotations
 
+from optgen import packing
 from optgen.ir import Program
 from optgen.transforms.accumulate import updates_before
 from optgen.transforms.edit import Editor, replace_update
@@ -41,4 +42,4 @@ def apply(program: Program, overwrite: bool) -> Program:
 
 def finalize(params, state):
     """The moving averages in place of ``params`` (same structure and dtypes)."""
-    return state.slots[AVERAGE]
+    return packing.as_tree(state.slots[AVERAGE])

@@ -14,9 +14,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-layout = {"w": P("data", "model"), "v": P(None, "model"), "b": P()}
+# b and c are small and replicated: their state is packed into one buffer; w and v keep their own.
+layout = {"w": P("data", "model"), "v": P(None, "model"), "b": P(), "c": P()}
 rng = np.random.default_rng(0)
-host = {"w": rng.normal(size=(64, 32)), "v": rng.normal(size=(16, 8)), "b": rng.normal(size=(32,))}
+host = {"w": rng.normal(size=(64, 32)), "v": rng.normal(size=(16, 8)), "b": rng.normal(size=(32,)),
+        "c": rng.normal(size=(16,))}
 host = {k: v.astype(np.float32) for k, v in host.items()}
 grads_host = {k: np.float32(0.1) * v + 0.01 for k, v in host.items()}
 
@@ -44,6 +46,7 @@ print(json.dumps({
     "expected": {k: str(layout[k]) for k in host},
     "state_init": init_shardings,
     "state_after": {k: str(state.slots["nu"][k].sharding.spec) for k in host},
+    "packed_groups": [str(x.sharding.spec) for x in jax.tree.leaves(state.slots["mu"]) if x.shape == (48,)],
     "collectives": sorted(set(re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter", hlo))),
     "max_diff": max(float(np.max(np.abs(np.asarray(params[k]) - np.asarray(reference[k])))) for k in host),
 }))
