@@ -101,7 +101,8 @@ class _ToAst(Transformer):
         return ast.Hyper(ast.Name(str(name), _span(name)), default, _span(name))
 
     def option(self, name, default):
-        return ast.Option(ast.Name(str(name), _span(name)), default.value, _span(name))
+        value = default.value if isinstance(default, ast.Bool) else default
+        return ast.Option(ast.Name(str(name), _span(name)), value, _span(name))
 
     def state(self, name, *rest):
         *qualifiers, init = rest
