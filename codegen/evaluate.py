@@ -6,6 +6,8 @@ so both give ops the same meaning. Each IR value becomes, by its extent:
 - ``step``: one scalar, computed once in the step dtype (float32, or float64 when
   JAX's x64 mode is on) and shared by every parameter;
 - ``leaf``: one scalar per parameter, in that parameter's compute dtype;
+- ``row``, ``col``: one array per parameter, with the axes they reduce kept as size 1
+  (which axes, per parameter, is :class:`~optgen.types.Factoring`'s choice);
 - ``tensor``: one array per parameter, in that parameter's compute dtype.
 
 A parameter's compute dtype is its storage dtype widened to at least float32: low

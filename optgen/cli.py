@@ -31,10 +31,14 @@ def _parse_with(values: tuple[str, ...]) -> dict[str, object]:
     options = {}
     for item in values:
         name, sep, text = item.partition("=")
-        if not sep or text.lower() not in ("true", "false"):
-            raise SpecError(f"--with takes NAME=true or NAME=false, got '{item}'",
+        try:
+            value = {"true": True, "false": False}[text.lower()] if text.lower() in ("true", "false") else float(text)
+        except ValueError:
+            value = None
+        if not sep or value is None:
+            raise SpecError(f"--with takes NAME=true, NAME=false or NAME=NUMBER, got '{item}'",
                             hint="for example: --with nesterov=true")
-        options[name.strip()] = text.lower() == "true"
+        options[name.strip()] = value
     return options
 
 
