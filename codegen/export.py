@@ -30,7 +30,8 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
         tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
         scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
         out_dtypes = {"p": [inputs["p"].dtype]} | {n: [d] for n, d in state_dtypes.items()}
-        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering, out_extents=program.extents())
+        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering, out_extents=program.extents(),
+                     factoring=program.factoring)
         return {name: out[name][0] for name, _ in func.outputs}
 
     return step
@@ -44,7 +45,8 @@ def x64_for(dtype: np.dtype):
 def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
     """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"``."""
     dims = jax.export.symbolic_shape(shape)
-    shapes = {"step": (), "leaf": (), "tensor": dims}
+    # One flat tensor is never factored: a row value is all of it, a col value one number.
+    shapes = {"step": (), "leaf": (), "row": dims, "col": (), "tensor": dims}
     return {v.name: jax.ShapeDtypeStruct(shapes[v.type.extent], state_dtypes.get(v.name, scalar_dtype(dtype)
                                          if v.type.extent == "step" else dtype)) for v in program.update.inputs}
 

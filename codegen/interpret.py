@@ -13,6 +13,7 @@ import numpy as np
 
 from optgen.codegen.evaluate import evaluate
 from optgen.ir import Function
+from optgen.types import NOT_FACTORED, Factoring
 
 # The meaning of every IR op on NumPy values; fold uses it too.
 NUMPY_OPS = {
@@ -47,8 +48,20 @@ class NumpyBackend:
     def broadcast(self, x, like):
         return np.broadcast_to(x, np.shape(like))
 
+    def broadcast_to(self, x, shape):
+        return np.broadcast_to(x, shape)
+
+    def reshape(self, x, shape):
+        return np.reshape(x, shape)
+
+    def shape_of(self, x):
+        return np.shape(x)
+
     def reduce_sum(self, x):
         return np.sum(x, dtype=np.asarray(x).dtype)
+
+    def mean(self, x, axes):
+        return np.mean(x, axis=axes, keepdims=True, dtype=np.asarray(x).dtype) if axes else x
 
     def size(self, x, dtype):
         return np.asarray(np.size(x), dtype=dtype)
@@ -58,7 +71,8 @@ class NumpyBackend:
 
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
-              dtype=np.float64, delta_output: str | None = None) -> dict[str, list[np.ndarray]]:
+              dtype=np.float64, delta_output: str | None = None,
+              factoring: Factoring = NOT_FACTORED) -> dict[str, list[np.ndarray]]:
     """Run ``func`` with every value computed in ``dtype``; outputs are returned in ``dtype`` too.
 
     ``tensors`` maps each tensor input (``p``, ``g``, states) to one array per
@@ -67,4 +81,5 @@ def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scala
     dtype = np.dtype(dtype)
     tensors = {k: [np.asarray(x, dtype) for x in v] for k, v in tensors.items()}
     out_dtypes = {name: [dtype] * len(tensors["p"]) for name, _ in func.outputs}
-    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output)
+    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output,
+                    factoring=factoring)

@@ -18,6 +18,7 @@ from optgen.codegen import fusion
 from optgen.codegen.evaluate import evaluate
 from optgen.codegen.stablehlo import StableHLOBackend
 from optgen.ir import Function
+from optgen.types import NOT_FACTORED, Factoring
 
 run_ir_p = Primitive("optgen_run_ir")
 run_ir_p.multiple_results = True
@@ -25,12 +26,14 @@ run_ir_p.multiple_results = True
 
 def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dict[str, jax.Array],
            out_dtypes: dict[str, Sequence[np.dtype]], delta_output: str | None = None,
-           lowering: str = "auto", out_extents: dict[str, str] | None = None) -> dict[str, list]:
+           lowering: str = "auto", out_extents: dict[str, str] | None = None,
+           factoring: Factoring = NOT_FACTORED) -> dict[str, list]:
     """Run ``func`` over every parameter: the JAX counterpart of :func:`codegen.interpret.interpret`.
 
     ``tensors`` maps each tensor and leaf input to one array per parameter, ``scalars``
     each step input to a 0-d array whose dtype is the step dtype. Returns each output's
-    arrays, stored in ``out_dtypes``; ``out_extents`` as in :func:`codegen.evaluate.evaluate`.
+    arrays, stored in ``out_dtypes``; ``out_extents`` and ``factoring`` as in
+    :func:`codegen.evaluate.evaluate`.
     ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
     """
     tensor_names = tuple(v.name for v in func.inputs if v.type.extent != "step")
@@ -42,7 +45,7 @@ def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dic
     flat = run_ir_p.bind(
         *operands, func=func, n=n, tensor_names=tensor_names, scalar_names=scalar_names,
         out_dtypes=tuple(tuple(np.dtype(d) for d in out_dtypes[name]) for name in out_names),
-        delta_output=delta_output, lowering=lowering, out_extents=extents)
+        delta_output=delta_output, lowering=lowering, out_extents=extents, factoring=factoring)
     outputs, start = {}, 0
     for name, extent in zip(out_names, extents, strict=True):
         count = 1 if extent == "step" else n
@@ -58,16 +61,22 @@ def _split(operands, n, tensor_names, scalar_names):
 
 @run_ir_p.def_abstract_eval
 def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
-                   out_extents):
+                   out_extents, factoring):
     params = operands[:n]
-    shapes = {"step": lambda p: (), "leaf": lambda p: (), "tensor": lambda p: p.shape}
-    return [jax.core.ShapedArray(shapes[extent](p), dtype)
+
+    def stored(extent, p):  # row and col values drop the axes they reduce
+        if extent in ("step", "leaf"):
+            return ()
+        reduced = dict(zip(("row", "col"), factoring.axes(p.shape), strict=True)).get(extent, ())
+        return tuple(size for axis, size in enumerate(p.shape) if axis not in reduced)
+
+    return [jax.core.ShapedArray(stored(extent, p), dtype)
             for dtypes, extent in zip(out_dtypes, out_extents, strict=True)
             for p, dtype in zip(params if extent != "step" else [None], dtypes, strict=True)]
 
 
 def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
-           out_extents):
+           out_extents, factoring):
     tensors, scalars = _split(operands, n, tensor_names, scalar_names)
     step_dtype = ctx.avals_in[len(tensor_names) * n].dtype if scalar_names else np.dtype(np.float32)
     names = [name for name, _ in func.outputs]
@@ -76,11 +85,11 @@ def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delt
     outputs = evaluate(func, StableHLOBackend(), tensors, scalars, step_dtype,
                        dict(zip(names, out_dtypes, strict=True)), delta_output,
                        per_output=fusion.resolve(lowering, tuple(ctx.module_context.platforms), loop_dtypes) == "per-output",
-                       out_extents=dict(zip(names, out_extents, strict=True)))
+                       out_extents=dict(zip(names, out_extents, strict=True)), factoring=factoring)
     return [x for name in names for x in outputs[name]]
 
 
-_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "out_extents")
+_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "out_extents", "factoring")
 # Called outside any jit, the primitive compiles once per distinct params and caches it.
 run_ir_p.def_impl(jax.jit(lambda *ops, **params: run_ir_p.bind(*ops, **params), static_argnames=_PARAMS))
 mlir.register_lowering(run_ir_p, _lower)

@@ -62,23 +62,51 @@ class StableHLOBackend:
         return hlo.ConvertOp(ir.RankedTensorType.get(source.shape, target), x).result
 
     def broadcast(self, x, like):
-        """Broadcast 0-d ``x`` to the shape of ``like`` (static or symbolic)."""
+        """Broadcast ``x`` (0-d, or of ``like``'s rank with size-1 axes) to the shape of ``like`` (static or symbolic)."""
         shape = _tensor_type(like)
-        if shape.has_static_shape:
-            out = ir.RankedTensorType.get(shape.shape, _tensor_type(x).element_type)
-            return hlo.BroadcastInDimOp(out, x, mlir.dense_int_array([])).result
+        dims = mlir.dense_int_array(list(range(_tensor_type(x).rank)))
         out = ir.RankedTensorType.get(shape.shape, _tensor_type(x).element_type)
-        return hlo.DynamicBroadcastInDimOp(out, x, self._shape_of(like), mlir.dense_int_array([])).result
+        if shape.has_static_shape:
+            return hlo.BroadcastInDimOp(out, x, dims).result
+        return hlo.DynamicBroadcastInDimOp(out, x, self._shape_of(like), dims).result
 
-    def reduce_sum(self, x):
-        element = _tensor_type(x).element_type
-        scalar = ir.RankedTensorType.get([], element)
+    def broadcast_to(self, x, shape):
+        out = ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type)
+        return hlo.BroadcastInDimOp(out, x, mlir.dense_int_array(list(range(_tensor_type(x).rank)))).result
+
+    def reshape(self, x, shape):
+        return hlo.ReshapeOp(ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type), x).result
+
+    def shape_of(self, x):
+        return tuple(_tensor_type(x).shape)
+
+    def reduce_sum(self, x, axes=None):
+        """The sum of ``x`` over ``axes`` (default: all), which are dropped."""
+        source = _tensor_type(x)
+        axes = list(range(source.rank)) if axes is None else list(axes)
+        kept = [n for axis, n in enumerate(source.shape) if axis not in axes]
+        result = ir.RankedTensorType.get(kept, source.element_type)
+        scalar = ir.RankedTensorType.get([], source.element_type)
         zero = mlir.ir_constant(np.zeros((), self.dtype_of(x)))
-        reduce = hlo.ReduceOp([scalar], [x], [zero], mlir.dense_int_array(list(range(_tensor_type(x).rank))))
+        reduce = hlo.ReduceOp([result], [x], [zero], mlir.dense_int_array(axes))
         block = reduce.body.blocks.append(scalar, scalar)
         with ir.InsertionPoint(block):
             hlo.ReturnOp([hlo.AddOp(*block.arguments).result])
         return reduce.result
+
+    def mean(self, x, axes):
+        """The mean of ``x`` over ``axes``, kept as size-1 axes (of a static shape, or all axes)."""
+        if not axes:
+            return x
+        source = _tensor_type(x)
+        total = self.reduce_sum(x, axes)
+        if len(axes) == source.rank:
+            count = self.size(x, self.dtype_of(x))
+        else:
+            count = self.constant(float(np.prod([source.shape[a] for a in axes])), self.dtype_of(x))
+            count = self.broadcast_to(count, _tensor_type(total).shape)
+        kept = [1 if axis in axes else n for axis, n in enumerate(source.shape)]
+        return self.reshape(hlo.DivOp(total, count).result, kept)
 
     def size(self, x, dtype):
         shape = _tensor_type(x)

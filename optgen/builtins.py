@@ -29,5 +29,9 @@ BUILTINS = {b.name: b for b in (
     Builtin("mean", 1, "mean of a tensor's elements", reduces_to="leaf"),
     Builtin("norm", 1, "Euclidean norm of a tensor", reduces_to="leaf"),
     Builtin("rms", 1, "root mean square of a tensor's elements: sqrt(mean(x^2))", reduces_to="leaf"),
+    Builtin("row_mean", 1, "mean over each row's elements (a factored parameter's largest axis)",
+            reduces_to="row"),
+    Builtin("col_mean", 1, "mean over each column's elements (a factored parameter's second-largest axis; "
+            "all of an unfactored one)", reduces_to="col"),
     Builtin("global_norm", 1, "Euclidean norm over every parameter's tensor", reduces_to="step"),
 )}

@@ -13,7 +13,7 @@ from optgen import syntax as ast
 from optgen.builtins import BUILTINS
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.hazards import analyze
-from optgen.types import DTYPES, EXTENTS, Type, widest
+from optgen.types import DTYPES, EXTENTS, Type, fits, widest
 
 RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"}
 OPTION = Type("step", "option")  # a compile-time flag: only `if` may test it
@@ -113,13 +113,25 @@ class _Checker:
             else:
                 dtype = q.id
         self.extents[name], self.dtypes[name] = extent, dtype
+        if extent in ("row", "col"):
+            self.expect_factoring(state.qualifiers[0].span if state.qualifiers else state.name.span)
         env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}
         init = self.expect_float(state.init, env, "a state's initial value")
         self.expect_fits(state.init, init, name, extent)
 
+    def expect_factoring(self, span) -> None:
+        """Row and column values need the factoring rule's two options, with optax's names."""
+        wanted = {"factored": bool, "min_dim_size_to_factor": float}
+        for name, kind in wanted.items():
+            found = [o for o in self.spec.options if o.name.id == name]
+            if not found or isinstance(found[0].default, bool) != (kind is bool):
+                example = "true" if kind is bool else "128"
+                raise self.error(f"row and column values need 'option {name} = {example}'", span,
+                                 "they decide which parameters are factored, as optax.adafactor does", code="E221")
+
     def expect_fits(self, node: ast.Expr, ty: Type, name: str, extent: str) -> None:
         """A state of ``extent`` holds ``ty`` only if ``ty`` has no more copies (a narrower one broadcasts)."""
-        if EXTENTS.index(ty.extent) > EXTENTS.index(extent):
+        if not fits(ty.extent, extent):
             raise self.error(f"state '{name}' holds one number per {extent}, but this value has one "
                              f"per {'element' if ty.extent == 'tensor' else ty.extent}", node.span,
                              f"reduce it (sum, mean, norm) or declare 'state {name}: {ty.extent}'", code="E220")
@@ -171,6 +183,9 @@ class _Checker:
             if isinstance(node, (ast.Bool,)):
                 continue
             if isinstance(node, ast.Name) and self.declared_kind(node.id) == "option":
+                if not isinstance(self.option_default(node.id), bool):
+                    raise self.error(f"option '{node.id}' is a number, not a flag", node.span,
+                                     "test a true/false option here")
                 continue
             if isinstance(node, ast.Name) and node.id not in self.all_declared():
                 raise self.unknown_name(node, list(o.name.id for o in self.spec.options))
@@ -231,10 +246,15 @@ class _Checker:
             self.expect_kind(arg, ty, "bool" if i in fn.bool_args else "float", fn.name)
         if fn.reduces_to is None:
             return Type(widest(ty.extent for ty in types))
-        if types[0].extent != "tensor":
+        accepted = ("tensor", "row") if fn.name == "col_mean" else ("tensor",) if fn.name == "row_mean" \
+            else ("tensor", "row", "col")
+        if types[0].extent not in accepted:
             raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
                              f"one number per {types[0].extent}", expr.args[0].span,
                              f"pass a per-element value such as g or p to {fn.name}", code="E216")
+        if fn.reduces_to in ("row", "col"):
+            self.expect_factoring(expr.func.span)
+            return Type("row" if types[0].extent == "row" else fn.reduces_to)
         return Type(fn.reduces_to)
 
     def expect_kind(self, node: ast.Expr, ty: Type, want: str, where: str) -> None:
@@ -254,6 +274,9 @@ class _Checker:
             if any(d.name.id == name for d in group):
                 return kind
         return None
+
+    def option_default(self, name: str) -> bool | float:
+        return next(o.default for o in self.spec.options if o.name.id == name)
 
     def all_declared(self) -> set[str]:
         return {d.name.id for group in (self.spec.hypers, self.spec.options, self.spec.states)

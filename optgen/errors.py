@@ -56,6 +56,7 @@ CATALOG: dict[str, str] = {
     "E218": "division by a constant zero",
     "E219": "a state given two shapes or two dtypes",
     "E220": "a value with more copies than its state holds",
+    "E221": "row or column values without the factoring options",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",
@@ -68,6 +69,7 @@ CATALOG: dict[str, str] = {
     "E309": "a leaf whose dtype differs from what is expected",
     "E310": "a leaf that is not an array",
     "E311": "state from another optimizer",
+    "E312": "a numeric option given something other than a number",
     "E320": "unknown artifact input",
     "E321": "missing artifact input",
     "E322": "the artifact cannot be read",

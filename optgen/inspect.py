@@ -61,18 +61,21 @@ def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
     """One read of each tensor input and one write of each per-element output, at storage
     dtypes, plus one more read of each tensor input a reduction depends on."""
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
-    reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent == "tensor")
+    # The kernel updates one flat tensor, which is never factored: its row values are per element.
+    per_element = ("tensor", "row")
+    reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent in per_element)
     reads += sum(dtypes[name].itemsize for name in _reduced_inputs(program.update))
     extents = program.extents()
-    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] == "tensor")
+    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] in per_element)
 
 
 def _reduced_inputs(func) -> set[str]:
-    """Names of the tensor inputs that some per-tensor reduction (``sum``) depends on."""
+    """Names of the per-element inputs that some reduction over a whole flat tensor (``sum``,
+    ``col_mean``) depends on."""
     producers = {id(op.result): op for op in func.ops}
-    inputs = {id(v): v.name for v in func.inputs if v.type.extent == "tensor"}
+    inputs = {id(v): v.name for v in func.inputs if v.type.extent in ("tensor", "row")}
     found, seen = set(), set()
-    stack = [op.operands[0] for op in func.ops if op.opcode == "sum"]
+    stack = [op.operands[0] for op in func.ops if op.opcode in ("sum", "col_mean")]
     while stack:
         value = stack.pop()
         if id(value) in seen:

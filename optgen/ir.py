@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from optgen.types import EXTENTS, Type, widest
+from optgen.types import EXTENTS, NOT_FACTORED, Factoring, Type, widest
 
 # opcode -> arity, for every op but const. Each group below shares a typing rule.
 FLOAT_OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "max": 2, "min": 2,
@@ -29,9 +29,10 @@ FLOAT_OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "max": 2, "min": 
 # Float operands, bool result; isfinite(x): neither inf nor nan.
 COMPARE_OPS = {"lt": 2, "le": 2, "gt": 2, "ge": 2, "eq": 2, "ne": 2, "isfinite": 1}
 LOGIC_OPS = {"and": 2, "or": 2, "not": 1}
-# select(cond, a, b); sum: tensor -> leaf; size: element count, tensor -> leaf;
-# gsum: the sum over every parameter of a per-leaf value, leaf -> step.
-OTHER_OPS = {"select": 3, "sum": 1, "size": 1, "gsum": 1}
+# select(cond, a, b); sum: tensor (or row, col) -> leaf; size: element count, tensor -> leaf;
+# gsum: the sum over every parameter of a per-leaf value, leaf -> step;
+# row_mean: tensor -> row; col_mean: tensor -> col, or row -> row (see optgen.types).
+OTHER_OPS = {"select": 3, "sum": 1, "size": 1, "gsum": 1, "row_mean": 1, "col_mean": 1}
 ARITY = FLOAT_OPS | COMPARE_OPS | LOGIC_OPS | OTHER_OPS
 
 
@@ -92,7 +93,8 @@ class Program:
     update: Function
     init: Function
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
-    state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf or tensor; p is a tensor
+    state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf, row, col or tensor; p is a tensor
+    factoring: Factoring = NOT_FACTORED  # which parameters have rows and columns (optgen.types)
 
     def extents(self) -> dict[str, str]:
         """The extent of each output of ``update`` (and, for states, of ``init``)."""
@@ -114,9 +116,14 @@ def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
     if kinds != expected:
         raise IRError(f"'{opcode}' takes ({', '.join(expected)}) operands, got ({', '.join(kinds)})")
     if opcode in ("sum", "size"):
-        if extent != "tensor":
+        if extent not in ("tensor", "row", "col"):
             raise IRError(f"'{opcode}' reduces a tensor, got a {extent} value")
         return Type("leaf")
+    if opcode in ("row_mean", "col_mean"):
+        accepted = {"row_mean": {"tensor": "row"}, "col_mean": {"tensor": "col", "row": "row"}}[opcode]
+        if extent not in accepted:
+            raise IRError(f"'{opcode}' reduces a tensor, got a {extent} value")
+        return Type(accepted[extent])
     if opcode == "gsum":
         if extent != "leaf":
             raise IRError(f"'gsum' sums a leaf value over all parameters, got a {extent} value")

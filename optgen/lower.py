@@ -11,7 +11,7 @@ from optgen import syntax as ast
 from optgen.checker import CheckedSpec
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.ir import Builder, Function, Loc, Program, Value
-from optgen.types import Type
+from optgen.types import NOT_FACTORED, Factoring, Type
 
 _BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow", "<": "lt", "<=": "le",
            ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
@@ -26,8 +26,10 @@ def resolve_options(checked: CheckedSpec, given: dict[str, object]) -> dict[str,
             hint = did_you_mean(name, options) or (
                 f"its options are: {', '.join(options)}" if options else "it has no options")
             raise SpecError(f"'{checked.name}' has no option '{name}'", hint=hint, code="E303")
-        if not isinstance(value, bool):
+        if isinstance(options[name], bool) and not isinstance(value, bool):
             raise SpecError(f"option '{name}' takes true or false, got {value!r}", code="E304")
+        if not isinstance(options[name], bool) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SpecError(f"option '{name}' takes a number, got {value!r}", code="E312")
         options[name] = value
     return options
 
@@ -70,7 +72,10 @@ class _Lowering:
         init_outputs = tuple((s.name.id, self.expr(s.init, init_env)) for s in states)
         init = Function(f"{spec.name.id}.init", init_inputs, tuple(self.builder.ops), init_outputs)
         dtypes = {name: self.checked.state_dtypes[name] for name in extents}
-        return Program(update, init, dtypes, extents)
+        factoring = NOT_FACTORED
+        if "factored" in self.options and "min_dim_size_to_factor" in self.options:
+            factoring = Factoring(self.options["factored"], self.options["min_dim_size_to_factor"])
+        return Program(update, init, dtypes, extents, factoring)
 
     def select(self, stmts) -> list[ast.Assign]:
         """Flatten ``if`` statements to the assignments the options select."""

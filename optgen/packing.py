@@ -98,8 +98,10 @@ def plan(program: Program, leaves: Sequence) -> Layout:
 
 
 def _elementwise(program: Program) -> bool:
-    """No per-parameter (``leaf``) values: the step means the same on a group as on its members."""
-    return all(op.result.type.extent != "leaf" for func in (program.update, program.init) for op in func.ops)
+    """Every value is per step or per element, so the step means the same on a group as on its
+    members: no per-parameter (``leaf``) or row/column (``row``, ``col``) values, inputs included."""
+    return all(value.type.extent in ("step", "tensor") for func in (program.update, program.init)
+               for value in (*func.inputs, *(op.result for op in func.ops)))
 
 
 def _replicated(leaf) -> bool:

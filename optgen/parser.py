@@ -159,7 +159,8 @@ class _ToAst(Transformer):
         return bounds
 
     def option(self, name, default):
-        return ast.Option(ast.Name(str(name), _span(name)), default.value, _span(name))
+        value = default.value if isinstance(default, ast.Bool) else default
+        return ast.Option(ast.Name(str(name), _span(name)), value, _span(name))
 
     def state(self, name, *rest):
         *qualifiers, init = rest

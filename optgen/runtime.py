@@ -94,7 +94,7 @@ class Optimizer:
     def _run_init(self, leaves, scalars, shardings, layout):
         units = layout.pack(leaves)
         out = run_ir(self.compiled.program.init, {"p": units}, scalars, self._out_dtypes(units, states=True),
-                     out_extents=self.extents)
+                     out_extents=self.extents, factoring=self.compiled.program.factoring)
         if shardings is None:
             return out
         # Each per-element state is laid out like its parameter (sharded the same way), not gathered.
@@ -125,7 +125,8 @@ class Optimizer:
         scalars |= {name: self._hyper(name, state.hyperparams, state.count) for name in self.hyperparams}
         scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
         out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(units),
-                     delta_output="p" if as_update else None, out_extents=self.extents)
+                     delta_output="p" if as_update else None, out_extents=self.extents,
+                     factoring=self.compiled.program.factoring)
         slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names}
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
 

@@ -101,10 +101,11 @@ class Hyper:
 
 @dataclass(frozen=True)
 class Option:
-    """``option name = true|false``: a compile-time flag that selects ``if`` branches."""
+    """``option name = true|false``: a compile-time flag that selects ``if`` branches; or
+    ``option name = NUMBER``: a compile-time number (the factoring rule's minimum size)."""
 
     name: Name
-    default: bool
+    default: bool | float
     span: Span
 
 
@@ -163,7 +164,8 @@ def format_spec(spec: Spec) -> str:
     """The AST as indented S-expressions, one declaration or statement a line (``--emit ast``)."""
     lines = [f"(optimizer {spec.name.id} {spec.description!r}"]
     lines += [f"  (hyper {h.name.id} {h.default!r}{f' {h.range}' if h.range else ''})" for h in spec.hypers]
-    lines += [f"  (option {o.name.id} {'true' if o.default else 'false'})" for o in spec.options]
+    lines += [f"  (option {o.name.id} {str(o.default).lower() if isinstance(o.default, bool) else o.default!r})"
+              for o in spec.options]
     lines += [f"  (state {s.name.id}{''.join(':' + q.id for q in s.qualifiers)} {format_expr(s.init)})"
               for s in spec.states]
 

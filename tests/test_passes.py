@@ -12,6 +12,7 @@ from optgen.codegen.interpret import interpret
 from optgen.compiler import check_spec, compile_checked
 from optgen.ir import IRError, parse_function, print_function, print_program, verify
 from optgen.passes import DEFAULT_PIPELINE, PASSES, parse_pipeline, run_pipeline
+from optgen.types import Factoring
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden").glob("*.ir"))
 
@@ -31,7 +32,8 @@ def test_every_pass_has_a_golden_test():
 def _random_inputs(func, seed):
     rng = np.random.default_rng(seed)
     shapes = [(), (6,), (3, 4)]
-    tensors = {v.name: [rng.normal(size=s if v.type.extent == "tensor" else ()) for s in shapes]
+    # Nothing is factored here: a row value is the whole tensor, a col value one number.
+    tensors = {v.name: [rng.normal(size=s if v.type.extent in ("tensor", "row") else ()) for s in shapes]
                for v in func.inputs if v.type.extent != "step"}
     tensors = {k: [np.abs(x) if k.startswith("nu") else x for x in v] for k, v in tensors.items()}
     defaults = {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0, "weight_decay": 1e-4}
@@ -88,3 +90,21 @@ def test_unknown_pass_name_suggests():
     with pytest.raises(optgen.SpecError, match="unknown pass 'hoyst'") as err:
         parse_pipeline("fold,hoyst")
     assert "did you mean 'hoist'" in err.value.render()
+
+
+def test_passes_keep_the_numbers_of_factored_parameters():
+    """Adafactor with rows and columns (a matrix, a batch of matrices, and an unfactored vector)."""
+    lowered = compile_checked(check_spec("adafactor"), passes=()).lowered.update
+    optimized = run_pipeline(lowered, DEFAULT_PIPELINE)
+    factoring = Factoring(True, 3)
+    rng = np.random.default_rng(0)
+    shapes = [(5, 3), (2, 3, 4), (7,)]
+    kept = {"row": [(3,), (2, 3), (7,)], "col": [(5,), (2, 4), ()]}
+    tensors = {"p": [rng.normal(size=s) for s in shapes], "g": [rng.normal(size=s) for s in shapes]}
+    tensors |= {name: [np.abs(rng.normal(size=s)) for s in kept[name[2:]]] for name in ("v_row", "v_col")}
+    scalars = {v.name: 0.5 for v in lowered.inputs if v.type.extent == "step"} | {"t": 3.0, "eps": 1e-30}
+    expected = interpret(lowered, tensors, scalars, factoring=factoring)
+    got = interpret(optimized, tensors, scalars, factoring=factoring)
+    for name in expected:
+        for e, g in zip(expected[name], got[name], strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-12)

@@ -23,7 +23,7 @@ from optgen.library import read_spec
 
 # optax modules whose functions an alias chains, by the names aliases import them as.
 _CHAINED = {"transform": "optax._src.transform", "factorized": "optax._src.factorized",
-            "_clipping": "optax._src.clipping"}
+            "_clipping": "optax.transforms._clipping"}
 
 
 def spec_lines(name: str) -> int:
