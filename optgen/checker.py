@@ -185,7 +185,7 @@ class _Checker:
             if isinstance(node, ast.Name) and self.declared_kind(node.id) == "option":
                 if not isinstance(self.option_default(node.id), bool):
                     raise self.error(f"option '{node.id}' is a number, not a flag", node.span,
-                                     "test a true/false option here")
+                                     "test a true/false option here", code="E222")
                 continue
             if isinstance(node, ast.Name) and node.id not in self.all_declared():
                 raise self.unknown_name(node, list(o.name.id for o in self.spec.options))

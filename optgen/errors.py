@@ -57,6 +57,7 @@ CATALOG: dict[str, str] = {
     "E219": "a state given two shapes or two dtypes",
     "E220": "a value with more copies than its state holds",
     "E221": "row or column values without the factoring options",
+    "E222": "a numeric option tested by if",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",

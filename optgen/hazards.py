@@ -145,7 +145,7 @@ class _Intervals:
         name = node.func.id
         if name in _ROOTS and args[0][0] < 0 and self.report:
             self.warn(node.args[0], f"{name} of a value that can be negative (nan in float)", code="W201")
-        if name in ("sqrt", "rsqrt", "abs", "exp", "norm", "global_norm"):
+        if name in ("sqrt", "rsqrt", "abs", "exp", "norm", "global_norm", "rms"):
             return NONNEG
         if name == "sign":
             return (-1.0, 1.0)
@@ -156,7 +156,7 @@ class _Intervals:
             return (min(max(args[0][0], args[1][0]), args[2][0]), min(max(args[0][1], args[1][1]), args[2][1]))
         if name == "where":
             return _hull(args[1], args[2])
-        if name == "mean":
+        if name in ("mean", "row_mean", "col_mean"):  # a mean stays within its values' bounds
             return args[0]
         if name == "sum":
             return NONNEG if args[0][0] >= 0 else FULL
