@@ -19,7 +19,7 @@ fusion.request_cpu_multi_output_fusion()  # before JAX starts its CPU backend; s
 from optgen import schedules
 from optgen.artifact import Artifact, load_artifact
 from optgen.checkpoint import load_state, save_state
-from optgen.compiler import Compiled, check_spec, compile_checked
+from optgen.compiler import Compiled, check_spec, compile_checked, user_warnings
 from optgen.config import from_config
 from optgen.diagnostics import InputError, SpecError, SpecWarning
 from optgen.library import builtin_names
@@ -43,7 +43,7 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, **kwargs: Any) 
     names the spec's hyperparameters. Options recompile; hyperparameters never do.
     """
     checked = check_spec(spec)
-    for warning in checked.warnings if spec not in builtin_names() else ():  # yours to fix, not ours
+    for warning in user_warnings(spec, checked):
         warnings.warn(warning.render(), SpecWarning, stacklevel=2)
     variant, kwargs = split_options(kwargs)
     options, hypers = split_kwargs(checked.options, checked.hypers, checked.name, kwargs)

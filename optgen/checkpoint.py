@@ -26,6 +26,7 @@ import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 and friends as NumPy dtype names)
 import numpy as np
 
+from optgen import packing
 from optgen.atomic import write_atomic
 from optgen.diagnostics import InputError
 
@@ -45,7 +46,8 @@ def spec_digest(opt: "Optimizer") -> str:
 
 def save_state(path: str, state: "OptState", opt: "Optimizer") -> None:
     """Write ``state`` of ``opt`` to ``path`` atomically (the old file stays whole on any error)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    # Stored as parameter-shaped trees, so leaf paths name parameters and packing is not baked in.
+    flat, _ = jax.tree_util.tree_flatten_with_path(packing.unpack_state(state))
     arrays = [np.array(leaf, order="C") for _, leaf in flat]  # (ascontiguousarray makes 0-d arrays 1-d)
     payload = b"".join(a.tobytes() for a in arrays)
     header = {
@@ -82,8 +84,8 @@ def load_state(path: str, opt: "Optimizer", params) -> "OptState":
                          f"hyperparameters than this {opt.name}", hint="load it with the optimizer that saved it",
                          code="E333")
     avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-    expected = jax.eval_shape(opt.init, avals)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(expected)
+    template = jax.eval_shape(opt.init, avals)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(packing.unpack_state, template))
     want = [[jax.tree_util.keystr(p), list(x.shape), np.dtype(x.dtype).name] for p, x in flat]
     if header["leaves"] != want or header.get("byteorder") != sys.byteorder:
         diff = next((f"{g} saved, {w} expected" for g, w in zip(header["leaves"], want) if g != w),
@@ -95,4 +97,6 @@ def load_state(path: str, opt: "Optimizer", params) -> "OptState":
         array = np.frombuffer(payload, np.dtype(dtype), count=int(np.prod(shape)), offset=offset).reshape(shape)
         offset += array.nbytes
         leaves.append(jax.numpy.asarray(array))
-    return treedef.unflatten(leaves)
+    state = treedef.unflatten(leaves)
+    return state._replace(slots={name: packing.repack_like(template.slots[name], slot)
+                                 for name, slot in state.slots.items()})

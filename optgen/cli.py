@@ -17,7 +17,7 @@ from optgen import passes as passes_mod
 from optgen.artifact import save_artifact
 from optgen.atomic import write_atomic
 from optgen.codegen import export, fusion
-from optgen.compiler import check_spec as _check_spec, compile_checked
+from optgen.compiler import check_spec as _check_spec, compile_checked, user_warnings
 from optgen.diagnostics import SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
@@ -30,9 +30,9 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def check_spec(spec: str):
-    """Read, parse and check SPEC; print the checker's warnings (W codes) to stderr."""
+    """Read, parse and check SPEC; print the warnings (W codes) a spec file gets to stderr."""
     checked = _check_spec(spec)
-    for warning in checked.warnings:
+    for warning in user_warnings(spec, checked):
         click.echo(warning.render(), err=True)
     return checked
 

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 from optgen.checker import CheckedSpec, check
 from optgen.ir import Function, Program
-from optgen.library import read_spec
+from optgen.library import builtin_names, read_spec
 from optgen.lower import lower, resolve_options
 from optgen.parser import parse
 from optgen.passes import DEFAULT_PIPELINE, known_passes, run_pipeline
@@ -29,6 +29,12 @@ def check_spec(name_or_path: str) -> CheckedSpec:
     """Read, parse and check a built-in spec or a spec file."""
     source = read_spec(name_or_path)
     return check(parse(source.text, source.filename))
+
+
+def user_warnings(name_or_path: str, checked: CheckedSpec) -> tuple:
+    """The checker's warnings (W codes) worth showing: a spec file's; none for a built-in spec,
+    whose accepted warnings are listed with their reasons in tests/test_hazards.py."""
+    return () if name_or_path in builtin_names() else checked.warnings
 
 
 def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = None,

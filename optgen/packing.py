@@ -146,7 +146,7 @@ def wrap(layout: Layout, treedef, arrays: Sequence):
 
 
 def layout_of(slots: dict[str, Any], leaves: Sequence) -> Layout:
-    """The layout the state was made with (by :func:`plan`, at ``init``), checked against the parameters."""
+    """The layout the state was made with (by :func:`plan`, at ``init``); its shapes are checked by validate."""
     packed = [s.layout for s in slots.values() if isinstance(s, PackedState)]
     if not packed:
         return Layout.unpacked(leaves)
@@ -154,15 +154,33 @@ def layout_of(slots: dict[str, Any], leaves: Sequence) -> Layout:
     if len(packed) != len(slots) or any(other != layout for other in packed):
         raise InputError("the optimizer state's entries are packed differently",
                          hint="pass the state that init/step/update returned, unmodified", code="E311")
-    if tuple(tuple(x.shape) for x in leaves) != layout.shapes:
-        raise InputError("the parameters do not have the shapes the optimizer state was initialized with",
-                         hint="call init on these parameters to make a matching state", code="E308")
     return layout
 
 
 def as_tree(slot):
     """A per-parameter state as a pytree shaped like the parameters, packed or not."""
     return slot.tree() if isinstance(slot, PackedState) else slot
+
+
+def as_tree_shape(slot):
+    """:func:`as_tree`'s shapes and dtypes, computed without touching any data."""
+    return jax.eval_shape(slot.tree) if isinstance(slot, PackedState) else slot
+
+
+def unpack_state(state):
+    """``state`` (an OptState) with every per-parameter state as a parameter-shaped pytree.
+
+    What validation compares and checkpoints store: it does not depend on which small
+    parameters a process chose to pack (that depends on their shardings).
+    """
+    return state._replace(slots={name: as_tree(slot) for name, slot in state.slots.items()})
+
+
+def repack_like(template, slot):
+    """A parameter-shaped ``slot`` packed as ``template`` (the same state from ``init``) is."""
+    if not isinstance(template, PackedState):
+        return slot
+    return PackedState(template.layout, template.treedef, template.layout.pack(template.treedef.flatten_up_to(slot)))
 
 
 def units_of(slot, treedef) -> list:

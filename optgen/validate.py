@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
+from optgen import packing
 from optgen.diagnostics import InputError, did_you_mean
 from optgen.syntax import Range
 
@@ -93,7 +94,8 @@ class InputChecker:
             raise InputError(f"state is {_describe(state)}, not an optgen OptState",
                              hint="make it with opt.init(params)", code="E311")
         avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        expected = jax.eval_shape(self.opt.init, avals)
+        # Compared as parameter-shaped trees: packing is the state's own business (packing.py).
+        expected = jax.eval_shape(lambda p: packing.unpack_state(self.opt.init(p)), avals)
         name = self.opt.name
         unknown = sorted(state.hyperparams.keys() - expected.hyperparams.keys())
         missing = sorted(expected.hyperparams.keys() - state.hyperparams.keys())
@@ -107,7 +109,7 @@ class InputChecker:
         for key, value in state.hyperparams.items():
             _check_hyper_value(name, key, value, self.ranges.get(key), f"state.hyperparams['{key}']")
         for slot in expected.slots:
-            _same_tree(f"state.slots['{slot}']", state.slots[slot], f"{name}'s state for these params",
+            _same_tree(f"state.slots['{slot}']", packing.as_tree_shape(state.slots[slot]), f"{name}'s state for these params",
                        expected.slots[slot], check_dtype=True)
         _same_tree("state.count", state.count, "an int32 scalar", expected.count, check_dtype=True)
 

@@ -87,8 +87,9 @@ def test_step_and_update_agree_under_jit(tmp_path):
 def test_low_precision_params_keep_per_step_state_in_the_step_dtype(tmp_path):
     opt = _load(tmp_path)
     params = jax.tree.map(lambda x: jnp.asarray(x, ml_dtypes.bfloat16), make_params(np.float32))
+    grads = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), make_grads(params, 0, np.float32))
     state = opt.init(params)
-    params, state = opt.step(params, make_grads(params, 0, np.float32), state)
+    params, state = opt.step(params, grads, state)
     assert state.slots["count"].dtype == np.float32
     assert {x.dtype for x in jax.tree.leaves(state.slots["total"])} == {np.dtype(ml_dtypes.bfloat16)}
 

@@ -6,7 +6,8 @@ A spec's lines are its non-blank, non-comment lines. A reference's lines are the
 non-blank, non-comment, non-docstring source lines (``inspect.getsource``) of the
 optax function and of every optax transform it chains (``transform.scale_by_adam``,
 ``transform.trace``, ...); optax's shared tree utilities are not counted. For the
-torch spec it is torch's single-tensor NAdam step. tests/test_gallery.py checks that
+convention specs it is the framework's single-tensor step (torch's ``_single_tensor_*``,
+Keras's ``update_step``). tests/test_gallery.py checks that
 the README's table is this script's output.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import re
 import textwrap
 
@@ -44,11 +46,25 @@ def source_lines(func) -> int:
                if number not in skip and line.strip() and not line.strip().startswith("#"))
 
 
+# Convention specs: the framework class, and the module and function of its single-tensor step.
+_FRAMEWORK = {
+    "torch/adamw": ("torch.optim.AdamW", "torch.optim.adam", "_single_tensor_adam"),
+    "torch/adamax": ("torch.optim.Adamax", "torch.optim.adamax", "_single_tensor_adamax"),
+    "torch/nadamw": ("torch.optim.NAdam", "torch.optim.nadam", "_single_tensor_nadam"),
+    "keras/adamw": ("keras.optimizers.AdamW", "keras.src.optimizers.adam", "Adam.update_step"),
+    "keras/adamax": ("keras.optimizers.Adamax", "keras.src.optimizers.adamax", "Adamax.update_step"),
+}
+
+
 def reference(name: str) -> tuple[str, list]:
     """The reference's name and the functions that make it up."""
-    if name == "torch/nadamw":
-        nadam = importlib.import_module("torch.optim.nadam")
-        return "torch.optim.NAdam", [nadam._single_tensor_nadam]
+    if name in _FRAMEWORK:
+        os.environ.setdefault("KERAS_BACKEND", "jax")  # keras reads it at import
+        ref, module, path = _FRAMEWORK[name]
+        func = importlib.import_module(module)
+        for attr in path.split("."):
+            func = getattr(func, attr)
+        return ref, [func]
     import optax
 
     alias = getattr(optax, name)
