@@ -14,11 +14,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-# b and c are small and replicated: their state is packed into one buffer; w and v keep their own.
-layout = {"w": P("data", "model"), "v": P(None, "model"), "b": P(), "c": P()}
+# b and c are small and replicated: their state is packed into one buffer; w and v keep their own,
+# and so does s, small but sharded (packing it would gather it).
+layout = {"w": P("data", "model"), "v": P(None, "model"), "b": P(), "c": P(), "s": P("data")}
 rng = np.random.default_rng(0)
 host = {"w": rng.normal(size=(64, 32)), "v": rng.normal(size=(16, 8)), "b": rng.normal(size=(32,)),
-        "c": rng.normal(size=(16,))}
+        "c": rng.normal(size=(16,)), "s": rng.normal(size=(64,))}
 host = {k: v.astype(np.float32) for k, v in host.items()}
 grads_host = {k: np.float32(0.1) * v + 0.01 for k, v in host.items()}
 
