@@ -121,6 +121,8 @@ class _Intervals:
         if node.op == "-":
             return (a[0] - b[1], a[1] - b[0])
         if node.op == "*":
+            if ast.format_expr(node.left) == ast.format_expr(node.right):  # x * x: a square
+                return (0.0 if a[0] <= 0 <= a[1] else min(a[0] ** 2, a[1] ** 2), max(a[0] ** 2, a[1] ** 2))
             return _mul(a, b)
         if node.op == "/":
             if b == (0.0, 0.0) and self.report:

@@ -46,7 +46,9 @@ def test_load_warns_about_a_spec_file(tmp_path):
 @pytest.mark.parametrize("expr, decls, warned", [
     ("sqrt(g)", "", True),
     ("sqrt(g^2)", "", False),
-    ("sqrt(g*g)", "", True),  # intervals do not know both factors are the same value
+    ("sqrt(g*g)", "", False),  # the same expression twice: a square
+    ("sqrt(sum(g * g) + 1)", "", False),
+    ("sqrt(g*p)", "", True),  # two different values
     ("sqrt(abs(g) + 1)", "", False),
     ("log(max(g, 0) + 1e-8)", "", False),
     ("rsqrt(1 - b)", "hyper b = 0.5\n", True),
