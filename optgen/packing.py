@@ -141,8 +141,9 @@ class PackedState:
 
 
 def wrap(layout: Layout, treedef, arrays: Sequence):
-    """A state from its per-unit arrays: a plain pytree where nothing is packed."""
-    return PackedState(layout, treedef, arrays) if layout.packed else treedef.unflatten(list(arrays))
+    """A state from its per-unit arrays: a plain pytree where nothing is packed (the units may
+    still be in another order than the parameters: a lone small parameter comes after the big)."""
+    return PackedState(layout, treedef, arrays) if layout.packed else treedef.unflatten(layout.unpack(arrays))
 
 
 def layout_of(slots: dict[str, Any], leaves: Sequence) -> Layout:

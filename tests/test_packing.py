@@ -145,3 +145,23 @@ def test_a_state_for_other_parameters_names_the_leaf():
     params["b0"] = jnp.ones(4)
     with pytest.raises(optgen.InputError, match=r"E308.*state.slots\['mu'\]\['b0'\] has shape \(3,\), expected \(4,\)"):
         opt.step(params, make_grads(params, 0), state)
+
+
+@pytest.mark.parametrize("params", [
+    {"b": np.ones(64), "w": np.ones((BIG,))},  # one small leaf, flattened before a big one
+    {"a": np.ones((BIG,)), "b": np.full(5, 2.0), "c": np.ones((BIG + 7,))},  # one small leaf between two big
+], ids=["small-first", "small-between"])
+def test_a_lone_small_parameter_keeps_its_own_state(params):
+    """A small parameter alone in its dtype group is not packed, and its state stays its own
+    although planning lists it after the big parameters; 5 steps as optax.adamw."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    opt, reference = optgen.load("adamw"), optax.adamw(1e-3, weight_decay=1e-4)
+    state, ref_state, ref_params = opt.init(params), reference.init(params), params
+    for step in range(5):
+        grads = make_grads(params, step)
+        updates, ref_state = reference.update(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        params, state = opt.step(params, grads, state)
+    for name in params:
+        assert state.slots["mu"][name].shape == params[name].shape
+        np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-6)
