@@ -111,18 +111,26 @@ class _Lowering:
         return self.call(node.func.id, args, loc)
 
     def call(self, name: str, args: list[Value], loc: Loc) -> Value:
-        b = self.builder
-        if name == "clip":
-            return b.op("min", b.op("max", args[0], args[1], loc=loc), args[2], loc=loc)
-        if name == "where":
-            return b.op("select", *args, loc=loc)
-        if name in ("mean", "rms"):
-            x = b.op("mul", args[0], args[0], loc=loc) if name == "rms" else args[0]
-            mean = b.op("div", b.op("sum", x, loc=loc), b.op("size", x, loc=loc), loc=loc)
-            return b.op("sqrt", mean, loc=loc) if name == "rms" else mean
-        if name in ("norm", "global_norm"):
-            total = b.op("sum", b.op("mul", args[0], args[0], loc=loc), loc=loc)
-            if name == "global_norm":
-                total = b.op("gsum", total, loc=loc)
-            return b.op("sqrt", total, loc=loc)
-        return b.op(name, *args, loc=loc)
+        return builtin_call(self.builder, name, args, loc)
+
+
+def builtin_call(b: Builder, name: str, args: list[Value], loc: Loc) -> Value:
+    """Append the ops a call of the built-in function ``name`` lowers to; return its value.
+
+    Transforms (``optgen.transforms``) build their norms and clips through it too, so a
+    built-in has one meaning in specs and in the options every spec takes.
+    """
+    if name == "clip":
+        return b.op("min", b.op("max", args[0], args[1], loc=loc), args[2], loc=loc)
+    if name == "where":
+        return b.op("select", *args, loc=loc)
+    if name in ("mean", "rms"):
+        x = b.op("mul", args[0], args[0], loc=loc) if name == "rms" else args[0]
+        mean = b.op("div", b.op("sum", x, loc=loc), b.op("size", x, loc=loc), loc=loc)
+        return b.op("sqrt", mean, loc=loc) if name == "rms" else mean
+    if name in ("norm", "global_norm"):
+        total = b.op("sum", b.op("mul", args[0], args[0], loc=loc), loc=loc)
+        if name == "global_norm":
+            total = b.op("gsum", total, loc=loc)
+        return b.op("sqrt", total, loc=loc)
+    return b.op(name, *args, loc=loc)

@@ -11,25 +11,22 @@ Each adds a hyperparameter of its own name ``c`` and replaces ``g`` in the updat
 from __future__ import annotations
 
 from optgen.ir import Program, Value
+from optgen.lower import builtin_call
 from optgen.transforms.edit import Editor, replace_update
 
 
-def _norm_sq(ed: Editor, g: Value) -> Value:
-    return ed.op("sum", ed.op("mul", g, g))
-
-
 def _clipnorm(ed: Editor, g: Value, c: Value) -> Value:
-    norm = ed.op("sqrt", _norm_sq(ed, g))
+    norm = builtin_call(ed.builder, "norm", [g], ed.loc)
     return ed.op("div", ed.op("mul", g, c), ed.op("max", norm, c))
 
 
 def _global_clipnorm(ed: Editor, g: Value, c: Value) -> Value:
-    norm = ed.op("sqrt", ed.op("gsum", _norm_sq(ed, g)))
+    norm = builtin_call(ed.builder, "global_norm", [g], ed.loc)
     return ed.op("select", ed.op("lt", norm, c), g, ed.op("mul", ed.op("div", g, norm), c))
 
 
 def _clipvalue(ed: Editor, g: Value, c: Value) -> Value:
-    return ed.op("min", ed.op("max", g, ed.op("neg", c)), c)
+    return builtin_call(ed.builder, "clip", [g, ed.op("neg", c), c], ed.loc)
 
 
 RULES = {"clipnorm": _clipnorm, "global_clipnorm": _global_clipnorm, "clipvalue": _clipvalue}
