@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from optgen.ir import Function, Loc, Op, Value
+from optgen.ir import Function, Loc, Op, Value, dependencies
 from optgen.types import NOT_FACTORED, Factoring
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -193,7 +193,7 @@ def _compute(op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dty
 def _recompute_tensors(func: Function, output: Value, backend: Backend, env: dict, step_dtype: np.dtype,
                        dtypes: list[np.dtype], layout: "_Layout") -> dict:
     """A copy of ``env`` in which the tensor ops ``output`` depends on are recomputed from fresh inputs."""
-    needed = _tensor_cone(func, output)
+    needed = dependencies(func, [output], follow=lambda value: value.type.extent == "tensor")
     fresh = dict(env)
     inputs = [v for v in func.inputs if v.type.extent == "tensor" and id(v) in needed]
     flat = backend.barrier([x for v in inputs for x in env[id(v)]])
@@ -204,17 +204,3 @@ def _recompute_tensors(func: Function, output: Value, backend: Backend, env: dic
         if id(op.result) in needed:
             _compute(op, backend, fresh, view, step_dtype)
     return fresh
-
-
-def _tensor_cone(func: Function, output: Value) -> set[int]:
-    """Ids of the tensor-extent values (inputs and op results) that ``output`` depends on."""
-    producers = {id(op.result): op for op in func.ops}
-    needed, stack = set(), [output]
-    while stack:
-        value = stack.pop()
-        if value.type.extent != "tensor" or id(value) in needed:
-            continue
-        needed.add(id(value))
-        if id(value) in producers:
-            stack.extend(producers[id(value)].operands)
-    return needed

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optgen.codegen import export, fusion
-from optgen.ir import Program
+from optgen.ir import Program, dependencies
 
 _FUSION = re.compile(r"^\s+(?:ROOT )?%\S+ = (?P<type>\(.*?\)|\S+) fusion\(")  # a lone loop may be ROOT
 _SHAPE = re.compile(r"\[(\d+(?:,\d+)*)\]")
@@ -72,20 +72,8 @@ def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
 def _reduced_inputs(func) -> set[str]:
     """Names of the per-element inputs that some reduction over a whole flat tensor (``sum``,
     ``col_mean``) depends on."""
-    producers = {id(op.result): op for op in func.ops}
-    inputs = {id(v): v.name for v in func.inputs if v.type.extent in ("tensor", "row")}
-    found, seen = set(), set()
-    stack = [op.operands[0] for op in func.ops if op.opcode in ("sum", "col_mean")]
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if id(value) in inputs:
-            found.add(inputs[id(value)])
-        elif id(value) in producers:
-            stack.extend(producers[id(value)].operands)
-    return found
+    reduced = dependencies(func, [op.operands[0] for op in func.ops if op.opcode in ("sum", "col_mean")])
+    return {v.name for v in func.inputs if v.type.extent in ("tensor", "row") and id(v) in reduced}
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:

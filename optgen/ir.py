@@ -146,6 +146,21 @@ class Builder:
         return self.op("const", attr=value, loc=loc)
 
 
+def dependencies(func: Function, roots, follow=lambda value: True) -> set[int]:
+    """Ids of ``roots`` and of every value they are computed from, walking back through the
+    values ``follow`` accepts (a value it rejects is neither kept nor walked through)."""
+    producers = {id(op.result): op for op in func.ops}
+    found, stack = set(), list(roots)
+    while stack:
+        value = stack.pop()
+        if id(value) in found or not follow(value):
+            continue
+        found.add(id(value))
+        if id(value) in producers:
+            stack.extend(producers[id(value)].operands)
+    return found
+
+
 def verify(func: Function) -> None:
     """Check SSA form and types; raise IRError naming the first broken op."""
     defined = set(map(id, func.inputs))
