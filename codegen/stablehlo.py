@@ -64,13 +64,14 @@ class StableHLOBackend:
     def broadcast(self, x, like):
         """Broadcast ``x`` (0-d, or of ``like``'s rank with size-1 axes) to the shape of ``like`` (static or symbolic)."""
         shape = _tensor_type(like)
-        dims = mlir.dense_int_array(list(range(_tensor_type(x).rank)))
-        out = ir.RankedTensorType.get(shape.shape, _tensor_type(x).element_type)
         if shape.has_static_shape:
-            return hlo.BroadcastInDimOp(out, x, dims).result
+            return self.broadcast_to(x, shape.shape)
+        out = ir.RankedTensorType.get(shape.shape, _tensor_type(x).element_type)
+        dims = mlir.dense_int_array(list(range(_tensor_type(x).rank)))
         return hlo.DynamicBroadcastInDimOp(out, x, self._shape_of(like), dims).result
 
     def broadcast_to(self, x, shape):
+        """Broadcast ``x`` (0-d, or of ``shape``'s rank with size-1 axes) to the static ``shape``."""
         out = ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type)
         return hlo.BroadcastInDimOp(out, x, mlir.dense_int_array(list(range(_tensor_type(x).rank)))).result
 
