@@ -279,3 +279,8 @@ def test_optax_update_protocol_gives_the_numbers_of_step():
     via_update, update_state = _run(update, opt.init, dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite)
     _assert_trees_close(via_update, via_step, 1e-6)
     _assert_trees_close(update_state.slots, step_state.slots, 1e-6)
+
+
+def test_an_exclude_pattern_that_does_not_compile_is_refused_at_load():
+    with pytest.raises(optgen.SpecError, match=r"E342.*'bias\(' is not a valid pattern"):
+        optgen.load("adamw", exclude_from_weight_decay=["norm", "bias("])

@@ -19,6 +19,7 @@ accumulated.
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,3 +122,10 @@ def _check(name: str, value) -> None:
             isinstance(value, str) or all(isinstance(v, str) for v in value)):
         raise SpecError("exclude_from_weight_decay takes name fragments (strings), "
                         f"got {value!r}", hint="for example exclude_from_weight_decay=['bias', 'norm']", code="E342")
+    if name == "exclude_from_weight_decay":
+        for fragment in value.split(",") if isinstance(value, str) else value:
+            try:  # matched with re.search, as Keras's var_names are
+                re.compile(fragment)
+            except re.error as err:
+                raise SpecError(f"exclude_from_weight_decay fragment {fragment!r} is not a valid pattern: {err}",
+                                hint="escape special characters, e.g. re.escape('bias(')", code="E342") from None
