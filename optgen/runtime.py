@@ -66,7 +66,7 @@ class Optimizer:
         self.extents = compiled.program.extents()
         self._inputs = InputChecker(self)  # wrong inputs raise InputError before anything is donated
         self.step = self._inputs.guard(jax.jit(self._apply, donate_argnums=(0, 2)))
-        self._init_slots = jax.jit(self._run_init, static_argnums=(2, 3))
+        self._initialize = jax.jit(self._run_init, static_argnums=(2, 3))
         self._update = self._inputs.guard(jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True)))
 
     def __repr__(self) -> str:
@@ -75,32 +75,37 @@ class Optimizer:
     def init(self, params) -> OptState:
         """Zero count, the hyperparameters, and each state initialized from its spec expression."""
         check_params(params)
-        hypers = {name: jnp.asarray(value, step_dtype()) for name, value in self.hyperparams.items()
-                  if not callable(value)}
+        hypers = {name: value for name, value in self.hyperparams.items() if not callable(value)}
         leaves, treedef = jax.tree.flatten(params)
-        slots = {}
-        if self.state_names:
-            scalars = {name: self._hyper(name, hypers, jnp.zeros([], jnp.int32)) for name in self.hyperparams}
-            concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
-            layout = packing.plan(self.compiled.program, leaves)
-            out = self._init_slots(leaves, scalars, tuple(leaf.sharding for leaf in leaves) if concrete else None, layout)
-            slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names}
-        return OptState(jnp.zeros([], jnp.int32), hypers, slots)
+        concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+        layout = packing.plan(self.compiled.program, leaves)
+        shardings = tuple(leaf.sharding for leaf in leaves) if concrete else None
+        count, hypers, out = self._initialize(leaves, hypers, shardings, layout)
+        slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names}
+        return OptState(count, hypers, slots)
 
     def _slot(self, arrays: list, name: str, layout: packing.Layout, treedef):
         """A state's outputs as stored: one array for a per-step state; else per parameter, packed by ``layout``."""
         return arrays[0] if self.extents[name] == "step" else packing.wrap(layout, treedef, arrays)
 
-    def _run_init(self, leaves, scalars, shardings, layout):
+    def _run_init(self, leaves, hypers, shardings, layout):
+        # count and the hyperparameters come out of this jitted function, placed as step's
+        # outputs will be: created outside it they would be uncommitted, and the second
+        # step (given step's committed outputs) would compile the step once more.
+        count = jnp.zeros([], jnp.int32)
+        hypers = {name: jnp.asarray(value).astype(step_dtype()) for name, value in hypers.items()}
+        if not self.state_names:
+            return count, hypers, {}
+        scalars = {name: self._hyper(name, hypers, count) for name in self.hyperparams}
         units = layout.pack(leaves)
         out = run_ir(self.compiled.program.init, {"p": units}, scalars, self._out_dtypes(units, states=True),
                      out_extents=self.extents, factoring=self.compiled.program.factoring)
         if shardings is None:
-            return out
+            return count, hypers, out
         # Each per-element state is laid out like its parameter (sharded the same way), not gathered.
-        return {name: [jax.lax.with_sharding_constraint(x, shardings[unit[0]])
-                       for x, unit in zip(xs, layout.units, strict=True)]
-                if self.extents[name] == "tensor" else xs for name, xs in out.items()}
+        return count, hypers, {name: [jax.lax.with_sharding_constraint(x, shardings[unit[0]])
+                                      for x, unit in zip(xs, layout.units, strict=True)]
+                               if self.extents[name] == "tensor" else xs for name, xs in out.items()}
 
     def update(self, updates, state: OptState, params=None):
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""

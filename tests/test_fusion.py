@@ -146,4 +146,5 @@ def test_sharded_step_keeps_layouts_and_needs_no_collectives():
     assert report["state_after"] == report["expected"]
     assert report["packed_groups"] == ["P()"]  # b and c, still replicated
     assert report["collectives"] == []
+    assert report["step_compiles"] == 1
     assert report["max_diff"] < 1e-6

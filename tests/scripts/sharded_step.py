@@ -35,6 +35,7 @@ init_shardings = {k: str(state.slots["mu"][k].sharding.spec) for k in host}
 hlo = opt.step.lower(params, grads, state).compile().as_text()
 for _ in range(3):
     params, state = opt.step(params, grads, state)
+step_compiles = opt.step._cache_size()  # init places its outputs as step does: no second compile
 
 reference, ref_state = {k: jnp.asarray(v) for k, v in host.items()}, None
 ref_state = opt.init(reference)
@@ -49,5 +50,6 @@ print(json.dumps({
     "state_after": {k: str(state.slots["nu"][k].sharding.spec) for k in host},
     "packed_groups": [str(x.sharding.spec) for x in jax.tree.leaves(state.slots["mu"]) if x.shape == (48,)],
     "collectives": sorted(set(re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter", hlo))),
+    "step_compiles": step_compiles,
     "max_diff": max(float(np.max(np.abs(np.asarray(params[k]) - np.asarray(reference[k])))) for k in host),
 }))
