@@ -5,7 +5,8 @@
 
 Each repeat runs a short block of steps of every implementation in turn, so machine
 noise falls on all of them alike; the table gives the median time per step over the
-repeats, and the ratios of those medians. torch is optional (``pip install torch``).
+repeats and, for each ratio, the median and quartiles of the per-repeat ratios. torch is
+optional (``pip install torch``).
 """
 
 from __future__ import annotations
@@ -143,23 +144,28 @@ def bench_workload(key, spec_path, repeats, block, progress):
             runner.run(block)
             times[runner.name].append((time.perf_counter() - start) / block)
     elements = sum(int(np.prod(s)) for s in shapes)
+    # Each ratio is the median of per-repeat ratios: blocks run side by side share the machine's
+    # state of the moment, so pairing them cancels slow drifts that a ratio of medians keeps.
+    ratios = {name: paired_ratio(times["optgen"], t) for name, t in times.items() if name != "optgen"}
     return {"workload": key, "title": title, "leaves": len(shapes), "elements": elements,
-            "median_ms": {name: 1e3 * float(np.median(t)) for name, t in times.items()}}
+            "median_ms": {name: 1e3 * float(np.median(t)) for name, t in times.items()}, "ratios": ratios}
+
+
+def paired_ratio(ours, theirs) -> dict[str, float]:
+    """Median and quartiles of ``ours[i] / theirs[i]`` over the repeats."""
+    q1, median, q3 = np.percentile(np.asarray(ours) / np.asarray(theirs), [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3)}
 
 
 def table(results) -> str:
     names = sorted({n for r in results for n in r["median_ms"]}, key=["optgen", "optax", "torch-fused"].index)
-    head = ["workload", "leaves", "elements", *[f"{n} ms" for n in names], "optgen/optax"]
-    if "torch-fused" in names:
-        head.append("optgen/torch")
+    others = [n for n in names if n != "optgen"]
+    head = ["workload", "leaves", "elements", *[f"{n} ms" for n in names], *[f"optgen/{n}" for n in others]]
     rows = [head, ["---"] * len(head)]
     for r in results:
-        ms = r["median_ms"]
-        row = [r["workload"], str(r["leaves"]), f"{r['elements']:,}", *[f"{ms[n]:.2f}" for n in names],
-               f"{ms['optgen'] / ms['optax']:.2f}"]
-        if "torch-fused" in ms:
-            row.append(f"{ms['optgen'] / ms['torch-fused']:.2f}")
-        rows.append(row)
+        ratios = [r["ratios"].get(n) for n in others]
+        rows.append([r["workload"], str(r["leaves"]), f"{r['elements']:,}", *[f"{r['median_ms'][n]:.2f}" for n in names],
+                     *[f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" if q else "" for q in ratios]])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -186,7 +192,8 @@ def main(argv=None) -> int:
     progress("")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}" + (
         f", torch {torch.__version__}" if torch is not None else ", torch not installed")
-    print(f"AdamW step, median of {args.repeats} blocks of {args.block} steps ({machine})\n")
+    print(f"AdamW step, median of {args.repeats} blocks of {args.block} steps ({machine}); "
+          "ratios: median (quartiles) of the per-repeat ratios\n")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
