@@ -13,7 +13,7 @@ docs/fusion.md has the measurements.
 A parameter is packed only where packing changes nothing but speed:
 
 - the spec is elementwise: a per-parameter reduction (``norm(g)``) would see the whole
-  group as one parameter;
+  group as one parameter (a reduction over every parameter, ``global_norm(g)``, is fine);
 - the parameter has at most :data:`PACK_MAX_ELEMENTS` elements: above that, the copies
   in and out of the group cost more than the per-array overhead saved;
 - it is replicated (or its sharding is unknown, while tracing): flattening a sharded
@@ -99,9 +99,27 @@ def plan(program: Program, leaves: Sequence) -> Layout:
 
 def _elementwise(program: Program) -> bool:
     """Every value is per step or per element, so the step means the same on a group as on its
-    members: no per-parameter (``leaf``) or row/column (``row``, ``col``) values, inputs included."""
-    return all(value.type.extent in ("step", "tensor") for func in (program.update, program.init)
-               for value in (*func.inputs, *(op.result for op in func.ops)))
+    members: no per-parameter (``leaf``) or row/column (``row``, ``col``) values, inputs included.
+
+    One kind of per-parameter value is allowed: a ``sum`` or ``size`` of a tensor that only
+    ``gsum`` reads (``global_norm``, skip_nonfinite's count). Summed over every parameter it
+    is the same total whether the parameters are grouped or not.
+    """
+    return all(_packable(func) for func in (program.update, program.init))
+
+
+def _packable(func) -> bool:
+    readers: dict[int, set[str]] = {}
+    for op in func.ops:
+        for operand in op.operands:
+            readers.setdefault(id(operand), set()).add(op.opcode)
+    outputs = {id(value) for _, value in func.outputs}
+    if any(value.type.extent not in ("step", "tensor") for value in func.inputs):
+        return False
+    return all(op.result.type.extent in ("step", "tensor")
+               or (op.opcode in ("sum", "size") and readers.get(id(op.result)) == {"gsum"}
+                   and id(op.result) not in outputs)
+               for op in func.ops)
 
 
 def _replicated(leaf) -> bool:
