@@ -1,13 +1,14 @@
 """Benchmark an optgen step against optax and PyTorch's fused AdamW, interleaved in one process.
 
-    python tools/bench.py                       # every workload, AdamW
-    python tools/bench.py --workloads single --repeats 15 --json out.json
+    python tools/bench.py                       # every workload, AdamW, 3 processes
+    python tools/bench.py --workloads single --repeats 15 --processes 5 --json out.json
 
 Each repeat runs a short block of steps of every implementation in turn, so machine
-noise falls on all of them alike; the table gives the median time per step over the
-repeats and, for each ratio, the median and quartiles of the per-repeat ratios. torch is
-optional (``pip install torch``).
-"""
+noise falls on all of them alike. The whole run is repeated in fresh processes, because
+where the buffers land in memory is drawn once per process and moves the times. The
+table gives the median time per step over all blocks and, for each ratio, the median and
+quartiles of the per-repeat ratios and each process's median ratio. torch is optional
+(``pip install torch``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,45 +144,46 @@ def bench_workload(key, spec_path, repeats, block, progress):
             progress(f"{key}: repeat {rep + 1}/{repeats}, {runner.name}")
             start = time.perf_counter()
             runner.run(block)
-            times[runner.name].append((time.perf_counter() - start) / block)
+            times[runner.name].append(1e3 * (time.perf_counter() - start) / block)
     elements = sum(int(np.prod(s)) for s in shapes)
-    # Each ratio is the median of per-repeat ratios: blocks run side by side share the machine's
-    # state of the moment, so pairing them cancels slow drifts that a ratio of medians keeps.
-    ratios = {name: paired_ratio(times["optgen"], t) for name, t in times.items() if name != "optgen"}
-    return {"workload": key, "title": title, "leaves": len(shapes), "elements": elements,
-            "median_ms": {name: 1e3 * float(np.median(t)) for name, t in times.items()}, "ratios": ratios}
+    return {"workload": key, "title": title, "leaves": len(shapes), "elements": elements, "times_ms": times}
 
 
-def paired_ratio(ours, theirs) -> dict[str, float]:
-    """Median and quartiles of ``ours[i] / theirs[i]`` over the repeats."""
-    q1, median, q3 = np.percentile(np.asarray(ours) / np.asarray(theirs), [25, 50, 75])
-    return {"median": float(median), "q1": float(q1), "q3": float(q3)}
+def summarize(runs: list[dict]) -> dict:
+    """One workload's runs (one per process) in one row: pooled medians and paired ratios.
+
+    Each ratio pairs the blocks of one repeat: blocks run side by side share the machine's
+    state of the moment, so pairing cancels slow drifts that a ratio of medians keeps. Where
+    the buffers land in memory is drawn once per process (and moved one step's time by up to
+    1.8x here, see docs/fusion.md), so each process's own median ratio is listed too.
+    """
+    names = list(runs[0]["times_ms"])
+    pooled = {n: [t for run in runs for t in run["times_ms"][n]] for n in names}
+    ratios = {}
+    for other in names[1:]:
+        per_repeat = [np.asarray(run["times_ms"]["optgen"]) / np.asarray(run["times_ms"][other]) for run in runs]
+        q1, median, q3 = np.percentile(np.concatenate(per_repeat), [25, 50, 75])
+        ratios[other] = {"median": float(median), "q1": float(q1), "q3": float(q3),
+                         "per_process": [float(np.median(r)) for r in per_repeat]}
+    return {k: runs[0][k] for k in ("workload", "title", "leaves", "elements")} | {
+        "median_ms": {n: float(np.median(t)) for n, t in pooled.items()}, "ratios": ratios}
 
 
-def table(results) -> str:
-    names = sorted({n for r in results for n in r["median_ms"]}, key=["optgen", "optax", "torch-fused"].index)
-    others = [n for n in names if n != "optgen"]
-    head = ["workload", "leaves", "elements", *[f"{n} ms" for n in names], *[f"optgen/{n}" for n in others]]
+def table(summaries) -> str:
+    names = list(summaries[0]["median_ms"])
+    head = ["workload", "leaves", "elements", *[f"{n} ms" for n in names], *[f"optgen/{n}" for n in names[1:]]]
     rows = [head, ["---"] * len(head)]
-    for r in results:
-        ratios = [r["ratios"].get(n) for n in others]
+    for r in summaries:
+        ratios = [r["ratios"][n] for n in names[1:]]
         rows.append([r["workload"], str(r["leaves"]), f"{r['elements']:,}", *[f"{r['median_ms'][n]:.2f}" for n in names],
-                     *[f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" if q else "" for q in ratios]])
+                     *[f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" + (
+                         "; per process " + ", ".join(f"{x:.2f}" for x in q["per_process"]) if len(q["per_process"]) > 1 else "")
+                       for q in ratios]])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
-    parser.add_argument("--repeats", type=int, default=9, help="blocks per implementation (median over these)")
-    parser.add_argument("--block", type=int, default=5, help="steps per block")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
-    keys = [k.strip() for k in args.workloads.split(",")]
-    unknown = [k for k in keys if k not in WORKLOADS]
-    if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
-
+def run_here(keys, repeats, block) -> list[dict]:
+    """Every workload in this process."""
     def progress(text):
         if sys.stderr.isatty():
             print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
@@ -188,15 +191,55 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "adamw_f32_state.spec"
         spec_path.write_text(_ADAMW_F32_STATE)
-        results = [bench_workload(k, str(spec_path), args.repeats, args.block, progress) for k in keys]
+        runs = [bench_workload(k, str(spec_path), repeats, block, progress) for k in keys]
     progress("")
+    return runs
+
+
+def run_in_processes(keys, repeats, block, processes) -> list[list[dict]]:
+    """Every workload in each of ``processes`` fresh processes, one after another."""
+    per_process = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(processes):
+            out = Path(tmp) / f"run{i}.json"
+            if sys.stderr.isatty():
+                print(f"\r\033[Kprocess {i + 1}/{processes}", file=sys.stderr)
+            subprocess.run([sys.executable, __file__, "--workloads", ",".join(keys), "--repeats", str(repeats),
+                            "--block", str(block), "--processes", "1", "--json", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
+            per_process.append(json.loads(out.read_text())["runs"][0])
+    return per_process
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=9, help="blocks per implementation (median over these)")
+    parser.add_argument("--block", type=int, default=5, help="steps per block")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes to repeat the whole run in (each draws its own buffer placement)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.workloads.split(",")]
+    unknown = [k for k in keys if k not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    if args.processes < 1 or args.repeats < 1 or args.block < 1:
+        parser.error("--processes, --repeats and --block must be at least 1")
+
+    if args.processes > 1:
+        per_process = run_in_processes(keys, args.repeats, args.block, args.processes)
+    else:
+        per_process = [run_here(keys, args.repeats, args.block)]
+    summaries = [summarize([runs[i] for runs in per_process]) for i in range(len(keys))]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}" + (
         f", torch {torch.__version__}" if torch is not None else ", torch not installed")
-    print(f"AdamW step, median of {args.repeats} blocks of {args.block} steps ({machine}); "
-          "ratios: median (quartiles) of the per-repeat ratios\n")
-    print(table(results))
+    print(f"AdamW step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
+          "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
+          "then each process's median\n")
+    print(table(summaries))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, "summaries": summaries, "runs": per_process}, indent=2))
     return 0
 
 
