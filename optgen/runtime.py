@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgen import packing
+from optgen import packing, placement
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
@@ -81,8 +81,19 @@ class Optimizer:
         layout = packing.plan(self.compiled.program, leaves)
         shardings = tuple(leaf.sharding for leaf in leaves) if concrete else None
         count, hypers, out = self._initialize(leaves, hypers, shardings, layout)
+        if concrete:
+            self._spread(out, leaves, layout)
         slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names}
         return OptState(count, hypers, slots)
+
+    def _spread(self, out: dict, leaves: list, layout: packing.Layout) -> None:
+        """Move any per-element state that landed on its parameter's address modulo 256 MiB
+        (``placement``): such a pair made the fused step up to 1.8x slower on CPU."""
+        names = [name for name in self.state_names if self.extents[name] == "tensor"]
+        for u, unit in enumerate(layout.units):
+            param = leaves[unit[0]] if len(unit) == 1 else None
+            for name, x in zip(names, placement.spread(param, [out[name][u] for name in names]), strict=True):
+                out[name][u] = x
 
     def _slot(self, arrays: list, name: str, layout: packing.Layout, treedef):
         """A state's outputs as stored: one array for a per-step state; else per parameter, packed by ``layout``."""
