@@ -154,8 +154,9 @@ def summarize(runs: list[dict]) -> dict:
 
     Each ratio pairs the blocks of one repeat: blocks run side by side share the machine's
     state of the moment, so pairing cancels slow drifts that a ratio of medians keeps. Where
-    the buffers land in memory is drawn once per process (and moved one step's time by up to
-    1.8x here, see docs/fusion.md), so each process's own median ratio is listed too.
+    the buffers land in memory is drawn once per process (before optgen/placement.py it moved
+    optgen's single-tensor step by up to 1.8x, see docs/fusion.md), so each process's own
+    median ratio is listed too.
     """
     names = list(runs[0]["times_ms"])
     pooled = {n: [t for run in runs for t in run["times_ms"][n]] for n in names}
