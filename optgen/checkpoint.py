@@ -63,7 +63,9 @@ def load_state(path: str, opt: "Optimizer", params) -> "OptState":
 
     ``params`` (arrays or ``jax.ShapeDtypeStruct``) gives the tree to restore into; a file
     that is truncated, altered, from another spec or for other parameters is refused with
-    an :class:`~optgen.diagnostics.InputError`.
+    an :class:`~optgen.diagnostics.InputError`. With arrays, the values are written into
+    the buffers of a fresh ``opt.init(params)``: sharded, packed and placed as init makes
+    them, and committed as ``step``'s outputs are.
     """
     try:
         data = Path(path).read_bytes()
@@ -83,8 +85,11 @@ def load_state(path: str, opt: "Optimizer", params) -> "OptState":
         raise InputError(f"'{path}' holds state of spec '{header.get('spec')}' with other source, options or "
                          f"hyperparameters than this {opt.name}", hint="load it with the optimizer that saved it",
                          code="E333")
-    avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-    template = jax.eval_shape(opt.init, avals)
+    concrete = all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    # With real parameters the state is restored into a fresh init's buffers: sharded, packed and
+    # placed as init makes them, and committed as step's outputs are (so step compiles once).
+    template = opt.init(params) if concrete else jax.eval_shape(
+        opt.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
     flat, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(packing.unpack_state, template))
     want = [[jax.tree_util.keystr(p), list(x.shape), np.dtype(x.dtype).name] for p, x in flat]
     if header["leaves"] != want or header.get("byteorder") != sys.byteorder:
@@ -98,5 +103,12 @@ def load_state(path: str, opt: "Optimizer", params) -> "OptState":
         offset += array.nbytes
         leaves.append(jax.numpy.asarray(array))
     state = treedef.unflatten(leaves)
-    return state._replace(slots={name: packing.repack_like(template.slots[name], slot)
-                                 for name, slot in state.slots.items()})
+    state = state._replace(slots={name: packing.repack_like(template.slots[name], slot)
+                                  for name, slot in state.slots.items()})
+    return _into(template, state) if concrete else state
+
+
+def _into(fresh, saved):
+    """``saved``'s values written into ``fresh``'s buffers (donated), with ``fresh``'s shardings."""
+    shardings = jax.tree.map(lambda x: x.sharding, fresh)
+    return jax.jit(lambda _, values: values, donate_argnums=0, out_shardings=shardings)(fresh, saved)

@@ -123,6 +123,20 @@ def test_state_round_trips_bit_exactly(tmp_path, dtype):
     assert back.slots["mu"]["w"].dtype == dtype
 
 
+def test_a_restored_state_steps_without_compiling_again(tmp_path):
+    # load_state writes the saved values into a fresh init's buffers, committed as step's
+    # outputs are; made with jnp.asarray, they cost a second compile of the step.
+    opt, params, grads, _ = setup()
+    params, grads = jax.device_put((params, grads), jax.devices()[0])  # committed, as in training
+    state = opt.init(params)
+    for _ in range(2):
+        params, state = opt.step(params, grads, state)
+    optgen.save_state(str(tmp_path / "state.opt"), state, opt)
+    back = optgen.load_state(str(tmp_path / "state.opt"), opt, params)
+    params, _ = opt.step(params, grads, back)
+    assert opt.step._cache_size() == 1
+
+
 def test_damaged_or_foreign_state_is_refused(tmp_path):
     opt, params, state = trained(jnp.float32)
     path = tmp_path / "state.opt"

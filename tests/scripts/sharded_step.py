@@ -6,6 +6,7 @@ collectives in the compiled step, and the largest difference from an unsharded s
 
 import json
 import re
+import tempfile
 
 import optgen  # first: it sets XLA:CPU's fusion option before JAX starts
 import jax
@@ -33,9 +34,15 @@ params, grads = place(host), place(grads_host)
 state = opt.init(params)
 init_shardings = {k: str(state.slots["mu"][k].sharding.spec) for k in host}
 hlo = opt.step.lower(params, grads, state).compile().as_text()
-for _ in range(3):
+for _ in range(2):
     params, state = opt.step(params, grads, state)
 step_compiles = opt.step._cache_size()  # init places its outputs as step does: no second compile
+with tempfile.TemporaryDirectory() as tmp:  # a restored state is placed as init places it
+    optgen.save_state(f"{tmp}/state", state, opt)
+    state = optgen.load_state(f"{tmp}/state", opt, params)
+restored_shardings = {k: str(state.slots["nu"][k].sharding.spec) for k in host}
+params, state = opt.step(params, grads, state)  # the third step, from the restored state
+step_compiles_after_restore = opt.step._cache_size()
 
 reference, ref_state = {k: jnp.asarray(v) for k, v in host.items()}, None
 ref_state = opt.init(reference)
@@ -51,5 +58,7 @@ print(json.dumps({
     "packed_groups": [str(x.sharding.spec) for x in jax.tree.leaves(state.slots["mu"]) if x.shape == (48,)],
     "collectives": sorted(set(re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter", hlo))),
     "step_compiles": step_compiles,
+    "state_restored": restored_shardings,
+    "step_compiles_after_restore": step_compiles_after_restore,
     "max_diff": max(float(np.max(np.abs(np.asarray(params[k]) - np.asarray(reference[k])))) for k in host),
 }))
