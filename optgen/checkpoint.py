@@ -26,7 +26,7 @@ import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 and friends as NumPy dtype names)
 import numpy as np
 
-from optgen import packing
+from optgen import packing, placement
 from optgen.atomic import write_atomic
 from optgen.diagnostics import InputError
 
@@ -85,7 +85,7 @@ def load_state(path: str, opt: "Optimizer", params) -> "OptState":
         raise InputError(f"'{path}' holds state of spec '{header.get('spec')}' with other source, options or "
                          f"hyperparameters than this {opt.name}", hint="load it with the optimizer that saved it",
                          code="E333")
-    concrete = all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    concrete = all(placement.has_buffer(x) for x in jax.tree.leaves(params))
     # With real parameters the state is restored into a fresh init's buffers: sharded, packed and
     # placed as init makes them, and committed as step's outputs are (so step compiles once).
     template = opt.init(params) if concrete else jax.eval_shape(

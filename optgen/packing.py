@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optgen import placement
 from optgen.diagnostics import InputError
 from optgen.ir import Program
 
@@ -123,7 +124,7 @@ def _packable(func) -> bool:
 
 
 def _replicated(leaf) -> bool:
-    if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+    if not placement.has_buffer(leaf):
         return True  # sharding unknown while tracing: XLA places the group
     return leaf.sharding.is_fully_replicated
 

@@ -18,9 +18,15 @@ MIN_BYTES = 1 << 20  # smaller buffers stay in cache
 TRIES = 4
 
 
+def has_buffer(x) -> bool:
+    """``x`` is a concrete ``jax.Array`` (not a tracer, a NumPy array or a shape): its buffers
+    exist, so their placement and sharding can be read."""
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
 def address(x) -> int | None:
     """The address of a concrete single-device CPU array of at least MIN_BYTES, else None."""
-    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array) or x.nbytes < MIN_BYTES:
+    if not has_buffer(x) or x.nbytes < MIN_BYTES:
         return None
     devices = x.devices()
     if len(devices) != 1 or next(iter(devices)).platform != "cpu":

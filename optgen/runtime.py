@@ -77,7 +77,7 @@ class Optimizer:
         check_params(params)
         hypers = {name: value for name, value in self.hyperparams.items() if not callable(value)}
         leaves, treedef = jax.tree.flatten(params)
-        concrete = all(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+        concrete = all(placement.has_buffer(leaf) for leaf in leaves)
         layout = packing.plan(self.compiled.program, leaves)
         shardings = tuple(leaf.sharding for leaf in leaves) if concrete else None
         count, hypers, out = self._initialize(leaves, hypers, shardings, layout)
@@ -104,7 +104,7 @@ class Optimizer:
         # outputs will be: created outside it they would be uncommitted, and the second
         # step (given step's committed outputs) would compile the step once more.
         count = jnp.zeros([], jnp.int32)
-        hypers = {name: jnp.asarray(value).astype(step_dtype()) for name, value in hypers.items()}
+        hypers = {name: self._hyper(name, hypers, count) for name in hypers}
         if not self.state_names:
             return count, hypers, {}
         scalars = {name: self._hyper(name, hypers, count) for name in self.hyperparams}
