@@ -58,6 +58,7 @@ CATALOG: dict[str, str] = {
     "E220": "a value with more copies than its state holds",
     "E221": "row or column values without the factoring options",
     "E222": "a numeric option tested by if",
+    "E260": "a spec name that is an option every spec takes",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",
@@ -92,6 +93,8 @@ CATALOG: dict[str, str] = {
     "E347": "a schedule's arguments do not fit it",
     "E348": "get_config of a value that cannot be written down",
     "E349": "the config's spec file has changed",
+    "E380": "a hyperparameter (or a schedule's value) that is not a scalar",
+    "E381": "pack is not true or false",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",
