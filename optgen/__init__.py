@@ -33,6 +33,15 @@ __all__ = ["Artifact", "Compiled", "InputError", "OptState", "Optimizer", "SpecE
            "from_config", "load", "load_artifact", "load_state", "save_state", "schedules", "__version__"]
 
 
+def __getattr__(name: str):
+    # optgen.keras imports Keras, so only on first use: ``optgen.keras.Optimizer(...)``.
+    if name == "keras":
+        import importlib
+
+        return importlib.import_module("optgen.keras")
+    raise AttributeError(f"module 'optgen' has no attribute {name!r}")
+
+
 def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, **kwargs: Any) -> Optimizer:
     """Compile a built-in spec (``"adamw"``) or a ``.spec`` file into an :class:`Optimizer`.
 

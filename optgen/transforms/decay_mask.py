@@ -61,7 +61,7 @@ def leaf_mask(params, exclude: tuple[str, ...] | None, include: tuple[str, ...] 
     """Per parameter leaf: does weight decay apply?"""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [key_path_name(path) for path, _ in with_paths]
-    keep = [_matches(include, name) or not _matches(exclude, name) for name in names]
+    keep = [matches(include, name) or not matches(exclude, name) for name in names]
     if mask is not None:
         given = mask(params) if callable(mask) else mask
         try:
@@ -74,6 +74,6 @@ def leaf_mask(params, exclude: tuple[str, ...] | None, include: tuple[str, ...] 
     return keep
 
 
-def _matches(fragments: tuple[str, ...] | None, name: str) -> bool:
+def matches(fragments: tuple[str, ...] | list[str] | None, name: str) -> bool:
     """Does any fragment match ``name`` (``re.search``, one fragment at a time, as Keras and TF Model Garden)?"""
     return any(re.search(fragment, name) is not None for fragment in fragments or ())
