@@ -92,6 +92,10 @@ CATALOG: dict[str, str] = {
     "E347": "a schedule's arguments do not fit it",
     "E348": "get_config of a value that cannot be written down",
     "E349": "the config's spec file has changed",
+    # The Keras adapter (optgen.keras)
+    "E370": "optgen.keras.Optimizer on a Keras backend other than JAX",
+    "E371": "optgen.keras.Optimizer of a spec without learning_rate",
+    "E372": "optgen.keras.Optimizer given a mask",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +223,17 @@ def test_the_submodule_does_not_shadow_keras():
     import optgen.keras as adapter
 
     assert sys.modules["keras"] is keras and adapter.keras is keras and adapter is not keras
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    """The "Coming from Keras" section's code, in order; the restored model trains on as the saved one."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Coming from Keras\n"):readme.index("## Coming from TF Model Garden")]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.S):
+        exec(block, namespace)
+    model, restored = namespace["model"], namespace["restored"]
+    assert isinstance(restored.optimizer, optgen.keras.Optimizer) and restored.optimizer.spec == "lion"
+    model.fit(namespace["x"], namespace["y"], epochs=1, batch_size=32, verbose=0)
+    _assert_close(_weights(restored), _weights(model), 0.0)
