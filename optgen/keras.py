@@ -98,7 +98,9 @@ class Optimizer(keras.optimizers.Optimizer):
         decays = [matches(self.include_in_weight_decay, v.name) or self._use_weight_decay(v) for v in variables]
         if not all(decays):
             self._optimizer = self._load(mask=decays)
-        state = self._optimizer.init([v.value for v in variables])
+        # From host copies, so the state is uncommitted as Keras's own variables are: a mix of committed
+        # and uncommitted arrays made model.fit compile its train step a second time in its second fit.
+        state = self._optimizer.init(jax.device_get([v.value for v in variables]))
         leaves, self._state_def = jax.tree.flatten(state)
         names = [key_path_name(path).replace("/", "_")
                  for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]

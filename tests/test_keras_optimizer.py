@@ -7,6 +7,7 @@ Keras runs on its JAX backend (``KERAS_BACKEND=jax``, set in conftest.py).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -161,6 +162,16 @@ def test_variables_and_iterations():
     assert names[:2] == ["iteration", "learning_rate"] and len(names) == len(set(names))
 
 
+def test_a_second_fit_compiles_nothing(caplog):
+    """The state starts uncommitted, as Keras's variables do: fit does not compile its train step twice."""
+    import jax
+
+    model = _fit(optgen.keras.Optimizer("keras/adamw", **HYPERS), epochs=1)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        model.fit(*_data(), epochs=1, batch_size=16, shuffle=False, verbose=0)
+    assert "Compiling jit(train_step)" not in caplog.text
+
+
 def test_save_and_load_model_continues_identically(tmp_path):
     """A saved model (with its optimizer state) trains on exactly as the model it was saved from."""
     settings = _settings(CASES["all_at_once"])
@@ -235,5 +246,5 @@ def test_readme_examples_run(tmp_path, monkeypatch):
         exec(block, namespace)
     model, restored = namespace["model"], namespace["restored"]
     assert isinstance(restored.optimizer, optgen.keras.Optimizer) and restored.optimizer.spec == "lion"
-    model.fit(namespace["x"], namespace["y"], epochs=1, batch_size=32, verbose=0)
+    model.fit(namespace["x"], namespace["y"], epochs=1, batch_size=32, shuffle=False, verbose=0)
     _assert_close(_weights(restored), _weights(model), 0.0)
