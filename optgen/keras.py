@@ -31,10 +31,6 @@ import optgen
 from optgen.diagnostics import SpecError
 from optgen.transforms.decay_mask import key_path_name, matches
 
-# Keras's own arguments (keras.optimizers.Optimizer) that are optgen transforms of the same name.
-KERAS_TRANSFORMS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum", "ema_overwrite_frequency",
-                    "loss_scale_factor", "gradient_accumulation_steps")
-
 
 @keras.saving.register_keras_serializable(package="optgen", name="Optimizer")
 class Optimizer(keras.optimizers.Optimizer):
@@ -70,6 +66,7 @@ class Optimizer(keras.optimizers.Optimizer):
                             code="E371")
         if learning_rate is None:
             learning_rate = defaults["learning_rate"]
+        # Keras's own arguments that are optgen transforms of the same name.
         keras_transforms = {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm,
                             "use_ema": use_ema, "ema_momentum": ema_momentum,
                             "ema_overwrite_frequency": ema_overwrite_frequency, "loss_scale_factor": loss_scale_factor,
@@ -122,6 +119,8 @@ class Optimizer(keras.optimizers.Optimizer):
         if not self.built:
             raise ValueError("the optimizer is not built: call optimizer.build(trainable_variables) first")
         variables = self._trainable_variables
+        if trainable_variables is not None:
+            grads = self._in_built_order(grads, list(trainable_variables))
         state = jax.tree.unflatten(self._state_def, [v.value for v in self._state_variables])
         # Keras's learning rate (a variable, or a schedule of its iteration count) drives the spec's.
         stored = state.hyperparams["learning_rate"]
@@ -135,6 +134,19 @@ class Optimizer(keras.optimizers.Optimizer):
         for variable, value in zip(self._state_variables, jax.tree.leaves(state), strict=True):
             variable.assign(value)
         self._iterations.assign_add(1)
+
+    def _in_built_order(self, grads, given: list) -> list:
+        """``grads`` (one per variable of ``given``) in the order of the variables the optimizer was built with."""
+        order = [self._trainable_variables_indices.get(self._var_key(v)) for v in given]
+        if sorted(i for i in order if i is not None) != list(range(len(self._trainable_variables))):
+            raise SpecError(f"apply_gradients got {len(given)} variables; this optimizer was built with "
+                            f"{len(self._trainable_variables)} others, and updates all of them in one step",
+                            hint="pass a gradient for every variable the optimizer was built with (any order), "
+                                 "or use one optimizer per set of variables", code="E373")
+        ordered = [None] * len(order)
+        for i, g in zip(order, grads, strict=True):
+            ordered[i] = g
+        return ordered
 
     def finalize_variable_values(self, var_list):
         """With ``use_ema``: the moving averages into the model's variables (as Keras does after ``fit``)."""

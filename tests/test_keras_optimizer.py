@@ -140,6 +140,23 @@ def test_apply_gradients_outside_fit_matches_keras():
     _assert_close(results[1], results[0])
 
 
+def test_apply_gradients_in_another_order_or_on_other_variables():
+    rng = np.random.default_rng(4)
+    values = [rng.normal(size=(4, 3)).astype("float32"), rng.normal(size=(3,)).astype("float32")]
+    grads = [np.ones((4, 3), "float32"), np.full((3,), 2.0, "float32")]
+    ordered = [keras.Variable(v) for v in values]
+    optimizer = optgen.keras.Optimizer("keras/adamw", **HYPERS)
+    optimizer.apply_gradients(zip(grads, ordered))
+    swapped = [keras.Variable(v) for v in values]
+    other = optgen.keras.Optimizer("keras/adamw", **HYPERS)
+    other.build(swapped)
+    other.apply_gradients(zip(grads[::-1], swapped[::-1]))
+    _assert_close([np.asarray(v.value) for v in swapped], [np.asarray(v.value) for v in ordered], 0.0)
+    with pytest.raises(optgen.SpecError) as err:
+        other.apply_gradients([(grads[0], swapped[0])])
+    assert err.value.code == "E373"
+
+
 def test_learning_rate_get_and_set():
     optimizer = optgen.keras.Optimizer("keras/adamw", **HYPERS)
     assert float(optimizer.learning_rate) == pytest.approx(3e-3)
