@@ -161,10 +161,11 @@ class Optimizer(keras.optimizers.Optimizer):
         """Keras's config, the spec (its name, or path and SHA-256) and its hyperparameters and options."""
         spec = self._unmasked.get_config()
         hypers = {k: v for k, v in spec["hyperparameters"].items() if k not in ("learning_rate", "weight_decay")}
-        names = self._exclude_from_weight_decay_names()
-        return super().get_config() | {"spec": spec["spec"], "sha256": spec.get("sha256"), **hypers, **spec["options"],
-                                       "exclude_from_weight_decay": names,
-                                       "include_in_weight_decay": self.include_in_weight_decay}
+        config = super().get_config()  # holds Keras's own transform arguments (clipnorm, use_ema, ...)
+        others = {k: v for k, v in spec["transforms"].items() if k not in config}  # optgen's own: skip_nonfinite
+        return config | others | {"spec": spec["spec"], "sha256": spec.get("sha256"), **hypers, **spec["options"],
+                                  "exclude_from_weight_decay": self._exclude_from_weight_decay_names(),
+                                  "include_in_weight_decay": self.include_in_weight_decay}
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Keras's: no weight decay on these variables, nor on those whose name matches a fragment (``re.search``)."""

@@ -208,12 +208,14 @@ def test_save_and_load_model_continues_identically(tmp_path):
 
 def test_get_config_round_trips_through_json():
     optimizer = optgen.keras.Optimizer("keras/adamw", **_settings(CASES["schedule"]), amsgrad=True, clipnorm=1.0,
-                                       exclude_from_weight_decay=["bias"], name="mine")
+                                       skip_nonfinite=True, exclude_from_weight_decay=["bias"], name="mine")
     config = json.loads(json.dumps(keras.optimizers.serialize(optimizer)))
     again = keras.optimizers.deserialize(config)
     assert type(again) is optgen.keras.Optimizer
     assert again.get_config() == optimizer.get_config()
-    assert again.get_config()["amsgrad"] is True and again.get_config()["beta_1"] == 0.8
+    config = again.get_config()
+    assert config["amsgrad"] is True and config["beta_1"] == 0.8 and config["skip_nonfinite"] is True
+    assert config["exclude_from_weight_decay"] == ["bias"] and config["clipnorm"] == 1.0
 
 
 def test_get_config_of_a_spec_file_records_its_digest(tmp_path):

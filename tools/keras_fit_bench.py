@@ -1,6 +1,6 @@
 """model.fit step time: optgen.keras.Optimizer("keras/adamw") against keras.optimizers.AdamW.
 
-    python tools/keras_fit_bench.py [--width 768] [--blocks 4] [--batch 16] [--steps 20] [--repeats 7]
+    python tools/keras_fit_bench.py [--width 768] [--blocks 4] [--batch 16] [--steps 10] [--repeats 15]
 
 The model is a transformer-sized stack of Dense layers (per block: Dense(4 * width, gelu),
 Dense(width), LayerNormalization, as a transformer's MLP block). Both optimizers train the
@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch * args.steps, args.width)).astype("float32")
