@@ -95,6 +95,11 @@ CATALOG: dict[str, str] = {
     "E349": "the config's spec file has changed",
     "E380": "a hyperparameter (or a schedule's value) that is not a scalar",
     "E381": "pack is not true or false",
+    # The Keras adapter (optgen.keras)
+    "E370": "optgen.keras.Optimizer on a Keras backend other than JAX",
+    "E371": "optgen.keras.Optimizer of a spec without learning_rate",
+    "E372": "optgen.keras.Optimizer given a mask",
+    "E373": "apply_gradients on other variables than the optimizer was built with",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

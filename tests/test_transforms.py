@@ -100,7 +100,10 @@ def test_exclude_from_weight_decay_and_mask_match_optax_mask(x64):
 
     want, _ = _run(*_optax_runner(optax.adamw(**HYPERS, weight_decay=0.1, mask=decayed)))
     for kwargs in ({"exclude_from_weight_decay": ["vector", "huge"]}, {"mask": decayed},
-                   {"mask": decayed(make_params(np.float64))}):
+                   {"mask": decayed(make_params(np.float64))},
+                   # include fragments override exclude ones (TF Model Garden's rule)
+                   {"exclude_from_weight_decay": ["vector", "huge", "cube"], "include_in_weight_decay": ["cu.e"]},
+                   {"exclude_from_weight_decay": "vector,huge", "include_in_weight_decay": "matrix"}):
         got, _ = _run(*_optgen_runner(optgen.load("adamw", **HYPERS, weight_decay=0.1, **kwargs)))
         _assert_trees_close(got, want)
 

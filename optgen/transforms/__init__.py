@@ -6,7 +6,8 @@ after it, and so on. They run after lowering and before the pass pipeline, so th
 variant shows in ``optgen compile --emit ir`` and is fused into the same kernel.
 
 The options take Keras's names and defaults (``keras.optimizers.Optimizer``), plus
-optax's ``mask`` and ``skip_nonfinite`` (``optax.apply_if_finite``). Numbers among them
+optax's ``mask`` and ``skip_nonfinite`` (``optax.apply_if_finite``) and TF Model
+Garden's ``include_in_weight_decay``. Numbers among them
 become hyperparameters of the same name (``clipnorm``, ``ema_momentum``, ...): they
 live in the optimizer state and change without recompiling.
 
@@ -34,10 +35,11 @@ DEFAULTS: dict[str, Any] = {
     "clipnorm": None, "clipvalue": None, "global_clipnorm": None,
     "use_ema": False, "ema_momentum": 0.99, "ema_overwrite_frequency": None,
     "loss_scale_factor": None, "gradient_accumulation_steps": None,
-    "exclude_from_weight_decay": None, "mask": None, "skip_nonfinite": False,
+    "exclude_from_weight_decay": None, "include_in_weight_decay": None, "mask": None, "skip_nonfinite": False,
 }
 _POSITIVE = ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor")
 _BOOLS = ("use_ema", "skip_nonfinite")
+_FRAGMENTS = ("exclude_from_weight_decay", "include_in_weight_decay")  # name fragments, matched with re.search
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Variant:
 
     def apply(self, program: Program) -> Program:
         """``program`` with every transform these settings turn on, innermost first."""
-        if self["exclude_from_weight_decay"] or self["mask"] is not None:
+        if self.masks_decay:
             program = decay_mask.apply(program)
         for name in clip.RULES:
             if self[name] is not None:
@@ -66,15 +68,21 @@ class Variant:
             program = loss_scale.apply(program)
         return program
 
+    @property
+    def masks_decay(self) -> bool:
+        """Is weight decay selected per parameter (exclude or include fragments, or a mask)?"""
+        return any(self[name] for name in _FRAGMENTS) or self["mask"] is not None
+
     def hyperparams(self, program: Program) -> dict[str, float]:
         """The options that became hyperparameters of ``program`` (inputs named like them), with their values."""
         return {v.name: float(self[v.name]) for v in program.update.inputs if v.name in DEFAULTS}
 
     def leaf_inputs(self, params) -> dict[str, list]:
         """Per-parameter inputs of the variant: the weight-decay mask, 1.0 or 0.0 per leaf."""
-        if not (self["exclude_from_weight_decay"] or self["mask"] is not None):
+        if not self.masks_decay:
             return {}
-        keep = decay_mask.leaf_mask(params, self["exclude_from_weight_decay"], self["mask"])
+        keep = decay_mask.leaf_mask(params, self["exclude_from_weight_decay"], self["include_in_weight_decay"],
+                                    self["mask"])
         return {decay_mask.NAME: [np.float32(k) for k in keep]}
 
 
@@ -90,10 +98,9 @@ def split_options(kwargs: dict[str, Any]) -> tuple[Variant, dict[str, Any]]:
                         hint="as in Keras; chain optax.clip_by_global_norm in front for a second clip", code="E340")
     if ("ema_momentum" in settings or "ema_overwrite_frequency" in settings) and not settings.get("use_ema"):
         raise SpecError("ema_momentum and ema_overwrite_frequency need use_ema=True", code="E341")
-    if isinstance(settings.get("exclude_from_weight_decay"), str):
-        settings["exclude_from_weight_decay"] = tuple(settings["exclude_from_weight_decay"].split(","))
-    elif "exclude_from_weight_decay" in settings:
-        settings["exclude_from_weight_decay"] = tuple(settings["exclude_from_weight_decay"])
+    for name in _FRAGMENTS:
+        if name in settings:
+            settings[name] = _fragments(settings[name])
     return Variant(settings), rest
 
 
@@ -115,14 +122,19 @@ def _check(name: str, value) -> None:
         raise SpecError(f"gradient_accumulation_steps takes an integer >= 2, got {value!r}", hint="as in Keras", code="E342")
     if name == "ema_overwrite_frequency" and not (integral and value >= 1):
         raise SpecError(f"ema_overwrite_frequency takes an integer >= 1, got {value!r}", hint="as in Keras", code="E342")
-    if name == "exclude_from_weight_decay" and not (
+    if name in _FRAGMENTS and not (
             isinstance(value, str) or all(isinstance(v, str) for v in value)):
-        raise SpecError("exclude_from_weight_decay takes name fragments (strings), "
-                        f"got {value!r}", hint="for example exclude_from_weight_decay=['bias', 'norm']", code="E342")
-    if name == "exclude_from_weight_decay":
-        for fragment in value.split(",") if isinstance(value, str) else value:
+        raise SpecError(f"{name} takes name fragments (strings), "
+                        f"got {value!r}", hint=f"for example {name}=['bias', 'norm']", code="E342")
+    if name in _FRAGMENTS:
+        for fragment in _fragments(value):
             try:  # matched with re.search, as Keras's var_names are
                 re.compile(fragment)
             except re.error as err:
-                raise SpecError(f"exclude_from_weight_decay fragment {fragment!r} is not a valid pattern: {err}",
+                raise SpecError(f"{name} fragment {fragment!r} is not a valid pattern: {err}",
                                 hint="escape special characters, e.g. re.escape('bias(')", code="E342") from None
+
+
+def _fragments(value) -> tuple[str, ...]:
+    """Name fragments as a tuple: a list of strings, or one comma-separated string (the CLI's ``--with``)."""
+    return tuple(value.split(",") if isinstance(value, str) else value)
