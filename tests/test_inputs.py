@@ -167,6 +167,34 @@ def test_damaged_or_foreign_state_is_refused(tmp_path):
     assert err.value.code == "E330"
 
 
+def test_save_state_checks_the_state_against_the_optimizer_before_writing(tmp_path):
+    opt, params, state = trained(jnp.float32)
+    path = tmp_path / "state.opt"
+    optgen.save_state(str(path), state, opt)
+    good = path.read_bytes()
+    other_shape = opt.init({**params, "w": jnp.ones((3, 5))})
+    other_dtype = opt.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    cases = [((state, optgen.load("amsgrad")), "E311"), ((opt.init(params), optgen.load("adamw", use_ema=True)), "E311"),
+             ((other_shape._replace(slots={**other_shape.slots, "nu": state.slots["nu"]}), opt), "E308"),
+             ((other_dtype._replace(slots={**other_dtype.slots, "nu": state.slots["nu"]}), opt), "E309"),
+             ((opt, state), "E350"), (({"mu": 1}, opt), "E350")]
+    for args, code in cases:
+        with pytest.raises(InputError) as err:
+            optgen.save_state(str(path), *args)
+        assert err.value.code == code, err.value.render()
+        assert path.read_bytes() == good  # the good checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.opt"]
+
+
+def test_a_schedule_against_a_constant_is_named_as_such(tmp_path):
+    opt, params, state = trained(jnp.float32)
+    optgen.save_state(str(tmp_path / "s"), state, opt)
+    scheduled = optgen.load("adamw", learning_rate=lambda count: 0.1, weight_decay=1e-4)
+    with pytest.raises(InputError) as err:
+        optgen.load_state(str(tmp_path / "s"), scheduled, params)
+    assert err.value.code == "E351" and "schedule" in err.value.message
+
+
 # -- atomic writes ---------------------------------------------------------------------------
 
 def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
