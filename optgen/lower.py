@@ -8,14 +8,12 @@ left out of the program (and so out of the optimizer's memory).
 from __future__ import annotations
 
 from optgen import syntax as ast
+from optgen.builtins import BINARY_OPCODES, UNARY_OPCODES
 from optgen.checker import CheckedSpec
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.ir import Builder, Function, Loc, Program, Value
 from optgen.types import NOT_FACTORED, Factoring, Type
 
-_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow", "<": "lt", "<=": "le",
-           ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
-_UNARY = {"-": "neg", "not": "not"}
 
 
 def resolve_options(checked: CheckedSpec, given: dict[str, object]) -> dict[str, bool]:
@@ -104,9 +102,9 @@ class _Lowering:
         if isinstance(node, ast.Name):
             return env[node.id]
         if isinstance(node, ast.Unary):
-            return b.op(_UNARY[node.op], self.expr(node.operand, env), loc=loc)
+            return b.op(UNARY_OPCODES[node.op], self.expr(node.operand, env), loc=loc)
         if isinstance(node, ast.Binary):
-            return b.op(_BINARY[node.op], self.expr(node.left, env), self.expr(node.right, env), loc=loc)
+            return b.op(BINARY_OPCODES[node.op], self.expr(node.left, env), self.expr(node.right, env), loc=loc)
         args = [self.expr(arg, env) for arg in node.args]
         return self.call(node.func.id, args, loc)
 

@@ -118,3 +118,12 @@ def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
     assert "GB/s" in result.stdout and "step at" in result.stdout
     shared = run("inspect", "amsgrad", "--elements", "4096", "--lowering", "shared", cwd=tmp_path)
     assert shared.returncode == 0 and "spec minimum 36" in shared.stdout and "step time" not in shared.stdout
+
+
+def test_a_device_without_a_size_is_read_only_up_to_the_limit():
+    from click.testing import CliRunner
+
+    from optgen.cli import main
+
+    result = CliRunner().invoke(main, ["check", "/dev/zero"])  # its size is 0: reading to the end never ends
+    assert result.exit_code == 1 and "error[E008]" in result.output, result.output
