@@ -28,6 +28,8 @@ CATALOG: dict[str, str] = {
     "E013": "unknown pass",
     "E014": "a malformed --shape",
     "E015": "the output path is a block device or a socket",
+    "E016": "a symbolic --shape of two or more dims for a factored spec",
+    "E017": "standard output cannot be written",
     # Syntax
     "E101": "unexpected character",
     "E102": "unexpected token",
