@@ -79,7 +79,7 @@ def _existing_kind(target: Path, shown: str) -> str:
     """``missing``, ``file`` or ``special`` (written through); a refused kind is a SpecError."""
     try:
         mode = target.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a missing folder is reported as such next
         return "missing"
     except OSError as err:
         raise SpecError(f"cannot write '{shown}': {err.strerror}", code="E007") from None
