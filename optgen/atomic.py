@@ -53,13 +53,11 @@ def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
                         hint=f"create it first (mkdir -p {folder})", code="E006")
     prefix = os.path.join(folder, f".optgen-{hashlib.sha256(target.name.encode()).hexdigest()[:16]}.")
     _remove_abandoned(prefix)
-    tmp = f"{prefix}{secrets.token_hex(4)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # the umask applies
+        fd, tmp = _create_locked(prefix)
     except OSError as err:
         raise SpecError(f"cannot write '{shown}': {err.strerror}", code="E007") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: a lock anyone can take marks an abandoned file
         if kind == "file":
             _keep_mode_and_owner(fd, target)
         with os.fdopen(fd, "wb") as out:
@@ -73,6 +71,22 @@ def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
         if isinstance(err, OSError):  # disk full, permissions: the old file is intact
             raise SpecError(f"cannot write '{shown}': {err.strerror}", code="E007") from None
         raise
+
+
+def _create_locked(prefix: str) -> tuple[int, str]:
+    """A new temporary file (mode 0o666 less the umask), locked until closed: a lock anyone can
+    take marks a file whose writer is gone. If another writer's cleanup removed it before we held
+    the lock, make another."""
+    while True:
+        tmp = f"{prefix}{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _existing_kind(target: Path, shown: str) -> str:
