@@ -65,13 +65,23 @@ def _with_value(text: str) -> object:
 
 def _shape(text: str) -> str:
     """``--shape``: comma-separated dims, each a size (0 to 2^40) or a symbolic name like ``n``
-    (ASCII only: ``int`` and JAX's shape parser disagree about other digits, such as ``²``)."""
+    (ASCII only: ``int`` and JAX's shape parser disagree about other digits, such as ``²``;
+    and a name JAX's parser takes, so not ``_``, ``max``, ``min``, ``mod`` or ``floordiv``)."""
     dims = [d.strip() for d in text.split(",")] if text.strip() else []
     for dim in dims:
-        if not (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", dim) or (re.fullmatch(r"[0-9]+", dim) and int(dim) <= 1 << 40)):
+        size = re.fullmatch(r"[0-9]+", dim) and int(dim) <= 1 << 40
+        if not (size or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", dim) and _symbolic(dim)):
             raise SpecError(f"--shape takes sizes or symbolic names separated by commas, got '{text}'",
                             hint="for example: --shape n, --shape 1048576 or --shape 128,256", code="E014")
     return ",".join(dims)
+
+
+def _symbolic(name: str) -> bool:
+    try:
+        jax.export.symbolic_shape(name)
+    except ValueError:  # '_' and '...' are JAX's wildcards; max, min, mod, floordiv its functions
+        return False
+    return True
 
 
 def _platforms(text: str) -> list[str]:

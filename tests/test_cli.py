@@ -137,7 +137,7 @@ def _invoke(*args):
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.mark.parametrize("shape", ["²", "１２", "n²", "1,٣"])
+@pytest.mark.parametrize("shape", ["²", "１２", "n²", "1,٣", "_", "max", "n,min"])
 def test_shape_takes_ascii_digits_and_names_only(shape):
     result = _invoke("compile", "adamw", "--shape", shape)
     assert result.exit_code == 1 and "error[E014]" in result.output and "Traceback" not in result.output
