@@ -137,6 +137,12 @@ def _check_leaves(path: str, opt: Optimizer, header: dict, want: list) -> None:
     saved = header["leaves"]
     if saved == want and header.get("byteorder") == sys.byteorder:
         return
+    slots = [sorted({leaf[0].split("']")[0].removeprefix(".slots['") for leaf in leaves if leaf[0].startswith(".slots")})
+             for leaves in (saved, want)]
+    if slots[0] != slots[1]:
+        raise InputError(f"'{path}' holds states {slots[0]}; this {opt.name} keeps {slots[1]} (an option every spec "
+                         "takes, such as use_ema or skip_nonfinite, adds or removes state)",
+                         hint="load it with the optimizer, options included, that saved it", code="E333")
     hypers = [[leaf[0] for leaf in leaves if leaf[0].startswith(".hyperparams")] for leaves in (saved, want)]
     if hypers[0] != hypers[1]:
         raise InputError(f"'{path}' holds hyperparameters {_names(hypers[0])} in its state; this {opt.name} keeps "

@@ -195,6 +195,29 @@ def test_a_schedule_against_a_constant_is_named_as_such(tmp_path):
     assert err.value.code == "E351" and "schedule" in err.value.message
 
 
+def test_state_of_another_variant_is_named_as_such(tmp_path):
+    opt, params, state = trained(jnp.float32)
+    optgen.save_state(str(tmp_path / "s"), state, opt)
+    with pytest.raises(InputError) as err:  # same spec, hyperparameters and options: only the state differs
+        optgen.load_state(str(tmp_path / "s"), optgen.load("adamw", learning_rate=0.1, skip_nonfinite=True), params)
+    assert err.value.code == "E333" and "total_notfinite" in err.value.message, err.value.render()
+
+
+def test_save_state_copies_leaves_to_the_host_one_by_one(tmp_path):
+    import tracemalloc
+
+    opt = optgen.load("adamw")
+    params = {"a": jnp.ones(1 << 20), "b": jnp.ones(1 << 20)}  # 4 MiB each: the state holds 16 MiB
+    state = opt.init(params)
+    tracemalloc.start()
+    try:
+        optgen.save_state(str(tmp_path / "s"), state, opt)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20, f"{peak / 2**20:.1f} MiB"  # two leaves at most (8 MiB); was 4x the state (64 MiB)
+
+
 # -- atomic writes ---------------------------------------------------------------------------
 
 def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
