@@ -65,6 +65,7 @@ CATALOG: dict[str, str] = {
     "E222": "a numeric option tested by if",
     "E223": "a constant that is infinite in float64",
     "E224": "p assigned only under some options",
+    "E225": "a constant beyond the range of the kernel's compute dtype",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",

@@ -186,3 +186,11 @@ def test_ctrl_c_during_a_command_is_a_message_and_status_130(monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     result = _invoke("compile", "adamw", "-o", "out.mlir")
     assert result.exit_code == 130 and "interrupted" in result.output and not (tmp_path / "out.mlir").exists()
+
+
+def test_a_constant_beyond_float32_is_refused_for_f32_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.spec").write_text("optimizer big\nupdate:\n  p = p - 1e30 * 1e30 * g\n")
+    result = _invoke("compile", "big.spec", "--dtype", "f32")  # folded to 1e60: inf in float32
+    assert result.exit_code == 1 and "error[E225]" in result.output and "big.spec:3:" in result.output, result.output
+    assert _invoke("compile", "big.spec", "--dtype", "f64").exit_code == 0
