@@ -49,8 +49,9 @@ def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
         return
     folder = target.parent
     if not folder.is_dir():
-        raise SpecError(f"cannot write '{shown}': folder '{folder}' does not exist",
-                        hint=f"create it first (mkdir -p {folder})", code="E006")
+        named = folder if os.path.islink(shown) else Path(shown).parent  # as the user wrote it, unless a link's
+        raise SpecError(f"cannot write '{shown}': folder '{named}' does not exist",
+                        hint=f"create it first (mkdir -p {named})", code="E006")
     prefix = os.path.join(folder, f".optgen-{hashlib.sha256(target.name.encode()).hexdigest()[:16]}.")
     _remove_abandoned(prefix)
     try:
