@@ -43,10 +43,14 @@ def x64_for(dtype: np.dtype):
 
 
 def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
-    """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"``."""
+    """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"`` (a factored
+    spec needs sizes, not names, for two or more dims: which axes are factored depends on them)."""
     dims = jax.export.symbolic_shape(shape)
-    # One flat tensor is never factored: a row value is all of it, a col value one number.
-    shapes = {"step": (), "leaf": (), "row": dims, "col": (), "tensor": dims}
+    # Row and col states drop the axes they reduce, as the step decides from the shape (an
+    # unfactored tensor is one column: a row value is all of it, a col value one number).
+    reduced = dict(zip(("row", "col"), program.factoring.axes(dims), strict=True))
+    shapes = {"step": (), "leaf": (), "tensor": dims} | {
+        extent: tuple(d for axis, d in enumerate(dims) if axis not in axes) for extent, axes in reduced.items()}
     return {v.name: jax.ShapeDtypeStruct(shapes[v.type.extent], state_dtypes.get(v.name, scalar_dtype(dtype)
                                          if v.type.extent == "step" else dtype)) for v in program.update.inputs}
 

@@ -1,8 +1,14 @@
-"""The functions a spec may call, with their arity and what they reduce over."""
+"""The functions a spec may call, with their arity and what they reduce over, and the IR opcode
+of each operator."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+BINARY_OPCODES = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow", "<": "lt", "<=": "le",
+                  ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
+UNARY_OPCODES = {"-": "neg", "not": "not"}
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from optgen.checker import CheckedSpec, check
+from optgen.diagnostics import SpecError
 from optgen.ir import Function, Program
 from optgen.library import builtin_names, read_spec
 from optgen.lower import lower, resolve_options
 from optgen.parser import parse
 from optgen.passes import DEFAULT_PIPELINE, known_passes, run_pipeline
-from optgen.transforms import Variant
+from optgen.transforms import DEFAULTS as SHARED_OPTIONS, Variant
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,20 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
     go through them); ``after_each`` is called with each pass's name and output, for
     ``--print-ir-after-all``.
     """
-    resolved = resolve_options(checked, options or {})
+    _expect_finite(variant)
+    resolved = resolve_options(checked, options or {}, tuple(SHARED_OPTIONS))
     lowered = variant.apply(lower(checked, resolved))
     passes = known_passes(passes)
     program = replace(lowered,
                       update=run_pipeline(lowered.update, passes, after_each),
                       init=run_pipeline(lowered.init, passes, after_each))
     return Compiled(checked, resolved, lowered, program, passes)
+
+
+def _expect_finite(variant: Variant) -> None:
+    """Numeric options every spec takes are finite: ``clipnorm=inf`` computes ``g * inf / inf``
+    (nan in every parameter), ``loss_scale_factor=inf`` zeroes every gradient."""
+    for name, value in variant.settings.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+            raise SpecError(f"{name} takes a finite number, got {value!r}",
+                            hint=f"to turn {name} off, leave it out (None)", code="E342")

@@ -27,6 +27,9 @@ CATALOG: dict[str, str] = {
     "E012": "--emit hlo needs a concrete shape",
     "E013": "unknown pass",
     "E014": "a malformed --shape",
+    "E015": "the output path is a block device or a socket",
+    "E016": "a symbolic --shape of two or more dims for a factored spec",
+    "E017": "standard output cannot be written",
     # Syntax
     "E101": "unexpected character",
     "E102": "unexpected token",
@@ -35,6 +38,8 @@ CATALOG: dict[str, str] = {
     "E105": "more than one update block",
     "E106": "nested too deeply",
     "E107": "malformed hyperparameter range",
+    "E108": "tabs and spaces mixed ambiguously",
+    "E109": "a number float64 cannot hold",
     # The checker
     "E201": "no update block",
     "E202": "the update never assigns p",
@@ -58,6 +63,9 @@ CATALOG: dict[str, str] = {
     "E220": "a value with more copies than its state holds",
     "E221": "row or column values without the factoring options",
     "E222": "a numeric option tested by if",
+    "E223": "a constant that is infinite in float64",
+    "E224": "p assigned only under some options",
+    "E225": "a constant beyond the range of the kernel's compute dtype",
     "E260": "a spec name that is an option every spec takes",
     # Values given at run time
     "E301": "update called without params",
@@ -93,6 +101,8 @@ CATALOG: dict[str, str] = {
     "E347": "a schedule's arguments do not fit it",
     "E348": "get_config of a value that cannot be written down",
     "E349": "the config's spec file has changed",
+    "E350": "save_state given something other than a state and its optimizer",
+    "E351": "the saved state's hyperparameters are schedules where the optimizer's are constants, or the reverse",
     "E380": "a hyperparameter (or a schedule's value) that is not a scalar",
     "E381": "pack is not true or false",
     # The Keras adapter (optgen.keras)

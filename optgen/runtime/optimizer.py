@@ -198,6 +198,8 @@ class Optimizer:
         self.pack = pack  # small parameters' state packed into flat buffers (packing.py)
         self._plan = Plan(compiled, variant, hyperparams, pack, identity)
         self.state_names = self._plan.state_names
+        self.extents = self._plan.extents  # each output's extent: tensor, leaf, row, col or step
+        self.stored_hyperparams = self._plan.stored  # those given as numbers: kept in state.hyperparams
         self.step = _Jitted(self, _step, traced=_step_kept)
         self._update = _Jitted(self, _update)
 
@@ -219,6 +221,11 @@ class Optimizer:
             self._spread(out, leaves, layout)
         slots = {name: self._plan.slot(out[name], name, layout, treedef) for name in self.state_names}
         return OptState(count, hypers, slots)
+
+    def check(self, params, grads, state: OptState) -> None:
+        """Raise :class:`~optgen.diagnostics.InputError` if ``grads`` or ``state`` do not fit ``params``
+        (tree structure, shapes, dtypes; reads nothing on the device)."""
+        self._plan.checker.check(params, grads, state)
 
     def _stored(self) -> dict:
         return {name: self.hyperparams[name] for name in self._plan.stored}
