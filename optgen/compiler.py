@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
@@ -52,7 +50,6 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
     go through them); ``after_each`` is called with each pass's name and output, for
     ``--print-ir-after-all``.
     """
-    _expect_finite(variant)
     resolved = resolve_options(checked, options or {}, tuple(SHARED_OPTIONS))
     lowered = variant.apply(lower(checked, resolved))
     passes = known_passes(passes)
@@ -61,11 +58,3 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
                       init=run_pipeline(lowered.init, passes, after_each))
     return Compiled(checked, resolved, lowered, program, passes)
 
-
-def _expect_finite(variant: Variant) -> None:
-    """Numeric options every spec takes are finite: ``clipnorm=inf`` computes ``g * inf / inf``
-    (nan in every parameter), ``loss_scale_factor=inf`` zeroes every gradient."""
-    for name, value in variant.settings.items():
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
-            raise SpecError(f"{name} takes a finite number, got {value!r}",
-                            hint=f"to turn {name} off, leave it out (None)", code="E342")

@@ -72,7 +72,7 @@ def test_with_turns_on_transforms_in_the_ir_and_the_kernel(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["compile", "adamw", "--with", "clipnorm=big"], "clipnorm takes a positive number, got 'big'"),
+    (["compile", "adamw", "--with", "clipnorm=big"], "clipnorm takes a finite positive number, got 'big'"),
     (["compile", "adamw", "--with", "clipnorm"], "--with takes NAME=VALUE"),
     (["check", "adam", "--with", "exclude_from_weight_decay=bias"], "no hyperparameter 'weight_decay' to mask"),
     (["check", "bad.spec"], "bad.spec:3:"),

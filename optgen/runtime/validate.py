@@ -23,6 +23,7 @@ from optgen.diagnostics import InputError, did_you_mean
 from optgen.runtime import packing
 from optgen.runtime.state import OptState
 from optgen.syntax import Range
+from optgen.transforms import HYPER_RANGES
 
 if TYPE_CHECKING:
     from optgen.runtime.optimizer import Plan
@@ -71,7 +72,7 @@ class InputChecker:
 
     def __init__(self, plan: "Plan"):
         self.plan = plan
-        self.ranges = plan.compiled.checked.ranges
+        self.ranges = plan.compiled.checked.ranges | HYPER_RANGES  # the spec's, and its options' (clipnorm > 0)
 
     def check_call(self, params, grads, state) -> None:
         """The per-call checks: the state's hyperparameters that are host numbers are in range."""

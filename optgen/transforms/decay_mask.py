@@ -23,16 +23,36 @@ from __future__ import annotations
 import re
 
 import jax
+import numpy as np
 
 from optgen.diagnostics import SpecError
 from optgen.ir import Program
 from optgen.transforms.edit import Editor, replace_update
+from optgen.transforms.option import anything, as_fragments, fragments
 
 NAME = "weight_decay_mask"
 DECAY_NAMES = ("weight_decay", "weight_decay_rate")  # Keras, optax, torch; TF Model Garden
+FRAGMENTS = ("exclude_from_weight_decay", "include_in_weight_decay")
+OPTIONS = (*(fragments(name) for name in FRAGMENTS), anything("mask"))
 
 
-def apply(program: Program) -> Program:
+def normalize(settings: dict) -> dict:
+    """Fragments as tuples (a comma-separated string is the CLI's ``--with`` form)."""
+    return {name: as_fragments(value) if name in FRAGMENTS else value for name, value in settings.items()}
+
+
+def enabled(variant) -> bool:
+    """Is weight decay selected per parameter (exclude or include fragments, or a mask)?"""
+    return any(variant[name] for name in FRAGMENTS) or variant["mask"] is not None
+
+
+def leaf_inputs(variant, params) -> dict[str, list]:
+    """The mask's per-parameter input: 1.0 where weight decay applies, 0.0 where it does not."""
+    keep = leaf_mask(params, variant["exclude_from_weight_decay"], variant["include_in_weight_decay"], variant["mask"])
+    return {NAME: [np.float32(k) for k in keep]}
+
+
+def apply(program: Program, variant) -> Program:
     ed = Editor(program.update, "exclude_from_weight_decay")
     name = next((name for name in DECAY_NAMES if ed.has_input(name)), None)
     if name is None:
