@@ -105,6 +105,8 @@ CATALOG: dict[str, str] = {
     "E351": "the saved state's hyperparameters are schedules where the optimizer's are constants, or the reverse",
     "E380": "a hyperparameter (or a schedule's value) that is not a scalar",
     "E381": "pack is not true or false",
+    "E382": "an array that an earlier step donated",
+    "E383": "one array passed twice to a step that donates it",
     # The Keras adapter (optgen.keras)
     "E370": "optgen.keras.Optimizer on a Keras backend other than JAX",
     "E371": "optgen.keras.Optimizer of a spec without learning_rate",
