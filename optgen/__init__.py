@@ -15,7 +15,7 @@ fusion.request_cpu_multi_output_fusion()  # before JAX starts its CPU backend; s
 
 from optgen import schedules
 from optgen.artifact import Artifact, load_artifact
-from optgen.checkpoint import load_state, save_state
+from optgen.runtime.checkpoint import load_state, save_state
 from optgen.compiler import Compiled, check_spec, compile_checked
 from optgen.diagnostics import InputError, SpecError, SpecWarning
 from optgen.library import builtin_names

@@ -191,3 +191,21 @@ def test_a_factored_artifact_steps_as_the_optimizer_does(tmp_path):
                                           **{name: slot["w"] for name, slot in state.slots.items()})
     expected, _ = opt.step(params, grads, state)
     np.testing.assert_array_equal(out["p"], expected["w"])
+
+
+def test_runtime_imports_run_one_way():
+    # load and checkpoint -> optimizer -> validate, packing, ... -> state; a module imports only those below it
+    import ast
+    import pathlib
+
+    order = ["state", "serialization", "config", "placement", "packing", "validate", "optimizer", "checkpoint", "load"]
+    folder = pathlib.Path(optgen.__file__).parent / "runtime"
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(order)
+    for name in order:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in tree.body:  # module level: imports under TYPE_CHECKING or in functions are for types and lazy use
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("optgen.runtime"):
+                imported = [node.module.rsplit(".", 1)[1]] if node.module != "optgen.runtime" else \
+                    [alias.name for alias in node.names]
+                for other in imported:
+                    assert order.index(other) < order.index(name), f"runtime/{name}.py imports runtime/{other}.py"
