@@ -308,6 +308,7 @@ class _Jitted:
             plan.checker.check(params, grads, state)
             raise
         except (ValueError, RuntimeError):  # XLA's words for a donated or doubly donated buffer: say which
+            plan.checker.check(params, grads, state)  # a wrong tree is the first thing to say
             if self.jitted is _step:
                 explain_donation(params, grads, state)
             raise
