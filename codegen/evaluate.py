@@ -163,26 +163,39 @@ class _LeafView:
         return self.backend.broadcast_to(x, target)
 
 
+def _gsum(op, backend, env, view, step_dtype):
+    parts = [backend.convert(x, step_dtype) for x in env[id(op.operands[0])]]
+    total = parts[0]
+    for part in parts[1:]:
+        total = backend.apply("add", [total, part])
+    return total
+
+
+def _mean_over(extent):
+    def mean(op, backend, env, view, step_dtype):
+        return [backend.mean(x, view.layout.reduced(i, extent)) for i, x in enumerate(env[id(op.operands[0])])]
+    return mean
+
+
+# How the evaluator applies each structural op of the op table (those without a NumPy meaning).
+STRUCTURAL = {
+    "gsum": _gsum,
+    "row_mean": _mean_over("row"),
+    "col_mean": _mean_over("col"),
+    "sum": lambda op, backend, env, view, step_dtype: [backend.reduce_sum(x) for x in env[id(op.operands[0])]],
+    "size": lambda op, backend, env, view, step_dtype: [backend.size(x, view.dtypes[i])
+                                                        for i, x in enumerate(env[id(op.operands[0])])],
+}
+
+
 def _compute(op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dtype: np.dtype) -> None:
     """Evaluate one op into ``env``: once for step values, once per parameter otherwise."""
     extent = op.result.type.extent
     with backend.at(op.loc):
         if op.opcode == "const":
             env[id(op.result)] = backend.constant(op.attr, step_dtype)
-        elif op.opcode == "gsum":
-            parts = [backend.convert(x, step_dtype) for x in env[id(op.operands[0])]]
-            total = parts[0]
-            for part in parts[1:]:
-                total = backend.apply("add", [total, part])
-            env[id(op.result)] = total
-        elif op.opcode in ("row_mean", "col_mean"):
-            axes = "row" if op.opcode == "row_mean" else "col"
-            env[id(op.result)] = [backend.mean(x, leaf_view.layout.reduced(i, axes))
-                                  for i, x in enumerate(env[id(op.operands[0])])]
-        elif op.opcode in ("sum", "size"):
-            source = env[id(op.operands[0])]
-            env[id(op.result)] = [backend.reduce_sum(x) if op.opcode == "sum"
-                                  else backend.size(x, leaf_view.dtypes[i]) for i, x in enumerate(source)]
+        elif op.opcode in STRUCTURAL:
+            env[id(op.result)] = STRUCTURAL[op.opcode](op, backend, env, leaf_view, step_dtype)
         elif extent == "step":
             env[id(op.result)] = backend.apply(op.opcode, [env[id(v)] for v in op.operands])
         else:

@@ -13,18 +13,8 @@ import numpy as np
 
 from optgen.codegen.evaluate import evaluate
 from optgen.ir import Function
+from optgen.ops import OPS
 from optgen.types import NOT_FACTORED, Factoring
-
-# The meaning of every IR op on NumPy values; fold uses it too.
-NUMPY_OPS = {
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
-    "max": np.maximum, "min": np.minimum, "neg": np.negative, "sqrt": np.sqrt,
-    "rsqrt": lambda x: 1 / np.sqrt(x), "abs": np.abs, "sign": np.sign, "exp": np.exp,
-    "log": np.log, "mod": np.fmod, "isfinite": np.isfinite, "lt": np.less, "le": np.less_equal, "gt": np.greater,
-    "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal, "and": np.logical_and,
-    "or": np.logical_or, "not": np.logical_not, "select": np.where,
-}
-
 
 class NumpyBackend:
     """Backend for :func:`codegen.evaluate.evaluate` over NumPy arrays."""
@@ -40,7 +30,7 @@ class NumpyBackend:
 
     def apply(self, opcode, operands):
         with np.errstate(all="ignore"):  # inf and nan follow IEEE, as on XLA
-            return np.asarray(NUMPY_OPS[opcode](*operands))
+            return np.asarray(OPS[opcode].numpy(*operands))
 
     def convert(self, x, dtype):
         return np.asarray(x).astype(dtype)

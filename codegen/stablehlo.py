@@ -15,12 +15,23 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 from optgen.ir import Loc
 from optgen.types import DTYPES
 
-_BINARY = {"add": hlo.AddOp, "sub": hlo.SubtractOp, "mul": hlo.MulOp, "div": hlo.DivOp,
-           "pow": hlo.PowOp, "max": hlo.MaxOp, "min": hlo.MinOp, "mod": hlo.RemOp, "and": hlo.AndOp, "or": hlo.OrOp}
-_UNARY = {"neg": hlo.NegOp, "sqrt": hlo.SqrtOp, "rsqrt": hlo.RsqrtOp, "abs": hlo.AbsOp,
-          "sign": hlo.SignOp, "exp": hlo.ExpOp, "log": hlo.LogOp, "not": hlo.NotOp,
-          "isfinite": hlo.IsFiniteOp}
-_COMPARE = {"lt": "LT", "le": "LE", "gt": "GT", "ge": "GE", "eq": "EQ", "ne": "NE"}
+
+def _compare(direction):
+    def emit(x, y):
+        return hlo.CompareOp(x, y, hlo.ComparisonDirectionAttr.get(direction),
+                             compare_type=hlo.ComparisonTypeAttr.get("FLOAT"))
+    return emit
+
+
+# How each elementwise op of the op table (optgen/ops.py) is emitted: the op's operands -> an MLIR op.
+EMIT = {
+    "add": hlo.AddOp, "sub": hlo.SubtractOp, "mul": hlo.MulOp, "div": hlo.DivOp, "pow": hlo.PowOp,
+    "max": hlo.MaxOp, "min": hlo.MinOp, "mod": hlo.RemOp, "and": hlo.AndOp, "or": hlo.OrOp,
+    "neg": hlo.NegOp, "sqrt": hlo.SqrtOp, "rsqrt": hlo.RsqrtOp, "abs": hlo.AbsOp, "sign": hlo.SignOp,
+    "exp": hlo.ExpOp, "log": hlo.LogOp, "tanh": hlo.TanhOp, "not": hlo.NotOp, "isfinite": hlo.IsFiniteOp,
+    "lt": _compare("LT"), "le": _compare("LE"), "gt": _compare("GT"), "ge": _compare("GE"),
+    "eq": _compare("EQ"), "ne": _compare("NE"), "select": hlo.SelectOp,
+}
 
 
 def _tensor_type(value) -> ir.RankedTensorType:
@@ -44,15 +55,7 @@ class StableHLOBackend:
         return mlir.ir_constant(array)
 
     def apply(self, opcode, operands):
-        if opcode in _BINARY:
-            return _BINARY[opcode](*operands).result
-        if opcode in _UNARY:
-            return _UNARY[opcode](*operands).result
-        if opcode in _COMPARE:
-            direction = hlo.ComparisonDirectionAttr.get(_COMPARE[opcode])
-            return hlo.CompareOp(*operands, direction, compare_type=hlo.ComparisonTypeAttr.get("FLOAT")).result
-        assert opcode == "select", opcode
-        return hlo.SelectOp(*operands).result
+        return EMIT[opcode](*operands).result
 
     def convert(self, x, dtype):
         source = _tensor_type(x)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optgen import syntax as ast
-from optgen.builtins import BUILTINS
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.hazards import analyze
+from optgen.ops import FUNCTIONS
 from optgen.types import DTYPES, EXTENTS, Type, fits, widest
 
 RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"}
@@ -232,30 +232,28 @@ class _Checker:
         return Type(widest((left.extent, right.extent)), kind)
 
     def call(self, expr: ast.Call, env: dict[str, Type]) -> Type:
-        fn = BUILTINS.get(expr.func.id)
+        fn = FUNCTIONS.get(expr.func.id)
         if fn is None:
             raise self.error(f"unknown function '{expr.func.id}'", expr.func.span,
-                             did_you_mean(expr.func.id, BUILTINS)
-                             or f"the functions are {', '.join(sorted(BUILTINS))}", code="E214")
+                             did_you_mean(expr.func.id, FUNCTIONS)
+                             or f"the functions are {', '.join(sorted(FUNCTIONS))}", code="E214")
         if len(expr.args) != fn.arity:
             s = "" if fn.arity == 1 else "s"
             raise self.error(f"{fn.name} takes {fn.arity} argument{s}, got {len(expr.args)}",
                              expr.span, f"{fn.name}: {fn.doc}", code="E215")
         types = [self.expr(arg, env) for arg in expr.args]
-        for i, (arg, ty) in enumerate(zip(expr.args, types, strict=True)):
-            self.expect_kind(arg, ty, "bool" if i in fn.bool_args else "float", fn.name)
-        if fn.reduces_to is None:
-            return Type(widest(ty.extent for ty in types))
-        accepted = ("tensor", "row") if fn.name == "col_mean" else ("tensor",) if fn.name == "row_mean" \
-            else ("tensor", "row", "col")
-        if types[0].extent not in accepted:
+        for arg, ty, kind in zip(expr.args, types, fn.operands, strict=True):
+            self.expect_kind(arg, ty, kind, fn.name)
+        extent = widest(ty.extent for ty in types)
+        if fn.reduces is None:
+            return Type(extent)
+        if extent not in fn.reduces:
             raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
-                             f"one number per {types[0].extent}", expr.args[0].span,
+                             f"one number per {extent}", expr.args[0].span,
                              f"pass a per-element value such as g or p to {fn.name}", code="E216")
-        if fn.reduces_to in ("row", "col"):
+        if fn.reduces[extent] in ("row", "col"):
             self.expect_factoring(expr.func.span)
-            return Type("row" if types[0].extent == "row" else fn.reduces_to)
-        return Type(fn.reduces_to)
+        return Type(fn.reduces[extent])
 
     def expect_kind(self, node: ast.Expr, ty: Type, want: str, where: str) -> None:
         if ty.kind == want:

@@ -20,11 +20,8 @@ import math
 
 from optgen import syntax as ast
 from optgen.diagnostics import SpecError
+from optgen.ops import FULL, FUNCTIONS, INF, NONNEG, hull
 
-INF = math.inf
-FULL = (-INF, INF)
-NONNEG = (0.0, INF)
-_ROOTS = ("sqrt", "rsqrt", "log")
 
 
 def analyze(spec: ast.Spec) -> tuple[SpecError, ...]:
@@ -40,10 +37,6 @@ def analyze(spec: ast.Spec) -> tuple[SpecError, ...]:
 def _clean(lo: float, hi: float) -> tuple[float, float]:
     # inf - inf and 0 * inf are NaN; a bound we cannot tell is infinite.
     return (-INF if math.isnan(lo) else lo, INF if math.isnan(hi) else hi)
-
-
-def _hull(a, b):
-    return (min(a[0], b[0]), max(a[1], b[1]))
 
 
 def _mul(a, b):
@@ -66,7 +59,7 @@ class _Intervals:
         for _ in range(2 * len(states) + 1):  # each round widens at least one bound, or stops
             env = self.block(spec.body, base | states)
             moved = {name: tuple(b if b == old else w for b, old, w in
-                                 zip(_hull(iv, env.get(name, iv)), iv, (-INF, INF)))
+                                 zip(hull(iv, env.get(name, iv)), iv, (-INF, INF)))
                      for name, iv in states.items()}
             if moved == states:
                 break
@@ -85,7 +78,7 @@ class _Intervals:
             else:  # options are not known here: either branch may run
                 then, orelse = self.block(stmt.then, env), self.block(stmt.orelse, env)
                 for name in then.keys() | orelse.keys():
-                    env[name] = _hull(then.get(name, env.get(name, FULL)), orelse.get(name, env.get(name, FULL)))
+                    env[name] = hull(then.get(name, env.get(name, FULL)), orelse.get(name, env.get(name, FULL)))
         return env
 
     def expr(self, node: ast.Expr, env: dict) -> tuple[float, float]:
@@ -144,26 +137,10 @@ class _Intervals:
         return FULL  # comparisons and logic: conditions, never arithmetic operands
 
     def call(self, node: ast.Call, args):
-        name = node.func.id
-        if name in _ROOTS and args[0][0] < 0 and self.report:
-            self.warn(node.args[0], f"{name} of a value that can be negative (nan in float)", code="W201")
-        if name in ("sqrt", "rsqrt", "abs", "exp", "norm", "global_norm", "rms"):
-            return NONNEG
-        if name == "sign":
-            return (-1.0, 1.0)
-        if name in ("max", "min"):
-            pick = max if name == "max" else min
-            return (pick(args[0][0], args[1][0]), pick(args[0][1], args[1][1]))
-        if name == "clip":
-            return (min(max(args[0][0], args[1][0]), args[2][0]), min(max(args[0][1], args[1][1]), args[2][1]))
-        if name == "where":
-            return _hull(args[1], args[2])
-        if name in ("mean", "row_mean", "col_mean"):  # a mean stays within its values' bounds
-            return args[0]
-        if name == "sum":
-            return NONNEG if args[0][0] >= 0 else FULL
-        return FULL  # log, and functions added later until they say otherwise
-
+        fn = FUNCTIONS[node.func.id]
+        if fn.domain_nonneg and args[0][0] < 0 and self.report:
+            self.warn(node.args[0], f"{fn.name} of a value that can be negative (nan in float)", code="W201")
+        return fn.interval(*args)
 
     def warn(self, node, message: str, *, code: str) -> None:
         self.warnings[(node.span.line, node.span.col)] = SpecError(

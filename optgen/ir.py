@@ -20,21 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from optgen.ops import OPS
 from optgen.types import EXTENTS, NOT_FACTORED, Factoring, Type, widest
-
-# opcode -> arity, for every op but const. Each group below shares a typing rule.
-FLOAT_OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "max": 2, "min": 2,
-             "neg": 1, "sqrt": 1, "rsqrt": 1, "abs": 1, "sign": 1, "exp": 1, "log": 1,
-             "mod": 2}  # mod: C's fmod (the sign of the dividend), as stablehlo.remainder
-# Float operands, bool result; isfinite(x): neither inf nor nan.
-COMPARE_OPS = {"lt": 2, "le": 2, "gt": 2, "ge": 2, "eq": 2, "ne": 2, "isfinite": 1}
-LOGIC_OPS = {"and": 2, "or": 2, "not": 1}
-# select(cond, a, b); sum: tensor (or row, col) -> leaf; size: element count, tensor -> leaf;
-# gsum: the sum over every parameter of a per-leaf value, leaf -> step;
-# row_mean: tensor -> row; col_mean: tensor -> col, or row -> row (see optgen.types).
-OTHER_OPS = {"select": 3, "sum": 1, "size": 1, "gsum": 1, "row_mean": 1, "col_mean": 1}
-ARITY = FLOAT_OPS | COMPARE_OPS | LOGIC_OPS | OTHER_OPS
-
 
 class IRError(Exception):
     """Malformed IR (from text, or a pass that broke an invariant)."""
@@ -102,33 +89,23 @@ class Program:
 
 
 def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
-    """The type an op produces from its operands' types (and raises IRError if they misfit)."""
+    """The type an op produces from its operands' types, by the op table (raises IRError if they misfit)."""
     if opcode == "const":
         return Type("step", "bool" if isinstance(attr, bool) else "float")
-    if opcode not in ARITY:
+    if opcode not in OPS:
         raise IRError(f"unknown op '{opcode}'")
-    if len(operands) != ARITY[opcode]:
-        raise IRError(f"'{opcode}' takes {ARITY[opcode]} operands, got {len(operands)}")
+    spec = OPS[opcode]
+    if len(operands) != spec.arity:
+        raise IRError(f"'{opcode}' takes {spec.arity} operands, got {len(operands)}")
     kinds = [v.type.kind for v in operands]
+    if kinds != list(spec.operands):
+        raise IRError(f"'{opcode}' takes ({', '.join(spec.operands)}) operands, got ({', '.join(kinds)})")
     extent = widest(v.type.extent for v in operands)
-    expected = {"select": ["bool", "float", "float"]}.get(
-        opcode, ["bool"] * len(operands) if opcode in LOGIC_OPS else ["float"] * len(operands))
-    if kinds != expected:
-        raise IRError(f"'{opcode}' takes ({', '.join(expected)}) operands, got ({', '.join(kinds)})")
-    if opcode in ("sum", "size"):
-        if extent not in ("tensor", "row", "col"):
-            raise IRError(f"'{opcode}' reduces a tensor, got a {extent} value")
-        return Type("leaf")
-    if opcode in ("row_mean", "col_mean"):
-        accepted = {"row_mean": {"tensor": "row"}, "col_mean": {"tensor": "col", "row": "row"}}[opcode]
-        if extent not in accepted:
-            raise IRError(f"'{opcode}' reduces a tensor, got a {extent} value")
-        return Type(accepted[extent])
-    if opcode == "gsum":
-        if extent != "leaf":
-            raise IRError(f"'gsum' sums a leaf value over all parameters, got a {extent} value")
-        return Type("step")
-    return Type(extent, "bool" if opcode in COMPARE_OPS or opcode in LOGIC_OPS else "float")
+    if spec.reduces is not None:
+        if extent not in spec.reduces:
+            raise IRError(f"'{opcode}' reduces a {' or '.join(spec.reduces)} value, got a {extent} value")
+        extent = spec.reduces[extent]
+    return Type(extent, spec.result)
 
 
 class Builder:

@@ -11,6 +11,7 @@ from optgen import syntax as ast
 from optgen.checker import CheckedSpec
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.ir import Builder, Function, Loc, Program, Value
+from optgen.ops import FUNCTIONS
 from optgen.types import NOT_FACTORED, Factoring, Type
 
 _BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow", "<": "lt", "<=": "le",
@@ -120,17 +121,4 @@ def builtin_call(b: Builder, name: str, args: list[Value], loc: Loc) -> Value:
     Transforms (``optgen.transforms``) build their norms and clips through it too, so a
     built-in has one meaning in specs and in the options every spec takes.
     """
-    if name == "clip":
-        return b.op("min", b.op("max", args[0], args[1], loc=loc), args[2], loc=loc)
-    if name == "where":
-        return b.op("select", *args, loc=loc)
-    if name in ("mean", "rms"):
-        x = b.op("mul", args[0], args[0], loc=loc) if name == "rms" else args[0]
-        mean = b.op("div", b.op("sum", x, loc=loc), b.op("size", x, loc=loc), loc=loc)
-        return b.op("sqrt", mean, loc=loc) if name == "rms" else mean
-    if name in ("norm", "global_norm"):
-        total = b.op("sum", b.op("mul", args[0], args[0], loc=loc), loc=loc)
-        if name == "global_norm":
-            total = b.op("gsum", total, loc=loc)
-        return b.op("sqrt", total, loc=loc)
-    return b.op(name, *args, loc=loc)
+    return FUNCTIONS[name].lower(b, args, loc)

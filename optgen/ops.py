@@ -1,0 +1,181 @@
+"""The op table: every IR op and every function a spec may call, each described once.
+
+An IR op (:data:`OPS`) has its operand and result kinds, its extent rule, its NumPy
+meaning (the reference interpreter's, and the folder's in float64) and, where a spec may
+call it by name, its range rule (the hazard analysis's). A spec function
+(:data:`FUNCTIONS`) is either such an op or a composition of ops (``clip``, ``mean``,
+``norm``, ...) with its own lowering and range rule. The IR verifier, the checker, the
+lowering, folding, the interpreter and the hazard analysis read these tables; a
+backend keeps one small table from op name to its emission (``codegen/stablehlo.py``),
+and ``tests/test_ops.py`` fails when a backend misses an op.
+
+Extent rules: an *elementwise* op's result has the widest extent of its operands
+(:func:`optgen.types.widest`); a *reduction* maps each operand extent it accepts to a
+result extent (``sum``: tensor -> leaf; ``gsum``: leaf -> step; ``row_mean``: tensor -> row).
+
+Adding an elementwise builtin such as ``tanh`` is two lines: an :class:`OpDef` here with
+``spec=True`` and a range rule, and its emission in ``codegen/stablehlo.py`` (see
+docs/contributing.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+INF = math.inf
+FULL = (-INF, INF)
+NONNEG = (0.0, INF)
+
+Interval = tuple[float, float]
+
+
+def hull(a: Interval, b: Interval) -> Interval:
+    """The smallest interval holding both."""
+    return (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def _pick(fn):
+    return lambda a, b: (fn(a[0], b[0]), fn(a[1], b[1]))
+
+
+def _nonneg_if_nonneg(a: Interval) -> Interval:
+    return NONNEG if a[0] >= 0 else FULL
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One IR op.
+
+    ``numpy`` is its elementwise meaning on NumPy arrays; None marks a *structural* op
+    (a reduction, ``size``) that the evaluator applies itself (``codegen/evaluate.py``).
+    ``reduces`` maps each operand extent a reduction accepts to its result's extent;
+    None means elementwise. With ``spec``, a spec may call the op by its name, and
+    ``interval`` bounds its result from its operands' bounds; ``domain_nonneg`` says a
+    negative operand gives NaN (the checker warns, W201).
+    """
+
+    name: str
+    operands: tuple[str, ...]  # the kind of each operand: "float" or "bool"
+    doc: str
+    numpy: Callable | None = None
+    result: str = "float"
+    reduces: dict[str, str] | None = None
+    spec: bool = False
+    interval: Callable[..., Interval] = lambda *args: FULL
+    domain_nonneg: bool = False
+
+    @property
+    def arity(self) -> int:
+        return len(self.operands)
+
+
+F, B = "float", "bool"
+_CMP = dict(result=B)
+
+OPS: dict[str, OpDef] = {op.name: op for op in (
+    # arithmetic (the spec's + - * / ^ and unary -)
+    OpDef("add", (F, F), "x + y", np.add),
+    OpDef("sub", (F, F), "x - y", np.subtract),
+    OpDef("mul", (F, F), "x * y", np.multiply),
+    OpDef("div", (F, F), "x / y", np.divide),
+    OpDef("pow", (F, F), "x ^ y", np.power),
+    OpDef("neg", (F,), "-x", np.negative),
+    OpDef("mod", (F, F), "C's fmod (the sign of the dividend), as stablehlo.remainder", np.fmod),
+    # elementwise functions a spec calls by name
+    OpDef("sqrt", (F,), "square root", np.sqrt, spec=True, interval=lambda a: NONNEG, domain_nonneg=True),
+    OpDef("rsqrt", (F,), "1 / sqrt(x)", lambda x: 1 / np.sqrt(x), spec=True, interval=lambda a: NONNEG,
+          domain_nonneg=True),
+    OpDef("abs", (F,), "absolute value", np.abs, spec=True, interval=lambda a: NONNEG),
+    OpDef("sign", (F,), "-1, 0 or 1", np.sign, spec=True, interval=lambda a: (-1.0, 1.0)),
+    OpDef("exp", (F,), "e^x", np.exp, spec=True, interval=lambda a: NONNEG),
+    OpDef("log", (F,), "natural logarithm", np.log, spec=True, domain_nonneg=True),
+    OpDef("tanh", (F,), "hyperbolic tangent", np.tanh, spec=True, interval=lambda a: (-1.0, 1.0)),
+    OpDef("max", (F, F), "elementwise maximum", np.maximum, spec=True, interval=_pick(max)),
+    OpDef("min", (F, F), "elementwise minimum", np.minimum, spec=True, interval=_pick(min)),
+    # comparisons and logic
+    OpDef("lt", (F, F), "x < y", np.less, **_CMP),
+    OpDef("le", (F, F), "x <= y", np.less_equal, **_CMP),
+    OpDef("gt", (F, F), "x > y", np.greater, **_CMP),
+    OpDef("ge", (F, F), "x >= y", np.greater_equal, **_CMP),
+    OpDef("eq", (F, F), "x == y", np.equal, **_CMP),
+    OpDef("ne", (F, F), "x != y", np.not_equal, **_CMP),
+    OpDef("isfinite", (F,), "neither inf nor nan", np.isfinite, **_CMP),
+    OpDef("and", (B, B), "both", np.logical_and, **_CMP),
+    OpDef("or", (B, B), "either", np.logical_or, **_CMP),
+    OpDef("not", (B,), "negation", np.logical_not, **_CMP),
+    OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", np.where),
+    # structural: reductions and sizes, applied by the evaluator
+    OpDef("sum", (F,), "the sum of a parameter's values", reduces={"tensor": "leaf", "row": "leaf", "col": "leaf"}),
+    OpDef("size", (F,), "a parameter's element count", reduces={"tensor": "leaf", "row": "leaf", "col": "leaf"}),
+    OpDef("gsum", (F,), "the sum over every parameter of a per-leaf value", reduces={"leaf": "step"}),
+    OpDef("row_mean", (F,), "mean over each row's elements (a factored parameter's largest axis)",
+          reduces={"tensor": "row"}, spec=True, interval=lambda a: a),
+    OpDef("col_mean", (F,), "mean over each column's elements (a factored parameter's second-largest axis; "
+          "all of an unfactored one); on a row value, one number per batch",
+          reduces={"tensor": "col", "row": "row"}, spec=True, interval=lambda a: a),
+)}
+
+
+@dataclass(frozen=True)
+class FunctionDef:
+    """A function a spec may call: its signature, what it reduces, its lowering and range rule.
+
+    ``lower(builder, args, loc)`` appends the ops it stands for to an
+    :class:`optgen.ir.Builder` and returns the result.
+    """
+
+    name: str
+    operands: tuple[str, ...]
+    doc: str
+    lower: Callable
+    reduces: dict[str, str] | None = None
+    interval: Callable[..., Interval] = lambda *args: FULL
+    domain_nonneg: bool = False
+
+    @property
+    def arity(self) -> int:
+        return len(self.operands)
+
+
+def _lower_op(name):
+    return lambda b, args, loc: b.op(name, *args, loc=loc)
+
+
+def _square_sum(b, x, loc):
+    return b.op("sum", b.op("mul", x, x, loc=loc), loc=loc)
+
+
+def _mean(b, x, loc):
+    return b.op("div", b.op("sum", x, loc=loc), b.op("size", x, loc=loc), loc=loc)
+
+
+_PER_LEAF = {"tensor": "leaf", "row": "leaf", "col": "leaf"}
+
+FUNCTIONS: dict[str, FunctionDef] = {
+    op.name: FunctionDef(op.name, op.operands, op.doc, _lower_op(op.name), op.reduces, op.interval,
+                         op.domain_nonneg)
+    for op in OPS.values() if op.spec
+} | {f.name: f for f in (
+    FunctionDef("clip", (F, F, F), "clip(x, lo, hi) = min(max(x, lo), hi)",
+                lambda b, a, loc: b.op("min", b.op("max", a[0], a[1], loc=loc), a[2], loc=loc),
+                interval=lambda x, lo, hi: (min(max(x[0], lo[0]), hi[0]), min(max(x[1], lo[1]), hi[1]))),
+    FunctionDef("where", (B, F, F), "where(cond, a, b): a where cond holds, else b", _lower_op("select"),
+                interval=lambda c, a, b: hull(a, b)),
+    FunctionDef("sum", (F,), "sum of a tensor's elements", _lower_op("sum"), _PER_LEAF,
+                interval=_nonneg_if_nonneg),
+    FunctionDef("mean", (F,), "mean of a tensor's elements", lambda b, a, loc: _mean(b, a[0], loc), _PER_LEAF,
+                interval=lambda a: a),
+    FunctionDef("norm", (F,), "Euclidean norm of a tensor",
+                lambda b, a, loc: b.op("sqrt", _square_sum(b, a[0], loc), loc=loc), _PER_LEAF,
+                interval=lambda a: NONNEG),
+    FunctionDef("rms", (F,), "root mean square of a tensor's elements: sqrt(mean(x^2))",
+                lambda b, a, loc: b.op("sqrt", _mean(b, b.op("mul", a[0], a[0], loc=loc), loc), loc=loc),
+                _PER_LEAF, interval=lambda a: NONNEG),
+    FunctionDef("global_norm", (F,), "Euclidean norm over every parameter's tensor",
+                lambda b, a, loc: b.op("sqrt", b.op("gsum", _square_sum(b, a[0], loc), loc=loc), loc=loc),
+                {"tensor": "step", "row": "step", "col": "step"}, interval=lambda a: NONNEG),
+)}
