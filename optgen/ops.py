@@ -110,7 +110,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", np.where),
     # structural: reductions and sizes, applied by the evaluator
     OpDef("sum", (F,), "the sum of a parameter's values", reduces={"tensor": "leaf", "row": "leaf", "col": "leaf"}),
-    OpDef("size", (F,), "a parameter's element count", reduces={"tensor": "leaf", "row": "leaf", "col": "leaf"}),
+    OpDef("size", (F,), "the number of elements of a tensor", reduces={"tensor": "leaf", "row": "leaf", "col": "leaf"},
+          spec=True, interval=lambda a: NONNEG),
     OpDef("gsum", (F,), "the sum over every parameter of a per-leaf value", reduces={"leaf": "step"}),
     OpDef("row_mean", (F,), "mean over each row's elements (a factored parameter's largest axis)",
           reduces={"tensor": "row"}, spec=True, interval=lambda a: a),

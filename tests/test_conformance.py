@@ -1,4 +1,5 @@
-"""Each built-in spec against its optax counterpart: 150 steps, mixed shapes, f64 and f32."""
+"""Each built-in spec against its optax (or optax.contrib) counterpart, or a float64 NumPy reference
+of its paper's rule where optax has none: 150 steps, mixed shapes, f64 and f32."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import optgen
 from conftest import make_grads, make_params, rel_err, trajectory
 
-# Each case runs a built-in spec with some options against the optax function of the same
-# name, given the same hyperparameters and the options optax also takes; optgen's option
-# `use_X = false` is optax's `X=None`.
+# Each case runs a built-in spec with some options against the optax (or optax.contrib) function
+# of the same name, given the same hyperparameters and the options optax also takes; optgen's
+# option `use_X = false` is optax's `X=None`, unless optax takes `use_X` itself (adopt's use_clipping).
 CASES = {
     "adam": ("adam", {}), "adamw": ("adamw", {}), "adamax": ("adamax", {}), "amsgrad": ("amsgrad", {}),
     "nadamw": ("nadamw", {}), "nadam": ("nadam", {}),
@@ -40,6 +41,8 @@ CASES = {
                                                          "multiply_by_parameter_scale": False}),
     "adafactor-momentum": ("adafactor", {"min_dim_size_to_factor": 3, "use_momentum": True}),
     "adafactor-unfactored": ("adafactor", {"factored": False}),
+    "adopt": ("adopt", {}), "adopt-nesterov-unclipped": ("adopt", {"nesterov": True, "use_clipping": False}),
+    "ademamix": ("ademamix", {}),
 }
 SPECS = sorted({spec for spec, _ in CASES.values()})
 # Adafactor keeps its momentum in float32 (optax's dtype_momentum), so in a float64 run both
@@ -53,12 +56,21 @@ PATHS = {(case, dtype, path) for case, (spec, options) in CASES.items() for dtyp
 CUSTOM = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "b3": 0.95, "eps": 1e-6, "eps_root": 1e-10,
           "weight_decay": 1e-2, "momentum": 0.7, "decay": 0.85, "initial_scale": 0.1,
           "initial_accumulator_value": 0.2, "rho": 0.8, "threshold": 6.0, "trust_coefficient": 0.02,
-          "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3}
+          "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3, "alpha": 4.0}
 STEPS = 150
 # LAMB's steps are learning_rate * ||p|| per tensor: about bfloat16's half-ulp of p, so
 # rounding on store moves bfloat16 parameters further from float32 ones.
 BF16_TOLERANCE = {"lamb": 5e-2}
 TOLERANCE = {np.float64: 1e-9, np.float32: 2e-4}
+
+
+def _reference(spec):
+    return getattr(optax, spec, None) or getattr(optax.contrib, spec)
+
+
+def _optax_name(option, parameters):
+    """The reference's name for a spec option: its own, or X for use_X."""
+    return option if option in parameters else option.removeprefix("use_")
 
 
 def _hypers(spec):
@@ -67,10 +79,12 @@ def _hypers(spec):
 
 def _optax_kwargs(case):
     spec, options = CASES[case]
-    accepted = inspect.signature(getattr(optax, spec)).parameters
+    accepted = inspect.signature(_reference(spec)).parameters
     kwargs = {k: v for k, v in (_hypers(spec) | options).items() if k in accepted}
     for option, default in optgen.check_spec(spec).options.items():
-        name = option.removeprefix("use_")
+        name = _optax_name(option, accepted)
+        if option == name:
+            continue
         if option.startswith("use_") and not options.get(option, default):
             kwargs[name] = None
         elif option.startswith("use_") and name not in kwargs:  # on, at the spec's default value
@@ -93,7 +107,7 @@ def _adafactor_decay_in_float64(monkeypatch):
 
 
 def _run_optax(case, dtype):
-    tx = getattr(optax, CASES[case][0])(**_optax_kwargs(case))
+    tx = _reference(CASES[case][0])(**_optax_kwargs(case))
     params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -126,16 +140,57 @@ def test_matches_optax_float32(case, path):
     _compare(case, np.float32, path)
 
 
+def _cautious_adamw(params, grads, slots, t, h):
+    """Cautious AdamW, Liang et al. (2024), Algorithm 1: AdamW's step u, kept where u * g > 0 and
+    scaled by d / (nnz + 1) per tensor of d elements; decoupled weight decay as optax.adamw's."""
+    mu = h["b1"] * slots["mu"] + (1 - h["b1"]) * grads
+    nu = h["b2"] * slots["nu"] + (1 - h["b2"]) * grads * grads
+    u = (mu / (1 - h["b1"] ** t)) / (np.sqrt(nu / (1 - h["b2"] ** t) + h["eps_root"]) + h["eps"])
+    phi = (u * grads > 0).astype(params.dtype)
+    scale = params.size / (phi.sum() + 1)
+    return params - h["learning_rate"] * (u * phi * scale + h["weight_decay"] * params), {"mu": mu, "nu": nu}
+
+
+# Specs optax lacks, against a NumPy transcription of their paper's rule: (step function, its states).
+NUMPY_REFERENCES = {"cautious_adamw": (_cautious_adamw, ("mu", "nu"))}
+
+
+def _run_numpy(spec, dtype):
+    step_fn, names = NUMPY_REFERENCES[spec]
+    h = {k: dtype(v) for k, v in optgen.check_spec(spec).hypers.items()} | {
+        k: dtype(v) for k, v in _hypers(spec).items()}
+    leaves, treedef = jax.tree.flatten(make_params(dtype))
+    slots = [{name: np.zeros_like(x) for name in names} for x in leaves]
+    with np.errstate(all="ignore"):
+        for step in range(STEPS):
+            grads = treedef.flatten_up_to(make_grads(treedef.unflatten(leaves), step, dtype))
+            out = [step_fn(p, g, s, dtype(step + 1), h) for p, g, s in zip(leaves, grads, slots, strict=True)]
+            leaves, slots = [p for p, _ in out], [s for _, s in out]
+    return treedef.unflatten(leaves)
+
+
+@pytest.mark.parametrize("path", ["update", "step"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", sorted(NUMPY_REFERENCES))
+def test_matches_numpy_reference(spec, dtype, path):
+    with jax.enable_x64(dtype == np.float64):
+        *_, got = trajectory(optgen.load(spec, **_hypers(spec)), dtype, STEPS, path)
+    expected = _run_numpy(spec, dtype)
+    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
+        assert g.dtype == e.dtype == dtype, key
+        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_defaults_match_optax(spec):
     """Hyperparameter and option defaults are optax's; optax's None is an option use_X = false
     (or, for a learning rate, no scaling: 1.0)."""
-    parameters = inspect.signature(getattr(optax, spec)).parameters
+    parameters = inspect.signature(_reference(spec)).parameters
     checked = optgen.check_spec(spec)
-    options = {k: v for k, v in checked.options.items() if k.removeprefix("use_") in parameters}
+    options = {k: v for k, v in checked.options.items() if _optax_name(k, parameters) in parameters}
     for name, default in (checked.hypers | options).items():  # amsgrad has options optax lacks
-        reference = parameters[name.removeprefix("use_")].default
-        if name.startswith("use_"):
+        reference = parameters[_optax_name(name, parameters)].default
+        if name.startswith("use_") and name not in parameters:
             assert default is (reference is not None), name
         elif reference is None and f"use_{name}" in checked.options:
             continue  # the value taken when the option is turned on
@@ -145,7 +200,7 @@ def test_defaults_match_optax(spec):
             assert default == reference, name
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", SPECS + sorted(NUMPY_REFERENCES))
 def test_bfloat16_params_keep_dtype_and_track_float32(spec):
     import ml_dtypes
 

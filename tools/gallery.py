@@ -5,7 +5,8 @@
 A spec's lines are its non-blank, non-comment lines. A reference's lines are the
 non-blank, non-comment, non-docstring source lines (``inspect.getsource``) of the
 optax function and of every optax transform it chains (``transform.scale_by_adam``,
-``transform.trace``, ...); optax's shared tree utilities are not counted. For the
+``transform.trace``, ...), or for an ``optax.contrib`` alias of the ``scale_by_*`` transform of its own
+module it chains; optax's shared tree utilities are not counted. For the
 convention specs it is the framework's single-tensor step (torch's ``_single_tensor_*``,
 Keras's ``update_step``). tests/test_gallery.py checks that
 the README's table is this script's output.
@@ -56,8 +57,14 @@ _FRAMEWORK = {
 }
 
 
+# Specs no library ships: the rule they transcribe (tests/test_conformance.py's NumPy reference).
+_PAPER = {"cautious_adamw": "Liang et al. (2024), Algorithm 1"}
+
+
 def reference(name: str) -> tuple[str, list]:
     """The reference's name and the functions that make it up."""
+    if name in _PAPER:
+        return _PAPER[name], []
     if name in _FRAMEWORK:
         os.environ.setdefault("KERAS_BACKEND", "jax")  # keras reads it at import
         ref, module, path = _FRAMEWORK[name]
@@ -67,14 +74,17 @@ def reference(name: str) -> tuple[str, list]:
         return ref, [func]
     import optax
 
-    alias = getattr(optax, name)
+    where = "optax" if hasattr(optax, name) else "optax.contrib"
+    alias = getattr(optax, name, None) or getattr(optax.contrib, name)
     alias = getattr(alias, "func", alias)  # optax.nadam is a partial of optax.adam
-    chained = []
+    own = importlib.import_module(alias.__module__)
+    local = re.findall(r"(?<![.\w])(scale_by_\w+)\(", inspect.getsource(alias)) if where == "optax.contrib" else []
+    chained = [getattr(own, attr) for attr in dict.fromkeys(local)]
     for module, attr in re.findall(r"\b(transform|factorized|_clipping)\.(\w+)\(", inspect.getsource(alias)):
         func = getattr(importlib.import_module(_CHAINED[module]), attr)
         if func not in chained:
             chained.append(func)
-    return f"optax.{name}", [alias, *chained]
+    return f"{where}.{name}", [alias, *chained]
 
 
 def rows() -> list[tuple[str, int, str, int]]:
@@ -88,7 +98,7 @@ def rows() -> list[tuple[str, int, str, int]]:
 
 def table() -> str:
     lines = ["| spec | lines | replaces | lines |", "|---|---:|---|---:|"]
-    lines += [f"| `{name}` | {n} | `{ref}` | {m} |" for name, n, ref, m in rows()]
+    lines += [f"| `{name}` | {n} | {f'`{ref}`' if m else ref} | {m or '—'} |" for name, n, ref, m in rows()]
     return "\n".join(lines) + "\n"
 
 
