@@ -59,6 +59,15 @@ class NumpyBackend:
     def barrier(self, xs):
         return list(xs)
 
+    def matmul(self, x, y):
+        return np.matmul(x, y)
+
+    def transpose(self, x):
+        return np.swapaxes(x, -1, -2)
+
+    def dim(self, x, axis, dtype):
+        return np.asarray(np.shape(x)[axis], dtype=dtype)
+
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
               dtype=np.float64, delta_output: str | None = None,

@@ -126,6 +126,25 @@ class StableHLOBackend:
         """The same values, hidden from XLA's CSE (the barrier itself costs nothing at run time)."""
         return list(hlo.OptimizationBarrierOp(xs).results) if xs else []
 
+    def matmul(self, x, y):
+        """``x @ y`` over the last two axes, batched over the leading ones (stablehlo.dot_general)."""
+        lhs, rhs = _tensor_type(x), _tensor_type(y)
+        batch = list(range(lhs.rank - 2))
+        result = ir.RankedTensorType.get([*lhs.shape[:-1], rhs.shape[-1]], lhs.element_type)
+        dims = hlo.DotDimensionNumbers.get(lhs_batching_dimensions=batch, rhs_batching_dimensions=batch,
+                                           lhs_contracting_dimensions=[lhs.rank - 1],
+                                           rhs_contracting_dimensions=[rhs.rank - 2])
+        return hlo.DotGeneralOp(result, x, y, dims).result
+
+    def transpose(self, x):
+        """``x`` with its last two axes swapped."""
+        source = _tensor_type(x)
+        order = [*range(source.rank - 2), source.rank - 1, source.rank - 2]
+        return hlo.TransposeOp(x, mlir.dense_int_array(order)).result
+
+    def dim(self, x, axis, dtype):
+        return self.convert(hlo.GetDimensionSizeOp(x, axis).result, dtype)
+
     def _shape_of(self, x):
         if x not in self._shapes:
             i32 = ir.RankedTensorType.get([1], ir.IntegerType.get_signless(32))

@@ -58,6 +58,11 @@ CATALOG: dict[str, str] = {
     "E220": "a value with more copies than its state holds",
     "E221": "row or column values without the factoring options",
     "E222": "a numeric option tested by if",
+    "E230": "values of different matrix shapes combined",
+    "E231": "a matrix product or transpose that does not fit",
+    "E233": "a name that is a different matrix in the two branches of an if",
+    "E234": "a repeat count that is not a positive whole number fixed at compile time",
+    "E235": "a per-step state assigned under an if on shapes",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",
@@ -92,6 +97,7 @@ CATALOG: dict[str, str] = {
     "E347": "a schedule's arguments do not fit it",
     "E348": "get_config of a value that cannot be written down",
     "E349": "the config's spec file has changed",
+    "E360": "a matrix op reached a parameter that is not a matrix",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

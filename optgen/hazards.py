@@ -20,7 +20,7 @@ import math
 
 from optgen import syntax as ast
 from optgen.diagnostics import SpecError
-from optgen.ops import FULL, FUNCTIONS, INF, NONNEG, hull
+from optgen.ops import FULL, FUNCTIONS, INF, NONNEG, SHAPE_CONSTANTS, hull
 
 
 
@@ -53,7 +53,7 @@ class _Intervals:
 
     def run(self) -> tuple[SpecError, ...]:
         spec = self.spec
-        base = {"p": FULL, "g": FULL, "t": (1.0, INF)}
+        base = {"p": FULL, "g": FULL, "t": (1.0, INF)} | {name: NONNEG for name in SHAPE_CONSTANTS}
         base |= {h.name.id: (h.range.lo, h.range.hi) if h.range else FULL for h in spec.hypers}
         states = {s.name.id: self.expr(s.init, base) for s in spec.states}
         for _ in range(2 * len(states) + 1):  # each round widens at least one bound, or stops
@@ -75,6 +75,12 @@ class _Intervals:
         for stmt in stmts:
             if isinstance(stmt, ast.Assign):
                 env[stmt.target.id] = self.expr(stmt.value, env)
+            elif isinstance(stmt, ast.Repeat):  # a bound that moves in a second pass may move every pass
+                once = self.block(stmt.body, env)
+                twice = self.block(stmt.body, once)
+                env = {name: iv if once.get(name) == iv else (-INF if iv[0] != once[name][0] else iv[0],
+                                                              INF if iv[1] != once[name][1] else iv[1])
+                       for name, iv in twice.items()}
             else:  # options are not known here: either branch may run
                 then, orelse = self.block(stmt.then, env), self.block(stmt.orelse, env)
                 for name in then.keys() | orelse.keys():

@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from optgen.ops import OPS
-from optgen.types import EXTENTS, NOT_FACTORED, Factoring, Type, widest
+from optgen.ops import DIMS, OPS
+from optgen.types import EXTENTS, NOT_FACTORED, ExtentError, Factoring, Type, widest
 
 class IRError(Exception):
     """Malformed IR (from text, or a pass that broke an invariant)."""
@@ -55,7 +55,7 @@ class Op:
     opcode: str
     operands: tuple[Value, ...]
     result: Value
-    attr: float | bool | None = None  # the constant of a `const`
+    attr: float | bool | str | None = None  # the constant of a `const`; the dimension a `dim` reads
     loc: Loc | None = None
 
 
@@ -100,7 +100,13 @@ def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
     kinds = [v.type.kind for v in operands]
     if kinds != list(spec.operands):
         raise IRError(f"'{opcode}' takes ({', '.join(spec.operands)}) operands, got ({', '.join(kinds)})")
-    extent = widest(v.type.extent for v in operands)
+    if opcode == "dim" and attr not in DIMS:
+        raise IRError(f"'dim' reads one of {', '.join(DIMS)}, got {attr!r}")
+    try:
+        extent = spec.extent(*(v.type.extent for v in operands)) if spec.extent \
+            else widest(v.type.extent for v in operands)
+    except ExtentError as err:
+        raise IRError(f"'{opcode}': {err}") from None
     if spec.reduces is not None:
         if extent not in spec.reduces:
             raise IRError(f"'{opcode}' reduces a {' or '.join(spec.reduces)} value, got a {extent} value")
@@ -169,7 +175,8 @@ def print_function(func: Function) -> str:
     args = ", ".join(f"%{v.name}: {v.type}" for v in func.inputs)
     lines = [f"func @{func.name}({args}) {{"]
     for op in func.ops:
-        operands = repr(op.attr).lower() if op.opcode == "const" else ", ".join(names[id(v)] for v in op.operands)
+        operands = {"const": repr(op.attr).lower(), "dim": op.attr}.get(op.opcode) or \
+            ", ".join(names[id(v)] for v in op.operands)
         loc = f" {op.loc}" if op.loc else ""
         lines.append(f"  {names[id(op.result)]} = {op.opcode} {operands} : {op.result.type}{loc}")
     lines.append("  return " + ", ".join(f"{n} = {names[id(v)]}" for n, v in func.outputs))
@@ -228,6 +235,8 @@ def parse_function(text: str) -> Function:
             attr = {"true": True, "false": False}.get(body.strip())
             attr = float(body) if attr is None else attr
             operands = ()
+        elif opcode == "dim":
+            attr, operands = body.strip(), ()
         else:
             attr, operands = None, tuple(lookup(r) for r in body.split(","))
         result = Value(_parse_type(type_text))

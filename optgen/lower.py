@@ -1,8 +1,13 @@
 """Checked spec + option values -> IR :class:`~optgen.ir.Program`.
 
-Options are resolved here: each ``if`` keeps the branch its condition selects, so the
-IR holds only the code that runs. States that the chosen branches never touch are
-left out of the program (and so out of the optimizer's memory).
+Options are resolved here: each ``if`` on options keeps the branch its condition
+selects, so the IR holds only the code that runs, and ``repeat N:`` is unrolled. An
+``if`` on shape constants (``if ndim == 2:``) cannot be resolved before the step sees
+its parameters: both branches are lowered, and each name they assign becomes a
+``select`` of the two on the condition, a per-parameter value that the evaluator knows
+when it traces the step (so it computes only the branch each parameter takes). States
+that the chosen branches never touch are left out of the program (and so out of the
+optimizer's memory).
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ from __future__ import annotations
 from optgen import syntax as ast
 from optgen.checker import CheckedSpec
 from optgen.diagnostics import SpecError, did_you_mean
-from optgen.ir import Builder, Function, Loc, Program, Value
-from optgen.ops import FUNCTIONS
+from optgen.ir import Builder, Function, IRError, Loc, Program, Value
+from optgen.ops import FUNCTIONS, SHAPE_CONSTANTS
 from optgen.types import NOT_FACTORED, Factoring, Type
 
-_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow", "<": "lt", "<=": "le",
+_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul", "^": "pow", "<": "lt", "<=": "le",
            ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
 _UNARY = {"-": "neg", "not": "not"}
 
@@ -53,17 +58,15 @@ class _Lowering:
     def run(self) -> Program:
         spec = self.checked.spec
         body = self.select(spec.body)
-        used = {n.id for stmt in body for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
-        used |= {stmt.target.id for stmt in body}
+        used = {n.id for stmt in _assigns(body) for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
+        used |= {stmt.target.id for stmt in _assigns(body)}
         states = [s for s in self.checked.states if s.name.id in used]
         hypers = [Value(Type("step"), name) for name in self.checked.hypers]
         extents = {s.name.id: self.checked.state_extents[s.name.id] for s in states}
         tensors = [Value(Type("tensor"), n) for n in ("p", "g")]
         slots = [Value(Type(extent), name) for name, extent in extents.items()]
         inputs = (*tensors, *slots, Value(Type("step"), "t"), *hypers)
-        env = {v.name: v for v in inputs}
-        for stmt in body:
-            env[stmt.target.id] = self.expr(stmt.value, env)
+        env = self.block(body, {v.name: v for v in inputs})
         outputs = [(n, env[n]) for n in ("p", *(s.name.id for s in states))]
         update = Function(spec.name.id, inputs, tuple(self.builder.ops), tuple(outputs))
 
@@ -78,31 +81,65 @@ class _Lowering:
             factoring = Factoring(self.options["factored"], self.options["min_dim_size_to_factor"])
         return Program(update, init, dtypes, extents, factoring)
 
-    def select(self, stmts) -> list[ast.Assign]:
-        """Flatten ``if`` statements to the assignments the options select."""
+    def select(self, stmts) -> list:
+        """Resolve options: keep the branches they select and unroll repeats; an ``if`` on shapes stays,
+        with its branches resolved."""
         out = []
         for stmt in stmts:
             if isinstance(stmt, ast.Assign):
                 out.append(stmt)
+            elif isinstance(stmt, ast.Repeat):
+                count = stmt.count.value if isinstance(stmt.count, ast.Number) else self.options[stmt.count.id]
+                out.extend(self.select(stmt.body) * int(count))
             else:
-                out.extend(self.select(stmt.then if self.condition(stmt.cond) else stmt.orelse))
+                cond = self.condition(stmt.cond)
+                if isinstance(cond, bool):
+                    out.extend(self.select(stmt.then if cond else stmt.orelse))
+                else:
+                    out.append(ast.If(cond, tuple(self.select(stmt.then)), tuple(self.select(stmt.orelse)), stmt.span))
         return out
 
-    def condition(self, cond: ast.Expr) -> bool:
+    def condition(self, cond: ast.Expr) -> bool | ast.Expr:
+        """``cond`` with its options replaced by their values: a bool, or what is left to test on shapes."""
         if isinstance(cond, ast.Bool):
             return cond.value
         if isinstance(cond, ast.Name):
             return self.options[cond.id]
         if isinstance(cond, ast.Unary):
-            return not self.condition(cond.operand)
+            inner = self.condition(cond.operand)
+            return (not inner) if isinstance(inner, bool) else ast.Unary("not", inner, cond.span)
+        if cond.op not in ("and", "or"):
+            return cond  # a comparison of shape constants
         left, right = self.condition(cond.left), self.condition(cond.right)
-        return (left and right) if cond.op == "and" else (left or right)
+        short = cond.op == "or"  # the value that decides `or` (True) or `and` (False) alone
+        for side, other in ((left, right), (right, left)):
+            if isinstance(side, bool):
+                return short if side == short else other
+        return ast.Binary(cond.op, left, right, cond.span)
+
+    def block(self, stmts, env: dict[str, Value]) -> dict[str, Value]:
+        for stmt in stmts:
+            if isinstance(stmt, ast.Assign):
+                env[stmt.target.id] = self.expr(stmt.value, env)
+                continue
+            cond = self.expr(stmt.cond, env)
+            then, orelse = self.block(stmt.then, dict(env)), self.block(stmt.orelse, dict(env))
+            for name in _assigned(stmt) & then.keys() & orelse.keys():
+                if then[name] is orelse[name]:
+                    continue
+                try:
+                    env[name] = self.builder.op("select", cond, then[name], orelse[name], loc=self.loc(stmt))
+                except IRError:  # two matrix extents: the checker refuses any use after the if (E233)
+                    env.pop(name, None)
+        return env
 
     def expr(self, node: ast.Expr, env: dict[str, Value]) -> Value:
         b, loc = self.builder, self.loc(node)
         if isinstance(node, (ast.Number, ast.Bool)):
             return b.const(node.value, loc)
         if isinstance(node, ast.Name):
+            if node.id in SHAPE_CONSTANTS and node.id not in env:
+                return b.op("dim", attr=SHAPE_CONSTANTS[node.id], loc=loc)
             return env[node.id]
         if isinstance(node, ast.Unary):
             return b.op(_UNARY[node.op], self.expr(node.operand, env), loc=loc)
@@ -113,6 +150,19 @@ class _Lowering:
 
     def call(self, name: str, args: list[Value], loc: Loc) -> Value:
         return builtin_call(self.builder, name, args, loc)
+
+
+def _assigns(stmts):
+    """Every assignment in ``stmts``, inside ifs too."""
+    for stmt in stmts:
+        if isinstance(stmt, ast.Assign):
+            yield stmt
+        else:
+            yield from _assigns((*stmt.then, *stmt.orelse))
+
+
+def _assigned(stmt: ast.If) -> set[str]:
+    return {a.target.id for a in _assigns((stmt,))}
 
 
 def builtin_call(b: Builder, name: str, args: list[Value], loc: Loc) -> Value:

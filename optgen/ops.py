@@ -11,7 +11,8 @@ and ``tests/test_ops.py`` fails when a backend misses an op.
 
 Extent rules: an *elementwise* op's result has the widest extent of its operands
 (:func:`optgen.types.widest`); a *reduction* maps each operand extent it accepts to a
-result extent (``sum``: tensor -> leaf; ``gsum``: leaf -> step; ``row_mean``: tensor -> row).
+result extent (``sum``: tensor -> leaf; ``gsum``: leaf -> step; ``row_mean``: tensor -> row);
+the matrix ops follow their axes (``matmul``: (a, b) @ (b, c) -> (a, c); see optgen.types).
 
 Adding an elementwise builtin such as ``tanh`` is two lines: an :class:`OpDef` here with
 ``spec=True`` and a range rule, and its emission in ``codegen/stablehlo.py`` (see
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from optgen.types import matmul_extent, transpose_extent
 
 INF = math.inf
 FULL = (-INF, INF)
@@ -67,6 +70,7 @@ class OpDef:
     spec: bool = False
     interval: Callable[..., Interval] = lambda *args: FULL
     domain_nonneg: bool = False
+    extent: Callable[..., str] | None = None
 
     @property
     def arity(self) -> int:
@@ -74,6 +78,7 @@ class OpDef:
 
 
 F, B = "float", "bool"
+_ARRAYS = ("tensor", "row", "col", "cr", "rr", "cc")  # the extents a per-parameter reduction takes
 _CMP = dict(result=B)
 
 OPS: dict[str, OpDef] = {op.name: op for op in (
@@ -109,8 +114,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("not", (B,), "negation", np.logical_not, **_CMP),
     OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", np.where),
     # structural: reductions and sizes, applied by the evaluator
-    OpDef("sum", (F,), "the sum of a parameter's values", reduces={"tensor": "leaf", "row": "leaf", "col": "leaf"}),
-    OpDef("size", (F,), "the number of elements of a tensor", reduces={"tensor": "leaf", "row": "leaf", "col": "leaf"},
+    OpDef("sum", (F,), "the sum of a parameter's values", reduces=dict.fromkeys(_ARRAYS, "leaf")),
+    OpDef("size", (F,), "the number of elements of a tensor", reduces=dict.fromkeys(_ARRAYS, "leaf"),
           spec=True, interval=lambda a: NONNEG),
     OpDef("gsum", (F,), "the sum over every parameter of a per-leaf value", reduces={"leaf": "step"}),
     OpDef("row_mean", (F,), "mean over each row's elements (a factored parameter's largest axis)",
@@ -118,7 +123,19 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("col_mean", (F,), "mean over each column's elements (a factored parameter's second-largest axis; "
           "all of an unfactored one); on a row value, one number per batch",
           reduces={"tensor": "col", "row": "row"}, spec=True, interval=lambda a: a),
+    # matrices: a parameter's last two axes, batched over any others (optgen.types)
+    OpDef("matmul", (F, F), "x @ y: the matrix product over the parameter's last two axes", extent=matmul_extent),
+    OpDef("transpose", (F,), "the matrix with its last two axes swapped", extent=transpose_extent, spec=True),
+    OpDef("dim", (), "a number of the parameter's shape, named by the op's attribute (DIMS)",
+          extent=lambda: "leaf"),
 )}
+
+# The attributes of `dim`, and the spec's shape constants that read them (one number per parameter,
+# known when the step is traced). A parameter's rows and columns are its last two axes; fan_in
+# and fan_out are their sizes, as optax.contrib.muon's default dimension numbers read a 2-d kernel.
+DIMS = {"ndim": "its number of axes", "rows": "the size of its second-to-last axis (1 if it has fewer than 2)",
+        "cols": "the size of its last axis (1 if it has none)"}
+SHAPE_CONSTANTS = {"ndim": "ndim", "rows": "rows", "cols": "cols", "fan_in": "rows", "fan_out": "cols"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,7 @@ class FunctionDef:
     reduces: dict[str, str] | None = None
     interval: Callable[..., Interval] = lambda *args: FULL
     domain_nonneg: bool = False
+    extent: Callable[..., str] | None = None
 
     @property
     def arity(self) -> int:
@@ -154,11 +172,11 @@ def _mean(b, x, loc):
     return b.op("div", b.op("sum", x, loc=loc), b.op("size", x, loc=loc), loc=loc)
 
 
-_PER_LEAF = {"tensor": "leaf", "row": "leaf", "col": "leaf"}
+_PER_LEAF = dict.fromkeys(_ARRAYS, "leaf")
 
 FUNCTIONS: dict[str, FunctionDef] = {
     op.name: FunctionDef(op.name, op.operands, op.doc, _lower_op(op.name), op.reduces, op.interval,
-                         op.domain_nonneg)
+                         op.domain_nonneg, op.extent)
     for op in OPS.values() if op.spec
 } | {f.name: f for f in (
     FunctionDef("clip", (F, F, F), "clip(x, lo, hi) = min(max(x, lo), hi)",
@@ -178,5 +196,5 @@ FUNCTIONS: dict[str, FunctionDef] = {
                 _PER_LEAF, interval=lambda a: NONNEG),
     FunctionDef("global_norm", (F,), "Euclidean norm over every parameter's tensor",
                 lambda b, a, loc: b.op("sqrt", b.op("gsum", _square_sum(b, a[0], loc), loc=loc), loc=loc),
-                {"tensor": "step", "row": "step", "col": "step"}, interval=lambda a: NONNEG),
+                dict.fromkeys(_ARRAYS, "step"), interval=lambda a: NONNEG),
 )}

@@ -87,6 +87,8 @@ def _check_depth(spec: ast.Spec) -> None:
             stack.append((node.value, depth))
         elif isinstance(node, ast.If):
             stack.extend((child, depth + 1) for child in (node.cond, *node.then, *node.orelse))
+        elif isinstance(node, ast.Repeat):
+            stack.extend((child, depth + 1) for child in node.body)
         elif isinstance(node, ast.Unary):
             stack.append((node.operand, depth + 1))
         elif isinstance(node, ast.Binary):
@@ -179,6 +181,10 @@ class _ToAst(Transformer):
         then = stmts[: len(stmts) - (1 if orelse else 0)]
         return ast.If(cond, tuple(then), tuple(orelse), _span(if_tok).to(cond.span))
 
+    def repeat_stmt(self, repeat_tok, count, *stmts):
+        count = ast.Number(float(count), _span(count)) if count.type == "NUMBER" else ast.Name(str(count), _span(count))
+        return ast.Repeat(count, tuple(stmts), _span(repeat_tok).to(count.span))
+
     def update(self, tok, *stmts):
         return ("update", _span(tok), stmts)
 
@@ -208,7 +214,7 @@ def _parser() -> Lark:
 _DESCRIBE = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a quoted description",
     "_NL": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
-    "$END": "end of file", "COMPARE": "a comparison", "MUL_OP": "'*' or '/'",
+    "$END": "end of file", "COMPARE": "a comparison", "MUL_OP": "'*', '/' or '@'",
 }
 
 
@@ -243,12 +249,18 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
                      _expected_hint(expected) or "the spec stops in the middle of a statement", code="E103")
 
 
-_KEYWORDS = ("optimizer", "hyper", "option", "state", "update", "if", "else", "true", "false", "and", "or", "not")
+_KEYWORDS = ("optimizer", "hyper", "option", "state", "update", "if", "else", "repeat", "true", "false", "and", "or",
+             "not")
+# Python's loops, which a spec writes as a bounded repeat.
+_LOOPS = {"for": "a loop is written 'repeat N:' (N a number or a numeric option), e.g. repeat 5:",
+          "while": "loops are bounded: write 'repeat N:' (N a number or a numeric option)"}
 
 
 def _keyword_hint(token: str, line: str) -> str | None:
     """'did you mean' for a misspelt keyword: the unexpected word, or a line's first word used as one."""
     first = re.match(r"\s*([A-Za-z_]\w*)(\s+[A-Za-z_]|\s*:)", line)
+    if first and first[1] in _LOOPS:
+        return _LOOPS[first[1]]
     for word in (first and first[1], token if len(token) > 2 else None):
         if word and word not in _KEYWORDS and (hint := did_you_mean(word, _KEYWORDS)):
             return hint

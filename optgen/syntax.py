@@ -38,7 +38,7 @@ class Unary:
 
 @dataclass(frozen=True)
 class Binary:
-    op: str  # + - * / ^ < <= > >= == != and or
+    op: str  # + - * / @ ^ < <= > >= == != and or
     left: "Expr"
     right: "Expr"
     span: Span
@@ -69,7 +69,16 @@ class If:
     span: Span
 
 
-Stmt = Assign | If
+@dataclass(frozen=True)
+class Repeat:
+    """``repeat N:``: the body, N times in a row; N is a count or a numeric option (fixed at compile time)."""
+
+    count: Number | Name
+    body: tuple["Stmt", ...]
+    span: Span
+
+
+Stmt = Assign | If | Repeat
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,10 @@ def format_spec(spec: Spec) -> str:
         for stmt in stmts:
             if isinstance(stmt, Assign):
                 lines.append(f"{pad}(= {stmt.target.id} {format_expr(stmt.value)})")
+            elif isinstance(stmt, Repeat):
+                lines.append(f"{pad}(repeat {format_expr(stmt.count)}")
+                block(stmt.body, depth + 1)
+                lines[-1] += ")"
             else:
                 lines.append(f"{pad}(if {format_expr(stmt.cond)}")
                 block(stmt.then, depth + 1)
