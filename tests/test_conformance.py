@@ -43,6 +43,10 @@ CASES = {
     "adafactor-unfactored": ("adafactor", {"factored": False}),
     "adopt": ("adopt", {}), "adopt-nesterov-unclipped": ("adopt", {"nesterov": True, "use_clipping": False}),
     "ademamix": ("ademamix", {}),
+    # Newton-Schulz on the 2-d leaves (the (5, 3) matrix transposed, the (3, 2) one as it is);
+    # optax's AdamW (Nesterov by default) on the scalar, the vectors and the cube.
+    "muon": ("muon", {}), "muon-plain-adam-lr": ("muon", {"nesterov": False, "use_adam_learning_rate": True}),
+    "muon-3-steps": ("muon", {"ns_steps": 3}),
 }
 SPECS = sorted({spec for spec, _ in CASES.values()})
 # Adafactor keeps its momentum in float32 (optax's dtype_momentum), so in a float64 run both
@@ -56,7 +60,8 @@ PATHS = {(case, dtype, path) for case, (spec, options) in CASES.items() for dtyp
 CUSTOM = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "b3": 0.95, "eps": 1e-6, "eps_root": 1e-10,
           "weight_decay": 1e-2, "momentum": 0.7, "decay": 0.85, "initial_scale": 0.1,
           "initial_accumulator_value": 0.2, "rho": 0.8, "threshold": 6.0, "trust_coefficient": 0.02,
-          "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3, "alpha": 4.0}
+          "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3, "alpha": 4.0,
+          "beta": 0.9, "adam_b1": 0.85, "adam_b2": 0.99, "adam_weight_decay": 2e-3, "adam_learning_rate": 2e-3}
 STEPS = 150
 # LAMB's steps are learning_rate * ||p|| per tensor: about bfloat16's half-ulp of p, so
 # rounding on store moves bfloat16 parameters further from float32 ones.
@@ -71,6 +76,10 @@ def _reference(spec):
 def _optax_name(option, parameters):
     """The reference's name for a spec option: its own, or X for use_X."""
     return option if option in parameters else option.removeprefix("use_")
+
+
+# Hyperparameters that are one entry of a reference's tuple: name -> (tuple argument, index).
+COMPONENTS = {"ns_a": ("ns_coeffs", 0), "ns_b": ("ns_coeffs", 1), "ns_c": ("ns_coeffs", 2)}
 
 
 def _hypers(spec):
@@ -189,6 +198,10 @@ def test_defaults_match_optax(spec):
     checked = optgen.check_spec(spec)
     options = {k: v for k, v in checked.options.items() if _optax_name(k, parameters) in parameters}
     for name, default in (checked.hypers | options).items():  # amsgrad has options optax lacks
+        if name in COMPONENTS:
+            argument, index = COMPONENTS[name]
+            assert default == parameters[argument].default[index], name
+            continue
         reference = parameters[_optax_name(name, parameters)].default
         if name.startswith("use_") and name not in parameters:
             assert default is (reference is not None), name
