@@ -47,8 +47,10 @@ def source_lines(func) -> int:
                if number not in skip and line.strip() and not line.strip().startswith("#"))
 
 
-# Convention specs: the framework class, and the module and function of its single-tensor step.
+# Convention specs: the framework class, and the module and functions of its single-tensor step.
 _FRAMEWORK = {
+    "torch/muon": ("torch.optim.Muon", "torch.optim._muon",
+                   "_single_tensor_muon _zeropower_via_newtonschulz _adjust_lr"),
     "torch/adamw": ("torch.optim.AdamW", "torch.optim.adam", "_single_tensor_adam"),
     "torch/adamax": ("torch.optim.Adamax", "torch.optim.adamax", "_single_tensor_adamax"),
     "torch/nadamw": ("torch.optim.NAdam", "torch.optim.nadam", "_single_tensor_nadam"),
@@ -67,11 +69,14 @@ def reference(name: str) -> tuple[str, list]:
         return _PAPER[name], []
     if name in _FRAMEWORK:
         os.environ.setdefault("KERAS_BACKEND", "jax")  # keras reads it at import
-        ref, module, path = _FRAMEWORK[name]
-        func = importlib.import_module(module)
-        for attr in path.split("."):
-            func = getattr(func, attr)
-        return ref, [func]
+        ref, module, paths = _FRAMEWORK[name]
+        funcs = []
+        for path in paths.split():
+            func = importlib.import_module(module)
+            for attr in path.split("."):
+                func = getattr(func, attr)
+            funcs.append(func)
+        return ref, funcs
     import optax
 
     where = "optax" if hasattr(optax, name) else "optax.contrib"
