@@ -194,6 +194,11 @@ FUNCTIONS: dict[str, FunctionDef] = {
     FunctionDef("rms", (F,), "root mean square of a tensor's elements: sqrt(mean(x^2))",
                 lambda b, a, loc: b.op("sqrt", _mean(b, b.op("mul", a[0], a[0], loc=loc), loc), loc=loc),
                 _PER_LEAF, interval=lambda a: NONNEG),
+    FunctionDef("global_sum", (F,), "the sum over every parameter of x (of its elements, or of one number per "
+                "parameter): global_sum(g * d) is the dot product of g and d across all parameters",
+                lambda b, a, loc: b.op("gsum", a[0] if a[0].type.extent == "leaf" else b.op("sum", a[0], loc=loc),
+                                       loc=loc),
+                dict.fromkeys(("leaf", *_ARRAYS), "step"), interval=_nonneg_if_nonneg),
     FunctionDef("global_norm", (F,), "Euclidean norm over every parameter's tensor",
                 lambda b, a, loc: b.op("sqrt", b.op("gsum", _square_sum(b, a[0], loc), loc=loc), loc=loc),
                 dict.fromkeys(_ARRAYS, "step"), interval=lambda a: NONNEG),

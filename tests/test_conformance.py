@@ -47,6 +47,7 @@ CASES = {
     # optax's AdamW (Nesterov by default) on the scalar, the vectors and the cube.
     "muon": ("muon", {}), "muon-plain-adam-lr": ("muon", {"nesterov": False, "use_adam_learning_rate": True}),
     "muon-3-steps": ("muon", {"ns_steps": 3}),
+    "prodigy": ("prodigy", {}), "prodigy-safeguard-beta3": ("prodigy", {"safeguard_warmup": True, "use_beta3": True}),
 }
 SPECS = sorted({spec for spec, _ in CASES.values()})
 # Adafactor keeps its momentum in float32 (optax's dtype_momentum), so in a float64 run both
@@ -61,7 +62,7 @@ CUSTOM = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "b3": 0.95, "eps": 1e-6,
           "weight_decay": 1e-2, "momentum": 0.7, "decay": 0.85, "initial_scale": 0.1,
           "initial_accumulator_value": 0.2, "rho": 0.8, "threshold": 6.0, "trust_coefficient": 0.02,
           "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3, "alpha": 4.0,
-          "beta": 0.9, "adam_b1": 0.85, "adam_b2": 0.99, "adam_weight_decay": 2e-3, "adam_learning_rate": 2e-3}
+          "beta": 0.9, "beta1": 0.85, "beta2": 0.99, "beta3": 0.98, "estim_lr0": 1e-5, "adam_b1": 0.85, "adam_b2": 0.99, "adam_weight_decay": 2e-3, "adam_learning_rate": 2e-3}
 STEPS = 150
 # LAMB's steps are learning_rate * ||p|| per tensor: about bfloat16's half-ulp of p, so
 # rounding on store moves bfloat16 parameters further from float32 ones.
@@ -79,7 +80,8 @@ def _optax_name(option, parameters):
 
 
 # Hyperparameters that are one entry of a reference's tuple: name -> (tuple argument, index).
-COMPONENTS = {"ns_a": ("ns_coeffs", 0), "ns_b": ("ns_coeffs", 1), "ns_c": ("ns_coeffs", 2)}
+COMPONENTS = {"ns_a": ("ns_coeffs", 0), "ns_b": ("ns_coeffs", 1), "ns_c": ("ns_coeffs", 2),
+              "beta1": ("betas", 0), "beta2": ("betas", 1)}
 
 
 def _hypers(spec):
@@ -90,6 +92,12 @@ def _optax_kwargs(case):
     spec, options = CASES[case]
     accepted = inspect.signature(_reference(spec)).parameters
     kwargs = {k: v for k, v in (_hypers(spec) | options).items() if k in accepted}
+    for name, value in _hypers(spec).items():
+        if name in COMPONENTS:
+            argument, index = COMPONENTS[name]
+            entries = list(kwargs.get(argument, accepted[argument].default))
+            entries[index] = value
+            kwargs[argument] = tuple(entries)
     for option, default in optgen.check_spec(spec).options.items():
         name = _optax_name(option, accepted)
         if option == name:
@@ -228,4 +236,6 @@ def test_bfloat16_params_keep_dtype_and_track_float32(spec):
     for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
         assert a.dtype == ml_dtypes.bfloat16
         assert rel_err(a, b) < BF16_TOLERANCE.get(spec, 2e-2)
-    assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(s16.slots))
+    extents = opt.compiled.program.state_extents  # a per-step state (prodigy's d) keeps the step dtype
+    assert all(x.dtype == ml_dtypes.bfloat16 for name, slot in s16.slots.items() if extents[name] != "step"
+               for x in jax.tree.leaves(slot))
