@@ -45,8 +45,11 @@ def x64_for(dtype: np.dtype):
 def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
     """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"``."""
     dims = jax.export.symbolic_shape(shape)
-    # One flat tensor is never factored: a row value is all of it, a col value one number.
-    shapes = {"step": (), "leaf": (), "row": dims, "col": (), "tensor": dims}
+    # Row and col states are stored without the axes they reduce (a vector is never factored:
+    # its row value is all of it, its col value one number).
+    reduced = dict(zip(("row", "col"), program.factoring.axes(tuple(dims)), strict=True))
+    shapes = {"step": (), "leaf": (), "tensor": dims} | {
+        extent: tuple(d for axis, d in enumerate(dims) if axis not in axes) for extent, axes in reduced.items()}
     return {v.name: jax.ShapeDtypeStruct(shapes[v.type.extent], state_dtypes.get(v.name, scalar_dtype(dtype)
                                          if v.type.extent == "step" else dtype)) for v in program.update.inputs}
 

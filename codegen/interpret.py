@@ -53,6 +53,9 @@ class NumpyBackend:
     def mean(self, x, axes):
         return np.mean(x, axis=axes, keepdims=True, dtype=np.asarray(x).dtype) if axes else x
 
+    def reduce_max(self, x, axes):
+        return np.max(x, axis=axes, keepdims=True) if axes else x
+
     def size(self, x, dtype):
         return np.asarray(np.size(x), dtype=dtype)
 
@@ -72,14 +75,17 @@ class NumpyBackend:
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
               dtype=np.float64, delta_output: str | None = None,
-              factoring: Factoring = NOT_FACTORED) -> dict[str, list[np.ndarray]]:
+              factoring: Factoring = NOT_FACTORED, out_extents: dict[str, str] | None = None,
+              ) -> dict[str, list[np.ndarray]]:
     """Run ``func`` with every value computed in ``dtype``; outputs are returned in ``dtype`` too.
 
     ``tensors`` maps each tensor input (``p``, ``g``, states) to one array per
-    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number.
+    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number. ``out_extents``
+    and ``factoring`` as in :func:`codegen.evaluate.evaluate` (by default every output is
+    stored per element).
     """
     dtype = np.dtype(dtype)
     tensors = {k: [np.asarray(x, dtype) for x in v] for k, v in tensors.items()}
     out_dtypes = {name: [dtype] * len(tensors["p"]) for name, _ in func.outputs}
     return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output,
-                    factoring=factoring)
+                    out_extents=out_extents, factoring=factoring)

@@ -86,16 +86,26 @@ class StableHLOBackend:
 
     def reduce_sum(self, x, axes=None):
         """The sum of ``x`` over ``axes`` (default: all), which are dropped."""
+        return self._reduce(x, axes, 0.0, hlo.AddOp)
+
+    def reduce_max(self, x, axes):
+        """The maximum of ``x`` over ``axes``, kept as size-1 axes (static shapes)."""
+        if not axes:
+            return x
+        kept = [1 if axis in axes else n for axis, n in enumerate(_tensor_type(x).shape)]
+        return self.reshape(self._reduce(x, axes, -np.inf, hlo.MaxOp), kept)
+
+    def _reduce(self, x, axes, init: float, combine):
         source = _tensor_type(x)
         axes = list(range(source.rank)) if axes is None else list(axes)
         kept = [n for axis, n in enumerate(source.shape) if axis not in axes]
         result = ir.RankedTensorType.get(kept, source.element_type)
         scalar = ir.RankedTensorType.get([], source.element_type)
-        zero = mlir.ir_constant(np.zeros((), self.dtype_of(x)))
-        reduce = hlo.ReduceOp([result], [x], [zero], mlir.dense_int_array(axes))
+        start = mlir.ir_constant(np.full((), init, self.dtype_of(x)))
+        reduce = hlo.ReduceOp([result], [x], [start], mlir.dense_int_array(axes))
         block = reduce.body.blocks.append(scalar, scalar)
         with ir.InsertionPoint(block):
-            hlo.ReturnOp([hlo.AddOp(*block.arguments).result])
+            hlo.ReturnOp([combine(*block.arguments).result])
         return reduce.result
 
     def mean(self, x, axes):

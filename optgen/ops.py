@@ -123,6 +123,10 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("col_mean", (F,), "mean over each column's elements (a factored parameter's second-largest axis; "
           "all of an unfactored one); on a row value, one number per batch",
           reduces={"tensor": "col", "row": "row"}, spec=True, interval=lambda a: a),
+    OpDef("row_max", (F,), "maximum over each row's elements (the factored axes of row_mean)",
+          reduces={"tensor": "row"}, spec=True, interval=lambda a: a),
+    OpDef("col_max", (F,), "maximum over each column's elements (the factored axes of col_mean)",
+          reduces={"tensor": "col", "row": "row"}, spec=True, interval=lambda a: a),
     # matrices: a parameter's last two axes, batched over any others (optgen.types)
     OpDef("matmul", (F, F), "x @ y: the matrix product over the parameter's last two axes", extent=matmul_extent),
     OpDef("transpose", (F,), "the matrix with its last two axes swapped", extent=transpose_extent, spec=True),

@@ -269,3 +269,35 @@ def test_prodigy_distance_estimate_matches_optax(dtype):
         expected = float(_prodigy_estimate(Optax, dtype).estim_lr)
         got = float(_prodigy_estimate(optgen.load("prodigy"), dtype).slots["estim_lr"])
     assert abs(got - expected) <= (1e-12 if dtype == np.float64 else 1e-6) * expected
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("path", ["update", "step"])
+def test_sm3_matches_optax_on_vectors_and_matrices(dtype, path):
+    """optax.sm3 fails on a 0-d parameter (IndexError), so the scalar is left out; the cube is a batch
+    of matrices for optgen (statistics per batch and row, per batch and column) where optax keeps
+    one statistic per axis, so it differs, and only stays finite and moving."""
+    def tree(values):
+        return {k: v for k, v in values.items() if k != "scalar"}
+
+    tx, opt = optax.sm3(3e-3, momentum=0.8), optgen.load("sm3", learning_rate=3e-3, momentum=0.8)
+    with jax.enable_x64(dtype == np.float64):
+        params = jax.tree.map(jax.numpy.asarray, tree(make_params(dtype)))
+        expected, got = params, jax.tree.map(jax.numpy.copy, params)
+        state, ours = tx.init(params), opt.init(got)
+        for step in range(STEPS):
+            grads = tree(make_grads(make_params(dtype), step, dtype))
+            updates, state = tx.update(grads, state, expected)
+            expected = optax.apply_updates(expected, updates)
+            if path == "step":
+                got, ours = opt.step(got, grads, ours)
+            else:
+                updates, ours = opt.update(grads, ours, got)
+                got = optax.apply_updates(got, updates)
+    for key in expected:
+        e, g = jax.tree.leaves(expected[key])[0], jax.tree.leaves(got[key])[0]
+        assert g.dtype == e.dtype == dtype, key
+        if key == "cube":
+            assert np.all(np.isfinite(g)) and rel_err(g, e) > TOLERANCE[dtype], key
+        else:
+            assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))

@@ -1,5 +1,6 @@
-"""Matrices, choices by shape and bounded loops: golden lowering, IR round trip, and the
-StableHLO backend against the NumPy interpreter on vectors, matrices of both orientations and a batch."""
+"""Matrices, choices by shape, bounded loops, row/column maxima and global sums: golden lowering,
+IR round trip, and the StableHLO backend against the NumPy interpreter on vectors, matrices of
+both orientations and a batch."""
 
 from __future__ import annotations
 
@@ -31,26 +32,35 @@ def test_golden_lowering(path):
     assert print_function(parse_function(text)) == text
 
 
-def _inputs(func, seed):
+def _inputs(func, seed, program):
+    """Random inputs; row and col states stored without the axes they reduce (program.factoring)."""
     rng = np.random.default_rng(seed)
-    tensors = {v.name: [rng.normal(size=s) for s in SHAPES] for v in func.inputs if v.type.extent != "step"}
+
+    def stored(extent, shape):
+        axes = dict(zip(("row", "col"), program.factoring.axes(shape), strict=True)).get(extent, ())
+        return tuple(n for axis, n in enumerate(shape) if axis not in axes)
+
+    tensors = {v.name: [rng.normal(size=stored(v.type.extent, s) if v.type.extent != "leaf" else ()) for s in SHAPES]
+               for v in func.inputs if v.type.extent != "step"}
     scalars = {v.name: 0.1 for v in func.inputs if v.type.extent == "step"} | {"t": 3.0}
     return tensors, scalars
 
 
-@pytest.mark.parametrize("spec", [*(str(p) for p in GOLDEN), "muon"])
+@pytest.mark.parametrize("spec", [*(str(p) for p in GOLDEN), "muon", "sm3", "prodigy"])
 @pytest.mark.parametrize("passes", ["none", "default"])
 def test_stablehlo_matches_the_interpreter(spec, passes, x64):
     """Differential, float64: every shape takes its own branch, the same in both backends."""
     compiled = compile_checked(check_spec(spec), passes=() if passes == "none" else optgen.DEFAULT_PIPELINE)
     func = compiled.program.update
-    tensors, scalars = _inputs(func, 0)
-    expected = interpret(func, tensors, scalars)
+    program = compiled.program
+    tensors, scalars = _inputs(func, 0, program)
+    expected = interpret(func, tensors, scalars, factoring=program.factoring, out_extents=program.extents())
     got = run_ir(func, {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
                  {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()},
-                 {name: [np.float64] * len(SHAPES) for name, _ in func.outputs})
+                 {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
+                 out_extents=program.extents(), factoring=program.factoring)
     for name, values in expected.items():
-        for shape, e, x in zip(SHAPES, values, got[name], strict=True):
+        for shape, e, x in zip(SHAPES, values, got[name], strict=False):
             np.testing.assert_allclose(np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=f"{name} {shape}")
 
 
