@@ -32,6 +32,7 @@ class CheckedSpec:
     state_extents: dict[str, str]  # step, leaf or tensor: how many copies of each state there are
     state_dtypes: dict[str, str | None]  # each state's declared storage dtype, if any
     warnings: tuple[SpecError, ...] = ()  # hazards that do not stop compilation (W codes)
+    readonly: frozenset[str] = frozenset()  # states initialized once and never written
 
     @property
     def name(self) -> str:
@@ -54,6 +55,7 @@ class _Checker:
         self.assigned: set[str] = set()
         self.extents: dict[str, str] = {}
         self.dtypes: dict[str, str | None] = {}
+        self.readonly: set[str] = set()
         self.conflicts: dict[str, ast.If] = {}  # names whose two branches gave different matrix extents
         self.shape_ifs = 0  # how many ifs on shape constants enclose the statement being checked
 
@@ -78,13 +80,14 @@ class _Checker:
             raise self.error("the update never assigns p", spec.update_span,
                              "end the update with 'p = p - ...'", code="E202")
         for state in spec.states:
-            if state.name.id not in self.assigned:
+            if state.name.id not in self.assigned and state.name.id not in self.readonly:
                 raise self.error(f"state '{state.name.id}' is never updated", state.name.span,
-                                 f"assign '{state.name.id} = ...' in the update, or remove the state",
+                                 f"assign '{state.name.id} = ...' in the update, declare it "
+                                 f"'state {state.name.id}: readonly' if it keeps its initial value, or remove it",
                                  code="E203")
         return CheckedSpec(spec, {h.name.id: h.default for h in spec.hypers},
                            {o.name.id: o.default for o in spec.options}, spec.states,
-                           self.extents, self.dtypes, analyze(spec))
+                           self.extents, self.dtypes, analyze(spec), frozenset(self.readonly))
 
     def declare(self) -> None:
         seen: dict[str, str] = {}
@@ -104,20 +107,23 @@ class _Checker:
         extent, dtype = "tensor", None
         seen: set[str] = set()
         for q in state.qualifiers:
-            group = "shape" if q.id in STATE_EXTENTS else "dtype" if q.id in DTYPES else None
+            group = "shape" if q.id in STATE_EXTENTS else "dtype" if q.id in DTYPES else \
+                "access" if q.id == "readonly" else None
             if group is None:
                 raise self.error(f"unknown state shape or storage dtype '{q.id}'", q.span,
-                                 did_you_mean(q.id, [*STATE_EXTENTS, *DTYPES])
-                                 or f"a shape is one of {', '.join(STATE_EXTENTS)}; a dtype one of {', '.join(DTYPES)}",
-                                 code="E206")
+                                 did_you_mean(q.id, [*STATE_EXTENTS, *DTYPES, "readonly"])
+                                 or f"a shape is one of {', '.join(STATE_EXTENTS)}; a dtype one of {', '.join(DTYPES)}; "
+                                    "or readonly", code="E206")
             if group in seen:
                 raise self.error(f"state '{name}' has a second {group} '{q.id}'", q.span,
                                  f"give at most one {group}", code="E219")
             seen.add(group)
             if group == "shape":
                 extent = q.id
-            else:
+            elif group == "dtype":
                 dtype = q.id
+            else:
+                self.readonly.add(name)
         self.extents[name], self.dtypes[name] = extent, dtype
         if extent in ("row", "col"):
             self.expect_factoring(state.qualifiers[0].span if state.qualifiers else state.name.span)
@@ -181,6 +187,10 @@ class _Checker:
                              f"{kind}s are read-only in the update; assign to a new local name",
                              code="E208")
         value = self.expect_float(stmt.value, env, "an assigned value")
+        if kind == "state" and name.id in self.readonly:
+            raise self.error(f"state '{name.id}' is read-only: it keeps its initial value", name.span,
+                             f"remove 'readonly' from 'state {name.id}' to update it, or assign to a new local name",
+                             code="E236")
         if kind == "state" and self.shape_ifs and self.extents[name.id] == "step":
             raise self.error(f"state '{name.id}' is one number per step, shared by every parameter, so it cannot "
                              "be assigned under an 'if' on a parameter's shape", name.span,

@@ -63,6 +63,7 @@ CATALOG: dict[str, str] = {
     "E233": "a name that is a different matrix in the two branches of an if",
     "E234": "a repeat count that is not a positive whole number fixed at compile time",
     "E235": "a per-step state assigned under an if on shapes",
+    "E236": "an assignment to a read-only state",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",

@@ -67,7 +67,8 @@ class _Lowering:
         slots = [Value(Type(extent), name) for name, extent in extents.items()]
         inputs = (*tensors, *slots, Value(Type("step"), "t"), *hypers)
         env = self.block(body, {v.name: v for v in inputs})
-        outputs = [(n, env[n]) for n in ("p", *(s.name.id for s in states))]
+        # A read-only state is an input of the update, never an output: it costs no write.
+        outputs = [(n, env[n]) for n in ("p", *(s.name.id for s in states)) if n not in self.checked.readonly]
         update = Function(spec.name.id, inputs, tuple(self.builder.ops), tuple(outputs))
 
         self.builder = Builder()

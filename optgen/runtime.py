@@ -62,7 +62,7 @@ class Optimizer:
         self.description = compiled.checked.spec.description
         self.hyperparams = hyperparams
         self.variant = variant  # the options applied as transforms (clipnorm, use_ema, ...)
-        self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
+        self.state_names = tuple(name for name, _ in compiled.program.init.outputs)  # read-only ones too
         self.extents = compiled.program.extents()
         self._inputs = InputChecker(self)  # wrong inputs raise InputError before anything is donated
         self.step = self._inputs.guard(jax.jit(self._apply, donate_argnums=(0, 2)))
@@ -143,7 +143,8 @@ class Optimizer:
         out = run_ir(self.compiled.program.update, tensors, scalars, self._out_dtypes(units),
                      delta_output="p" if as_update else None, out_extents=self.extents,
                      factoring=self.compiled.program.factoring)
-        slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names}
+        slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names if name in out}
+        slots = {name: slots.get(name, state.slots[name]) for name in self.state_names}  # read-only: as given
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
 
     def finalize(self, params, state: OptState):
