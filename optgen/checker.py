@@ -76,6 +76,8 @@ class _Checker:
         env |= {o.name.id: OPTION for o in spec.options}
         env |= {name: Type(extent) for name, extent in self.extents.items()}
         self.block(spec.body, env)
+        for output in spec.outputs:
+            self.check_output(output, env)
         if "p" not in self.assigned:
             raise self.error("the update never assigns p", spec.update_span,
                              "end the update with 'p = p - ...'", code="E202")
@@ -91,8 +93,8 @@ class _Checker:
 
     def declare(self) -> None:
         seen: dict[str, str] = {}
-        decls = [(d.name, kind) for kind, group in (("hyper", self.spec.hypers),
-                 ("option", self.spec.options), ("state", self.spec.states)) for d in group]
+        decls = [(d.name, kind) for kind, group in (("hyper", self.spec.hypers), ("option", self.spec.options),
+                 ("state", self.spec.states), ("output", self.spec.outputs)) for d in group]
         for name, kind in decls:
             if name.id in RESERVED:
                 raise self.error(f"'{name.id}' is reserved for {RESERVED[name.id]}", name.span,
@@ -130,6 +132,17 @@ class _Checker:
         env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}
         init = self.expect_float(state.init, env, "a state's initial value")
         self.expect_fits(state.init, init, name, extent)
+
+    def check_output(self, output: ast.Output, update_env: dict[str, Type]) -> None:
+        """An output is computed from p, t, the states, hyperparameters and shape constants, after a step."""
+        env = {name: ty for name, ty in update_env.items()
+               if name in ("p", "t") or self.declared_kind(name) in ("hyper", "state") or name in SHAPE_CONSTANTS}
+        env |= {name: Type(extent) for name, extent in self.extents.items()}
+        ty = self.expect_float(output.value, env, "an output")
+        if not fits(ty.extent, "tensor"):
+            raise self.error(f"output '{output.name.id}' is one value per element of its parameter, but this value "
+                             f"has one per {ty.extent}", output.value.span,
+                             "multiply a matrix value into a tensor first", code="E237")
 
     def expect_factoring(self, span) -> None:
         """Row and column values need the factoring rule's two options, with optax's names."""

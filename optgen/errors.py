@@ -64,6 +64,7 @@ CATALOG: dict[str, str] = {
     "E234": "a repeat count that is not a positive whole number fixed at compile time",
     "E235": "a per-step state assigned under an if on shapes",
     "E236": "an assignment to a read-only state",
+    "E237": "an output that is not one value per element",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",
@@ -99,6 +100,7 @@ CATALOG: dict[str, str] = {
     "E348": "get_config of a value that cannot be written down",
     "E349": "the config's spec file has changed",
     "E360": "a matrix op reached a parameter that is not a matrix",
+    "E361": "outputs asked of a spec that declares none",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

@@ -82,6 +82,7 @@ class Program:
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
     state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf, row, col or tensor; p is a tensor
     factoring: Factoring = NOT_FACTORED  # which parameters have rows and columns (optgen.types)
+    derived: Function | None = None  # the spec's outputs, from p, t, the states and hyperparameters
 
     def extents(self) -> dict[str, str]:
         """The extent of each output of ``update`` (and, for states, of ``init``)."""
@@ -186,7 +187,8 @@ def print_function(func: Function) -> str:
 
 
 def print_program(program: Program) -> str:
-    return print_function(program.update) + "\n" + print_function(program.init)
+    funcs = (program.update, program.init) + ((program.derived,) if program.derived else ())
+    return "\n".join(print_function(func) for func in funcs)
 
 
 _TYPE = r"(?:bool )?(?:" + "|".join(EXTENTS) + r")"

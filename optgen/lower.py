@@ -76,11 +76,21 @@ class _Lowering:
         init_env = {v.name: v for v in init_inputs}
         init_outputs = tuple((s.name.id, self.expr(s.init, init_env)) for s in states)
         init = Function(f"{spec.name.id}.init", init_inputs, tuple(self.builder.ops), init_outputs)
+        derived = self.derived(spec, (tensors[0], *slots, inputs[len(tensors) + len(slots)], *hypers))
         dtypes = {name: self.checked.state_dtypes[name] for name in extents}
         factoring = NOT_FACTORED
         if "factored" in self.options and "min_dim_size_to_factor" in self.options:
             factoring = Factoring(self.options["factored"], self.options["min_dim_size_to_factor"])
-        return Program(update, init, dtypes, extents, factoring)
+        return Program(update, init, dtypes, extents, factoring, derived)
+
+    def derived(self, spec: ast.Spec, inputs) -> Function | None:
+        """The function of the spec's outputs, or None without any."""
+        if not spec.outputs:
+            return None
+        self.builder = Builder()
+        env = {v.name: v for v in inputs}
+        outputs = tuple((o.name.id, self.expr(o.value, env)) for o in spec.outputs)
+        return Function(f"{spec.name.id}.outputs", tuple(inputs), tuple(self.builder.ops), outputs)
 
     def select(self, stmts) -> list:
         """Resolve options: keep the branches they select and unroll repeats; an ``if`` on shapes stays,

@@ -77,7 +77,7 @@ class _SpecIndenter(Indenter):
 
 def _check_depth(spec: ast.Spec) -> None:
     """Refuse nesting deeper than MAX_DEPTH, found without recursion, at the first node past it."""
-    stack = [(node, 1) for node in (*spec.body, *(s.init for s in spec.states))]
+    stack = [(node, 1) for node in (*spec.body, *(s.init for s in spec.states), *(o.value for o in spec.outputs))]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
@@ -169,6 +169,9 @@ class _ToAst(Transformer):
         qualifiers = tuple(ast.Name(str(q), _span(q)) for q in qualifiers)
         return ast.State(ast.Name(str(name), _span(name)), qualifiers, init, _span(name))
 
+    def output(self, name, value):
+        return ast.Output(ast.Name(str(name), _span(name)), value, _span(name))
+
     def assign(self, target, value):
         name = ast.Name(str(target), _span(target))
         return ast.Assign(name, value, name.span.to(value.span))
@@ -201,6 +204,7 @@ class _ToAst(Transformer):
             hypers=tuple(i for i in items if isinstance(i, ast.Hyper)),
             options=tuple(i for i in items if isinstance(i, ast.Option)),
             states=tuple(i for i in items if isinstance(i, ast.State)),
+            outputs=tuple(i for i in items if isinstance(i, ast.Output)),
             body=tuple(body), update_span=updates[0][1] if updates else None)
 
 
@@ -249,8 +253,8 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
                      _expected_hint(expected) or "the spec stops in the middle of a statement", code="E103")
 
 
-_KEYWORDS = ("optimizer", "hyper", "option", "state", "update", "if", "else", "repeat", "true", "false", "and", "or",
-             "not")
+_KEYWORDS = ("optimizer", "hyper", "option", "state", "output", "update", "if", "else", "repeat", "true", "false",
+             "and", "or", "not")
 # Python's loops, which a spec writes as a bounded repeat.
 _LOOPS = {"for": "a loop is written 'repeat N:' (N a number or a numeric option), e.g. repeat 5:",
           "while": "loops are bounded: write 'repeat N:' (N a number or a numeric option)"}

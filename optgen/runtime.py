@@ -68,6 +68,7 @@ class Optimizer:
         self.step = self._inputs.guard(jax.jit(self._apply, donate_argnums=(0, 2)))
         self._initialize = jax.jit(self._run_init, static_argnums=(2, 3))
         self._update = self._inputs.guard(jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True)))
+        self._outputs = jax.jit(self._run_outputs)
 
     def __repr__(self) -> str:
         return f"<optgen.Optimizer {self.name} {self.hyperparams}>"
@@ -146,6 +147,31 @@ class Optimizer:
         slots = {name: self._slot(out[name], name, layout, treedef) for name in self.state_names if name in out}
         slots = {name: slots.get(name, state.slots[name]) for name in self.state_names}  # read-only: as given
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
+
+    def outputs(self, params, state: OptState) -> dict:
+        """The spec's outputs (``output NAME = EXPR``) for these parameters and state, each a pytree
+        shaped like ``params``: Schedule-Free's evaluation point ``x``, for instance. ``t`` in them
+        is the number of updates applied, and schedules see that count."""
+        if self.compiled.program.derived is None:
+            raise InputError(f"'{self.name}' declares no outputs", code="E361",
+                             hint="declare one in the spec: output x = (p - (1 - b1) * z) / b1")
+        self._inputs.check(params, params, state)  # params as their own grads: only the state is in question
+        return self._outputs(params, state)
+
+    def _run_outputs(self, params, state: OptState) -> dict:
+        derived = self.compiled.program.derived
+        leaves, treedef = jax.tree.flatten(params)
+        per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
+        layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
+        units = layout.pack(leaves)
+        tensors = {"p": units} | {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
+        scalars = {"t": state.count.astype(step_dtype())}
+        scalars |= {name: self._hyper(name, state.hyperparams, state.count) for name in self.hyperparams}
+        scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
+        names = [name for name, _ in derived.outputs]
+        out = run_ir(derived, tensors, scalars, {name: [u.dtype for u in units] for name in names},
+                     factoring=self.compiled.program.factoring)
+        return {name: treedef.unflatten(layout.unpack(out[name])) for name in names}
 
     def finalize(self, params, state: OptState):
         """The parameters to keep after training: with ``use_ema``, the moving averages (Keras's

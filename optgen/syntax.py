@@ -129,6 +129,16 @@ class State:
 
 
 @dataclass(frozen=True)
+class Output:
+    """``output name = expr``: a per-element value derived from ``p``, the states and the hyperparameters
+    (Schedule-Free's evaluation point), computed on request by ``Optimizer.outputs``."""
+
+    name: Name
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
 class Spec:
     name: Name
     description: str
@@ -138,6 +148,7 @@ class Spec:
     body: tuple[Stmt, ...]
     update_span: Span | None
     source: Source = field(repr=False)
+    outputs: tuple[Output, ...] = ()
 
 
 def walk(expr: Expr):
@@ -177,6 +188,7 @@ def format_spec(spec: Spec) -> str:
               for o in spec.options]
     lines += [f"  (state {s.name.id}{''.join(':' + q.id for q in s.qualifiers)} {format_expr(s.init)})"
               for s in spec.states]
+    lines += [f"  (output {o.name.id} {format_expr(o.value)})" for o in spec.outputs]
 
     def block(stmts, depth):
         pad = "  " * depth

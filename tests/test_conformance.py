@@ -47,6 +47,8 @@ CASES = {
     # optax's AdamW (Nesterov by default) on the scalar, the vectors and the cube.
     "muon": ("muon", {}), "muon-plain-adam-lr": ("muon", {"nesterov": False, "use_adam_learning_rate": True}),
     "muon-3-steps": ("muon", {"ns_steps": 3}),
+    "schedule_free_adamw": ("schedule_free_adamw", {}),
+    "schedule_free_adamw-warmup": ("schedule_free_adamw", {"use_warmup_steps": True}),
     "prodigy": ("prodigy", {}), "prodigy-safeguard-beta3": ("prodigy", {"safeguard_warmup": True, "use_beta3": True}),
 }
 SPECS = sorted({spec for spec, _ in CASES.values()})
@@ -121,6 +123,21 @@ def _adafactor_decay_in_float64(monkeypatch):
 
     defaults[-1] = decay
     monkeypatch.setattr(factorized.scale_by_factored_rms, "__defaults__", tuple(defaults))
+
+
+@pytest.fixture(autouse=True)
+def _warmup_in_float64(monkeypatch):
+    """optax's warmup_constant_schedule computes in float32 (of an int32 count) even under x64;
+    compare Schedule-Free's algorithm in the parameters' dtype."""
+    from optax.contrib import _schedule_free
+
+    def warmup_constant_schedule(init_value, peak_value, warmup_steps):
+        def schedule(count):
+            count = jax.numpy.asarray(count, jax.dtypes.canonicalize_dtype(np.float64))
+            return init_value + (peak_value - init_value) * jax.numpy.minimum(count, warmup_steps) / warmup_steps
+        return schedule
+
+    monkeypatch.setattr(_schedule_free._schedule, "warmup_constant_schedule", warmup_constant_schedule)
 
 
 def _run_optax(case, dtype):
@@ -301,3 +318,26 @@ def test_sm3_matches_optax_on_vectors_and_matrices(dtype, path):
             assert np.all(np.isfinite(g)) and rel_err(g, e) > TOLERANCE[dtype], key
         else:
             assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("warmup", [None, 20])
+def test_schedule_free_evaluation_point_matches_optax(warmup, dtype):
+    """opt.outputs(params, state)["x"] (the spec's `output x`) against optax.contrib.schedule_free_eval_params."""
+    settings = _hypers("schedule_free_adamw")
+    tx = optax.contrib.schedule_free_adamw(**settings, warmup_steps=warmup)
+    opt = optgen.load("schedule_free_adamw", **settings,
+                      **({} if warmup is None else {"use_warmup_steps": True, "warmup_steps": warmup}))
+    with jax.enable_x64(dtype == np.float64):
+        params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
+        ours, state, mine = jax.tree.map(jax.numpy.copy, params), tx.init(params), opt.init(params)
+        update = jax.jit(tx.update)
+        for step in range(STEPS):
+            grads = make_grads(make_params(dtype), step, dtype)
+            updates, state = update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            ours, mine = opt.step(ours, grads, mine)
+        expected, got = optax.contrib.schedule_free_eval_params(state, params), opt.outputs(ours, mine)["x"]
+    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
+        assert g.dtype == e.dtype == dtype, key
+        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))

@@ -26,10 +26,14 @@ def _lowered(path, **options):
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
 def test_golden_lowering(path):
-    """Each construct's IR as lowered (before any pass) is the text in the .ir file beside its spec."""
-    text = print_function(_lowered(path)).replace(str(path.parent) + "/", "")
-    assert text.strip() == path.with_suffix(".ir").read_text().strip()
-    assert print_function(parse_function(text)) == text
+    """Each construct's IR as lowered (before any pass) is the text in the .ir file beside its spec:
+    the update function, and the outputs' function where the spec declares outputs."""
+    program = compile_checked(check_spec(str(path)), passes=()).lowered
+    funcs = [program.update] + ([program.derived] if program.derived else [])
+    texts = [print_function(func).replace(str(path.parent) + "/", "") for func in funcs]
+    assert "\n".join(texts).strip() == path.with_suffix(".ir").read_text().strip()
+    for text in texts:
+        assert print_function(parse_function(text)) == text
 
 
 def _inputs(func, seed, program):
@@ -46,22 +50,24 @@ def _inputs(func, seed, program):
     return tensors, scalars
 
 
-@pytest.mark.parametrize("spec", [*(str(p) for p in GOLDEN), "muon", "sm3", "prodigy"])
+@pytest.mark.parametrize("spec", [*(str(p) for p in GOLDEN), "muon", "sm3", "prodigy", "schedule_free_adamw"])
 @pytest.mark.parametrize("passes", ["none", "default"])
 def test_stablehlo_matches_the_interpreter(spec, passes, x64):
-    """Differential, float64: every shape takes its own branch, the same in both backends."""
+    """Differential, float64: every shape takes its own branch, the same in both backends (the
+    update, and the outputs' function where the spec declares outputs)."""
     compiled = compile_checked(check_spec(spec), passes=() if passes == "none" else optgen.DEFAULT_PIPELINE)
-    func = compiled.program.update
     program = compiled.program
-    tensors, scalars = _inputs(func, 0, program)
-    expected = interpret(func, tensors, scalars, factoring=program.factoring, out_extents=program.extents())
-    got = run_ir(func, {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
-                 {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()},
-                 {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
-                 out_extents=program.extents(), factoring=program.factoring)
-    for name, values in expected.items():
-        for shape, e, x in zip(SHAPES, values, got[name], strict=False):
-            np.testing.assert_allclose(np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=f"{name} {shape}")
+    for func in filter(None, (program.update, program.derived)):
+        tensors, scalars = _inputs(func, 0, program)
+        extents = program.extents() if func is program.update else {}
+        expected = interpret(func, tensors, scalars, factoring=program.factoring, out_extents=extents)
+        got = run_ir(func, {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
+                     {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()},
+                     {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
+                     out_extents=extents, factoring=program.factoring)
+        for name, values in expected.items():
+            for shape, e, x in zip(SHAPES, values, got[name], strict=False):
+                np.testing.assert_allclose(np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=f"{name} {shape}")
 
 
 def test_a_shape_choice_emits_only_the_branch_each_parameter_takes():
