@@ -75,6 +75,7 @@ class _Checker:
         env |= {h.name.id: Type("step") for h in spec.hypers}
         env |= {o.name.id: OPTION for o in spec.options}
         env |= {name: Type(extent) for name, extent in self.extents.items()}
+        env |= {i.name.id: Type("tensor") for i in spec.inputs}
         self.block(spec.body, env)
         for output in spec.outputs:
             self.check_output(output, env)
@@ -94,7 +95,8 @@ class _Checker:
     def declare(self) -> None:
         seen: dict[str, str] = {}
         decls = [(d.name, kind) for kind, group in (("hyper", self.spec.hypers), ("option", self.spec.options),
-                 ("state", self.spec.states), ("output", self.spec.outputs)) for d in group]
+                 ("state", self.spec.states), ("input", self.spec.inputs), ("output", self.spec.outputs))
+                 for d in group]
         for name, kind in decls:
             if name.id in RESERVED:
                 raise self.error(f"'{name.id}' is reserved for {RESERVED[name.id]}", name.span,
@@ -137,6 +139,7 @@ class _Checker:
         """An output is computed from p, t, the states, hyperparameters and shape constants, after a step."""
         env = {name: ty for name, ty in update_env.items()
                if name in ("p", "t") or self.declared_kind(name) in ("hyper", "state") or name in SHAPE_CONSTANTS}
+        env = {name: ty for name, ty in env.items() if self.declared_kind(name) != "input"}
         env |= {name: Type(extent) for name, extent in self.extents.items()}
         ty = self.expect_float(output.value, env, "an output")
         if not fits(ty.extent, "tensor"):
@@ -199,6 +202,9 @@ class _Checker:
             raise self.error(f"cannot assign to {kind} '{name.id}'", name.span,
                              f"{kind}s are read-only in the update; assign to a new local name",
                              code="E208")
+        if kind == "input":
+            raise self.error(f"cannot assign to input '{name.id}': it arrives with the gradients", name.span,
+                             "assign to a new local name instead", code="E238")
         value = self.expect_float(stmt.value, env, "an assigned value")
         if kind == "state" and name.id in self.readonly:
             raise self.error(f"state '{name.id}' is read-only: it keeps its initial value", name.span,
@@ -366,7 +372,7 @@ class _Checker:
 
     def declared_kind(self, name: str) -> str | None:
         for kind, group in (("hyper", self.spec.hypers), ("option", self.spec.options),
-                            ("state", self.spec.states)):
+                            ("state", self.spec.states), ("input", self.spec.inputs)):
             if any(d.name.id == name for d in group):
                 return kind
         return None
@@ -375,7 +381,7 @@ class _Checker:
         return next(o.default for o in self.spec.options if o.name.id == name)
 
     def all_declared(self) -> set[str]:
-        return {d.name.id for group in (self.spec.hypers, self.spec.options, self.spec.states)
+        return {d.name.id for group in (self.spec.hypers, self.spec.options, self.spec.states, self.spec.inputs)
                 for d in group} | set(RESERVED)
 
     def unknown_name(self, name: ast.Name, candidates) -> SpecError:

@@ -65,6 +65,7 @@ CATALOG: dict[str, str] = {
     "E235": "a per-step state assigned under an if on shapes",
     "E236": "an assignment to a read-only state",
     "E237": "an output that is not one value per element",
+    "E238": "an assignment to an input",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",
@@ -101,6 +102,7 @@ CATALOG: dict[str, str] = {
     "E349": "the config's spec file has changed",
     "E360": "a matrix op reached a parameter that is not a matrix",
     "E361": "outputs asked of a spec that declares none",
+    "E362": "a declared input missing from update or step, or an unknown one given",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

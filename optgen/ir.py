@@ -83,6 +83,7 @@ class Program:
     state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf, row, col or tensor; p is a tensor
     factoring: Factoring = NOT_FACTORED  # which parameters have rows and columns (optgen.types)
     derived: Function | None = None  # the spec's outputs, from p, t, the states and hyperparameters
+    extra_inputs: tuple[str, ...] = ()  # per-element inputs of update beside g (Sophia's Hessian estimate)
 
     def extents(self) -> dict[str, str]:
         """The extent of each output of ``update`` (and, for states, of ``init``)."""

@@ -63,7 +63,7 @@ class _Lowering:
         states = [s for s in self.checked.states if s.name.id in used]
         hypers = [Value(Type("step"), name) for name in self.checked.hypers]
         extents = {s.name.id: self.checked.state_extents[s.name.id] for s in states}
-        tensors = [Value(Type("tensor"), n) for n in ("p", "g")]
+        tensors = [Value(Type("tensor"), n) for n in ("p", "g", *(i.name.id for i in spec.inputs))]
         slots = [Value(Type(extent), name) for name, extent in extents.items()]
         inputs = (*tensors, *slots, Value(Type("step"), "t"), *hypers)
         env = self.block(body, {v.name: v for v in inputs})
@@ -81,7 +81,7 @@ class _Lowering:
         factoring = NOT_FACTORED
         if "factored" in self.options and "min_dim_size_to_factor" in self.options:
             factoring = Factoring(self.options["factored"], self.options["min_dim_size_to_factor"])
-        return Program(update, init, dtypes, extents, factoring, derived)
+        return Program(update, init, dtypes, extents, factoring, derived, tuple(i.name.id for i in spec.inputs))
 
     def derived(self, spec: ast.Spec, inputs) -> Function | None:
         """The function of the spec's outputs, or None without any."""

@@ -89,7 +89,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     OpDef("div", (F, F), "x / y", np.divide),
     OpDef("pow", (F, F), "x ^ y", np.power),
     OpDef("neg", (F,), "-x", np.negative),
-    OpDef("mod", (F, F), "C's fmod (the sign of the dividend), as stablehlo.remainder", np.fmod),
+    OpDef("mod", (F, F), "mod(x, y): C's fmod (the sign of the dividend), as stablehlo.remainder", np.fmod,
+          spec=True),
     # elementwise functions a spec calls by name
     OpDef("sqrt", (F,), "square root", np.sqrt, spec=True, interval=lambda a: NONNEG, domain_nonneg=True),
     OpDef("rsqrt", (F,), "1 / sqrt(x)", lambda x: 1 / np.sqrt(x), spec=True, interval=lambda a: NONNEG,

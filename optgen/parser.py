@@ -169,6 +169,9 @@ class _ToAst(Transformer):
         qualifiers = tuple(ast.Name(str(q), _span(q)) for q in qualifiers)
         return ast.State(ast.Name(str(name), _span(name)), qualifiers, init, _span(name))
 
+    def input(self, name):
+        return ast.Input(ast.Name(str(name), _span(name)), _span(name))
+
     def output(self, name, value):
         return ast.Output(ast.Name(str(name), _span(name)), value, _span(name))
 
@@ -205,6 +208,7 @@ class _ToAst(Transformer):
             options=tuple(i for i in items if isinstance(i, ast.Option)),
             states=tuple(i for i in items if isinstance(i, ast.State)),
             outputs=tuple(i for i in items if isinstance(i, ast.Output)),
+            inputs=tuple(i for i in items if isinstance(i, ast.Input)),
             body=tuple(body), update_span=updates[0][1] if updates else None)
 
 
@@ -253,7 +257,7 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
                      _expected_hint(expected) or "the spec stops in the middle of a statement", code="E103")
 
 
-_KEYWORDS = ("optimizer", "hyper", "option", "state", "output", "update", "if", "else", "repeat", "true", "false",
+_KEYWORDS = ("optimizer", "hyper", "option", "state", "input", "output", "update", "if", "else", "repeat", "true", "false",
              "and", "or", "not")
 # Python's loops, which a spec writes as a bounded repeat.
 _LOOPS = {"for": "a loop is written 'repeat N:' (N a number or a numeric option), e.g. repeat 5:",

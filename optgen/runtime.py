@@ -67,7 +67,7 @@ class Optimizer:
         self._inputs = InputChecker(self)  # wrong inputs raise InputError before anything is donated
         self.step = self._inputs.guard(jax.jit(self._apply, donate_argnums=(0, 2)))
         self._initialize = jax.jit(self._run_init, static_argnums=(2, 3))
-        self._update = self._inputs.guard(jax.jit(lambda p, g, s: self._apply(p, g, s, as_update=True)))
+        self._update = self._inputs.guard(jax.jit(lambda p, g, s, i: self._apply(p, g, s, i, as_update=True)))
         self._outputs = jax.jit(self._run_outputs)
 
     def __repr__(self) -> str:
@@ -119,15 +119,17 @@ class Optimizer:
                                       for x, unit in zip(xs, layout.units, strict=True)]
                                if self.extents[name] == "tensor" else xs for name, xs in out.items()}
 
-    def update(self, updates, state: OptState, params=None):
-        """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``."""
+    def update(self, updates, state: OptState, params=None, **inputs):
+        """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``.
+        A spec's ``input`` declarations arrive as keyword arguments: ``update(g, s, p, hessian=h)``."""
         if params is None:
             raise InputError(f"{self.name}.update needs params",
                              hint="call update(grads, state, params), as optax does for AdamW", code="E301")
-        return self._update(params, updates, state)
+        return self._update(params, updates, state, **inputs)
 
-    def _apply(self, params, grads, state: OptState, as_update: bool = False):
-        self._inputs.check(params, grads, state)  # while tracing: structure only, no per-step cost
+    def _apply(self, params, grads, state: OptState, inputs=None, as_update: bool = False):
+        inputs = inputs or {}
+        self._inputs.check(params, grads, state, inputs)  # while tracing: structure only, no per-step cost
         leaves, treedef = jax.tree.flatten(params)
         count = safe_increment(state.count)
         if not leaves:
@@ -138,6 +140,7 @@ class Optimizer:
         # Per-leaf inputs (the weight-decay mask) come with leaf ops, so their specs are never packed.
         tensors = {"p": units, "g": layout.pack(treedef.flatten_up_to(grads))} | self.variant.leaf_inputs(params)
         tensors |= {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
+        tensors |= {name: layout.pack(treedef.flatten_up_to(tree)) for name, tree in inputs.items()}
         scalars = {"t": count.astype(step_dtype())}
         scalars |= {name: self._hyper(name, state.hyperparams, state.count) for name in self.hyperparams}
         scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
@@ -155,7 +158,7 @@ class Optimizer:
         if self.compiled.program.derived is None:
             raise InputError(f"'{self.name}' declares no outputs", code="E361",
                              hint="declare one in the spec: output x = (p - (1 - b1) * z) / b1")
-        self._inputs.check(params, params, state)  # params as their own grads: only the state is in question
+        self._inputs.check(params, params, state, {})  # params as their own grads: only the state is in question
         return self._outputs(params, state)
 
     def _run_outputs(self, params, state: OptState) -> dict:

@@ -129,6 +129,15 @@ class State:
 
 
 @dataclass(frozen=True)
+class Input:
+    """``input name``: one more per-element value handed to ``update``/``step`` beside the gradients
+    (Sophia's Hessian-diagonal estimate): ``opt.update(grads, state, params, name=tree)``."""
+
+    name: Name
+    span: Span
+
+
+@dataclass(frozen=True)
 class Output:
     """``output name = expr``: a per-element value derived from ``p``, the states and the hyperparameters
     (Schedule-Free's evaluation point), computed on request by ``Optimizer.outputs``."""
@@ -149,6 +158,7 @@ class Spec:
     update_span: Span | None
     source: Source = field(repr=False)
     outputs: tuple[Output, ...] = ()
+    inputs: tuple[Input, ...] = ()
 
 
 def walk(expr: Expr):
@@ -188,6 +198,7 @@ def format_spec(spec: Spec) -> str:
               for o in spec.options]
     lines += [f"  (state {s.name.id}{''.join(':' + q.id for q in s.qualifiers)} {format_expr(s.init)})"
               for s in spec.states]
+    lines += [f"  (input {i.name.id})" for i in spec.inputs]
     lines += [f"  (output {o.name.id} {format_expr(o.value)})" for o in spec.outputs]
 
     def block(stmts, depth):

@@ -72,24 +72,41 @@ class InputChecker:
         """``jitted`` (a ``jax.jit`` of a step whose trace runs :meth:`check`) behind the per-call checks."""
         return Guarded(self, jitted)
 
-    def call(self, jitted, params, grads, state):
-        """``jitted(params, grads, state)`` after the per-call checks."""
+    def call(self, jitted, params, grads, state, inputs):
+        """``jitted(params, grads, state, inputs)`` after the per-call checks."""
         hypers = state.hyperparams if isinstance(getattr(state, "hyperparams", None), dict) else {}
         for name, value in hypers.items():  # host numbers may change every step; device arrays are not read
             if name in self.ranges and not isinstance(value, jax.Array):
                 _check_hyper_value(self.opt.name, name, value, self.ranges[name], f"state.hyperparams['{name}']")
+        self.check_input_names(inputs)
         try:
-            return jitted(params, grads, state)
+            return jitted(params, grads, state, inputs)
         except TypeError:  # jit refuses a leaf that is no array before tracing: name it as InputError
-            self.check(params, grads, state)
+            self.check(params, grads, state, inputs)
             raise
 
-    def check(self, params, grads, state) -> None:
-        """Raise InputError if grads or state do not fit params; reads shapes and dtypes only."""
+    def check_input_names(self, inputs: dict) -> None:
+        """The spec's ``input`` declarations, each given once (E362)."""
+        declared = self.opt.compiled.program.extra_inputs
+        for name in inputs:
+            if name not in declared:
+                raise InputError(f"{self.opt.name} takes no input '{name}'", code="E362",
+                                 hint=did_you_mean(name, declared) or (f"its inputs are: {', '.join(declared)}"
+                                                                        if declared else "it takes none"))
+        for name in declared:
+            if name not in inputs:
+                raise InputError(f"{self.opt.name} needs the input '{name}' at each step", code="E362",
+                                 hint=f"pass it beside the gradients: update(grads, state, params, {name}=...)")
+
+    def check(self, params, grads, state, inputs) -> None:
+        """Raise InputError if grads, inputs or state do not fit params; reads shapes and dtypes only."""
         from optgen.runtime import OptState
 
         check_params(params)
         _same_tree("grads", grads, "params", params, check_dtype=True)
+        self.check_input_names(inputs)
+        for name, tree in inputs.items():  # checked like the gradients
+            _same_tree(name, tree, "params", params, check_dtype=True)
         if not isinstance(state, OptState):
             raise InputError(f"state is {_describe(state)}, not an optgen OptState",
                              hint="make it with opt.init(params)", code="E311")
@@ -120,8 +137,8 @@ class Guarded:
     def __init__(self, checker: InputChecker, jitted):
         self.checker, self.jitted = checker, jitted
 
-    def __call__(self, params, grads, state):
-        return self.checker.call(self.jitted, params, grads, state)
+    def __call__(self, params, grads, state, **inputs):
+        return self.checker.call(self.jitted, params, grads, state, inputs)
 
     def __getattr__(self, name: str):
         return getattr(self.jitted, name)

@@ -341,3 +341,45 @@ def test_schedule_free_evaluation_point_matches_optax(warmup, dtype):
     for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
         assert g.dtype == e.dtype == dtype, key
         assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
+def _hessian(step, dtype):
+    """A caller's positive Hessian-diagonal estimate for one step."""
+    return jax.tree.map(lambda g: np.abs(g) + dtype(0.1), make_grads(make_params(dtype), 500 + step, dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("path", ["update", "step"])
+@pytest.mark.parametrize("clip", [True, False], ids=["clipped", "unclipped"])
+def test_sophia_with_a_callers_hessian_matches_optax(clip, path, dtype):
+    """The spec's `input hessian` arrives as update(..., hessian=h), as optax's sophia hands extra
+    arguments to its hessian_diagonal_fn (here one that returns the caller's estimate)."""
+    settings = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "weight_decay": 1e-2, "eps": 1e-6, "update_interval": 3}
+    given = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(),
+                                                 lambda g, s, params=None, hessian=None: (hessian, s))
+    tx = optax.contrib.sophia(**settings, hessian_diagonal_fn=given, clip_threshold=0.5 if clip else None)
+    opt = optgen.load("sophia", **settings, use_clip_threshold=clip, clip_threshold=0.5)
+    with jax.enable_x64(dtype == np.float64):
+        params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
+        ours, state, mine = jax.tree.map(jax.numpy.copy, params), tx.init(params), opt.init(params)
+        for step in range(STEPS):
+            grads, hessian = make_grads(make_params(dtype), step, dtype), _hessian(step, dtype)
+            updates, state = tx.update(grads, state, params, hessian=hessian)
+            params = optax.apply_updates(params, updates)
+            if path == "step":
+                ours, mine = opt.step(ours, grads, mine, hessian=hessian)
+            else:
+                updates, mine = opt.update(grads, mine, ours, hessian=hessian)
+                ours = optax.apply_updates(ours, updates)
+    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ours), strict=True):
+        assert g.dtype == e.dtype == dtype, key
+        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
+def test_sophia_defaults_match_optax():
+    parameters = inspect.signature(optax.contrib.sophia).parameters
+    checked = optgen.check_spec("sophia")
+    for name, default in checked.hypers.items():
+        if name != "learning_rate":  # optax has no default learning rate
+            assert default == parameters[name].default, name
+    assert checked.options["use_clip_threshold"] is (parameters["clip_threshold"].default is not None)
