@@ -86,7 +86,7 @@ class _Checker:
             if state.name.id not in self.assigned and state.name.id not in self.readonly:
                 raise self.error(f"state '{state.name.id}' is never updated", state.name.span,
                                  f"assign '{state.name.id} = ...' in the update, declare it "
-                                 f"'state {state.name.id}: readonly' if it keeps its initial value, or remove it",
+                                 f"'state {state.name.id}: readonly' if it keeps its initial value, or remove the state",
                                  code="E203")
         return CheckedSpec(spec, {h.name.id: h.default for h in spec.hypers},
                            {o.name.id: o.default for o in spec.options}, spec.states,
