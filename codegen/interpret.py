@@ -16,61 +16,72 @@ from optgen.ir import Function
 from optgen.ops import OPS
 from optgen.types import NOT_FACTORED, Factoring
 
+# The meaning of every elementwise IR op on NumPy values: the op table's NumPy column.
+NUMPY_OPS = {name: op.numpy for name, op in OPS.items() if op.numpy is not None}
+
+
 class NumpyBackend:
-    """Backend for :func:`codegen.evaluate.evaluate` over NumPy arrays."""
+    """Backend for :func:`codegen.evaluate.evaluate` over NumPy arrays.
+
+    With ``xp=jax.numpy`` and ``ops=JAX_OPS`` (:mod:`codegen.jnp_backend`) the same
+    code evaluates the IR with jnp: the plain path that JAX transformations take.
+    """
+
+    def __init__(self, xp=np, ops=NUMPY_OPS):
+        self.xp, self.ops = xp, ops
 
     def at(self, loc):
         return contextlib.nullcontext()
 
     def dtype_of(self, x) -> np.dtype:
-        return np.asarray(x).dtype
+        return np.dtype(self.xp.asarray(x).dtype)
 
     def constant(self, value, dtype):
-        return np.asarray(value, dtype=bool if isinstance(value, bool) else dtype)
+        return self.xp.asarray(value, dtype=bool if isinstance(value, bool) else dtype)
 
     def apply(self, opcode, operands):
         with np.errstate(all="ignore"):  # inf and nan follow IEEE, as on XLA
-            return np.asarray(OPS[opcode].numpy(*operands))
+            return self.xp.asarray(self.ops[opcode](*operands))
 
     def convert(self, x, dtype):
-        return np.asarray(x).astype(dtype)
+        return self.xp.asarray(x).astype(dtype)
 
     def broadcast(self, x, like):
-        return np.broadcast_to(x, np.shape(like))
+        return self.xp.broadcast_to(x, self.xp.shape(like))
 
     def broadcast_to(self, x, shape):
-        return np.broadcast_to(x, shape)
+        return self.xp.broadcast_to(x, shape)
 
     def reshape(self, x, shape):
-        return np.reshape(x, shape)
+        return self.xp.reshape(x, shape)
 
     def shape_of(self, x):
-        return np.shape(x)
+        return tuple(self.xp.shape(x))
 
     def reduce_sum(self, x):
-        return np.sum(x, dtype=np.asarray(x).dtype)
+        return self.xp.sum(x, dtype=self.xp.asarray(x).dtype)
 
     def mean(self, x, axes):
-        return np.mean(x, axis=axes, keepdims=True, dtype=np.asarray(x).dtype) if axes else x
+        return self.xp.mean(x, axis=axes, keepdims=True, dtype=self.xp.asarray(x).dtype) if axes else x
 
     def reduce_max(self, x, axes):
-        return np.max(x, axis=axes, keepdims=True) if axes else x
+        return self.xp.max(x, axis=axes, keepdims=True) if axes else x
 
     def size(self, x, dtype):
-        return np.asarray(np.size(x), dtype=dtype)
+        return self.xp.asarray(self.xp.size(x), dtype=dtype)
 
     def barrier(self, xs):
         return list(xs)
 
     def matmul(self, x, y):
         with np.errstate(all="ignore"):
-            return np.matmul(x, y)
+            return self.xp.matmul(x, y)
 
     def transpose(self, x):
-        return np.swapaxes(x, -1, -2)
+        return self.xp.swapaxes(x, -1, -2)
 
     def dim(self, x, axis, dtype):
-        return np.asarray(np.shape(x)[axis], dtype=dtype)
+        return self.xp.asarray(self.xp.shape(x)[axis], dtype=dtype)
 
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],

@@ -3,19 +3,27 @@
 Because the optimizer is a primitive inside JAX's own lowering, a step composes with a
 user's ``jax.jit``, donation, sharding and ``jax.export`` like any jnp code, and XLA
 fuses it with whatever surrounds it.
+
+Under ``jax.jvp``, ``jax.grad``, ``jax.linearize`` and ``jax.vmap`` the primitive takes
+the plain path instead: the same IR through the same evaluator, computed with jnp
+(:mod:`codegen.jnp_backend`), which JAX differentiates, transposes and batches like any
+jnp code. Only transformed calls pay for it; an untransformed step stays the fused kernel.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import functools
+
 import jax
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import ad, batching, mlir
 
 from optgen.codegen import fusion
 from optgen.codegen.evaluate import evaluate
+from optgen.codegen.jnp_backend import jnp_backend
 from optgen.codegen.stablehlo import StableHLOBackend
 from optgen.ir import Function
 from optgen.types import NOT_FACTORED, Factoring
@@ -75,21 +83,47 @@ def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, d
             for p, dtype in zip(params if extent != "step" else [None], dtypes, strict=True)]
 
 
-def _lower(ctx, *operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
-           out_extents, factoring):
+def _evaluate(backend, step_dtype, operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output,
+              out_extents, factoring, per_output=False) -> list:
     tensors, scalars = _split(operands, n, tensor_names, scalar_names)
-    step_dtype = ctx.avals_in[len(tensor_names) * n].dtype if scalar_names else np.dtype(np.float32)
     names = [name for name, _ in func.outputs]
-    # Only per-element outputs decide how the loops fuse.
-    loop_dtypes = [d for d, extent in zip(out_dtypes, out_extents, strict=True) if extent == "tensor"]
-    outputs = evaluate(func, StableHLOBackend(), tensors, scalars, step_dtype,
-                       dict(zip(names, out_dtypes, strict=True)), delta_output,
-                       per_output=fusion.resolve(lowering, tuple(ctx.module_context.platforms), loop_dtypes) == "per-output",
-                       out_extents=dict(zip(names, out_extents, strict=True)), factoring=factoring)
+    outputs = evaluate(func, backend, tensors, scalars, step_dtype, dict(zip(names, out_dtypes, strict=True)),
+                       delta_output, per_output=per_output, out_extents=dict(zip(names, out_extents, strict=True)),
+                       factoring=factoring)
     return [x for name in names for x in outputs[name]]
+
+
+def _step_dtype(avals, n, tensor_names, scalar_names) -> np.dtype:
+    return np.dtype(avals[len(tensor_names) * n].dtype) if scalar_names else np.dtype(np.float32)
+
+
+def _lower(ctx, *operands, lowering, **params):
+    step_dtype = _step_dtype(ctx.avals_in, params["n"], params["tensor_names"], params["scalar_names"])
+    # Only per-element outputs decide how the loops fuse.
+    loop_dtypes = [d for d, extent in zip(params["out_dtypes"], params["out_extents"], strict=True) if extent == "tensor"]
+    per_output = fusion.resolve(lowering, tuple(ctx.module_context.platforms), loop_dtypes) == "per-output"
+    return _evaluate(StableHLOBackend(), step_dtype, operands, per_output=per_output, **params)
+
+
+def _plain(*operands, lowering, **params) -> list:
+    """The primitive's meaning in jnp ops (what its transformation rules differentiate and batch)."""
+    step_dtype = _step_dtype(operands, params["n"], params["tensor_names"], params["scalar_names"])
+    return _evaluate(jnp_backend(), step_dtype, operands, **params)
+
+
+def _jvp(primals, tangents, **params):
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return jax.jvp(functools.partial(_plain, **params), list(primals), tangents)
+
+
+def _batch(args, dims, **params):
+    outputs = jax.vmap(functools.partial(_plain, **params), in_axes=list(dims))(*args)
+    return outputs, [0] * len(outputs)
 
 
 _PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "out_extents", "factoring")
 # Called outside any jit, the primitive compiles once per distinct params and caches it.
 run_ir_p.def_impl(jax.jit(lambda *ops, **params: run_ir_p.bind(*ops, **params), static_argnames=_PARAMS))
 mlir.register_lowering(run_ir_p, _lower)
+ad.primitive_jvps[run_ir_p] = _jvp
+batching.primitive_batchers[run_ir_p] = _batch

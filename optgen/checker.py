@@ -93,6 +93,8 @@ class _Checker:
                            self.extents, self.dtypes, analyze(spec), frozenset(self.readonly))
 
     def declare(self) -> None:
+        from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS  # here: transforms import the lowering
+
         seen: dict[str, str] = {}
         decls = [(d.name, kind) for kind, group in (("hyper", self.spec.hypers), ("option", self.spec.options),
                  ("state", self.spec.states), ("input", self.spec.inputs), ("output", self.spec.outputs))
@@ -101,6 +103,10 @@ class _Checker:
             if name.id in RESERVED:
                 raise self.error(f"'{name.id}' is reserved for {RESERVED[name.id]}", name.span,
                                  "choose another name", code="E204")
+            if name.id in TRANSFORM_OPTIONS:  # optgen.load(spec, ema_momentum=...) must mean one thing
+                raise self.error(f"'{name.id}' is the name of an option every spec takes "
+                                 f"(optgen.load(..., {name.id}=...))", name.span,
+                                 "choose another name; the option applies to this spec as it is", code="E260")
             if name.id in seen:
                 raise self.error(f"'{name.id}' is already declared as a {seen[name.id]}", name.span,
                                  "each hyper, option and state needs its own name", code="E205")

@@ -26,12 +26,13 @@ import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 and friends as NumPy dtype names)
 import numpy as np
 
-from optgen import packing, placement
+from optgen.runtime import packing, placement
 from optgen.atomic import write_atomic
 from optgen.diagnostics import InputError
 
 if TYPE_CHECKING:
-    from optgen.runtime import Optimizer, OptState
+    from optgen.runtime.optimizer import Optimizer
+    from optgen.runtime.state import OptState
 
 MAGIC = b"OPTGEN-STATE 1\n"
 

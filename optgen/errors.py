@@ -66,6 +66,7 @@ CATALOG: dict[str, str] = {
     "E236": "an assignment to a read-only state",
     "E237": "an output that is not one value per element",
     "E238": "an assignment to an input",
+    "E260": "a spec name that is an option every spec takes",
     # Values given at run time
     "E301": "update called without params",
     "E302": "unknown hyperparameter or option",
@@ -103,6 +104,8 @@ CATALOG: dict[str, str] = {
     "E360": "a matrix op reached a parameter that is not a matrix",
     "E361": "outputs asked of a spec that declares none",
     "E362": "a declared input missing from update or step, or an unknown one given",
+    "E380": "a hyperparameter (or a schedule's value) that is not a scalar",
+    "E381": "pack is not true or false",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

@@ -56,3 +56,37 @@ def x64():
 
     with jax.enable_x64(True):
         yield
+
+
+class CompileCounter:
+    """Counts XLA compilations while active (``with count_compiles() as compiles: ...; compiles.n``)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.n = 0
+        self.active = False
+
+    def __call__(self, event, duration, **kwargs):
+        if self.active and event == self.EVENT:
+            self.n += 1
+
+
+_COUNTER = None
+
+
+class count_compiles:
+    """A context manager: its ``n`` is the number of XLA compilations run inside it."""
+
+    def __enter__(self) -> CompileCounter:
+        global _COUNTER
+        import jax
+
+        if _COUNTER is None:  # jax.monitoring listeners cannot be removed one by one: register once
+            _COUNTER = CompileCounter()
+            jax.monitoring.register_event_duration_secs_listener(_COUNTER)
+        _COUNTER.n, _COUNTER.active = 0, True
+        return _COUNTER
+
+    def __exit__(self, *exc) -> None:
+        _COUNTER.active = False

@@ -1,4 +1,5 @@
-"""Multi-tensor packing: small parameters' state in flat buffers, with the same numbers as unpacked."""
+"""Multi-tensor packing (``optgen.load(..., pack=True)``): small parameters' state in flat buffers,
+with the same numbers as unpacked; the default state is shaped like the parameters."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 import optgen
-from optgen import packing
+from optgen.runtime import packing
 from optgen.inspect import count_kernels
 
 BIG = packing.PACK_MAX_ELEMENTS + 1
@@ -31,13 +32,13 @@ def make_grads(params, step):
     return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
 
 
-def unpacked(monkeypatch):
-    monkeypatch.setattr(packing, "PACK_MAX_ELEMENTS", 0)
+def load(spec, **kwargs):
+    return optgen.load(spec, pack=True, **kwargs)
 
 
 def test_small_parameters_share_one_buffer_per_state_and_dtype():
     params = make_params()
-    state = optgen.load("adamw").init(params)
+    state = load("adamw").init(params)
     mu = state.slots["mu"]
     assert isinstance(mu, packing.PackedState)
     arrays = sorted(((x.dtype.name, x.shape) for x in jax.tree.leaves(mu)), key=str)
@@ -47,7 +48,7 @@ def test_small_parameters_share_one_buffer_per_state_and_dtype():
 
 def test_packed_state_reads_like_the_parameters():
     params = make_params()
-    opt = optgen.load("adamw", learning_rate=0.1)
+    opt = load("adamw", learning_rate=0.1)
     state = opt.init(params)
     params, state = opt.step(params, make_grads(params, 0), state)
     view = state.slots["nu"].tree()
@@ -62,12 +63,10 @@ def test_packed_state_reads_like_the_parameters():
     # reductions over every parameter are the same total on groups as on their members
     ("adamw", {"global_clipnorm": 0.5}), ("adamw", {"skip_nonfinite": True}), ("lion", {"global_clipnorm": 0.5}),
 ], ids=["adamw", "amsgrad", "nadamw", "adamw-global_clipnorm", "adamw-skip_nonfinite", "lion-global_clipnorm"])
-def test_packed_steps_match_unpacked_steps(spec, options, monkeypatch):
+def test_packed_steps_match_unpacked_steps(spec, options):
     runs = {}
     for packed in (True, False):
-        if not packed:
-            unpacked(monkeypatch)
-        opt = optgen.load(spec, learning_rate=1e-2, **options)
+        opt = optgen.load(spec, pack=packed, learning_rate=1e-2, **options)
         params = make_params()
         state = opt.init(params)
         assert isinstance(state.slots[opt.state_names[0]], packing.PackedState) == packed
@@ -86,7 +85,7 @@ def test_packed_steps_match_unpacked_steps(spec, options, monkeypatch):
 
 def test_packed_update_follows_the_optax_protocol():
     params = make_params()
-    ours, ref = optgen.load("adamw", learning_rate=1e-2), optax.adamw(1e-2, weight_decay=1e-4)
+    ours, ref = load("adamw", learning_rate=1e-2), optax.adamw(1e-2, weight_decay=1e-4)
     mine, theirs = params, params
     s1, s2 = ours.init(mine), ref.init(theirs)
     for step in range(10):
@@ -103,7 +102,7 @@ def test_packed_update_follows_the_optax_protocol():
 def test_packed_state_round_trips_like_any_pytree():
     # A checkpoint: leaves to host and back, the structure from jax.eval_shape as a restore target would.
     params = make_params()
-    opt = optgen.load("adamw", learning_rate=1e-2)
+    opt = load("adamw", learning_rate=1e-2)
     state = opt.init(params)
     params, state = opt.step(params, make_grads(params, 0), state)
     target = jax.eval_shape(opt.init, params)
@@ -118,7 +117,7 @@ def test_packed_state_round_trips_like_any_pytree():
 
 def test_step_donates_the_packed_buffers():
     params = make_params()
-    opt = optgen.load("adamw")
+    opt = load("adamw")
     state = opt.init(params)
     old = jax.tree.leaves(state.slots)
     opt.step(params, make_grads(params, 0), state)
@@ -127,7 +126,7 @@ def test_step_donates_the_packed_buffers():
 
 def test_many_small_parameters_compile_to_few_kernels():
     params = {f"b{i:03d}": jnp.ones((64 * (1 + i % 4),)) for i in range(200)}
-    opt = optgen.load("adamw")
+    opt = load("adamw")
     state = opt.init(params)
     hlo = opt.step.lower(params, params, state).compile().as_text()
     per_element, _ = count_kernels(hlo)
@@ -139,7 +138,7 @@ def test_specs_with_per_parameter_reductions_are_not_packed(tmp_path):
     path = tmp_path / "clipped.spec"
     path.write_text("optimizer clipped\nhyper lr = 0.1\nstate m = 0\nupdate:\n"
                     "  m = 0.9 * m + g / (norm(g) + 1)\n  p = p - lr * m\n")
-    opt = optgen.load(str(path))
+    opt = load(str(path))
     params = make_params()
     state = opt.init(params)
     assert not isinstance(state.slots["m"], packing.PackedState)
@@ -148,7 +147,7 @@ def test_specs_with_per_parameter_reductions_are_not_packed(tmp_path):
 
 def test_a_state_for_other_parameters_names_the_leaf():
     params = make_params()
-    opt = optgen.load("adamw")
+    opt = load("adamw")
     state = opt.init(params)
     params["b0"] = jnp.ones(4)
     with pytest.raises(optgen.InputError, match=r"E308.*state.slots\['mu'\]\['b0'\] has shape \(3,\), expected \(4,\)"):
@@ -163,7 +162,7 @@ def test_a_lone_small_parameter_keeps_its_own_state(params):
     """A small parameter alone in its dtype group is not packed, and its state stays its own
     although planning lists it after the big parameters; 5 steps as optax.adamw."""
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    opt, reference = optgen.load("adamw"), optax.adamw(1e-3, weight_decay=1e-4)
+    opt, reference = load("adamw"), optax.adamw(1e-3, weight_decay=1e-4)
     state, ref_state, ref_params = opt.init(params), reference.init(params), params
     for step in range(5):
         grads = make_grads(params, step)

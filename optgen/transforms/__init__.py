@@ -77,9 +77,6 @@ class Variant:
         keep = decay_mask.leaf_mask(params, self["exclude_from_weight_decay"], self["mask"])
         return {decay_mask.NAME: [np.float32(k) for k in keep]}
 
-    def finalize(self, params, state):
-        return ema.finalize(params, state) if self["use_ema"] else params
-
 
 def split_options(kwargs: dict[str, Any]) -> tuple[Variant, dict[str, Any]]:
     """Take the transform options out of ``kwargs``: a checked :class:`Variant`, and the rest."""

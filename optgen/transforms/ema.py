@@ -7,14 +7,13 @@ updates before this call (Keras's ``optimizer.iterations``)::
     ema = m' * ema + (1 - m') * p
 
 With ``ema_overwrite_frequency`` ``f``, ``p`` is replaced by the average whenever
-``(i + 1) % f == 0``. ``Optimizer.finalize(params, state)`` returns the averages
+``(i + 1) % f == 0``. ``Optimizer.finalize(params, state)`` returns the averages (the state ``ema``)
 (Keras's ``finalize_variable_values``). ``ema_momentum`` and ``ema_overwrite_frequency``
 are hyperparameters; the average is the state ``ema``, initialized to ``p``.
 """
 
 from __future__ import annotations
 
-from optgen import packing
 from optgen.ir import Program
 from optgen.transforms.accumulate import updates_before
 from optgen.transforms.edit import Editor, replace_update
@@ -38,8 +37,3 @@ def apply(program: Program, overwrite: bool) -> Program:
         outputs["p"] = ed.op("select", due, new_average, p)
     outputs[AVERAGE] = new_average
     return replace_update(program, ed.finish(outputs), NAME, {AVERAGE: lambda init: init.input("p")})
-
-
-def finalize(params, state):
-    """The moving averages in place of ``params`` (same structure and dtypes)."""
-    return packing.as_tree(state.slots[AVERAGE])

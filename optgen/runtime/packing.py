@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgen import placement
+from optgen.runtime import placement
 from optgen.diagnostics import InputError
 from optgen.ir import Program
 

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from optgen import packing
 from optgen.diagnostics import InputError, did_you_mean
+from optgen.runtime import packing
+from optgen.runtime.state import OptState
 from optgen.syntax import Range
 
 if TYPE_CHECKING:
-    from optgen.runtime import Optimizer
+    from optgen.runtime.optimizer import Plan
 
 
 def check_hyperparams(spec_name: str, ranges: dict[str, Range], values: dict[str, Any]) -> None:
@@ -52,68 +53,62 @@ def _check_hyper_value(spec_name: str, name: str, value: Any, bounds: Range | No
                          hint=f"the {spec_name} spec declares '{name}' in {bounds}", code="E306")
 
 
-def check_params(params) -> None:
-    """Every parameter leaf is a floating-point array (or a tracer of one)."""
+def check_params(params, what: str = "params") -> None:
+    """Every leaf of ``params`` (or of gradients, ``what``) is a floating-point array (or a tracer of one)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(leaf, "dtype", None)
-        if getattr(leaf, "shape", None) is None or dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
-            raise InputError(f"params{jax.tree_util.keystr(path)} is {_describe(leaf)}, not a float array",
-                             hint="parameters are float arrays (jnp.asarray(x, jnp.float32))", code="E310")
+        if dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
+            raise InputError(f"{what}{jax.tree_util.keystr(path)} is complex ({np.dtype(dtype).name}); optgen's "
+                             "specs are written for real numbers",
+                             hint="keep the real and imaginary parts as two float parameters", code="E310")
+        if getattr(leaf, "shape", None) is None or dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            raise InputError(f"{what}{jax.tree_util.keystr(path)} is {_describe(leaf)}, not a float array",
+                             hint=f"{what} are float arrays (jnp.asarray(x, jnp.float32))", code="E310")
 
 
 class InputChecker:
-    """Validates ``update``/``step`` arguments of one optimizer."""
+    """Validates ``update``/``step`` arguments of the optimizers of one plan."""
 
-    def __init__(self, opt: "Optimizer"):
-        self.opt = opt
-        self.ranges = opt.compiled.checked.ranges
+    def __init__(self, plan: "Plan"):
+        self.plan = plan
+        self.ranges = plan.compiled.checked.ranges
 
-    def guard(self, jitted) -> "Guarded":
-        """``jitted`` (a ``jax.jit`` of a step whose trace runs :meth:`check`) behind the per-call checks."""
-        return Guarded(self, jitted)
-
-    def call(self, jitted, params, grads, state, inputs):
-        """``jitted(params, grads, state, inputs)`` after the per-call checks."""
+    def check_call(self, params, grads, state) -> None:
+        """The per-call checks: the state's hyperparameters that are host numbers are in range."""
         hypers = state.hyperparams if isinstance(getattr(state, "hyperparams", None), dict) else {}
         for name, value in hypers.items():  # host numbers may change every step; device arrays are not read
             if name in self.ranges and not isinstance(value, jax.Array):
-                _check_hyper_value(self.opt.name, name, value, self.ranges[name], f"state.hyperparams['{name}']")
-        self.check_input_names(inputs)
-        try:
-            return jitted(params, grads, state, inputs)
-        except TypeError:  # jit refuses a leaf that is no array before tracing: name it as InputError
-            self.check(params, grads, state, inputs)
-            raise
+                _check_hyper_value(self.plan.name, name, value, self.ranges[name], f"state.hyperparams['{name}']")
 
     def check_input_names(self, inputs: dict) -> None:
-        """The spec's ``input`` declarations, each given once (E362)."""
-        declared = self.opt.compiled.program.extra_inputs
+        """The spec's ``input`` declarations, each given (E362)."""
+        declared = self.plan.compiled.program.extra_inputs
         for name in inputs:
             if name not in declared:
-                raise InputError(f"{self.opt.name} takes no input '{name}'", code="E362",
+                raise InputError(f"{self.plan.name} takes no input '{name}'", code="E362",
                                  hint=did_you_mean(name, declared) or (f"its inputs are: {', '.join(declared)}"
                                                                         if declared else "it takes none"))
         for name in declared:
             if name not in inputs:
-                raise InputError(f"{self.opt.name} needs the input '{name}' at each step", code="E362",
+                raise InputError(f"{self.plan.name} needs the input '{name}' at each step", code="E362",
                                  hint=f"pass it beside the gradients: update(grads, state, params, {name}=...)")
 
-    def check(self, params, grads, state, inputs) -> None:
-        """Raise InputError if grads, inputs or state do not fit params; reads shapes and dtypes only."""
-        from optgen.runtime import OptState
-
+    def check(self, params, grads, state, inputs=None) -> None:
+        """Raise InputError if grads, the spec's inputs or state do not fit params; reads shapes and dtypes only."""
         check_params(params)
-        _same_tree("grads", grads, "params", params, check_dtype=True)
-        self.check_input_names(inputs)
-        for name, tree in inputs.items():  # checked like the gradients
-            _same_tree(name, tree, "params", params, check_dtype=True)
+        # Gradients may come in another float dtype than their parameters, as optax accepts.
+        _same_tree("grads", grads, "params", params, check_dtype=False)
+        check_params(grads, "grads")
+        self.check_input_names(inputs or {})
+        for input_name, tree in (inputs or {}).items():  # checked like the gradients
+            _same_tree(input_name, tree, "params", params, check_dtype=False)
+            check_params(tree, input_name)
         if not isinstance(state, OptState):
             raise InputError(f"state is {_describe(state)}, not an optgen OptState",
                              hint="make it with opt.init(params)", code="E311")
-        avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         # Compared as parameter-shaped trees: packing is the state's own business (packing.py).
-        expected = jax.eval_shape(lambda p: packing.unpack_state(self.opt.init(p)), avals)
-        name = self.opt.name
+        expected = packing.unpack_state(self.plan.state_shapes(params))
+        name = self.plan.name
         unknown = sorted(state.hyperparams.keys() - expected.hyperparams.keys())
         missing = sorted(expected.hyperparams.keys() - state.hyperparams.keys())
         if len(unknown) == 1 and did_you_mean(unknown[0], missing):  # one mistyped name
@@ -129,19 +124,6 @@ class InputChecker:
             _same_tree(f"state.slots['{slot}']", packing.as_tree_shape(state.slots[slot]), f"{name}'s state for these params",
                        expected.slots[slot], check_dtype=True)
         _same_tree("state.count", state.count, "an int32 scalar", expected.count, check_dtype=True)
-
-
-class Guarded:
-    """A jitted step behind :meth:`InputChecker.call`; jit's own attributes (``lower``, ...) pass through."""
-
-    def __init__(self, checker: InputChecker, jitted):
-        self.checker, self.jitted = checker, jitted
-
-    def __call__(self, params, grads, state, **inputs):
-        return self.checker.call(self.jitted, params, grads, state, inputs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.jitted, name)
 
 
 def _same_tree(what: str, got, expected_what: str, expected, check_dtype: bool) -> None:

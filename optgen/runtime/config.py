@@ -18,7 +18,7 @@ from optgen.diagnostics import SpecError
 from optgen.library import builtin_names, read_spec
 
 if TYPE_CHECKING:
-    from optgen.runtime import Optimizer
+    from optgen.runtime.optimizer import Optimizer
 
 
 def get_config(opt: Optimizer) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def get_config(opt: Optimizer) -> dict[str, Any]:
     if name in builtin_names() and read_spec(name).text == source.text:
         spec = {"spec": name}
     else:
-        spec = {"spec": source.filename, "sha256": _digest(source.text)}
+        spec = {"spec": source.filename, "sha256": spec_digest(source.text)}
     transforms = dict(opt.variant.settings)
     if "mask" in transforms:
         raise SpecError("get_config cannot write down a mask (a pytree or a Python callable)",
@@ -41,26 +41,12 @@ def get_config(opt: Optimizer) -> dict[str, Any]:
         "options": dict(opt.compiled.options),
         "transforms": transforms,
         "passes": list(opt.compiled.passes),
+        "pack": opt.pack,
     }
 
 
-def from_config(config: dict[str, Any]):
-    """The optimizer ``get_config`` described (built-in spec, or the same file, unchanged)."""
-    from optgen import DEFAULT_PIPELINE, load
-
-    config = dict(config)
-    spec = config.pop("spec")
-    digest = config.pop("sha256", None)
-    if digest is not None and _digest(read_spec(spec).text) != digest:
-        raise SpecError(f"'{spec}' has changed since this config was written (its SHA-256 differs)",
-                        hint="rebuild the optimizer from the spec as it is now with optgen.load", code="E349")
-    hypers = {name: schedules.from_config(v) if isinstance(v, dict) else v
-              for name, v in config.pop("hyperparameters", {}).items()}
-    return load(spec, passes=tuple(config.pop("passes", DEFAULT_PIPELINE)), **hypers, **config.pop("options", {}),
-                **config.pop("transforms", {}))
-
-
-def _digest(text: str) -> str:
+def spec_digest(text: str) -> str:
+    """The SHA-256 of a spec's text, as a config records it."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

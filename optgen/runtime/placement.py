@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PERIOD = 1 << 28  # 256 MiB: the alias distance measured to slow the step
 MIN_BYTES = 1 << 20  # smaller buffers stay in cache
@@ -22,6 +23,24 @@ def has_buffer(x) -> bool:
     """``x`` is a concrete ``jax.Array`` (not a tracer, a NumPy array or a shape): its buffers
     exist, so their placement and sharding can be read."""
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """A sharding that holds a whole copy of an array on each device of ``sharding``."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if len(sharding.device_set) == 1:
+        return jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)), jax.sharding.PartitionSpec())
+
+
+def constrain(x, sharding: jax.sharding.Sharding):
+    """``x`` laid out by ``sharding`` inside a jitted function, on Auto and Explicit mesh axes alike."""
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+        return jax.sharding.reshard(x, sharding)  # with_sharding_constraint refers to Auto axes only
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def address(x) -> int | None:
