@@ -50,24 +50,20 @@ def _nonneg_if_nonneg(a: Interval) -> Interval:
 
 
 @dataclass(frozen=True)
-class OpDef:
-    """One IR op.
+class Signature:
+    """What the checker, the IR verifier and the hazard analysis read of an op or a function.
 
-    ``numpy`` is its elementwise meaning on NumPy arrays; None marks a *structural* op
-    (a reduction, ``size``) that the evaluator applies itself (``codegen/evaluate.py``).
-    ``reduces`` maps each operand extent a reduction accepts to its result's extent;
-    None means elementwise. With ``spec``, a spec may call the op by its name, and
-    ``interval`` bounds its result from its operands' bounds; ``domain_nonneg`` says a
+    ``reduces`` maps each operand extent a reduction accepts to its result's extent; None
+    means elementwise (the result has the widest operand extent). ``extent`` replaces both
+    rules for the matrix ops: operand extents -> result extent (raising ExtentError).
+    ``interval`` bounds the result from the operands' bounds; ``domain_nonneg`` says a
     negative operand gives NaN (the checker warns, W201).
     """
 
     name: str
     operands: tuple[str, ...]  # the kind of each operand: "float" or "bool"
     doc: str
-    numpy: Callable | None = None
-    result: str = "float"
     reduces: dict[str, str] | None = None
-    spec: bool = False
     interval: Callable[..., Interval] = lambda *args: FULL
     domain_nonneg: bool = False
     extent: Callable[..., str] | None = None
@@ -77,43 +73,54 @@ class OpDef:
         return len(self.operands)
 
 
+@dataclass(frozen=True, kw_only=True)
+class OpDef(Signature):
+    """One IR op: ``numpy`` is its elementwise meaning on NumPy arrays; None marks a *structural*
+    op (a reduction, ``size``, a matrix op) that the evaluator applies itself
+    (``codegen/evaluate.py``). With ``spec``, a spec may call the op by its name."""
+
+    numpy: Callable | None = None
+    result: str = "float"  # the result's kind
+    spec: bool = False
+
+
 F, B = "float", "bool"
 _ARRAYS = ("tensor", "row", "col", "cr", "rr", "cc")  # the extents a per-parameter reduction takes
 _CMP = dict(result=B)
 
 OPS: dict[str, OpDef] = {op.name: op for op in (
     # arithmetic (the spec's + - * / ^ and unary -)
-    OpDef("add", (F, F), "x + y", np.add),
-    OpDef("sub", (F, F), "x - y", np.subtract),
-    OpDef("mul", (F, F), "x * y", np.multiply),
-    OpDef("div", (F, F), "x / y", np.divide),
-    OpDef("pow", (F, F), "x ^ y", np.power),
-    OpDef("neg", (F,), "-x", np.negative),
-    OpDef("mod", (F, F), "mod(x, y): C's fmod (the sign of the dividend), as stablehlo.remainder", np.fmod,
+    OpDef("add", (F, F), "x + y", numpy=np.add),
+    OpDef("sub", (F, F), "x - y", numpy=np.subtract),
+    OpDef("mul", (F, F), "x * y", numpy=np.multiply),
+    OpDef("div", (F, F), "x / y", numpy=np.divide),
+    OpDef("pow", (F, F), "x ^ y", numpy=np.power),
+    OpDef("neg", (F,), "-x", numpy=np.negative),
+    OpDef("mod", (F, F), "mod(x, y): C's fmod (the sign of the dividend), as stablehlo.remainder", numpy=np.fmod,
           spec=True),
     # elementwise functions a spec calls by name
-    OpDef("sqrt", (F,), "square root", np.sqrt, spec=True, interval=lambda a: NONNEG, domain_nonneg=True),
-    OpDef("rsqrt", (F,), "1 / sqrt(x)", lambda x: 1 / np.sqrt(x), spec=True, interval=lambda a: NONNEG,
+    OpDef("sqrt", (F,), "square root", numpy=np.sqrt, spec=True, interval=lambda a: NONNEG, domain_nonneg=True),
+    OpDef("rsqrt", (F,), "1 / sqrt(x)", numpy=lambda x: 1 / np.sqrt(x), spec=True, interval=lambda a: NONNEG,
           domain_nonneg=True),
-    OpDef("abs", (F,), "absolute value", np.abs, spec=True, interval=lambda a: NONNEG),
-    OpDef("sign", (F,), "-1, 0 or 1", np.sign, spec=True, interval=lambda a: (-1.0, 1.0)),
-    OpDef("exp", (F,), "e^x", np.exp, spec=True, interval=lambda a: NONNEG),
-    OpDef("log", (F,), "natural logarithm", np.log, spec=True, domain_nonneg=True),
-    OpDef("tanh", (F,), "hyperbolic tangent", np.tanh, spec=True, interval=lambda a: (-1.0, 1.0)),
-    OpDef("max", (F, F), "elementwise maximum", np.maximum, spec=True, interval=_pick(max)),
-    OpDef("min", (F, F), "elementwise minimum", np.minimum, spec=True, interval=_pick(min)),
+    OpDef("abs", (F,), "absolute value", numpy=np.abs, spec=True, interval=lambda a: NONNEG),
+    OpDef("sign", (F,), "-1, 0 or 1", numpy=np.sign, spec=True, interval=lambda a: (-1.0, 1.0)),
+    OpDef("exp", (F,), "e^x", numpy=np.exp, spec=True, interval=lambda a: NONNEG),
+    OpDef("log", (F,), "natural logarithm", numpy=np.log, spec=True, domain_nonneg=True),
+    OpDef("tanh", (F,), "hyperbolic tangent", numpy=np.tanh, spec=True, interval=lambda a: (-1.0, 1.0)),
+    OpDef("max", (F, F), "elementwise maximum", numpy=np.maximum, spec=True, interval=_pick(max)),
+    OpDef("min", (F, F), "elementwise minimum", numpy=np.minimum, spec=True, interval=_pick(min)),
     # comparisons and logic
-    OpDef("lt", (F, F), "x < y", np.less, **_CMP),
-    OpDef("le", (F, F), "x <= y", np.less_equal, **_CMP),
-    OpDef("gt", (F, F), "x > y", np.greater, **_CMP),
-    OpDef("ge", (F, F), "x >= y", np.greater_equal, **_CMP),
-    OpDef("eq", (F, F), "x == y", np.equal, **_CMP),
-    OpDef("ne", (F, F), "x != y", np.not_equal, **_CMP),
-    OpDef("isfinite", (F,), "neither inf nor nan", np.isfinite, **_CMP),
-    OpDef("and", (B, B), "both", np.logical_and, **_CMP),
-    OpDef("or", (B, B), "either", np.logical_or, **_CMP),
-    OpDef("not", (B,), "negation", np.logical_not, **_CMP),
-    OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", np.where),
+    OpDef("lt", (F, F), "x < y", numpy=np.less, **_CMP),
+    OpDef("le", (F, F), "x <= y", numpy=np.less_equal, **_CMP),
+    OpDef("gt", (F, F), "x > y", numpy=np.greater, **_CMP),
+    OpDef("ge", (F, F), "x >= y", numpy=np.greater_equal, **_CMP),
+    OpDef("eq", (F, F), "x == y", numpy=np.equal, **_CMP),
+    OpDef("ne", (F, F), "x != y", numpy=np.not_equal, **_CMP),
+    OpDef("isfinite", (F,), "neither inf nor nan", numpy=np.isfinite, **_CMP),
+    OpDef("and", (B, B), "both", numpy=np.logical_and, **_CMP),
+    OpDef("or", (B, B), "either", numpy=np.logical_or, **_CMP),
+    OpDef("not", (B,), "negation", numpy=np.logical_not, **_CMP),
+    OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", numpy=np.where),
     # structural: reductions and sizes, applied by the evaluator
     OpDef("sum", (F,), "the sum of a parameter's values", reduces=dict.fromkeys(_ARRAYS, "leaf")),
     OpDef("size", (F,), "the number of elements of a tensor", reduces=dict.fromkeys(_ARRAYS, "leaf"),
@@ -143,26 +150,12 @@ DIMS = {"ndim": "its number of axes", "rows": "the size of its second-to-last ax
 SHAPE_CONSTANTS = {"ndim": "ndim", "rows": "rows", "cols": "cols", "fan_in": "rows", "fan_out": "cols"}
 
 
-@dataclass(frozen=True)
-class FunctionDef:
-    """A function a spec may call: its signature, what it reduces, its lowering and range rule.
+@dataclass(frozen=True, kw_only=True)
+class FunctionDef(Signature):
+    """A function a spec may call: ``lower(builder, args, loc)`` appends the ops it stands for to an
+    :class:`optgen.ir.Builder` and returns the result."""
 
-    ``lower(builder, args, loc)`` appends the ops it stands for to an
-    :class:`optgen.ir.Builder` and returns the result.
-    """
-
-    name: str
-    operands: tuple[str, ...]
-    doc: str
     lower: Callable
-    reduces: dict[str, str] | None = None
-    interval: Callable[..., Interval] = lambda *args: FULL
-    domain_nonneg: bool = False
-    extent: Callable[..., str] | None = None
-
-    @property
-    def arity(self) -> int:
-        return len(self.operands)
 
 
 def _lower_op(name):
@@ -180,31 +173,28 @@ def _mean(b, x, loc):
 _PER_LEAF = dict.fromkeys(_ARRAYS, "leaf")
 
 FUNCTIONS: dict[str, FunctionDef] = {
-    op.name: FunctionDef(op.name, op.operands, op.doc, _lower_op(op.name), op.reduces, op.interval,
-                         op.domain_nonneg, op.extent)
+    op.name: FunctionDef(op.name, op.operands, op.doc, op.reduces, op.interval, op.domain_nonneg, op.extent,
+                         lower=_lower_op(op.name))
     for op in OPS.values() if op.spec
 } | {f.name: f for f in (
     FunctionDef("clip", (F, F, F), "clip(x, lo, hi) = min(max(x, lo), hi)",
-                lambda b, a, loc: b.op("min", b.op("max", a[0], a[1], loc=loc), a[2], loc=loc),
-                interval=lambda x, lo, hi: (min(max(x[0], lo[0]), hi[0]), min(max(x[1], lo[1]), hi[1]))),
-    FunctionDef("where", (B, F, F), "where(cond, a, b): a where cond holds, else b", _lower_op("select"),
-                interval=lambda c, a, b: hull(a, b)),
-    FunctionDef("sum", (F,), "sum of a tensor's elements", _lower_op("sum"), _PER_LEAF,
-                interval=_nonneg_if_nonneg),
-    FunctionDef("mean", (F,), "mean of a tensor's elements", lambda b, a, loc: _mean(b, a[0], loc), _PER_LEAF,
-                interval=lambda a: a),
-    FunctionDef("norm", (F,), "Euclidean norm of a tensor",
-                lambda b, a, loc: b.op("sqrt", _square_sum(b, a[0], loc), loc=loc), _PER_LEAF,
-                interval=lambda a: NONNEG),
-    FunctionDef("rms", (F,), "root mean square of a tensor's elements: sqrt(mean(x^2))",
-                lambda b, a, loc: b.op("sqrt", _mean(b, b.op("mul", a[0], a[0], loc=loc), loc), loc=loc),
-                _PER_LEAF, interval=lambda a: NONNEG),
+                interval=lambda x, lo, hi: (min(max(x[0], lo[0]), hi[0]), min(max(x[1], lo[1]), hi[1])),
+                lower=lambda b, a, loc: b.op("min", b.op("max", a[0], a[1], loc=loc), a[2], loc=loc)),
+    FunctionDef("where", (B, F, F), "where(cond, a, b): a where cond holds, else b",
+                interval=lambda c, a, b: hull(a, b), lower=_lower_op("select")),
+    FunctionDef("sum", (F,), "sum of a tensor's elements", _PER_LEAF, _nonneg_if_nonneg, lower=_lower_op("sum")),
+    FunctionDef("mean", (F,), "mean of a tensor's elements", _PER_LEAF, lambda a: a,
+                lower=lambda b, a, loc: _mean(b, a[0], loc)),
+    FunctionDef("norm", (F,), "Euclidean norm of a tensor", _PER_LEAF, lambda a: NONNEG,
+                lower=lambda b, a, loc: b.op("sqrt", _square_sum(b, a[0], loc), loc=loc)),
+    FunctionDef("rms", (F,), "root mean square of a tensor's elements: sqrt(mean(x^2))", _PER_LEAF, lambda a: NONNEG,
+                lower=lambda b, a, loc: b.op("sqrt", _mean(b, b.op("mul", a[0], a[0], loc=loc), loc), loc=loc)),
     FunctionDef("global_sum", (F,), "the sum over every parameter of x (of its elements, or of one number per "
                 "parameter): global_sum(g * d) is the dot product of g and d across all parameters",
-                lambda b, a, loc: b.op("gsum", a[0] if a[0].type.extent == "leaf" else b.op("sum", a[0], loc=loc),
-                                       loc=loc),
-                dict.fromkeys(("leaf", *_ARRAYS), "step"), interval=_nonneg_if_nonneg),
+                dict.fromkeys(("leaf", *_ARRAYS), "step"), _nonneg_if_nonneg,
+                lower=lambda b, a, loc: b.op("gsum", a[0] if a[0].type.extent == "leaf"
+                                             else b.op("sum", a[0], loc=loc), loc=loc)),
     FunctionDef("global_norm", (F,), "Euclidean norm over every parameter's tensor",
-                lambda b, a, loc: b.op("sqrt", b.op("gsum", _square_sum(b, a[0], loc), loc=loc), loc=loc),
-                dict.fromkeys(_ARRAYS, "step"), interval=lambda a: NONNEG),
+                dict.fromkeys(_ARRAYS, "step"), lambda a: NONNEG,
+                lower=lambda b, a, loc: b.op("sqrt", b.op("gsum", _square_sum(b, a[0], loc), loc=loc), loc=loc)),
 )}

@@ -15,6 +15,7 @@ from optgen.codegen.interpret import interpret
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import check_spec, compile_checked
 from optgen.ir import parse_function, print_function
+from optgen.passes import DEFAULT_PIPELINE
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden", "lower").glob("*.spec"))
 SHAPES = [(), (7,), (5, 3), (3, 5), (4, 4), (2, 3, 4)]
@@ -55,7 +56,7 @@ def _inputs(func, seed, program):
 def test_stablehlo_matches_the_interpreter(spec, passes, x64):
     """Differential, float64: every shape takes its own branch, the same in both backends (the
     update, and the outputs' function where the spec declares outputs)."""
-    compiled = compile_checked(check_spec(spec), passes=() if passes == "none" else optgen.DEFAULT_PIPELINE)
+    compiled = compile_checked(check_spec(spec), passes=() if passes == "none" else DEFAULT_PIPELINE)
     program = compiled.program
     for func in filter(None, (program.update, program.derived)):
         tensors, scalars = _inputs(func, 0, program)
