@@ -111,3 +111,44 @@ def test_muon_goes_through_every_stage_of_the_command_line(emit, tmp_path):
         zeros = np.zeros_like(p)
         out = optgen.load_artifact(str(out))(p=p, g=g, mu=zeros, nu=zeros, t=1, **hypers)
         np.testing.assert_allclose(out["p"], expected["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["muon", "sm3", str(GOLDEN[0].parent / "matmul.spec")])
+def test_the_jnp_path_matches_the_interpreter(spec, x64):
+    """The path JAX transformations take (codegen/jnp_backend.py) evaluates matrices, choices by
+    shape and row/column maxima as the NumPy interpreter does; and jax.grad runs through it."""
+    from optgen.codegen.evaluate import evaluate
+    from optgen.codegen.jnp_backend import jnp_backend
+
+    program = compile_checked(check_spec(spec)).program
+    func = program.update
+    tensors, scalars = _inputs(func, 1, program)
+    expected = interpret(func, tensors, scalars, factoring=program.factoring, out_extents=program.extents())
+    got = evaluate(func, jnp_backend(), {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
+                   {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()}, np.dtype(np.float64),
+                   {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
+                   out_extents=program.extents(), factoring=program.factoring)
+    for name, values in expected.items():
+        for e, x in zip(values, got[name], strict=True):
+            np.testing.assert_allclose(np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=name)
+
+
+def test_grad_and_vmap_go_through_a_matrix_spec():
+    opt = optgen.load("muon", weight_decay=0.1)
+    params = {"w": jax.numpy.arange(12.0).reshape(4, 3) / 10, "b": jax.numpy.ones(3)}
+    grads = jax.tree.map(lambda x: x * 0.1 + 1, params)
+    state = opt.init(params)
+
+    def loss(p):
+        updates, _ = opt.update(grads, state, p)
+        return sum(jax.numpy.sum(u) for u in jax.tree.leaves(updates))
+
+    # The update's dependence on p is the weight decay: -learning_rate * weight_decay per element
+    # on the matrix, and AdamW's adam_weight_decay (0) on the vector.
+    gradient = jax.grad(loss)(params)
+    np.testing.assert_allclose(gradient["w"], np.full((4, 3), -1e-3 * 0.1), rtol=1e-5)
+    np.testing.assert_allclose(gradient["b"], np.zeros(3), atol=1e-12)
+    scaled = jax.vmap(lambda s: opt.update(jax.tree.map(lambda g: g * s, grads), state, params)[0])(
+        jax.numpy.array([1.0, 2.0]))
+    single = opt.update(jax.tree.map(lambda g: g * 2.0, grads), state, params)[0]
+    np.testing.assert_allclose(scaled["w"][1], single["w"], rtol=1e-4, atol=1e-7)  # jnp path vs fused: f32 rounding
