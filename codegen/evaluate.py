@@ -28,7 +28,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from optgen.diagnostics import InputError
+from optgen.diagnostics import InputError, SpecError
 from optgen.ir import Function, Loc, Op, Value, dependencies
 from optgen.ops import OPS
 from optgen.types import MATRIX_AXES, NOT_FACTORED, Factoring
@@ -255,6 +255,21 @@ class _LeafView:
         return self.backend.broadcast_to(x, target)
 
 
+def _expect_representable(op: Op, dtype: np.dtype) -> None:
+    """A constant (a literal, or folded from literals) that ``dtype`` turns into inf is refused:
+    ``1e300`` is fine in float64 and inf in float32."""
+    value = op.attr
+    if isinstance(value, bool) or not np.isfinite(value):
+        return
+    with np.errstate(over="ignore"):
+        if np.isfinite(np.asarray(value, dtype)):
+            return
+    where = f"{op.loc.file}:{op.loc.line}:{op.loc.col}: " if op.loc else ""
+    raise SpecError(f"{where}the constant {value:g} is beyond {np.dtype(dtype).name} (it would be inf)",
+                    hint=f"use a constant within {np.dtype(dtype).name}'s range (about {np.finfo(dtype).max:.1e}), "
+                         "or float64 parameters (jax_enable_x64)", code="E225")
+
+
 def _gsum(op, backend, env, view, step_dtype):
     parts = [backend.convert(x, step_dtype) for x in env[id(op.operands[0])]]
     total = parts[0]
@@ -310,6 +325,7 @@ def _compute(op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dty
         return
     with backend.at(op.loc):
         if op.opcode == "const":
+            _expect_representable(op, step_dtype)
             env[id(op.result)] = backend.constant(op.attr, step_dtype)
         elif op.opcode == "gsum":
             env[id(op.result)] = _gsum(op, backend, env, leaf_view, step_dtype)

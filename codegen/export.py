@@ -43,7 +43,8 @@ def x64_for(dtype: np.dtype):
 
 
 def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
-    """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"``."""
+    """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"`` (a factored
+    spec needs sizes, not names, for two or more dims: which axes are factored depends on them)."""
     dims = jax.export.symbolic_shape(shape)
     # Row and col states are stored without the axes they reduce (a vector is never factored:
     # its row value is all of it, its col value one number).

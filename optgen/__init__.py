@@ -15,7 +15,7 @@ fusion.request_cpu_multi_output_fusion()  # before JAX starts its CPU backend; s
 
 from optgen import schedules
 from optgen.artifact import Artifact, load_artifact
-from optgen.checkpoint import load_state, save_state
+from optgen.runtime.checkpoint import load_state, save_state
 from optgen.compiler import Compiled, check_spec, compile_checked
 from optgen.diagnostics import InputError, SpecError, SpecWarning
 from optgen.library import builtin_names
@@ -27,3 +27,12 @@ from optgen.runtime.state import OptState
 __version__ = "0.1.0"
 __all__ = ["Artifact", "Compiled", "InputError", "OptState", "Optimizer", "SpecError", "SpecWarning", "builtin_names", "check_spec", "compile_checked",
            "from_config", "load", "load_artifact", "load_state", "register_optax_states", "save_state", "schedules", "__version__"]
+
+
+def __getattr__(name: str):
+    # optgen.keras imports Keras, so only on first use: ``optgen.keras.Optimizer(...)``.
+    if name == "keras":
+        import importlib
+
+        return importlib.import_module("optgen.keras")
+    raise AttributeError(f"module 'optgen' has no attribute {name!r}")

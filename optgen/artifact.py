@@ -1,26 +1,27 @@
 """Serialized, portable kernels: ``optgen compile --emit artifact`` and :func:`load_artifact`.
 
-The file is a one-line magic, a one-line JSON header (spec, dtype, shape, platforms,
-input and output names, hyperparameter defaults) and the ``jax.export`` bytes, which
-hold the StableHLO for every platform named at compile time.
+The file is framed as every file optgen saves (:mod:`optgen.framing`): a one-line
+magic with the format version, a SHA-256 of the rest, a one-line JSON header (spec,
+dtype, shape, platforms, input and output names, hyperparameter defaults) and the
+``jax.export`` bytes, which hold the StableHLO for every platform named at compile
+time. The digest is checked before ``jax.export`` decodes anything: a flipped bit is
+refused, never run.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from optgen.atomic import write_atomic
+from optgen import framing
 from optgen.codegen import export as export_kernel
 from optgen.compiler import Compiled
 from optgen.diagnostics import InputError, SpecError, did_you_mean
 from optgen.types import DTYPES
 
-MAGIC = b"OPTGEN-ARTIFACT 1\n"
+MAGIC = b"OPTGEN-ARTIFACT 2\n"
 
 
 def save_artifact(path: str, compiled: Compiled, dtype: str, shape: str, platforms: list[str]) -> None:
@@ -34,7 +35,8 @@ def save_artifact(path: str, compiled: Compiled, dtype: str, shape: str, platfor
         "outputs": [name for name, _ in program.update.outputs],
         "defaults": compiled.checked.hypers,
     }
-    write_atomic(path, MAGIC + json.dumps(header).encode() + b"\n" + exported.serialize())
+    payload = exported.serialize()
+    framing.write(path, MAGIC, header, lambda: (payload,))
 
 
 class Artifact:
@@ -78,17 +80,18 @@ class Artifact:
 def load_artifact(path: str) -> Artifact:
     """Read an artifact written by ``optgen compile --emit artifact``."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise SpecError(f"cannot read artifact '{path}': {err.strerror}", code="E322") from None
-    if not data.startswith(MAGIC):
-        raise SpecError(f"'{path}' is not an optgen artifact",
-                        hint="write one with: optgen compile SPEC --emit artifact -o FILE", code="E323")
-    header_line, _, payload = data[len(MAGIC):].partition(b"\n")
-    try:
-        header = json.loads(header_line)
-        exported = jax.export.deserialize(bytearray(payload))
-    except Exception as err:  # any decoding failure means a damaged file
-        raise SpecError(f"artifact '{path}' is damaged ({type(err).__name__})",
+        header, payload = framing.read(path, MAGIC)
+    except framing.Unreadable as err:
+        raise SpecError(f"cannot read artifact '{path}': {err}", code="E322") from None
+    except framing.Foreign as err:
+        raise SpecError(f"'{path}' is not an optgen artifact of format 2 (it starts {err})",
+                        hint="write one with: optgen compile SPEC --emit artifact -o FILE", code="E323") from None
+    except framing.Damaged:
+        raise SpecError(f"artifact '{path}' is truncated or altered (its content digest does not match)",
                         hint="compile it again", code="E324") from None
+    try:
+        exported = jax.export.deserialize(bytearray(payload))
+    except Exception as err:  # the digest matched, so this jax cannot read what another one wrote
+        raise SpecError(f"artifact '{path}' cannot be decoded by this jax {jax.__version__} ({type(err).__name__})",
+                        hint="compile it again with this version", code="E324") from None
     return Artifact(header, exported)

@@ -82,6 +82,7 @@ class _Checker:
         if "p" not in self.assigned:
             raise self.error("the update never assigns p", spec.update_span,
                              "end the update with 'p = p - ...'", code="E202")
+        self.expect_p_always_assigned(spec.body)
         for state in spec.states:
             if state.name.id not in self.assigned and state.name.id not in self.readonly:
                 raise self.error(f"state '{state.name.id}' is never updated", state.name.span,
@@ -228,6 +229,21 @@ class _Checker:
             value = Type("tensor")
         env[name.id] = value
         self.assigned.add(name.id)
+
+    def expect_p_always_assigned(self, stmts, later: bool = False) -> None:
+        """An ``if`` that assigns p on one side only, with nothing assigning it after (``later``:
+        after the enclosing block), is an error: with the other options p never changes."""
+        for i, stmt in enumerate(stmts):
+            if not isinstance(stmt, ast.If):
+                continue
+            after = later or _assigns_p(stmts[i + 1:])
+            then, orelse = _assigns_p(stmt.then), _assigns_p(stmt.orelse)
+            if then != orelse and not after and not _may_assign_p(stmt.orelse if then else stmt.then):
+                raise self.error(f"p is assigned only when this condition is {'true' if then else 'false'}: "
+                                 f"when it is {'false' if then else 'true'}, the update never changes the parameters",
+                                 stmt.span, "assign p in both branches (add an 'else:'), or after the if", code="E224")
+            self.expect_p_always_assigned(stmt.then, after)
+            self.expect_p_always_assigned(stmt.orelse, after)
 
     def if_stmt(self, stmt: ast.If, env: dict[str, Type]) -> None:
         self.check_condition(stmt.cond)
@@ -397,3 +413,15 @@ class _Checker:
         return self.error(f"unknown name '{name.id}'", name.span,
                           hint or "declare it with 'hyper', 'state' or 'option', "
                                   "or assign it before this line", code="E209")
+
+
+def _may_assign_p(stmts) -> bool:
+    """Whether ``stmts`` assign p with some options (a nested ``if`` then says which)."""
+    return any(isinstance(s, ast.Assign) and s.target.id == "p"
+               or isinstance(s, ast.If) and (_may_assign_p(s.then) or _may_assign_p(s.orelse)) for s in stmts)
+
+
+def _assigns_p(stmts) -> bool:
+    """Whether ``stmts`` assign p whatever the options."""
+    return any(isinstance(s, ast.Assign) and s.target.id == "p"
+               or isinstance(s, ast.If) and _assigns_p(s.then) and _assigns_p(s.orelse) for s in stmts)

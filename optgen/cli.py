@@ -6,6 +6,8 @@ Every user mistake ends as ``file:line:col: error: ...`` on stderr with exit sta
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 
@@ -62,13 +64,24 @@ def _with_value(text: str) -> object:
 
 
 def _shape(text: str) -> str:
-    """``--shape``: comma-separated dims, each a size (0 to 2^40) or a symbolic name like ``n``."""
+    """``--shape``: comma-separated dims, each a size (0 to 2^40) or a symbolic name like ``n``
+    (ASCII only: ``int`` and JAX's shape parser disagree about other digits, such as ``²``;
+    and a name JAX's parser takes, so not ``_``, ``max``, ``min``, ``mod`` or ``floordiv``)."""
     dims = [d.strip() for d in text.split(",")] if text.strip() else []
     for dim in dims:
-        if not (re.fullmatch(r"[A-Za-z_]\w*", dim) or (dim.isdigit() and int(dim) <= 1 << 40)):
+        size = re.fullmatch(r"[0-9]+", dim) and int(dim) <= 1 << 40
+        if not (size or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", dim) and _symbolic(dim)):
             raise SpecError(f"--shape takes sizes or symbolic names separated by commas, got '{text}'",
                             hint="for example: --shape n, --shape 1048576 or --shape 128,256", code="E014")
     return ",".join(dims)
+
+
+def _symbolic(name: str) -> bool:
+    try:
+        jax.export.symbolic_shape(name)
+    except ValueError:  # '_' and '...' are JAX's wildcards; max, min, mod, floordiv its functions
+        return False
+    return True
 
 
 def _platforms(text: str) -> list[str]:
@@ -82,14 +95,19 @@ def _platforms(text: str) -> list[str]:
 
 
 class _Group(click.Group):
-    """Turns SpecError from any command into a diagnostic and exit status 1."""
+    """Turns SpecError from any command into a diagnostic and exit status 1, Ctrl-C into 130."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            _flush_stdout()
+            return result
         except SpecError as err:
             click.echo(err.render(), err=True)
             ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("optgen: interrupted; nothing was written", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,6 +144,11 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
         click.echo(f"// ----- IR after {name} -----\n{print_function(func)}", err=True)
 
     compiled = compile_checked(checked, options, pipeline, after_each if print_ir_after_all else None, variant)
+    dims = shape.split(",")
+    if compiled.program.factoring.enabled and len(dims) > 1 and not all(d.isdigit() for d in dims):
+        raise SpecError(f"{checked.name} has row and column state, so --shape needs sizes, not names (got {shape})",
+                        hint="which axes are factored depends on the sizes (min_dim_size_to_factor): "
+                             "give numbers, e.g. --shape 256,512, or one dim (--shape n)", code="E016")
     if emit in ("ir", "ir-opt"):
         return _write(output, print_program(compiled.lowered if emit == "ir" else compiled.program))
     if emit == "artifact":
@@ -155,9 +178,8 @@ def inspect(spec, dtype, elements, lowering, run, with_):
     options, variant = _parse_with(with_)
     compiled = compile_checked(check_spec(spec), options, variant=variant)
     report = inspect_step(compiled.program, DTYPES[dtype], elements, lowering, run)
-    click.echo(f"{spec} step, {dtype}, on {jax.devices()[0].device_kind}")
-    for line in report.lines():
-        click.echo(f"  {line}")
+    print_out("".join([f"{spec} step, {dtype}, on {jax.devices()[0].device_kind}\n",
+                    *(f"  {line}\n" for line in report.lines())]))
 
 
 @main.command()
@@ -167,7 +189,7 @@ def check(spec, with_):
     """Parse and check SPEC; print "ok" or the first error."""
     options, variant = _parse_with(with_)
     compile_checked(check_spec(spec), options, passes=(), variant=variant)
-    click.echo(f"{spec}: ok")
+    print_out(f"{spec}: ok\n")
 
 
 @main.command("list")
@@ -175,22 +197,49 @@ def list_specs():
     """List the built-in specs with their descriptions."""
     names = builtin_names()
     width = max(map(len, names), default=0)
-    for name in names:
-        click.echo(f"{name:<{width}}  {_check_spec(name).spec.description}")
+    print_out("".join(f"{name:<{width}}  {_check_spec(name).spec.description}\n" for name in names))
 
 
 @main.command()
 @click.argument("name")
 def show(name):
     """Print a built-in spec's source."""
-    click.echo(read_spec(name).text, nl=False)
+    print_out(read_spec(name).text)
 
 
 def _write(output: str | None, text: str) -> None:
     if output:
         write_atomic(output, text)
     else:
+        print_out(text)
+
+
+def print_out(text: str) -> None:
+    """Write to standard output; a closed, full or broken one is a diagnostic (E017), not a traceback."""
+    if sys.stdout is None:  # the command was started with its standard output closed
+        raise SpecError("standard output is closed, so there is nowhere to print to",
+                        hint="redirect it (> FILE), or give -o FILE where the command takes one", code="E017")
+    try:
         sys.stdout.write(text)
+    except OSError as err:
+        _stdout_failed(err)
+    _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except OSError as err:
+            _stdout_failed(err)
+
+
+def _stdout_failed(err: OSError):
+    # Point the descriptor at /dev/null so Python's own flush at exit finds nothing to fail on.
+    with contextlib.suppress(Exception):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SpecError(f"cannot write to standard output: {err.strerror or err}",
+                    hint="check the disk or the pipe it goes to, or give -o FILE", code="E017") from None
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from optgen.checker import CheckedSpec, check
+from optgen.diagnostics import SpecError
 from optgen.ir import Function, Program
 from optgen.library import builtin_names, read_spec
 from optgen.lower import lower, resolve_options
 from optgen.parser import parse
 from optgen.passes import DEFAULT_PIPELINE, known_passes, run_pipeline
-from optgen.transforms import Variant
+from optgen.transforms import DEFAULTS as SHARED_OPTIONS, Variant
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
     go through them); ``after_each`` is called with each pass's name and output, for
     ``--print-ir-after-all``.
     """
-    resolved = resolve_options(checked, options or {})
+    resolved = resolve_options(checked, options or {}, tuple(SHARED_OPTIONS))
     lowered = variant.apply(lower(checked, resolved))
     passes = known_passes(passes)
     program = replace(lowered,
@@ -57,3 +58,4 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
                       init=run_pipeline(lowered.init, passes, after_each),
                       derived=lowered.derived and run_pipeline(lowered.derived, passes, after_each))
     return Compiled(checked, resolved, lowered, program, passes)
+

@@ -11,16 +11,21 @@ in ``[0, 1)``, and ``sqrt(nu_hat + eps_root)`` is safe once ``eps_root >= 0``.
 - a hyperparameter default outside its range: error E217;
 - a division by a value that is always zero: error E218;
 - ``sqrt``, ``rsqrt`` or ``log`` of a value that can be negative (NaN in float): warning W201;
-- a value that can be negative to a constant non-integer power (NaN in float): warning W202.
+- a value that can be negative to a constant non-integer power (NaN in float): warning W202;
+- a constant expression that overflows float64 (``10^400``, ``exp(1000)``, ``log(0)``): error
+  E223; ``0^-1`` divides by zero: error E218. Constant parts are evaluated exactly, with each
+  op's NumPy meaning from the op table (the interpreter's and folding's).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from optgen import syntax as ast
 from optgen.diagnostics import SpecError
-from optgen.ops import FULL, FUNCTIONS, INF, NONNEG, SHAPE_CONSTANTS, hull
+from optgen.ops import BINARY_OPCODES, FULL, FUNCTIONS, INF, NONNEG, OPS, SHAPE_CONSTANTS, UNARY_OPCODES, hull
 
 
 
@@ -102,6 +107,9 @@ class _Intervals:
         return values[id(node)]
 
     def apply(self, node, args, env):
+        point = self.constant(node, args)
+        if point is not None:
+            return (point, point)
         if isinstance(node, ast.Number):
             return (node.value, node.value)
         if isinstance(node, ast.Name):
@@ -114,6 +122,24 @@ class _Intervals:
             return self.call(node, args)
         return FULL  # true / false
 
+    def constant(self, node, args) -> float | None:
+        """The value of an arithmetic op on constants, if finite; an infinite one is an error."""
+        opcode = (BINARY_OPCODES.get(node.op) if isinstance(node, ast.Binary) else UNARY_OPCODES.get(node.op)
+                  if isinstance(node, ast.Unary) else node.func.id if isinstance(node, ast.Call) else None)
+        op = OPS.get(opcode)
+        if op is None or op.numpy is None or op.result != "float" or "bool" in op.operands or not args \
+                or any(lo != hi or not math.isfinite(lo) for lo, hi in args):
+            return None
+        with np.errstate(all="ignore"):
+            value = float(op.numpy(*(np.float64(lo) for lo, _ in args)))
+        if math.isfinite(value) or math.isnan(value) or not self.report or opcode == "div":
+            return value if math.isfinite(value) else None  # nan: the warnings say why; x / 0 is E218 below
+        if opcode == "pow" and args[0][0] == 0:
+            raise SpecError("division by zero: 0 to a negative power", self.spec.source, node.span,
+                            "check the exponent; 0^-1 is 1/0, which gives inf", code="E218")
+        raise SpecError(f"this constant is {value} in float64", self.spec.source, node.span,
+                        "use a value that is finite in float64 (at most about 1.8e308 in magnitude)", code="E223")
+
     def binary(self, node: ast.Binary, a, b):
         if node.op == "+":
             return (a[0] + b[0], a[1] + b[1])
@@ -121,7 +147,8 @@ class _Intervals:
             return (a[0] - b[1], a[1] - b[0])
         if node.op == "*":
             if ast.format_expr(node.left) == ast.format_expr(node.right):  # x * x: a square
-                return (0.0 if a[0] <= 0 <= a[1] else min(a[0] ** 2, a[1] ** 2), max(a[0] ** 2, a[1] ** 2))
+                squares = (a[0] * a[0], a[1] * a[1])  # (x ** 2 raises OverflowError past 1e154; x * x is inf)
+                return (0.0 if a[0] <= 0 <= a[1] else min(squares), max(squares))
             return _mul(a, b)
         if node.op == "/":
             if b == (0.0, 0.0) and self.report:

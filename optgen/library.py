@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from importlib import resources
 from pathlib import Path
@@ -52,18 +53,21 @@ def _exists(path: Path) -> bool:
 
 
 def _read_file(path: Path) -> Source:
+    limit = MAX_SPEC_CHARS * 4  # UTF-8: at most 4 bytes a character
     try:
         if path.is_dir():
             raise SpecError(f"'{path}' is a directory", hint="give the path of a .spec file", code="E002")
-        if path.stat().st_size > MAX_SPEC_CHARS * 4:  # UTF-8: at most 4 bytes a character
-            raise SpecError(f"'{path}' is {path.stat().st_size:,} bytes; a spec is at most "
-                            f"{MAX_SPEC_CHARS:,} characters", hint="is this the right file?", code="E008")
-        data = path.read_bytes()
+        with open(path, "rb") as file:  # read at most one byte past the limit: pipes and devices have no size
+            data = file.read(limit + 1)
     except FileNotFoundError:
         raise SpecError(f"cannot read '{path}': no such file",
                         hint="check the path, or run 'optgen list' for the built-in specs", code="E003") from None
     except OSError as err:
         raise SpecError(f"cannot read '{path}': {err.strerror}", code="E004") from None
+    if len(data) > limit:
+        raise SpecError(f"'{path}' is more than {limit:,} bytes; a spec is at most {MAX_SPEC_CHARS:,} characters",
+                        hint="is this the right file?", code="E008")
+    data = data.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
     try:
         return Source(data.decode("utf-8"), str(path))
     except UnicodeDecodeError as err:

@@ -16,21 +16,24 @@ from optgen import syntax as ast
 from optgen.checker import CheckedSpec
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.ir import Builder, Function, IRError, Loc, Program, Value
-from optgen.ops import FUNCTIONS, SHAPE_CONSTANTS
+from optgen.ops import BINARY_OPCODES, FUNCTIONS, SHAPE_CONSTANTS, UNARY_OPCODES
 from optgen.types import NOT_FACTORED, Factoring, Type
 
-_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul", "^": "pow", "<": "lt", "<=": "le",
-           ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
-_UNARY = {"-": "neg", "not": "not"}
 
 
-def resolve_options(checked: CheckedSpec, given: dict[str, object]) -> dict[str, bool]:
-    """The spec's option defaults overridden by ``given``; unknown names and non-bools are errors."""
+def resolve_options(checked: CheckedSpec, given: dict[str, object], shared: tuple[str, ...] = ()) -> dict[str, bool]:
+    """The spec's option defaults overridden by ``given``; unknown names and non-bools are errors.
+    ``shared`` names the options every spec takes, for the 'did you mean' of a misspelt one."""
     options = dict(checked.options)
     for name, value in given.items():
+        if name in checked.hypers:
+            raise SpecError(f"'{name}' is a hyperparameter of '{checked.name}', not an option", code="E303",
+                            hint=f"a hyperparameter is set when the optimizer runs, not compiled in: "
+                                 f"optgen.load('{checked.name}', {name}=...), or the kernel's '{name}' input")
         if name not in options:
-            hint = did_you_mean(name, options) or (
-                f"its options are: {', '.join(options)}" if options else "it has no options")
+            spec_options = f"its own options are: {', '.join(options)}" if options else "it has no options of its own"
+            hint = did_you_mean(name, [*options, *shared]) or (
+                f"{spec_options}; every spec takes {', '.join(shared)}" if shared else spec_options)
             raise SpecError(f"'{checked.name}' has no option '{name}'", hint=hint, code="E303")
         if isinstance(options[name], bool) and not isinstance(value, bool):
             raise SpecError(f"option '{name}' takes true or false, got {value!r}", code="E304")
@@ -153,9 +156,9 @@ class _Lowering:
                 return b.op("dim", attr=SHAPE_CONSTANTS[node.id], loc=loc)
             return env[node.id]
         if isinstance(node, ast.Unary):
-            return b.op(_UNARY[node.op], self.expr(node.operand, env), loc=loc)
+            return b.op(UNARY_OPCODES[node.op], self.expr(node.operand, env), loc=loc)
         if isinstance(node, ast.Binary):
-            return b.op(_BINARY[node.op], self.expr(node.left, env), self.expr(node.right, env), loc=loc)
+            return b.op(BINARY_OPCODES[node.op], self.expr(node.left, env), self.expr(node.right, env), loc=loc)
         args = [self.expr(arg, env) for arg in node.args]
         return self.call(node.func.id, args, loc)
 

@@ -84,6 +84,11 @@ class OpDef(Signature):
     spec: bool = False
 
 
+# The IR op of each operator of the spec language.
+BINARY_OPCODES = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul", "^": "pow", "<": "lt", "<=": "le",
+                  ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
+UNARY_OPCODES = {"-": "neg", "not": "not"}
+
 F, B = "float", "bool"
 _ARRAYS = ("tensor", "row", "col", "cr", "rr", "cc")  # the extents a per-parameter reduction takes
 _CMP = dict(result=B)

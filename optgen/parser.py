@@ -11,6 +11,7 @@ parse by an inline transformer; lark's syntax errors are turned into
 from __future__ import annotations
 
 import functools
+import math
 import re
 from importlib import resources
 
@@ -64,7 +65,13 @@ class _SpecIndenter(Indenter):
     DEDENT_type = "_DEDENT"
     tab_len = 8
 
+    def process(self, stream):
+        self.widths = [(0, 0)]  # each open block's indentation, with tabs of 8 and of 1 columns
+        return super().process(stream)
+
     def handle_NL(self, token):
+        if self.paren_level == 0:
+            self.check_tabs(token)
         try:
             yield from super().handle_NL(token)
         except DedentError:
@@ -73,6 +80,22 @@ class _SpecIndenter(Indenter):
             raise _LocatedError("this line's indentation matches no enclosing block",
                                 Span(line, 1, line, indent + 2),
                                 "indent each block's statements by the same amount", code="E104") from None
+
+
+    def check_tabs(self, token) -> None:
+        """Refuse tabs and spaces mixed so that the block a line is in depends on the tab width
+        (Python's rule): the line must compare to every open block alike with tabs of 8 and of 1."""
+        indent = token.rsplit("\n", 1)[1]
+        w8, w1 = len(indent) + 7 * indent.count("\t"), len(indent)
+        if any((w8 > a8, w8 == a8) != (w1 > a1, w1 == a1) for a8, a1 in self.widths):
+            line = token.end_line
+            raise _LocatedError("this line's indentation mixes tabs and spaces, so which block it is in "
+                                "depends on the tab width", Span(line, 1, line, len(indent) + 1),
+                                "indent with spaces only (or with tabs only)", code="E108")
+        while self.widths[-1][0] > w8:
+            self.widths.pop()
+        if w8 > self.widths[-1][0]:
+            self.widths.append((w8, w1))
 
 
 def _check_depth(spec: ast.Spec) -> None:
@@ -97,9 +120,20 @@ def _check_depth(spec: ast.Spec) -> None:
             stack.extend((arg, depth + 1) for arg in node.args)
 
 
+def _float(tok: Token) -> float:
+    """A number literal's float64 value; one that float64 turns into inf, or into 0, is refused."""
+    value = float(tok)
+    if math.isinf(value) or (value == 0 and re.search(r"[1-9]", tok.split("e")[0].split("E")[0])):
+        raise _LocatedError(f"the number {tok} is {'too large' if value else 'too small'} for float64 "
+                            f"(it would be {value:g})", _span(tok),
+                            "write inf in a range bound; otherwise a number within about 1e-308 to 1.8e308",
+                            code="E109")
+    return value
+
+
 def _bound_value(tok: Token) -> float:
     if tok.type == "NUMBER":
-        return float(tok)
+        return _float(tok)
     if tok == "inf":
         return float("inf")
     raise _LocatedError(f"a range bound is a number or inf, not '{tok}'", _span(tok),
@@ -115,7 +149,7 @@ class _ToAst(Transformer):
     """Builds the AST bottom-up as the LALR parser reduces (no recursion)."""
 
     def number(self, tok):
-        return ast.Number(float(tok), _span(tok))
+        return ast.Number(_float(tok), _span(tok))
 
     def name(self, tok):
         return ast.Name(str(tok), _span(tok))
@@ -124,7 +158,7 @@ class _ToAst(Transformer):
         return ast.Bool(tok == "true", _span(tok))
 
     def signed_number(self, *toks):
-        value = float(toks[-1])
+        value = _float(toks[-1])
         return -value if len(toks) == 2 else value
 
     def unary(self, op, operand):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import optgen  # noqa: F401  (first: it sets XLA:CPU's fusion option before JAX starts a backend)
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras tests (where Keras is installed) run on its JAX backend
 
 SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "cube": (2, 3, 4)}
 

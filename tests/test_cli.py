@@ -72,7 +72,7 @@ def test_with_turns_on_transforms_in_the_ir_and_the_kernel(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["compile", "adamw", "--with", "clipnorm=big"], "clipnorm takes a positive number, got 'big'"),
+    (["compile", "adamw", "--with", "clipnorm=big"], "clipnorm takes a finite positive number, got 'big'"),
     (["compile", "adamw", "--with", "clipnorm"], "--with takes NAME=VALUE"),
     (["check", "adam", "--with", "exclude_from_weight_decay=bias"], "no hyperparameter 'weight_decay' to mask"),
     (["check", "bad.spec"], "bad.spec:3:"),
@@ -118,3 +118,79 @@ def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
     assert "GB/s" in result.stdout and "step at" in result.stdout
     shared = run("inspect", "amsgrad", "--elements", "4096", "--lowering", "shared", cwd=tmp_path)
     assert shared.returncode == 0 and "spec minimum 36" in shared.stdout and "step time" not in shared.stdout
+
+
+def test_a_device_without_a_size_is_read_only_up_to_the_limit():
+    from click.testing import CliRunner
+
+    from optgen.cli import main
+
+    result = CliRunner().invoke(main, ["check", "/dev/zero"])  # its size is 0: reading to the end never ends
+    assert result.exit_code == 1 and "error[E008]" in result.output, result.output
+
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from optgen.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("shape", ["²", "１２", "n²", "1,٣", "_", "max", "n,min"])
+def test_shape_takes_ascii_digits_and_names_only(shape):
+    result = _invoke("compile", "adamw", "--shape", shape)
+    assert result.exit_code == 1 and "error[E014]" in result.output and "Traceback" not in result.output
+
+
+def test_a_factored_spec_compiles_for_a_matrix_shape():
+    # row and col states drop the axis they reduce, as the step stores them (256 and 256 here).
+    result = _invoke("compile", "adafactor", "--shape", "256,256")
+    assert result.exit_code == 0, result.output
+    assert "tensor<256xf32> loc(\"inputs['v_row']\")" in result.output
+    assert "tensor<256xf32> loc(\"inputs['v_col']\")" in result.output
+    result = _invoke("compile", "adafactor", "--shape", "n,m")
+    assert result.exit_code == 1 and "error[E016]" in result.output, result.output
+    assert _invoke("compile", "adafactor", "--shape", "n").exit_code == 0
+
+
+@pytest.mark.parametrize("item, hint", [("clipnrom=1", "did you mean 'clipnorm'?"),
+                                        ("learning_rate=0.1", "optgen.load('adamw', learning_rate=...)"),
+                                        ("zzz=1", "every spec takes clipnorm")])
+def test_with_names_what_is_wrong(item, hint):
+    result = _invoke("compile", "adamw", "--with", item)
+    assert result.exit_code == 1 and "error[E303]" in result.output and hint in result.output, result.output
+
+
+@pytest.mark.parametrize("item", ["clipnorm=inf", "global_clipnorm=1e400", "loss_scale_factor=inf"])
+def test_an_infinite_option_is_refused(item):
+    result = _invoke("check", "adamw", "--with", item)
+    assert result.exit_code == 1 and "error[E342]" in result.output and "finite" in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [("compile", "adamw"), ("list",), ("show", "adamw")])
+def test_a_full_or_closed_stdout_is_a_diagnostic(tmp_path, args):
+    for redirect in (">/dev/full", ">&-"):  # a full disk; standard output closed
+        proc = subprocess.run(["sh", "-c", f'exec "$0" -m optgen.cli "$@" {redirect}', sys.executable, *args],
+                              stderr=subprocess.PIPE, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 1 and "error[E017]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_during_a_command_is_a_message_and_status_130(monkeypatch, tmp_path):
+    from optgen import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "compile_checked", interrupted)
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("compile", "adamw", "-o", "out.mlir")
+    assert result.exit_code == 130 and "interrupted" in result.output and not (tmp_path / "out.mlir").exists()
+
+
+def test_a_constant_beyond_float32_is_refused_for_f32_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.spec").write_text("optimizer big\nupdate:\n  p = p - 1e30 * 1e30 * g\n")
+    result = _invoke("compile", "big.spec", "--dtype", "f32")  # folded to 1e60: inf in float32
+    assert result.exit_code == 1 and "error[E225]" in result.output and "big.spec:3:" in result.output, result.output
+    assert _invoke("compile", "big.spec", "--dtype", "f64").exit_code == 0

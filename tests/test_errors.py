@@ -88,3 +88,25 @@ def test_caret_points_at_the_reported_column():
     first, source, caret = err.value.render().splitlines()[:3]
     col = int(first.split(":")[2])
     assert caret.index("^") == source.index("mu_hatt") == col + 1  # both lines are indented by 2
+
+
+P_UNDER_OPTIONS = {  # update body -> line of the `if` blamed (None: accepted)
+    "  if f:\n    p = p - g\n": 5,
+    "  if f:\n    p = p - g\n  else:\n    m = g\n": 5,
+    "  if f:\n    p = p - g\n  p = p - 0.1 * g\n": None,
+    "  if f:\n    p = p - g\n  else:\n    p = p + g\n": None,
+    "  if f:\n    if h:\n      p = p - g\n  p = p + g\n": None,
+    "  if f:\n    p = p - g\n  else:\n    if h:\n      p = p + g\n": 8,
+}
+
+
+@pytest.mark.parametrize("body", sorted(P_UNDER_OPTIONS))
+def test_p_assigned_only_under_some_options_is_refused(body):
+    text = f"optimizer o\noption f = false\noption h = true\nupdate:\n{body}"
+    line = P_UNDER_OPTIONS[body]
+    if line is None:
+        check(parse(text, "o.spec"))
+        return
+    with pytest.raises(SpecError) as err:
+        check(parse(text, "o.spec"))
+    assert err.value.code == "E224" and err.value.span.line == line, err.value.render()

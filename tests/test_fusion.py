@@ -118,6 +118,14 @@ def test_mixed_dtype_outputs_stay_shared():
     assert fusion.resolve("auto", ("cuda",), [[np.dtype(np.float32)], [np.dtype(np.float32)]]) == "shared"
 
 
+def test_thousands_of_leaves_lower_shared():
+    # per-output's extra HLO made 10,000 leaves run out of memory while compiling (docs/fusion.md)
+    f32 = np.dtype(np.float32)
+    n = fusion.PER_OUTPUT_MAX_LEAVES
+    assert fusion.resolve("auto", ("cpu",), [[f32] * n, [f32] * n]) == "per-output"
+    assert fusion.resolve("auto", ("cpu",), [[f32] * (n + 1), [f32] * (n + 1)]) == "shared"
+
+
 def test_without_the_option_auto_is_shared(monkeypatch):
     monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: False)
     assert fusion.resolve("auto", ("cpu",), [[np.dtype(np.float32)]]) == "shared"

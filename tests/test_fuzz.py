@@ -1,8 +1,10 @@
 """Property tests: whatever bytes a user feeds optgen, the answer is a diagnostic, never a crash.
 
 Random token soups, random mutations of every built-in spec (tokens and lines deleted,
-duplicated, swapped; truncation), random text and bytes, and fixed nasty inputs (NUL
-bytes, non-UTF-8, 20,000-deep nesting, a 10 MB spec, tabs mixed with spaces) go through
+duplicated, swapped; truncation; a byte order mark), indentation partly rewritten with tabs,
+number literals past float64 and constants that overflow it, odd Unicode digits (also in
+``--shape``), random text and bytes, and fixed nasty inputs (NUL bytes, non-UTF-8,
+20,000-deep nesting, a 10 MB spec, tabs mixed with spaces) go through
 ``optgen compile FILE -o OUT``. Each run either compiles (exit 0, OUT written) or ends in
 ``FILE:line:col: error[Ennn]: ...`` (or a file-level ``error[Ennn]``), exit status 1, no
 traceback, and OUT not written.
@@ -57,7 +59,7 @@ def outcome(data: bytes, tmp_path) -> str:
     located = LOCATED.match(first)
     assert located or FILE_LEVEL.match(first), result.output
     if located:  # the position is inside the file (or just past its last line), and the line shown is it
-        lines = data.decode("utf-8").split("\n")
+        lines = data.decode("utf-8").removeprefix("\ufeff").split("\n")  # a BOM is not part of the text
         line, col = int(located[1]), int(located[2])
         assert 1 <= line <= len(lines) + 1 and col >= 1, result.output
         shown = "".join(c if c.isprintable() or c == "\t" else "?" for c in (lines + [""])[line - 1].rstrip("\r"))
@@ -115,6 +117,68 @@ def test_random_text(text, tmp_path):
     outcome(text.encode("utf-8", "surrogatepass"), tmp_path)
 
 
+@st.composite
+def mixed_indentation(draw):
+    """A built-in spec whose indentation runs are partly rewritten with tabs."""
+    lines = draw(st.sampled_from(BUILTIN_TEXTS)).split("\n")
+    for i in draw(st.lists(st.integers(0, len(lines) - 1), max_size=6)):
+        indent = len(lines[i]) - len(lines[i].lstrip(" "))
+        if indent:
+            tabs = draw(st.integers(1, max(1, indent // 2)))
+            lines[i] = "\t" * tabs + " " * draw(st.integers(0, indent)) + lines[i].lstrip(" ")
+    return "\n".join(lines)
+
+
+@FUZZ
+@given(text=mixed_indentation())
+def test_mixed_indentation_means_one_thing_or_is_refused(text, tmp_path):
+    """Accepted indentation reads the same whatever a tab's width; anything else is E108 (or another error)."""
+    from optgen.parser import parse
+    from optgen.syntax import format_spec
+
+    if outcome(text.encode(), tmp_path) == "compiled":
+        meaning = {format_spec(parse(text.replace("\t", " " * width))) for width in (1, 4, 8)}
+        assert meaning == {format_spec(parse(text))}
+
+
+DIGITS = st.sampled_from(["0", "1", "9", "²", "１", "٣", "½", "⁹", "𝟗", "e", "E", "-", "+", "."])
+
+
+@FUZZ
+@given(mantissa=st.text(DIGITS, min_size=1, max_size=6), exponent=st.integers(-700, 700),
+       power=st.integers(-500, 500), where=st.sampled_from(["hyper", "expr", "pow", "exp"]))
+def test_big_literals_and_odd_digits(mantissa, exponent, power, where, tmp_path):
+    """Numbers past float64, constants that overflow it, Unicode digits: a diagnostic, or finite constants."""
+    number = f"{mantissa}e{exponent}"
+    body = {"hyper": f"hyper lr = {number}\nupdate:\n  p = p - lr * g\n",
+            "expr": f"update:\n  p = p - {number} * g\n",
+            "pow": f"update:\n  p = p - 10^{power} * g\n",
+            "exp": f"update:\n  p = p - exp({power}) * g\n"}[where]
+    got = outcome(f"optimizer big\n{body}".encode(), tmp_path)
+    if where in ("pow", "exp"):  # the kernel is float32: past its range E225, past float64's E223
+        f32_max, f64_max = (38, 308) if where == "pow" else (88, 709)  # 10^-400, exp(-1000) are 0: fine
+        assert got == ("compiled" if power <= f32_max else "E225" if power <= f64_max else "E223"), (where, power, got)
+    elif got == "compiled":  # ASCII digits only; one literal ('0-0e0' is an expression): finite, 0 only as 0
+        assert number.isascii(), number
+        if re.fullmatch(r"([0-9]+\.?[0-9]*|\.[0-9]+)e-?[0-9]+", number):
+            assert abs(float(number)) < float("inf") and (float(number) != 0 or not re.search(r"[1-9]", mantissa))
+
+
+@FUZZ
+@given(text=mutated_builtin())
+def test_a_byte_order_mark_changes_nothing(text, tmp_path):
+    assert outcome(b"\xef\xbb\xbf" + text.encode(), tmp_path) == outcome(text.encode(), tmp_path)
+
+
+@FUZZ
+@given(shape=st.lists(st.sampled_from(["n", "m", "1", "256", ",", " ", "²", "１", "٣", "_", "-", "x"]), max_size=8).map("".join))
+def test_any_shape_text_compiles_or_is_refused(shape, tmp_path):
+    os.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["compile", "adafactor", "--shape", shape, "-o", "out.mlir"])
+    assert result.exit_code == 0 or (result.exit_code == 1 and re.match(r"error\[E01[46]\]", result.output)), \
+        (shape, result.output, result.exception)
+
+
 def _deep(depth: int, open_: str, close: str) -> bytes:
     return f"optimizer deep\nupdate:\n  p = p - {open_ * depth}g{close * depth}\n".encode()
 
@@ -133,8 +197,14 @@ NASTY = {
     "20000 nested calls": (_deep(20000, "sqrt(", ")"), "E106"),
     "500 nested ifs": (_nested_ifs(500), "E106"),
     "10 MB spec": (b"optimizer big\nupdate:\n" + b"  p = p - 0.001 * g\n" * 500_000, "E008"),
-    "tabs and spaces": (b"optimizer tabs\nstate m = 0\nupdate:\n\tm = g\n        p = p - m\n", "compiled"),
-    "tab vs spaces": (b"optimizer tabs\nstate m = 0\nupdate:\n\tm = g\n  p = p - m\n", "E104"),
+    "tabs and spaces": (b"optimizer tabs\nstate m = 0\nupdate:\n\tm = g\n        p = p - m\n", "E108"),
+    "tab vs spaces": (b"optimizer tabs\nstate m = 0\nupdate:\n\tm = g\n  p = p - m\n", "E108"),
+    "tabs only": (b"optimizer tabs\nstate m = 0\nupdate:\n\tm = g\n\tp = p - m\n", "compiled"),
+    "tab reads as inside an if": (b"optimizer t\noption f = false\nupdate:\n  if f:\n        q = g\n\tp = p - g\n"
+                                  b"  p = p - 0.1 * g\n", "E108"),
+    "byte order mark": (b"\xef\xbb\xbfoptimizer bom\nupdate:\n  p = p - 0.1 * g\n", "compiled"),
+    "literal past float64": (b"optimizer big\nhyper lr = 1e400\nupdate:\n  p = p - lr * g\n", "E109"),
+    "constant overflow": (b"optimizer big\nupdate:\n  p = p - 10^400 * g\n", "E223"),
     "form feed": (b"optimizer ff\n\x0cupdate:\n  p = p -- g\n", "compiled"),
     "line separators": ("optimizer ls\nhyper a = 1 \x0c # \u2028 \x1c \x85\nupdate:\n  p = p - zz\n".encode(), "E209"),
     "unclosed range": (b"optimizer r\nhyper b = 0.5 in [0, 1\nupdate:\n  p = b * g\n", "E102"),

@@ -108,3 +108,17 @@ def test_default_against_its_range(decl, ok):
 def test_fractional_power_of_a_possibly_negative_value(expr, warned):
     found = hazards(f"  p = p - {expr}\n")
     assert bool(found) == warned and all("warning[W202]" in f for f in found), found
+
+
+@pytest.mark.parametrize("expr, code", [("10^400", "E223"), ("exp(1000)", "E223"), ("1e300 * 1e300", "E223"),
+                                        ("log(0)", "E223"), ("0^-1", "E218"), ("(1 - 1)^(0 - 2)", "E218")])
+def test_a_constant_that_is_infinite_in_float64_is_refused(expr, code):
+    with pytest.raises(SpecError) as err:
+        hazards(f"  p = p - {expr} * g\n")
+    assert err.value.code == code, err.value.render()
+    assert hazards("  p = p - 2^10 * exp(-1000) * 1e300 * 1e8 * g\n") == []  # finite constants are fine
+
+
+def test_a_square_past_1e154_does_not_crash_the_range_analysis():
+    # x ** 2 of a Python float raises OverflowError past 1e154; the bound is inf instead.
+    assert hazards("  y = x * x\n  p = p - sqrt(y) * g\n", "hyper x = 1e200 in [1e200, 1e300]\n") == []

@@ -169,6 +169,57 @@ def test_damaged_or_foreign_state_is_refused(tmp_path):
     assert err.value.code == "E330"
 
 
+def test_save_state_checks_the_state_against_the_optimizer_before_writing(tmp_path):
+    opt, params, state = trained(jnp.float32)
+    path = tmp_path / "state.opt"
+    optgen.save_state(str(path), state, opt)
+    good = path.read_bytes()
+    other_shape = opt.init({**params, "w": jnp.ones((3, 5))})
+    other_dtype = opt.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    cases = [((state, optgen.load("amsgrad")), "E311"), ((opt.init(params), optgen.load("adamw", use_ema=True)), "E311"),
+             ((other_shape._replace(slots={**other_shape.slots, "nu": state.slots["nu"]}), opt), "E308"),
+             ((other_dtype._replace(slots={**other_dtype.slots, "nu": state.slots["nu"]}), opt), "E309"),
+             ((opt, state), "E350"), (({"mu": 1}, opt), "E350")]
+    for args, code in cases:
+        with pytest.raises(InputError) as err:
+            optgen.save_state(str(path), *args)
+        assert err.value.code == code, err.value.render()
+        assert path.read_bytes() == good  # the good checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.opt"]
+
+
+def test_a_schedule_against_a_constant_is_named_as_such(tmp_path):
+    opt, params, state = trained(jnp.float32)
+    optgen.save_state(str(tmp_path / "s"), state, opt)
+    scheduled = optgen.load("adamw", learning_rate=lambda count: 0.1, weight_decay=1e-4)
+    with pytest.raises(InputError) as err:
+        optgen.load_state(str(tmp_path / "s"), scheduled, params)
+    assert err.value.code == "E351" and "schedule" in err.value.message
+
+
+def test_state_of_another_variant_is_named_as_such(tmp_path):
+    opt, params, state = trained(jnp.float32)
+    optgen.save_state(str(tmp_path / "s"), state, opt)
+    with pytest.raises(InputError) as err:  # same spec, hyperparameters and options: only the state differs
+        optgen.load_state(str(tmp_path / "s"), optgen.load("adamw", learning_rate=0.1, skip_nonfinite=True), params)
+    assert err.value.code == "E333" and "total_notfinite" in err.value.message, err.value.render()
+
+
+def test_save_state_copies_leaves_to_the_host_one_by_one(tmp_path):
+    import tracemalloc
+
+    opt = optgen.load("adamw")
+    params = {"a": jnp.ones(1 << 20), "b": jnp.ones(1 << 20)}  # 4 MiB each: the state holds 16 MiB
+    state = opt.init(params)
+    tracemalloc.start()
+    try:
+        optgen.save_state(str(tmp_path / "s"), state, opt)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20, f"{peak / 2**20:.1f} MiB"  # two leaves at most (8 MiB); was 4x the state (64 MiB)
+
+
 # -- atomic writes ---------------------------------------------------------------------------
 
 def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):

@@ -234,3 +234,11 @@ def test_complex_params_are_refused_with_the_fix():
     with pytest.raises(InputError) as err:
         optgen.load("adamw").init({"z": jnp.ones(3, jnp.complex64)})
     assert err.value.code == "E310" and "complex" in err.value.message
+
+
+@pytest.mark.parametrize("value, fragment", [(np.complex64(1e-3 + 1j), "complex"), (1e39, "beyond float32")])
+def test_a_hyperparameter_that_would_change_silently_is_refused(value, fragment):
+    # a complex rate lost its imaginary part; 1e39 became inf in the float32 step
+    with pytest.raises(InputError) as err:
+        optgen.load("adamw", learning_rate=value)
+    assert err.value.code == "E305" and fragment in err.value.message

@@ -175,3 +175,37 @@ def test_unknown_keyword_suggests_the_hyperparameter():
     with pytest.raises(optgen.SpecError, match="no hyperparameter or option 'learning_rat'") as err:
         optgen.load("adamw", learning_rat=1e-3)
     assert "did you mean 'learning_rate'" in err.value.render()
+
+
+def test_a_factored_artifact_steps_as_the_optimizer_does(tmp_path):
+    # Its row and col inputs are shaped as the step stores v_row and v_col (they were the
+    # parameter's shape: an MLIR verifier error).
+    from optgen.artifact import save_artifact
+
+    opt = optgen.load("adafactor")
+    path = tmp_path / "adafactor.optgen"
+    save_artifact(str(path), opt.compiled, "f32", "256,128", ["cpu"])
+    params, grads = {"w": jnp.ones((256, 128))}, {"w": jnp.full((256, 128), 0.5)}
+    state = opt.init(params)
+    out = optgen.load_artifact(str(path))(p=params["w"], g=grads["w"], t=1,
+                                          **{name: slot["w"] for name, slot in state.slots.items()})
+    expected, _ = opt.step(params, grads, state)
+    np.testing.assert_array_equal(out["p"], expected["w"])
+
+
+def test_runtime_imports_run_one_way():
+    # load and checkpoint -> optimizer -> validate, packing, ... -> state; a module imports only those below it
+    import ast
+    import pathlib
+
+    order = ["state", "serialization", "config", "placement", "packing", "validate", "optimizer", "checkpoint", "load"]
+    folder = pathlib.Path(optgen.__file__).parent / "runtime"
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(order)
+    for name in order:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in tree.body:  # module level: imports under TYPE_CHECKING or in functions are for types and lazy use
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("optgen.runtime"):
+                imported = [node.module.rsplit(".", 1)[1]] if node.module != "optgen.runtime" else \
+                    [alias.name for alias in node.names]
+                for other in imported:
+                    assert order.index(other) < order.index(name), f"runtime/{name}.py imports runtime/{other}.py"

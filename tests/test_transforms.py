@@ -100,7 +100,10 @@ def test_exclude_from_weight_decay_and_mask_match_optax_mask(x64):
 
     want, _ = _run(*_optax_runner(optax.adamw(**HYPERS, weight_decay=0.1, mask=decayed)))
     for kwargs in ({"exclude_from_weight_decay": ["vector", "huge"]}, {"mask": decayed},
-                   {"mask": decayed(make_params(np.float64))}):
+                   {"mask": decayed(make_params(np.float64))},
+                   # include fragments override exclude ones (TF Model Garden's rule)
+                   {"exclude_from_weight_decay": ["vector", "huge", "cube"], "include_in_weight_decay": ["cu.e"]},
+                   {"exclude_from_weight_decay": "vector,huge", "include_in_weight_decay": "matrix"}):
         got, _ = _run(*_optgen_runner(optgen.load("adamw", **HYPERS, weight_decay=0.1, **kwargs)))
         _assert_trees_close(got, want)
 
@@ -226,7 +229,7 @@ def test_config_refuses_what_it_cannot_write_down():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"clipnorm": -1.0}, "clipnorm takes a positive number"),
+    ({"clipnorm": -1.0}, "clipnorm takes a finite positive number"),
     ({"clipnorm": 1.0, "global_clipnorm": 1.0}, "only one of clipnorm, clipvalue and global_clipnorm"),
     ({"gradient_accumulation_steps": 1}, "an integer >= 2"),
     ({"use_ema": "yes"}, "use_ema takes true or false"),
@@ -284,3 +287,25 @@ def test_optax_update_protocol_gives_the_numbers_of_step():
 def test_an_exclude_pattern_that_does_not_compile_is_refused_at_load():
     with pytest.raises(optgen.SpecError, match=r"E342.*'bias\(' is not a valid pattern"):
         optgen.load("adamw", exclude_from_weight_decay=["norm", "bias("])
+
+
+def test_every_transform_declares_its_options():
+    from optgen.transforms import DEFAULTS, HYPER_RANGES, OPTIONS, TRANSFORMS
+
+    declared = [option.name for module in TRANSFORMS for option in module.OPTIONS]
+    assert sorted(declared) == sorted(OPTIONS) == sorted(DEFAULTS) and len(set(declared)) == len(declared)
+    for module in TRANSFORMS:
+        assert callable(module.enabled) and callable(module.apply), module.__name__
+    assert set(HYPER_RANGES) == {"clipnorm", "global_clipnorm", "clipvalue", "ema_momentum",
+                                 "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps"}
+
+
+def test_an_option_hyperparameter_changed_out_of_range_in_the_state_is_refused():
+    # clipnorm = inf computes g * inf / inf: nan in every parameter
+    opt = optgen.load("adamw", clipnorm=1.0)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    state.hyperparams["clipnorm"] = float("inf")
+    with pytest.raises(optgen.InputError) as err:
+        opt.step(params, {"w": jnp.ones(3)}, state)
+    assert err.value.code == "E306" and "clipnorm" in err.value.message

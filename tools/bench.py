@@ -64,14 +64,16 @@ def small_shapes(count: int = 2000) -> list[tuple[int, ...]]:
     return [(int(n),) for n in rng.choice([64, 128, 256, 512, 768, 1024], size=count)]
 
 
-# name: (title, leaf shapes, parameter dtype, state dtype)
+# name: (title, leaf shapes, parameter dtype, state dtype, optgen.load keywords)
 WORKLOADS = {
-    "single": ("one 16M-element f32 tensor", [(16 * 1024 * 1024,)], np.float32, np.float32),
-    "transformer": ("~80 transformer leaves, f32", transformer_shapes(), np.float32, np.float32),
-    "small": ("2,000 small leaves, f32", small_shapes(), np.float32, np.float32),
-    "bf16": ("transformer leaves, bf16 params, f32 state", transformer_shapes(), jnp.bfloat16, np.float32),
+    "single": ("one 16M-element f32 tensor", [(16 * 1024 * 1024,)], np.float32, np.float32, {}),
+    "transformer": ("~80 transformer leaves, f32", transformer_shapes(), np.float32, np.float32, {}),
+    "small": ("2,000 small leaves, f32", small_shapes(), np.float32, np.float32, {}),
+    # the same leaves with their state packed into flat buffers (optgen.load(..., pack=True))
+    "small-packed": ("2,000 small leaves, f32, pack=True", small_shapes(), np.float32, np.float32, {"pack": True}),
+    "bf16": ("transformer leaves, bf16 params, f32 state", transformer_shapes(), jnp.bfloat16, np.float32, {}),
     # torch's fused AdamW keeps its state in the parameters' dtype: this compares like with like.
-    "bf16-state": ("transformer leaves, bf16 params and state", transformer_shapes(), jnp.bfloat16, jnp.bfloat16),
+    "bf16-state": ("transformer leaves, bf16 params and state", transformer_shapes(), jnp.bfloat16, jnp.bfloat16, {}),
 }
 
 
@@ -83,8 +85,8 @@ def make_tree(shapes, dtype, seed):
 class OptgenRunner:
     name = "optgen"
 
-    def __init__(self, params, grads, spec, hypers=HYPERS):
-        self.opt = optgen.load(spec, **hypers)
+    def __init__(self, params, grads, spec, hypers=HYPERS, **options):
+        self.opt = optgen.load(spec, **hypers, **options)
         self.params, self.grads = jax.tree.map(jnp.copy, params), grads
         self.state = self.opt.init(self.params)
 
@@ -140,14 +142,14 @@ class TorchRunner:
 
 
 def bench_workload(key, spec_path, repeats, block, progress, optimizer="adamw"):
-    title, shapes, dtype, state_dtype = WORKLOADS[key]
+    title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     wider_state = np.dtype(state_dtype) != np.dtype(dtype)
     if optimizer == "muon":
-        runners = [OptgenRunner(params, grads, "muon", MUON_HYPERS),
+        runners = [OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
                    OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS))]
     else:
-        runners = [OptgenRunner(params, grads, spec_path if wider_state else "adamw"),
+        runners = [OptgenRunner(params, grads, spec_path if wider_state else "adamw", **options),
                    OptaxRunner(params, grads, mu_dtype=state_dtype if wider_state else None)]
     if torch is not None:
         runners.append(TorchRunner(params, grads, muon=optimizer == "muon"))

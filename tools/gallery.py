@@ -8,7 +8,7 @@ optax function and of every optax transform it chains (``transform.scale_by_adam
 ``transform.trace``, ...), or for an ``optax.contrib`` alias of the ``scale_by_*`` transform of its own
 module it chains; optax's shared tree utilities are not counted. For the
 convention specs it is the framework's single-tensor step (torch's ``_single_tensor_*``,
-Keras's ``update_step``). tests/test_gallery.py checks that
+Keras's ``update_step``), and TF Model Garden's ``AdamWeightDecay`` class. tests/test_gallery.py checks that
 the README's table is this script's output.
 """
 
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import os
 import re
+import sys
 import textwrap
 
 import optgen
@@ -56,6 +58,9 @@ _FRAMEWORK = {
     "torch/nadamw": ("torch.optim.NAdam", "torch.optim.nadam", "_single_tensor_nadam"),
     "keras/adamw": ("keras.optimizers.AdamW", "keras.src.optimizers.adam", "Adam.update_step"),
     "keras/adamax": ("keras.optimizers.Adamax", "keras.src.optimizers.adamax", "Adamax.update_step"),
+    # the whole class: its clip, decay rule and decay step (the Adam step is a TF kernel)
+    "tfm/adamweightdecay": ("official.modeling.optimization.legacy_adamw.AdamWeightDecay",
+                            "official/modeling/optimization/legacy_adamw.py", "AdamWeightDecay"),
 }
 
 
@@ -72,7 +77,7 @@ def reference(name: str) -> tuple[str, list]:
         ref, module, paths = _FRAMEWORK[name]
         funcs = []
         for path in paths.split():
-            func = importlib.import_module(module)
+            func = _module_file(module) if module.endswith(".py") else importlib.import_module(module)
             for attr in path.split("."):
                 func = getattr(func, attr)
             funcs.append(func)
@@ -90,6 +95,16 @@ def reference(name: str) -> tuple[str, list]:
         if func not in chained:
             chained.append(func)
     return f"{where}.{name}", [alias, *chained]
+
+
+def _module_file(path: str):
+    """A module by its file (TF Model Garden's package __init__ imports gin, which legacy_adamw does not need)."""
+    location = os.path.join(importlib.util.find_spec(path.split("/")[0]).submodule_search_locations[0],
+                            *path.split("/")[1:])
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], location)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # inspect finds its source there
+    spec.loader.exec_module(module)
+    return module
 
 
 def rows() -> list[tuple[str, int, str, int]]:

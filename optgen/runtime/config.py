@@ -33,8 +33,9 @@ def get_config(opt: Optimizer) -> dict[str, Any]:
     if "mask" in transforms:
         raise SpecError("get_config cannot write down a mask (a pytree or a Python callable)",
                         hint="use exclude_from_weight_decay (name fragments), which serializes", code="E348")
-    if "exclude_from_weight_decay" in transforms:
-        transforms["exclude_from_weight_decay"] = list(transforms["exclude_from_weight_decay"])
+    for name in ("exclude_from_weight_decay", "include_in_weight_decay"):
+        if name in transforms:
+            transforms[name] = list(transforms[name])
     spec_hypers = opt.compiled.checked.hypers
     return spec | {
         "hyperparameters": {name: _value(name, value) for name, value in opt.hyperparams.items() if name in spec_hypers},

@@ -218,6 +218,8 @@ class Optimizer:
         self.pack = pack  # small parameters' state packed into flat buffers (packing.py)
         self._plan = Plan(compiled, variant, hyperparams, pack, identity)
         self.state_names = self._plan.state_names
+        self.extents = self._plan.extents  # each output's extent: tensor, leaf, row, col or step
+        self.stored_hyperparams = self._plan.stored  # those given as numbers: kept in state.hyperparams
         self.step = _Jitted(self, _step, traced=_step_kept)
         self._update = _Jitted(self, _update)
 
@@ -239,6 +241,11 @@ class Optimizer:
             self._spread(out, leaves, layout)
         slots = {name: self._plan.slot(out[name], name, layout, treedef) for name in self.state_names}
         return OptState(count, hypers, slots)
+
+    def check(self, params, grads, state: OptState) -> None:
+        """Raise :class:`~optgen.diagnostics.InputError` if ``grads`` or ``state`` do not fit ``params``
+        (tree structure, shapes, dtypes; reads nothing on the device)."""
+        self._plan.checker.check(params, grads, state)
 
     def _stored(self) -> dict:
         return {name: self.hyperparams[name] for name in self._plan.stored}
@@ -290,6 +297,28 @@ class Optimizer:
         return get_config(self)
 
 
+def explain_donation(params, grads, state) -> None:
+    """Raise InputError if a step failed because an argument's buffer was donated already, or
+    because one buffer appears twice among the arrays step donates (tied parameters)."""
+    named = [(f"{what}{jax.tree_util.keystr(path)}", leaf) for what, tree in (("params", params), ("grads", grads),
+                                                                             ("state", state))
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if placement.has_buffer(leaf)]
+    for name, leaf in named:
+        if leaf.is_deleted():
+            raise InputError(f"{name} was donated to an earlier step: its buffer is gone",
+                             hint="step donates params and state: pass on the params and state it returned "
+                                  "(or keep copies, jnp.copy, of what you need again)", code="E382")
+    seen: dict[int, str] = {}
+    for name, leaf in named:
+        key = id(leaf)
+        if key in seen and not (name.startswith("grads") and seen[key].startswith("grads")):
+            raise InputError(f"{name} and {seen[key]} are one array, and step donates it: one buffer cannot be "
+                             "given up twice, or read after it is given up",
+                             hint="pass distinct arrays (jnp.copy), or use update and optax.apply_updates, "
+                                  "which donate nothing", code="E383")
+        seen.setdefault(key, name)
+
+
 class _Jitted:
     """One of the shared jitted functions, bound to an optimizer, behind the per-call input checks.
 
@@ -310,6 +339,10 @@ class _Jitted:
             return (self.traced if traced else self.jitted)(plan, params, grads, state, bound, inputs)
         except TypeError:  # jit refuses a leaf that is no array before tracing: name it as InputError
             plan.checker.check(params, grads, state, inputs)
+            raise
+        except (ValueError, RuntimeError):  # XLA's words for a donated or doubly donated buffer: say which
+            if self.jitted is _step:
+                explain_donation(params, grads, state)
             raise
 
     def lower(self, params, grads, state, **inputs):

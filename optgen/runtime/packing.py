@@ -124,9 +124,14 @@ def _packable(func) -> bool:
 
 
 def _replicated(leaf) -> bool:
-    if not placement.has_buffer(leaf):
-        return True  # sharding unknown while tracing: XLA places the group
-    return leaf.sharding.is_fully_replicated
+    """Whether ``leaf`` is known to be whole on each device (so a group holding it reshards nothing)."""
+    if placement.has_buffer(leaf):
+        return leaf.sharding.is_fully_replicated
+    sharding = getattr(jax.typeof(leaf), "sharding", None)  # traced: Explicit mesh axes are in the type
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+        return all(axis is None for axis in sharding.spec)
+    return jax.device_count() == 1  # Auto axes or no mesh: unknown, unless there is nothing to shard over
 
 
 @jax.tree_util.register_pytree_node_class

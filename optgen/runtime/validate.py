@@ -21,8 +21,9 @@ import numpy as np
 
 from optgen.diagnostics import InputError, did_you_mean
 from optgen.runtime import packing
-from optgen.runtime.state import OptState
+from optgen.runtime.state import OptState, step_dtype
 from optgen.syntax import Range
+from optgen.transforms import HYPER_RANGES
 
 if TYPE_CHECKING:
     from optgen.runtime.optimizer import Plan
@@ -46,8 +47,15 @@ def _check_hyper_value(spec_name: str, name: str, value: Any, bounds: Range | No
             or np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.number):
         raise InputError(f"{where} must be a number or a schedule (a callable of the step count), "
                          f"got {type(value).__name__} {value!r:.60}", hint="for example 1e-3", code="E305")
+    if np.iscomplexobj(value):
+        raise InputError(f"{where} is complex ({value!r:.40})", hint="give a real number", code="E305")
     if np.isnan(float(value)):
         raise InputError(f"{where} is nan", hint="give a number", code="E305")
+    with np.errstate(over="ignore"):
+        overflows = np.isfinite(float(value)) and not np.isfinite(np.asarray(value, step_dtype()))
+    if overflows:
+        raise InputError(f"{where} = {float(value):g} is beyond {step_dtype().name}, in which the step computes",
+                         hint="give a smaller number, or enable jax_enable_x64 for float64 steps", code="E305")
     if bounds is not None and not bounds.contains(float(value)):
         raise InputError(f"{where} = {float(value):g} is outside its range {bounds}",
                          hint=f"the {spec_name} spec declares '{name}' in {bounds}", code="E306")
@@ -71,7 +79,7 @@ class InputChecker:
 
     def __init__(self, plan: "Plan"):
         self.plan = plan
-        self.ranges = plan.compiled.checked.ranges
+        self.ranges = plan.compiled.checked.ranges | HYPER_RANGES  # the spec's, and its options' (clipnorm > 0)
 
     def check_call(self, params, grads, state) -> None:
         """The per-call checks: the state's hyperparameters that are host numbers are in range."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from optgen.ir import Program, Value
 from optgen.transforms.edit import Editor, gate, replace_update
+from optgen.transforms.option import integer_at_least
 
 NAME = "gradient_accumulation_steps"
 ACCUMULATOR = "grad_accumulator"
+OPTIONS = (integer_at_least(NAME, 2),)
 
 
 def updates_before(ed: Editor) -> Value:
@@ -26,7 +28,11 @@ def updates_before(ed: Editor) -> Value:
     return ed.op("div", ed.op("sub", calls, ed.op("mod", calls, k)), k)
 
 
-def apply(program: Program) -> Program:
+def enabled(variant) -> bool:
+    return variant[NAME] is not None
+
+
+def apply(program: Program, variant) -> Program:
     ed = Editor(program.update, NAME)
     k, g = ed.add_input(NAME, "step"), ed.input("g")
     acc = ed.add_input(ACCUMULATOR, "tensor")

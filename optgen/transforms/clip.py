@@ -10,9 +10,11 @@ Each adds a hyperparameter of its own name ``c`` and replaces ``g`` in the updat
 
 from __future__ import annotations
 
+from optgen.diagnostics import SpecError
 from optgen.ir import Program, Value
 from optgen.lower import builtin_call
 from optgen.transforms.edit import Editor, replace_update
+from optgen.transforms.option import positive
 
 
 def _clipnorm(ed: Editor, g: Value, c: Value) -> Value:
@@ -30,10 +32,23 @@ def _clipvalue(ed: Editor, g: Value, c: Value) -> Value:
 
 
 RULES = {"clipnorm": _clipnorm, "global_clipnorm": _global_clipnorm, "clipvalue": _clipvalue}
+OPTIONS = tuple(positive(name) for name in RULES)
 
 
-def apply(program: Program, name: str) -> Program:
-    """``program`` with its gradient clipped by the rule ``name`` (a key of :data:`RULES`)."""
+def check(settings: dict) -> None:
+    clips = [name for name in RULES if name in settings]
+    if len(clips) > 1:
+        raise SpecError(f"only one of clipnorm, clipvalue and global_clipnorm can be set, got {', '.join(clips)}",
+                        hint="as in Keras; chain optax.clip_by_global_norm in front for a second clip", code="E340")
+
+
+def enabled(variant) -> bool:
+    return any(variant[name] is not None for name in RULES)
+
+
+def apply(program: Program, variant) -> Program:
+    """``program`` with its gradient clipped by the rule the variant sets (one of :data:`RULES`)."""
+    name = next(name for name in RULES if variant[name] is not None)
     ed = Editor(program.update, name)
     g = RULES[name](ed, ed.input("g"), ed.add_input(name, "step"))
     return replace_update(program, ed.finish(ed.body({"g": g})), name)

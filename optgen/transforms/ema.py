@@ -14,17 +14,30 @@ are hyperparameters; the average is the state ``ema``, initialized to ``p``.
 
 from __future__ import annotations
 
+from optgen.diagnostics import SpecError
 from optgen.ir import Program
 from optgen.transforms.accumulate import updates_before
 from optgen.transforms.edit import Editor, replace_update
+from optgen.transforms.option import boolean, fraction, integer_at_least
 
 NAME = "use_ema"
 AVERAGE = "ema"
+OPTIONS = (boolean(NAME), fraction("ema_momentum", 0.99), integer_at_least("ema_overwrite_frequency", 1))
 
 
-def apply(program: Program, overwrite: bool) -> Program:
+def check(settings: dict) -> None:
+    if ("ema_momentum" in settings or "ema_overwrite_frequency" in settings) and not settings.get(NAME):
+        raise SpecError("ema_momentum and ema_overwrite_frequency need use_ema=True", code="E341")
+
+
+def enabled(variant) -> bool:
+    return variant[NAME]
+
+
+def apply(program: Program, variant) -> Program:
     ed = Editor(program.update, NAME)
     momentum, average = ed.add_input("ema_momentum", "step"), ed.add_input(AVERAGE, "tensor")
+    overwrite = variant["ema_overwrite_frequency"] is not None
     frequency = ed.add_input("ema_overwrite_frequency", "step") if overwrite else None
     before = updates_before(ed)
     outputs = ed.body()

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from optgen.ir import Program
 from optgen.transforms.edit import Editor, replace_update
+from optgen.transforms.option import positive
 
 NAME = "loss_scale_factor"
+OPTIONS = (positive(NAME),)
 
 
-def apply(program: Program) -> Program:
+def enabled(variant) -> bool:
+    return variant[NAME] is not None
+
+
+def apply(program: Program, variant) -> Program:
     ed = Editor(program.update, NAME)
     g = ed.op("div", ed.input("g"), ed.add_input(NAME, "step"))
     return replace_update(program, ed.finish(ed.body({"g": g})), NAME)

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 from optgen.ir import Program
 from optgen.transforms.edit import Editor, gate, replace_update
+from optgen.transforms.option import boolean
 
 NAME = "skip_nonfinite"
 COUNT = "total_notfinite"
+OPTIONS = (boolean(NAME),)
 
 
-def apply(program: Program) -> Program:
+def enabled(variant) -> bool:
+    return variant[NAME]
+
+
+def apply(program: Program, variant) -> Program:
     ed = Editor(program.update, NAME)
     skipped = ed.add_input(COUNT, "step")
     zero, one = ed.const(0.0), ed.const(1.0)
