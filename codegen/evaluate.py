@@ -8,7 +8,14 @@ so both give ops the same meaning. Each IR value becomes, by its extent:
 - ``leaf``: one scalar per parameter, in that parameter's compute dtype;
 - ``row``, ``col``: one array per parameter, with the axes they reduce kept as size 1
   (which axes, per parameter, is :class:`~optgen.types.Factoring`'s choice);
-- ``tensor``: one array per parameter, in that parameter's compute dtype.
+- ``tensor``: one array per parameter, in that parameter's compute dtype;
+- ``cr``, ``rr``, ``cc``: one array per matrix parameter, its batch axes followed by the two
+  matrix axes the extent names (``rr``: rows x rows).
+
+What a parameter's shape decides is decided when the step is traced (:class:`_Plan`): the
+shape constants (``dim``) and what is computed from them alone are Python numbers per
+parameter, and at a ``select`` on such a number only the chosen operand is computed for
+that parameter, so a matrix branch never runs on a vector.
 
 A parameter's compute dtype is its storage dtype widened to at least float32: low
 precision values are loaded, computed in float32, and rounded once on store.
@@ -21,9 +28,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from optgen.diagnostics import SpecError
+from optgen.diagnostics import InputError, SpecError
 from optgen.ir import Function, Loc, Op, Value, dependencies
-from optgen.types import NOT_FACTORED, Factoring
+from optgen.ops import OPS
+from optgen.types import MATRIX_AXES, NOT_FACTORED, Factoring
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -48,8 +56,12 @@ class Backend(Protocol):
     def shape_of(self, x) -> tuple[int, ...]: ...
     def reduce_sum(self, x): ...
     def mean(self, x, axes: tuple[int, ...]): ...
+    def reduce_max(self, x, axes: tuple[int, ...]): ...
     def size(self, x, dtype: np.dtype): ...
     def barrier(self, xs: list) -> list: ...
+    def matmul(self, x, y): ...
+    def transpose(self, x): ...
+    def dim(self, x, axis: int, dtype: np.dtype): ...
 
 
 def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], scalars: dict,
@@ -78,6 +90,7 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
     params = tensors["p"]
     dtypes = [compute_dtype(backend.dtype_of(x)) for x in params]
     layout = _Layout(backend, params, factoring)
+    plan = _Plan(func, layout)
     env: dict[int, object] = {}
     for value in func.inputs:
         if value.type.extent == "step":
@@ -85,7 +98,7 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
         else:
             env[id(value)] = [layout.load(backend.convert(x, dt), i, value.type.extent)
                               for i, (x, dt) in enumerate(zip(tensors[value.name], dtypes, strict=True))]
-    leaf_view = _LeafView(func, backend, env, dtypes, layout)
+    leaf_view = _LeafView(func, backend, env, dtypes, layout, plan)
     for op in func.ops:
         _compute(op, backend, env, leaf_view, step_dtype)
 
@@ -93,7 +106,7 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
     if per_output:
         for name, value in func.outputs[1:]:
             if value.type.extent == "tensor":
-                envs[name] = _recompute_tensors(func, value, backend, env, step_dtype, dtypes, layout)
+                envs[name] = _recompute_tensors(func, value, backend, env, step_dtype, dtypes, layout, plan)
 
     outputs = {}
     for name, value in func.outputs:
@@ -101,7 +114,7 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
         if extent == "step":
             outputs[name] = [backend.convert(env[id(value)], out_dtypes[name][0])]
             continue
-        view = _LeafView(func, backend, envs[name], dtypes, layout)
+        view = _LeafView(func, backend, envs[name], dtypes, layout, plan)
         per_leaf = [layout.store(view(value, i, extent), i, extent) for i in range(len(params))]
         if name == delta_output:
             old = env[id(func.input(name))]
@@ -122,8 +135,20 @@ class _Layout:
         return self.axes[i].get(extent, ())
 
     def kept_shape(self, i: int, extent: str) -> tuple[int, ...]:
+        """The shape of a value of ``extent``: a row or col value's reduced axes are kept as size 1."""
+        shape = self.shapes[i]
+        if extent in ("cr", "rr", "cc"):
+            sizes = {"r": shape[-2], "c": shape[-1]}
+            return (*shape[:-2], *(sizes[axis] for axis in MATRIX_AXES[extent]))
         axes = self.reduced(i, extent)
-        return tuple(1 if axis in axes else n for axis, n in enumerate(self.shapes[i]))
+        return tuple(1 if axis in axes else n for axis, n in enumerate(shape))
+
+    def dim(self, i: int, name: str) -> int | None:
+        """A shape constant of parameter ``i`` (optgen.ops.DIMS), or None where the shape is symbolic."""
+        shape = self.shapes[i]
+        size = {"ndim": len(shape), "rows": shape[-2] if len(shape) >= 2 else 1,
+                "cols": shape[-1] if shape else 1}[name]
+        return size if isinstance(size, int) and size >= 0 else None  # MLIR marks a symbolic size < 0
 
     def load(self, x, i: int, extent: str):
         """A stored row or col value with its reduced axes put back (size 1); others as they are."""
@@ -136,11 +161,77 @@ class _Layout:
         return self.backend.reshape(x, tuple(n for axis, n in enumerate(self.shapes[i]) if axis not in axes))
 
 
+class _Plan:
+    """What each parameter's shape decides when the step is traced.
+
+    ``static[i]`` holds, for parameter i, the value of every op computed from constants and
+    shape constants alone (``ndim == 2``); ``needed[i]`` the ids of the values parameter i
+    needs: walking back from the outputs, a ``select`` whose condition is in ``static[i]``
+    leads only to the operand it chooses. A per-step sum over parameters (``gsum``) needs its
+    operand on every parameter.
+    """
+
+    def __init__(self, func: Function, layout: "_Layout"):
+        n = len(layout.shapes)
+        self.static: list[dict[int, object]] = [{} for _ in range(n)]
+        for op in func.ops:
+            for i, known in enumerate(self.static):
+                value = _static_value(op, known, layout, i)
+                if value is not None:
+                    known[id(op.result)] = value
+        self.producers = {id(op.result): op for op in func.ops}
+        roots, extra = [v for _, v in func.outputs], []
+        while True:
+            self.needed = [self._walk(i, roots + extra) for i in range(n)]
+            wanted = {id(op.operands[0]): op.operands[0] for op in func.ops
+                      if op.opcode == "gsum" and any(id(op.result) in needed for needed in self.needed)}
+            if set(wanted) <= set(map(id, extra)):
+                break
+            extra = list(wanted.values())
+        # Per-step outputs are computed even with no parameters at all.
+        self.any_needed = set().union(self._walk(None, [v for _, v in func.outputs if v.type.extent == "step"]),
+                                      *self.needed)
+
+    def chosen(self, op: Op, i: int | None) -> Value | None:
+        """The operand a select takes for parameter i, if its condition is known when tracing."""
+        cond = self.static[i].get(id(op.operands[0])) if op.opcode == "select" and i is not None else None
+        return None if cond is None else op.operands[1] if cond else op.operands[2]
+
+    def _walk(self, i: int | None, roots) -> set[int]:
+        found, stack = set(), list(roots)
+        while stack:
+            value = stack.pop()
+            if id(value) in found:
+                continue
+            found.add(id(value))
+            op = self.producers.get(id(value))
+            if op is not None:
+                chosen = self.chosen(op, i)
+                stack.extend(op.operands if chosen is None else (chosen,))
+        return found
+
+
+def _static_value(op: Op, known: dict, layout: "_Layout", i: int):
+    """The value of ``op`` for parameter i if constants and shape constants decide it, else None."""
+    if op.opcode == "const":
+        return op.attr
+    if op.opcode == "dim":
+        return layout.dim(i, op.attr)
+    if OPS[op.opcode].numpy is None or not all(id(v) in known for v in op.operands):
+        return None
+    args = [np.asarray(known[id(v)], dtype=bool if isinstance(known[id(v)], bool) else np.float64)
+            for v in op.operands]
+    with np.errstate(all="ignore"):
+        result = OPS[op.opcode].numpy(*args)
+    return bool(result) if op.result.type.kind == "bool" else float(result)
+
+
 class _LeafView:
     """A value as parameter i sees it, widened to an extent; step scalars are converted once per leaf."""
 
-    def __init__(self, func: Function, backend: Backend, env: dict, dtypes: list[np.dtype], layout: _Layout):
-        self.backend, self.env, self.dtypes, self.layout = backend, env, dtypes, layout
+    def __init__(self, func: Function, backend: Backend, env: dict, dtypes: list[np.dtype], layout: _Layout,
+                 plan: _Plan):
+        self.backend, self.env, self.dtypes, self.layout, self.plan = backend, env, dtypes, layout, plan
         self.params = env[id(func.input("p"))]
         self.converted: dict[tuple[int, int], object] = {}
 
@@ -154,7 +245,7 @@ class _LeafView:
         else:
             x = x[i]
         source = value.type.extent
-        if extent in ("step", "leaf") or source == "tensor":
+        if extent in ("step", "leaf") or source == "tensor" or (source == extent and extent in ("cr", "rr", "cc")):
             return x
         target = self.layout.kept_shape(i, extent)
         if source in ("row", "col") and self.backend.shape_of(x) == target:
@@ -179,36 +270,84 @@ def _expect_representable(op: Op, dtype: np.dtype) -> None:
                          "or float64 parameters (jax_enable_x64)", code="E225")
 
 
+def _gsum(op, backend, env, view, step_dtype):
+    parts = [backend.convert(x, step_dtype) for x in env[id(op.operands[0])]]
+    total = parts[0]
+    for part in parts[1:]:
+        total = backend.apply("add", [total, part])
+    return total
+
+
+def _dim(op, backend, view, i):
+    size = view.layout.dim(i, op.attr)
+    if size is not None:
+        return backend.constant(float(size), view.dtypes[i])
+    rank = len(view.layout.shapes[i])  # a symbolic axis: read it at run time
+    return backend.dim(view.params[i], rank - (2 if op.attr == "rows" else 1), view.dtypes[i])
+
+
+def _matrices(op, view, i):
+    """The operands of a matrix op for parameter i, which must be a matrix (at least two axes)."""
+    shape = view.layout.shapes[i]
+    if len(shape) < 2:
+        where = f" at {op.loc.file}:{op.loc.line}:{op.loc.col}" if op.loc else ""
+        raise InputError(f"a parameter of shape {tuple(shape)} reaches the matrix op '{op.opcode}'{where}, "
+                         "but it is not a matrix (it needs at least two axes)",
+                         hint="choose by shape in the spec: 'if ndim == 2:' ... 'else:' ...", code="E360")
+    return [view(v, i, v.type.extent) for v in op.operands]
+
+
+def _operand(op, view, i):
+    return view.env[id(op.operands[0])][i]
+
+
+# How the evaluator applies each structural op of the op table (those without a NumPy meaning):
+# once per parameter that needs it, except gsum, which sums a per-parameter value into one.
+PER_LEAF = {
+    "dim": _dim,
+    "matmul": lambda op, backend, view, i: backend.matmul(*_matrices(op, view, i)),
+    "transpose": lambda op, backend, view, i: backend.transpose(*_matrices(op, view, i)),
+    "row_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "row")),
+    "col_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "col")),
+    "row_max": lambda op, backend, view, i: backend.reduce_max(_operand(op, view, i), view.layout.reduced(i, "row")),
+    "col_max": lambda op, backend, view, i: backend.reduce_max(_operand(op, view, i), view.layout.reduced(i, "col")),
+    "sum": lambda op, backend, view, i: backend.reduce_sum(_operand(op, view, i)),
+    "size": lambda op, backend, view, i: backend.size(_operand(op, view, i), view.dtypes[i]),
+}
+STRUCTURAL = set(PER_LEAF) | {"gsum"}
+
+
 def _compute(op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dtype: np.dtype) -> None:
-    """Evaluate one op into ``env``: once for step values, once per parameter otherwise."""
-    extent = op.result.type.extent
+    """Evaluate one op into ``env``: once for step values, once per parameter otherwise, and only
+    where a parameter needs it (:class:`_Plan`)."""
+    extent, plan = op.result.type.extent, leaf_view.plan
+    if id(op.result) not in plan.any_needed:
+        return
     with backend.at(op.loc):
         if op.opcode == "const":
             _expect_representable(op, step_dtype)
             env[id(op.result)] = backend.constant(op.attr, step_dtype)
         elif op.opcode == "gsum":
-            parts = [backend.convert(x, step_dtype) for x in env[id(op.operands[0])]]
-            total = parts[0]
-            for part in parts[1:]:
-                total = backend.apply("add", [total, part])
-            env[id(op.result)] = total
-        elif op.opcode in ("row_mean", "col_mean"):
-            axes = "row" if op.opcode == "row_mean" else "col"
-            env[id(op.result)] = [backend.mean(x, leaf_view.layout.reduced(i, axes))
-                                  for i, x in enumerate(env[id(op.operands[0])])]
-        elif op.opcode in ("sum", "size"):
-            source = env[id(op.operands[0])]
-            env[id(op.result)] = [backend.reduce_sum(x) if op.opcode == "sum"
-                                  else backend.size(x, leaf_view.dtypes[i]) for i, x in enumerate(source)]
+            env[id(op.result)] = _gsum(op, backend, env, leaf_view, step_dtype)
+        elif op.opcode in PER_LEAF:
+            env[id(op.result)] = [PER_LEAF[op.opcode](op, backend, leaf_view, i) if id(op.result) in needed else None
+                                  for i, needed in enumerate(plan.needed)]
         elif extent == "step":
             env[id(op.result)] = backend.apply(op.opcode, [env[id(v)] for v in op.operands])
         else:
-            env[id(op.result)] = [backend.apply(op.opcode, [leaf_view(v, i, extent) for v in op.operands])
-                                  for i in range(len(leaf_view.dtypes))]
+            env[id(op.result)] = [_elementwise(op, backend, leaf_view, i, extent) if id(op.result) in needed else None
+                                  for i, needed in enumerate(plan.needed)]
+
+
+def _elementwise(op: Op, backend: Backend, leaf_view: _LeafView, i: int, extent: str):
+    chosen = leaf_view.plan.chosen(op, i)
+    if chosen is not None:  # a select on the parameter's shape: only the branch it takes exists
+        return leaf_view(chosen, i, extent)
+    return backend.apply(op.opcode, [leaf_view(v, i, extent) for v in op.operands])
 
 
 def _recompute_tensors(func: Function, output: Value, backend: Backend, env: dict, step_dtype: np.dtype,
-                       dtypes: list[np.dtype], layout: "_Layout") -> dict:
+                       dtypes: list[np.dtype], layout: "_Layout", plan: _Plan) -> dict:
     """A copy of ``env`` in which the tensor ops ``output`` depends on are recomputed from fresh inputs."""
     needed = dependencies(func, [output], follow=lambda value: value.type.extent == "tensor")
     fresh = dict(env)
@@ -216,7 +355,7 @@ def _recompute_tensors(func: Function, output: Value, backend: Backend, env: dic
     flat = backend.barrier([x for v in inputs for x in env[id(v)]])
     for k, value in enumerate(inputs):
         fresh[id(value)] = flat[k * len(dtypes):(k + 1) * len(dtypes)]
-    view = _LeafView(func, backend, fresh, dtypes, layout)
+    view = _LeafView(func, backend, fresh, dtypes, layout, plan)
     for op in func.ops:
         if id(op.result) in needed:
             _compute(op, backend, fresh, view, step_dtype)

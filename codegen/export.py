@@ -46,9 +46,9 @@ def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[
     """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"`` (a factored
     spec needs sizes, not names, for two or more dims: which axes are factored depends on them)."""
     dims = jax.export.symbolic_shape(shape)
-    # Row and col states drop the axes they reduce, as the step decides from the shape (an
-    # unfactored tensor is one column: a row value is all of it, a col value one number).
-    reduced = dict(zip(("row", "col"), program.factoring.axes(dims), strict=True))
+    # Row and col states are stored without the axes they reduce (a vector is never factored:
+    # its row value is all of it, its col value one number).
+    reduced = dict(zip(("row", "col"), program.factoring.axes(tuple(dims)), strict=True))
     shapes = {"step": (), "leaf": (), "tensor": dims} | {
         extent: tuple(d for axis, d in enumerate(dims) if axis not in axes) for extent, axes in reduced.items()}
     return {v.name: jax.ShapeDtypeStruct(shapes[v.type.extent], state_dtypes.get(v.name, scalar_dtype(dtype)

@@ -13,17 +13,11 @@ import numpy as np
 
 from optgen.codegen.evaluate import evaluate
 from optgen.ir import Function
+from optgen.ops import OPS
 from optgen.types import NOT_FACTORED, Factoring
 
-# The meaning of every IR op on NumPy values; fold uses it too.
-NUMPY_OPS = {
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "pow": np.power,
-    "max": np.maximum, "min": np.minimum, "neg": np.negative, "sqrt": np.sqrt,
-    "rsqrt": lambda x: 1 / np.sqrt(x), "abs": np.abs, "sign": np.sign, "exp": np.exp,
-    "log": np.log, "mod": np.fmod, "isfinite": np.isfinite, "lt": np.less, "le": np.less_equal, "gt": np.greater,
-    "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal, "and": np.logical_and,
-    "or": np.logical_or, "not": np.logical_not, "select": np.where,
-}
+# The meaning of every elementwise IR op on NumPy values: the op table's NumPy column.
+NUMPY_OPS = {name: op.numpy for name, op in OPS.items() if op.numpy is not None}
 
 
 class NumpyBackend:
@@ -70,23 +64,39 @@ class NumpyBackend:
     def mean(self, x, axes):
         return self.xp.mean(x, axis=axes, keepdims=True, dtype=self.xp.asarray(x).dtype) if axes else x
 
+    def reduce_max(self, x, axes):
+        return self.xp.max(x, axis=axes, keepdims=True) if axes else x
+
     def size(self, x, dtype):
         return self.xp.asarray(self.xp.size(x), dtype=dtype)
 
     def barrier(self, xs):
         return list(xs)
 
+    def matmul(self, x, y):
+        with np.errstate(all="ignore"):
+            return self.xp.matmul(x, y)
+
+    def transpose(self, x):
+        return self.xp.swapaxes(x, -1, -2)
+
+    def dim(self, x, axis, dtype):
+        return self.xp.asarray(self.xp.shape(x)[axis], dtype=dtype)
+
 
 def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
               dtype=np.float64, delta_output: str | None = None,
-              factoring: Factoring = NOT_FACTORED) -> dict[str, list[np.ndarray]]:
+              factoring: Factoring = NOT_FACTORED, out_extents: dict[str, str] | None = None,
+              ) -> dict[str, list[np.ndarray]]:
     """Run ``func`` with every value computed in ``dtype``; outputs are returned in ``dtype`` too.
 
     ``tensors`` maps each tensor input (``p``, ``g``, states) to one array per
-    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number.
+    parameter; ``scalars`` maps ``t`` and each hyperparameter to a number. ``out_extents``
+    and ``factoring`` as in :func:`codegen.evaluate.evaluate` (by default every output is
+    stored per element).
     """
     dtype = np.dtype(dtype)
     tensors = {k: [np.asarray(x, dtype) for x in v] for k, v in tensors.items()}
     out_dtypes = {name: [dtype] * len(tensors["p"]) for name, _ in func.outputs}
     return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output,
-                    factoring=factoring)
+                    out_extents=out_extents, factoring=factoring)

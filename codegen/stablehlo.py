@@ -15,12 +15,23 @@ from jaxlib.mlir.dialects import stablehlo as hlo
 from optgen.ir import Loc
 from optgen.types import DTYPES
 
-_BINARY = {"add": hlo.AddOp, "sub": hlo.SubtractOp, "mul": hlo.MulOp, "div": hlo.DivOp,
-           "pow": hlo.PowOp, "max": hlo.MaxOp, "min": hlo.MinOp, "mod": hlo.RemOp, "and": hlo.AndOp, "or": hlo.OrOp}
-_UNARY = {"neg": hlo.NegOp, "sqrt": hlo.SqrtOp, "rsqrt": hlo.RsqrtOp, "abs": hlo.AbsOp,
-          "sign": hlo.SignOp, "exp": hlo.ExpOp, "log": hlo.LogOp, "not": hlo.NotOp,
-          "isfinite": hlo.IsFiniteOp}
-_COMPARE = {"lt": "LT", "le": "LE", "gt": "GT", "ge": "GE", "eq": "EQ", "ne": "NE"}
+
+def _compare(direction):
+    def emit(x, y):
+        return hlo.CompareOp(x, y, hlo.ComparisonDirectionAttr.get(direction),
+                             compare_type=hlo.ComparisonTypeAttr.get("FLOAT"))
+    return emit
+
+
+# How each elementwise op of the op table (optgen/ops.py) is emitted: the op's operands -> an MLIR op.
+EMIT = {
+    "add": hlo.AddOp, "sub": hlo.SubtractOp, "mul": hlo.MulOp, "div": hlo.DivOp, "pow": hlo.PowOp,
+    "max": hlo.MaxOp, "min": hlo.MinOp, "mod": hlo.RemOp, "and": hlo.AndOp, "or": hlo.OrOp,
+    "neg": hlo.NegOp, "sqrt": hlo.SqrtOp, "rsqrt": hlo.RsqrtOp, "abs": hlo.AbsOp, "sign": hlo.SignOp,
+    "exp": hlo.ExpOp, "log": hlo.LogOp, "tanh": hlo.TanhOp, "not": hlo.NotOp, "isfinite": hlo.IsFiniteOp,
+    "lt": _compare("LT"), "le": _compare("LE"), "gt": _compare("GT"), "ge": _compare("GE"),
+    "eq": _compare("EQ"), "ne": _compare("NE"), "select": hlo.SelectOp,
+}
 
 
 def _tensor_type(value) -> ir.RankedTensorType:
@@ -44,15 +55,7 @@ class StableHLOBackend:
         return mlir.ir_constant(array)
 
     def apply(self, opcode, operands):
-        if opcode in _BINARY:
-            return _BINARY[opcode](*operands).result
-        if opcode in _UNARY:
-            return _UNARY[opcode](*operands).result
-        if opcode in _COMPARE:
-            direction = hlo.ComparisonDirectionAttr.get(_COMPARE[opcode])
-            return hlo.CompareOp(*operands, direction, compare_type=hlo.ComparisonTypeAttr.get("FLOAT")).result
-        assert opcode == "select", opcode
-        return hlo.SelectOp(*operands).result
+        return EMIT[opcode](*operands).result
 
     def convert(self, x, dtype):
         source = _tensor_type(x)
@@ -83,16 +86,26 @@ class StableHLOBackend:
 
     def reduce_sum(self, x, axes=None):
         """The sum of ``x`` over ``axes`` (default: all), which are dropped."""
+        return self._reduce(x, axes, 0.0, hlo.AddOp)
+
+    def reduce_max(self, x, axes):
+        """The maximum of ``x`` over ``axes``, kept as size-1 axes (static shapes)."""
+        if not axes:
+            return x
+        kept = [1 if axis in axes else n for axis, n in enumerate(_tensor_type(x).shape)]
+        return self.reshape(self._reduce(x, axes, -np.inf, hlo.MaxOp), kept)
+
+    def _reduce(self, x, axes, init: float, combine):
         source = _tensor_type(x)
         axes = list(range(source.rank)) if axes is None else list(axes)
         kept = [n for axis, n in enumerate(source.shape) if axis not in axes]
         result = ir.RankedTensorType.get(kept, source.element_type)
         scalar = ir.RankedTensorType.get([], source.element_type)
-        zero = mlir.ir_constant(np.zeros((), self.dtype_of(x)))
-        reduce = hlo.ReduceOp([result], [x], [zero], mlir.dense_int_array(axes))
+        start = mlir.ir_constant(np.full((), init, self.dtype_of(x)))
+        reduce = hlo.ReduceOp([result], [x], [start], mlir.dense_int_array(axes))
         block = reduce.body.blocks.append(scalar, scalar)
         with ir.InsertionPoint(block):
-            hlo.ReturnOp([hlo.AddOp(*block.arguments).result])
+            hlo.ReturnOp([combine(*block.arguments).result])
         return reduce.result
 
     def mean(self, x, axes):
@@ -122,6 +135,25 @@ class StableHLOBackend:
     def barrier(self, xs):
         """The same values, hidden from XLA's CSE (the barrier itself costs nothing at run time)."""
         return list(hlo.OptimizationBarrierOp(xs).results) if xs else []
+
+    def matmul(self, x, y):
+        """``x @ y`` over the last two axes, batched over the leading ones (stablehlo.dot_general)."""
+        lhs, rhs = _tensor_type(x), _tensor_type(y)
+        batch = list(range(lhs.rank - 2))
+        result = ir.RankedTensorType.get([*lhs.shape[:-1], rhs.shape[-1]], lhs.element_type)
+        dims = hlo.DotDimensionNumbers.get(lhs_batching_dimensions=batch, rhs_batching_dimensions=batch,
+                                           lhs_contracting_dimensions=[lhs.rank - 1],
+                                           rhs_contracting_dimensions=[rhs.rank - 2])
+        return hlo.DotGeneralOp(result, x, y, dims).result
+
+    def transpose(self, x):
+        """``x`` with its last two axes swapped."""
+        source = _tensor_type(x)
+        order = [*range(source.rank - 2), source.rank - 1, source.rank - 2]
+        return hlo.TransposeOp(x, mlir.dense_int_array(order)).result
+
+    def dim(self, x, axis, dtype):
+        return self.convert(hlo.GetDimensionSizeOp(x, axis).result, dtype)
 
     def _shape_of(self, x):
         if x not in self._shapes:

@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optgen import syntax as ast
-from optgen.builtins import BUILTINS
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.hazards import analyze
-from optgen.types import DTYPES, EXTENTS, Type, fits, widest
+from optgen.ops import FUNCTIONS, SHAPE_CONSTANTS
+from optgen.types import DTYPES, STATE_EXTENTS, ExtentError, Type, fits, matmul_extent, widest
 
-RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"}
-OPTION = Type("step", "option")  # a compile-time flag: only `if` may test it
+RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"} | {
+    name: "a shape constant" for name in SHAPE_CONSTANTS}
+OPTION = Type("step", "option")
+_COMPARE = ("<", "<=", ">", ">=", "==", "!=")  # a compile-time flag: only `if` may test it
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class CheckedSpec:
     state_extents: dict[str, str]  # step, leaf or tensor: how many copies of each state there are
     state_dtypes: dict[str, str | None]  # each state's declared storage dtype, if any
     warnings: tuple[SpecError, ...] = ()  # hazards that do not stop compilation (W codes)
+    readonly: frozenset[str] = frozenset()  # states initialized once and never written
 
     @property
     def name(self) -> str:
@@ -52,6 +55,9 @@ class _Checker:
         self.assigned: set[str] = set()
         self.extents: dict[str, str] = {}
         self.dtypes: dict[str, str | None] = {}
+        self.readonly: set[str] = set()
+        self.conflicts: dict[str, ast.If] = {}  # names whose two branches gave different matrix extents
+        self.shape_ifs = 0  # how many ifs on shape constants enclose the statement being checked
 
     def error(self, message: str, span, hint: str | None = None, *, code: str | None = None) -> SpecError:
         return SpecError(message, self.spec.source, span, hint, code=code)
@@ -65,29 +71,35 @@ class _Checker:
             raise self.error("the spec has no 'update:' block", spec.name.span,
                              "add 'update:' followed by indented statements that assign p", code="E201")
         env = {name: Type("tensor") for name in ("p", "g")} | {"t": Type("step")}
+        env |= {name: Type("leaf") for name in SHAPE_CONSTANTS}
         env |= {h.name.id: Type("step") for h in spec.hypers}
         env |= {o.name.id: OPTION for o in spec.options}
         env |= {name: Type(extent) for name, extent in self.extents.items()}
+        env |= {i.name.id: Type("tensor") for i in spec.inputs}
         self.block(spec.body, env)
+        for output in spec.outputs:
+            self.check_output(output, env)
         if "p" not in self.assigned:
             raise self.error("the update never assigns p", spec.update_span,
                              "end the update with 'p = p - ...'", code="E202")
         self.expect_p_always_assigned(spec.body)
         for state in spec.states:
-            if state.name.id not in self.assigned:
+            if state.name.id not in self.assigned and state.name.id not in self.readonly:
                 raise self.error(f"state '{state.name.id}' is never updated", state.name.span,
-                                 f"assign '{state.name.id} = ...' in the update, or remove the state",
+                                 f"assign '{state.name.id} = ...' in the update, declare it "
+                                 f"'state {state.name.id}: readonly' if it keeps its initial value, or remove the state",
                                  code="E203")
         return CheckedSpec(spec, {h.name.id: h.default for h in spec.hypers},
                            {o.name.id: o.default for o in spec.options}, spec.states,
-                           self.extents, self.dtypes, analyze(spec))
+                           self.extents, self.dtypes, analyze(spec), frozenset(self.readonly))
 
     def declare(self) -> None:
         from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS  # here: transforms import the lowering
 
         seen: dict[str, str] = {}
-        decls = [(d.name, kind) for kind, group in (("hyper", self.spec.hypers),
-                 ("option", self.spec.options), ("state", self.spec.states)) for d in group]
+        decls = [(d.name, kind) for kind, group in (("hyper", self.spec.hypers), ("option", self.spec.options),
+                 ("state", self.spec.states), ("input", self.spec.inputs), ("output", self.spec.outputs))
+                 for d in group]
         for name, kind in decls:
             if name.id in RESERVED:
                 raise self.error(f"'{name.id}' is reserved for {RESERVED[name.id]}", name.span,
@@ -106,25 +118,41 @@ class _Checker:
         extent, dtype = "tensor", None
         seen: set[str] = set()
         for q in state.qualifiers:
-            group = "shape" if q.id in EXTENTS else "dtype" if q.id in DTYPES else None
+            group = "shape" if q.id in STATE_EXTENTS else "dtype" if q.id in DTYPES else \
+                "access" if q.id == "readonly" else None
             if group is None:
                 raise self.error(f"unknown state shape or storage dtype '{q.id}'", q.span,
-                                 did_you_mean(q.id, [*EXTENTS, *DTYPES])
-                                 or f"a shape is one of {', '.join(EXTENTS)}; a dtype one of {', '.join(DTYPES)}", code="E206")
+                                 did_you_mean(q.id, [*STATE_EXTENTS, *DTYPES, "readonly"])
+                                 or f"a shape is one of {', '.join(STATE_EXTENTS)}; a dtype one of {', '.join(DTYPES)}; "
+                                    "or readonly", code="E206")
             if group in seen:
                 raise self.error(f"state '{name}' has a second {group} '{q.id}'", q.span,
                                  f"give at most one {group}", code="E219")
             seen.add(group)
             if group == "shape":
                 extent = q.id
-            else:
+            elif group == "dtype":
                 dtype = q.id
+            else:
+                self.readonly.add(name)
         self.extents[name], self.dtypes[name] = extent, dtype
         if extent in ("row", "col"):
             self.expect_factoring(state.qualifiers[0].span if state.qualifiers else state.name.span)
         env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}
         init = self.expect_float(state.init, env, "a state's initial value")
         self.expect_fits(state.init, init, name, extent)
+
+    def check_output(self, output: ast.Output, update_env: dict[str, Type]) -> None:
+        """An output is computed from p, t, the states, hyperparameters and shape constants, after a step."""
+        env = {name: ty for name, ty in update_env.items()
+               if name in ("p", "t") or self.declared_kind(name) in ("hyper", "state") or name in SHAPE_CONSTANTS}
+        env = {name: ty for name, ty in env.items() if self.declared_kind(name) != "input"}
+        env |= {name: Type(extent) for name, extent in self.extents.items()}
+        ty = self.expect_float(output.value, env, "an output")
+        if not fits(ty.extent, "tensor"):
+            raise self.error(f"output '{output.name.id}' is one value per element of its parameter, but this value "
+                             f"has one per {ty.extent}", output.value.span,
+                             "multiply a matrix value into a tensor first", code="E237")
 
     def expect_factoring(self, span) -> None:
         """Row and column values need the factoring rule's two options, with optax's names."""
@@ -149,9 +177,27 @@ class _Checker:
         for stmt in stmts:
             if isinstance(stmt, ast.Assign):
                 self.assign(stmt, env)
+            elif isinstance(stmt, ast.Repeat):
+                self.repeat(stmt, env)
             else:
                 self.if_stmt(stmt, env)
         return env
+
+    def repeat(self, stmt: ast.Repeat, env: dict[str, Type]) -> None:
+        count = stmt.count
+        if isinstance(count, ast.Name):
+            if self.declared_kind(count.id) != "option" or isinstance(self.option_default(count.id), bool):
+                raise self.error(f"'repeat {count.id}' needs a number fixed at compile time", count.span,
+                                 f"write a count (repeat 5:) or declare 'option {count.id} = 5'", code="E234")
+            value = self.option_default(count.id)
+        else:
+            value = count.value
+        if value < 1 or value != int(value):
+            raise self.error(f"a repeat count is a positive whole number, got {value:g}", count.span,
+                             "for example: repeat 5:", code="E234")
+        # Twice: the second pass sees the types the first one left (a loop-carried value may widen).
+        self.block(stmt.body, env)
+        self.block(stmt.body, env)
 
     def assign(self, stmt: ast.Assign, env: dict[str, Type]) -> None:
         name = stmt.target
@@ -163,7 +209,18 @@ class _Checker:
             raise self.error(f"cannot assign to {kind} '{name.id}'", name.span,
                              f"{kind}s are read-only in the update; assign to a new local name",
                              code="E208")
+        if kind == "input":
+            raise self.error(f"cannot assign to input '{name.id}': it arrives with the gradients", name.span,
+                             "assign to a new local name instead", code="E238")
         value = self.expect_float(stmt.value, env, "an assigned value")
+        if kind == "state" and name.id in self.readonly:
+            raise self.error(f"state '{name.id}' is read-only: it keeps its initial value", name.span,
+                             f"remove 'readonly' from 'state {name.id}' to update it, or assign to a new local name",
+                             code="E236")
+        if kind == "state" and self.shape_ifs and self.extents[name.id] == "step":
+            raise self.error(f"state '{name.id}' is one number per step, shared by every parameter, so it cannot "
+                             "be assigned under an 'if' on a parameter's shape", name.span,
+                             f"declare 'state {name.id}: leaf' to keep one per parameter", code="E235")
         if kind == "state":
             # A state keeps its declared shape, whatever narrower value is assigned to it.
             self.expect_fits(stmt.value, value, name.id, self.extents[name.id])
@@ -190,19 +247,33 @@ class _Checker:
 
     def if_stmt(self, stmt: ast.If, env: dict[str, Type]) -> None:
         self.check_condition(stmt.cond)
+        on_shapes = any(isinstance(n, ast.Name) and n.id in SHAPE_CONSTANTS for n in ast.walk(stmt.cond))
+        self.shape_ifs += on_shapes
         then = self.block(stmt.then, dict(env))
         orelse = self.block(stmt.orelse, dict(env))
-        # After the if, a name is defined only if both branches define it.
+        self.shape_ifs -= on_shapes
+        # After the if, a name is defined only if both branches define it (with extents that combine).
         for name in then.keys() & orelse.keys():
-            env[name] = Type(widest((then[name].extent, orelse[name].extent)), then[name].kind)
+            try:
+                env[name] = Type(widest((then[name].extent, orelse[name].extent)), then[name].kind)
+            except ExtentError:
+                env.pop(name, None)
+                self.conflicts[name] = stmt
 
     def check_condition(self, cond: ast.Expr) -> None:
-        for node in ast.walk(cond):
+        """An ``if`` tests options and, per parameter when the step is traced, its shape constants."""
+        stack = [cond]
+        while stack:
+            node = stack.pop()
             if isinstance(node, ast.Unary) and node.op == "not":
+                stack.append(node.operand)
                 continue
             if isinstance(node, ast.Binary) and node.op in ("and", "or"):
+                stack.extend((node.left, node.right))
                 continue
-            if isinstance(node, (ast.Bool,)):
+            if isinstance(node, ast.Bool):
+                continue
+            if isinstance(node, ast.Binary) and node.op in _COMPARE and self.is_shape_expr(node):
                 continue
             if isinstance(node, ast.Name) and self.declared_kind(node.id) == "option":
                 if not isinstance(self.option_default(node.id), bool):
@@ -211,9 +282,17 @@ class _Checker:
                 continue
             if isinstance(node, ast.Name) and node.id not in self.all_declared():
                 raise self.unknown_name(node, list(o.name.id for o in self.spec.options))
-            raise self.error("an 'if' tests options, which are fixed at compile time", node.span,
-                             "declare 'option NAME = false' to test it here; "
+            raise self.error("an 'if' tests options and shapes, which are fixed at compile time", node.span,
+                             "declare 'option NAME = false' to test it here, or compare shape constants "
+                             f"({', '.join(SHAPE_CONSTANTS)}: if ndim == 2:); "
                              "for a per-element choice use where(cond, a, b)", code="E210")
+
+    def is_shape_expr(self, expr: ast.Binary) -> bool:
+        """A comparison of numbers and shape constants (with + - * /): known per parameter at trace time."""
+        leaves = [n for n in ast.walk(expr) if not (isinstance(n, ast.Binary) and n.op in "+-*/")
+                  and not (isinstance(n, ast.Unary) and n.op == "-") and n is not expr]
+        return any(isinstance(n, ast.Name) for n in leaves) and all(
+            isinstance(n, ast.Number) or (isinstance(n, ast.Name) and n.id in SHAPE_CONSTANTS) for n in leaves)
 
     # -- expressions ----------------------------------------------------------------------
 
@@ -230,6 +309,10 @@ class _Checker:
         if isinstance(expr, ast.Bool):
             return Type("step", "bool")
         if isinstance(expr, ast.Name):
+            if expr.id not in env and expr.id in self.conflicts:
+                raise self.error(f"'{expr.id}' is a different kind of matrix in the two branches of the 'if' "
+                                 f"on line {self.conflicts[expr.id].span.line}", expr.span,
+                                 "use it inside each branch, or give the two values different names", code="E233")
             if expr.id not in env:
                 raise self.unknown_name(expr, env)
             if env[expr.id] is OPTION:
@@ -250,34 +333,53 @@ class _Checker:
         logical = expr.op in ("and", "or")
         for node, ty in ((expr.left, left), (expr.right, right)):
             self.expect_kind(node, ty, "bool" if logical else "float", f"'{expr.op}'")
-        kind = "bool" if logical or expr.op in ("<", "<=", ">", ">=", "==", "!=") else "float"
-        return Type(widest((left.extent, right.extent)), kind)
+        kind = "bool" if logical or expr.op in _COMPARE else "float"
+        if expr.op == "@":
+            try:
+                return Type(matmul_extent(left.extent, right.extent))
+            except ExtentError as err:
+                raise self.error(f"this matrix product does not fit: {err}", expr.span,
+                                 "a product takes matrices (per-element values of a matrix parameter) whose "
+                                 "inner axes agree: g @ transpose(g), transpose(g) @ g", code="E231") from None
+        return Type(self.combine(expr, (left.extent, right.extent)), kind)
+
+    def combine(self, expr: ast.Expr, extents) -> str:
+        try:
+            return widest(extents)
+        except ExtentError as err:
+            raise self.error(f"these values have different shapes: {err}", expr.span,
+                             "a Gram matrix (x @ transpose(x)) combines only with itself and with scalars; "
+                             "multiply it into a tensor first", code="E230") from None
 
     def call(self, expr: ast.Call, env: dict[str, Type]) -> Type:
-        fn = BUILTINS.get(expr.func.id)
+        fn = FUNCTIONS.get(expr.func.id)
         if fn is None:
             raise self.error(f"unknown function '{expr.func.id}'", expr.func.span,
-                             did_you_mean(expr.func.id, BUILTINS)
-                             or f"the functions are {', '.join(sorted(BUILTINS))}", code="E214")
+                             did_you_mean(expr.func.id, FUNCTIONS)
+                             or f"the functions are {', '.join(sorted(FUNCTIONS))}", code="E214")
         if len(expr.args) != fn.arity:
             s = "" if fn.arity == 1 else "s"
             raise self.error(f"{fn.name} takes {fn.arity} argument{s}, got {len(expr.args)}",
                              expr.span, f"{fn.name}: {fn.doc}", code="E215")
         types = [self.expr(arg, env) for arg in expr.args]
-        for i, (arg, ty) in enumerate(zip(expr.args, types, strict=True)):
-            self.expect_kind(arg, ty, "bool" if i in fn.bool_args else "float", fn.name)
-        if fn.reduces_to is None:
-            return Type(widest(ty.extent for ty in types))
-        accepted = ("tensor", "row") if fn.name == "col_mean" else ("tensor",) if fn.name == "row_mean" \
-            else ("tensor", "row", "col")
-        if types[0].extent not in accepted:
+        for arg, ty, kind in zip(expr.args, types, fn.operands, strict=True):
+            self.expect_kind(arg, ty, kind, fn.name)
+        if fn.extent is not None:
+            try:
+                return Type(fn.extent(*(ty.extent for ty in types)))
+            except ExtentError as err:
+                raise self.error(f"{fn.name}: {err}", expr.args[0].span,
+                                 f"pass a per-element value of a matrix parameter to {fn.name}", code="E231") from None
+        extent = self.combine(expr, (ty.extent for ty in types))
+        if fn.reduces is None:
+            return Type(extent)
+        if extent not in fn.reduces:
             raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
-                             f"one number per {types[0].extent}", expr.args[0].span,
+                             f"one number per {extent}", expr.args[0].span,
                              f"pass a per-element value such as g or p to {fn.name}", code="E216")
-        if fn.reduces_to in ("row", "col"):
+        if fn.reduces[extent] in ("row", "col"):
             self.expect_factoring(expr.func.span)
-            return Type("row" if types[0].extent == "row" else fn.reduces_to)
-        return Type(fn.reduces_to)
+        return Type(fn.reduces[extent])
 
     def expect_kind(self, node: ast.Expr, ty: Type, want: str, where: str) -> None:
         if ty.kind == want:
@@ -292,7 +394,7 @@ class _Checker:
 
     def declared_kind(self, name: str) -> str | None:
         for kind, group in (("hyper", self.spec.hypers), ("option", self.spec.options),
-                            ("state", self.spec.states)):
+                            ("state", self.spec.states), ("input", self.spec.inputs)):
             if any(d.name.id == name for d in group):
                 return kind
         return None
@@ -301,7 +403,7 @@ class _Checker:
         return next(o.default for o in self.spec.options if o.name.id == name)
 
     def all_declared(self) -> set[str]:
-        return {d.name.id for group in (self.spec.hypers, self.spec.options, self.spec.states)
+        return {d.name.id for group in (self.spec.hypers, self.spec.options, self.spec.states, self.spec.inputs)
                 for d in group} | set(RESERVED)
 
     def unknown_name(self, name: ast.Name, candidates) -> SpecError:

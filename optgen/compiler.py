@@ -55,6 +55,7 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
     passes = known_passes(passes)
     program = replace(lowered,
                       update=run_pipeline(lowered.update, passes, after_each),
-                      init=run_pipeline(lowered.init, passes, after_each))
+                      init=run_pipeline(lowered.init, passes, after_each),
+                      derived=lowered.derived and run_pipeline(lowered.derived, passes, after_each))
     return Compiled(checked, resolved, lowered, program, passes)
 

@@ -13,8 +13,8 @@ in ``[0, 1)``, and ``sqrt(nu_hat + eps_root)`` is safe once ``eps_root >= 0``.
 - ``sqrt``, ``rsqrt`` or ``log`` of a value that can be negative (NaN in float): warning W201;
 - a value that can be negative to a constant non-integer power (NaN in float): warning W202;
 - a constant expression that overflows float64 (``10^400``, ``exp(1000)``, ``log(0)``): error
-  E223; ``0^-1`` divides by zero: error E218. Constant parts are evaluated exactly, with the
-  op table the interpreter and folding use (:data:`optgen.codegen.interpret.NUMPY_OPS`).
+  E223; ``0^-1`` divides by zero: error E218. Constant parts are evaluated exactly, with each
+  op's NumPy meaning from the op table (the interpreter's and folding's).
 """
 
 from __future__ import annotations
@@ -24,15 +24,9 @@ import math
 import numpy as np
 
 from optgen import syntax as ast
-from optgen.builtins import BINARY_OPCODES, UNARY_OPCODES
-from optgen.codegen.interpret import NUMPY_OPS
 from optgen.diagnostics import SpecError
-from optgen.ir import FLOAT_OPS
+from optgen.ops import BINARY_OPCODES, FULL, FUNCTIONS, INF, NONNEG, OPS, SHAPE_CONSTANTS, UNARY_OPCODES, hull
 
-INF = math.inf
-FULL = (-INF, INF)
-NONNEG = (0.0, INF)
-_ROOTS = ("sqrt", "rsqrt", "log")
 
 
 def analyze(spec: ast.Spec) -> tuple[SpecError, ...]:
@@ -50,10 +44,6 @@ def _clean(lo: float, hi: float) -> tuple[float, float]:
     return (-INF if math.isnan(lo) else lo, INF if math.isnan(hi) else hi)
 
 
-def _hull(a, b):
-    return (min(a[0], b[0]), max(a[1], b[1]))
-
-
 def _mul(a, b):
     products = [x * y for x in a for y in b]
     products = [0.0 if math.isnan(p) else p for p in products]  # 0 * inf: a zero factor wins
@@ -68,13 +58,13 @@ class _Intervals:
 
     def run(self) -> tuple[SpecError, ...]:
         spec = self.spec
-        base = {"p": FULL, "g": FULL, "t": (1.0, INF)}
+        base = {"p": FULL, "g": FULL, "t": (1.0, INF)} | {name: NONNEG for name in SHAPE_CONSTANTS}
         base |= {h.name.id: (h.range.lo, h.range.hi) if h.range else FULL for h in spec.hypers}
         states = {s.name.id: self.expr(s.init, base) for s in spec.states}
         for _ in range(2 * len(states) + 1):  # each round widens at least one bound, or stops
             env = self.block(spec.body, base | states)
             moved = {name: tuple(b if b == old else w for b, old, w in
-                                 zip(_hull(iv, env.get(name, iv)), iv, (-INF, INF)))
+                                 zip(hull(iv, env.get(name, iv)), iv, (-INF, INF)))
                      for name, iv in states.items()}
             if moved == states:
                 break
@@ -90,10 +80,16 @@ class _Intervals:
         for stmt in stmts:
             if isinstance(stmt, ast.Assign):
                 env[stmt.target.id] = self.expr(stmt.value, env)
+            elif isinstance(stmt, ast.Repeat):  # a bound that moves in a second pass may move every pass
+                once = self.block(stmt.body, env)
+                twice = self.block(stmt.body, once)
+                env = {name: iv if once.get(name) == iv else (-INF if iv[0] != once[name][0] else iv[0],
+                                                              INF if iv[1] != once[name][1] else iv[1])
+                       for name, iv in twice.items()}
             else:  # options are not known here: either branch may run
                 then, orelse = self.block(stmt.then, env), self.block(stmt.orelse, env)
                 for name in then.keys() | orelse.keys():
-                    env[name] = _hull(then.get(name, env.get(name, FULL)), orelse.get(name, env.get(name, FULL)))
+                    env[name] = hull(then.get(name, env.get(name, FULL)), orelse.get(name, env.get(name, FULL)))
         return env
 
     def expr(self, node: ast.Expr, env: dict) -> tuple[float, float]:
@@ -130,11 +126,12 @@ class _Intervals:
         """The value of an arithmetic op on constants, if finite; an infinite one is an error."""
         opcode = (BINARY_OPCODES.get(node.op) if isinstance(node, ast.Binary) else UNARY_OPCODES.get(node.op)
                   if isinstance(node, ast.Unary) else node.func.id if isinstance(node, ast.Call) else None)
-        if opcode not in FLOAT_OPS or opcode not in NUMPY_OPS or not args \
+        op = OPS.get(opcode)
+        if op is None or op.numpy is None or op.result != "float" or "bool" in op.operands or not args \
                 or any(lo != hi or not math.isfinite(lo) for lo, hi in args):
             return None
         with np.errstate(all="ignore"):
-            value = float(NUMPY_OPS[opcode](*(np.float64(lo) for lo, _ in args)))
+            value = float(op.numpy(*(np.float64(lo) for lo, _ in args)))
         if math.isfinite(value) or math.isnan(value) or not self.report or opcode == "div":
             return value if math.isfinite(value) else None  # nan: the warnings say why; x / 0 is E218 below
         if opcode == "pow" and args[0][0] == 0:
@@ -173,26 +170,10 @@ class _Intervals:
         return FULL  # comparisons and logic: conditions, never arithmetic operands
 
     def call(self, node: ast.Call, args):
-        name = node.func.id
-        if name in _ROOTS and args[0][0] < 0 and self.report:
-            self.warn(node.args[0], f"{name} of a value that can be negative (nan in float)", code="W201")
-        if name in ("sqrt", "rsqrt", "abs", "exp", "norm", "global_norm", "rms"):
-            return NONNEG
-        if name == "sign":
-            return (-1.0, 1.0)
-        if name in ("max", "min"):
-            pick = max if name == "max" else min
-            return (pick(args[0][0], args[1][0]), pick(args[0][1], args[1][1]))
-        if name == "clip":
-            return (min(max(args[0][0], args[1][0]), args[2][0]), min(max(args[0][1], args[1][1]), args[2][1]))
-        if name == "where":
-            return _hull(args[1], args[2])
-        if name in ("mean", "row_mean", "col_mean"):  # a mean stays within its values' bounds
-            return args[0]
-        if name == "sum":
-            return NONNEG if args[0][0] >= 0 else FULL
-        return FULL  # log, and functions added later until they say otherwise
-
+        fn = FUNCTIONS[node.func.id]
+        if fn.domain_nonneg and args[0][0] < 0 and self.report:
+            self.warn(node.args[0], f"{fn.name} of a value that can be negative (nan in float)", code="W201")
+        return fn.interval(*args)
 
     def warn(self, node, message: str, *, code: str) -> None:
         self.warnings[(node.span.line, node.span.col)] = SpecError(

@@ -20,21 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from optgen.types import EXTENTS, NOT_FACTORED, Factoring, Type, widest
-
-# opcode -> arity, for every op but const. Each group below shares a typing rule.
-FLOAT_OPS = {"add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "max": 2, "min": 2,
-             "neg": 1, "sqrt": 1, "rsqrt": 1, "abs": 1, "sign": 1, "exp": 1, "log": 1,
-             "mod": 2}  # mod: C's fmod (the sign of the dividend), as stablehlo.remainder
-# Float operands, bool result; isfinite(x): neither inf nor nan.
-COMPARE_OPS = {"lt": 2, "le": 2, "gt": 2, "ge": 2, "eq": 2, "ne": 2, "isfinite": 1}
-LOGIC_OPS = {"and": 2, "or": 2, "not": 1}
-# select(cond, a, b); sum: tensor (or row, col) -> leaf; size: element count, tensor -> leaf;
-# gsum: the sum over every parameter of a per-leaf value, leaf -> step;
-# row_mean: tensor -> row; col_mean: tensor -> col, or row -> row (see optgen.types).
-OTHER_OPS = {"select": 3, "sum": 1, "size": 1, "gsum": 1, "row_mean": 1, "col_mean": 1}
-ARITY = FLOAT_OPS | COMPARE_OPS | LOGIC_OPS | OTHER_OPS
-
+from optgen.ops import DIMS, OPS
+from optgen.types import EXTENTS, NOT_FACTORED, ExtentError, Factoring, Type, widest
 
 class IRError(Exception):
     """Malformed IR (from text, or a pass that broke an invariant)."""
@@ -68,7 +55,7 @@ class Op:
     opcode: str
     operands: tuple[Value, ...]
     result: Value
-    attr: float | bool | None = None  # the constant of a `const`
+    attr: float | bool | str | None = None  # the constant of a `const`; the dimension a `dim` reads
     loc: Loc | None = None
 
 
@@ -95,6 +82,8 @@ class Program:
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
     state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf, row, col or tensor; p is a tensor
     factoring: Factoring = NOT_FACTORED  # which parameters have rows and columns (optgen.types)
+    derived: Function | None = None  # the spec's outputs, from p, t, the states and hyperparameters
+    extra_inputs: tuple[str, ...] = ()  # per-element inputs of update beside g (Sophia's Hessian estimate)
 
     def extents(self) -> dict[str, str]:
         """The extent of each output of ``update`` (and, for states, of ``init``)."""
@@ -102,33 +91,29 @@ class Program:
 
 
 def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
-    """The type an op produces from its operands' types (and raises IRError if they misfit)."""
+    """The type an op produces from its operands' types, by the op table (raises IRError if they misfit)."""
     if opcode == "const":
         return Type("step", "bool" if isinstance(attr, bool) else "float")
-    if opcode not in ARITY:
+    if opcode not in OPS:
         raise IRError(f"unknown op '{opcode}'")
-    if len(operands) != ARITY[opcode]:
-        raise IRError(f"'{opcode}' takes {ARITY[opcode]} operands, got {len(operands)}")
+    spec = OPS[opcode]
+    if len(operands) != spec.arity:
+        raise IRError(f"'{opcode}' takes {spec.arity} operands, got {len(operands)}")
     kinds = [v.type.kind for v in operands]
-    extent = widest(v.type.extent for v in operands)
-    expected = {"select": ["bool", "float", "float"]}.get(
-        opcode, ["bool"] * len(operands) if opcode in LOGIC_OPS else ["float"] * len(operands))
-    if kinds != expected:
-        raise IRError(f"'{opcode}' takes ({', '.join(expected)}) operands, got ({', '.join(kinds)})")
-    if opcode in ("sum", "size"):
-        if extent not in ("tensor", "row", "col"):
-            raise IRError(f"'{opcode}' reduces a tensor, got a {extent} value")
-        return Type("leaf")
-    if opcode in ("row_mean", "col_mean"):
-        accepted = {"row_mean": {"tensor": "row"}, "col_mean": {"tensor": "col", "row": "row"}}[opcode]
-        if extent not in accepted:
-            raise IRError(f"'{opcode}' reduces a tensor, got a {extent} value")
-        return Type(accepted[extent])
-    if opcode == "gsum":
-        if extent != "leaf":
-            raise IRError(f"'gsum' sums a leaf value over all parameters, got a {extent} value")
-        return Type("step")
-    return Type(extent, "bool" if opcode in COMPARE_OPS or opcode in LOGIC_OPS else "float")
+    if kinds != list(spec.operands):
+        raise IRError(f"'{opcode}' takes ({', '.join(spec.operands)}) operands, got ({', '.join(kinds)})")
+    if opcode == "dim" and attr not in DIMS:
+        raise IRError(f"'dim' reads one of {', '.join(DIMS)}, got {attr!r}")
+    try:
+        extent = spec.extent(*(v.type.extent for v in operands)) if spec.extent \
+            else widest(v.type.extent for v in operands)
+    except ExtentError as err:
+        raise IRError(f"'{opcode}': {err}") from None
+    if spec.reduces is not None:
+        if extent not in spec.reduces:
+            raise IRError(f"'{opcode}' reduces a {' or '.join(spec.reduces)} value, got a {extent} value")
+        extent = spec.reduces[extent]
+    return Type(extent, spec.result)
 
 
 class Builder:
@@ -192,7 +177,8 @@ def print_function(func: Function) -> str:
     args = ", ".join(f"%{v.name}: {v.type}" for v in func.inputs)
     lines = [f"func @{func.name}({args}) {{"]
     for op in func.ops:
-        operands = repr(op.attr).lower() if op.opcode == "const" else ", ".join(names[id(v)] for v in op.operands)
+        operands = {"const": repr(op.attr).lower(), "dim": op.attr}.get(op.opcode) or \
+            ", ".join(names[id(v)] for v in op.operands)
         loc = f" {op.loc}" if op.loc else ""
         lines.append(f"  {names[id(op.result)]} = {op.opcode} {operands} : {op.result.type}{loc}")
     lines.append("  return " + ", ".join(f"{n} = {names[id(v)]}" for n, v in func.outputs))
@@ -202,7 +188,8 @@ def print_function(func: Function) -> str:
 
 
 def print_program(program: Program) -> str:
-    return print_function(program.update) + "\n" + print_function(program.init)
+    funcs = (program.update, program.init) + ((program.derived,) if program.derived else ())
+    return "\n".join(print_function(func) for func in funcs)
 
 
 _TYPE = r"(?:bool )?(?:" + "|".join(EXTENTS) + r")"
@@ -251,6 +238,8 @@ def parse_function(text: str) -> Function:
             attr = {"true": True, "false": False}.get(body.strip())
             attr = float(body) if attr is None else attr
             operands = ()
+        elif opcode == "dim":
+            attr, operands = body.strip(), ()
         else:
             attr, operands = None, tuple(lookup(r) for r in body.split(","))
         result = Value(_parse_type(type_text))

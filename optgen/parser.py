@@ -100,7 +100,7 @@ class _SpecIndenter(Indenter):
 
 def _check_depth(spec: ast.Spec) -> None:
     """Refuse nesting deeper than MAX_DEPTH, found without recursion, at the first node past it."""
-    stack = [(node, 1) for node in (*spec.body, *(s.init for s in spec.states))]
+    stack = [(node, 1) for node in (*spec.body, *(s.init for s in spec.states), *(o.value for o in spec.outputs))]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
@@ -110,6 +110,8 @@ def _check_depth(spec: ast.Spec) -> None:
             stack.append((node.value, depth))
         elif isinstance(node, ast.If):
             stack.extend((child, depth + 1) for child in (node.cond, *node.then, *node.orelse))
+        elif isinstance(node, ast.Repeat):
+            stack.extend((child, depth + 1) for child in node.body)
         elif isinstance(node, ast.Unary):
             stack.append((node.operand, depth + 1))
         elif isinstance(node, ast.Binary):
@@ -201,6 +203,12 @@ class _ToAst(Transformer):
         qualifiers = tuple(ast.Name(str(q), _span(q)) for q in qualifiers)
         return ast.State(ast.Name(str(name), _span(name)), qualifiers, init, _span(name))
 
+    def input(self, name):
+        return ast.Input(ast.Name(str(name), _span(name)), _span(name))
+
+    def output(self, name, value):
+        return ast.Output(ast.Name(str(name), _span(name)), value, _span(name))
+
     def assign(self, target, value):
         name = ast.Name(str(target), _span(target))
         return ast.Assign(name, value, name.span.to(value.span))
@@ -212,6 +220,10 @@ class _ToAst(Transformer):
         orelse = stmts[-1] if stmts and isinstance(stmts[-1], _ElseBlock) else _ElseBlock()
         then = stmts[: len(stmts) - (1 if orelse else 0)]
         return ast.If(cond, tuple(then), tuple(orelse), _span(if_tok).to(cond.span))
+
+    def repeat_stmt(self, repeat_tok, count, *stmts):
+        count = ast.Number(float(count), _span(count)) if count.type == "NUMBER" else ast.Name(str(count), _span(count))
+        return ast.Repeat(count, tuple(stmts), _span(repeat_tok).to(count.span))
 
     def update(self, tok, *stmts):
         return ("update", _span(tok), stmts)
@@ -229,6 +241,8 @@ class _ToAst(Transformer):
             hypers=tuple(i for i in items if isinstance(i, ast.Hyper)),
             options=tuple(i for i in items if isinstance(i, ast.Option)),
             states=tuple(i for i in items if isinstance(i, ast.State)),
+            outputs=tuple(i for i in items if isinstance(i, ast.Output)),
+            inputs=tuple(i for i in items if isinstance(i, ast.Input)),
             body=tuple(body), update_span=updates[0][1] if updates else None)
 
 
@@ -242,7 +256,7 @@ def _parser() -> Lark:
 _DESCRIBE = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a quoted description",
     "_NL": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
-    "$END": "end of file", "COMPARE": "a comparison", "MUL_OP": "'*' or '/'",
+    "$END": "end of file", "COMPARE": "a comparison", "MUL_OP": "'*', '/' or '@'",
 }
 
 
@@ -277,12 +291,18 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
                      _expected_hint(expected) or "the spec stops in the middle of a statement", code="E103")
 
 
-_KEYWORDS = ("optimizer", "hyper", "option", "state", "update", "if", "else", "true", "false", "and", "or", "not")
+_KEYWORDS = ("optimizer", "hyper", "option", "state", "input", "output", "update", "if", "else", "repeat", "true", "false",
+             "and", "or", "not")
+# Python's loops, which a spec writes as a bounded repeat.
+_LOOPS = {"for": "a loop is written 'repeat N:' (N a number or a numeric option), e.g. repeat 5:",
+          "while": "loops are bounded: write 'repeat N:' (N a number or a numeric option)"}
 
 
 def _keyword_hint(token: str, line: str) -> str | None:
     """'did you mean' for a misspelt keyword: the unexpected word, or a line's first word used as one."""
     first = re.match(r"\s*([A-Za-z_]\w*)(\s+[A-Za-z_]|\s*:)", line)
+    if first and first[1] in _LOOPS:
+        return _LOOPS[first[1]]
     for word in (first and first[1], token if len(token) > 2 else None):
         if word and word not in _KEYWORDS and (hint := did_you_mean(word, _KEYWORDS)):
             return hint

@@ -38,7 +38,7 @@ class Unary:
 
 @dataclass(frozen=True)
 class Binary:
-    op: str  # + - * / ^ < <= > >= == != and or
+    op: str  # + - * / @ ^ < <= > >= == != and or
     left: "Expr"
     right: "Expr"
     span: Span
@@ -69,7 +69,16 @@ class If:
     span: Span
 
 
-Stmt = Assign | If
+@dataclass(frozen=True)
+class Repeat:
+    """``repeat N:``: the body, N times in a row; N is a count or a numeric option (fixed at compile time)."""
+
+    count: Number | Name
+    body: tuple["Stmt", ...]
+    span: Span
+
+
+Stmt = Assign | If | Repeat
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,25 @@ class State:
 
 
 @dataclass(frozen=True)
+class Input:
+    """``input name``: one more per-element value handed to ``update``/``step`` beside the gradients
+    (Sophia's Hessian-diagonal estimate): ``opt.update(grads, state, params, name=tree)``."""
+
+    name: Name
+    span: Span
+
+
+@dataclass(frozen=True)
+class Output:
+    """``output name = expr``: a per-element value derived from ``p``, the states and the hyperparameters
+    (Schedule-Free's evaluation point), computed on request by ``Optimizer.outputs``."""
+
+    name: Name
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
 class Spec:
     name: Name
     description: str
@@ -129,6 +157,8 @@ class Spec:
     body: tuple[Stmt, ...]
     update_span: Span | None
     source: Source = field(repr=False)
+    outputs: tuple[Output, ...] = ()
+    inputs: tuple[Input, ...] = ()
 
 
 def walk(expr: Expr):
@@ -168,12 +198,18 @@ def format_spec(spec: Spec) -> str:
               for o in spec.options]
     lines += [f"  (state {s.name.id}{''.join(':' + q.id for q in s.qualifiers)} {format_expr(s.init)})"
               for s in spec.states]
+    lines += [f"  (input {i.name.id})" for i in spec.inputs]
+    lines += [f"  (output {o.name.id} {format_expr(o.value)})" for o in spec.outputs]
 
     def block(stmts, depth):
         pad = "  " * depth
         for stmt in stmts:
             if isinstance(stmt, Assign):
                 lines.append(f"{pad}(= {stmt.target.id} {format_expr(stmt.value)})")
+            elif isinstance(stmt, Repeat):
+                lines.append(f"{pad}(repeat {format_expr(stmt.count)}")
+                block(stmt.body, depth + 1)
+                lines[-1] += ")"
             else:
                 lines.append(f"{pad}(if {format_expr(stmt.cond)}")
                 block(stmt.then, depth + 1)

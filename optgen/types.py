@@ -11,7 +11,13 @@ compiler hoist work out of per-element code:
   a parameter that is not factored is one column (so a ``row`` value is the whole
   tensor, a ``col`` value one number). Which parameters are factored is decided per
   parameter from its shape, at trace time (:func:`factoring`);
-- ``tensor``: one value per element of each parameter.
+- ``tensor``: one value per element of each parameter;
+- ``cr``, ``rr``, ``cc``: for a parameter seen as a matrix (its last two axes are rows and
+  columns, any leading axes a batch), one value per (column, row), (row, row) or
+  (column, column) pair: the transpose ``transpose(g)`` is ``cr``, the Gram matrix
+  ``g @ transpose(g)`` is ``rr``. A ``tensor`` is then ``rc``. Matrix products follow the
+  axes: ``rr @ tensor`` is a ``tensor``, ``cr @ tensor`` is ``cc``
+  (:func:`matmul_extent`). Values of different matrix extents do not combine elementwise.
 """
 
 from __future__ import annotations
@@ -25,7 +31,16 @@ import numpy as np
 DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16),
           "f16": np.dtype(np.float16), "f64": np.dtype(np.float64)}
 
-EXTENTS = ("step", "leaf", "row", "col", "tensor")  # ordered, but row and col combine to tensor
+EXTENTS = ("step", "leaf", "row", "col", "tensor", "cr", "rr", "cc")
+STATE_EXTENTS = EXTENTS[:5]  # the shapes a state may be declared with
+# The axes of each matrix extent: (rows of the value, columns of the value), in the parameter's axes.
+MATRIX_AXES = {"tensor": ("r", "c"), "cr": ("c", "r"), "rr": ("r", "r"), "cc": ("c", "c")}
+_BY_AXES = {axes: extent for extent, axes in MATRIX_AXES.items()}
+SCALAR_EXTENTS = ("step", "leaf")
+
+
+class ExtentError(ValueError):
+    """Values whose extents do not combine (a Gram matrix and a tensor, or a bad matrix product)."""
 
 
 @dataclass(frozen=True)
@@ -38,16 +53,46 @@ class Type:
 
 
 def widest(extents) -> str:
-    """The extent of an elementwise combination of values of these extents."""
+    """The extent of an elementwise combination of values of these extents (ExtentError if none).
+
+    ``step`` < ``leaf`` < ``row``, ``col`` < ``tensor``, and a ``row`` and a ``col`` value
+    combine to a ``tensor``; a matrix extent (``cr``, ``rr``, ``cc``) combines only with
+    itself and with per-step and per-leaf scalars."""
     extents = set(extents)
+    matrices = extents - set(STATE_EXTENTS)
+    if matrices:
+        if len(matrices) > 1 or extents - matrices - set(SCALAR_EXTENTS):
+            raise ExtentError(f"values of extents {', '.join(sorted(extents, key=EXTENTS.index))} do not combine")
+        return matrices.pop()
     if {"row", "col"} <= extents:
         return "tensor"
     return max(extents, key=EXTENTS.index, default="step")
 
 
+def matmul_extent(left: str, right: str) -> str:
+    """The extent of ``left @ right``: (a, b) @ (b, c) is (a, c); scalars and row/col values refuse."""
+    if left not in MATRIX_AXES or right not in MATRIX_AXES:
+        raise ExtentError(f"a matrix product takes matrices, got {left} @ {right}")
+    (a, b), (b2, c) = MATRIX_AXES[left], MATRIX_AXES[right]
+    if b != b2:
+        raise ExtentError(f"a matrix product's inner axes differ: {left} @ {right} is {a}{b} @ {b2}{c}")
+    return _BY_AXES[(a, c)]
+
+
+def transpose_extent(extent: str) -> str:
+    """The extent of ``transpose(x)``: its two matrix axes swapped."""
+    if extent not in MATRIX_AXES:
+        raise ExtentError(f"transpose takes a matrix, got a {extent} value")
+    a, b = MATRIX_AXES[extent]
+    return _BY_AXES[(b, a)]
+
+
 def fits(extent: str, container: str) -> bool:
     """Whether a value of ``extent`` broadcasts to ``container`` (e.g. leaf into row, not row into col)."""
-    return widest((extent, container)) == container
+    try:
+        return widest((extent, container)) == container
+    except ExtentError:
+        return False
 
 
 @dataclass(frozen=True)

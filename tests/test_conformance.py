@@ -1,4 +1,5 @@
-"""Each built-in spec against its optax counterpart: 150 steps, mixed shapes, f64 and f32."""
+"""Each built-in spec against its optax (or optax.contrib) counterpart, or a float64 NumPy reference
+of its paper's rule where optax has none: 150 steps, mixed shapes, f64 and f32."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import optgen
 from conftest import make_grads, make_params, rel_err, trajectory
 
-# Each case runs a built-in spec with some options against the optax function of the same
-# name, given the same hyperparameters and the options optax also takes; optgen's option
-# `use_X = false` is optax's `X=None`.
+# Each case runs a built-in spec with some options against the optax (or optax.contrib) function
+# of the same name, given the same hyperparameters and the options optax also takes; optgen's
+# option `use_X = false` is optax's `X=None`, unless optax takes `use_X` itself (adopt's use_clipping).
 CASES = {
     "adam": ("adam", {}), "adamw": ("adamw", {}), "adamax": ("adamax", {}), "amsgrad": ("amsgrad", {}),
     "nadamw": ("nadamw", {}), "nadam": ("nadam", {}),
@@ -40,6 +41,15 @@ CASES = {
                                                          "multiply_by_parameter_scale": False}),
     "adafactor-momentum": ("adafactor", {"min_dim_size_to_factor": 3, "use_momentum": True}),
     "adafactor-unfactored": ("adafactor", {"factored": False}),
+    "adopt": ("adopt", {}), "adopt-nesterov-unclipped": ("adopt", {"nesterov": True, "use_clipping": False}),
+    "ademamix": ("ademamix", {}),
+    # Newton-Schulz on the 2-d leaves (the (5, 3) matrix transposed, the (3, 2) one as it is);
+    # optax's AdamW (Nesterov by default) on the scalar, the vectors and the cube.
+    "muon": ("muon", {}), "muon-plain-adam-lr": ("muon", {"nesterov": False, "use_adam_learning_rate": True}),
+    "muon-3-steps": ("muon", {"ns_steps": 3}),
+    "schedule_free_adamw": ("schedule_free_adamw", {}),
+    "schedule_free_adamw-warmup": ("schedule_free_adamw", {"use_warmup_steps": True}),
+    "prodigy": ("prodigy", {}), "prodigy-safeguard-beta3": ("prodigy", {"safeguard_warmup": True, "use_beta3": True}),
 }
 SPECS = sorted({spec for spec, _ in CASES.values()})
 # Adafactor keeps its momentum in float32 (optax's dtype_momentum), so in a float64 run both
@@ -53,12 +63,27 @@ PATHS = {(case, dtype, path) for case, (spec, options) in CASES.items() for dtyp
 CUSTOM = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "b3": 0.95, "eps": 1e-6, "eps_root": 1e-10,
           "weight_decay": 1e-2, "momentum": 0.7, "decay": 0.85, "initial_scale": 0.1,
           "initial_accumulator_value": 0.2, "rho": 0.8, "threshold": 6.0, "trust_coefficient": 0.02,
-          "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3}
+          "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3, "alpha": 4.0,
+          "beta": 0.9, "beta1": 0.85, "beta2": 0.99, "beta3": 0.98, "estim_lr0": 1e-5, "adam_b1": 0.85, "adam_b2": 0.99, "adam_weight_decay": 2e-3, "adam_learning_rate": 2e-3}
 STEPS = 150
 # LAMB's steps are learning_rate * ||p|| per tensor: about bfloat16's half-ulp of p, so
 # rounding on store moves bfloat16 parameters further from float32 ones.
 BF16_TOLERANCE = {"lamb": 5e-2}
 TOLERANCE = {np.float64: 1e-9, np.float32: 2e-4}
+
+
+def _reference(spec):
+    return getattr(optax, spec, None) or getattr(optax.contrib, spec)
+
+
+def _optax_name(option, parameters):
+    """The reference's name for a spec option: its own, or X for use_X."""
+    return option if option in parameters else option.removeprefix("use_")
+
+
+# Hyperparameters that are one entry of a reference's tuple: name -> (tuple argument, index).
+COMPONENTS = {"ns_a": ("ns_coeffs", 0), "ns_b": ("ns_coeffs", 1), "ns_c": ("ns_coeffs", 2),
+              "beta1": ("betas", 0), "beta2": ("betas", 1)}
 
 
 def _hypers(spec):
@@ -67,10 +92,18 @@ def _hypers(spec):
 
 def _optax_kwargs(case):
     spec, options = CASES[case]
-    accepted = inspect.signature(getattr(optax, spec)).parameters
+    accepted = inspect.signature(_reference(spec)).parameters
     kwargs = {k: v for k, v in (_hypers(spec) | options).items() if k in accepted}
+    for name, value in _hypers(spec).items():
+        if name in COMPONENTS:
+            argument, index = COMPONENTS[name]
+            entries = list(kwargs.get(argument, accepted[argument].default))
+            entries[index] = value
+            kwargs[argument] = tuple(entries)
     for option, default in optgen.check_spec(spec).options.items():
-        name = option.removeprefix("use_")
+        name = _optax_name(option, accepted)
+        if option == name:
+            continue
         if option.startswith("use_") and not options.get(option, default):
             kwargs[name] = None
         elif option.startswith("use_") and name not in kwargs:  # on, at the spec's default value
@@ -92,8 +125,23 @@ def _adafactor_decay_in_float64(monkeypatch):
     monkeypatch.setattr(factorized.scale_by_factored_rms, "__defaults__", tuple(defaults))
 
 
+@pytest.fixture(autouse=True)
+def _warmup_in_float64(monkeypatch):
+    """optax's warmup_constant_schedule computes in float32 (of an int32 count) even under x64;
+    compare Schedule-Free's algorithm in the parameters' dtype."""
+    from optax.contrib import _schedule_free
+
+    def warmup_constant_schedule(init_value, peak_value, warmup_steps):
+        def schedule(count):
+            count = jax.numpy.asarray(count, jax.dtypes.canonicalize_dtype(np.float64))
+            return init_value + (peak_value - init_value) * jax.numpy.minimum(count, warmup_steps) / warmup_steps
+        return schedule
+
+    monkeypatch.setattr(_schedule_free._schedule, "warmup_constant_schedule", warmup_constant_schedule)
+
+
 def _run_optax(case, dtype):
-    tx = getattr(optax, CASES[case][0])(**_optax_kwargs(case))
+    tx = _reference(CASES[case][0])(**_optax_kwargs(case))
     params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -126,16 +174,61 @@ def test_matches_optax_float32(case, path):
     _compare(case, np.float32, path)
 
 
+def _cautious_adamw(params, grads, slots, t, h):
+    """Cautious AdamW, Liang et al. (2024), Algorithm 1: AdamW's step u, kept where u * g > 0 and
+    scaled by d / (nnz + 1) per tensor of d elements; decoupled weight decay as optax.adamw's."""
+    mu = h["b1"] * slots["mu"] + (1 - h["b1"]) * grads
+    nu = h["b2"] * slots["nu"] + (1 - h["b2"]) * grads * grads
+    u = (mu / (1 - h["b1"] ** t)) / (np.sqrt(nu / (1 - h["b2"] ** t) + h["eps_root"]) + h["eps"])
+    phi = (u * grads > 0).astype(params.dtype)
+    scale = params.size / (phi.sum() + 1)
+    return params - h["learning_rate"] * (u * phi * scale + h["weight_decay"] * params), {"mu": mu, "nu": nu}
+
+
+# Specs optax lacks, against a NumPy transcription of their paper's rule: (step function, its states).
+NUMPY_REFERENCES = {"cautious_adamw": (_cautious_adamw, ("mu", "nu"))}
+
+
+def _run_numpy(spec, dtype):
+    step_fn, names = NUMPY_REFERENCES[spec]
+    h = {k: dtype(v) for k, v in optgen.check_spec(spec).hypers.items()} | {
+        k: dtype(v) for k, v in _hypers(spec).items()}
+    leaves, treedef = jax.tree.flatten(make_params(dtype))
+    slots = [{name: np.zeros_like(x) for name in names} for x in leaves]
+    with np.errstate(all="ignore"):
+        for step in range(STEPS):
+            grads = treedef.flatten_up_to(make_grads(treedef.unflatten(leaves), step, dtype))
+            out = [step_fn(p, g, s, dtype(step + 1), h) for p, g, s in zip(leaves, grads, slots, strict=True)]
+            leaves, slots = [p for p, _ in out], [s for _, s in out]
+    return treedef.unflatten(leaves)
+
+
+@pytest.mark.parametrize("path", ["update", "step"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", sorted(NUMPY_REFERENCES))
+def test_matches_numpy_reference(spec, dtype, path):
+    with jax.enable_x64(dtype == np.float64):
+        *_, got = trajectory(optgen.load(spec, **_hypers(spec)), dtype, STEPS, path)
+    expected = _run_numpy(spec, dtype)
+    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
+        assert g.dtype == e.dtype == dtype, key
+        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_defaults_match_optax(spec):
     """Hyperparameter and option defaults are optax's; optax's None is an option use_X = false
     (or, for a learning rate, no scaling: 1.0)."""
-    parameters = inspect.signature(getattr(optax, spec)).parameters
+    parameters = inspect.signature(_reference(spec)).parameters
     checked = optgen.check_spec(spec)
-    options = {k: v for k, v in checked.options.items() if k.removeprefix("use_") in parameters}
+    options = {k: v for k, v in checked.options.items() if _optax_name(k, parameters) in parameters}
     for name, default in (checked.hypers | options).items():  # amsgrad has options optax lacks
-        reference = parameters[name.removeprefix("use_")].default
-        if name.startswith("use_"):
+        if name in COMPONENTS:
+            argument, index = COMPONENTS[name]
+            assert default == parameters[argument].default[index], name
+            continue
+        reference = parameters[_optax_name(name, parameters)].default
+        if name.startswith("use_") and name not in parameters:
             assert default is (reference is not None), name
         elif reference is None and f"use_{name}" in checked.options:
             continue  # the value taken when the option is turned on
@@ -145,7 +238,7 @@ def test_defaults_match_optax(spec):
             assert default == reference, name
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", SPECS + sorted(NUMPY_REFERENCES))
 def test_bfloat16_params_keep_dtype_and_track_float32(spec):
     import ml_dtypes
 
@@ -160,4 +253,133 @@ def test_bfloat16_params_keep_dtype_and_track_float32(spec):
     for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
         assert a.dtype == ml_dtypes.bfloat16
         assert rel_err(a, b) < BF16_TOLERANCE.get(spec, 2e-2)
-    assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(s16.slots))
+    extents = opt.compiled.program.state_extents  # a per-step state (prodigy's d) keeps the step dtype
+    assert all(x.dtype == ml_dtypes.bfloat16 for name, slot in s16.slots.items() if extents[name] != "step"
+               for x in jax.tree.leaves(slot))
+
+
+def _prodigy_estimate(run, dtype):
+    params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
+    state = run.init(params)
+    for step in range(STEPS):
+        params, state = run.step(params, make_grads(params, step, dtype), state)
+    return state
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_prodigy_distance_estimate_matches_optax(dtype):
+    """Prodigy's d after 150 steps: its numerator <g, x0 - x> is a global_sum, with no cancellation
+    trick. In float32 both optax's and optgen's d are 9.2% from float64's (the 1e6 gradients make
+    the sum ill-conditioned); they agree with each other to 2e-7."""
+    tx = optax.contrib.prodigy(learning_rate=1.0)
+    update = jax.jit(tx.update)
+
+    class Optax:
+        init = staticmethod(tx.init)
+
+        @staticmethod
+        def step(params, grads, state):
+            updates, state = update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+    with jax.enable_x64(dtype == np.float64):
+        expected = float(_prodigy_estimate(Optax, dtype).estim_lr)
+        got = float(_prodigy_estimate(optgen.load("prodigy"), dtype).slots["estim_lr"])
+    assert abs(got - expected) <= (1e-12 if dtype == np.float64 else 1e-6) * expected
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("path", ["update", "step"])
+def test_sm3_matches_optax_on_vectors_and_matrices(dtype, path):
+    """optax.sm3 fails on a 0-d parameter (IndexError), so the scalar is left out; the cube is a batch
+    of matrices for optgen (statistics per batch and row, per batch and column) where optax keeps
+    one statistic per axis, so it differs, and only stays finite and moving."""
+    def tree(values):
+        return {k: v for k, v in values.items() if k != "scalar"}
+
+    tx, opt = optax.sm3(3e-3, momentum=0.8), optgen.load("sm3", learning_rate=3e-3, momentum=0.8)
+    with jax.enable_x64(dtype == np.float64):
+        params = jax.tree.map(jax.numpy.asarray, tree(make_params(dtype)))
+        expected, got = params, jax.tree.map(jax.numpy.copy, params)
+        state, ours = tx.init(params), opt.init(got)
+        for step in range(STEPS):
+            grads = tree(make_grads(make_params(dtype), step, dtype))
+            updates, state = tx.update(grads, state, expected)
+            expected = optax.apply_updates(expected, updates)
+            if path == "step":
+                got, ours = opt.step(got, grads, ours)
+            else:
+                updates, ours = opt.update(grads, ours, got)
+                got = optax.apply_updates(got, updates)
+    for key in expected:
+        e, g = jax.tree.leaves(expected[key])[0], jax.tree.leaves(got[key])[0]
+        assert g.dtype == e.dtype == dtype, key
+        if key == "cube":
+            assert np.all(np.isfinite(g)) and rel_err(g, e) > TOLERANCE[dtype], key
+        else:
+            assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("warmup", [None, 20])
+def test_schedule_free_evaluation_point_matches_optax(warmup, dtype):
+    """opt.outputs(params, state)["x"] (the spec's `output x`) against optax.contrib.schedule_free_eval_params."""
+    settings = _hypers("schedule_free_adamw")
+    tx = optax.contrib.schedule_free_adamw(**settings, warmup_steps=warmup)
+    opt = optgen.load("schedule_free_adamw", **settings,
+                      **({} if warmup is None else {"use_warmup_steps": True, "warmup_steps": warmup}))
+    with jax.enable_x64(dtype == np.float64):
+        params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
+        ours, state, mine = jax.tree.map(jax.numpy.copy, params), tx.init(params), opt.init(params)
+        update = jax.jit(tx.update)
+        for step in range(STEPS):
+            grads = make_grads(make_params(dtype), step, dtype)
+            updates, state = update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            ours, mine = opt.step(ours, grads, mine)
+        expected, got = optax.contrib.schedule_free_eval_params(state, params), opt.outputs(ours, mine)["x"]
+    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
+        assert g.dtype == e.dtype == dtype, key
+        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
+def _hessian(step, dtype):
+    """A caller's positive Hessian-diagonal estimate for one step."""
+    return jax.tree.map(lambda g: np.abs(g) + dtype(0.1), make_grads(make_params(dtype), 500 + step, dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("path", ["update", "step"])
+@pytest.mark.parametrize("clip", [True, False], ids=["clipped", "unclipped"])
+def test_sophia_with_a_callers_hessian_matches_optax(clip, path, dtype):
+    """The spec's `input hessian` arrives as update(..., hessian=h), as optax's sophia hands extra
+    arguments to its hessian_diagonal_fn (here one that returns the caller's estimate)."""
+    settings = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "weight_decay": 1e-2, "eps": 1e-6, "update_interval": 3}
+    given = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(),
+                                                 lambda g, s, params=None, hessian=None: (hessian, s))
+    tx = optax.contrib.sophia(**settings, hessian_diagonal_fn=given, clip_threshold=0.5 if clip else None)
+    opt = optgen.load("sophia", **settings, use_clip_threshold=clip, clip_threshold=0.5)
+    with jax.enable_x64(dtype == np.float64):
+        params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
+        ours, state, mine = jax.tree.map(jax.numpy.copy, params), tx.init(params), opt.init(params)
+        for step in range(STEPS):
+            grads, hessian = make_grads(make_params(dtype), step, dtype), _hessian(step, dtype)
+            updates, state = tx.update(grads, state, params, hessian=hessian)
+            params = optax.apply_updates(params, updates)
+            if path == "step":
+                ours, mine = opt.step(ours, grads, mine, hessian=hessian)
+            else:
+                updates, mine = opt.update(grads, mine, ours, hessian=hessian)
+                ours = optax.apply_updates(ours, updates)
+    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ours), strict=True):
+        assert g.dtype == e.dtype == dtype, key
+        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+
+
+def test_sophia_defaults_match_optax():
+    parameters = inspect.signature(optax.contrib.sophia).parameters
+    checked = optgen.check_spec("sophia")
+    for name, default in checked.hypers.items():
+        if name != "learning_rate":  # optax has no default learning rate
+            assert default == parameters[name].default, name
+    assert checked.options["use_clip_threshold"] is (parameters["clip_threshold"].default is not None)

@@ -19,6 +19,7 @@ from conftest import make_grads, make_params, rel_err
 from optgen.transforms.decay_mask import key_path_name
 
 STEPS = 40
+BF16_MUON_TOLERANCE = 2e-3  # measured 7.3e-4 after 150 steps (2e-4 fails: the patch above matters)
 
 
 def _leaves(params):
@@ -206,3 +207,76 @@ def test_torch_spec_defaults_are_torch_defaults(spec):
     reference = {name: p.default for name, p in signature.parameters.items()} | {"beta1": betas[0], "beta2": betas[1]}
     for name, default in optgen.load(spec).hyperparams.items():
         assert default == reference[name], name
+
+
+# -- torch.optim.Muon --------------------------------------------------------------------------
+
+MUON_HYPERS = {"lr": 3e-3, "weight_decay": 0.05, "momentum": 0.9}
+MUON_CASES = {"defaults": {}, "plain": {"nesterov": False}, "match_rms_adamw": {"match_rms_adamw": True},
+              "3-steps": {"ns_steps": 3}}
+MUON_STEPS = 150
+
+
+def _matrices(tree):
+    """The 2-d leaves (torch.optim.Muon takes nothing else): the (5, 3) matrix and the (3, 2) one."""
+    return {"matrix": tree["matrix"], "huge_grad": tree["huge_grad"]}
+
+
+def _run_torch_muon(torch, settings, dtype):
+    settings = dict(settings)
+    if settings.pop("match_rms_adamw", False):
+        settings["adjust_lr_fn"] = "match_rms_adamw"
+    tensors = [torch.nn.Parameter(torch.tensor(v)) for v in _leaves(_matrices(make_params(dtype)))[1]]
+    opt = torch.optim.Muon(tensors, **settings)
+    params = make_params(dtype)
+    for step in range(MUON_STEPS):
+        for tensor, grad in zip(tensors, _leaves(_matrices(make_grads(params, step, dtype)))[1], strict=True):
+            tensor.grad = torch.tensor(grad)
+        opt.step()
+    return [t.detach().numpy() for t in tensors]
+
+
+def _run_optgen_muon(settings, dtype):
+    opt = optgen.load("torch/muon", **settings)
+    shapes = make_params(dtype)
+    params = jax.tree.map(jnp.asarray, _matrices(shapes))
+    state = opt.init(params)
+    for step in range(MUON_STEPS):
+        params, state = opt.step(params, _matrices(make_grads(shapes, step, dtype)), state)
+    return _leaves(params)[1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", sorted(MUON_CASES))
+def test_torch_muon_matches_torch_with_newton_schulz_in_the_parameters_dtype(case, dtype, monkeypatch):
+    """torch runs Newton-Schulz in bfloat16 (grad.bfloat16()); here it runs in the parameters'
+    dtype, as optgen does, so the two algorithms are compared to the usual tolerances."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.clone())
+    settings = MUON_HYPERS | MUON_CASES[case]
+    want = _run_torch_muon(torch, settings, dtype)
+    with jax.enable_x64(dtype == np.float64):
+        got = _run_optgen_muon(settings, dtype)
+    _assert_close(got, want, 1e-9 if dtype == np.float64 else 2e-4)
+
+
+def test_torch_muon_tracks_torch_in_bfloat16():
+    """Unpatched, torch's bfloat16 Newton-Schulz stays within bfloat16's precision of optgen's float32."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    want = _run_torch_muon(torch, MUON_HYPERS, np.float32)
+    got = _run_optgen_muon(MUON_HYPERS, np.float32)
+    _assert_close(got, want, BF16_MUON_TOLERANCE)
+
+
+def test_torch_muon_defaults_are_torch_defaults():
+    import inspect
+
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    reference = {name: p.default for name, p in inspect.signature(torch.optim.Muon).parameters.items()}
+    a, b, c = reference.pop("ns_coefficients")
+    reference |= {"ns_a": a, "ns_b": b, "ns_c": c}
+    checked = optgen.check_spec("torch/muon")
+    for name, default in optgen.load("torch/muon").hyperparams.items():
+        assert default == reference[name], name
+    assert checked.options["nesterov"] is reference["nesterov"] and checked.options["ns_steps"] == reference["ns_steps"]
+    assert checked.options["match_rms_adamw"] is (reference["adjust_lr_fn"] == "match_rms_adamw")

@@ -17,8 +17,8 @@ import optgen
 from optgen.codegen import export, fusion
 from optgen.inspect import count_kernels, inspect, min_bytes_per_element
 
-ELEMENTWISE = ["adabelief", "adadelta", "adagrad", "adam", "adamax", "adamw", "amsgrad", "lion", "nadam", "nadamw",
-               "radam", "rmsprop", "sgd", "torch/nadamw", "yogi"]
+ELEMENTWISE = ["adabelief", "adadelta", "adagrad", "adam", "adamax", "adamw", "ademamix", "adopt", "amsgrad", "lion",
+               "nadam", "nadamw", "radam", "rmsprop", "sgd", "torch/nadamw", "yogi"]
 # Not yet at their minimum, so not asserted: adan's six-output step (XLA:CPU splits it into two
 # loops, 68 bytes per element against 44), lamb (48 against 44) and lars (44 against 28).
 

@@ -97,3 +97,29 @@ def test_low_precision_params_keep_per_step_state_in_the_step_dtype(tmp_path):
 def test_no_parameters_still_gives_the_per_step_state(tmp_path):
     state = _load(tmp_path).init({})
     assert float(state.slots["count"]) == 0 and state.slots["total"] == {}
+
+
+def test_a_readonly_state_keeps_its_initial_value_and_costs_no_write(tmp_path):
+    """Prodigy's initial parameters: an input of the step, never an output (one write less per element)."""
+    import jax.numpy as jnp
+
+    from optgen.inspect import min_bytes_per_element
+    from optgen.library import read_spec
+
+    opt = optgen.load("prodigy")
+    program = opt.compiled.program
+    assert "params0" not in dict(program.update.outputs) and "params0" in dict(program.init.outputs)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+    initial = {k: np.asarray(v) for k, v in params.items()}
+    state = opt.init(params)
+    for step in range(3):
+        params, state = opt.step(params, {k: jnp.full_like(v, 0.1 * (step + 1)) for k, v in params.items()}, state)
+    assert not np.array_equal(params["w"], initial["w"])
+    for k in initial:
+        np.testing.assert_array_equal(state.slots["params0"][k], initial[k])
+    written = tmp_path / "prodigy_written.spec"
+    written.write_text(read_spec("prodigy").text.replace("state params0: readonly = p", "state params0 = p")
+                       .replace("  p = p - weight_decay", "  params0 = params0\n  p = p - weight_decay"))
+    rewritten = optgen.load(str(written)).compiled.program
+    f32 = np.dtype(np.float32)
+    assert min_bytes_per_element(rewritten, f32) - min_bytes_per_element(program, f32) == 4

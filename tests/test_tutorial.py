@@ -18,6 +18,8 @@ def _blocks(language: str) -> list[str]:
 def test_tutorial_runs(tmp_path, monkeypatch):
     (spec,) = _blocks("spec")
     (tmp_path / "lion_rms.spec").write_text(spec)
+    (muon,) = _blocks("spec muon_sgd.spec")  # the worked example of matrices and loops
+    (tmp_path / "muon_sgd.spec").write_text(muon)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     for block in _blocks("python"):

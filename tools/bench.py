@@ -1,7 +1,12 @@
-"""Benchmark an optgen step against optax and PyTorch's fused AdamW, interleaved in one process.
+"""Benchmark an optgen step against optax and PyTorch's fused AdamW (or Muon), interleaved in one process.
 
     python tools/bench.py                       # every workload, AdamW, 3 processes
     python tools/bench.py --workloads single --repeats 15 --processes 5 --json out.json
+    python tools/bench.py --optimizer muon --workloads transformer --repeats 3 --block 1
+
+With ``--optimizer muon``: optgen's ``muon`` against ``optax.contrib.muon`` (both Muon on the
+2-d leaves and AdamW on the rest) and ``torch.optim.Muon`` on the 2-d leaves beside a fused
+``torch.optim.AdamW`` on the rest (torch's Newton-Schulz runs in bfloat16).
 
 Each repeat runs a short block of steps of every implementation in turn, so machine
 noise falls on all of them alike. The whole run is repeated in fresh processes, because
@@ -37,6 +42,7 @@ except ImportError:
     torch = None
 
 HYPERS = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2)
+MUON_HYPERS = dict(learning_rate=1e-3)  # and optax.contrib.muon's defaults
 
 # bf16 parameters with float32 state: the built-in AdamW with its states' storage dtype declared.
 _ADAMW_F32_STATE = (Path(__file__).resolve().parents[1] / "kernels" / "adamw.spec").read_text().replace(
@@ -79,8 +85,8 @@ def make_tree(shapes, dtype, seed):
 class OptgenRunner:
     name = "optgen"
 
-    def __init__(self, params, grads, spec, **options):
-        self.opt = optgen.load(spec, **HYPERS, **options)
+    def __init__(self, params, grads, spec, hypers=HYPERS, **options):
+        self.opt = optgen.load(spec, **hypers, **options)
         self.params, self.grads = jax.tree.map(jnp.copy, params), grads
         self.state = self.opt.init(self.params)
 
@@ -93,9 +99,9 @@ class OptgenRunner:
 class OptaxRunner:
     name = "optax"
 
-    def __init__(self, params, grads, mu_dtype=None):
-        opt = optax.adamw(HYPERS["learning_rate"], HYPERS["b1"], HYPERS["b2"], HYPERS["eps"],
-                          weight_decay=HYPERS["weight_decay"], mu_dtype=mu_dtype)
+    def __init__(self, params, grads, mu_dtype=None, opt=None):
+        opt = opt or optax.adamw(HYPERS["learning_rate"], HYPERS["b1"], HYPERS["b2"], HYPERS["eps"],
+                                 weight_decay=HYPERS["weight_decay"], mu_dtype=mu_dtype)
 
         def step(p, g, s):
             updates, s = opt.update(g, s, p)
@@ -114,7 +120,7 @@ class OptaxRunner:
 class TorchRunner:
     name = "torch-fused"
 
-    def __init__(self, params, grads):
+    def __init__(self, params, grads, muon=False):
         def tensor(x):
             return torch.from_numpy(np.array(x.astype(jnp.float32))).to(
                 torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
@@ -122,22 +128,31 @@ class TorchRunner:
         self.params = [torch.nn.Parameter(tensor(p)) for p in params.values()]
         for p, g in zip(self.params, grads.values(), strict=True):
             p.grad = tensor(g)
-        self.opt = torch.optim.AdamW(self.params, lr=HYPERS["learning_rate"], betas=(HYPERS["b1"], HYPERS["b2"]),
-                                     eps=HYPERS["eps"], weight_decay=HYPERS["weight_decay"], fused=True)
+        rest = [p for p in self.params if not muon or p.ndim != 2]
+        self.opts = [torch.optim.AdamW(rest, lr=HYPERS["learning_rate"], betas=(HYPERS["b1"], HYPERS["b2"]),
+                                       eps=HYPERS["eps"], weight_decay=HYPERS["weight_decay"], fused=True)]
+        if muon:  # weight decay 0, as optax.contrib.muon's default
+            self.opts.append(torch.optim.Muon([p for p in self.params if p.ndim == 2],
+                                              lr=MUON_HYPERS["learning_rate"], weight_decay=0.0))
 
     def run(self, steps):
         for _ in range(steps):
-            self.opt.step()
+            for opt in self.opts:
+                opt.step()
 
 
-def bench_workload(key, spec_path, repeats, block, progress):
+def bench_workload(key, spec_path, repeats, block, progress, optimizer="adamw"):
     title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     wider_state = np.dtype(state_dtype) != np.dtype(dtype)
-    runners = [OptgenRunner(params, grads, spec_path if wider_state else "adamw", **options),
-               OptaxRunner(params, grads, mu_dtype=state_dtype if wider_state else None)]
+    if optimizer == "muon":
+        runners = [OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
+                   OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS))]
+    else:
+        runners = [OptgenRunner(params, grads, spec_path if wider_state else "adamw", **options),
+                   OptaxRunner(params, grads, mu_dtype=state_dtype if wider_state else None)]
     if torch is not None:
-        runners.append(TorchRunner(params, grads))
+        runners.append(TorchRunner(params, grads, muon=optimizer == "muon"))
     for runner in runners:  # compile and warm up
         runner.run(2)
     times = {r.name: [] for r in runners}
@@ -185,7 +200,7 @@ def table(summaries) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def run_here(keys, repeats, block) -> list[dict]:
+def run_here(keys, repeats, block, optimizer) -> list[dict]:
     """Every workload in this process."""
     def progress(text):
         if sys.stderr.isatty():
@@ -194,12 +209,12 @@ def run_here(keys, repeats, block) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "adamw_f32_state.spec"
         spec_path.write_text(_ADAMW_F32_STATE)
-        runs = [bench_workload(k, str(spec_path), repeats, block, progress) for k in keys]
+        runs = [bench_workload(k, str(spec_path), repeats, block, progress, optimizer) for k in keys]
     progress("")
     return runs
 
 
-def run_in_processes(keys, repeats, block, processes) -> list[list[dict]]:
+def run_in_processes(keys, repeats, block, processes, optimizer) -> list[list[dict]]:
     """Every workload in each of ``processes`` fresh processes, one after another."""
     per_process = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,7 +223,7 @@ def run_in_processes(keys, repeats, block, processes) -> list[list[dict]]:
             if sys.stderr.isatty():
                 print(f"\r\033[Kprocess {i + 1}/{processes}", file=sys.stderr)
             subprocess.run([sys.executable, __file__, "--workloads", ",".join(keys), "--repeats", str(repeats),
-                            "--block", str(block), "--processes", "1", "--json", str(out)],
+                            "--block", str(block), "--processes", "1", "--optimizer", optimizer, "--json", str(out)],
                            check=True, stdout=subprocess.DEVNULL)
             per_process.append(json.loads(out.read_text())["runs"][0])
     return per_process
@@ -221,6 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, default=5, help="steps per block")
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes to repeat the whole run in (each draws its own buffer placement)")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.workloads.split(",")]
@@ -231,13 +247,13 @@ def main(argv=None) -> int:
         parser.error("--processes, --repeats and --block must be at least 1")
 
     if args.processes > 1:
-        per_process = run_in_processes(keys, args.repeats, args.block, args.processes)
+        per_process = run_in_processes(keys, args.repeats, args.block, args.processes, args.optimizer)
     else:
-        per_process = [run_here(keys, args.repeats, args.block)]
+        per_process = [run_here(keys, args.repeats, args.block, args.optimizer)]
     summaries = [summarize([runs[i] for runs in per_process]) for i in range(len(keys))]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}" + (
         f", torch {torch.__version__}" if torch is not None else ", torch not installed")
-    print(f"AdamW step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
+    print(f"{'Muon' if args.optimizer == 'muon' else 'AdamW'} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
           "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
           "then each process's median\n")
     print(table(summaries))

@@ -5,7 +5,8 @@
 A spec's lines are its non-blank, non-comment lines. A reference's lines are the
 non-blank, non-comment, non-docstring source lines (``inspect.getsource``) of the
 optax function and of every optax transform it chains (``transform.scale_by_adam``,
-``transform.trace``, ...); optax's shared tree utilities are not counted. For the
+``transform.trace``, ...), or for an ``optax.contrib`` alias of the ``scale_by_*`` transform of its own
+module it chains; optax's shared tree utilities are not counted. For the
 convention specs it is the framework's single-tensor step (torch's ``_single_tensor_*``,
 Keras's ``update_step``), and TF Model Garden's ``AdamWeightDecay`` class. tests/test_gallery.py checks that
 the README's table is this script's output.
@@ -48,8 +49,10 @@ def source_lines(func) -> int:
                if number not in skip and line.strip() and not line.strip().startswith("#"))
 
 
-# Convention specs: the framework class, and the module and function of its single-tensor step.
+# Convention specs: the framework class, and the module and functions of its single-tensor step.
 _FRAMEWORK = {
+    "torch/muon": ("torch.optim.Muon", "torch.optim._muon",
+                   "_single_tensor_muon _zeropower_via_newtonschulz _adjust_lr"),
     "torch/adamw": ("torch.optim.AdamW", "torch.optim.adam", "_single_tensor_adam"),
     "torch/adamax": ("torch.optim.Adamax", "torch.optim.adamax", "_single_tensor_adamax"),
     "torch/nadamw": ("torch.optim.NAdam", "torch.optim.nadam", "_single_tensor_nadam"),
@@ -61,25 +64,37 @@ _FRAMEWORK = {
 }
 
 
+# Specs no library ships: the rule they transcribe (tests/test_conformance.py's NumPy reference).
+_PAPER = {"cautious_adamw": "Liang et al. (2024), Algorithm 1"}
+
+
 def reference(name: str) -> tuple[str, list]:
     """The reference's name and the functions that make it up."""
+    if name in _PAPER:
+        return _PAPER[name], []
     if name in _FRAMEWORK:
         os.environ.setdefault("KERAS_BACKEND", "jax")  # keras reads it at import
-        ref, module, path = _FRAMEWORK[name]
-        func = _module_file(module) if module.endswith(".py") else importlib.import_module(module)
-        for attr in path.split("."):
-            func = getattr(func, attr)
-        return ref, [func]
+        ref, module, paths = _FRAMEWORK[name]
+        funcs = []
+        for path in paths.split():
+            func = _module_file(module) if module.endswith(".py") else importlib.import_module(module)
+            for attr in path.split("."):
+                func = getattr(func, attr)
+            funcs.append(func)
+        return ref, funcs
     import optax
 
-    alias = getattr(optax, name)
+    where = "optax" if hasattr(optax, name) else "optax.contrib"
+    alias = getattr(optax, name, None) or getattr(optax.contrib, name)
     alias = getattr(alias, "func", alias)  # optax.nadam is a partial of optax.adam
-    chained = []
+    own = importlib.import_module(alias.__module__)
+    local = re.findall(r"(?<![.\w])(scale_by_\w+)\(", inspect.getsource(alias)) if where == "optax.contrib" else []
+    chained = [getattr(own, attr) for attr in dict.fromkeys(local)]
     for module, attr in re.findall(r"\b(transform|factorized|_clipping)\.(\w+)\(", inspect.getsource(alias)):
         func = getattr(importlib.import_module(_CHAINED[module]), attr)
         if func not in chained:
             chained.append(func)
-    return f"optax.{name}", [alias, *chained]
+    return f"{where}.{name}", [alias, *chained]
 
 
 def _module_file(path: str):
@@ -103,7 +118,7 @@ def rows() -> list[tuple[str, int, str, int]]:
 
 def table() -> str:
     lines = ["| spec | lines | replaces | lines |", "|---|---:|---|---:|"]
-    lines += [f"| `{name}` | {n} | `{ref}` | {m} |" for name, n, ref, m in rows()]
+    lines += [f"| `{name}` | {n} | {f'`{ref}`' if m else ref} | {m or '—'} |" for name, n, ref, m in rows()]
     return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,7 @@ class Plan:
                  identity: Any = None):
         self.compiled, self.variant, self.pack = compiled, variant, pack
         self.name = compiled.checked.name
-        self.state_names = tuple(name for name, _ in compiled.program.update.outputs[1:])
+        self.state_names = tuple(name for name, _ in compiled.program.init.outputs)  # read-only ones too
         self.extents = compiled.program.extents()
         self.stored = tuple(sorted(name for name, value in hyperparams.items() if is_number(value)))
         self.schedules = tuple(sorted(((name, value) for name, value in hyperparams.items() if callable(value)),
@@ -97,9 +97,11 @@ class Plan:
             lambda xs: self.initialize(xs, {name: 0.0 for name in self.stored}, zeros, layout), leaves)
         return OptState(count, hypers, {name: self.slot(out[name], name, layout, treedef) for name in self.state_names})
 
-    def apply(self, params, grads, state: OptState, bound: dict, as_update: bool):
-        """One step: new params (or, ``as_update``, their change) and the new state."""
-        self.checker.check(params, grads, state)  # while tracing: structure only, no per-step cost
+    def apply(self, params, grads, state: OptState, bound: dict, as_update: bool, inputs: dict | None = None):
+        """One step: new params (or, ``as_update``, their change) and the new state; ``inputs`` holds the
+        spec's ``input`` trees."""
+        inputs = inputs or {}
+        self.checker.check(params, grads, state, inputs)  # while tracing: structure only, no per-step cost
         leaves, treedef = jax.tree.flatten(params)
         count = safe_increment(state.count)
         if not leaves:
@@ -110,13 +112,30 @@ class Plan:
         # Per-leaf inputs (the weight-decay mask) come with leaf ops, so their specs are never packed.
         tensors = {"p": units, "g": layout.pack(treedef.flatten_up_to(grads))} | self.variant.leaf_inputs(params)
         tensors |= {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
+        tensors |= {name: layout.pack(treedef.flatten_up_to(tree)) for name, tree in inputs.items()}
         scalars = {"t": count.astype(step_dtype())} | self.hyper_values(state.count, state.hyperparams, bound)
         scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
         out = run_ir(self.compiled.program.update, tensors, scalars, self.out_dtypes(units),
                      delta_output="p" if as_update else None, out_extents=self.extents,
                      factoring=self.compiled.program.factoring)
-        slots = {name: self.slot(out[name], name, layout, treedef) for name in self.state_names}
+        slots = {name: self.slot(out[name], name, layout, treedef) for name in self.state_names if name in out}
+        slots = {name: slots.get(name, state.slots[name]) for name in self.state_names}  # read-only: as given
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
+
+    def outputs(self, params, state: OptState, bound: dict) -> dict:
+        """The spec's ``output`` values for these parameters and state, each a pytree like ``params``."""
+        derived = self.compiled.program.derived
+        leaves, treedef = jax.tree.flatten(params)
+        per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
+        layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
+        units = layout.pack(leaves)
+        tensors = {"p": units} | {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
+        scalars = {"t": state.count.astype(step_dtype())} | self.hyper_values(state.count, state.hyperparams, bound)
+        scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
+        names = [name for name, _ in derived.outputs]
+        out = run_ir(derived, tensors, scalars, {name: [u.dtype for u in units] for name in names},
+                     factoring=self.compiled.program.factoring)
+        return {name: treedef.unflatten(layout.unpack(out[name])) for name in names}
 
     def slot(self, arrays: list, name: str, layout: packing.Layout, treedef):
         """A state's outputs as stored: one array for a per-step state; else per parameter, packed by ``layout``."""
@@ -167,15 +186,16 @@ def _init(plan: Plan, leaves, stored, bound, shardings, layout):
 
 
 _initialize = jax.jit(_init, static_argnums=(0, 4, 5))
-_step = jax.jit(lambda plan, params, grads, state, bound: plan.apply(params, grads, state, bound, False),
+_step = jax.jit(lambda plan, params, grads, state, bound, inputs: plan.apply(params, grads, state, bound, False, inputs),
                 static_argnums=0, donate_argnums=(1, 3))
 # step's form for traced arguments (under jax.grad, vmap or a user's jit): nothing to donate there,
 # and donating the concrete leaves a transformation passes along (count, hyperparameters) would
 # delete arrays the caller still holds.
-_step_kept = jax.jit(lambda plan, params, grads, state, bound: plan.apply(params, grads, state, bound, False),
-                     static_argnums=0)
-_update = jax.jit(lambda plan, params, grads, state, bound: plan.apply(params, grads, state, bound, True),
+_step_kept = jax.jit(lambda plan, params, grads, state, bound, inputs:
+                     plan.apply(params, grads, state, bound, False, inputs), static_argnums=0)
+_update = jax.jit(lambda plan, params, grads, state, bound, inputs: plan.apply(params, grads, state, bound, True, inputs),
                   static_argnums=0)
+_outputs = jax.jit(lambda plan, params, state, bound: plan.outputs(params, state, bound), static_argnums=0)
 
 
 class Optimizer:
@@ -242,8 +262,9 @@ class Optimizer:
             for name, x in zip(names, placement.spread(param, [out[name][u] for name in names]), strict=True):
                 out[name][u] = x
 
-    def update(self, updates, state: OptState, params=None):
+    def update(self, updates, state: OptState, params=None, **inputs):
         """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``.
+        A spec's ``input`` declarations arrive as keyword arguments: ``update(g, s, p, hessian=h)``.
 
         ``params`` may be left out where the change of ``p`` does not depend on ``p``
         (``p = p - X``, as Adam), as optax allows for such optimizers.
@@ -254,7 +275,17 @@ class Optimizer:
                                  hint="call update(grads, state, params), as optax does for AdamW", code="E301")
             # p enters only as p - X: with p = 0 the change is exactly -X.
             params = jax.tree.map(jnp.zeros_like, updates)
-        return self._update(params, updates, state)
+        return self._update(params, updates, state, **inputs)
+
+    def outputs(self, params, state: OptState) -> dict:
+        """The spec's outputs (``output NAME = EXPR``) for these parameters and state, each a pytree
+        shaped like ``params``: Schedule-Free's evaluation point ``x``, for instance. ``t`` in them
+        is the number of updates applied, and schedules see that count."""
+        if self.compiled.program.derived is None:
+            raise InputError(f"'{self.name}' declares no outputs", code="E361",
+                             hint="declare one in the spec: output x = (p - (1 - b1) * z) / b1")
+        self._plan.checker.check(params, params, state)  # params as their own grads: only the state is in question
+        return _outputs(self._plan, params, state, self._bound())
 
     def finalize(self, params, state: OptState):
         """The parameters to keep after training: with ``use_ema``, the moving averages (Keras's
@@ -291,21 +322,23 @@ def explain_donation(params, grads, state) -> None:
 class _Jitted:
     """One of the shared jitted functions, bound to an optimizer, behind the per-call input checks.
 
-    ``lower(params, grads, state)`` lowers it as jit's ``lower`` does.
+    ``lower(params, grads, state)`` lowers it as jit's ``lower`` does. A spec's ``input``
+    declarations are keyword arguments of both.
     """
 
     def __init__(self, opt: Optimizer, jitted, traced=None):
         self.opt, self.jitted, self.traced = opt, jitted, traced or jitted
 
-    def __call__(self, params, grads, state):
+    def __call__(self, params, grads, state, **inputs):
         plan = self.opt._plan
         plan.checker.check_call(params, grads, state)
+        plan.checker.check_input_names(inputs)
         bound = self.opt._bound()
-        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, grads, state, bound)))
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, grads, state, bound, inputs)))
         try:
-            return (self.traced if traced else self.jitted)(plan, params, grads, state, bound)
+            return (self.traced if traced else self.jitted)(plan, params, grads, state, bound, inputs)
         except TypeError:  # jit refuses a leaf that is no array before tracing: name it as InputError
-            plan.checker.check(params, grads, state)
+            plan.checker.check(params, grads, state, inputs)
             raise
         except (ValueError, RuntimeError):  # XLA's words for a donated or doubly donated buffer: say which
             plan.checker.check(params, grads, state)  # a wrong tree is the first thing to say
@@ -313,5 +346,5 @@ class _Jitted:
                 explain_donation(params, grads, state)
             raise
 
-    def lower(self, params, grads, state):
-        return self.jitted.lower(self.opt._plan, params, grads, state, self.opt._bound())
+    def lower(self, params, grads, state, **inputs):
+        return self.jitted.lower(self.opt._plan, params, grads, state, self.opt._bound(), inputs)

@@ -88,12 +88,29 @@ class InputChecker:
             if name in self.ranges and not isinstance(value, jax.Array):
                 _check_hyper_value(self.plan.name, name, value, self.ranges[name], f"state.hyperparams['{name}']")
 
-    def check(self, params, grads, state) -> None:
-        """Raise InputError if grads or state do not fit params; reads shapes and dtypes only."""
+    def check_input_names(self, inputs: dict) -> None:
+        """The spec's ``input`` declarations, each given (E362)."""
+        declared = self.plan.compiled.program.extra_inputs
+        for name in inputs:
+            if name not in declared:
+                raise InputError(f"{self.plan.name} takes no input '{name}'", code="E362",
+                                 hint=did_you_mean(name, declared) or (f"its inputs are: {', '.join(declared)}"
+                                                                        if declared else "it takes none"))
+        for name in declared:
+            if name not in inputs:
+                raise InputError(f"{self.plan.name} needs the input '{name}' at each step", code="E362",
+                                 hint=f"pass it beside the gradients: update(grads, state, params, {name}=...)")
+
+    def check(self, params, grads, state, inputs=None) -> None:
+        """Raise InputError if grads, the spec's inputs or state do not fit params; reads shapes and dtypes only."""
         check_params(params)
         # Gradients may come in another float dtype than their parameters, as optax accepts.
         _same_tree("grads", grads, "params", params, check_dtype=False)
         check_params(grads, "grads")
+        self.check_input_names(inputs or {})
+        for input_name, tree in (inputs or {}).items():  # checked like the gradients
+            _same_tree(input_name, tree, "params", params, check_dtype=False)
+            check_params(tree, input_name)
         if not isinstance(state, OptState):
             raise InputError(f"state is {_describe(state)}, not an optgen OptState",
                              hint="make it with opt.init(params)", code="E311")
