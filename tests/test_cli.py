@@ -194,3 +194,19 @@ def test_a_constant_beyond_float32_is_refused_for_f32_only(tmp_path, monkeypatch
     result = _invoke("compile", "big.spec", "--dtype", "f32")  # folded to 1e60: inf in float32
     assert result.exit_code == 1 and "error[E225]" in result.output and "big.spec:3:" in result.output, result.output
     assert _invoke("compile", "big.spec", "--dtype", "f64").exit_code == 0
+
+
+def test_ctrl_c_while_starting_is_a_message_and_status_130():
+    # SIGINT while `import optgen` (and JAX) runs: the launcher catches it before any import
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = __import__("pathlib").Path(__file__).parent.parent
+    process = subprocess.Popen([sys.executable, "-c", "import optgen_launch; optgen_launch.main()", "list"],
+                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # past the interpreter's own start, inside the imports
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr

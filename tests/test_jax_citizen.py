@@ -210,18 +210,6 @@ def test_state_is_shaped_like_the_params_whatever_their_size():
         jax.tree.map(lambda p, m: np.testing.assert_array_equal(p.shape, m.shape), params, state.slots[name])
 
 
-def test_uncommitted_params_compile_the_step_once():
-    opt = optgen.load("adamw", learning_rate=0.01)
-    params = {"w": jnp.asarray(np.ones((16, 8), np.float32)), "b": jnp.asarray(np.zeros(8, np.float32))}
-    grads = jax.tree.map(lambda x: x + 0.5, params)
-    state = opt.init(params)
-    params, state = opt.step(params, grads, state)
-    with count_compiles() as compiles:
-        for _ in range(4):
-            params, state = opt.step(params, grads, state)
-    assert compiles.n == 0
-
-
 def test_a_vector_schedule_is_refused():
     opt = optgen.load("adamw", learning_rate=lambda count: jnp.ones(3) * 0.1)
     params = {"w": jnp.ones(3)}

@@ -99,14 +99,17 @@ def test_changing_a_hyperparameter_never_recompiles():
     assert not np.allclose(results[0], results[1])
 
 
-@pytest.mark.parametrize("spec", ["adamw", "adafactor", "novograd"])
-def test_step_compiles_once_for_committed_params(spec):
+@pytest.mark.parametrize("spec, committed", [("adamw", True), ("adafactor", True), ("novograd", True),
+                                             ("adamw", False)])
+def test_step_compiles_once(spec, committed):
     # init's count and hyperparameters come out placed as step's outputs are; made
-    # uncommitted, the second step compiled the whole step again.
+    # uncommitted, the second step compiled the whole step again. Plain jnp.asarray
+    # parameters (uncommitted) compile once too, as optax's jitted step does.
     opt = optgen.load(spec)
     device = jax.devices()[0]
-    params = {"b": jax.device_put(jnp.ones(64), device), "w": jax.device_put(jnp.ones((32, 16)), device)}
-    grads = jax.tree.map(lambda x: jax.device_put(0.1 * x, device), params)
+    place = (lambda x: jax.device_put(x, device)) if committed else jnp.asarray
+    params = {"b": place(np.ones(64, np.float32)), "w": place(np.ones((32, 16), np.float32))}
+    grads = jax.tree.map(lambda x: place(0.1 * np.asarray(x)), params)
     state = opt.init(params)
     params, state = opt.step(params, grads, state)
     with count_compiles() as compiles:
