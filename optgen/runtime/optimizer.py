@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as jax_core  # trace_state_clean: no public way to ask whether a transformation runs
 
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
@@ -334,7 +335,7 @@ class _Jitted:
         plan.checker.check_call(params, grads, state)
         plan.checker.check_input_names(inputs)
         bound = self.opt._bound()
-        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, grads, state, bound, inputs)))
+        traced = not jax_core.trace_state_clean()  # inside jit, grad, vmap...: 0.2 us (a scan for tracers: 2 ms)
         try:
             return (self.traced if traced else self.jitted)(plan, params, grads, state, bound, inputs)
         except TypeError:  # jit refuses a leaf that is no array before tracing: name it as InputError
