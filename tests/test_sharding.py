@@ -15,7 +15,6 @@ import pytest
 
 @pytest.fixture(scope="module")
 def report():
-    pytest.importorskip("orbax.checkpoint")
     script = Path(__file__).parent / "scripts" / "mesh_citizen.py"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env.pop("OPTGEN_XLA_FLAGS", None)
@@ -60,6 +59,8 @@ def test_zero1_updates_state_shards_and_gathers_params_once(report):
 @pytest.mark.parametrize("scenario", ["shard_map", "orbax"])
 def test_shard_map_and_orbax_restore_onto_eight_devices(report, scenario):
     result = report[scenario]
+    if "skipped" in result:
+        pytest.skip(result["skipped"])
     assert "error" not in result, result
     assert result["diff"] < 1e-6
     if scenario == "orbax":
