@@ -187,13 +187,15 @@ def _init(plan: Plan, leaves, stored, bound, shardings, layout):
 
 
 _initialize = jax.jit(_init, static_argnums=(0, 4, 5))
-_step = jax.jit(lambda plan, params, grads, state, bound, inputs: plan.apply(params, grads, state, bound, False, inputs),
-                static_argnums=0, donate_argnums=(1, 3))
+def _run_step(plan: Plan, params, grads, state, bound, inputs):
+    return plan.apply(params, grads, state, bound, False, inputs)
+
+
+_step = jax.jit(_run_step, static_argnums=0, donate_argnums=(1, 3))
 # step's form for traced arguments (under jax.grad, vmap or a user's jit): nothing to donate there,
 # and donating the concrete leaves a transformation passes along (count, hyperparameters) would
 # delete arrays the caller still holds.
-_step_kept = jax.jit(lambda plan, params, grads, state, bound, inputs:
-                     plan.apply(params, grads, state, bound, False, inputs), static_argnums=0)
+_step_kept = jax.jit(_run_step, static_argnums=0)
 _update = jax.jit(lambda plan, params, grads, state, bound, inputs: plan.apply(params, grads, state, bound, True, inputs),
                   static_argnums=0)
 _outputs = jax.jit(lambda plan, params, state, bound: plan.outputs(params, state, bound), static_argnums=0)
