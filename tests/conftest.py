@@ -1,8 +1,10 @@
-"""Shared test helpers: a mixed pytree of parameters and reproducible gradients."""
+"""Shared test helpers: a mixed pytree of parameters and reproducible gradients; golden files."""
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -12,6 +14,52 @@ import optgen  # noqa: F401  (first: it sets XLA:CPU's fusion option before JAX 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras tests (where Keras is installed) run on its JAX backend
 
 SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "cube": (2, 3, 4)}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite the CHECK lines of golden files with what their RUN line prints now")
+
+
+@pytest.fixture
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+CHECK = "// CHECK:"
+_CASE_MARKER = re.compile(r"^(// -----.*\n)", re.M)
+
+
+def check_golden(path, update=False):
+    """Run a golden file's ``// RUN: optgen ... %s`` line and compare what it prints for each
+    case (the pieces between ``// -----`` lines) with the case's ``// CHECK:`` lines, which must
+    match the whole output exactly. With ``update``, rewrite the CHECK lines instead."""
+    from click.testing import CliRunner
+
+    from optgen.cli import main
+
+    text = path.read_text()
+    command = re.search(r"^// RUN: optgen (.*)$", text, re.M)
+    assert command, f"{path.name}: no '// RUN: optgen ...' line"
+    result = CliRunner().invoke(main, [str(path) if a == "%s" else a for a in shlex.split(command.group(1))])
+    assert result.exit_code == 0, result.output
+    outputs = result.stdout.split("// -----\n")
+    parts = _CASE_MARKER.split(text)  # case, marker, case, marker, case, ...
+    cases = parts[::2]
+    assert len(outputs) == len(cases), f"{path.name}: {len(cases)} cases, {len(outputs)} outputs"
+    if update:
+        parts[::2] = [_with_checks(case, out) for case, out in zip(cases, outputs)]
+        path.write_text("".join(parts))
+        return
+    for number, (case, out) in enumerate(zip(cases, outputs), start=1):
+        expected = "".join(line[len(CHECK):].removeprefix(" ") + "\n"
+                           for line in case.splitlines() if line.startswith(CHECK))
+        assert out == expected, f"{path.name}, case {number}:\n{case}"
+
+
+def _with_checks(case: str, output: str) -> str:
+    kept = "".join(line + "\n" for line in case.splitlines() if not line.startswith(CHECK)).rstrip("\n")
+    return kept + "\n" + "".join(f"{CHECK} {line}".rstrip() + "\n" for line in output.splitlines())
 
 
 def make_params(dtype, seed=0):
