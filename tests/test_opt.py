@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import re
+
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optgen
 from optgen.cli import main
 from optgen.compiler import check_spec, compile_checked
-from optgen.diagnostics import Source
+from optgen.diagnostics import Source, SpecError
 from optgen.ir import print_program
 from optgen.opt import optimize_source
 from optgen.passes import DEFAULT_PIPELINE
@@ -94,3 +100,35 @@ def test_unreadable_input_is_e030_and_an_unknown_pass_e013(tmp_path):
     assert "error[E030]" in opt(str(tmp_path)).output  # a directory
     unknown = opt("-", "--passes", "fold,hoyst", input=SQUARE)
     assert unknown.exit_code == 1 and "error[E013]" in unknown.output and "did you mean 'hoist'" in unknown.output
+
+
+IR_TEXTS = [path.read_text() for path in sorted(pathlib.Path(__file__).parent.joinpath("golden").glob("*.ir"))]
+LOCATED = re.compile(r"^fuzz\.ir:(\d+):(\d+): error\[(E03[23])\]: \S")
+
+
+@settings(max_examples=int(os.environ.get("OPTGEN_FUZZ_EXAMPLES", "40")), deadline=None, database=None)
+@given(data=st.data())
+def test_mutated_ir_is_printed_or_a_located_diagnostic(data):
+    """Golden files with tokens and lines deleted, duplicated or swapped: optgen opt prints IR that
+    parses again, or reports E032/E033 at a line of the file, never a traceback."""
+    text = data.draw(st.sampled_from(IR_TEXTS))
+    for _ in range(data.draw(st.integers(1, 3))):
+        by_token = data.draw(st.booleans())
+        unit = re.findall(r"\s+|[%\w.-]+|.", text) if by_token else text.splitlines(keepends=True)
+        i, j = data.draw(st.integers(0, len(unit) - 1)), data.draw(st.integers(0, len(unit) - 1))
+        kind = data.draw(st.sampled_from(["delete", "duplicate", "swap"]))
+        if kind == "delete":
+            del unit[i]
+        elif kind == "duplicate":
+            unit.insert(i, unit[i])
+        else:
+            unit[i], unit[j] = unit[j], unit[i]
+        text = "".join(unit)
+    try:
+        out = optimize_source(Source(text, "fuzz.ir"), DEFAULT_PIPELINE, split=True)
+    except SpecError as err:
+        located = LOCATED.match(err.render())
+        assert located, err.render()
+        assert 1 <= int(located[1]) <= text.count("\n") + 1, err.render()
+        return
+    assert optimize_source(Source(out, "again.ir"), (), split=True) == out
