@@ -24,7 +24,7 @@ from optgen.diagnostics import SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
 from optgen.syntax import format_spec
-from optgen.transforms import Variant, split_options
+from optgen.transforms import DEFAULTS, Variant, split_options
 from optgen.types import DTYPES
 
 EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
@@ -196,11 +196,17 @@ def check(spec, with_):
 @click.argument("file")
 @click.option("--passes", metavar="LIST", default="", help="Comma-separated passes to run, in order (none: print the IR again).")
 @click.option("--split-input-file", is_flag=True, help="Handle each piece between '// -----' lines on its own.")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE",
+              help="Apply an option every spec takes (clipnorm=1.0, use_ema=true) to the program first.")
 @click.option("-o", "--output", metavar="FILE", help="Write here (atomically) instead of stdout.")
-def opt(file, passes, split_input_file, output):
+def opt(file, passes, split_input_file, with_, output):
     """Run passes over the IR text in FILE (- for stdin) and print the IR they give."""
     pipeline = passes_mod.parse_pipeline(passes)
-    _write(output, ir_opt.optimize_source(ir_opt.read_ir(file), pipeline, split_input_file))
+    spec_options, variant = _parse_with(with_)
+    if spec_options:
+        raise SpecError(f"--with {', '.join(spec_options)}: IR text has no spec, so only the options every spec "
+                        "takes apply", hint="those are: " + ", ".join(DEFAULTS), code="E034")
+    _write(output, ir_opt.optimize_source(ir_opt.read_ir(file), pipeline, split_input_file, variant))
 
 
 @main.command("list")

@@ -35,6 +35,8 @@ CATALOG: dict[str, str] = {
     "E031": "the IR file is not UTF-8 text",
     "E032": "IR text the parser cannot read",
     "E033": "IR that does not verify",
+    "E034": "optgen opt --with names an option of a spec",
+    "E035": "optgen opt --with on a piece that is not a program",
     # Syntax
     "E101": "unexpected character",
     "E102": "unexpected token",

@@ -132,3 +132,26 @@ def test_mutated_ir_is_printed_or_a_located_diagnostic(data):
         assert 1 <= int(located[1]) <= text.count("\n") + 1, err.render()
         return
     assert optimize_source(Source(out, "again.ir"), (), split=True) == out
+
+
+INIT = "func @f.init(%p: tensor) {\n  return\n}\n"
+
+
+def test_with_applies_an_option_every_spec_takes_to_the_program():
+    """--with global_clipnorm=1.0 on update and init gives what optgen compile --with gives."""
+    compiled = compile_checked(check_spec("adamw"), passes=())
+    with_clip = compile_checked(check_spec("adamw"), variant=optgen.transforms.split_options({"global_clipnorm": 1.0})[0])
+    result = opt("-", "--with", "global_clipnorm=1.0", "--passes", ",".join(DEFAULT_PIPELINE),
+                 input=print_program(compiled.lowered))
+    assert result.exit_code == 0 and result.output == print_program(with_clip.program), result.output
+
+
+def test_with_needs_a_program_and_an_option_every_spec_takes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "update.ir").write_text(f"// one function\n{SQUARE}")
+    alone = opt("update.ir", "--with", "clipvalue=0.5")
+    assert alone.exit_code == 1 and alone.output.startswith("update.ir:2:1: error[E035]"), alone.output
+    spec_option = opt("update.ir", "--with", "nesterov=true")
+    assert spec_option.exit_code == 1 and "error[E034]: --with nesterov" in spec_option.output
+    both = opt("-", "--with", "clipvalue=0.5", input=SQUARE + INIT)
+    assert both.exit_code == 0 and "%clipvalue: step" in both.output and "func @f.init" in both.output

@@ -12,26 +12,15 @@ import optax
 import pytest
 
 import optgen
-from conftest import as_jax, assert_trees_close, make_grads, make_params, run_steps
-from optgen.cli import _with_value
-from optgen.ir import Program, parse_function, print_function, verify
-from optgen.transforms import split_options
+from conftest import as_jax, assert_trees_close, check_golden, make_grads, make_params, run_steps
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden", "transforms").glob("*.ir"))
-_INIT = 'func @sgdw.init(%p: tensor, %lr: step, %weight_decay: step) {\n  %0 = const 0.0 : step\n  return mu = %0\n}'
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
-def test_golden(path):
-    """First line: the --with options; then the input update function; then the expected variant."""
-    header, _, rest = path.read_text().partition("\n")
-    source, _, expected = rest.partition("// ----- expected")
-    options = {k: _with_value(v) for k, _, v in (item.partition("=") for item in header.split()[2:])}
-    variant, spec_options = split_options(options)
-    assert not spec_options
-    result = variant.apply(Program(parse_function(source), parse_function(_INIT))).update
-    verify(result)
-    assert print_function(result).strip() == expected.strip()
+def test_golden(path, update_golden):
+    """Each file's update and init functions through its RUN line (optgen opt --with NAME=VALUE)."""
+    check_golden(path, update_golden)
 
 
 def test_every_transform_has_a_golden_test():
