@@ -194,19 +194,23 @@ def check(spec, with_):
 
 @main.command("opt")
 @click.argument("file")
-@click.option("--passes", metavar="LIST", default="", help="Comma-separated passes to run, in order (none: print the IR again).")
-@click.option("--split-input-file", is_flag=True, help="Handle each piece between '// -----' lines on its own.")
+@click.option("--passes", metavar="LIST", default="",
+              help="Comma-separated passes to run, in order (none: print the IR again).")
+@click.option("--split-input-file", is_flag=True,
+              help="Handle each piece between '// -----' lines on its own.")
 @click.option("--with", "with_", multiple=True, metavar="NAME=VALUE",
-              help="Apply an option every spec takes (clipnorm=1.0, use_ema=true) to the program first.")
+              help="Apply an option every spec takes (clipnorm=1.0, use_ema=true) first.")
 @click.option("-o", "--output", metavar="FILE", help="Write here (atomically) instead of stdout.")
 def opt(file, passes, split_input_file, with_, output):
     """Run passes over the IR text in FILE (- for stdin) and print the IR they give."""
     pipeline = passes_mod.parse_pipeline(passes)
     spec_options, variant = _parse_with(with_)
     if spec_options:
-        raise SpecError(f"--with {', '.join(spec_options)}: IR text has no spec, so only the options every spec "
-                        "takes apply", hint="those are: " + ", ".join(DEFAULTS), code="E034")
-    _write(output, ir_opt.optimize_source(ir_opt.read_ir(file), pipeline, split_input_file, variant))
+        raise SpecError(f"--with {', '.join(spec_options)}: IR text has no spec, so only the "
+                        "options every spec takes apply", hint="those are: " + ", ".join(DEFAULTS),
+                        code="E034")
+    source = ir_opt.read_ir(file)
+    _write(output, ir_opt.optimize_source(source, pipeline, split_input_file, variant))
 
 
 @main.command("list")

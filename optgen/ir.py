@@ -168,13 +168,15 @@ def verify(func: Function) -> None:
     for index, op in enumerate(func.ops):
         for operand in op.operands:
             if id(operand) not in defined:
-                raise IRError(f"op {index} ({op.opcode}) uses a value before it is defined", op=index)
+                raise IRError(f"op {index} ({op.opcode}) uses a value before it is defined",
+                              op=index)
         try:
             expected = result_type(op.opcode, op.operands, op.attr)
         except IRError as err:
             raise IRError(f"op {index}: {err}", op=index) from None
         if expected != op.result.type:
-            raise IRError(f"op {index} ({op.opcode}) is typed {op.result.type}, expected {expected}", op=index)
+            raise IRError(f"op {index} ({op.opcode}) is typed {op.result.type}, expected {expected}",
+                          op=index)
         if id(op.result) in defined:
             raise IRError(f"op {index} ({op.opcode}) redefines a value", op=index)
         defined.add(id(op.result))
@@ -286,7 +288,8 @@ def _parse_body(lines: list[tuple[int, str]]) -> Function:
             try:
                 attr = float(body) if attr is None else attr
             except ValueError:
-                raise IRError(f"'{body.strip()}' is not a constant").at(number, line, body.strip()) from None
+                constant = body.strip()
+                raise IRError(f"'{constant}' is not a constant").at(number, line, constant) from None
             operands = ()
         elif opcode == "dim":
             attr, operands = body.strip(), ()

@@ -31,7 +31,10 @@ def _modules():
     for folder, package in (("optgen", ""), ("passes", "passes."), ("codegen", "codegen.")):
         for path in sorted((ROOT / folder).rglob("*.py")):
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
-            yield package + ".".join(parts) if parts != ("__init__",) or package else "__init__", path
+            yield (
+                package + ".".join(parts) if parts != ("__init__",) or package else "__init__",
+                path,
+            )
 
 
 def _layer(module: str) -> int:
@@ -43,7 +46,11 @@ def _imports(path: pathlib.Path):
     """The optgen modules a file imports at module level (``from optgen import syntax`` counts as
     ``syntax``; ``from optgen.transforms import Variant`` as ``transforms``)."""
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "optgen":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] == "optgen"
+        ):
             inside = node.module.removeprefix("optgen").removeprefix(".")
             if inside:
                 yield inside
@@ -51,13 +58,18 @@ def _imports(path: pathlib.Path):
                 yield from (alias.name for alias in node.names if alias.name != "__version__")
 
 
-@pytest.mark.parametrize("module, path", list(_modules()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "module, path", list(_modules()), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_imports_run_one_way(module, path):
-    assert _layer(module) is not None, f"{module} has no layer: add it to LAYERS and docs/architecture.md"
+    assert _layer(module) is not None, (
+        f"{module} has no layer: add it to LAYERS and docs/architecture.md"
+    )
     for imported in _imports(path):
         assert _layer(imported) is not None, f"{module} imports {imported}, which has no layer"
-        assert _layer(imported) <= _layer(module), \
+        assert _layer(imported) <= _layer(module), (
             f"{module} ({LAYERS[_layer(module)][0]}) imports {imported} ({LAYERS[_layer(imported)][0]})"
+        )
 
 
 def test_the_check_sees_a_wrong_import(tmp_path):

@@ -33,10 +33,14 @@ def test_make_grads_depends_on_the_step_and_the_shapes_only():
     params = make_params(np.float32)
     first, again = make_grads(params, 3), make_grads(make_params(np.float32, seed=9), 3)
     for key in params:
-        np.testing.assert_array_equal(np.asarray(first[key] if key != "huge_grad" else first[key]["w"]),
-                                      np.asarray(again[key] if key != "huge_grad" else again[key]["w"]))
+        np.testing.assert_array_equal(
+            np.asarray(first[key] if key != "huge_grad" else first[key]["w"]),
+            np.asarray(again[key] if key != "huge_grad" else again[key]["w"]),
+        )
     assert not np.array_equal(make_grads(params, 4)["vector"], first["vector"])
     assert not np.any(first["zero_grad"]) and np.abs(first["huge_grad"]["w"]).max() > 1e5
     assert all(g.dtype == np.float32 for g in (first["vector"], first["huge_grad"]["w"]))
-    nested = make_grads({"ln": {"scale": np.ones((2, 2), np.float64)}, "b": [np.ones(3, np.float32)]}, 0)
+    nested = make_grads(
+        {"ln": {"scale": np.ones((2, 2), np.float64)}, "b": [np.ones(3, np.float32)]}, 0
+    )
     assert nested["ln"]["scale"].dtype == np.float64 and nested["b"][0].shape == (3,)

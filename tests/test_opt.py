@@ -60,19 +60,33 @@ def test_file_stdin_and_output_file(tmp_path):
 
 
 def test_split_input_file_handles_each_piece_alone():
-    both = opt("-", "--passes", "canon,dce", "--split-input-file", input=f"{SQUARE}// ----- again\n{SQUARE}")
+    both = opt(
+        "-",
+        "--passes",
+        "canon,dce",
+        "--split-input-file",
+        input=f"{SQUARE}// ----- again\n{SQUARE}",
+    )
     assert both.exit_code == 0 and both.output == f"{SQUARED}// -----\n{SQUARED}"
     # Without the flag the marker is a comment, and the two functions are one program.
-    assert opt("-", "--passes", "canon,dce", input=f"{SQUARE}// -----\n{SQUARE}").output == f"{SQUARED}\n{SQUARED}"
+    assert (
+        opt("-", "--passes", "canon,dce", input=f"{SQUARE}// -----\n{SQUARE}").output
+        == f"{SQUARED}\n{SQUARED}"
+    )
 
 
-@pytest.mark.parametrize("right, wrong, code, where, caret", [
-    ("sub %p, %1", "sub %p, %9", "E032", "bad.ir:11:16:", "               ^~"),
-    ("%0 : tensor", "%0 : leaf", "E033", "bad.ir:10:3:", "  ^~~~~~~~~~~~~~~~~~~~~~"),
-    ("const 2.0", "const two", "E032", "bad.ir:9:14:", "             ^~~"),
-    ("return p", "retrun p", "E032", "bad.ir:12:3:", "  ^~~~~~~~~~~~~"),
-])
-def test_a_mistake_is_located_in_the_whole_split_file(tmp_path, monkeypatch, right, wrong, code, where, caret):
+@pytest.mark.parametrize(
+    "right, wrong, code, where, caret",
+    [
+        ("sub %p, %1", "sub %p, %9", "E032", "bad.ir:11:16:", "               ^~"),
+        ("%0 : tensor", "%0 : leaf", "E033", "bad.ir:10:3:", "  ^~~~~~~~~~~~~~~~~~~~~~"),
+        ("const 2.0", "const two", "E032", "bad.ir:9:14:", "             ^~~"),
+        ("return p", "retrun p", "E032", "bad.ir:12:3:", "  ^~~~~~~~~~~~~"),
+    ],
+)
+def test_a_mistake_is_located_in_the_whole_split_file(
+    tmp_path, monkeypatch, right, wrong, code, where, caret
+):
     """The second piece starts on line 8; its error names that line of the file, with a caret."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.ir").write_text(f"{SQUARE}// -----\n{SQUARE.replace(right, wrong)}")
@@ -82,31 +96,48 @@ def test_a_mistake_is_located_in_the_whole_split_file(tmp_path, monkeypatch, rig
     assert first.startswith(where) and wrong in line and marker == "  " + caret, result.output
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "expected 'func @name(...) {' ... '}'"),
-    (SQUARE.removesuffix("}\n"), "the function has no closing '}'"),
-    (SQUARE.replace("  return p = %2\n", ""), "missing 'return'"),
-    (SQUARE.replace("  return p = %2\n", "  return p = %2\n  %3 = neg %2 : tensor\n"), "an op after 'return'"),
-    ("%0 = const 1.0 : step\n", "expected 'func @name(...) {'"),
-    (SQUARE.replace("%t: step", "%t: stpe"), "bad argument '%t: stpe'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "expected 'func @name(...) {' ... '}'"),
+        (SQUARE.removesuffix("}\n"), "the function has no closing '}'"),
+        (SQUARE.replace("  return p = %2\n", ""), "missing 'return'"),
+        (
+            SQUARE.replace("  return p = %2\n", "  return p = %2\n  %3 = neg %2 : tensor\n"),
+            "an op after 'return'",
+        ),
+        ("%0 = const 1.0 : step\n", "expected 'func @name(...) {'"),
+        (SQUARE.replace("%t: step", "%t: stpe"), "bad argument '%t: stpe'"),
+    ],
+)
 def test_malformed_text_is_e032(text, message):
     result = opt("-", input=text)
-    assert result.exit_code == 1 and "error[E032]" in result.output and message in result.output, result.output
+    assert result.exit_code == 1 and "error[E032]" in result.output and message in result.output, (
+        result.output
+    )
 
 
 def test_unreadable_input_is_e030_and_an_unknown_pass_e013(tmp_path):
     assert "error[E030]: cannot read" in opt(str(tmp_path / "missing.ir")).output
     assert "error[E030]" in opt(str(tmp_path)).output  # a directory
     unknown = opt("-", "--passes", "fold,hoyst", input=SQUARE)
-    assert unknown.exit_code == 1 and "error[E013]" in unknown.output and "did you mean 'hoist'" in unknown.output
+    assert (
+        unknown.exit_code == 1
+        and "error[E013]" in unknown.output
+        and "did you mean 'hoist'" in unknown.output
+    )
 
 
-IR_TEXTS = [path.read_text() for path in sorted(pathlib.Path(__file__).parent.joinpath("golden").glob("*.ir"))]
+IR_TEXTS = [
+    path.read_text()
+    for path in sorted(pathlib.Path(__file__).parent.joinpath("golden").glob("*.ir"))
+]
 LOCATED = re.compile(r"^fuzz\.ir:(\d+):(\d+): error\[(E03[23])\]: \S")
 
 
-@settings(max_examples=int(os.environ.get("OPTGEN_FUZZ_EXAMPLES", "40")), deadline=None, database=None)
+@settings(
+    max_examples=int(os.environ.get("OPTGEN_FUZZ_EXAMPLES", "40")), deadline=None, database=None
+)
 @given(data=st.data())
 def test_mutated_ir_is_printed_or_a_located_diagnostic(data):
     """Golden files with tokens and lines deleted, duplicated or swapped: optgen opt prints IR that
@@ -140,18 +171,32 @@ INIT = "func @f.init(%p: tensor) {\n  return\n}\n"
 def test_with_applies_an_option_every_spec_takes_to_the_program():
     """--with global_clipnorm=1.0 on update and init gives what optgen compile --with gives."""
     compiled = compile_checked(check_spec("adamw"), passes=())
-    with_clip = compile_checked(check_spec("adamw"), variant=optgen.transforms.split_options({"global_clipnorm": 1.0})[0])
-    result = opt("-", "--with", "global_clipnorm=1.0", "--passes", ",".join(DEFAULT_PIPELINE),
-                 input=print_program(compiled.lowered))
-    assert result.exit_code == 0 and result.output == print_program(with_clip.program), result.output
+    with_clip = compile_checked(
+        check_spec("adamw"), variant=optgen.transforms.split_options({"global_clipnorm": 1.0})[0]
+    )
+    result = opt(
+        "-",
+        "--with",
+        "global_clipnorm=1.0",
+        "--passes",
+        ",".join(DEFAULT_PIPELINE),
+        input=print_program(compiled.lowered),
+    )
+    assert result.exit_code == 0 and result.output == print_program(with_clip.program), (
+        result.output
+    )
 
 
 def test_with_needs_a_program_and_an_option_every_spec_takes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "update.ir").write_text(f"// one function\n{SQUARE}")
     alone = opt("update.ir", "--with", "clipvalue=0.5")
-    assert alone.exit_code == 1 and alone.output.startswith("update.ir:2:1: error[E035]"), alone.output
+    assert alone.exit_code == 1 and alone.output.startswith("update.ir:2:1: error[E035]"), (
+        alone.output
+    )
     spec_option = opt("update.ir", "--with", "nesterov=true")
     assert spec_option.exit_code == 1 and "error[E034]: --with nesterov" in spec_option.output
     both = opt("-", "--with", "clipvalue=0.5", input=SQUARE + INIT)
-    assert both.exit_code == 0 and "%clipvalue: step" in both.output and "func @f.init" in both.output
+    assert (
+        both.exit_code == 0 and "%clipvalue: step" in both.output and "func @f.init" in both.output
+    )
