@@ -78,8 +78,10 @@ def make_grads(params, step, dtype=None):
 
     rng = np.random.default_rng(1000 + step)
 
-    def draw(p, scale=1.0):
-        return (scale * rng.normal(size=np.shape(p))).astype(dtype or np.asarray(p).dtype)
+    def draw(p, scale=1.0):  # p's dtype without copying p to the host (a sync for a JAX array)
+        leaf_dtype = getattr(p, "dtype", None)
+        leaf_dtype = np.asarray(p).dtype if leaf_dtype is None else leaf_dtype
+        return (scale * rng.normal(size=np.shape(p))).astype(leaf_dtype if dtype is None else dtype)
 
     grads = {k: jax.tree.map(draw, v) for k, v in params.items() if k != "huge_grad"}
     if "zero_grad" in params:
