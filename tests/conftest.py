@@ -98,24 +98,25 @@ def as_jax(tree):
     return jax.tree.map(jax.numpy.asarray, tree)
 
 
-def trajectory(opt, params, steps, path="update", grads_at=make_grads, jit=False):
+def trajectory(opt, params, steps, path="update", grads_at=make_grads, jit=False, inputs_at=None):
     """Yield ``(params, state)`` after each of ``steps`` steps of ``opt`` from ``params``.
 
     ``path="update"`` runs the optax protocol (``opt.update``, then ``optax.apply_updates``), so
     ``opt`` may be an optgen optimizer or the optax reference beside it; ``path="step"`` runs
     optgen's fused ``opt.step``. ``grads_at(params, step)`` gives each step's gradients (from the
-    parameters of that step); ``jit`` jits ``opt.update``."""
+    parameters of that step); ``jit`` jits ``opt.update``; ``inputs_at(step)``, if given, the
+    keyword inputs each step takes beside them (a spec's ``input hessian``: ``hessian=...``)."""
     import jax
     import optax
 
     state = opt.init(params)
     update = jax.jit(opt.update) if jit else opt.update
     for step in range(steps):
-        grads = grads_at(params, step)
+        grads, inputs = grads_at(params, step), inputs_at(step) if inputs_at else {}
         if path == "step":
-            params, state = opt.step(params, grads, state)
+            params, state = opt.step(params, grads, state, **inputs)
         else:
-            updates, state = update(grads, state, params)
+            updates, state = update(grads, state, params, **inputs)
             params = optax.apply_updates(params, updates)
         yield params, state
 
