@@ -30,6 +30,13 @@ CATALOG: dict[str, str] = {
     "E015": "the output path is a block device or a socket",
     "E016": "a symbolic --shape of two or more dims for a factored spec",
     "E017": "standard output cannot be written",
+    # IR text given to optgen opt
+    "E030": "the IR file cannot be read",
+    "E031": "the IR file is not UTF-8 text",
+    "E032": "IR text the parser cannot read",
+    "E033": "IR that does not verify",
+    "E034": "optgen opt --with names an option of a spec",
+    "E035": "optgen opt --with on a piece that is not a program",
     # Syntax
     "E101": "unexpected character",
     "E102": "unexpected token",
