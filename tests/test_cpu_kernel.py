@@ -90,3 +90,17 @@ def test_auto_takes_the_loop_for_mixed_dtypes_and_xla_for_a_uniform_step(tmp_pat
 def test_a_lowering_is_kept_in_the_config():
     opt = optgen.load("adamw", lowering="shared")
     assert optgen.from_config(opt.get_config()).lowering == "shared"
+
+
+def test_an_exported_step_stays_portable_stablehlo(tmp_path):
+    # a step the loop would run here is exported with XLA's loops: an artifact runs anywhere
+    spec = tmp_path / "adamw_bf16_mu.spec"
+    spec.write_text(optgen.library.read_spec("adamw").text.replace("state mu = 0", "state mu: bf16 = 0"))
+    opt = optgen.load(str(spec))
+    params = {"w": jnp.ones(8)}
+    exported = jax.export.export(jax.jit(lambda p, g, s: opt.step(p, g, s)))(params, params, opt.init(params))
+    assert "optgen_cpu_" not in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    new_params, _ = restored.call(params, params, opt.init(params))
+    mine, _ = opt.step(jax.tree.map(jnp.copy, params), params, opt.init(params))
+    np.testing.assert_allclose(np.asarray(new_params["w"]), np.asarray(mine["w"]), rtol=1e-6)
