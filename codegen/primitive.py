@@ -26,7 +26,7 @@ from optgen.codegen.evaluate import evaluate
 from optgen.codegen.jnp_backend import jnp_backend
 from optgen.codegen.stablehlo import StableHLOBackend
 from optgen.ir import Function
-from optgen.types import NOT_FACTORED, Factoring
+from optgen.types import NOT_FACTORED, Factoring, stored_shape
 
 run_ir_p = Primitive("optgen_run_ir")
 run_ir_p.multiple_results = True
@@ -72,13 +72,7 @@ def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, d
                    out_extents, factoring):
     params = operands[:n]
 
-    def stored(extent, p):  # row and col values drop the axes they reduce
-        if extent in ("step", "leaf"):
-            return ()
-        reduced = dict(zip(("row", "col"), factoring.axes(p.shape), strict=True)).get(extent, ())
-        return tuple(size for axis, size in enumerate(p.shape) if axis not in reduced)
-
-    return [jax.core.ShapedArray(stored(extent, p), dtype)
+    return [jax.core.ShapedArray(() if extent == "step" else stored_shape(p.shape, extent, factoring), dtype)
             for dtypes, extent in zip(out_dtypes, out_extents, strict=True)
             for p, dtype in zip(params if extent != "step" else [None], dtypes, strict=True)]
 

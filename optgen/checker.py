@@ -19,6 +19,8 @@ RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"} |
     name: "a shape constant" for name in SHAPE_CONSTANTS}
 OPTION = Type("step", "option")
 _COMPARE = ("<", "<=", ">", ">=", "==", "!=")  # a compile-time flag: only `if` may test it
+# What one number of a value of these extents stands for, in messages.
+_PER = {"tensor": "element", "axes": "slice of each axis"}
 
 
 @dataclass(frozen=True)
@@ -344,9 +346,14 @@ class _Checker:
         return Type(self.combine(expr, (left.extent, right.extent)), kind)
 
     def combine(self, expr: ast.Expr, extents) -> str:
+        extents = tuple(extents)
         try:
             return widest(extents)
         except ExtentError as err:
+            if "axes" in set(extents):
+                raise self.error(f"a per-axis statistic does not combine with these values: {err}", expr.span,
+                                 "read it per element with axis_min(v), or make one from a tensor with "
+                                 "axis_max(x)", code="E239") from None
             raise self.error(f"these values have different shapes: {err}", expr.span,
                              "a Gram matrix (x @ transpose(x)) combines only with itself and with scalars; "
                              "multiply it into a tensor first", code="E230") from None
@@ -373,9 +380,13 @@ class _Checker:
         extent = self.combine(expr, (ty.extent for ty in types))
         if fn.reduces is None:
             return Type(extent)
+        if extent not in fn.reduces and set(fn.reduces) == {"axes"}:
+            raise self.error(f"{fn.name} reads per-axis statistics, but this is one number per {_PER.get(extent, extent)}",
+                             expr.args[0].span, "pass a state declared 'state v: axes = 0' or a value of "
+                             "axis_max(x)", code="E240")
         if extent not in fn.reduces:
             raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
-                             f"one number per {extent}", expr.args[0].span,
+                             f"one number per {_PER.get(extent, extent)}", expr.args[0].span,
                              f"pass a per-element value such as g or p to {fn.name}", code="E216")
         if fn.reduces[extent] in ("row", "col"):
             self.expect_factoring(expr.func.span)

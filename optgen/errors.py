@@ -74,6 +74,8 @@ CATALOG: dict[str, str] = {
     "E236": "an assignment to a read-only state",
     "E237": "an output that is not one value per element",
     "E238": "an assignment to an input",
+    "E239": "a per-axis statistic combined with values of another shape",
+    "E240": "axis_min of a value that is not a per-axis statistic",
     "E260": "a spec name that is an option every spec takes",
     # Values given at run time
     "E301": "update called without params",
@@ -118,6 +120,7 @@ CATALOG: dict[str, str] = {
     "E381": "pack is not true or false",
     "E382": "an array that an earlier step donated",
     "E383": "one array passed twice to a step that donates it",
+    "E390": "a per-axis statistic of a parameter with symbolic sizes",
     # The Keras adapter (optgen.keras)
     "E370": "optgen.keras.Optimizer on a Keras backend other than JAX",
     "E371": "optgen.keras.Optimizer of a spec without learning_rate",

@@ -1,6 +1,6 @@
-"""Matrices, choices by shape, bounded loops, row/column maxima and global sums: golden lowering,
-IR round trip, and the StableHLO backend against the NumPy interpreter on vectors, matrices of
-both orientations and a batch."""
+"""Matrices, choices by shape, bounded loops, row/column maxima, per-axis statistics and global sums:
+golden lowering, IR round trip, and the StableHLO backend against the NumPy interpreter on vectors,
+matrices of both orientations and batches."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from optgen.codegen.primitive import run_ir
 from optgen.compiler import check_spec, compile_checked
 from optgen.ir import parse_function, print_function
 from optgen.passes import DEFAULT_PIPELINE
+from optgen.types import stored_shape
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden", "lower").glob("*.spec"))
-SHAPES = [(), (7,), (5, 3), (3, 5), (4, 4), (2, 3, 4)]
+SHAPES = [(), (7,), (5, 3), (3, 5), (4, 4), (2, 3, 4), (2, 1, 3, 2)]
 
 
 def _lowered(path, **options):
@@ -38,14 +39,10 @@ def test_golden_lowering(path):
 
 
 def _inputs(func, seed, program):
-    """Random inputs; row and col states stored without the axes they reduce (program.factoring)."""
+    """Random inputs, each state stored as the runtime stores it (row and col without the axes they
+    reduce, per-axis statistics end to end)."""
     rng = np.random.default_rng(seed)
-
-    def stored(extent, shape):
-        axes = dict(zip(("row", "col"), program.factoring.axes(shape), strict=True)).get(extent, ())
-        return tuple(n for axis, n in enumerate(shape) if axis not in axes)
-
-    tensors = {v.name: [rng.normal(size=stored(v.type.extent, s) if v.type.extent != "leaf" else ()) for s in SHAPES]
+    tensors = {v.name: [rng.normal(size=stored_shape(s, v.type.extent, program.factoring)) for s in SHAPES]
                for v in func.inputs if v.type.extent != "step"}
     scalars = {v.name: 0.1 for v in func.inputs if v.type.extent == "step"} | {"t": 3.0}
     return tensors, scalars
