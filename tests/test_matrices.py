@@ -85,31 +85,6 @@ def test_repeat_unrolls_its_count_and_the_option_changes_it():
     assert sum(op.opcode == "pow" for op in _lowered(spec, steps=5).ops) == 5
 
 
-@pytest.mark.parametrize("emit", ["ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact"])
-def test_muon_goes_through_every_stage_of_the_command_line(emit, tmp_path):
-    """Muon uses every new construct: '@', transpose, shape constants, an if on shapes, repeat."""
-    from click.testing import CliRunner
-
-    from optgen.cli import main
-
-    out = tmp_path / "muon.out"
-    result = CliRunner().invoke(main, ["compile", "muon", "--emit", emit, "--shape", "6,4", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    text = out.read_bytes()
-    expected = {"ast": b"(repeat ns_steps", "ir": b"matmul", "ir-opt": b"dim rows", "stablehlo": b"dot_general",
-                "hlo": b"dot(", "artifact": b""}[emit]
-    assert expected in text
-    if emit == "artifact":  # the exported kernel runs the matrix branch like the optimizer's step
-        rng = np.random.default_rng(0)
-        p, g = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
-        opt = optgen.load("muon")
-        expected, _ = opt.step({"w": jax.numpy.asarray(p)}, {"w": jax.numpy.asarray(g)}, opt.init({"w": p}))
-        hypers = {k: float(v) for k, v in opt.hyperparams.items()}
-        zeros = np.zeros_like(p)
-        out = optgen.load_artifact(str(out))(p=p, g=g, mu=zeros, nu=zeros, t=1, **hypers)
-        np.testing.assert_allclose(out["p"], expected["w"], rtol=1e-6)
-
-
 @pytest.mark.parametrize("spec", ["muon", "sm3", str(GOLDEN[0].parent / "matmul.spec")])
 def test_the_jnp_path_matches_the_interpreter(spec, x64):
     """The path JAX transformations take (codegen/jnp_backend.py) evaluates matrices, choices by
@@ -149,3 +124,35 @@ def test_grad_and_vmap_go_through_a_matrix_spec():
         jax.numpy.array([1.0, 2.0]))
     single = opt.update(jax.tree.map(lambda g: g * 2.0, grads), state, params)[0]
     np.testing.assert_allclose(scaled["w"][1], single["w"], rtol=1e-4, atol=1e-7)  # jnp path vs fused: f32 rounding
+
+
+CONSTRUCTS = pathlib.Path(__file__).parent / "golden" / "lower" / "constructs.spec"
+
+
+@pytest.mark.parametrize("emit", ["ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact"])
+def test_every_construct_goes_through_every_stage_of_the_command_line(emit, tmp_path):
+    """One spec with every construct of the matrix language (an input, a read-only state, row, col
+    and per-axis statistics, an output, an if on shapes, repeat, '@', transpose, shape constants,
+    global sums) through each --emit; its artifact runs as the optimizer's step does."""
+    from click.testing import CliRunner
+
+    from optgen.cli import main
+
+    out = tmp_path / "constructs.out"
+    result = CliRunner().invoke(main, ["compile", str(CONSTRUCTS), "--emit", emit, "--shape", "6,4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_bytes()
+    expected = {"ast": b"(repeat steps", "ir": b"axis_max", "ir-opt": b"gsum", "stablehlo": b"dot_general",
+                "hlo": b"dot(", "artifact": b""}[emit]
+    assert expected in text
+    if emit == "artifact":
+        rng = np.random.default_rng(0)
+        p, g, h = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3))
+        opt = optgen.load(str(CONSTRUCTS))
+        state = opt.init({"w": p})
+        slots = {name: np.array(slot["w"]) for name, slot in state.slots.items()}  # before step donates them
+        want, after = opt.step({"w": jax.numpy.asarray(p)}, {"w": jax.numpy.asarray(g)}, state, h={"w": h})
+        got = optgen.load_artifact(str(out))(p=p, g=g, h=h, t=1, lr=0.1, **slots)
+        np.testing.assert_allclose(got["p"], want["w"], rtol=1e-6)
+        np.testing.assert_allclose(got["v"], after.slots["v"]["w"], rtol=1e-6)
+        assert got["v"].shape == (10,)  # 6 + 4 statistics
