@@ -32,7 +32,7 @@ import numpy as np
 from optgen.diagnostics import InputError, SpecError
 from optgen.ir import Function, Loc, Op, Value, dependencies
 from optgen.ops import OPS
-from optgen.types import MATRIX_AXES, NOT_FACTORED, SEPARATE_EXTENTS, Factoring, stored_shape
+from optgen.types import NOT_FACTORED, SEPARATE_EXTENTS, Factoring, stored_shape
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -143,8 +143,7 @@ class _Layout:
         if extent == "axes":  # a vector's statistics are its elements; a larger tensor needs static sizes
             return shape if len(shape) == 1 else stored_shape(self.static_shape(i), extent, NOT_FACTORED)
         if extent in ("cr", "rr", "cc"):
-            sizes = {"r": shape[-2], "c": shape[-1]}
-            return (*shape[:-2], *(sizes[axis] for axis in MATRIX_AXES[extent]))
+            return stored_shape(shape, extent, NOT_FACTORED)
         axes = self.reduced(i, extent)
         return tuple(1 if axis in axes else n for axis, n in enumerate(shape))
 
@@ -311,6 +310,14 @@ def _matrices(op, view, i):
     return [view(v, i, v.type.extent) for v in op.operands]
 
 
+def _eye(op, backend, view, i):
+    """Identity matrices shaped as the operand (square: rows x rows or columns x columns)."""
+    (x,) = _matrices(op, view, i)
+    shape = backend.shape_of(x)
+    eye = np.broadcast_to(np.eye(shape[-1]), shape)
+    return backend.constant(eye, backend.dtype_of(x))
+
+
 def _operand(op, view, i):
     return view.env[id(op.operands[0])][i]
 
@@ -346,6 +353,7 @@ PER_LEAF = {
     "dim": _dim,
     "matmul": lambda op, backend, view, i: backend.matmul(*_matrices(op, view, i)),
     "transpose": lambda op, backend, view, i: backend.transpose(*_matrices(op, view, i)),
+    "eye": _eye,
     "row_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "row")),
     "col_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "col")),
     "row_max": lambda op, backend, view, i: backend.reduce_max(_operand(op, view, i), view.layout.reduced(i, "row")),

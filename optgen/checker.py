@@ -375,6 +375,10 @@ class _Checker:
             try:
                 return Type(fn.extent(*(ty.extent for ty in types)))
             except ExtentError as err:
+                if fn.name == "eye":
+                    raise self.error(f"eye: {err}", expr.args[0].span, "eye(a) is the identity of a Gram matrix "
+                                     "a = x @ transpose(x) or transpose(x) @ x, or of a state declared 'rr' or 'cc'",
+                                     code="E241") from None
                 raise self.error(f"{fn.name}: {err}", expr.args[0].span,
                                  f"pass a per-element value of a matrix parameter to {fn.name}", code="E231") from None
         extent = self.combine(expr, (ty.extent for ty in types))

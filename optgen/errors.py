@@ -76,6 +76,7 @@ CATALOG: dict[str, str] = {
     "E238": "an assignment to an input",
     "E239": "a per-axis statistic combined with values of another shape",
     "E240": "axis_min of a value that is not a per-axis statistic",
+    "E241": "eye of a value that is not a square matrix",
     "E260": "a spec name that is an option every spec takes",
     # Values given at run time
     "E301": "update called without params",

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from optgen.types import matmul_extent, transpose_extent
+from optgen.types import matmul_extent, square_extent, transpose_extent
 
 INF = math.inf
 FULL = (-INF, INF)
@@ -149,6 +149,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
     # matrices: a parameter's last two axes, batched over any others (optgen.types)
     OpDef("matmul", (F, F), "x @ y: the matrix product over the parameter's last two axes", extent=matmul_extent),
     OpDef("transpose", (F,), "the matrix with its last two axes swapped", extent=transpose_extent, spec=True),
+    OpDef("eye", (F,), "eye(a): the identity matrix of a's shape (a Gram-shaped, square value)",
+          extent=square_extent, spec=True, interval=lambda a: (0.0, 1.0)),
     OpDef("dim", (), "a number of the parameter's shape, named by the op's attribute (DIMS)",
           extent=lambda: "leaf"),
 )}

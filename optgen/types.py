@@ -38,7 +38,8 @@ DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16),
           "f16": np.dtype(np.float16), "f64": np.dtype(np.float64)}
 
 EXTENTS = ("step", "leaf", "row", "col", "tensor", "axes", "cr", "rr", "cc")
-STATE_EXTENTS = EXTENTS[:6]  # the shapes a state may be declared with
+# The shapes a state may be declared with: a Gram-shaped state (Shampoo's statistics) is square.
+STATE_EXTENTS = (*EXTENTS[:6], "rr", "cc")
 # Extents whose values combine elementwise only with themselves and with scalars.
 SEPARATE_EXTENTS = ("axes", "cr", "rr", "cc")
 # The axes of each matrix extent: (rows of the value, columns of the value), in the parameter's axes.
@@ -95,6 +96,13 @@ def transpose_extent(extent: str) -> str:
     return _BY_AXES[(b, a)]
 
 
+def square_extent(extent: str) -> str:
+    """The extent of ``eye(x)``: x's, which must be square (``rr`` or ``cc``)."""
+    if extent not in ("rr", "cc"):
+        raise ExtentError(f"eye takes a square matrix (a Gram matrix such as x @ transpose(x)), got a {extent} value")
+    return extent
+
+
 def fits(extent: str, container: str) -> bool:
     """Whether a value of ``extent`` broadcasts to ``container`` (e.g. leaf into row, not row into col)."""
     try:
@@ -128,10 +136,17 @@ def stored_shape(shape: tuple, extent: str, factoring: Factoring) -> tuple:
     """The shape a per-parameter value of ``extent`` is stored with, for a parameter of ``shape``:
     a ``row`` or ``col`` value without the axes it reduces (as optax stores Adafactor's ``v_row``
     and ``v_col``), an ``axes`` value as one vector of its per-axis statistics end to end, a
-    scalar as 0-d; a ``tensor`` as the parameter. (``shape`` may hold symbolic sizes.)"""
+    matrix-shaped value (``rr``: rows x rows) after the parameter's batch axes, or as one unused
+    number for a parameter of fewer than two axes (which never takes a matrix branch), a scalar
+    as 0-d; a ``tensor`` as the parameter. (``shape`` may hold symbolic sizes.)"""
     if extent in SCALAR_EXTENTS:
         return ()
     if extent == "axes":
         return (sum(shape),) if shape else (1,)
+    if extent in MATRIX_AXES and extent != "tensor":  # a parameter that is no matrix keeps one unused number
+        if len(shape) < 2:
+            return ()
+        sizes = {"r": shape[-2], "c": shape[-1]}
+        return (*shape[:-2], *(sizes[axis] for axis in MATRIX_AXES[extent]))
     reduced = dict(zip(("row", "col"), factoring.axes(tuple(shape)), strict=True)).get(extent, ())
     return tuple(size for axis, size in enumerate(shape) if axis not in reduced)

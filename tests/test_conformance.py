@@ -185,8 +185,28 @@ def _cautious_adamw(params, grads, slots, t, h):
     return params - h["learning_rate"] * (u * phi * scale + h["weight_decay"] * params), {"mu": mu, "nu": nu}
 
 
-# Specs optax lacks, against a NumPy transcription of their paper's rule: (step function, its states).
-NUMPY_REFERENCES = {"cautious_adamw": (_cautious_adamw, ("mu", "nu"))}
+def _inverse_fourth_root(a):
+    """a^-1/4 of a symmetric positive definite matrix, by its eigendecomposition (float64)."""
+    w, v = np.linalg.eigh(a)
+    return (v * w ** -0.25) @ v.T
+
+
+def _shampoo(params, grads, slots, t, h):
+    """Shampoo, Gupta et al. (2018), Algorithm 1 (a matrix): L += g g^T, R += g^T g, both from
+    eps * I, p -= lr L^-1/4 g R^-1/4, the roots exact (eigh), in float64; diagonal AdaGrad
+    (sum of g^2 from 0, eps inside the root) for parameters of other ranks. States start empty."""
+    g, lr, eps = grads.astype(np.float64), h["learning_rate"], float(h["eps"])
+    if params.ndim != 2:
+        acc = slots.get("acc", 0.0) + g * g
+        return (params - lr * g / np.sqrt(acc + eps)).astype(params.dtype), slots | {"acc": acc}
+    left, right = slots.get("L", 0.0) + g @ g.T, slots.get("R", 0.0) + g.T @ g
+    step = _inverse_fourth_root(left + eps * np.eye(len(left))) @ g @ _inverse_fourth_root(right + eps * np.eye(len(right)))
+    return (params - lr * step).astype(params.dtype), slots | {"L": left, "R": right}
+
+
+# Specs optax lacks, against a NumPy transcription of their paper's rule: (step function, the states
+# it starts with at zero).
+NUMPY_REFERENCES = {"cautious_adamw": (_cautious_adamw, ("mu", "nu")), "shampoo": (_shampoo, ())}
 
 
 def _run_numpy(spec, dtype):

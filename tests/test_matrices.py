@@ -132,8 +132,9 @@ CONSTRUCTS = pathlib.Path(__file__).parent / "golden" / "lower" / "constructs.sp
 @pytest.mark.parametrize("emit", ["ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact"])
 def test_every_construct_goes_through_every_stage_of_the_command_line(emit, tmp_path):
     """One spec with every construct of the matrix language (an input, a read-only state, row, col
-    and per-axis statistics, an output, an if on shapes, repeat, '@', transpose, shape constants,
-    global sums) through each --emit; its artifact runs as the optimizer's step does."""
+    and per-axis statistics, a Gram-shaped state and eye, an output, an if on shapes, repeat, '@',
+    transpose, shape constants, global sums) through each --emit; its artifact runs as the
+    optimizer's step does."""
     from click.testing import CliRunner
 
     from optgen.cli import main
