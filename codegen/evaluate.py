@@ -341,8 +341,8 @@ def _axis_min(op, backend, view, i):
     shape = view.layout.static_shape(i)
     least, start = None, 0
     for axis, size in enumerate(shape):
-        part = backend.reshape(backend.slice(v, start, start + size), tuple(size if a == axis else 1 for a in range(len(shape))))
-        part = backend.broadcast_to(part, shape)
+        along = tuple(size if a == axis else 1 for a in range(rank))  # this axis's statistics, along it
+        part = backend.broadcast_to(backend.reshape(backend.slice(v, start, start + size), along), shape)
         least, start = part if least is None else backend.apply("min", [least, part]), start + size
     return least
 

@@ -385,9 +385,9 @@ class _Checker:
         if fn.reduces is None:
             return Type(extent)
         if extent not in fn.reduces and set(fn.reduces) == {"axes"}:
-            raise self.error(f"{fn.name} reads per-axis statistics, but this is one number per {_PER.get(extent, extent)}",
-                             expr.args[0].span, "pass a state declared 'state v: axes = 0' or a value of "
-                             "axis_max(x)", code="E240")
+            raise self.error(f"{fn.name} reads per-axis statistics, but this is one number per "
+                             f"{_PER.get(extent, extent)}", expr.args[0].span,
+                             "pass a state declared 'state v: axes = 0' or a value of axis_max(x)", code="E240")
         if extent not in fn.reduces:
             raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
                              f"one number per {_PER.get(extent, extent)}", expr.args[0].span,

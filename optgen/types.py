@@ -17,7 +17,9 @@ compiler hoist work out of per-element code:
   (column, column) pair: the transpose ``transpose(g)`` is ``cr``, the Gram matrix
   ``g @ transpose(g)`` is ``rr``. A ``tensor`` is then ``rc``. Matrix products follow the
   axes: ``rr @ tensor`` is a ``tensor``, ``cr @ tensor`` is ``cc``
-  (:func:`matmul_extent`). Values of different matrix extents do not combine elementwise;
+  (:func:`matmul_extent`). Values of different matrix extents do not combine elementwise.
+  A state may be ``rr`` or ``cc`` (Shampoo's statistics), stored as such per matrix (one
+  unused number for a parameter of fewer than two axes, which never takes a matrix branch);
 - ``axes``: one value per slice of each axis of the parameter (for a parameter of shape
   (d1, ..., dn), d1 values along axis 1, ..., dn along axis n: SM3's statistics, a cover of
   the elements by the slices through them). It is stored as one vector of d1 + ... + dn

@@ -200,7 +200,8 @@ def _shampoo(params, grads, slots, t, h):
         acc = slots.get("acc", 0.0) + g * g
         return (params - lr * g / np.sqrt(acc + eps)).astype(params.dtype), slots | {"acc": acc}
     left, right = slots.get("L", 0.0) + g @ g.T, slots.get("R", 0.0) + g.T @ g
-    step = _inverse_fourth_root(left + eps * np.eye(len(left))) @ g @ _inverse_fourth_root(right + eps * np.eye(len(right)))
+    step = _inverse_fourth_root(left + eps * np.eye(len(left))) @ g @ _inverse_fourth_root(
+        right + eps * np.eye(len(right)))
     return (params - lr * step).astype(params.dtype), slots | {"L": left, "R": right}
 
 
