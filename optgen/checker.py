@@ -20,7 +20,8 @@ RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"} |
 OPTION = Type("step", "option")
 _COMPARE = ("<", "<=", ">", ">=", "==", "!=")  # a compile-time flag: only `if` may test it
 # What one number of a value of these extents stands for, in messages.
-_PER = {"tensor": "element", "axes": "slice of each axis"}
+_PER = {"tensor": "element", "axes": "slice of each axis", "rr": "pair of rows", "cc": "pair of columns",
+        "cr": "(column, row) pair"}
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,8 @@ class _Checker:
     def expect_fits(self, node: ast.Expr, ty: Type, name: str, extent: str) -> None:
         """A state of ``extent`` holds ``ty`` only if ``ty`` has no more copies (a narrower one broadcasts)."""
         if not fits(ty.extent, extent):
-            raise self.error(f"state '{name}' holds one number per {extent}, but this value has one "
-                             f"per {'element' if ty.extent == 'tensor' else ty.extent}", node.span,
+            raise self.error(f"state '{name}' holds one number per {_PER.get(extent, extent)}, but this value has "
+                             f"one per {_PER.get(ty.extent, ty.extent)}", node.span,
                              f"reduce it (sum, mean, norm) or declare 'state {name}: {ty.extent}'", code="E220")
 
     # -- statements -----------------------------------------------------------------------
