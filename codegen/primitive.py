@@ -76,7 +76,6 @@ def _split(operands, n, tensor_names, scalar_names):
 def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
                    out_extents, factoring, in_place):
     params = operands[:n]
-
     return [jax.core.ShapedArray(() if extent == "step" else stored_shape(p.shape, extent, factoring), dtype)
             for dtypes, extent in zip(out_dtypes, out_extents, strict=True)
             for p, dtype in zip(params if extent != "step" else [None], dtypes, strict=True)]
