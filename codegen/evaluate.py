@@ -10,7 +10,8 @@ so both give ops the same meaning. Each IR value becomes, by its extent:
   (which axes, per parameter, is :class:`~optgen.types.Factoring`'s choice);
 - ``tensor``: one array per parameter, in that parameter's compute dtype;
 - ``cr``, ``rr``, ``cc``: one array per matrix parameter, its batch axes followed by the two
-  matrix axes the extent names (``rr``: rows x rows).
+  matrix axes the extent names (``rr``: rows x rows);
+- ``axes``: one vector per parameter, its per-axis statistics end to end (as stored).
 
 What a parameter's shape decides is decided when the step is traced (:class:`_Plan`): the
 shape constants (``dim``) and what is computed from them alone are Python numbers per
@@ -31,7 +32,7 @@ import numpy as np
 from optgen.diagnostics import InputError, SpecError
 from optgen.ir import Function, Loc, Op, Value, dependencies
 from optgen.ops import OPS
-from optgen.types import MATRIX_AXES, NOT_FACTORED, Factoring
+from optgen.types import NOT_FACTORED, SEPARATE_EXTENTS, Factoring, stored_shape
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -54,6 +55,8 @@ class Backend(Protocol):
     def broadcast_to(self, x, shape: tuple[int, ...]): ...
     def reshape(self, x, shape: tuple[int, ...]): ...
     def shape_of(self, x) -> tuple[int, ...]: ...
+    def slice(self, x, start: int, stop: int): ...
+    def concatenate(self, xs: list): ...
     def reduce_sum(self, x): ...
     def mean(self, x, axes: tuple[int, ...]): ...
     def reduce_max(self, x, axes: tuple[int, ...]): ...
@@ -137,11 +140,21 @@ class _Layout:
     def kept_shape(self, i: int, extent: str) -> tuple[int, ...]:
         """The shape of a value of ``extent``: a row or col value's reduced axes are kept as size 1."""
         shape = self.shapes[i]
+        if extent == "axes":  # a vector's statistics are its elements; a larger tensor needs static sizes
+            return shape if len(shape) == 1 else stored_shape(self.static_shape(i), extent, NOT_FACTORED)
         if extent in ("cr", "rr", "cc"):
-            sizes = {"r": shape[-2], "c": shape[-1]}
-            return (*shape[:-2], *(sizes[axis] for axis in MATRIX_AXES[extent]))
+            return stored_shape(shape, extent, NOT_FACTORED)
         axes = self.reduced(i, extent)
         return tuple(1 if axis in axes else n for axis, n in enumerate(shape))
+
+    def static_shape(self, i: int) -> tuple[int, ...]:
+        """Parameter i's shape, which must be known when the step is traced (E390 otherwise)."""
+        shape = self.shapes[i]
+        if all(isinstance(n, int) and n >= 0 for n in shape):  # MLIR marks a symbolic size < 0
+            return shape
+        raise InputError(f"a parameter of {len(shape)} axes with a symbolic size reaches a per-axis statistic "
+                         "(axis_max, axis_min or an 'axes' state), whose length is the sum of the sizes",
+                         hint="export with sizes rather than names (--shape 64,32), or use a vector", code="E390")
 
     def dim(self, i: int, name: str) -> int | None:
         """A shape constant of parameter ``i`` (optgen.ops.DIMS), or None where the shape is symbolic."""
@@ -245,7 +258,7 @@ class _LeafView:
         else:
             x = x[i]
         source = value.type.extent
-        if extent in ("step", "leaf") or source == "tensor" or (source == extent and extent in ("cr", "rr", "cc")):
+        if extent in ("step", "leaf") or source == "tensor" or (source == extent and extent in SEPARATE_EXTENTS):
             return x
         target = self.layout.kept_shape(i, extent)
         if source in ("row", "col") and self.backend.shape_of(x) == target:
@@ -297,8 +310,41 @@ def _matrices(op, view, i):
     return [view(v, i, v.type.extent) for v in op.operands]
 
 
+def _eye(op, backend, view, i):
+    """Identity matrices shaped as the operand (square: rows x rows or columns x columns)."""
+    (x,) = _matrices(op, view, i)
+    shape = backend.shape_of(x)
+    eye = np.broadcast_to(np.eye(shape[-1]), shape)
+    return backend.constant(eye, backend.dtype_of(x))
+
+
 def _operand(op, view, i):
     return view.env[id(op.operands[0])][i]
+
+
+def _axis_max(op, backend, view, i):
+    """Each axis's slice maxima, end to end (a vector's slices are its elements; a 0-d parameter
+    is its only slice)."""
+    x, rank = _operand(op, view, i), len(view.layout.shapes[i])
+    if rank <= 1:
+        return x if rank else backend.reshape(x, (1,))
+    shape = view.layout.static_shape(i)
+    return backend.concatenate([backend.reshape(backend.reduce_max(x, tuple(a for a in range(rank) if a != axis)),
+                                                (shape[axis],)) for axis in range(rank)])
+
+
+def _axis_min(op, backend, view, i):
+    """At each element, the least of the statistics of the slices through it."""
+    v, rank = _operand(op, view, i), len(view.layout.shapes[i])
+    if rank <= 1:
+        return v if rank else backend.reshape(v, ())
+    shape = view.layout.static_shape(i)
+    least, start = None, 0
+    for axis, size in enumerate(shape):
+        along = tuple(size if a == axis else 1 for a in range(rank))  # this axis's statistics, along it
+        part = backend.broadcast_to(backend.reshape(backend.slice(v, start, start + size), along), shape)
+        least, start = part if least is None else backend.apply("min", [least, part]), start + size
+    return least
 
 
 # How the evaluator applies each structural op of the op table (those without a NumPy meaning):
@@ -307,10 +353,13 @@ PER_LEAF = {
     "dim": _dim,
     "matmul": lambda op, backend, view, i: backend.matmul(*_matrices(op, view, i)),
     "transpose": lambda op, backend, view, i: backend.transpose(*_matrices(op, view, i)),
+    "eye": _eye,
     "row_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "row")),
     "col_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "col")),
     "row_max": lambda op, backend, view, i: backend.reduce_max(_operand(op, view, i), view.layout.reduced(i, "row")),
     "col_max": lambda op, backend, view, i: backend.reduce_max(_operand(op, view, i), view.layout.reduced(i, "col")),
+    "axis_max": _axis_max,
+    "axis_min": _axis_min,
     "sum": lambda op, backend, view, i: backend.reduce_sum(_operand(op, view, i)),
     "size": lambda op, backend, view, i: backend.size(_operand(op, view, i), view.dtypes[i]),
 }

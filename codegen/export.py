@@ -16,7 +16,7 @@ import numpy as np
 from optgen.codegen import fusion
 from optgen.codegen.primitive import run_ir
 from optgen.ir import Program
-from optgen.types import DTYPES
+from optgen.types import DTYPES, stored_shape
 
 
 
@@ -46,13 +46,9 @@ def x64_for(dtype: np.dtype):
 def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
     """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"`` (a factored
     spec needs sizes, not names, for two or more dims: which axes are factored depends on them)."""
-    dims = jax.export.symbolic_shape(shape)
-    # Row and col states are stored without the axes they reduce (a vector is never factored:
-    # its row value is all of it, its col value one number).
-    reduced = dict(zip(("row", "col"), program.factoring.axes(tuple(dims)), strict=True))
-    shapes = {"step": (), "leaf": (), "tensor": dims} | {
-        extent: tuple(d for axis, d in enumerate(dims) if axis not in axes) for extent, axes in reduced.items()}
-    return {v.name: jax.ShapeDtypeStruct(shapes[v.type.extent], state_dtypes.get(v.name, scalar_dtype(dtype)
+    dims = tuple(jax.export.symbolic_shape(shape))
+    return {v.name: jax.ShapeDtypeStruct(stored_shape(dims, v.type.extent, program.factoring),
+                                         state_dtypes.get(v.name, scalar_dtype(dtype)
                                          if v.type.extent == "step" else dtype)) for v in program.update.inputs}
 
 

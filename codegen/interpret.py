@@ -58,6 +58,12 @@ class NumpyBackend:
     def shape_of(self, x):
         return tuple(self.xp.shape(x))
 
+    def slice(self, x, start, stop):
+        return x[start:stop]
+
+    def concatenate(self, xs):
+        return self.xp.concatenate(xs)
+
     def reduce_sum(self, x):
         return self.xp.sum(x, dtype=self.xp.asarray(x).dtype)
 

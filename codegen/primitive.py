@@ -27,7 +27,7 @@ from optgen.codegen.evaluate import evaluate
 from optgen.codegen.jnp_backend import jnp_backend
 from optgen.codegen.stablehlo import StableHLOBackend
 from optgen.ir import Function
-from optgen.types import NOT_FACTORED, Factoring
+from optgen.types import NOT_FACTORED, Factoring, stored_shape
 
 run_ir_p = Primitive("optgen_run_ir")
 # Parameters per call of the CPU loop: XLA's compile time grows faster than linearly with the
@@ -76,14 +76,7 @@ def _split(operands, n, tensor_names, scalar_names):
 def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
                    out_extents, factoring, in_place):
     params = operands[:n]
-
-    def stored(extent, p):  # row and col values drop the axes they reduce
-        if extent in ("step", "leaf"):
-            return ()
-        reduced = dict(zip(("row", "col"), factoring.axes(p.shape), strict=True)).get(extent, ())
-        return tuple(size for axis, size in enumerate(p.shape) if axis not in reduced)
-
-    return [jax.core.ShapedArray(stored(extent, p), dtype)
+    return [jax.core.ShapedArray(() if extent == "step" else stored_shape(p.shape, extent, factoring), dtype)
             for dtypes, extent in zip(out_dtypes, out_extents, strict=True)
             for p, dtype in zip(params if extent != "step" else [None], dtypes, strict=True)]
 

@@ -84,6 +84,14 @@ class StableHLOBackend:
     def shape_of(self, x):
         return tuple(_tensor_type(x).shape)
 
+    def slice(self, x, start, stop):
+        """``x[start:stop]`` of a vector."""
+        return hlo.SliceOp(x, [start], [stop], [1]).result
+
+    def concatenate(self, xs):
+        """Vectors end to end."""
+        return hlo.ConcatenateOp(xs, 0).result
+
     def reduce_sum(self, x, axes=None):
         """The sum of ``x`` over ``axes`` (default: all), which are dropped."""
         return self._reduce(x, axes, 0.0, hlo.AddOp)

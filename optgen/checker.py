@@ -19,6 +19,9 @@ RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"} |
     name: "a shape constant" for name in SHAPE_CONSTANTS}
 OPTION = Type("step", "option")
 _COMPARE = ("<", "<=", ">", ">=", "==", "!=")  # a compile-time flag: only `if` may test it
+# What one number of a value of these extents stands for, in messages.
+_PER = {"tensor": "element", "axes": "slice of each axis", "rr": "pair of rows", "cc": "pair of columns",
+        "cr": "(column, row) pair"}
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,8 @@ class _Checker:
     def expect_fits(self, node: ast.Expr, ty: Type, name: str, extent: str) -> None:
         """A state of ``extent`` holds ``ty`` only if ``ty`` has no more copies (a narrower one broadcasts)."""
         if not fits(ty.extent, extent):
-            raise self.error(f"state '{name}' holds one number per {extent}, but this value has one "
-                             f"per {'element' if ty.extent == 'tensor' else ty.extent}", node.span,
+            raise self.error(f"state '{name}' holds one number per {_PER.get(extent, extent)}, but this value has "
+                             f"one per {_PER.get(ty.extent, ty.extent)}", node.span,
                              f"reduce it (sum, mean, norm) or declare 'state {name}: {ty.extent}'", code="E220")
 
     # -- statements -----------------------------------------------------------------------
@@ -344,9 +347,14 @@ class _Checker:
         return Type(self.combine(expr, (left.extent, right.extent)), kind)
 
     def combine(self, expr: ast.Expr, extents) -> str:
+        extents = tuple(extents)
         try:
             return widest(extents)
         except ExtentError as err:
+            if "axes" in set(extents):
+                raise self.error(f"a per-axis statistic does not combine with these values: {err}", expr.span,
+                                 "read it per element with axis_min(v), or make one from a tensor with "
+                                 "axis_max(x)", code="E239") from None
             raise self.error(f"these values have different shapes: {err}", expr.span,
                              "a Gram matrix (x @ transpose(x)) combines only with itself and with scalars; "
                              "multiply it into a tensor first", code="E230") from None
@@ -368,14 +376,22 @@ class _Checker:
             try:
                 return Type(fn.extent(*(ty.extent for ty in types)))
             except ExtentError as err:
+                if fn.name == "eye":
+                    raise self.error(f"eye: {err}", expr.args[0].span, "eye(a) is the identity of a Gram matrix "
+                                     "a = x @ transpose(x) or transpose(x) @ x, or of a state declared 'rr' or 'cc'",
+                                     code="E241") from None
                 raise self.error(f"{fn.name}: {err}", expr.args[0].span,
                                  f"pass a per-element value of a matrix parameter to {fn.name}", code="E231") from None
         extent = self.combine(expr, (ty.extent for ty in types))
         if fn.reduces is None:
             return Type(extent)
+        if extent not in fn.reduces and set(fn.reduces) == {"axes"}:
+            raise self.error(f"{fn.name} reads per-axis statistics, but this is one number per "
+                             f"{_PER.get(extent, extent)}", expr.args[0].span,
+                             "pass a state declared 'state v: axes = 0' or a value of axis_max(x)", code="E240")
         if extent not in fn.reduces:
             raise self.error(f"{fn.name} reduces over a tensor's elements, but this is "
-                             f"one number per {extent}", expr.args[0].span,
+                             f"one number per {_PER.get(extent, extent)}", expr.args[0].span,
                              f"pass a per-element value such as g or p to {fn.name}", code="E216")
         if fn.reduces[extent] in ("row", "col"):
             self.expect_factoring(expr.func.span)

@@ -81,6 +81,9 @@ CATALOG: dict[str, str] = {
     "E236": "an assignment to a read-only state",
     "E237": "an output that is not one value per element",
     "E238": "an assignment to an input",
+    "E239": "a per-axis statistic combined with values of another shape",
+    "E240": "axis_min of a value that is not a per-axis statistic",
+    "E241": "eye of a value that is not a square matrix",
     "E260": "a spec name that is an option every spec takes",
     # Values given at run time
     "E301": "update called without params",
@@ -127,6 +130,7 @@ CATALOG: dict[str, str] = {
     "E383": "one array passed twice to a step that donates it",
     "E384": "lowering='ffi' where optgen's CPU loop cannot run",
     "E385": "an unknown lowering",
+    "E390": "a per-axis statistic of a parameter with symbolic sizes",
     # The Keras adapter (optgen.keras)
     "E370": "optgen.keras.Optimizer on a Keras backend other than JAX",
     "E371": "optgen.keras.Optimizer of a spec without learning_rate",

@@ -62,8 +62,9 @@ def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
     """One read of each tensor input and one write of each per-element output, at storage
     dtypes, plus one more read of each tensor input a reduction depends on."""
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
-    # The kernel updates one flat tensor, which is never factored: its row values are per element.
-    per_element = ("tensor", "row")
+    # The kernel updates one flat tensor, which is never factored: its row values are per element,
+    # and so are its per-axis statistics (a vector's slices are its elements).
+    per_element = ("tensor", "row", "axes")
     reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent in per_element)
     reads += sum(dtypes[name].itemsize for name in _reduced_inputs(program.update))
     extents = program.extents()

@@ -138,7 +138,7 @@ class _Lowering:
                 continue
             cond = self.expr(stmt.cond, env)
             then, orelse = self.block(stmt.then, dict(env)), self.block(stmt.orelse, dict(env))
-            for name in _assigned(stmt) & then.keys() & orelse.keys():
+            for name in [name for name in _assigned(stmt) if name in then and name in orelse]:
                 if then[name] is orelse[name]:
                     continue
                 try:
@@ -175,8 +175,10 @@ def _assigns(stmts):
             yield from _assigns((*stmt.then, *stmt.orelse))
 
 
-def _assigned(stmt: ast.If) -> set[str]:
-    return {a.target.id for a in _assigns((stmt,))}
+def _assigned(stmt: ast.If) -> list[str]:
+    """The names an if assigns, in the order of their first assignment (so the IR's selects come in
+    one order, not a set's, which changes with Python's string hashing from run to run)."""
+    return list(dict.fromkeys(a.target.id for a in _assigns((stmt,))))
 
 
 def builtin_call(b: Builder, name: str, args: list[Value], loc: Loc) -> Value:

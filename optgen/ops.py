@@ -11,7 +11,8 @@ and ``tests/test_ops.py`` fails when a backend misses an op.
 
 Extent rules: an *elementwise* op's result has the widest extent of its operands
 (:func:`optgen.types.widest`); a *reduction* maps each operand extent it accepts to a
-result extent (``sum``: tensor -> leaf; ``gsum``: leaf -> step; ``row_mean``: tensor -> row);
+result extent (``sum``: tensor -> leaf; ``gsum``: leaf -> step; ``row_mean``: tensor -> row;
+``axis_max``: tensor -> axes, and ``axis_min`` back: axes -> tensor);
 the matrix ops follow their axes (``matmul``: (a, b) @ (b, c) -> (a, c); see optgen.types).
 
 Adding an elementwise builtin such as ``tanh`` is two lines: an :class:`OpDef` here with
@@ -27,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from optgen.types import matmul_extent, transpose_extent
+from optgen.types import matmul_extent, square_extent, transpose_extent
 
 INF = math.inf
 FULL = (-INF, INF)
@@ -140,9 +141,16 @@ OPS: dict[str, OpDef] = {op.name: op for op in (
           reduces={"tensor": "row"}, spec=True, interval=lambda a: a),
     OpDef("col_max", (F,), "maximum over each column's elements (the factored axes of col_mean)",
           reduces={"tensor": "col", "row": "row"}, spec=True, interval=lambda a: a),
+    # per-axis statistics: a value per slice of each axis (SM3's cover; optgen.types)
+    OpDef("axis_max", (F,), "for each axis and each index along it, the maximum over that slice of the tensor",
+          reduces={"tensor": "axes"}, spec=True, interval=lambda a: a),
+    OpDef("axis_min", (F,), "at each element, the least of the per-axis values of the slices through it",
+          reduces={"axes": "tensor"}, spec=True, interval=lambda a: a),
     # matrices: a parameter's last two axes, batched over any others (optgen.types)
     OpDef("matmul", (F, F), "x @ y: the matrix product over the parameter's last two axes", extent=matmul_extent),
     OpDef("transpose", (F,), "the matrix with its last two axes swapped", extent=transpose_extent, spec=True),
+    OpDef("eye", (F,), "eye(a): the identity matrix of a's shape (a Gram-shaped, square value)",
+          extent=square_extent, spec=True, interval=lambda a: (0.0, 1.0)),
     OpDef("dim", (), "a number of the parameter's shape, named by the op's attribute (DIMS)",
           extent=lambda: "leaf"),
 )}

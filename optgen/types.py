@@ -18,6 +18,14 @@ compiler hoist work out of per-element code:
   ``g @ transpose(g)`` is ``rr``. A ``tensor`` is then ``rc``. Matrix products follow the
   axes: ``rr @ tensor`` is a ``tensor``, ``cr @ tensor`` is ``cc``
   (:func:`matmul_extent`). Values of different matrix extents do not combine elementwise.
+  A state may be ``rr`` or ``cc`` (Shampoo's statistics), stored as such per matrix (one
+  unused number for a parameter of fewer than two axes, which never takes a matrix branch);
+- ``axes``: one value per slice of each axis of the parameter (for a parameter of shape
+  (d1, ..., dn), d1 values along axis 1, ..., dn along axis n: SM3's statistics, a cover of
+  the elements by the slices through them). It is stored as one vector of d1 + ... + dn
+  values (one value for a 0-d parameter, its only slice), and combines elementwise only with
+  itself and with per-step and per-leaf scalars; ``axis_max`` makes one from a tensor and
+  ``axis_min`` reads one back per element.
 """
 
 from __future__ import annotations
@@ -31,8 +39,11 @@ import numpy as np
 DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16),
           "f16": np.dtype(np.float16), "f64": np.dtype(np.float64)}
 
-EXTENTS = ("step", "leaf", "row", "col", "tensor", "cr", "rr", "cc")
-STATE_EXTENTS = EXTENTS[:5]  # the shapes a state may be declared with
+EXTENTS = ("step", "leaf", "row", "col", "tensor", "axes", "cr", "rr", "cc")
+# The shapes a state may be declared with: a Gram-shaped state (Shampoo's statistics) is square.
+STATE_EXTENTS = (*EXTENTS[:6], "rr", "cc")
+# Extents whose values combine elementwise only with themselves and with scalars.
+SEPARATE_EXTENTS = ("axes", "cr", "rr", "cc")
 # The axes of each matrix extent: (rows of the value, columns of the value), in the parameter's axes.
 MATRIX_AXES = {"tensor": ("r", "c"), "cr": ("c", "r"), "rr": ("r", "r"), "cc": ("c", "c")}
 _BY_AXES = {axes: extent for extent, axes in MATRIX_AXES.items()}
@@ -56,14 +67,14 @@ def widest(extents) -> str:
     """The extent of an elementwise combination of values of these extents (ExtentError if none).
 
     ``step`` < ``leaf`` < ``row``, ``col`` < ``tensor``, and a ``row`` and a ``col`` value
-    combine to a ``tensor``; a matrix extent (``cr``, ``rr``, ``cc``) combines only with
-    itself and with per-step and per-leaf scalars."""
+    combine to a ``tensor``; a matrix extent (``cr``, ``rr``, ``cc``) and ``axes`` combine
+    only with themselves and with per-step and per-leaf scalars."""
     extents = set(extents)
-    matrices = extents - set(STATE_EXTENTS)
-    if matrices:
-        if len(matrices) > 1 or extents - matrices - set(SCALAR_EXTENTS):
+    separate = extents & set(SEPARATE_EXTENTS)
+    if separate:
+        if len(separate) > 1 or extents - separate - set(SCALAR_EXTENTS):
             raise ExtentError(f"values of extents {', '.join(sorted(extents, key=EXTENTS.index))} do not combine")
-        return matrices.pop()
+        return separate.pop()
     if {"row", "col"} <= extents:
         return "tensor"
     return max(extents, key=EXTENTS.index, default="step")
@@ -85,6 +96,13 @@ def transpose_extent(extent: str) -> str:
         raise ExtentError(f"transpose takes a matrix, got a {extent} value")
     a, b = MATRIX_AXES[extent]
     return _BY_AXES[(b, a)]
+
+
+def square_extent(extent: str) -> str:
+    """The extent of ``eye(x)``: x's, which must be square (``rr`` or ``cc``)."""
+    if extent not in ("rr", "cc"):
+        raise ExtentError(f"eye takes a square matrix (a Gram matrix such as x @ transpose(x)), got a {extent} value")
+    return extent
 
 
 def fits(extent: str, container: str) -> bool:
@@ -114,3 +132,23 @@ class Factoring:
 
 
 NOT_FACTORED = Factoring(False, 0)
+
+
+def stored_shape(shape: tuple, extent: str, factoring: Factoring) -> tuple:
+    """The shape a per-parameter value of ``extent`` is stored with, for a parameter of ``shape``:
+    a ``row`` or ``col`` value without the axes it reduces (as optax stores Adafactor's ``v_row``
+    and ``v_col``), an ``axes`` value as one vector of its per-axis statistics end to end, a
+    matrix-shaped value (``rr``: rows x rows) after the parameter's batch axes, or as one unused
+    number for a parameter of fewer than two axes (which never takes a matrix branch), a scalar
+    as 0-d; a ``tensor`` as the parameter. (``shape`` may hold symbolic sizes.)"""
+    if extent in SCALAR_EXTENTS:
+        return ()
+    if extent == "axes":
+        return (sum(shape),) if shape else (1,)
+    if extent in MATRIX_AXES and extent != "tensor":  # a parameter that is no matrix keeps one unused number
+        if len(shape) < 2:
+            return ()
+        sizes = {"r": shape[-2], "c": shape[-1]}
+        return (*shape[:-2], *(sizes[axis] for axis in MATRIX_AXES[extent]))
+    reduced = dict(zip(("row", "col"), factoring.axes(tuple(shape)), strict=True)).get(extent, ())
+    return tuple(size for axis, size in enumerate(shape) if axis not in reduced)

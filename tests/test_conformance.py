@@ -169,8 +169,29 @@ def _cautious_adamw(params, grads, slots, t, h):
     return params - h["learning_rate"] * (u * phi * scale + h["weight_decay"] * params), {"mu": mu, "nu": nu}
 
 
-# Specs optax lacks, against a NumPy transcription of their paper's rule: (step function, its states).
-NUMPY_REFERENCES = {"cautious_adamw": (_cautious_adamw, ("mu", "nu"))}
+def _inverse_fourth_root(a):
+    """a^-1/4 of a symmetric positive definite matrix, by its eigendecomposition (float64)."""
+    w, v = np.linalg.eigh(a)
+    return (v * w ** -0.25) @ v.T
+
+
+def _shampoo(params, grads, slots, t, h):
+    """Shampoo, Gupta et al. (2018), Algorithm 1 (a matrix): L += g g^T, R += g^T g, both from
+    eps * I, p -= lr L^-1/4 g R^-1/4, the roots exact (eigh), in float64; diagonal AdaGrad
+    (sum of g^2 from 0, eps inside the root) for parameters of other ranks. States start empty."""
+    g, lr, eps = grads.astype(np.float64), h["learning_rate"], float(h["eps"])
+    if params.ndim != 2:
+        acc = slots.get("acc", 0.0) + g * g
+        return (params - lr * g / np.sqrt(acc + eps)).astype(params.dtype), slots | {"acc": acc}
+    left, right = slots.get("L", 0.0) + g @ g.T, slots.get("R", 0.0) + g.T @ g
+    step = _inverse_fourth_root(left + eps * np.eye(len(left))) @ g @ _inverse_fourth_root(
+        right + eps * np.eye(len(right)))
+    return (params - lr * step).astype(params.dtype), slots | {"L": left, "R": right}
+
+
+# Specs optax lacks, against a NumPy transcription of their paper's rule: (step function, the states
+# it starts with at zero).
+NUMPY_REFERENCES = {"cautious_adamw": (_cautious_adamw, ("mu", "nu")), "shampoo": (_shampoo, ())}
 
 
 def _run_numpy(spec, dtype):
@@ -252,23 +273,44 @@ def test_prodigy_distance_estimate_matches_optax(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("path", ["update", "step"])
-def test_sm3_matches_optax_on_vectors_and_matrices(dtype, path):
-    """optax.sm3 fails on a 0-d parameter (IndexError), so the scalar is left out; the cube is a batch
-    of matrices for optgen (statistics per batch and row, per batch and column) where optax keeps
-    one statistic per axis, so it differs, and only stays finite and moving."""
-    def tree(values):
-        return {k: v for k, v in values.items() if k != "scalar"}
+def test_sm3_matches_optax_on_every_rank(dtype, path):
+    """One statistic per slice of every axis (the spec's `axes` state), as optax.sm3 keeps one vector
+    per axis: the mixed pytree plus a 4-d leaf with a size-1 axis. optax.sm3 fails on a 0-d
+    parameter (IndexError); optgen's scalar is its only slice, so it moves as optax's (1,) vector."""
+    def with_four(values, seed):
+        four = np.random.default_rng(seed).normal(size=(3, 1, 4, 2)).astype(dtype)
+        return values | {"four": four}
+
+    def as_vector(values):
+        return values | {"scalar": np.reshape(values["scalar"], (1,))}
 
     tx, opt = optax.sm3(3e-3, momentum=0.8), optgen.load("sm3", learning_rate=3e-3, momentum=0.8)
-    def grads_at(params, step):  # drawn with the scalar, so each leaf gets the numbers it gets elsewhere
-        return tree(make_grads(make_params(dtype), step, dtype))
-
     with jax.enable_x64(dtype == np.float64):
-        expected, _ = run_steps(tx, as_jax(tree(make_params(dtype))), STEPS, grads_at=grads_at)
-        got, _ = run_steps(opt, as_jax(tree(make_params(dtype))), STEPS, path=path, grads_at=grads_at)
-    cube, expected_cube = got.pop("cube"), expected.pop("cube")
-    assert cube.dtype == dtype and np.all(np.isfinite(cube)) and rel_err(cube, expected_cube) > TOLERANCE[dtype]
-    assert_trees_close(got, expected, TOLERANCE[dtype], dtype=dtype)
+        params = jax.tree.map(jax.numpy.asarray, with_four(make_params(dtype), 7))
+        expected, got = as_vector(params), jax.tree.map(jax.numpy.copy, params)
+        state, ours = tx.init(expected), opt.init(got)
+        for step in range(STEPS):
+            grads = with_four(make_grads(make_params(dtype), step, dtype), 2000 + step)
+            updates, state = tx.update(as_vector(grads), state, expected)
+            expected = optax.apply_updates(expected, updates)
+            if path == "step":
+                got, ours = opt.step(got, grads, ours)
+            else:
+                updates, ours = opt.update(grads, ours, got)
+                got = optax.apply_updates(got, updates)
+    assert jax.tree.structure(ours.slots["v"]) == jax.tree.structure(got)
+    for (key, e), g, v, mu in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got),
+                                  jax.tree.leaves(ours.slots["v"]), jax.tree.leaves(state[0].mu, is_leaf=_is_list),
+                                  strict=True):
+        assert g.dtype == e.dtype == dtype, key
+        assert rel_err(g, np.reshape(e, g.shape)) <= TOLERANCE[dtype], (key, rel_err(g, np.reshape(e, g.shape)))
+        # The statistics are optax's per-axis vectors end to end.
+        assert rel_err(v, np.concatenate(mu)) <= TOLERANCE[dtype], key
+    assert rel_err(got["cube"], params["cube"]) > 1e-3  # it moved
+
+
+def _is_list(x):
+    return isinstance(x, list)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

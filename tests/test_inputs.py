@@ -124,6 +124,22 @@ def test_state_round_trips_bit_exactly(tmp_path, dtype):
     assert back.slots["mu"]["w"].dtype == dtype
 
 
+def test_a_spec_with_inputs_saves_its_state_and_gives_outputs_without_them(tmp_path):
+    """A spec's `input`s arrive with each step; saving a state (and opt.outputs) needs none (E362 before)."""
+    spec = tmp_path / "scaled.spec"
+    spec.write_text("optimizer scaled\ninput h\nstate z = p\noutput x = 2 * z\nupdate:\n"
+                    "  z = z - 0.1 * h * g\n  p = p - 0.1 * h * g\n")
+    opt, params = optgen.load(str(spec)), {"w": jnp.ones((3, 2))}
+    state = opt.init(params)
+    params, state = opt.step(params, {"w": jnp.ones((3, 2))}, state, h={"w": jnp.full((3, 2), 2.0)})
+    optgen.save_state(str(tmp_path / "state.opt"), state, opt)
+    back = optgen.load_state(str(tmp_path / "state.opt"), opt, params)
+    np.testing.assert_allclose(opt.outputs(params, back)["x"]["w"], 2 * (1 - 0.1 * 2.0), rtol=1e-6)
+    with pytest.raises(InputError, match="needs the input 'h'") as err:
+        opt.step(params, {"w": jnp.ones((3, 2))}, back)
+    assert err.value.code == "E362"
+
+
 def test_a_restored_state_steps_without_compiling_again(tmp_path):
     # load_state writes the saved values into a fresh init's buffers, committed as step's
     # outputs are; made with jnp.asarray, they cost a second compile of the step.

@@ -1,6 +1,6 @@
-"""Matrices, choices by shape, bounded loops, row/column maxima and global sums: golden lowering,
-IR round trip, and the StableHLO backend against the NumPy interpreter on vectors, matrices of
-both orientations and a batch."""
+"""Matrices, choices by shape, bounded loops, row/column maxima, per-axis statistics and global sums:
+golden lowering, IR round trip, and the StableHLO backend against the NumPy interpreter on vectors,
+matrices of both orientations and batches."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from optgen.codegen.primitive import run_ir
 from optgen.compiler import check_spec, compile_checked
 from optgen.ir import parse_function, print_function
 from optgen.passes import DEFAULT_PIPELINE
+from optgen.types import stored_shape
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden", "lower").glob("*.spec"))
-SHAPES = [(), (7,), (5, 3), (3, 5), (4, 4), (2, 3, 4)]
+SHAPES = [(), (7,), (5, 3), (3, 5), (4, 4), (2, 3, 4), (2, 1, 3, 2)]
 
 
 def _lowered(path, **options):
@@ -38,14 +39,10 @@ def test_golden_lowering(path):
 
 
 def _inputs(func, seed, program):
-    """Random inputs; row and col states stored without the axes they reduce (program.factoring)."""
+    """Random inputs, each state stored as the runtime stores it (row and col without the axes they
+    reduce, per-axis statistics end to end)."""
     rng = np.random.default_rng(seed)
-
-    def stored(extent, shape):
-        axes = dict(zip(("row", "col"), program.factoring.axes(shape), strict=True)).get(extent, ())
-        return tuple(n for axis, n in enumerate(shape) if axis not in axes)
-
-    tensors = {v.name: [rng.normal(size=stored(v.type.extent, s) if v.type.extent != "leaf" else ()) for s in SHAPES]
+    tensors = {v.name: [rng.normal(size=stored_shape(s, v.type.extent, program.factoring)) for s in SHAPES]
                for v in func.inputs if v.type.extent != "step"}
     scalars = {v.name: 0.1 for v in func.inputs if v.type.extent == "step"} | {"t": 3.0}
     return tensors, scalars
@@ -88,31 +85,6 @@ def test_repeat_unrolls_its_count_and_the_option_changes_it():
     assert sum(op.opcode == "pow" for op in _lowered(spec, steps=5).ops) == 5
 
 
-@pytest.mark.parametrize("emit", ["ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact"])
-def test_muon_goes_through_every_stage_of_the_command_line(emit, tmp_path):
-    """Muon uses every new construct: '@', transpose, shape constants, an if on shapes, repeat."""
-    from click.testing import CliRunner
-
-    from optgen.cli import main
-
-    out = tmp_path / "muon.out"
-    result = CliRunner().invoke(main, ["compile", "muon", "--emit", emit, "--shape", "6,4", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    text = out.read_bytes()
-    expected = {"ast": b"(repeat ns_steps", "ir": b"matmul", "ir-opt": b"dim rows", "stablehlo": b"dot_general",
-                "hlo": b"dot(", "artifact": b""}[emit]
-    assert expected in text
-    if emit == "artifact":  # the exported kernel runs the matrix branch like the optimizer's step
-        rng = np.random.default_rng(0)
-        p, g = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
-        opt = optgen.load("muon")
-        expected, _ = opt.step({"w": jax.numpy.asarray(p)}, {"w": jax.numpy.asarray(g)}, opt.init({"w": p}))
-        hypers = {k: float(v) for k, v in opt.hyperparams.items()}
-        zeros = np.zeros_like(p)
-        out = optgen.load_artifact(str(out))(p=p, g=g, mu=zeros, nu=zeros, t=1, **hypers)
-        np.testing.assert_allclose(out["p"], expected["w"], rtol=1e-6)
-
-
 @pytest.mark.parametrize("spec", ["muon", "sm3", str(GOLDEN[0].parent / "matmul.spec")])
 def test_the_jnp_path_matches_the_interpreter(spec, x64):
     """The path JAX transformations take (codegen/jnp_backend.py) evaluates matrices, choices by
@@ -152,3 +124,36 @@ def test_grad_and_vmap_go_through_a_matrix_spec():
         jax.numpy.array([1.0, 2.0]))
     single = opt.update(jax.tree.map(lambda g: g * 2.0, grads), state, params)[0]
     np.testing.assert_allclose(scaled["w"][1], single["w"], rtol=1e-4, atol=1e-7)  # jnp path vs fused: f32 rounding
+
+
+CONSTRUCTS = pathlib.Path(__file__).parent / "golden" / "lower" / "constructs.spec"
+
+
+@pytest.mark.parametrize("emit", ["ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact"])
+def test_every_construct_goes_through_every_stage_of_the_command_line(emit, tmp_path):
+    """One spec with every construct of the matrix language (an input, a read-only state, row, col
+    and per-axis statistics, a Gram-shaped state and eye, an output, an if on shapes, repeat, '@',
+    transpose, shape constants, global sums) through each --emit; its artifact runs as the
+    optimizer's step does."""
+    from click.testing import CliRunner
+
+    from optgen.cli import main
+
+    out = tmp_path / "constructs.out"
+    result = CliRunner().invoke(main, ["compile", str(CONSTRUCTS), "--emit", emit, "--shape", "6,4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_bytes()
+    expected = {"ast": b"(repeat steps", "ir": b"axis_max", "ir-opt": b"gsum", "stablehlo": b"dot_general",
+                "hlo": b"dot(", "artifact": b""}[emit]
+    assert expected in text
+    if emit == "artifact":
+        rng = np.random.default_rng(0)
+        p, g, h = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3))
+        opt = optgen.load(str(CONSTRUCTS))
+        state = opt.init({"w": p})
+        slots = {name: np.array(slot["w"]) for name, slot in state.slots.items()}  # before step donates them
+        want, after = opt.step({"w": jax.numpy.asarray(p)}, {"w": jax.numpy.asarray(g)}, state, h={"w": h})
+        got = optgen.load_artifact(str(out))(p=p, g=g, h=h, t=1, lr=0.1, **slots)
+        np.testing.assert_allclose(got["p"], want["w"], rtol=1e-6)
+        np.testing.assert_allclose(got["v"], after.slots["v"]["w"], rtol=1e-6)
+        assert got["v"].shape == (10,)  # 6 + 4 statistics

@@ -13,7 +13,7 @@ from optgen.codegen.interpret import interpret
 from optgen.compiler import check_spec, compile_checked
 from optgen.ir import IRError, parse_function, print_function, print_program
 from optgen.passes import DEFAULT_PIPELINE, PASSES, parse_pipeline, run_pipeline
-from optgen.types import Factoring
+from optgen.types import NOT_FACTORED, Factoring, stored_shape
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden").glob("*.ir"))
 
@@ -48,7 +48,7 @@ def _random_inputs(func, seed, matrices_only=False):
     rng = np.random.default_rng(seed)
     shapes = [(2, 3, 3), (5, 2), (3, 4)] if matrices_only else [(), (6,), (3, 4)]
     # Nothing is factored here: a row value is the whole tensor, a col value one number.
-    tensors = {v.name: [rng.normal(size=s if v.type.extent in ("tensor", "row") else ()) for s in shapes]
+    tensors = {v.name: [rng.normal(size=stored_shape(s, v.type.extent, NOT_FACTORED)) for s in shapes]
                for v in func.inputs if v.type.extent != "step"}
     tensors = {k: [np.abs(x) if k.startswith("nu") else x for x in v] for k, v in tensors.items()}
     defaults = {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0, "weight_decay": 1e-4}
@@ -64,7 +64,8 @@ def test_pass_preserves_numbers(spec, pass_name):
 
 
 def _check_pass_preserves_numbers(spec, pass_name):
-    lowered = compile_checked(check_spec(spec), passes=()).lowered.update
+    program = compile_checked(check_spec(spec), passes=()).lowered
+    lowered, extents = program.update, program.extents()
     # Run the passes before this one in the default pipeline (all of it for an opt-in pass, one
     # the default pipeline does not run), so each pass sees realistic input.
     before = run_pipeline(lowered, DEFAULT_PIPELINE[: DEFAULT_PIPELINE.index(pass_name)]
@@ -72,7 +73,8 @@ def _check_pass_preserves_numbers(spec, pass_name):
     after = run_pipeline(before, [pass_name])
     for seed in range(3):
         tensors, scalars = _random_inputs(before, seed, spec in MATRIX_ONLY)
-        expected, got = interpret(before, tensors, scalars), interpret(after, tensors, scalars)
+        expected = interpret(before, tensors, scalars, out_extents=extents)
+        got = interpret(after, tensors, scalars, out_extents=extents)
         for name in expected:
             for e, g in zip(expected[name], got[name], strict=True):
                 np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-300)

@@ -65,7 +65,7 @@ _FRAMEWORK = {
 
 
 # Specs no library ships: the rule they transcribe (tests/test_conformance.py's NumPy reference).
-_PAPER = {"cautious_adamw": "Liang et al. (2024), Algorithm 1"}
+_PAPER = {"cautious_adamw": "Liang et al. (2024), Algorithm 1", "shampoo": "Gupta et al. (2018), Algorithm 1"}
 
 
 def reference(name: str) -> tuple[str, list]:

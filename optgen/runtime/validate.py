@@ -102,12 +102,14 @@ class InputChecker:
                                  hint=f"pass it beside the gradients: update(grads, state, params, {name}=...)")
 
     def check(self, params, grads, state, inputs=None) -> None:
-        """Raise InputError if grads, the spec's inputs or state do not fit params; reads shapes and dtypes only."""
+        """Raise InputError if grads, the spec's inputs or state do not fit params; reads shapes and dtypes only.
+        ``inputs`` None (outputs, a saved state) checks no inputs; a dict (a step) needs every declared one."""
         check_params(params)
         # Gradients may come in another float dtype than their parameters, as optax accepts.
         _same_tree("grads", grads, "params", params, check_dtype=False)
         check_params(grads, "grads")
-        self.check_input_names(inputs or {})
+        if inputs is not None:
+            self.check_input_names(inputs)
         for input_name, tree in (inputs or {}).items():  # checked like the gradients
             _same_tree(input_name, tree, "params", params, check_dtype=False)
             check_params(tree, input_name)

@@ -1,0 +1,127 @@
+"""Muon's Gram product x @ x^T on this CPU: XLA's dot (float32, bfloat16; XLA flags) against torch's
+and MKL's bfloat16 GEMM (AMX where the CPU has it).
+
+    flock /tmp/optgen-bench.lock python tools/bench_gemm.py
+
+Newton-Schulz is three products per step, and on the transformer workload of tools/bench.py
+they are the whole cost of a Muon step. Each XLA row runs in its own process (XLA reads
+``XLA_FLAGS`` once, when its CPU backend starts). torch's rows need torch; the MKL row needs
+the ``mkl`` wheel (``pip install mkl``: ``libmkl_rt.so.3`` beside the interpreter), called
+through ctypes as ``cblas_gemm_bf16bf16f32``. Prints median milliseconds per product and the
+ratio to torch's bfloat16 product.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = [(512, 2048), (512, 16000)]  # a 512 x 2048 MLP kernel; the 16000 x 512 embedding, transposed
+FLAGS = ["", "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true",
+         "--xla_cpu_experimental_onednn_fusion_type=dot", "--xla_cpu_experimental_xnn_fusion_type=dot",
+         "--xla_cpu_experimental_ynn_fusion_type=dot"]
+
+
+def median_ms(fn, repeats=10) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def matrix(shape) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+
+
+def xla_rows() -> dict:
+    """This process's XLA dot: float32, and bfloat16 inputs accumulated in float32 (as torch's)."""
+    import jax
+    import jax.numpy as jnp
+
+    f32 = jax.jit(lambda x: x @ x.T)
+    bf16 = jax.jit(lambda x: jnp.matmul(x, x.T, preferred_element_type=jnp.float32))
+    out = {}
+    for shape in SHAPES:
+        x = jnp.asarray(matrix(shape))
+        xb = x.astype(jnp.bfloat16)
+        out[str(shape)] = {"f32": median_ms(lambda: f32(x).block_until_ready()),
+                           "bf16": median_ms(lambda: bf16(xb).block_until_ready())}
+    return out
+
+
+def torch_rows() -> dict:
+    import torch
+
+    out = {}
+    for shape in SHAPES:
+        x = torch.from_numpy(matrix(shape))
+        xb = x.bfloat16()
+        out[str(shape)] = {"f32": median_ms(lambda: x @ x.T), "bf16": median_ms(lambda: xb @ xb.T)}
+    return out
+
+
+def mkl_rows() -> dict | None:
+    library = Path(sys.prefix) / "lib" / "libmkl_rt.so.3"
+    if not library.exists():
+        return None
+    import ml_dtypes
+
+    gemm = ctypes.CDLL(str(library)).cblas_gemm_bf16bf16f32
+    ints, pointer, single = [ctypes.c_int] * 6, ctypes.c_void_p, ctypes.c_float
+    gemm.argtypes = [*ints, single, pointer, ctypes.c_int, pointer, ctypes.c_int, single, pointer, ctypes.c_int]
+    row_major, no_trans, trans = 101, 111, 112
+    out = {}
+    for shape in SHAPES:
+        m, k = shape
+        x = np.ascontiguousarray(matrix(shape).astype(ml_dtypes.bfloat16))
+        c = np.zeros((m, m), np.float32)
+        out[str(shape)] = {"bf16": median_ms(lambda: gemm(row_major, no_trans, trans, m, m, k, 1.0, x.ctypes.data, k,
+                                                          x.ctypes.data, k, 0.0, c.ctypes.data, m))}
+    return out
+
+
+def main() -> int:
+    if sys.argv[1:] == ["--xla-child"]:
+        print(json.dumps(xla_rows()))
+        return 0
+    rows = {}
+    for flags in FLAGS:
+        env = dict(os.environ, XLA_FLAGS=flags)
+        child = subprocess.run([sys.executable, __file__, "--xla-child"], env=env, capture_output=True, text=True,
+                               check=True)
+        rows[f"XLA {flags or '(default flags)'}"] = json.loads(child.stdout.strip().splitlines()[-1])
+    try:
+        rows["torch"] = torch_rows()
+    except ImportError:
+        pass
+    mkl = mkl_rows()
+    if mkl is not None:
+        rows["MKL cblas_gemm_bf16bf16f32"] = mkl
+    reference = rows.get("torch")
+    print("| product | " + " | ".join(f"{m}x{k} @ its transpose, ms" for m, k in SHAPES) + " |")
+    print("|---|" + "---:|" * len(SHAPES))
+    for name, by_shape in rows.items():
+        for dtype in ("f32", "bf16"):
+            if dtype not in by_shape[str(SHAPES[0])]:
+                continue
+            cells = []
+            for shape in SHAPES:
+                ms = by_shape[str(shape)][dtype]
+                ratio = f" ({ms / reference[str(shape)]['bf16']:.1f}x)" if reference else ""
+                cells.append(f"{ms:.1f}{ratio}")
+            print(f"| {name}, {dtype} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
