@@ -48,13 +48,13 @@ def parse_text(text: str, filename: str = "<mutant>") -> ast.Spec:
     return parse(text, filename)
 
 
-def mutate(spec: ast.Spec, rng: random.Random, edits: int = 1, name: str | None = None) -> Mutant:
+def mutate(spec: ast.Spec, rng: random.Random, edits: int = 1, tries: int = MAX_TRIES) -> Mutant:
     """A random variant of ``spec`` with ``edits`` mutations in a row, checked.
 
-    Draws until the checker accepts the printed mutant (at most ``MAX_TRIES`` times);
-    raises ``SpecError`` (E019) when none is valid. ``name`` renames the optimizer.
+    Draws until the checker accepts the printed mutant, at most ``tries`` times; raises
+    ``SpecError`` (E019) when none is valid.
     """
-    for _ in range(MAX_TRIES):
+    for _ in range(tries):
         current, done = spec, []
         for _ in range(edits):
             kind = rng.choice(KINDS)
@@ -64,15 +64,14 @@ def mutate(spec: ast.Spec, rng: random.Random, edits: int = 1, name: str | None 
             current, what = edited
             done.append(what)
         else:
-            current = replace(current, name=ast.Name(name or spec.name.id, _HERE),
-                              description=f"{spec.name.id} mutated: {'; '.join(done)}".replace('"', "'"))
+            current = replace(current, description=f"{spec.name.id} mutated: {'; '.join(done)}".replace('"', "'"))
             text = ast.format_source(current)
             try:
                 check(parse(text, "<mutant>"))
             except SpecError:
                 continue
             return Mutant(text, tuple(done))
-    raise SpecError(f"no valid mutant of '{spec.name.id}' in {MAX_TRIES} draws",
+    raise SpecError(f"no valid mutant of '{spec.name.id}' in {tries} draws",
                     hint="the spec's update block needs at least one statement a mutation can edit", code="E019")
 
 

@@ -20,7 +20,6 @@ from optgen.search.simplify import simplify
 from optgen.search.tasks import load_task
 from optgen.search.validate import SEEDS as VALIDATION_SEEDS, held_out_tasks, validate
 
-WINNERS = 3
 SIMPLIFY_SHARE = 0.93  # of a time budget: simplification ends here, validation takes the rest
 
 
@@ -38,8 +37,11 @@ def settings_for(seed_spec: str, tasks: list[str], population: int, tournament: 
 
 
 def search(seed_spec: str, tasks: list[str], budget: Budget, out: Path, population: int = 32,
-           tournament: int = 8, seed: int = 0, progress: bool = True) -> dict:
-    """Run (or resume) a search into ``out``; returns the summary written to ``out/summary.json``."""
+           tournament: int = 8, seed: int = 0, progress: bool = True, winners: int = 3) -> dict:
+    """Run (or resume) a search into ``out``; returns the summary written to ``out/summary.json``.
+
+    The best ``winners`` programs are simplified and validated on held-out tasks against the seed spec.
+    """
     settings = settings_for(seed_spec, tasks, population, tournament, seed)
     prepared = [prepare(load_task(name)) for name in tasks]
     out.mkdir(parents=True, exist_ok=True)
@@ -59,14 +61,14 @@ def search(seed_spec: str, tasks: list[str], budget: Budget, out: Path, populati
     evolved_minutes = max(evolution.elapsed - evolution.candidates[0].elapsed, 1e-9) / 60
 
     deadline = None if budget.seconds is None else started + budget.seconds * SIMPLIFY_SHARE - offset
-    winners = {}
-    for rank, c in enumerate([c for c in report.ranked(evolution.candidates) if c.index][:WINNERS], 1):
+    best = {}
+    for rank, c in enumerate([c for c in report.ranked(evolution.candidates) if c.index][:winners], 1):
         text, fitness, _ = simplify(evolution, c.text, c.fitness, deadline)
-        winners[f"winner{rank}"] = (c, text, fitness)
+        best[f"winner{rank}"] = (c, text, fitness)
         (out / "winners").mkdir(exist_ok=True)
         write_atomic(out / "winners" / f"winner{rank}.spec",
                             f"# candidate {c.index} (fitness {c.fitness:.4f}), simplified: fitness {fitness:.4f}\n" + text)
-    table = validate({seed_spec: settings["seed_text"], **{k: v[1] for k, v in winners.items()}},
+    table = validate({seed_spec: settings["seed_text"], **{k: v[1] for k, v in best.items()}},
                      held_out_tasks(tasks), settings["learning_rates"], evolution.programs)
     markdown_table, better = report.validation_table(table, seed_spec)
     plotted = report.write_plot(out, evolution.candidates)
@@ -78,7 +80,7 @@ def search(seed_spec: str, tasks: list[str], budget: Budget, out: Path, populati
         "scored_on_every_task": sum(len(c.stage_scores) == len(tasks) for c in evolution.candidates[1:]),
         "using_sign": sum(report.uses_sign(c.text) for c in evolution.candidates[1:]),
         "winners": {k: {"candidate": c.index, "fitness": c.fitness, "simplified_fitness": f, "edits": c.edits}
-                    for k, (c, _, f) in winners.items()},
+                    for k, (c, _, f) in best.items()},
         "held_out": {label: {t: r.__dict__ for t, r in row.items()} for label, row in table.items()},
         "beat_baseline": better, "plot": plotted,
     }
