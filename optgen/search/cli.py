@@ -38,8 +38,10 @@ def mutate(spec, seed, count, edits):
 @click.option("--out", default="search-out", show_default=True,
               help="folder for the log and results; an existing search there is resumed")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--winners", type=click.IntRange(min=1), default=3, show_default=True,
+              help="how many of the best programs to simplify and validate on held-out tasks")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def search(seed_spec, tasks, budget, population, tournament, out, seed, quiet):
+def search(seed_spec, tasks, budget, population, tournament, out, seed, winners, quiet):
     """Search for optimizer variants by regularized evolution over specs (docs/search.md)."""
     from optgen.cli import print_out
     from optgen.search.budget import parse_budget
@@ -55,5 +57,6 @@ def search(seed_spec, tasks, budget, population, tournament, out, seed, quiet):
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():
         raise SpecError(f"--out '{out}' is a file, not a folder", hint="give --out a folder", code="E023")
-    run_search(seed_spec, names, parsed_budget, out_path, population, tournament, seed, progress=not quiet)
+    run_search(seed_spec, names, parsed_budget, out_path, population, tournament, seed, progress=not quiet,
+               winners=winners)
     print_out((out_path / "summary.md").read_text())

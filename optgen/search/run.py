@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 
 from optgen.atomic import write_atomic
+from optgen.compiler import check_spec
 from optgen.diagnostics import SpecError
 from optgen.library import read_spec
 from optgen.search import report
@@ -27,7 +28,7 @@ def settings_for(seed_spec: str, tasks: list[str], population: int, tournament: 
     """What a search's result depends on (the log's first line; a resumed search must match it)."""
     text = read_spec(seed_spec).text
     program_of(text)  # the seed spec must check and compile before any task is built
-    if "hyper learning_rate" not in text:
+    if "learning_rate" not in check_spec(seed_spec).hypers:
         raise SpecError(f"the seed spec '{seed_spec}' has no hyperparameter learning_rate",
                         hint="the search tunes learning_rate over a grid; start from a spec that declares it",
                         code="E022")
