@@ -336,3 +336,14 @@ def test_population_spreads_over_eight_devices():
     script = ROOT / "tests" / "scripts" / "search_devices.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stderr, result.stderr[-3000:]
+
+
+def test_the_documented_task_example_trains(tmp_path):
+    doc = (ROOT / "docs" / "search.md").read_text()
+    example = doc.split("### Your own task", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "doc_task.py").write_text(example)
+    task = load_task(str(tmp_path / "doc_task.py"))
+    prepared = prepare(task)
+    start = float(task.loss(task.init(jax.random.key(0)), prepared.held_out))
+    loss, _ = best_loss(launch(optgen.load("adamw"), prepared, (1e-2, 3e-2), (0,)))
+    assert task.steps == 100 and loss < 0.5 * start

@@ -41,11 +41,11 @@ def prepare(task: Task) -> Prepared:
     return Prepared(task, stacked_batches(task), jax.tree.map(jnp.asarray, task.held_out()))
 
 
-def training_run(opt, prepared: Prepared):
-    """``run(learning_rates, seeds) -> held-out losses``, one per pair, jitted and vmapped."""
+def single_run(opt, prepared: Prepared):
+    """``run(learning_rate, seed, batches, held_out) -> held-out loss`` after ``task.steps`` updates."""
     task = prepared.task
 
-    def one(learning_rate, seed, batches, held_out):
+    def run(learning_rate, seed, batches, held_out):
         params = task.init(jax.random.key(seed))
         state = opt.init(params)
         state = state._replace(hyperparams={**state.hyperparams, "learning_rate": learning_rate})
@@ -59,7 +59,12 @@ def training_run(opt, prepared: Prepared):
         (params, _), _ = jax.lax.scan(step, (params, state), batches)
         return task.loss(params, held_out)
 
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+    return run
+
+
+def training_run(opt, prepared: Prepared):
+    """``single_run`` over arrays of (learning rate, seed) pairs, jitted and vmapped."""
+    return jax.jit(jax.vmap(single_run(opt, prepared), in_axes=(0, 0, None, None)))
 
 
 def launch(opt, prepared: Prepared, learning_rates=LEARNING_RATES, seeds=SEEDS, device=None):
