@@ -269,6 +269,18 @@ def test_a_resumed_search_ends_as_an_uninterrupted_one(tmp_path, quadratic):
     assert err.value.code == "E021" and "(seed)" in err.value.message
 
 
+def test_the_funnel_ranks_against_every_candidate_that_reached_a_task(tmp_path, quadratic):
+    (tmp_path / "regression.py").write_text(USER_TASK)
+    second = str(tmp_path / "regression.py")
+    evolution = Evolution(settings_for("adamw", ["quadratic", second], 4, 2, 0),
+                          [quadratic, prepare(load_task(second))], tmp_path / "out")
+    for _ in range(4):
+        evolution.round(0.0, 0.0)
+    scored = [len(c.stage_scores) for c in evolution.candidates]
+    assert len(evolution.history[1]) == 5 and set(scored) <= {1, 2}  # the seed and 4 children reached task 1
+    assert evolution.history[1] == [c.stage_scores[0] for c in evolution.candidates]
+
+
 def test_simplify_drops_what_does_not_matter_and_keeps_what_does(tmp_path, quadratic):
     evolution = Evolution(settings_for("adamw", ["quadratic"], 4, 2, 0), [quadratic], tmp_path)
     padded = ADAMW.replace("update:", "update:\n  unused = g * 3").replace(

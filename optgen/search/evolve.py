@@ -104,8 +104,8 @@ class Evolution:
         self.population.append(child.index)
         if len(self.population) > self.settings["population"]:
             self.population.popleft()
-        for stage, score in enumerate(child.stage_scores[:-1]):
-            self.history[stage + 1].append(score)
+        for stage, score in enumerate(child.stage_scores[: len(self.tasks) - 1]):
+            self.history[stage + 1].append(score)  # its score on reaching the next task, promoted or not
 
     def _evaluate_seed(self) -> Candidate:
         program = program_of(self.settings["seed_text"])

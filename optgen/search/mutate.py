@@ -242,7 +242,8 @@ def _hyper(spec: ast.Spec, rng: random.Random):
     if not tunable:
         return None
     h = rng.choice(tunable)
-    value = (1 - (1 - h.default) * rng.choice(_SCALES)) if 0 < h.default < 1 and rng.random() < 0.5 \
+    is_decay = h.range is not None and 0 <= h.range.lo and h.range.hi <= 1  # b1, b2: move 1 - value too
+    value = (1 - (1 - h.default) * rng.choice(_SCALES)) if is_decay and rng.random() < 0.5 \
         else h.default * rng.choice(_SCALES)
     if h.range and not h.range.contains(value):
         return None

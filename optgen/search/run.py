@@ -80,6 +80,9 @@ def search(seed_spec: str, tasks: list[str], budget: Budget, out: Path, populati
         "candidates_per_minute": round(evolution.evaluated / evolved_minutes, 2),
         "scored_on_every_task": sum(len(c.stage_scores) == len(tasks) for c in evolution.candidates[1:]),
         "using_sign": sum(report.uses_sign(c.text) for c in evolution.candidates[1:]),
+        "best_using_sign": next(({"candidate": c.index, "fitness": c.fitness, "tasks_scored": len(c.stage_scores),
+                                  "edits": c.edits} for c in report.ranked(evolution.candidates)
+                                 if report.uses_sign(c.text)), None),
         "winners": {k: {"candidate": c.index, "fitness": c.fitness, "simplified_fitness": f, "edits": c.edits}
                     for k, (c, _, f) in best.items()},
         "held_out": {label: {t: r.__dict__ for t, r in row.items()} for label, row in table.items()},
@@ -91,11 +94,19 @@ def search(seed_spec: str, tasks: list[str], budget: Budget, out: Path, populati
                f"without being worse on another, beyond the spread over seeds).")
     markdown = (f"# optgen search from {seed_spec}\n\n{summary['candidates']} distinct programs "
                 f"({summary['candidates_per_minute']} a minute, {summary['duplicates_redrawn']} duplicates redrawn), "
-                f"{summary['scored_on_every_task']} scored on every task, {summary['using_sign']} using sign().\n\n"
+                f"{summary['scored_on_every_task']} scored on every task, {summary['using_sign']} using sign()"
+                f"{_sign_note(summary['best_using_sign'])}.\n\n"
                 f"Held-out loss, mean ± std over {len(VALIDATION_SEEDS)} seeds @ tuned learning rate:\n\n"
                 f"{markdown_table}\n{verdict}\n")
     report.write_summary(out, summary, markdown)
     return summary
+
+
+def _sign_note(best: dict | None) -> str:
+    if best is None:
+        return ""
+    return (f" (the best of them: candidate {best['candidate']}, fitness {best['fitness']:+.3f} "
+            f"on {best['tasks_scored']} task(s))")
 
 
 def _progress(budget: Budget, evolution: Evolution, enabled: bool):
