@@ -9,11 +9,12 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 from optgen.atomic import write_atomic
-from optgen.search.evolve import Candidate
-from optgen.search.validate import Result, beats
+from optgen.search.evolve import Candidate, Evolution
+from optgen.search.validate import SEEDS as VALIDATION_SEEDS, Result, beats
 
 RANKED = 10
 
@@ -38,7 +39,13 @@ def write_candidates(out: Path, candidates: list[Candidate], tasks: list[str]) -
     (out / "ranked").mkdir(exist_ok=True)
     for rank, c in enumerate(ranked(candidates)[:RANKED], 1):
         header = f"# rank {rank}: candidate {c.index}, fitness {c.fitness:.4f} (mean log loss ratio to the seed spec)\n"
-        write_atomic(out / "ranked" / f"rank{rank:02d}.spec", header + c.text)
+        write_atomic(out / "ranked" / f"rank{rank:02d}.spec", header + renamed(c.text, f"candidate{c.index}"))
+
+
+def renamed(text: str, name: str) -> str:
+    """A candidate's spec text under its own optimizer name (candidates keep the seed spec's
+    while searching: the name is part of the IR their hash is taken from)."""
+    return re.sub(r"^optimizer [A-Za-z_][A-Za-z0-9_]*", f"optimizer {name}", text, count=1, flags=re.M)
 
 
 def uses_sign(text: str) -> bool:
@@ -96,6 +103,45 @@ def validation_table(table: dict[str, dict[str, Result]], baseline_label: str) -
             if any(wins) and not any(losses):
                 better.append(label)
     return "\n".join(lines) + "\n", better
+
+
+def summarize(evolution: Evolution, budget: str, resumed: int, winners: dict, table: dict, plotted: bool):
+    """``summary.json``'s content and ``summary.md``'s text.
+
+    ``winners`` maps labels to (candidate, simplified text, simplified fitness); ``table`` is
+    validate()'s, the seed spec's row first.
+    """
+    settings, candidates = evolution.settings, evolution.candidates[1:]
+    seed_spec, tasks = settings["seed_spec"], settings["tasks"]
+    minutes = max(evolution.elapsed, 1e-9) / 60
+    signed = [c for c in ranked(candidates) if uses_sign(c.text)] if candidates else []
+    markdown_table, better = validation_table(table, seed_spec)
+    summary = {
+        "settings": {k: v for k, v in settings.items() if k != "seed_text"},
+        "budget": budget, "candidates": len(candidates), "resumed_after": resumed,
+        "duplicates_redrawn": sum(c.duplicates for c in candidates),
+        "candidates_per_minute": round(len(candidates) / minutes, 2),
+        "scored_on_every_task": sum(len(c.stage_scores) == len(tasks) for c in candidates),
+        "using_sign": len(signed),
+        "best_using_sign": signed and {"candidate": signed[0].index, "fitness": signed[0].fitness,
+                                       "tasks_scored": len(signed[0].stage_scores), "edits": signed[0].edits},
+        "winners": {k: {"candidate": c.index, "fitness": c.fitness, "simplified_fitness": f, "edits": c.edits}
+                    for k, (c, _, f) in winners.items()},
+        "held_out": {label: {t: r.__dict__ for t, r in row.items()} for label, row in table.items()},
+        "beat_baseline": better, "plot": plotted,
+    }
+    sign_note = signed and (f" (the best of them: candidate {signed[0].index}, fitness {signed[0].fitness:+.3f} "
+                            f"on {len(signed[0].stage_scores)} of {len(tasks)} tasks)")
+    verdict = (f"Beat tuned {seed_spec} on the held-out tasks (better on at least one, worse on none, beyond the "
+               f"spread over seeds): {', '.join(better)}." if better else
+               f"Nothing beat tuned {seed_spec} on the held-out tasks: no winner was better on a task without "
+               f"being worse on another, beyond the spread over seeds.")
+    markdown = (f"# optgen search from {seed_spec}\n\n{len(candidates)} distinct programs "
+                f"({summary['candidates_per_minute']} a minute, {summary['duplicates_redrawn']} duplicates redrawn), "
+                f"{summary['scored_on_every_task']} scored on every task, {len(signed)} using sign(){sign_note or ''}."
+                f"\n\nHeld-out loss, mean ± std over {len(VALIDATION_SEEDS)} seeds @ tuned learning rate:\n\n"
+                f"{markdown_table}\n{verdict}\n")
+    return summary, markdown
 
 
 def write_summary(out: Path, summary: dict, markdown: str) -> None:
