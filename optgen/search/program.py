@@ -32,9 +32,17 @@ def program_of(text: str) -> Program:
     """Check and compile ``text`` and hash its optimized IR (source locations left out) and its
     hyperparameter defaults other than the learning rate, which the search tunes."""
     checked = check(parse(text, "candidate.spec"))
-    ir_text = _LOCATION.sub("", print_program(optgen.compile_checked(checked).program))
     defaults = sorted((k, v) for k, v in checked.hypers.items() if k != "learning_rate")
-    return Program(text, hashlib.sha256(f"{ir_text}\n{defaults!r}".encode()).hexdigest()[:16])
+    return Program(text, hashlib.sha256(f"{_ir(checked)}\n{defaults!r}".encode()).hexdigest()[:16])
+
+
+def program_ir(text: str) -> str:
+    """The optimized IR of a spec text, without source locations."""
+    return _ir(check(parse(text, "candidate.spec")))
+
+
+def _ir(checked) -> str:
+    return _LOCATION.sub("", print_program(optgen.compile_checked(checked).program))
 
 
 def load(program: Program, folder: Path):

@@ -6,6 +6,7 @@ Every file is written atomically (``optgen.atomic``): a reader never sees half o
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -14,9 +15,11 @@ from pathlib import Path
 
 from optgen.atomic import write_atomic
 from optgen.search.evolve import Candidate, Evolution
+from optgen.search.program import program_ir
 from optgen.search.validate import SEEDS as VALIDATION_SEEDS, Result, beats
 
 RANKED = 10
+_SIGN_OP = re.compile(r"= sign ")
 
 
 def ranked(candidates: list[Candidate]) -> list[Candidate]:
@@ -48,9 +51,11 @@ def renamed(text: str, name: str) -> str:
     return re.sub(r"^optimizer [A-Za-z_][A-Za-z0-9_]*", f"optimizer {name}", text, count=1, flags=re.M)
 
 
+@functools.lru_cache(maxsize=4096)
 def uses_sign(text: str) -> bool:
-    """Whether the update takes a sign (a Lion- or signSGD-like step)."""
-    return "sign(" in text.split("update:", 1)[-1]
+    """Whether the optimized update takes a sign (a Lion- or signSGD-like step): read from the IR
+    after the passes, so a sign in dead code does not count."""
+    return _SIGN_OP.search(program_ir(text)) is not None
 
 
 def write_plot(out: Path, candidates: list[Candidate]) -> bool:
