@@ -13,6 +13,7 @@ import contextlib
 import jax
 import numpy as np
 
+from optgen.codegen import fusion
 from optgen.codegen.primitive import run_ir
 from optgen.ir import Program
 from optgen.types import DTYPES
@@ -84,8 +85,12 @@ def stablehlo_text(program: Program, dtype: np.dtype, shape: str) -> str:
 
 
 def optimized_hlo(program: Program, dtype: np.dtype, shape: str) -> str:
-    """XLA's optimized HLO for this machine's backend, lowered as ``step`` is (needs a concrete shape)."""
-    return lower(program, dtype, shape, "auto").compile().as_text()
+    """XLA's optimized HLO for this machine's backend, with XLA's best fused loops (needs a concrete
+    shape). On CPU a step may run optgen's own loop instead, a call HLO cannot look into:
+    ``optgen inspect`` reports which."""
+    dtypes = [[np.dtype(dtype)]] + [[d] for name, d in state_dtypes(program, dtype).items()
+                                    if program.state_extents[name] == "tensor"]
+    return lower(program, dtype, shape, fusion.xla_lowering((jax.default_backend(),), dtypes)).compile().as_text()
 
 
 def export(program: Program, dtype: np.dtype, shape: str, platforms: list[str]) -> jax.export.Exported:

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOWERINGS = ("auto", "shared", "per-output")
+from optgen.diagnostics import InputError
+
+LOWERINGS = ("auto", "ffi", "shared", "per-output")
 PER_OUTPUT_MAX_LEAVES = 1000  # above this, per-output's extra HLO costs more compile time than optax's step
 _CPU_FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 
@@ -65,13 +67,44 @@ def cpu_multi_output_fusion() -> bool:
     return any(" fusion(" in line and "= (f32[1024]" in line for line in hlo.splitlines())
 
 
-def resolve(lowering: str, platforms: tuple[str, ...], out_dtypes: Sequence[Sequence[np.dtype]]) -> str:
-    """The concrete lowering (``shared`` or ``per-output``) for ``lowering`` on ``platforms``.
+class Where(NamedTuple):
+    """Where a step is lowered: its platforms, whether it runs on one device, whether it is exported."""
+
+    platforms: tuple[str, ...]
+    one_device: bool = True
+    for_export: bool = False
+
+
+def ffi_refusal(where: Where, kernel_refusal: str | None) -> str | None:
+    """Why optgen's own CPU loop cannot run here (None when it can); ``kernel_refusal`` is the
+    function's own reason (:func:`codegen.cpu_kernel.unsupported`)."""
+    if where.platforms != ("cpu",):
+        return f"it runs on CPU only, and this step is lowered for {', '.join(where.platforms)}"
+    if where.for_export:
+        return "an exported step must be portable StableHLO, and the loop lives in this process"
+    if not where.one_device:
+        return "the step is partitioned over several devices"
+    return kernel_refusal
+
+
+def resolve(lowering: str, where: Where, out_dtypes: Sequence[Sequence[np.dtype]],
+            kernel_refusal: str | None = None) -> str:
+    """The concrete lowering (``ffi``, ``shared`` or ``per-output``) for ``lowering`` at ``where``.
 
     ``out_dtypes`` holds each output's storage dtype per parameter.
     """
+    refusal = ffi_refusal(where, kernel_refusal)
+    if lowering == "ffi" and refusal is not None:
+        raise InputError(f"lowering='ffi' cannot lower this step: {refusal}",
+                         hint="use lowering='auto', which falls back to XLA's loops where the CPU loop cannot run",
+                         code="E384")
     if lowering != "auto":
         return lowering
+    return "ffi" if refusal is None else xla_lowering(where.platforms, out_dtypes)
+
+
+def xla_lowering(platforms: tuple[str, ...], out_dtypes: Sequence[Sequence[np.dtype]]) -> str:
+    """The best of XLA's own lowerings (``shared`` or ``per-output``) for these outputs."""
     one_dtype = all(len(set(per_leaf)) == 1 for per_leaf in zip(*out_dtypes, strict=True))
     few = max((len(per_output) for per_output in out_dtypes), default=0) <= PER_OUTPUT_MAX_LEAVES
     return "per-output" if platforms == ("cpu",) and one_dtype and few and cpu_multi_output_fusion() else "shared"

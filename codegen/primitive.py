@@ -19,9 +19,10 @@ import functools
 import jax
 import numpy as np
 from jax.extend.core import Primitive
+from jax._src import sharding_impls
 from jax.interpreters import ad, batching, mlir
 
-from optgen.codegen import fusion
+from optgen.codegen import cpu_kernel, fusion
 from optgen.codegen.evaluate import evaluate
 from optgen.codegen.jnp_backend import jnp_backend
 from optgen.codegen.stablehlo import StableHLOBackend
@@ -29,20 +30,24 @@ from optgen.ir import Function
 from optgen.types import NOT_FACTORED, Factoring
 
 run_ir_p = Primitive("optgen_run_ir")
+# Parameters per call of the CPU loop: XLA's compile time grows faster than linearly with the
+# aliased operands of one custom call (1,000 parameters: 23 s in one call, 2.4 s in calls of 64).
+FFI_MAX_LEAVES = 64
 run_ir_p.multiple_results = True
 
 
 def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dict[str, jax.Array],
            out_dtypes: dict[str, Sequence[np.dtype]], delta_output: str | None = None,
            lowering: str = "auto", out_extents: dict[str, str] | None = None,
-           factoring: Factoring = NOT_FACTORED) -> dict[str, list]:
+           factoring: Factoring = NOT_FACTORED, in_place: bool = False) -> dict[str, list]:
     """Run ``func`` over every parameter: the JAX counterpart of :func:`codegen.interpret.interpret`.
 
     ``tensors`` maps each tensor and leaf input to one array per parameter, ``scalars``
     each step input to a 0-d array whose dtype is the step dtype. Returns each output's
     arrays, stored in ``out_dtypes``; ``out_extents`` and ``factoring`` as in
     :func:`codegen.evaluate.evaluate`.
-    ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
+    ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`. With ``in_place``, an output named
+    like an input may be stored over it (a donated step then writes each buffer where it read it).
     """
     tensor_names = tuple(v.name for v in func.inputs if v.type.extent != "step")
     scalar_names = tuple(v.name for v in func.inputs if v.type.extent == "step")
@@ -53,7 +58,7 @@ def run_ir(func: Function, tensors: dict[str, Sequence[jax.Array]], scalars: dic
     flat = run_ir_p.bind(
         *operands, func=func, n=n, tensor_names=tensor_names, scalar_names=scalar_names,
         out_dtypes=tuple(tuple(np.dtype(d) for d in out_dtypes[name]) for name in out_names),
-        delta_output=delta_output, lowering=lowering, out_extents=extents, factoring=factoring)
+        delta_output=delta_output, lowering=lowering, out_extents=extents, factoring=factoring, in_place=in_place)
     outputs, start = {}, 0
     for name, extent in zip(out_names, extents, strict=True):
         count = 1 if extent == "step" else n
@@ -69,7 +74,7 @@ def _split(operands, n, tensor_names, scalar_names):
 
 @run_ir_p.def_abstract_eval
 def _abstract_eval(*operands, func, n, tensor_names, scalar_names, out_dtypes, delta_output, lowering,
-                   out_extents, factoring):
+                   out_extents, factoring, in_place):
     params = operands[:n]
 
     def stored(extent, p):  # row and col values drop the axes they reduce
@@ -97,15 +102,57 @@ def _step_dtype(avals, n, tensor_names, scalar_names) -> np.dtype:
     return np.dtype(avals[len(tensor_names) * n].dtype) if scalar_names else np.dtype(np.float32)
 
 
-def _lower(ctx, *operands, lowering, **params):
+def _lower(ctx, *operands, lowering, in_place, **params):
     step_dtype = _step_dtype(ctx.avals_in, params["n"], params["tensor_names"], params["scalar_names"])
     # Only per-element outputs decide how the loops fuse.
     loop_dtypes = [d for d, extent in zip(params["out_dtypes"], params["out_extents"], strict=True) if extent == "tensor"]
-    per_output = fusion.resolve(lowering, tuple(ctx.module_context.platforms), loop_dtypes) == "per-output"
-    return _evaluate(StableHLOBackend(), step_dtype, operands, per_output=per_output, **params)
+    where = fusion.Where(tuple(ctx.module_context.platforms), _one_device(ctx.module_context),
+                         ctx.module_context.lowering_parameters.for_export)
+    symbolic = any(not isinstance(d, int) for aval in ctx.avals_in for d in aval.shape)
+    refusal = "a shape is symbolic" if symbolic else cpu_kernel.unsupported(params["func"], params["out_extents"])
+    choice = fusion.resolve(lowering, where, loop_dtypes, refusal)
+    if choice == "ffi":
+        return _lower_ffi(ctx, operands, step_dtype, in_place, **params)
+    return _evaluate(StableHLOBackend(), step_dtype, operands, per_output=choice == "per-output", **params)
 
 
-def _plain(*operands, lowering, **params) -> list:
+def _one_device(module_context) -> bool:
+    axes = module_context.axis_context
+    return isinstance(axes, sharding_impls.ShardingContext) and axes.num_devices == 1
+
+
+def _lower_ffi(ctx, operands, step_dtype, in_place, *, func, n, tensor_names, scalar_names, out_dtypes,
+               delta_output, out_extents, **_):
+    """The step as calls of optgen's own CPU loop (codegen/cpu_kernel.py), one per
+    :data:`FFI_MAX_LEAVES` parameters; the first also writes the per-step outputs."""
+    starts = np.cumsum([0] + [n if extent == "tensor" else 1 for extent in out_extents])
+    results = [None] * len(ctx.avals_out)
+    for first in range(0, n, FFI_MAX_LEAVES):
+        leaves = range(first, min(n, first + FFI_MAX_LEAVES))
+        ins = [t * n + leaf for t in range(len(tensor_names)) for leaf in leaves]
+        ins += range(len(tensor_names) * n, len(operands))
+        outs = [int(start) + leaf if extent == "tensor" else int(start)
+                for start, extent in zip(starts, out_extents) for leaf in (leaves if extent == "tensor" else [0] * (first == 0))]
+        avals = [ctx.avals_in[k] for k in ins]
+        call = cpu_kernel.Call(
+            func, tensor_names, scalar_names,
+            in_dtypes=tuple(tuple(np.dtype(avals[t * len(leaves) + k].dtype) for k in range(len(leaves)))
+                            for t in range(len(tensor_names))),
+            sizes=tuple(int(np.prod(avals[k].shape)) for k in range(len(leaves))),
+            out_names=tuple(name for name, _ in func.outputs), out_extents=out_extents,
+            out_dtypes=tuple(tuple(dtypes[leaf] for leaf in leaves) if extent == "tensor" else dtypes
+                             for dtypes, extent in zip(out_dtypes, out_extents, strict=True)),
+            step_dtype=step_dtype, delta_output=delta_output, in_place=in_place, step_outputs=first == 0)
+        aliases = {t * len(leaves) + k: call.ret_offsets[j] + k for j, t in call.aliases.items() for k in range(len(leaves))}
+        part = ctx.replace(avals_in=avals, avals_out=[ctx.avals_out[k] for k in outs])
+        values = jax.ffi.ffi_lowering(cpu_kernel.target(call), operand_output_aliases=aliases)(
+            part, *[operands[k] for k in ins])
+        for k, value in zip(outs, values, strict=True):
+            results[k] = value
+    return results
+
+
+def _plain(*operands, lowering, in_place, **params) -> list:
     """The primitive's meaning in jnp ops (what its transformation rules differentiate and batch)."""
     step_dtype = _step_dtype(operands, params["n"], params["tensor_names"], params["scalar_names"])
     return _evaluate(jnp_backend(), step_dtype, operands, **params)
@@ -121,7 +168,8 @@ def _batch(args, dims, **params):
     return outputs, [0] * len(outputs)
 
 
-_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "out_extents", "factoring")
+_PARAMS = ("func", "n", "tensor_names", "scalar_names", "out_dtypes", "delta_output", "lowering", "out_extents", "factoring",
+           "in_place")
 # Called outside any jit, the primitive compiles once per distinct params and caches it.
 run_ir_p.def_impl(jax.jit(lambda *ops, **params: run_ir_p.bind(*ops, **params), static_argnames=_PARAMS))
 mlir.register_lowering(run_ir_p, _lower)

@@ -125,6 +125,8 @@ CATALOG: dict[str, str] = {
     "E381": "pack is not true or false",
     "E382": "an array that an earlier step donated",
     "E383": "one array passed twice to a step that donates it",
+    "E384": "lowering='ffi' where optgen's CPU loop cannot run",
+    "E385": "an unknown lowering",
     # The Keras adapter (optgen.keras)
     "E370": "optgen.keras.Optimizer on a Keras backend other than JAX",
     "E371": "optgen.keras.Optimizer of a spec without learning_rate",

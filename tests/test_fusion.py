@@ -36,7 +36,7 @@ def test_this_process_has_cpu_multi_output_fusion():
 @pytest.mark.parametrize("spec", ELEMENTWISE)
 def test_step_is_one_loop_at_the_spec_minimum(spec):
     report = inspect(program(spec), np.dtype(np.float32), 1 << 16)
-    assert report.lowering == "per-output"
+    assert report.lowering == "ffi"
     assert report.kernels == 1
     assert report.bytes_per_element <= 1.05 * report.min_bytes_per_element
 
@@ -63,15 +63,21 @@ def test_min_bytes_counts_reads_and_writes_at_storage_dtypes():
     assert min_bytes_per_element(program("amsgrad"), np.dtype(np.float32)) == 36
 
 
+def xla_hlo(spec, lowering="per-output"):
+    return export.lower(program(spec), np.dtype(np.float32), "4096", lowering).compile().as_text()
+
+
 def test_count_kernels_counts_a_root_fusion():
-    hlo = export.optimized_hlo(program("sgd"), np.dtype(np.float32), "4096")
-    assert count_kernels(hlo) == (1, 0)
+    assert count_kernels(xla_hlo("sgd")) == (1, 0)
 
 
 def test_count_kernels_reads_entry_fusions():
-    hlo = export.optimized_hlo(program("adamw"), np.dtype(np.float32), "4096")
-    per_element, scalar = count_kernels(hlo)
-    assert (per_element, scalar) == (1, 1)
+    assert count_kernels(xla_hlo("adamw")) == (1, 1)
+
+
+def test_count_kernels_counts_calls_of_the_cpu_loop():
+    # the per-step scalars are computed inside the loop's call, before its loop
+    assert count_kernels(xla_hlo("adamw", "auto")) == (1, 0)
 
 
 @pytest.mark.parametrize("spec", ELEMENTWISE)
@@ -87,7 +93,7 @@ def test_per_output_and_shared_lowerings_agree(spec, dtype):
     # The spec's own hyperparameters: random ones (a b2 above 1) can make the step chaotic.
     hypers = {name: jnp.float32(value) for name, value in optgen.load(spec).hyperparams.items()}
     outs = {}
-    for lowering in ("shared", "per-output"):
+    for lowering in ("shared", "per-output", "ffi"):
         step, state = jax.jit(export.kernel(prog, dtypes, lowering)), start | hypers | {"learning_rate": jnp.float32(1e-2)}
         for t, g in enumerate(grads, 1):
             state |= step(state | {"t": jnp.float32(t), "g": g})
@@ -96,9 +102,10 @@ def test_per_output_and_shared_lowerings_agree(spec, dtype):
     # mu near zero crossings needs the atol too.
     tolerance = 1e-5 if dtype == np.float32 else 3e-2
     for name, _ in prog.update.outputs:
-        np.testing.assert_allclose(np.asarray(outs["per-output"][name], np.float32),
-                                   np.asarray(outs["shared"][name], np.float32), rtol=tolerance, atol=tolerance / 10,
-                                   err_msg=name)
+        for lowering in ("per-output", "ffi"):
+            np.testing.assert_allclose(np.asarray(outs[lowering][name], np.float32),
+                                       np.asarray(outs["shared"][name], np.float32), rtol=tolerance,
+                                       atol=tolerance / 10, err_msg=f"{name} ({lowering})")
 
 
 def test_per_output_step_is_deterministic():
@@ -112,23 +119,43 @@ def test_per_output_step_is_deterministic():
         np.testing.assert_array_equal(np.asarray(first[name]), np.asarray(second[name]))
 
 
+CPU = fusion.Where(("cpu",))
+REFUSED = "it computes 'sum'"  # a step the CPU loop cannot run falls back to XLA's loops
+
+
+def test_auto_takes_the_cpu_loop_where_it_can_run():
+    f32, bf16 = np.dtype(np.float32), np.dtype("bfloat16")
+    assert fusion.resolve("auto", CPU, [[bf16], [f32]]) == "ffi"
+    assert fusion.resolve("auto", fusion.Where(("cuda",)), [[f32]]) == "shared"
+    assert fusion.resolve("auto", fusion.Where(("cpu",), one_device=False), [[f32]]) == "per-output"
+    assert fusion.resolve("auto", fusion.Where(("cpu",), for_export=True), [[f32]]) == "per-output"
+    assert fusion.resolve("shared", CPU, [[f32]]) == "shared"
+
+
+def test_ffi_where_it_cannot_run_is_an_error():
+    with pytest.raises(optgen.InputError, match="E384.*exported step must be portable"):
+        fusion.resolve("ffi", fusion.Where(("cpu",), for_export=True), [[np.dtype(np.float32)]])
+    with pytest.raises(optgen.InputError, match="E384.*it computes 'sum'"):
+        fusion.resolve("ffi", CPU, [[np.dtype(np.float32)]], REFUSED)
+
+
 def test_mixed_dtype_outputs_stay_shared():
-    assert fusion.resolve("auto", ("cpu",), [[np.dtype("bfloat16")], [np.dtype(np.float32)]]) == "shared"
-    assert fusion.resolve("auto", ("cpu",), [[np.dtype(np.float32)], [np.dtype(np.float32)]]) == "per-output"
-    assert fusion.resolve("auto", ("cuda",), [[np.dtype(np.float32)], [np.dtype(np.float32)]]) == "shared"
+    assert fusion.resolve("auto", CPU, [[np.dtype("bfloat16")], [np.dtype(np.float32)]], REFUSED) == "shared"
+    assert fusion.resolve("auto", CPU, [[np.dtype(np.float32)], [np.dtype(np.float32)]], REFUSED) == "per-output"
+    assert fusion.resolve("auto", fusion.Where(("cuda",)), [[np.dtype(np.float32)], [np.dtype(np.float32)]]) == "shared"
 
 
 def test_thousands_of_leaves_lower_shared():
     # per-output's extra HLO made 10,000 leaves run out of memory while compiling (docs/fusion.md)
     f32 = np.dtype(np.float32)
     n = fusion.PER_OUTPUT_MAX_LEAVES
-    assert fusion.resolve("auto", ("cpu",), [[f32] * n, [f32] * n]) == "per-output"
-    assert fusion.resolve("auto", ("cpu",), [[f32] * (n + 1), [f32] * (n + 1)]) == "shared"
+    assert fusion.resolve("auto", CPU, [[f32] * n, [f32] * n], REFUSED) == "per-output"
+    assert fusion.resolve("auto", CPU, [[f32] * (n + 1), [f32] * (n + 1)], REFUSED) == "shared"
 
 
 def test_without_the_option_auto_is_shared(monkeypatch):
     monkeypatch.setattr(fusion, "cpu_multi_output_fusion", lambda: False)
-    assert fusion.resolve("auto", ("cpu",), [[np.dtype(np.float32)]]) == "shared"
+    assert fusion.resolve("auto", CPU, [[np.dtype(np.float32)]], REFUSED) == "shared"
 
 
 def test_request_respects_the_users_flags(monkeypatch):

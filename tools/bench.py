@@ -36,6 +36,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from optgen.codegen import fusion  # noqa: E402
+
 try:
     import torch  # noqa: E402
 except ImportError:
@@ -45,8 +47,10 @@ HYPERS = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2)
 MUON_HYPERS = dict(learning_rate=1e-3)  # and optax.contrib.muon's defaults
 
 # bf16 parameters with float32 state: the built-in AdamW with its states' storage dtype declared.
-_ADAMW_F32_STATE = (Path(__file__).resolve().parents[1] / "kernels" / "adamw.spec").read_text().replace(
-    "state mu = 0", "state mu: f32 = 0").replace("state nu = 0", "state nu: f32 = 0")
+_ADAMW = (Path(__file__).resolve().parents[1] / "kernels" / "adamw.spec").read_text()
+_ADAMW_F32_STATE = _ADAMW.replace("state mu = 0", "state mu: f32 = 0").replace("state nu = 0", "state nu: f32 = 0")
+# float32 parameters with a bf16 first moment: what optax.adamw(mu_dtype=jnp.bfloat16) keeps.
+_ADAMW_BF16_MU = _ADAMW.replace("state mu = 0", "state mu: bf16 = 0")
 
 
 def transformer_shapes(layers: int = 6, width: int = 512, vocab: int = 16000) -> list[tuple[int, ...]]:
@@ -74,6 +78,8 @@ WORKLOADS = {
     "bf16": ("transformer leaves, bf16 params, f32 state", transformer_shapes(), jnp.bfloat16, np.float32, {}),
     # torch's fused AdamW keeps its state in the parameters' dtype: this compares like with like.
     "bf16-state": ("transformer leaves, bf16 params and state", transformer_shapes(), jnp.bfloat16, jnp.bfloat16, {}),
+    # optax's mu_dtype; torch's fused AdamW has no such option, so it sits this one out.
+    "bf16-mu": ("transformer leaves, f32 params, bf16 first moment", transformer_shapes(), np.float32, jnp.bfloat16, {}),
 }
 
 
@@ -141,17 +147,27 @@ class TorchRunner:
                 opt.step()
 
 
-def bench_workload(key, spec_path, repeats, block, progress, optimizer="adamw"):
+def xla_lowering(leaves: int, uniform: bool) -> str:
+    """The lowering optgen's ``auto`` takes where its own CPU loop cannot run (codegen/fusion.py)."""
+    return "per-output" if uniform and leaves <= fusion.PER_OUTPUT_MAX_LEAVES else "shared"
+
+
+def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", compare_xla=False):
     title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
-    wider_state = np.dtype(state_dtype) != np.dtype(dtype)
+    mixed = np.dtype(state_dtype) != np.dtype(dtype)
     if optimizer == "muon":
         runners = [OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
                    OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS))]
     else:
-        runners = [OptgenRunner(params, grads, spec_path if wider_state else "adamw", **options),
-                   OptaxRunner(params, grads, mu_dtype=state_dtype if wider_state else None)]
-    if torch is not None:
+        spec = specs["bf16-mu" if key == "bf16-mu" else "f32-state"] if mixed else "adamw"
+        runners = [OptgenRunner(params, grads, spec, **options),
+                   OptaxRunner(params, grads, mu_dtype=state_dtype if mixed else None)]
+        if compare_xla:
+            xla = OptgenRunner(params, grads, spec, lowering=xla_lowering(len(shapes), not mixed), **options)
+            xla.name = "optgen-xla"
+            runners.append(xla)
+    if torch is not None and key != "bf16-mu":
         runners.append(TorchRunner(params, grads, muon=optimizer == "muon"))
     for runner in runners:  # compile and warm up
         runner.run(2)
@@ -188,33 +204,39 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def table(summaries) -> str:
-    names = list(summaries[0]["median_ms"])
+    names = list(dict.fromkeys(n for r in summaries for n in r["median_ms"]))  # torch sits some workloads out
     head = ["workload", "leaves", "elements", *[f"{n} ms" for n in names], *[f"optgen/{n}" for n in names[1:]]]
     rows = [head, ["---"] * len(head)]
     for r in summaries:
-        ratios = [r["ratios"][n] for n in names[1:]]
-        rows.append([r["workload"], str(r["leaves"]), f"{r['elements']:,}", *[f"{r['median_ms'][n]:.2f}" for n in names],
-                     *[f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" + (
-                         "; per process " + ", ".join(f"{x:.2f}" for x in q["per_process"]) if len(q["per_process"]) > 1 else "")
-                       for q in ratios]])
+        times = [f"{r['median_ms'][n]:.2f}" if n in r["median_ms"] else "-" for n in names]
+        ratios = [_ratio(r["ratios"][n]) if n in r["ratios"] else "-" for n in names[1:]]
+        rows.append([r["workload"], str(r["leaves"]), f"{r['elements']:,}", *times, *ratios])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def run_here(keys, repeats, block, optimizer) -> list[dict]:
+def _ratio(q: dict) -> str:
+    per_process = q["per_process"]
+    return f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" + (
+        "; per process " + ", ".join(f"{x:.2f}" for x in per_process) if len(per_process) > 1 else "")
+
+
+def run_here(keys, repeats, block, optimizer, compare_xla) -> list[dict]:
     """Every workload in this process."""
     def progress(text):
         if sys.stderr.isatty():
             print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        spec_path = Path(tmp) / "adamw_f32_state.spec"
-        spec_path.write_text(_ADAMW_F32_STATE)
-        runs = [bench_workload(k, str(spec_path), repeats, block, progress, optimizer) for k in keys]
+        specs = {"f32-state": Path(tmp) / "adamw_f32_state.spec", "bf16-mu": Path(tmp) / "adamw_bf16_mu.spec"}
+        specs["f32-state"].write_text(_ADAMW_F32_STATE)
+        specs["bf16-mu"].write_text(_ADAMW_BF16_MU)
+        runs = [bench_workload(k, {name: str(path) for name, path in specs.items()}, repeats, block, progress,
+                               optimizer, compare_xla) for k in keys]
     progress("")
     return runs
 
 
-def run_in_processes(keys, repeats, block, processes, optimizer) -> list[list[dict]]:
+def run_in_processes(keys, repeats, block, processes, optimizer, compare_xla) -> list[list[dict]]:
     """Every workload in each of ``processes`` fresh processes, one after another."""
     per_process = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,7 +245,8 @@ def run_in_processes(keys, repeats, block, processes, optimizer) -> list[list[di
             if sys.stderr.isatty():
                 print(f"\r\033[Kprocess {i + 1}/{processes}", file=sys.stderr)
             subprocess.run([sys.executable, __file__, "--workloads", ",".join(keys), "--repeats", str(repeats),
-                            "--block", str(block), "--processes", "1", "--optimizer", optimizer, "--json", str(out)],
+                            "--block", str(block), "--processes", "1", "--optimizer", optimizer, "--json", str(out)]
+                           + ["--compare-xla"] * compare_xla,
                            check=True, stdout=subprocess.DEVNULL)
             per_process.append(json.loads(out.read_text())["runs"][0])
     return per_process
@@ -238,6 +261,8 @@ def main(argv=None) -> int:
                         help="fresh processes to repeat the whole run in (each draws its own buffer placement)")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--compare-xla", action="store_true",
+                        help="also run optgen with XLA's fused loops instead of its own CPU loop (optgen-xla)")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.workloads.split(",")]
     unknown = [k for k in keys if k not in WORKLOADS]
@@ -247,9 +272,10 @@ def main(argv=None) -> int:
         parser.error("--processes, --repeats and --block must be at least 1")
 
     if args.processes > 1:
-        per_process = run_in_processes(keys, args.repeats, args.block, args.processes, args.optimizer)
+        per_process = run_in_processes(keys, args.repeats, args.block, args.processes, args.optimizer,
+                                       args.compare_xla)
     else:
-        per_process = [run_here(keys, args.repeats, args.block, args.optimizer)]
+        per_process = [run_here(keys, args.repeats, args.block, args.optimizer, args.compare_xla)]
     summaries = [summarize([runs[i] for runs in per_process]) for i in range(len(keys))]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}" + (
         f", torch {torch.__version__}" if torch is not None else ", torch not installed")

@@ -43,6 +43,7 @@ def get_config(opt: Optimizer) -> dict[str, Any]:
         "transforms": transforms,
         "passes": list(opt.compiled.passes),
         "pack": opt.pack,
+        "lowering": opt.lowering,
     }
 
 

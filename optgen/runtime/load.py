@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from optgen import schedules
 from optgen.checker import CheckedSpec, check
+from optgen.codegen.fusion import LOWERINGS
 from optgen.compiler import Compiled, compile_checked, user_warnings
 from optgen.diagnostics import InputError, SpecError, SpecWarning, did_you_mean
 from optgen.library import read_spec
@@ -27,7 +28,8 @@ from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS, Variant, split_opti
 _COMPILED: dict[Any, Compiled] = {}  # grows with each distinct optimizer a process loads: a few per program
 
 
-def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, pack: bool = False, **kwargs: Any) -> Optimizer:
+def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, pack: bool = False, lowering: str = "auto",
+         **kwargs: Any) -> Optimizer:
     """Compile a built-in spec (``"adamw"``) or a ``.spec`` file into an :class:`Optimizer`.
 
     Keyword arguments set hyperparameters, options (``nesterov=True``), and the options
@@ -42,9 +44,16 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, pack: bool = Fa
     ``pack=True`` keeps the state of small parameters in flat buffers, one per dtype:
     faster steps for thousands of small parameters, but the state is then not shaped like
     the parameters (docs/fusion.md, "Many small parameters").
+
+    ``lowering`` chooses how the step becomes machine code (:mod:`codegen.fusion`): ``auto``
+    (optgen's own CPU loop where it can run, else XLA's fused loops), ``ffi`` (the CPU loop,
+    or an error where it cannot run), ``shared`` or ``per-output`` (XLA's loops).
     """
     if not isinstance(pack, bool):
         raise InputError(f"pack takes True or False, got {pack!r}", code="E381")
+    if lowering not in LOWERINGS:
+        raise InputError(f"lowering takes one of {', '.join(LOWERINGS)}, got {lowering!r}",
+                         hint=did_you_mean(str(lowering), LOWERINGS) or "leave it 'auto'", code="E385")
     source = read_spec(spec)
     checked = _check(source.text, source.filename)
     for warning in user_warnings(spec, checked):
@@ -59,7 +68,7 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, pack: bool = Fa
         compiled = compile_checked(checked, options, passes, variant=variant)
         if identity is not None:
             _COMPILED[identity] = compiled
-    return Optimizer(compiled, hypers | variant.hyperparams(compiled.program), variant, pack, identity)
+    return Optimizer(compiled, hypers | variant.hyperparams(compiled.program), variant, pack, identity, lowering)
 
 
 @functools.lru_cache(maxsize=256)
@@ -103,4 +112,5 @@ def from_config(config: dict[str, Any]) -> Optimizer:
     hypers = {name: schedules.from_config(v) if isinstance(v, dict) else v
               for name, v in config.pop("hyperparameters", {}).items()}
     return load(spec, passes=tuple(config.pop("passes", DEFAULT_PIPELINE)), pack=config.pop("pack", False),
+                lowering=config.pop("lowering", "auto"),
                 **hypers, **config.pop("options", {}), **config.pop("transforms", {}))

@@ -50,8 +50,8 @@ class Plan:
     """
 
     def __init__(self, compiled: Compiled, variant: Variant, hyperparams: dict[str, Any], pack: bool,
-                 identity: Any = None):
-        self.compiled, self.variant, self.pack = compiled, variant, pack
+                 identity: Any = None, lowering: str = "auto"):
+        self.compiled, self.variant, self.pack, self.lowering = compiled, variant, pack, lowering
         self.name = compiled.checked.name
         self.state_names = tuple(name for name, _ in compiled.program.init.outputs)  # read-only ones too
         self.extents = compiled.program.extents()
@@ -61,7 +61,7 @@ class Plan:
         self.bound = tuple(sorted(hyperparams.keys() - set(self.stored) - {name for name, _ in self.schedules}))
         self.delta_reads_params = _delta_reads_params(compiled.program.update)
         self.checker = InputChecker(self)
-        self._key = (identity, pack, self.stored, self.schedules) if identity is not None else (object(),)
+        self._key = (identity, pack, lowering, self.stored, self.schedules) if identity is not None else (object(),)
 
     def __hash__(self) -> int:
         return hash(self._key)
@@ -118,7 +118,7 @@ class Plan:
         scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
         out = run_ir(self.compiled.program.update, tensors, scalars, self.out_dtypes(units),
                      delta_output="p" if as_update else None, out_extents=self.extents,
-                     factoring=self.compiled.program.factoring)
+                     factoring=self.compiled.program.factoring, in_place=not as_update, lowering=self.lowering)
         slots = {name: self.slot(out[name], name, layout, treedef) for name in self.state_names if name in out}
         slots = {name: slots.get(name, state.slots[name]) for name in self.state_names}  # read-only: as given
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
@@ -135,7 +135,7 @@ class Plan:
         scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
         names = [name for name, _ in derived.outputs]
         out = run_ir(derived, tensors, scalars, {name: [u.dtype for u in units] for name in names},
-                     factoring=self.compiled.program.factoring)
+                     factoring=self.compiled.program.factoring, lowering=self.lowering)
         return {name: treedef.unflatten(layout.unpack(out[name])) for name in names}
 
     def slot(self, arrays: list, name: str, layout: packing.Layout, treedef):
@@ -212,14 +212,15 @@ class Optimizer:
     """
 
     def __init__(self, compiled: Compiled, hyperparams: dict[str, float | Callable | jax.Array],
-                 variant: Variant = Variant(), pack: bool = False, identity: Any = None):
+                 variant: Variant = Variant(), pack: bool = False, identity: Any = None, lowering: str = "auto"):
         self.compiled = compiled
         self.name = compiled.checked.name
         self.description = compiled.checked.spec.description
         self.hyperparams = hyperparams
         self.variant = variant  # the options applied as transforms (clipnorm, use_ema, ...)
         self.pack = pack  # small parameters' state packed into flat buffers (packing.py)
-        self._plan = Plan(compiled, variant, hyperparams, pack, identity)
+        self.lowering = lowering  # how the step becomes machine code (codegen/fusion.py)
+        self._plan = Plan(compiled, variant, hyperparams, pack, identity, lowering)
         self.state_names = self._plan.state_names
         self.extents = self._plan.extents  # each output's extent: tensor, leaf, row, col or step
         self.stored_hyperparams = self._plan.stored  # those given as numbers: kept in state.hyperparams

@@ -1,0 +1,153 @@
+"""IR -> LLVM IR for one element: the evaluator's backend inside optgen's own CPU loop.
+
+:class:`LoopBackend` plugs into :func:`codegen.evaluate.evaluate` the way the StableHLO
+backend does, but each value is one *scalar* LLVM value: the evaluator then describes the
+body of a loop over a parameter's elements (``codegen/cpu_kernel.py`` builds the loop).
+A value computed from loop-invariant values alone (the per-step scalars: bias
+corrections, the learning rate in the parameter's dtype) is emitted before the loop,
+once; the rest is emitted in the loop body, where LLVM vectorizes it.
+
+Each op means what it means on XLA: IEEE division and square root, NaN-propagating
+``max``/``min`` (``llvm.maximum``), C's ``fmod`` for ``mod``, round-to-nearest-even
+when a value is stored in a narrower dtype.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import ml_dtypes  # bfloat16 as a NumPy dtype; jax depends on it
+import numpy as np
+from llvmlite import ir
+
+
+
+class BFloatType(ir.types._BaseFloatType):
+    """LLVM's ``bfloat``, which llvmlite's IR builder lacks; only loaded, stored and converted."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+BFloatType._create_instance()
+
+F32, F64, BOOL = ir.FloatType(), ir.DoubleType(), ir.IntType(1)
+# Storage types a kernel loads and stores; computing happens in float32 or float64.
+LLVM_TYPES = {np.dtype(np.float32): F32, np.dtype(np.float64): F64, np.dtype(np.float16): ir.HalfType(),
+              np.dtype(ml_dtypes.bfloat16): BFloatType(), np.dtype(np.bool_): BOOL}
+_WIDTH = {"half": 16, "bfloat": 16, "float": 32, "double": 64}
+
+
+def _intrinsic(b: ir.IRBuilder, name: str, args):
+    ty = args[0].type
+    fn = b.module.declare_intrinsic(name, [ty], ir.FunctionType(ty, [ty] * len(args)))
+    return b.call(fn, args)
+
+
+def _libm(b: ir.IRBuilder, name: str, args):
+    """A call to the C math library (``powf``/``pow``, ``tanhf``/``tanh``), which LLVM knows by name."""
+    ty = args[0].type
+    symbol = name + ("f" if ty == F32 else "")
+    fn = b.module.globals.get(symbol) or ir.Function(b.module, ir.FunctionType(ty, [ty] * len(args)), symbol)
+    return b.call(fn, args)
+
+
+def _sign(b: ir.IRBuilder, x):
+    # -1, 0 or 1; NaN and signed zeros pass through, as stablehlo.sign
+    one, zero = ir.Constant(x.type, 1.0), ir.Constant(x.type, 0.0)
+    positive = b.select(b.fcmp_ordered(">", x, zero), one, x)
+    return b.select(b.fcmp_ordered("<", x, zero), b.fneg(one), positive)
+
+
+def _isfinite(b: ir.IRBuilder, x):
+    return b.fcmp_ordered("!=", _intrinsic(b, "llvm.fabs", [x]), ir.Constant(x.type, float("inf")))
+
+
+def _compare(predicate: str):
+    # XLA's comparisons: false on NaN, except != which is true on NaN
+    if predicate == "!=":
+        return lambda b, x, y: b.fcmp_unordered("!=", x, y)
+    return lambda b, x, y: b.fcmp_ordered(predicate, x, y)
+
+
+# How each elementwise op of the op table (optgen/ops.py) is emitted: builder, operands -> an LLVM value.
+EMIT = {
+    "add": lambda b, x, y: b.fadd(x, y), "sub": lambda b, x, y: b.fsub(x, y),
+    "mul": lambda b, x, y: b.fmul(x, y), "div": lambda b, x, y: b.fdiv(x, y),
+    "pow": lambda b, x, y: _intrinsic(b, "llvm.pow", [x, y]), "mod": lambda b, x, y: b.frem(x, y),
+    "max": lambda b, x, y: _intrinsic(b, "llvm.maximum", [x, y]),
+    "min": lambda b, x, y: _intrinsic(b, "llvm.minimum", [x, y]),
+    "and": lambda b, x, y: b.and_(x, y), "or": lambda b, x, y: b.or_(x, y), "not": lambda b, x: b.not_(x),
+    "neg": lambda b, x: b.fneg(x), "sqrt": lambda b, x: _intrinsic(b, "llvm.sqrt", [x]),
+    "rsqrt": lambda b, x: b.fdiv(ir.Constant(x.type, 1.0), _intrinsic(b, "llvm.sqrt", [x])),
+    "abs": lambda b, x: _intrinsic(b, "llvm.fabs", [x]), "sign": _sign,
+    "exp": lambda b, x: _intrinsic(b, "llvm.exp", [x]), "log": lambda b, x: _intrinsic(b, "llvm.log", [x]),
+    "tanh": lambda b, x: _libm(b, "tanh", [x]), "isfinite": _isfinite,
+    "lt": _compare("<"), "le": _compare("<="), "gt": _compare(">"), "ge": _compare(">="),
+    "eq": _compare("=="), "ne": _compare("!="), "select": lambda b, c, x, y: b.select(c, x, y),
+}
+
+
+class LoopBackend:
+    """Backend for :func:`codegen.evaluate.evaluate` whose arrays are one element of a loop.
+
+    ``invariant`` builds before the loop, ``body`` inside it; values given to the evaluator
+    that are loop-invariant (the per-step scalars) are listed in ``invariants``.
+    """
+
+    def __init__(self, invariant: ir.IRBuilder, body: ir.IRBuilder, invariants=()):
+        self.invariant, self.body = invariant, body
+        self._hoisted = {id(v) for v in invariants}
+        self._keep = list(invariants)  # ids stay unique only while the values live
+
+    def _builder_for(self, operands) -> ir.IRBuilder:
+        return self.invariant if all(id(v) in self._hoisted for v in operands) else self.body
+
+    def _result(self, value, builder: ir.IRBuilder):
+        if builder is self.invariant or isinstance(value, ir.Constant):
+            self._hoisted.add(id(value))
+            self._keep.append(value)
+        return value
+
+    def at(self, loc):
+        return nullcontext()
+
+    def dtype_of(self, x) -> np.dtype:
+        return next(dtype for dtype, ty in LLVM_TYPES.items() if ty == x.type)
+
+    def constant(self, value, dtype):
+        if isinstance(value, bool):
+            return self._result(ir.Constant(BOOL, int(value)), self.invariant)
+        return self._result(ir.Constant(LLVM_TYPES[np.dtype(dtype)], float(value)), self.invariant)
+
+    def apply(self, opcode, operands):
+        builder = self._builder_for(operands)
+        return self._result(EMIT[opcode](builder, *operands), builder)
+
+    def convert(self, x, dtype):
+        target = LLVM_TYPES[np.dtype(dtype)]
+        if x.type == target:
+            return x
+        builder = self._builder_for([x])
+        widen = _WIDTH[str(target)] > _WIDTH[str(x.type)]
+        return self._result((builder.fpext if widen else builder.fptrunc)(x, target), builder)
+
+    # A loop element is a scalar: broadcasting and reshaping leave it as it is.
+    def broadcast(self, x, like):
+        return x
+
+    def broadcast_to(self, x, shape):
+        return x
+
+    def reshape(self, x, shape):
+        return x
+
+    def shape_of(self, x):
+        return ()
+
+    def barrier(self, xs):
+        return xs
+
