@@ -33,11 +33,13 @@ def mutate(spec, seed, count, edits):
 @click.option("--tasks", default="quadratic,logistic,mlp,transformer", show_default=True,
               help="comma-separated built-in tasks or user task files/modules, cheapest first (the funnel's order)")
 @click.option("--budget", default="30m", show_default=True, help="time (90s, 30m, 2h) or distinct programs (400c)")
-@click.option("--population", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--tournament", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--population", type=click.IntRange(min=2), default=32, show_default=True,
+              help="how many of the most recent candidates parents are drawn from")
+@click.option("--tournament", type=click.IntRange(min=1), default=8, show_default=True,
+              help="members drawn at random for each parent; the fittest of them is the parent")
 @click.option("--out", default="search-out", show_default=True,
               help="folder for the log and results; an existing search there is resumed")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed: the same seed, the same search")
 @click.option("--winners", type=click.IntRange(min=1), default=3, show_default=True,
               help="how many of the best programs to simplify and validate on held-out tasks")
 @click.option("--quiet", is_flag=True, help="no progress bar")
