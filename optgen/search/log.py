@@ -8,10 +8,9 @@ whole candidate.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from optgen.atomic import write_atomic
+from optgen.atomic import append_durably, write_atomic
 from optgen.diagnostics import SpecError
 
 
@@ -43,7 +42,4 @@ def start(path: Path, settings: dict, kept: int | None = None) -> None:
 
 
 def append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+    append_durably(path, json.dumps(record) + "\n")
