@@ -1,4 +1,4 @@
-"""The ``optgen`` command: compile, inspect, check, list and show specs.
+"""The ``optgen`` command: compile, inspect, check, list and show specs; run passes over IR text.
 
 Every user mistake ends as ``file:line:col: error: ...`` on stderr with exit status 1;
 ``-o`` writes atomically, so on any error nothing is written.
@@ -15,7 +15,7 @@ import click
 import jax
 
 from optgen import __version__
-from optgen import passes as passes_mod
+from optgen import opt as ir_opt, passes as passes_mod
 from optgen.artifact import save_artifact
 from optgen.atomic import write_atomic
 from optgen.codegen import export, fusion
@@ -24,7 +24,7 @@ from optgen.diagnostics import SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
 from optgen.syntax import format_spec
-from optgen.transforms import Variant, split_options
+from optgen.transforms import DEFAULTS, Variant, split_options
 from optgen.types import DTYPES
 
 EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
@@ -190,6 +190,27 @@ def check(spec, with_):
     options, variant = _parse_with(with_)
     compile_checked(check_spec(spec), options, passes=(), variant=variant)
     print_out(f"{spec}: ok\n")
+
+
+@main.command("opt")
+@click.argument("file")
+@click.option("--passes", metavar="LIST", default="",
+              help="Comma-separated passes to run, in order (none: print the IR again).")
+@click.option("--split-input-file", is_flag=True,
+              help="Handle each piece between '// -----' lines on its own.")
+@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE",
+              help="Apply an option every spec takes (clipnorm=1.0, use_ema=true) first.")
+@click.option("-o", "--output", metavar="FILE", help="Write here (atomically) instead of stdout.")
+def opt(file, passes, split_input_file, with_, output):
+    """Run passes over the IR text in FILE (- for stdin) and print the IR they give."""
+    pipeline = passes_mod.parse_pipeline(passes)
+    spec_options, variant = _parse_with(with_)
+    if spec_options:
+        raise SpecError(f"--with {', '.join(spec_options)}: IR text has no spec, so only the "
+                        "options every spec takes apply", hint="those are: " + ", ".join(DEFAULTS),
+                        code="E034")
+    source = ir_opt.read_ir(file)
+    _write(output, ir_opt.optimize_source(source, pipeline, split_input_file, variant))
 
 
 @main.command("list")

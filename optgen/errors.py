@@ -37,6 +37,13 @@ CATALOG: dict[str, str] = {
     "E021": "the search folder holds another search, or a file that is not a search log",
     "E022": "a seed spec without learning_rate",
     "E023": "the search output path is a file",
+    # IR text given to optgen opt
+    "E030": "the IR file cannot be read",
+    "E031": "the IR file is not UTF-8 text",
+    "E032": "IR text the parser cannot read",
+    "E033": "IR that does not verify",
+    "E034": "optgen opt --with names an option of a spec",
+    "E035": "optgen opt --with on a piece that is not a program",
     # Syntax
     "E101": "unexpected character",
     "E102": "unexpected token",

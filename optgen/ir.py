@@ -24,7 +24,23 @@ from optgen.ops import DIMS, OPS
 from optgen.types import EXTENTS, NOT_FACTORED, ExtentError, Factoring, Type, widest
 
 class IRError(Exception):
-    """Malformed IR (from text, or a pass that broke an invariant)."""
+    """Malformed IR (from text, or a pass that broke an invariant).
+
+    ``op`` is the index of the op that does not verify (None for text the parser cannot
+    read); ``line``, ``col`` and ``width`` locate the mistake when the IR came from text."""
+
+    def __init__(self, message: str, *, op: int | None = None, line: int | None = None,
+                 col: int | None = None, width: int = 1):
+        super().__init__(message)
+        self.message, self.op, self.line, self.col, self.width = message, op, line, col, width
+
+    def at(self, line: int, text: str, part: str | None = None) -> "IRError":
+        """This error located at ``part`` of ``text`` (the whole line, without indentation,
+        when ``part`` is None or not in it), on line ``line``."""
+        found = re.search(re.escape(part) + r"(?!\w)", text) if part else None  # %1, not %12
+        start = found.start() if found else len(text) - len(text.lstrip())
+        part = part if found else text.strip()
+        return IRError(self.message, op=self.op, line=line, col=start + 1, width=max(len(part), 1))
 
 
 @dataclass(frozen=True)
@@ -152,15 +168,17 @@ def verify(func: Function) -> None:
     for index, op in enumerate(func.ops):
         for operand in op.operands:
             if id(operand) not in defined:
-                raise IRError(f"op {index} ({op.opcode}) uses a value before it is defined")
+                raise IRError(f"op {index} ({op.opcode}) uses a value before it is defined",
+                              op=index)
         try:
             expected = result_type(op.opcode, op.operands, op.attr)
         except IRError as err:
-            raise IRError(f"op {index}: {err}") from None
+            raise IRError(f"op {index}: {err}", op=index) from None
         if expected != op.result.type:
-            raise IRError(f"op {index} ({op.opcode}) is typed {op.result.type}, expected {expected}")
+            raise IRError(f"op {index} ({op.opcode}) is typed {op.result.type}, expected {expected}",
+                          op=index)
         if id(op.result) in defined:
-            raise IRError(f"op {index} ({op.opcode}) redefines a value")
+            raise IRError(f"op {index} ({op.opcode}) redefines a value", op=index)
         defined.add(id(op.result))
     for name, value in func.outputs:
         if id(value) not in defined:
@@ -205,38 +223,73 @@ def _parse_type(text: str) -> Type:
 
 def parse_function(text: str) -> Function:
     """Parse the text form of one function (as print_function writes it)."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.strip().startswith("//")]
-    if not lines or not (head := _HEADER.match(lines[0])) or lines[-1] != "}":
-        raise IRError("expected 'func @name(...) {' ... '}'")
+    funcs = parse_functions(text)
+    if len(funcs) != 1:
+        raise IRError(f"expected one function, got {len(funcs)}")
+    return funcs[0]
+
+
+def parse_functions(text: str, first_line: int = 1) -> list[Function]:
+    """Parse every function in ``text`` (as print_program writes them), each verified. Lines
+    starting with ``//`` are comments. An IRError locates its line, counting from ``first_line``."""
+    funcs, body = [], []
+    for number, line in enumerate(text.splitlines(), start=first_line):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("//"):
+            continue
+        if not body and not _HEADER.match(stripped):
+            raise IRError("expected 'func @name(...) {'").at(number, line)
+        body.append((number, line))
+        if stripped == "}":
+            funcs.append(_parse_body(body))
+            body = []
+    if body:
+        raise IRError("the function has no closing '}'").at(*body[-1])
+    if not funcs:
+        raise IRError("expected 'func @name(...) {' ... '}'", line=first_line, col=1)
+    return funcs
+
+
+def _parse_body(lines: list[tuple[int, str]]) -> Function:
+    """One function from its numbered lines, header to closing brace."""
+    header_number, header = lines[0]
+    head = _HEADER.match(header.strip())
     inputs, values = [], {}
     for arg in filter(None, (a.strip() for a in head.group(2).split(","))):
         if not (m := _ARG.match(arg)):
-            raise IRError(f"bad argument '{arg}'")
+            raise IRError(f"bad argument '{arg}'").at(header_number, header, arg)
         value = Value(_parse_type(m.group(2)), m.group(1))
         inputs.append(value)
         values[m.group(1)] = value
 
-    def lookup(ref: str) -> Value:
-        ref = ref.strip()
-        if not ref.startswith("%") or ref[1:] not in values:
-            raise IRError(f"unknown value '{ref}'")
-        return values[ref[1:]]
+    ops, op_lines, outputs = [], [], None
+    for number, line in lines[1:-1]:
+        def lookup(ref: str) -> Value:
+            ref = ref.strip()
+            if not ref.startswith("%") or ref[1:] not in values:
+                raise IRError(f"unknown value '{ref}'").at(number, line, ref)
+            return values[ref[1:]]
 
-    ops, outputs = [], None
-    for line in lines[1:-1]:
-        if m := _RETURN.match(line):
+        text = line.strip()
+        if outputs is not None:
+            raise IRError("an op after 'return'").at(number, line)
+        if m := _RETURN.match(text):
             outputs = []
             for item in filter(None, (m.group(1) or "").split(",")):
                 name, _, ref = item.partition("=")
                 outputs.append((name.strip(), lookup(ref)))
             continue
-        if not (m := _OP.match(line)):
-            raise IRError(f"cannot parse '{line}'")
-        number, opcode, body, type_text = m.group(1, 2, 3, 4)
+        if not (m := _OP.match(text)):
+            raise IRError(f"cannot parse '{text}'").at(number, line)
+        result_number, opcode, body, type_text = m.group(1, 2, 3, 4)
         loc = Loc(m.group(5), int(m.group(6)), int(m.group(7))) if m.group(5) is not None else None
         if opcode == "const":
             attr = {"true": True, "false": False}.get(body.strip())
-            attr = float(body) if attr is None else attr
+            try:
+                attr = float(body) if attr is None else attr
+            except ValueError:
+                constant = body.strip()
+                raise IRError(f"'{constant}' is not a constant").at(number, line, constant) from None
             operands = ()
         elif opcode == "dim":
             attr, operands = body.strip(), ()
@@ -244,9 +297,13 @@ def parse_function(text: str) -> Function:
             attr, operands = None, tuple(lookup(r) for r in body.split(","))
         result = Value(_parse_type(type_text))
         ops.append(Op(opcode, operands, result, attr, loc))
-        values[number] = result
+        op_lines.append((number, line))
+        values[result_number] = result
     if outputs is None:
-        raise IRError("missing 'return'")
+        raise IRError("missing 'return'").at(*lines[-1])
     func = Function(head.group(1), tuple(inputs), tuple(ops), tuple(outputs))
-    verify(func)
+    try:
+        verify(func)
+    except IRError as err:
+        raise err.at(*op_lines[err.op]) if err.op is not None else err.at(*lines[-2]) from None
     return func

@@ -112,7 +112,7 @@ def test_unreadable_file(tmp_path):
 def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
     result = run("inspect", "adamw", "--elements", "65536", "--run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "lowering            ffi" in result.stdout
+    assert "lowering            per-output" in result.stdout
     assert "fused kernels       1 per-element" in result.stdout
     assert "bytes per element   28.00 (spec minimum 28, +0.0%)" in result.stdout
     assert "GB/s" in result.stdout and "step at" in result.stdout

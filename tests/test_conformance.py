@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import optgen
-from conftest import make_grads, make_params, rel_err, trajectory
+from conftest import as_jax, assert_trees_close, make_grads, make_params, rel_err, run_steps
 
 # Each case runs a built-in spec with some options against the optax (or optax.contrib) function
 # of the same name, given the same hyperparameters and the options optax also takes; optgen's
@@ -140,28 +140,12 @@ def _warmup_in_float64(monkeypatch):
     monkeypatch.setattr(_schedule_free._schedule, "warmup_constant_schedule", warmup_constant_schedule)
 
 
-def _run_optax(case, dtype):
-    tx = _reference(CASES[case][0])(**_optax_kwargs(case))
-    params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    for step in range(STEPS):
-        updates, state = update(make_grads(params, step, dtype), state, params)
-        params = optax.apply_updates(params, updates)
-    return params
-
-
-def _run_optgen(case, dtype, path):
-    spec, options = CASES[case]
-    *_, params = trajectory(optgen.load(spec, **_hypers(spec), **options), dtype, STEPS, path)
-    return params
-
-
 def _compare(case, dtype, path):
-    expected, got = _run_optax(case, dtype), _run_optgen(case, dtype, path)
-    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
-        assert g.dtype == e.dtype == dtype, key
-        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+    spec, options = CASES[case]
+    tx = _reference(spec)(**_optax_kwargs(case))
+    expected, _ = run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True)
+    got, _ = run_steps(optgen.load(spec, **_hypers(spec), **options), as_jax(make_params(dtype)), STEPS, path=path)
+    assert_trees_close(got, expected, TOLERANCE[dtype], dtype=dtype)
 
 
 @pytest.mark.parametrize(("case", "path"), sorted((c, p) for c, d, p in PATHS if d == "f64"))
@@ -208,11 +192,8 @@ def _run_numpy(spec, dtype):
 @pytest.mark.parametrize("spec", sorted(NUMPY_REFERENCES))
 def test_matches_numpy_reference(spec, dtype, path):
     with jax.enable_x64(dtype == np.float64):
-        *_, got = trajectory(optgen.load(spec, **_hypers(spec)), dtype, STEPS, path)
-    expected = _run_numpy(spec, dtype)
-    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
-        assert g.dtype == e.dtype == dtype, key
-        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+        got, _ = run_steps(optgen.load(spec, **_hypers(spec)), as_jax(make_params(dtype)), STEPS, path=path)
+    assert_trees_close(got, _run_numpy(spec, dtype), TOLERANCE[dtype], dtype=dtype)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -242,28 +223,18 @@ def test_defaults_match_optax(spec):
 def test_bfloat16_params_keep_dtype_and_track_float32(spec):
     import ml_dtypes
 
+    def bf16(tree):
+        return jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), tree)
+
     opt = optgen.load(spec, **_hypers(spec))
-    p32 = jax.tree.map(jax.numpy.asarray, make_params(np.float32))
-    p16 = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), p32)
-    s32, s16 = opt.init(p32), opt.init(p16)
-    for step in range(20):
-        grads = make_grads(p32, step, np.float32)
-        p32, s32 = opt.step(p32, grads, s32)
-        p16, s16 = opt.step(p16, jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), grads), s16)
-    for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
-        assert a.dtype == ml_dtypes.bfloat16
-        assert rel_err(a, b) < BF16_TOLERANCE.get(spec, 2e-2)
+    p32, _ = run_steps(opt, as_jax(make_params(np.float32)), 20, path="step")
+    p16, s16 = run_steps(opt, bf16(as_jax(make_params(np.float32))), 20, path="step",
+                         grads_at=lambda p, step: bf16(make_grads(p, step, np.float32)))
+    assert all(a.dtype == ml_dtypes.bfloat16 for a in jax.tree.leaves(p16))
+    assert_trees_close(p16, p32, BF16_TOLERANCE.get(spec, 2e-2))
     extents = opt.compiled.program.state_extents  # a per-step state (prodigy's d) keeps the step dtype
     assert all(x.dtype == ml_dtypes.bfloat16 for name, slot in s16.slots.items() if extents[name] != "step"
                for x in jax.tree.leaves(slot))
-
-
-def _prodigy_estimate(run, dtype):
-    params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
-    state = run.init(params)
-    for step in range(STEPS):
-        params, state = run.step(params, make_grads(params, step, dtype), state)
-    return state
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -272,19 +243,10 @@ def test_prodigy_distance_estimate_matches_optax(dtype):
     trick. In float32 both optax's and optgen's d are 9.2% from float64's (the 1e6 gradients make
     the sum ill-conditioned); they agree with each other to 2e-7."""
     tx = optax.contrib.prodigy(learning_rate=1.0)
-    update = jax.jit(tx.update)
-
-    class Optax:
-        init = staticmethod(tx.init)
-
-        @staticmethod
-        def step(params, grads, state):
-            updates, state = update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
     with jax.enable_x64(dtype == np.float64):
-        expected = float(_prodigy_estimate(Optax, dtype).estim_lr)
-        got = float(_prodigy_estimate(optgen.load("prodigy"), dtype).slots["estim_lr"])
+        expected = float(run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True)[1].estim_lr)
+        got = float(run_steps(optgen.load("prodigy"), as_jax(make_params(dtype)), STEPS, path="step")[1]
+                    .slots["estim_lr"])
     assert abs(got - expected) <= (1e-12 if dtype == np.float64 else 1e-6) * expected
 
 
@@ -298,26 +260,15 @@ def test_sm3_matches_optax_on_vectors_and_matrices(dtype, path):
         return {k: v for k, v in values.items() if k != "scalar"}
 
     tx, opt = optax.sm3(3e-3, momentum=0.8), optgen.load("sm3", learning_rate=3e-3, momentum=0.8)
+    def grads_at(params, step):  # drawn with the scalar, so each leaf gets the numbers it gets elsewhere
+        return tree(make_grads(make_params(dtype), step, dtype))
+
     with jax.enable_x64(dtype == np.float64):
-        params = jax.tree.map(jax.numpy.asarray, tree(make_params(dtype)))
-        expected, got = params, jax.tree.map(jax.numpy.copy, params)
-        state, ours = tx.init(params), opt.init(got)
-        for step in range(STEPS):
-            grads = tree(make_grads(make_params(dtype), step, dtype))
-            updates, state = tx.update(grads, state, expected)
-            expected = optax.apply_updates(expected, updates)
-            if path == "step":
-                got, ours = opt.step(got, grads, ours)
-            else:
-                updates, ours = opt.update(grads, ours, got)
-                got = optax.apply_updates(got, updates)
-    for key in expected:
-        e, g = jax.tree.leaves(expected[key])[0], jax.tree.leaves(got[key])[0]
-        assert g.dtype == e.dtype == dtype, key
-        if key == "cube":
-            assert np.all(np.isfinite(g)) and rel_err(g, e) > TOLERANCE[dtype], key
-        else:
-            assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+        expected, _ = run_steps(tx, as_jax(tree(make_params(dtype))), STEPS, grads_at=grads_at)
+        got, _ = run_steps(opt, as_jax(tree(make_params(dtype))), STEPS, path=path, grads_at=grads_at)
+    cube, expected_cube = got.pop("cube"), expected.pop("cube")
+    assert cube.dtype == dtype and np.all(np.isfinite(cube)) and rel_err(cube, expected_cube) > TOLERANCE[dtype]
+    assert_trees_close(got, expected, TOLERANCE[dtype], dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -329,18 +280,9 @@ def test_schedule_free_evaluation_point_matches_optax(warmup, dtype):
     opt = optgen.load("schedule_free_adamw", **settings,
                       **({} if warmup is None else {"use_warmup_steps": True, "warmup_steps": warmup}))
     with jax.enable_x64(dtype == np.float64):
-        params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
-        ours, state, mine = jax.tree.map(jax.numpy.copy, params), tx.init(params), opt.init(params)
-        update = jax.jit(tx.update)
-        for step in range(STEPS):
-            grads = make_grads(make_params(dtype), step, dtype)
-            updates, state = update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            ours, mine = opt.step(ours, grads, mine)
-        expected, got = optax.contrib.schedule_free_eval_params(state, params), opt.outputs(ours, mine)["x"]
-    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True):
-        assert g.dtype == e.dtype == dtype, key
-        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+        expected = optax.contrib.schedule_free_eval_params(*run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True)[::-1])
+        got = opt.outputs(*run_steps(opt, as_jax(make_params(dtype)), STEPS, path="step"))["x"]
+    assert_trees_close(got, expected, TOLERANCE[dtype], dtype=dtype)
 
 
 def _hessian(step, dtype):
@@ -359,22 +301,13 @@ def test_sophia_with_a_callers_hessian_matches_optax(clip, path, dtype):
                                                  lambda g, s, params=None, hessian=None: (hessian, s))
     tx = optax.contrib.sophia(**settings, hessian_diagonal_fn=given, clip_threshold=0.5 if clip else None)
     opt = optgen.load("sophia", **settings, use_clip_threshold=clip, clip_threshold=0.5)
-    reference = jax.jit(lambda g, s, p, h: tx.update(g, s, p, hessian=h))  # eager optax took ~30 s a case
+    inputs = {"grads_at": lambda params, step: make_grads(make_params(dtype), step, dtype),
+              "inputs_at": lambda step: {"hessian": _hessian(step, dtype)}}
     with jax.enable_x64(dtype == np.float64):
-        params = jax.tree.map(jax.numpy.asarray, make_params(dtype))
-        ours, state, mine = jax.tree.map(jax.numpy.copy, params), tx.init(params), opt.init(params)
-        for step in range(STEPS):
-            grads, hessian = make_grads(make_params(dtype), step, dtype), _hessian(step, dtype)
-            updates, state = reference(grads, state, params, hessian)
-            params = optax.apply_updates(params, updates)
-            if path == "step":
-                ours, mine = opt.step(ours, grads, mine, hessian=hessian)
-            else:
-                updates, mine = opt.update(grads, mine, ours, hessian=hessian)
-                ours = optax.apply_updates(ours, updates)
-    for (key, e), g in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ours), strict=True):
-        assert g.dtype == e.dtype == dtype, key
-        assert rel_err(g, e) <= TOLERANCE[dtype], (key, rel_err(g, e))
+        # optax jitted: eagerly it took ~30 s a case
+        expected, _ = run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True, **inputs)
+        got, _ = run_steps(opt, as_jax(make_params(dtype)), STEPS, path=path, **inputs)
+    assert_trees_close(got, expected, TOLERANCE[dtype], dtype=dtype)
 
 
 def test_sophia_defaults_match_optax():

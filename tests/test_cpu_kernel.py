@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import optgen
+import optgen.library
 from optgen.codegen import cpu_kernel, primitive
 
 BIG = 3 * cpu_kernel.CHUNK_ELEMENTS + 5  # several chunks, so the pool's threads share the parameter
@@ -68,7 +69,7 @@ def test_the_cpu_loop_matches_optax_adamw_over_many_steps():
 
 
 def test_the_step_is_calls_of_the_loop_with_outputs_stored_over_inputs():
-    opt = optgen.load("adamw")
+    opt = optgen.load("adamw", lowering="ffi")
     params = mixed_tree(2)
     hlo = opt.step.lower(params, params, opt.init(params)).as_text()
     calls = [line for line in hlo.splitlines() if "optgen_cpu_" in line and "custom_call" in line]
@@ -76,6 +77,30 @@ def test_the_step_is_calls_of_the_loop_with_outputs_stored_over_inputs():
     assert all("output_operand_aliases" in line for line in calls)
 
 
+def test_auto_takes_the_loop_for_mixed_dtypes_and_xla_for_a_uniform_step(tmp_path):
+    params = {"w": jnp.ones(8)}
+    uniform = optgen.load("adamw")
+    assert "optgen_cpu_" not in uniform.step.lower(params, params, uniform.init(params)).as_text()
+    spec = tmp_path / "adamw_bf16_mu.spec"  # optax's mu_dtype=bfloat16: outputs of two dtypes
+    spec.write_text(optgen.library.read_spec("adamw").text.replace("state mu = 0", "state mu: bf16 = 0"))
+    mixed = optgen.load(str(spec))
+    assert "optgen_cpu_" in mixed.step.lower(params, params, mixed.init(params)).as_text()
+
+
 def test_a_lowering_is_kept_in_the_config():
     opt = optgen.load("adamw", lowering="shared")
     assert optgen.from_config(opt.get_config()).lowering == "shared"
+
+
+def test_an_exported_step_stays_portable_stablehlo(tmp_path):
+    # a step the loop would run here is exported with XLA's loops: an artifact runs anywhere
+    spec = tmp_path / "adamw_bf16_mu.spec"
+    spec.write_text(optgen.library.read_spec("adamw").text.replace("state mu = 0", "state mu: bf16 = 0"))
+    opt = optgen.load(str(spec))
+    params = {"w": jnp.ones(8)}
+    exported = jax.export.export(jax.jit(lambda p, g, s: opt.step(p, g, s)))(params, params, opt.init(params))
+    assert "optgen_cpu_" not in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    new_params, _ = restored.call(params, params, opt.init(params))
+    mine, _ = opt.step(jax.tree.map(jnp.copy, params), params, opt.init(params))
+    np.testing.assert_allclose(np.asarray(new_params["w"]), np.asarray(mine["w"]), rtol=1e-6)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import optgen
-from conftest import make_grads, make_params, rel_err
+from conftest import as_jax, assert_trees_close, make_grads, make_params, run_steps
 from optgen.transforms.decay_mask import key_path_name
 
 STEPS = 40
@@ -29,19 +29,11 @@ def _leaves(params):
 
 def _run_optgen(spec, settings, dtype, grad_scale=1.0):
     opt = optgen.load(spec, **settings)
-    shapes = make_params(dtype)  # make_grads draws in this dict's order
-    params = jax.tree.map(jnp.asarray, shapes)
-    state = opt.init(params)
-    for step in range(STEPS):
-        grads = jax.tree.map(lambda g: g * grad_scale, make_grads(shapes, step, dtype))
-        params, state = opt.step(params, grads, state)
+    def grads_at(params, step):  # drawn in make_params's key order, as the Keras and torch runs draw them
+        return jax.tree.map(lambda g: g * grad_scale, make_grads(make_params(dtype), step, dtype))
+
+    params, state = run_steps(opt, as_jax(make_params(dtype)), STEPS, path="step", grads_at=grads_at)
     return _leaves(params)[1], _leaves(opt.finalize(params, state))[1]
-
-
-def _assert_close(got, want, tolerance):
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g.dtype == w.dtype, i
-        assert rel_err(g, w) <= tolerance, (i, rel_err(g, w))
 
 
 # -- Keras -----------------------------------------------------------------------------------
@@ -111,8 +103,8 @@ def test_keras_spec_matches_keras(spec, case):
     if ours.get("learning_rate") == "cosine":
         ours["learning_rate"] = optgen.schedules.cosine_decay(3e-3, 30, alpha=0.1)
     got, got_final = _run_optgen(spec, ours, np.float32, scale)
-    _assert_close(got, want, 1e-4)
-    _assert_close(got_final, want_final, 1e-4)
+    assert_trees_close(got, want, 1e-4, same_dtype=True)
+    assert_trees_close(got_final, want_final, 1e-4, same_dtype=True)
 
 
 @pytest.mark.parametrize("spec", sorted(KERAS_CLASSES))
@@ -193,8 +185,8 @@ def test_torch_spec_matches_torch(spec, case, dtype):
     with jax.enable_x64(dtype == np.float64):
         got, got_final = _run_optgen(spec, ours, dtype)
     tolerance = 1e-9 if dtype == np.float64 else 1e-4
-    _assert_close(got, want, tolerance)
-    _assert_close(got_final, want_final, tolerance)
+    assert_trees_close(got, want, tolerance, same_dtype=True)
+    assert_trees_close(got_final, want_final, tolerance, same_dtype=True)
 
 
 @pytest.mark.parametrize("spec", sorted(TORCH_CLASSES))
@@ -238,11 +230,8 @@ def _run_torch_muon(torch, settings, dtype):
 
 def _run_optgen_muon(settings, dtype):
     opt = optgen.load("torch/muon", **settings)
-    shapes = make_params(dtype)
-    params = jax.tree.map(jnp.asarray, _matrices(shapes))
-    state = opt.init(params)
-    for step in range(MUON_STEPS):
-        params, state = opt.step(params, _matrices(make_grads(shapes, step, dtype)), state)
+    params, _ = run_steps(opt, as_jax(_matrices(make_params(dtype))), MUON_STEPS, path="step",
+                          grads_at=lambda p, step: _matrices(make_grads(make_params(dtype), step, dtype)))
     return _leaves(params)[1]
 
 
@@ -257,7 +246,7 @@ def test_torch_muon_matches_torch_with_newton_schulz_in_the_parameters_dtype(cas
     want = _run_torch_muon(torch, settings, dtype)
     with jax.enable_x64(dtype == np.float64):
         got = _run_optgen_muon(settings, dtype)
-    _assert_close(got, want, 1e-9 if dtype == np.float64 else 2e-4)
+    assert_trees_close(got, want, 1e-9 if dtype == np.float64 else 2e-4, same_dtype=True)
 
 
 def test_torch_muon_tracks_torch_in_bfloat16():
@@ -265,7 +254,7 @@ def test_torch_muon_tracks_torch_in_bfloat16():
     torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
     want = _run_torch_muon(torch, MUON_HYPERS, np.float32)
     got = _run_optgen_muon(MUON_HYPERS, np.float32)
-    _assert_close(got, want, BF16_MUON_TOLERANCE)
+    assert_trees_close(got, want, BF16_MUON_TOLERANCE, same_dtype=True)
 
 
 def test_torch_muon_defaults_are_torch_defaults():

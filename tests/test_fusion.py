@@ -36,7 +36,7 @@ def test_this_process_has_cpu_multi_output_fusion():
 @pytest.mark.parametrize("spec", ELEMENTWISE)
 def test_step_is_one_loop_at_the_spec_minimum(spec):
     report = inspect(program(spec), np.dtype(np.float32), 1 << 16)
-    assert report.lowering == "ffi"
+    assert report.lowering == "per-output"
     assert report.kernels == 1
     assert report.bytes_per_element <= 1.05 * report.min_bytes_per_element
 
@@ -77,7 +77,7 @@ def test_count_kernels_reads_entry_fusions():
 
 def test_count_kernels_counts_calls_of_the_cpu_loop():
     # the per-step scalars are computed inside the loop's call, before its loop
-    assert count_kernels(xla_hlo("adamw", "auto")) == (1, 0)
+    assert count_kernels(xla_hlo("adamw", "ffi")) == (1, 0)
 
 
 @pytest.mark.parametrize("spec", ELEMENTWISE)
@@ -123,12 +123,22 @@ CPU = fusion.Where(("cpu",))
 REFUSED = "it computes 'sum'"  # a step the CPU loop cannot run falls back to XLA's loops
 
 
-def test_auto_takes_the_cpu_loop_where_it_can_run():
+@pytest.mark.parametrize("spec", ELEMENTWISE)
+def test_own_loop_step_is_one_call_at_the_spec_minimum(spec):
+    report = inspect(program(spec), np.dtype(np.float32), 1 << 16, lowering="ffi")
+    assert report.kernels == 1
+    assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)  # + a few scalars
+
+
+def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
     f32, bf16 = np.dtype(np.float32), np.dtype("bfloat16")
-    assert fusion.resolve("auto", CPU, [[bf16], [f32]]) == "ffi"
+    assert fusion.resolve("auto", CPU, [[bf16], [f32]]) == "ffi"  # mixed dtypes
+    many = fusion.XLA_PREFERRED_MAX_LEAVES + 1
+    assert fusion.resolve("auto", CPU, [[f32] * many, [f32] * many]) == "ffi"
+    assert fusion.resolve("auto", CPU, [[f32] * (many - 1), [f32] * (many - 1)]) == "per-output"
     assert fusion.resolve("auto", fusion.Where(("cuda",)), [[f32]]) == "shared"
-    assert fusion.resolve("auto", fusion.Where(("cpu",), one_device=False), [[f32]]) == "per-output"
-    assert fusion.resolve("auto", fusion.Where(("cpu",), for_export=True), [[f32]]) == "per-output"
+    assert fusion.resolve("auto", fusion.Where(("cpu",), one_device=False), [[bf16], [f32]]) == "shared"
+    assert fusion.resolve("auto", fusion.Where(("cpu",), for_export=True), [[bf16], [f32]]) == "shared"
     assert fusion.resolve("shared", CPU, [[f32]]) == "shared"
 
 

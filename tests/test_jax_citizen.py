@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import optgen
-from conftest import count_compiles, rel_err
+from conftest import assert_trees_close, count_compiles, rel_err, run_steps
 from optgen.diagnostics import InputError
 
 
@@ -28,18 +28,8 @@ def grads_at(params, step):
     return jax.tree.map(lambda p: jnp.sin(p * (step + 1)) + 0.1 * p, params)
 
 
-def assert_trees_close(got, want, rtol):
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert np.asarray(a).shape == np.asarray(b).shape
-        assert rel_err(a, b) <= rtol, (rel_err(a, b), a, b)
-
-
 def run(opt, params, steps=5):
-    state = opt.init(params)
-    for step in range(steps):
-        updates, state = opt.update(grads_at(params, step), state, params)
-        params = optax.apply_updates(params, updates)
-    return params
+    return run_steps(opt, params, steps, grads_at=grads_at)[0]
 
 
 @pytest.mark.parametrize("schedule", [False, True], ids=["constant", "schedule"])
@@ -61,7 +51,7 @@ def test_inject_hyperparams_gives_optax_numbers(x64, schedule):
             updates, state = update(grads_at(params, step), state, params)
             params = optax.apply_updates(params, updates)
         runs.append(params)
-    assert_trees_close(*runs, rtol=1e-12)
+    assert_trees_close(*runs, 1e-12)
 
 
 def test_inject_hyperparams_loads_the_spec_once():
@@ -77,16 +67,11 @@ def test_inject_hyperparams_loads_the_spec_once():
 
 
 def loss_after(opt, params, offset=None, steps=3, use_step=False):
-    state = opt.init(params)
-    for step in range(steps):
+    def shifted(params, step):  # a learned change of the gradients
         grads = grads_at(params, step)
-        if offset is not None:  # a learned change of the gradients
-            grads = jax.tree.map(jnp.add, grads, offset)
-        if use_step:
-            params, state = opt.step(params, grads, state)
-        else:
-            updates, state = opt.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
+        return grads if offset is None else jax.tree.map(jnp.add, grads, offset)
+
+    params, _ = run_steps(opt, params, steps, path="step" if use_step else "update", grads_at=shifted)
     return sum(jnp.sum(x ** 2) for x in jax.tree.leaves(params))
 
 
@@ -96,10 +81,10 @@ def test_grad_through_the_update_matches_optax(x64, use_step):
     ref = optax.adamw(0.05, weight_decay=1e-2)
     by_params = [jax.grad(lambda p, o=o, s=s: loss_after(o, p, use_step=s))(params_f64())
                  for o, s in ((ours, use_step), (ref, False))]
-    assert_trees_close(*by_params, rtol=1e-12)
+    assert_trees_close(*by_params, 1e-12)
     offset = jax.tree.map(lambda p: 0.1 * jnp.cos(p), params_f64())
     by_grads = [jax.grad(lambda d, o=o: loss_after(o, params_f64(), offset=d))(offset) for o in (ours, ref)]
-    assert_trees_close(*by_grads, rtol=1e-12)
+    assert_trees_close(*by_grads, 1e-12)
     by_rate = [jax.grad(lambda lr, f=f: loss_after(f(lr), params_f64()))(0.05)
                for f in (lambda lr: optgen.load("adamw", learning_rate=lr, weight_decay=1e-2),
                          lambda lr: optax.adamw(lr, weight_decay=1e-2))]
@@ -119,11 +104,11 @@ def test_vmap_over_models_and_over_learning_rates_matches_optax(x64):
     models = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), params_f64())
     per_model = [jax.vmap(lambda p, o=o: run(o, p))(models)
                  for o in (optgen.load("adamw", learning_rate=0.05), optax.adamw(0.05))]
-    assert_trees_close(*per_model, rtol=1e-12)
+    assert_trees_close(*per_model, 1e-12)
     rates = jnp.asarray([0.01, 0.05, 0.2])
     per_rate = [jax.vmap(lambda lr, f=f: run(f(lr), params_f64()))(rates)
                 for f in (lambda lr: optgen.load("adamw", learning_rate=lr), lambda lr: optax.adamw(lr))]
-    assert_trees_close(*per_rate, rtol=1e-12)
+    assert_trees_close(*per_rate, 1e-12)
     assert not np.allclose(per_rate[0]["w"][0], per_rate[0]["w"][2])  # each rate really ran
 
 
@@ -139,7 +124,7 @@ def test_a_batched_hyperparameter_in_the_state_is_vmapped(x64):
         return updates
 
     assert_trees_close(jax.vmap(lambda lr: with_rate(opt, lr))(rates), jax.vmap(lambda lr: with_rate(ref, lr))(rates),
-                       rtol=1e-12)
+                       1e-12)
 
 
 def test_scan_and_checkpoint_give_the_loop_numbers(x64):
@@ -153,11 +138,8 @@ def test_scan_and_checkpoint_give_the_loop_numbers(x64):
         return (optax.apply_updates(p, updates), s), None
 
     (scanned, _), _ = jax.lax.scan(body, (params, opt.init(params)), jnp.arange(4))
-    looped, state = params, opt.init(params)
-    for _ in range(4):
-        updates, state = opt.update(grads_at(looped, 0), state, looped)
-        looped = optax.apply_updates(looped, updates)
-    assert_trees_close(scanned, looped, rtol=1e-14)
+    looped, _ = run_steps(opt, params, 4, grads_at=lambda p, _: grads_at(p, 0))
+    assert_trees_close(scanned, looped, 1e-14)
 
 
 def test_deepcopy_gives_a_working_optimizer():
@@ -190,7 +172,7 @@ def test_update_without_params_where_the_spec_does_not_need_them(x64):
     for step in range(4):
         updates, state = ours.update(grads_at(params, step), state)
         want, ref_state = ref.update(grads_at(params, step), ref_state)
-        assert_trees_close(updates, want, rtol=1e-14)
+        assert_trees_close(updates, want, 1e-14)
     with pytest.raises(InputError) as err:  # AdamW's change depends on p (weight decay)
         optgen.load("adamw").update(grads_at(params, 0), optgen.load("adamw").init(params))
     assert err.value.code == "E301"

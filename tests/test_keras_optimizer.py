@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import optgen
-from conftest import rel_err
+from conftest import assert_trees_close, rel_err
 
 keras = pytest.importorskip("keras", reason="keras is not installed (pip install -e '.[conformance]')")
 if keras.backend.backend() != "jax":
@@ -79,12 +79,6 @@ def _weights(model):
     return [np.asarray(w) for w in model.get_weights()]
 
 
-def _assert_close(got, want, tolerance=1e-5):
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert rel_err(g, w) <= tolerance, (i, rel_err(g, w))
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("spec", sorted(CLASSES))
 def test_model_fit_matches_keras(spec, case):
@@ -98,7 +92,7 @@ def test_model_fit_matches_keras(spec, case):
     got = _fit(optgen.keras.Optimizer(spec, **settings), exclude)
     start = _model().get_weights()
     assert all(not np.array_equal(w, s) for w, s in zip(_weights(want), start)), "every weight must train"
-    _assert_close(_weights(got), _weights(want))
+    assert_trees_close(_weights(got), _weights(want), 1e-5)
 
 
 def test_exclude_by_variable_and_by_constructor_argument_match_keras():
@@ -109,7 +103,7 @@ def test_exclude_by_variable_and_by_constructor_argument_match_keras():
     model = _model()
     got_optimizer = optgen.keras.Optimizer("keras/adamw", **HYPERS, exclude_from_weight_decay=["gamma"])
     got_optimizer.exclude_from_weight_decay(var_list=[model.layers[0].kernel], var_names=["gamma"])
-    _assert_close(_weights(_fit(got_optimizer, model=model)), _weights(want))
+    assert_trees_close(_weights(_fit(got_optimizer, model=model)), _weights(want), 1e-5)
     plain = _fit(optgen.keras.Optimizer("keras/adamw", **HYPERS, exclude_from_weight_decay=["gamma"]))
     assert rel_err(_weights(plain)[0], _weights(want)[0]) > 1e-4  # excluding the kernel mattered
 
@@ -121,7 +115,7 @@ def test_include_in_weight_decay_overrides_exclude():
     included = _fit(optgen.keras.Optimizer(**base, exclude_from_weight_decay=["bias", "beta"],
                                            include_in_weight_decay=["beta"]))
     only_bias = _fit(optgen.keras.Optimizer(**base, exclude_from_weight_decay=["bias"]))
-    _assert_close(_weights(included), _weights(only_bias), 0.0)
+    assert_trees_close(_weights(included), _weights(only_bias), 0.0)
     assert not all(np.array_equal(a, b) for a, b in zip(_weights(included), _weights(excluded)))
 
 
@@ -137,7 +131,7 @@ def test_apply_gradients_outside_fit_matches_keras():
             optimizer.apply_gradients(zip(grads, variables))
         assert int(optimizer.iterations) == 20
         results.append([np.asarray(v.value) for v in variables])
-    _assert_close(results[1], results[0])
+    assert_trees_close(results[1], results[0], 1e-5)
 
 
 def test_apply_gradients_in_another_order_or_on_other_variables():
@@ -151,7 +145,7 @@ def test_apply_gradients_in_another_order_or_on_other_variables():
     other = optgen.keras.Optimizer("keras/adamw", **HYPERS)
     other.build(swapped)
     other.apply_gradients(zip(grads[::-1], swapped[::-1]))
-    _assert_close([np.asarray(v.value) for v in swapped], [np.asarray(v.value) for v in ordered], 0.0)
+    assert_trees_close([np.asarray(v.value) for v in swapped], [np.asarray(v.value) for v in ordered], 0.0)
     with pytest.raises(optgen.SpecError) as err:
         other.apply_gradients([(grads[0], swapped[0])])
     assert err.value.code == "E373"
@@ -168,7 +162,7 @@ def test_learning_rate_get_and_set():
     want = _fit(want_optimizer, epochs=1)
     want_optimizer.learning_rate = 1e-2
     want.fit(*_data(), epochs=1, batch_size=16, shuffle=False, verbose=0)
-    _assert_close(_weights(model), _weights(want))
+    assert_trees_close(_weights(model), _weights(want), 1e-5)
 
 
 def test_variables_and_iterations():
@@ -202,7 +196,7 @@ def test_save_and_load_model_continues_identically(tmp_path):
         np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
     for m in (model, loaded):
         m.fit(*_data(), epochs=2, batch_size=16, shuffle=False, verbose=0)
-    _assert_close(_weights(loaded), _weights(model), 0.0)
+    assert_trees_close(_weights(loaded), _weights(model), 0.0)
     assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 9  # 18 calls, 2 per update
 
 
@@ -266,4 +260,4 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     model, restored = namespace["model"], namespace["restored"]
     assert isinstance(restored.optimizer, optgen.keras.Optimizer) and restored.optimizer.spec == "lion"
     model.fit(namespace["x"], namespace["y"], epochs=1, batch_size=32, shuffle=False, verbose=0)
-    _assert_close(_weights(restored), _weights(model), 0.0)
+    assert_trees_close(_weights(restored), _weights(model), 0.0)

@@ -11,13 +11,14 @@ import optax
 import pytest
 
 import optgen
+from conftest import make_grads, run_steps
 from optgen.runtime import packing
 from optgen.inspect import count_kernels
 
 BIG = packing.PACK_MAX_ELEMENTS + 1
 
 
-def make_params(seed=0):
+def packable_params(seed=0):
     """Ten small f32 leaves of several shapes, two small bf16 leaves, one f32 leaf above the threshold."""
     rng = np.random.default_rng(seed)
     params = {f"b{i}": rng.normal(size=(3 + 5 * i,)).astype(np.float32) for i in range(8)}
@@ -27,17 +28,12 @@ def make_params(seed=0):
     return jax.tree.map(jnp.asarray, params)
 
 
-def make_grads(params, step):
-    rng = np.random.default_rng(100 + step)
-    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-
-
 def load(spec, **kwargs):
     return optgen.load(spec, pack=True, **kwargs)
 
 
 def test_small_parameters_share_one_buffer_per_state_and_dtype():
-    params = make_params()
+    params = packable_params()
     state = load("adamw").init(params)
     mu = state.slots["mu"]
     assert isinstance(mu, packing.PackedState)
@@ -47,7 +43,7 @@ def test_small_parameters_share_one_buffer_per_state_and_dtype():
 
 
 def test_packed_state_reads_like_the_parameters():
-    params = make_params()
+    params = packable_params()
     opt = load("adamw", learning_rate=0.1)
     state = opt.init(params)
     params, state = opt.step(params, make_grads(params, 0), state)
@@ -67,14 +63,15 @@ def test_packed_steps_match_unpacked_steps(spec, options):
     runs = {}
     for packed in (True, False):
         opt = optgen.load(spec, pack=packed, learning_rate=1e-2, **options)
-        params = make_params()
-        state = opt.init(params)
-        assert isinstance(state.slots[opt.state_names[0]], packing.PackedState) == packed
-        for step in range(20):
+        assert isinstance(opt.init(packable_params()).slots[opt.state_names[0]], packing.PackedState) == packed
+
+        def grads_at(params, step):
             grads = make_grads(params, step)
             if step == 5 and options.get("skip_nonfinite"):  # a non-finite gradient in a packed leaf skips the step
-                grads["b3"] = grads["b3"].at[2].set(jnp.inf)
-            params, state = opt.step(params, grads, state)
+                grads["b3"][2] = np.inf
+            return grads
+
+        params, state = run_steps(opt, packable_params(), 20, path="step", grads_at=grads_at)
         slots = {k: v.tree() if isinstance(v, packing.PackedState) else v for k, v in state.slots.items()}
         runs[packed] = (params, slots)
     for a, b in zip(jax.tree.leaves(runs[True]), jax.tree.leaves(runs[False]), strict=True):
@@ -84,15 +81,9 @@ def test_packed_steps_match_unpacked_steps(spec, options):
 
 
 def test_packed_update_follows_the_optax_protocol():
-    params = make_params()
     ours, ref = load("adamw", learning_rate=1e-2), optax.adamw(1e-2, weight_decay=1e-4)
-    mine, theirs = params, params
-    s1, s2 = ours.init(mine), ref.init(theirs)
-    for step in range(10):
-        grads = make_grads(params, step)
-        u1, s1 = ours.update(grads, s1, mine)
-        u2, s2 = ref.update(grads, s2, theirs)
-        mine, theirs = optax.apply_updates(mine, u1), optax.apply_updates(theirs, u2)
+    mine, s1 = run_steps(ours, packable_params(), 10)
+    theirs, _ = run_steps(ref, packable_params(), 10)
     assert isinstance(s1.slots["mu"], packing.PackedState)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
         tolerance = 2e-2 if a.dtype == jnp.bfloat16 else 1e-5
@@ -101,7 +92,7 @@ def test_packed_update_follows_the_optax_protocol():
 
 def test_packed_state_round_trips_like_any_pytree():
     # A checkpoint: leaves to host and back, the structure from jax.eval_shape as a restore target would.
-    params = make_params()
+    params = packable_params()
     opt = load("adamw", learning_rate=1e-2)
     state = opt.init(params)
     params, state = opt.step(params, make_grads(params, 0), state)
@@ -116,7 +107,7 @@ def test_packed_state_round_trips_like_any_pytree():
 
 
 def test_step_donates_the_packed_buffers():
-    params = make_params()
+    params = packable_params()
     opt = load("adamw")
     state = opt.init(params)
     old = jax.tree.leaves(state.slots)
@@ -139,14 +130,14 @@ def test_specs_with_per_parameter_reductions_are_not_packed(tmp_path):
     path.write_text("optimizer clipped\nhyper lr = 0.1\nstate m = 0\nupdate:\n"
                     "  m = 0.9 * m + g / (norm(g) + 1)\n  p = p - lr * m\n")
     opt = load(str(path))
-    params = make_params()
+    params = packable_params()
     state = opt.init(params)
     assert not isinstance(state.slots["m"], packing.PackedState)
     assert jax.tree.structure(state.slots["m"]) == jax.tree.structure(params)
 
 
 def test_a_state_for_other_parameters_names_the_leaf():
-    params = make_params()
+    params = packable_params()
     opt = load("adamw")
     state = opt.init(params)
     params["b0"] = jnp.ones(4)
@@ -163,12 +154,8 @@ def test_a_lone_small_parameter_keeps_its_own_state(params):
     although planning lists it after the big parameters; 5 steps as optax.adamw."""
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     opt, reference = load("adamw"), optax.adamw(1e-3, weight_decay=1e-4)
-    state, ref_state, ref_params = opt.init(params), reference.init(params), params
-    for step in range(5):
-        grads = make_grads(params, step)
-        updates, ref_state = reference.update(grads, ref_state, ref_params)
-        ref_params = optax.apply_updates(ref_params, updates)
-        params, state = opt.step(params, grads, state)
+    ref_params, _ = run_steps(reference, params, 5)
+    params, state = run_steps(opt, params, 5, path="step")
     for name in params:
         assert state.slots["mu"][name].shape == params[name].shape
         np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-6)

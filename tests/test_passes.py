@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import optgen
+from conftest import check_golden
 from optgen.codegen.interpret import interpret
 from optgen.compiler import check_spec, compile_checked
-from optgen.ir import IRError, parse_function, print_function, print_program, verify
+from optgen.ir import IRError, parse_function, print_function, print_program
 from optgen.passes import DEFAULT_PIPELINE, PASSES, parse_pipeline, run_pipeline
 from optgen.types import Factoring
 
@@ -18,15 +19,25 @@ GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden").glob("*.ir"))
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
-def test_golden(path):
-    source, _, expected = path.read_text().partition("// ----- expected")
-    result = PASSES[path.stem](parse_function(source))
-    verify(result)
-    assert print_function(result).strip() == expected.strip()
+def test_golden(path, update_golden):
+    """Each case of tests/golden/PASS.ir, through its RUN line (optgen opt --passes PASS)."""
+    assert f"// RUN: optgen opt --split-input-file --passes {path.stem} %s" in path.read_text()
+    check_golden(path, update_golden)
 
 
 def test_every_pass_has_a_golden_test():
     assert {p.stem for p in GOLDEN} == set(PASSES)
+
+
+def test_a_golden_mismatch_fails_and_update_rewrites_it(tmp_path):
+    """The golden check can fail: a wrong CHECK line is reported, and --update-golden fixes it."""
+    source = pathlib.Path(__file__).parent / "golden" / "dce.ir"
+    wrong = tmp_path / "dce.ir"
+    wrong.write_text(source.read_text().replace("// CHECK:   %0 = sub %p, %g", "// CHECK:   %0 = sub %g, %p"))
+    with pytest.raises(AssertionError, match="dce.ir, case 1"):
+        check_golden(wrong)
+    check_golden(wrong, update=True)
+    assert wrong.read_text() == source.read_text()
 
 
 # Specs that take matrices only (as torch.optim.Muon): a batch of matrices in place of the scalar.
@@ -49,9 +60,15 @@ def _random_inputs(func, seed, matrices_only=False):
 @pytest.mark.parametrize("spec", optgen.builtin_names())
 def test_pass_preserves_numbers(spec, pass_name):
     """The reference interpreter gives the same float64 numbers before and after the pass."""
+    _check_pass_preserves_numbers(spec, pass_name)
+
+
+def _check_pass_preserves_numbers(spec, pass_name):
     lowered = compile_checked(check_spec(spec), passes=()).lowered.update
-    # Run the passes before this one in the default pipeline, so each pass sees realistic input.
-    before = run_pipeline(lowered, DEFAULT_PIPELINE[: DEFAULT_PIPELINE.index(pass_name)])
+    # Run the passes before this one in the default pipeline (all of it for an opt-in pass, one
+    # the default pipeline does not run), so each pass sees realistic input.
+    before = run_pipeline(lowered, DEFAULT_PIPELINE[: DEFAULT_PIPELINE.index(pass_name)]
+                          if pass_name in DEFAULT_PIPELINE else DEFAULT_PIPELINE)
     after = run_pipeline(before, [pass_name])
     for seed in range(3):
         tensors, scalars = _random_inputs(before, seed, spec in MATRIX_ONLY)
@@ -59,6 +76,20 @@ def test_pass_preserves_numbers(spec, pass_name):
         for name in expected:
             for e, g in zip(expected[name], got[name], strict=True):
                 np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-300)
+
+
+def test_an_opt_in_pass_is_checked_too(monkeypatch):
+    """A registered pass outside the default pipeline runs after all of it in the numbers test,
+    and a pass that changes the numbers fails that test."""
+    monkeypatch.setitem(PASSES, "opt_in", PASSES["dce"])
+    _check_pass_preserves_numbers("adamw", "opt_in")
+
+    def wrong(func):  # returns p unchanged
+        return func.with_body(func.ops, [(n, func.input("p") if n == "p" else v) for n, v in func.outputs])
+
+    monkeypatch.setitem(PASSES, "opt_in", wrong)
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        _check_pass_preserves_numbers("adamw", "opt_in")
 
 
 @pytest.mark.parametrize("spec", optgen.builtin_names())

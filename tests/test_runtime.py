@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optgen
-from conftest import count_compiles, make_grads, make_params, rel_err
+from conftest import as_jax, assert_trees_close, count_compiles, make_grads, make_params, rel_err, run_steps
 from optgen.codegen import export
 from optgen.codegen.interpret import interpret
 from optgen.types import DTYPES
@@ -121,38 +121,19 @@ def test_step_compiles_once(spec, committed):
 def test_schedule_matches_optax():
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, 50)
     opt, tx = optgen.load("adamw", learning_rate=schedule), optax.adamw(schedule)
-    params = jax.tree.map(jnp.asarray, make_params(np.float32))
-    ours, theirs = params, jax.tree.map(jnp.array, params)  # a copy: step donates ours
-    s_ours, s_theirs = opt.init(params), tx.init(params)
-    for step in range(30):
-        grads = make_grads(theirs, step, np.float32)
-        ours, s_ours = opt.step(ours, grads, s_ours)
-        updates, s_theirs = tx.update(grads, s_theirs, theirs)
-        theirs = optax.apply_updates(theirs, updates)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        assert rel_err(a, b) < 2e-4
+    ours, _ = run_steps(opt, as_jax(make_params(np.float32)), 30, path="step")
+    theirs, _ = run_steps(tx, as_jax(make_params(np.float32)), 30)
+    assert_trees_close(ours, theirs, 2e-4)
 
 
 def test_drops_into_optax_chain_inside_a_user_jit():
     opt = optgen.load("adam", learning_rate=1e-2)
     tx = optax.chain(optax.clip_by_global_norm(1.0), opt)
     ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
-    params = jax.tree.map(jnp.asarray, make_params(np.float32))
-
-    @jax.jit
-    def train(params, state, grads, which=tx):
-        updates, state = which.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    ours, theirs = params, params
-    s1, s2 = tx.init(params), ref.init(params)
-    for step in range(20):
-        grads = make_grads(params, step, np.float32)
-        ours, s1 = train(ours, s1, grads)
-        updates, s2 = ref.update(grads, s2, theirs)
-        theirs = optax.apply_updates(theirs, updates)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        assert rel_err(a, b) < 2e-4
+    params = as_jax(make_params(np.float32))
+    ours, _ = run_steps(tx, params, 20, jit=True)  # tx.update inside the user's jax.jit
+    theirs, _ = run_steps(ref, params, 20)
+    assert_trees_close(ours, theirs, 2e-4)
 
 
 def test_step_donates_params_and_state():

@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import optax
 
 import optgen
-from conftest import make_grads, make_params
+from conftest import as_jax, make_grads, make_params, run_steps
 
 SPEC = '''optimizer shapes "state of every shape (test)"
 hyper lr = 0.1
@@ -56,11 +55,7 @@ def test_init_gives_each_state_its_shape(tmp_path):
 
 def test_every_state_shape_matches_numpy_in_float64(tmp_path, x64):
     opt = _load(tmp_path)
-    params = jax.tree.map(jnp.asarray, make_params(np.float64))
-    state = opt.init(params)
-    for step in range(12):
-        updates, state = opt.update(make_grads(params, step, np.float64), state, params)
-        params = optax.apply_updates(params, updates)
+    params, state = run_steps(opt, as_jax(make_params(np.float64)), 12)
     # Through jax.tree.map, as above: make_grads draws in the dict's key order.
     want_p, want_total = _reference(jax.tree.map(np.asarray, make_params(np.float64)), 12, np.float64)
     assert float(state.slots["count"]) == 12
@@ -71,15 +66,8 @@ def test_every_state_shape_matches_numpy_in_float64(tmp_path, x64):
 
 def test_step_and_update_agree_under_jit(tmp_path):
     opt = _load(tmp_path)
-    params = jax.tree.map(jnp.asarray, make_params(np.float32))
-    a, sa = params, opt.init(params)
-    b, sb = jax.tree.map(jnp.copy, params), opt.init(params)
-    update = jax.jit(opt.update)
-    for step in range(5):
-        grads = make_grads(params, step, np.float32)
-        updates, sa = update(grads, sa, a)
-        a = optax.apply_updates(a, updates)
-        b, sb = opt.step(b, grads, sb)
+    a, sa = run_steps(opt, as_jax(make_params(np.float32)), 5, jit=True)
+    b, sb = run_steps(opt, as_jax(make_params(np.float32)), 5, path="step")
     for x, y in zip(jax.tree.leaves((a, sa.slots)), jax.tree.leaves((b, sb.slots)), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 

@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import optgen
-from conftest import make_grads, make_params, rel_err
+from conftest import as_jax, assert_trees_close, make_grads, make_params, rel_err, run_steps
 from optgen.transforms.decay_mask import key_path_name
 
 STEPS = 120
@@ -93,17 +92,9 @@ def numpy_reference(settings: dict, steps: int = STEPS) -> list[np.ndarray]:
 
 def run_optgen(settings: dict, dtype, steps: int = STEPS) -> list[np.ndarray]:
     opt = optgen.load(SPEC, **settings)
-    shapes = make_params(dtype)
-    params = jax.tree.map(jnp.asarray, shapes)
-    state = opt.init(params)
-    for step in range(steps):
-        params, state = opt.step(params, make_grads(shapes, step, dtype), state)
+    shapes = make_params(dtype)  # gradients drawn in its key order, as the references draw them
+    params, _ = run_steps(opt, as_jax(shapes), steps, path="step", grads_at=lambda _, step: make_grads(shapes, step, dtype))
     return _names_and_values(params)[1]
-
-
-def _assert_close(got, want, tolerance):
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert rel_err(g, w) <= tolerance, (i, rel_err(g, w))
 
 
 def test_defaults_are_tf_model_gardens():
@@ -117,7 +108,7 @@ def test_matches_numpy_reference_float64(case, x64):
     want = numpy_reference(settings)
     assert not any(np.array_equal(w, p) for w, p in zip(want, _names_and_values(make_params(np.float64))[1])
                    if w.size > 1), "the reference must move every parameter"
-    _assert_close(run_optgen(settings, np.float64), want, 1e-9)
+    assert_trees_close(run_optgen(settings, np.float64), want, 1e-9)
 
 
 def test_include_overrides_exclude_in_the_reference(x64):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import optgen
-from conftest import make_grads, make_params, rel_err, trajectory
+from conftest import as_jax, assert_trees_close, make_grads, make_params, trajectory
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch)")
 
@@ -46,11 +46,9 @@ def _torch_trajectory(dtype):
 
 def _compare(dtype, path):
     expected = _torch_trajectory(dtype)
-    got_trajectory = trajectory(optgen.load("torch/nadamw", **HYPERS), dtype, STEPS, path)
-    for step, params in enumerate(got_trajectory):
-        for got, want in zip(jax.tree.leaves(params), expected[step], strict=True):
-            assert got.dtype == want.dtype == dtype
-            assert rel_err(got, want) <= TOLERANCE[dtype], (step, rel_err(got, want))
+    got = trajectory(optgen.load("torch/nadamw", **HYPERS), as_jax(make_params(dtype)), STEPS, path=path)
+    for step, (params, _) in enumerate(got):
+        assert_trees_close(jax.tree.leaves(params), expected[step], TOLERANCE[dtype], dtype=dtype)
 
 
 @pytest.mark.parametrize("path", ["update", "step"])

@@ -12,26 +12,15 @@ import optax
 import pytest
 
 import optgen
-from conftest import make_grads, make_params, rel_err
-from optgen.cli import _with_value
-from optgen.ir import Program, parse_function, print_function, verify
-from optgen.transforms import split_options
+from conftest import as_jax, assert_trees_close, check_golden, make_grads, make_params, run_steps
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden", "transforms").glob("*.ir"))
-_INIT = 'func @sgdw.init(%p: tensor, %lr: step, %weight_decay: step) {\n  %0 = const 0.0 : step\n  return mu = %0\n}'
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
-def test_golden(path):
-    """First line: the --with options; then the input update function; then the expected variant."""
-    header, _, rest = path.read_text().partition("\n")
-    source, _, expected = rest.partition("// ----- expected")
-    options = {k: _with_value(v) for k, _, v in (item.partition("=") for item in header.split()[2:])}
-    variant, spec_options = split_options(options)
-    assert not spec_options
-    result = variant.apply(Program(parse_function(source), parse_function(_INIT))).update
-    verify(result)
-    assert print_function(result).strip() == expected.strip()
+def test_golden(path, update_golden):
+    """Each file's update and init functions through its RUN line (optgen opt --with NAME=VALUE)."""
+    check_golden(path, update_golden)
 
 
 def test_every_transform_has_a_golden_test():
@@ -47,30 +36,9 @@ STEPS = 40
 HYPERS = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "eps": 1e-6}
 
 
-def _run(opt_update, init, dtype=np.float64, steps=STEPS, grads_at=None):
-    shapes = make_params(dtype)
-    params = jax.tree.map(jnp.asarray, shapes)
-    state = init(params)
-    for step in range(steps):
-        grads = (grads_at or make_grads)(shapes, step, dtype)
-        params, state = opt_update(params, grads, state)
-    return params, state
-
-
-def _optax_runner(tx):
-    def update(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-    return jax.jit(update), tx.init
-
-
-def _optgen_runner(opt):
-    return opt.step, opt.init
-
-
-def _assert_trees_close(got, want, tolerance=1e-9):
-    for (key, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
-        assert rel_err(g, w) <= tolerance, (key, rel_err(g, w))
+def _run(opt, path="step", dtype=np.float64, steps=STEPS, **kwargs):
+    """(params, state) after ``steps`` steps of ``opt`` (optgen's, or optax's with path="update")."""
+    return run_steps(opt, as_jax(make_params(dtype)), steps, path=path, **kwargs)
 
 
 OPTAX_EQUIVALENTS = {
@@ -89,27 +57,27 @@ OPTAX_EQUIVALENTS = {
 @pytest.mark.parametrize("case", sorted(OPTAX_EQUIVALENTS))
 def test_matches_optax_equivalent(case, x64):
     settings, reference = OPTAX_EQUIVALENTS[case]
-    want, _ = _run(*_optax_runner(reference()))
-    got, _ = _run(*_optgen_runner(optgen.load("adam", **HYPERS, **settings)))
-    _assert_trees_close(got, want)
+    want, _ = _run(reference(), path="update", jit=True)
+    got, _ = _run(optgen.load("adam", **HYPERS, **settings))
+    assert_trees_close(got, want, 1e-9)
 
 
 def test_exclude_from_weight_decay_and_mask_match_optax_mask(x64):
     def decayed(params):
         return {k: jax.tree.map(lambda _: k not in ("vector", "huge_grad"), v) for k, v in params.items()}
 
-    want, _ = _run(*_optax_runner(optax.adamw(**HYPERS, weight_decay=0.1, mask=decayed)))
+    want, _ = _run(optax.adamw(**HYPERS, weight_decay=0.1, mask=decayed), path="update", jit=True)
     for kwargs in ({"exclude_from_weight_decay": ["vector", "huge"]}, {"mask": decayed},
                    {"mask": decayed(make_params(np.float64))},
                    # include fragments override exclude ones (TF Model Garden's rule)
                    {"exclude_from_weight_decay": ["vector", "huge", "cube"], "include_in_weight_decay": ["cu.e"]},
                    {"exclude_from_weight_decay": "vector,huge", "include_in_weight_decay": "matrix"}):
-        got, _ = _run(*_optgen_runner(optgen.load("adamw", **HYPERS, weight_decay=0.1, **kwargs)))
-        _assert_trees_close(got, want)
+        got, _ = _run(optgen.load("adamw", **HYPERS, weight_decay=0.1, **kwargs))
+        assert_trees_close(got, want, 1e-9)
 
 
-def _grads_with_nonfinite(shapes, step, dtype):
-    grads = make_grads(shapes, step, dtype)
+def _grads_with_nonfinite(params, step):
+    grads = make_grads(params, step)
     if step % 7 == 3:
         grads["matrix"] = grads["matrix"].copy()
         grads["matrix"][1, 2] = [np.nan, np.inf, -np.inf][step % 3]
@@ -118,10 +86,10 @@ def _grads_with_nonfinite(shapes, step, dtype):
 
 def test_skip_nonfinite_matches_apply_if_finite(x64):
     reference = optax.apply_if_finite(optax.adam(**HYPERS), max_consecutive_errors=1000)
-    want, want_state = _run(*_optax_runner(reference), grads_at=_grads_with_nonfinite)
+    want, want_state = _run(reference, path="update", jit=True, grads_at=_grads_with_nonfinite)
     opt = optgen.load("adam", **HYPERS, skip_nonfinite=True)
-    got, state = _run(*_optgen_runner(opt), grads_at=_grads_with_nonfinite)
-    _assert_trees_close(got, want)
+    got, state = _run(opt, grads_at=_grads_with_nonfinite)
+    assert_trees_close(got, want, 1e-9)
     assert float(state.slots["total_notfinite"]) == int(want_state.total_notfinite) == 6
 
 
@@ -163,8 +131,8 @@ def test_use_ema_average_and_finalize_follow_keras_rule(x64):
         reference = plain.step(reference[0], grads, reference[1])
         p = jax.tree.map(np.asarray, reference[0])
         average = p if average is None else jax.tree.map(lambda a, x: m * a + (1 - m) * x, average, p)
-    _assert_trees_close(ours[0], reference[0], 0)
-    _assert_trees_close(opt.finalize(*ours), average, 1e-12)
+    assert_trees_close(ours[0], reference[0], 0)
+    assert_trees_close(opt.finalize(*ours), average, 1e-12)
     assert plain.finalize(reference[0], reference[1]) is reference[0]
 
 
@@ -186,9 +154,9 @@ def test_named_schedule_matches_optax(name, x64):
     ours, theirs = SCHEDULES[name]
     counts = jnp.arange(60)
     np.testing.assert_array_equal(jax.vmap(ours)(counts), jax.vmap(theirs)(counts))
-    want, _ = _run(*_optax_runner(optax.adamw(theirs, b1=0.8)))
-    got, _ = _run(*_optgen_runner(optgen.load("adamw", learning_rate=ours, b1=0.8)))
-    _assert_trees_close(got, want)
+    want, _ = _run(optax.adamw(theirs, b1=0.8), path="update", jit=True)
+    got, _ = _run(optgen.load("adamw", learning_rate=ours, b1=0.8))
+    assert_trees_close(got, want, 1e-9)
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -202,9 +170,9 @@ def test_config_round_trips_through_json_and_gives_the_same_numbers():
     assert config["spec"] == "keras/adamw" and config["transforms"]["use_ema"] is True
     again = optgen.from_config(config)
     assert again.get_config() == config
-    first, _ = _run(*_optgen_runner(opt), dtype=np.float32)
-    second, _ = _run(*_optgen_runner(again), dtype=np.float32)
-    _assert_trees_close(second, first, 0)
+    first, _ = _run(opt, dtype=np.float32)
+    second, _ = _run(again, dtype=np.float32)
+    assert_trees_close(second, first, 0)
 
 
 def test_config_of_a_spec_file_checks_its_digest(tmp_path):
@@ -273,15 +241,11 @@ def test_optax_update_protocol_gives_the_numbers_of_step():
     """update (optax's protocol, returning p_new - p) and the fused step agree with every kind of transform on."""
     opt = optgen.load("adamw", clipnorm=1.0, use_ema=True, ema_overwrite_frequency=3, skip_nonfinite=True,
                       gradient_accumulation_steps=2, loss_scale_factor=2.0, exclude_from_weight_decay=["cube"])
-    via_step, step_state = _run(*_optgen_runner(opt), dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite)
+    via_step, step_state = _run(opt, dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite)
 
-    def update(params, grads, state):
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    via_update, update_state = _run(update, opt.init, dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite)
-    _assert_trees_close(via_update, via_step, 1e-6)
-    _assert_trees_close(update_state.slots, step_state.slots, 1e-6)
+    via_update, update_state = _run(opt, "update", dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite)
+    assert_trees_close(via_update, via_step, 1e-6)
+    assert_trees_close(update_state.slots, step_state.slots, 1e-6)
 
 
 def test_an_exclude_pattern_that_does_not_compile_is_refused_at_load():
