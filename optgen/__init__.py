@@ -30,9 +30,10 @@ __all__ = ["Artifact", "Compiled", "InputError", "OptState", "Optimizer", "SpecE
 
 
 def __getattr__(name: str):
-    # optgen.keras imports Keras, so only on first use: ``optgen.keras.Optimizer(...)``.
-    if name == "keras":
+    # optgen.keras imports Keras, so only on first use: ``optgen.keras.Optimizer(...)``; likewise
+    # optgen.search (program search over specs), which few programs need.
+    if name in ("keras", "search"):
         import importlib
 
-        return importlib.import_module("optgen.keras")
+        return importlib.import_module(f"optgen.{name}")
     raise AttributeError(f"module 'optgen' has no attribute {name!r}")

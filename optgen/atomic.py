@@ -10,6 +10,8 @@ is left as it was and the temporary file is removed. What the target is decides 
   through, as a shell redirection would: it is never replaced by a regular file;
 - a block device, a socket or a directory is refused.
 
+``append_durably`` is the one other way optgen writes a file: a log, appended line by line.
+
 Temporary names are short (``.optgen-<16 hex>.<8 hex>.tmp``, whatever the target's
 length) and locked while written; a write removes the unlocked ones a killed writer
 of the same target left behind.
@@ -34,6 +36,15 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` atomically; a missing folder is a SpecError naming it."""
     with open_atomic(path) as out:
         out.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def append_durably(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` (whole lines) to ``path`` and ``fsync`` it before returning: a log that a
+    kill can cut only inside its last line, which its reader then drops (``optgen search``'s)."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 @contextlib.contextmanager

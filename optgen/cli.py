@@ -263,5 +263,10 @@ def _stdout_failed(err: OSError):
                     hint="check the disk or the pipe it goes to, or give -o FILE", code="E017") from None
 
 
+from optgen.search.cli import mutate, search  # noqa: E402  (their own module; they import only on use)
+
+main.add_command(mutate)
+main.add_command(search)
+
 if __name__ == "__main__":
     main()

@@ -30,6 +30,13 @@ CATALOG: dict[str, str] = {
     "E015": "the output path is a block device or a socket",
     "E016": "a symbolic --shape of two or more dims for a factored spec",
     "E017": "standard output cannot be written",
+    # optgen mutate and optgen search
+    "E018": "unknown search task",
+    "E019": "no new valid mutant",
+    "E020": "a malformed --budget",
+    "E021": "the search folder holds another search, or a file that is not a search log",
+    "E022": "a seed spec without learning_rate",
+    "E023": "the search output path is a file",
     # IR text given to optgen opt
     "E030": "the IR file cannot be read",
     "E031": "the IR file is not UTF-8 text",
@@ -136,6 +143,12 @@ CATALOG: dict[str, str] = {
     "E371": "optgen.keras.Optimizer of a spec without learning_rate",
     "E372": "optgen.keras.Optimizer given a mask",
     "E373": "apply_gradients on other variables than the optimizer was built with",
+    # Search tasks (optgen search, optgen.search.load_task)
+    "E395": "a task that lacks part of the task protocol",
+    "E396": "a task module that fails to import",
+    "E397": "a task whose steps is not a positive whole number",
+    "E398": "a task with fewer batches than steps",
+    "E399": "a seed spec that diverges on a task at every learning rate",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

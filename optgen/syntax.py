@@ -222,3 +222,90 @@ def format_spec(spec: Spec) -> str:
     block(spec.body, 2)
     lines[-1] += "))"
     return "\n".join(lines) + "\n"
+
+
+# Binding strength of each operator, loosest first, as the grammar nests them (optgen/grammar.lark).
+_PRECEDENCE = {"or": 1, "and": 2, "not": 3, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4,
+               "+": 5, "-": 5, "*": 6, "/": 6, "@": 6, "neg": 7, "^": 8}
+_ATOM = 9
+
+
+def _number(value: float) -> str:
+    text = repr(float(value))
+    return text.removesuffix(".0") if text.endswith(".0") and "e" not in text else text
+
+
+def _precedence(expr: Expr) -> int:
+    if isinstance(expr, Binary):
+        return _PRECEDENCE[expr.op]
+    if isinstance(expr, Unary):
+        return _PRECEDENCE["neg" if expr.op == "-" else "not"]
+    return _ATOM
+
+
+def source_expr(expr: Expr) -> str:
+    """An expression as spec text, with only the parentheses the grammar needs: ``b1 * mu + (1 - b1) * g``."""
+    def wrapped(operand: Expr, at_least: int) -> str:
+        text = source_expr(operand)
+        return text if _precedence(operand) >= at_least else f"({text})"
+
+    if isinstance(expr, Number):
+        return _number(expr.value)
+    if isinstance(expr, Bool):
+        return "true" if expr.value else "false"
+    if isinstance(expr, Name):
+        return expr.id
+    if isinstance(expr, Unary):
+        level = _precedence(expr)
+        return f"-{wrapped(expr.operand, level)}" if expr.op == "-" else f"not {wrapped(expr.operand, level)}"
+    if isinstance(expr, Call):
+        return f"{expr.func.id}({', '.join(source_expr(a) for a in expr.args)})"
+    level = _PRECEDENCE[expr.op]
+    if expr.op == "^":  # right-associative; its base is an atom, its exponent a unary
+        return f"{wrapped(expr.left, _ATOM)}^{wrapped(expr.right, _PRECEDENCE['neg'])}"
+    if level == 4:  # comparisons do not chain
+        return f"{wrapped(expr.left, 5)} {expr.op} {wrapped(expr.right, 5)}"
+    return f"{wrapped(expr.left, level)} {expr.op} {wrapped(expr.right, level + 1)}"
+
+
+def _bound(value: float) -> str:
+    return "inf" if value == float("inf") else "-inf" if value == float("-inf") else _number(value)
+
+
+def format_source(spec: Spec) -> str:
+    """The AST as spec text that parses back to the same tree (comments and layout are not kept).
+
+    What ``optgen mutate`` prints: a program built or edited as a tree becomes a spec file.
+    """
+    lines = [f'optimizer {spec.name.id} "{spec.description}"', ""]
+    for h in spec.hypers:
+        bounds = h.range and (f" in {'(' if h.range.lo_open else '['}{_bound(h.range.lo)}, "
+                              f"{_bound(h.range.hi)}{')' if h.range.hi_open else ']'}")
+        lines.append(f"hyper {h.name.id} = {_number(h.default)}{bounds or ''}")
+    for o in spec.options:
+        lines.append(f"option {o.name.id} = {str(o.default).lower() if isinstance(o.default, bool) else _number(o.default)}")
+    for s in spec.states:
+        qualifiers = f": {' '.join(q.id for q in s.qualifiers)}" if s.qualifiers else ""
+        lines.append(f"state {s.name.id}{qualifiers} = {source_expr(s.init)}")
+    lines += [f"input {i.name.id}" for i in spec.inputs]
+    lines += [f"output {o.name.id} = {source_expr(o.value)}" for o in spec.outputs]
+
+    def block(stmts, depth):
+        pad = "  " * depth
+        for stmt in stmts:
+            if isinstance(stmt, Assign):
+                lines.append(f"{pad}{stmt.target.id} = {source_expr(stmt.value)}")
+            elif isinstance(stmt, Repeat):
+                count = stmt.count.id if isinstance(stmt.count, Name) else str(int(stmt.count.value))
+                lines.append(f"{pad}repeat {count}:")
+                block(stmt.body, depth + 1)
+            else:
+                lines.append(f"{pad}if {source_expr(stmt.cond)}:")
+                block(stmt.then, depth + 1)
+                if stmt.orelse:
+                    lines.append(f"{pad}else:")
+                    block(stmt.orelse, depth + 1)
+
+    lines += ["", "update:"]
+    block(spec.body, 1)
+    return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ LAYERS = [
     ("compiler", ["compiler", "opt"]),
     ("backends", ["codegen"]),
     ("runtime and products", ["runtime", "artifact", "inspect"]),
+    ("program search", ["search"]),
     ("entry points", ["cli", "keras", "__init__"]),
 ]
 LAYER = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
