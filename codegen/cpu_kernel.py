@@ -35,7 +35,7 @@ from llvmlite import ir
 
 from optgen.codegen import ffi_abi as abi
 from optgen.codegen.evaluate import STRUCTURAL, evaluate
-from optgen.codegen.llvm_backend import F32, F64, LLVM_TYPES, LoopBackend
+from optgen.codegen.llvm_backend import LLVM_TYPES, LoopBackend
 from optgen.ir import Function, print_function
 
 CHUNK_ELEMENTS = 1 << 15  # a chunk's elements: enough to hide the cost of taking it, small enough to share
@@ -50,7 +50,7 @@ def unsupported(func: Function, out_extents: tuple[str, ...]) -> str | None:
     for op in func.ops:
         if op.opcode in STRUCTURAL:
             return f"it computes '{op.opcode}', which reads more than one element"
-    extents = {v.type.extent for v in func.inputs} | {v.type.extent for op in func.ops for v in [op.result]}
+    extents = {v.type.extent for v in func.inputs} | {op.result.type.extent for op in func.ops}
     if extents - {"tensor", "step"}:
         return f"it has {sorted(extents - {'tensor', 'step'})[0]} values"
     if set(out_extents) - {"tensor", "step"}:
@@ -104,7 +104,7 @@ class Call:
         return "optgen_cpu_" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-_REGISTERED: dict[str, object] = {}  # target name -> its execution engine, kept alive for the process
+_REGISTERED: dict[str, tuple] = {}  # target name -> its execution engine and handler, alive for the process
 
 
 def target(call: Call) -> str:
@@ -181,15 +181,11 @@ def _chunks(items) -> list[int]:
     return bounds
 
 
-def _step_type(call: Call):
-    return F64 if call.step_dtype == np.dtype(np.float64) else F32
-
-
 def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     """``loop<index>(inputs..., stored outputs..., scalars..., start, end)``: the update over elements
     [start, end) of one parameter of this group's dtypes."""
     stored = [j for j in call.tensor_outputs if j not in call.aliases]
-    step = _step_type(call)
+    step = LLVM_TYPES[call.step_dtype]
     kinds = [_PTR] * (len(call.tensor_names) + len(stored)) + [step] * len(call.scalar_names) + [_I64, _I64]
     fn = ir.Function(module, ir.FunctionType(_VOID, kinds), f"loop{index}")
     fn.linkage = "internal"
@@ -230,8 +226,10 @@ def _field(b: ir.IRBuilder, base, struct, path: str, typ=_PTR):
     return b.load(b.gep(base, [ir.Constant(_I64, abi.offset(struct, path))], source_etype=_I8), typ=typ)
 
 
-def _buffer_data(b: ir.IRBuilder, buffers, index: int):
-    buffer = b.load(b.gep(buffers, [ir.Constant(_I64, index)], source_etype=_PTR), typ=_PTR)
+def _buffer_data(b: ir.IRBuilder, buffers, index):
+    """The data pointer of XLA_FFI_Buffer ``index`` (a number, or an i64 value) of an args or rets array."""
+    index = ir.Constant(_I64, index) if isinstance(index, int) else index
+    buffer = b.load(b.gep(buffers, [index], source_etype=_PTR), typ=_PTR)
     return _field(b, buffer, abi.Buffer, "data")
 
 
@@ -273,9 +271,9 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
         block = fn.append_basic_block(f"group{g}")
         switch.add_case(ir.Constant(_I32, g), block)
         gb = ir.IRBuilder(block)
-        operands = [_leaf_data(gb, args, t * n, leaf) for t in range(n_tensors)]
-        operands += [_leaf_data(gb, rets, call.ret_offsets[j], leaf) for j in call.tensor_outputs
-                     if j not in call.aliases]
+        operands = [_buffer_data(gb, args, gb.add(ir.Constant(_I64, t * n), leaf)) for t in range(n_tensors)]
+        operands += [_buffer_data(gb, rets, gb.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
+                     for j in call.tensor_outputs if j not in call.aliases]
         operands += _scalars(gb, call, args)
         gb.call(loop, operands + [start, end])
         gb.branch(next_block)
@@ -290,7 +288,7 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
 def _scalars(b: ir.IRBuilder, call: Call, args) -> list:
     """The per-step inputs, loaded from their 0-d buffers after the per-parameter ones."""
     first = len(call.tensor_names) * len(call.sizes)
-    return [b.load(_buffer_data(b, args, first + s), typ=_step_type(call)) for s in range(len(call.scalar_names))]
+    return [b.load(_buffer_data(b, args, first + s), typ=LLVM_TYPES[call.step_dtype]) for s in range(len(call.scalar_names))]
 
 
 def _step_outputs(module, call: Call) -> ir.Function:
@@ -311,11 +309,6 @@ def _step_outputs(module, call: Call) -> ir.Function:
             b.store(results[name][0], _buffer_data(b, rets, call.ret_offsets[j]))
     b.ret_void()
     return fn
-
-
-def _leaf_data(b: ir.IRBuilder, buffers, base: int, leaf):
-    buffer = b.load(b.gep(buffers, [b.add(ir.Constant(_I64, base), leaf)], source_etype=_PTR), typ=_PTR)
-    return _field(b, buffer, abi.Buffer, "data")
 
 
 # The work shared by the handler and its tasks, on the heap so that a task the pool starts late
@@ -415,16 +408,16 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
     b.ret(ir.Constant(_PTR, None))
 
     b = ir.IRBuilder(run)
-    b.call(step_outputs, [_field(b, frame, abi.CallFrame, "args.args"), _field(b, frame, abi.CallFrame, "rets.args")])
+    args, rets = _field(b, frame, abi.CallFrame, "args.args"), _field(b, frame, abi.CallFrame, "rets.args")
+    b.call(step_outputs, [args, rets])
     if n_chunks == 0:
         b.ret(ir.Constant(_PTR, None))
         return fn
     api, ctx = _field(b, frame, abi.CallFrame, "api"), _field(b, frame, abi.CallFrame, "ctx")
     malloc = ir.Function(module, ir.FunctionType(_PTR, [_I64]), "malloc")
-    work = b.call(malloc, [ir.Constant(_I64, 64)])
-    for index, value in ((_NEXT, ir.Constant(_I64, 0)), (_FINISHED, ir.Constant(_I64, 0)),
-                         (_ARGS, _field(b, frame, abi.CallFrame, "args.args")),
-                         (_RETS, _field(b, frame, abi.CallFrame, "rets.args"))):
+    work = b.call(malloc, [ir.Constant(_I64, _WORK.get_abi_size(_target_machine().target_data))])
+    for index, value in ((_NEXT, ir.Constant(_I64, 0)), (_FINISHED, ir.Constant(_I64, 0)), (_ARGS, args),
+                         (_RETS, rets)):
         b.store(value, _slot(b, work, index))
     if n_chunks > 1:
         _schedule(b, api, ctx, task, work, n_chunks)

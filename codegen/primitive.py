@@ -118,14 +118,13 @@ def _lower_ffi(ctx, operands, step_dtype, in_place, *, func, n, tensor_names, sc
                delta_output, out_extents, **_):
     """The step as calls of optgen's own CPU loop (codegen/cpu_kernel.py), one per
     :data:`FFI_MAX_LEAVES` parameters; the first also writes the per-step outputs."""
-    starts = np.cumsum([0] + [n if extent == "tensor" else 1 for extent in out_extents])
+    starts = np.cumsum([0] + [n if extent == "tensor" else 1 for extent in out_extents])[:-1]  # each output's first
     results = [None] * len(ctx.avals_out)
     for first in range(0, n, FFI_MAX_LEAVES):
         leaves = range(first, min(n, first + FFI_MAX_LEAVES))
         ins = [t * n + leaf for t in range(len(tensor_names)) for leaf in leaves]
         ins += range(len(tensor_names) * n, len(operands))
-        outs = [int(start) + leaf if extent == "tensor" else int(start)
-                for start, extent in zip(starts, out_extents) for leaf in (leaves if extent == "tensor" else [0] * (first == 0))]
+        outs = _part_outputs(starts, out_extents, leaves, first == 0)
         avals = [ctx.avals_in[k] for k in ins]
         call = cpu_kernel.Call(
             func, tensor_names, scalar_names,
@@ -143,6 +142,18 @@ def _lower_ffi(ctx, operands, step_dtype, in_place, *, func, n, tensor_names, sc
         for k, value in zip(outs, values, strict=True):
             results[k] = value
     return results
+
+
+def _part_outputs(starts, out_extents, leaves: range, first_part: bool) -> list[int]:
+    """Which of the primitive's results one call of the loop makes: its parameters' values of
+    each per-element output and, for the first call only, each per-step output."""
+    outs = []
+    for start, extent in zip(starts, out_extents, strict=True):
+        if extent == "tensor":
+            outs += [int(start) + leaf for leaf in leaves]
+        elif first_part:
+            outs.append(int(start))
+    return outs
 
 
 def _plain(*operands, lowering, in_place, **params) -> list:
