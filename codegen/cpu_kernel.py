@@ -32,17 +32,25 @@ import jax
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
-
 from optgen.codegen import ffi_abi as abi
 from optgen.codegen.evaluate import STRUCTURAL, evaluate
 from optgen.codegen.llvm_backend import LLVM_TYPES, LoopBackend
+
 from optgen.ir import Function, print_function
 
-CHUNK_ELEMENTS = 1 << 15  # a chunk's elements: enough to hide the cost of taking it, small enough to share
+CHUNK_ELEMENTS = (
+    1 << 15
+)  # a chunk's elements: enough to hide the cost of taking it, small enough to share
 # LLVM's cost model picks 4 lanes for loops that convert bf16, which ran 1.5x slower than 8 (docs/fusion.md).
 VECTOR_WIDTH = 8
 _SELF = "optgen.loop"  # marks the loop's metadata node, made self-referential as LLVM requires
-_I8, _I32, _I64, _PTR, _VOID = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.PointerType(), ir.VoidType()
+_I8, _I32, _I64, _PTR, _VOID = (
+    ir.IntType(8),
+    ir.IntType(32),
+    ir.IntType(64),
+    ir.PointerType(),
+    ir.VoidType(),
+)
 
 
 def unsupported(func: Function, out_extents: tuple[str, ...]) -> str | None:
@@ -71,7 +79,9 @@ class Call:
     sizes: tuple[int, ...]  # each parameter's number of elements
     out_names: tuple[str, ...]
     out_extents: tuple[str, ...]  # "tensor" or "step"
-    out_dtypes: tuple[tuple[np.dtype, ...], ...]  # per output, per parameter (one dtype for a step output)
+    out_dtypes: tuple[
+        tuple[np.dtype, ...], ...
+    ]  # per output, per parameter (one dtype for a step output)
     step_dtype: np.dtype
     delta_output: str | None
     in_place: bool  # each output named like an input is stored over it
@@ -80,7 +90,9 @@ class Call:
     @functools.cached_property
     def ret_offsets(self) -> list[int]:
         """Where each output's buffers start among the call's results: n per tensor output, 1 (or 0) per step output."""
-        sizes = [len(self.sizes) if e == "tensor" else int(self.step_outputs) for e in self.out_extents]
+        sizes = [
+            len(self.sizes) if e == "tensor" else int(self.step_outputs) for e in self.out_extents
+        ]
         return [sum(sizes[:j]) for j in range(len(sizes))]
 
     @functools.cached_property
@@ -92,19 +104,39 @@ class Call:
         """Output index -> the tensor input it is stored over."""
         if not self.in_place:
             return {}
-        return {j: self.tensor_names.index(name) for j, name in enumerate(self.out_names)
-                if name in self.tensor_names and name != self.delta_output and self.out_extents[j] == "tensor"
-                and self.out_dtypes[j] == self.in_dtypes[self.tensor_names.index(name)]}
+        return {
+            j: self.tensor_names.index(name)
+            for j, name in enumerate(self.out_names)
+            if name in self.tensor_names
+            and name != self.delta_output
+            and self.out_extents[j] == "tensor"
+            and self.out_dtypes[j] == self.in_dtypes[self.tensor_names.index(name)]
+        }
 
     @functools.cached_property
     def name(self) -> str:
-        text = repr((print_function(self.func), self.tensor_names, self.scalar_names, self.in_dtypes, self.sizes,
-                     self.out_names, self.out_extents, self.out_dtypes, self.step_dtype, self.delta_output,
-                     self.in_place, self.step_outputs))
+        text = repr(
+            (
+                print_function(self.func),
+                self.tensor_names,
+                self.scalar_names,
+                self.in_dtypes,
+                self.sizes,
+                self.out_names,
+                self.out_extents,
+                self.out_dtypes,
+                self.step_dtype,
+                self.delta_output,
+                self.in_place,
+                self.step_outputs,
+            )
+        )
         return "optgen_cpu_" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-_REGISTERED: dict[str, tuple] = {}  # target name -> its execution engine and handler, alive for the process
+_REGISTERED: dict[
+    str, tuple
+] = {}  # target name -> its execution engine and handler, alive for the process
 
 
 def target(call: Call) -> str:
@@ -125,7 +157,8 @@ def _target_machine():
     llvm.load_library_permanently(ctypes.util.find_library("m"))  # powf, tanhf, fmodf
     cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
     return llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
-        cpu=cpu, features=features, opt=3, codemodel="jitdefault")
+        cpu=cpu, features=features, opt=3, codemodel="jitdefault"
+    )
 
 
 def _compile(module: ir.Module):
@@ -143,8 +176,12 @@ def _compile(module: ir.Module):
 
 def _with_loop_ids(text: str) -> str:
     """Make each loop's metadata node distinct and self-referential (llvmlite cannot write one)."""
-    return re.sub(r'^!(\d+) = !\{ !"' + _SELF + '", ', lambda m: f"!{m[1]} = distinct !{{ !{m[1]}, ", text,
-                  flags=re.MULTILINE)
+    return re.sub(
+        r'^!(\d+) = !\{ !"' + _SELF + '", ',
+        lambda m: f"!{m[1]} = distinct !{{ !{m[1]}, ",
+        text,
+        flags=re.MULTILINE,
+    )
 
 
 # ---- the module: loops, items, chunks, and the handler -------------------------------------------
@@ -156,11 +193,22 @@ def _module(call: Call) -> ir.Module:
     groups: dict[tuple, int] = {}
     items = []  # (group, parameter, start, end)
     for leaf, size in enumerate(call.sizes):
-        key = (tuple(d[leaf] for d in call.in_dtypes),
-               tuple(d[leaf] if e == "tensor" else d[0] for d, e in zip(call.out_dtypes, call.out_extents, strict=True)))
+        key = (
+            tuple(d[leaf] for d in call.in_dtypes),
+            tuple(
+                d[leaf] if e == "tensor" else d[0]
+                for d, e in zip(call.out_dtypes, call.out_extents, strict=True)
+            ),
+        )
         group = groups.setdefault(key, len(groups))
-        items += [(group, leaf, start, min(size, start + CHUNK_ELEMENTS)) for start in range(0, size, CHUNK_ELEMENTS)]
-    loops = [_loop(module, call, in_dtypes, out_dtypes, g) for (in_dtypes, out_dtypes), g in groups.items()]
+        items += [
+            (group, leaf, start, min(size, start + CHUNK_ELEMENTS))
+            for start in range(0, size, CHUNK_ELEMENTS)
+        ]
+    loops = [
+        _loop(module, call, in_dtypes, out_dtypes, g)
+        for (in_dtypes, out_dtypes), g in groups.items()
+    ]
     chunks = _chunks(items)
     run_chunk = _run_chunk(module, call, loops, items, chunks)
     drain = _drain(module, run_chunk, len(chunks) - 1)
@@ -186,33 +234,51 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     [start, end) of one parameter of this group's dtypes."""
     stored = [j for j in call.tensor_outputs if j not in call.aliases]
     step = LLVM_TYPES[call.step_dtype]
-    kinds = [_PTR] * (len(call.tensor_names) + len(stored)) + [step] * len(call.scalar_names) + [_I64, _I64]
+    kinds = (
+        [_PTR] * (len(call.tensor_names) + len(stored))
+        + [step] * len(call.scalar_names)
+        + [_I64, _I64]
+    )
     fn = ir.Function(module, ir.FunctionType(_VOID, kinds), f"loop{index}")
     fn.linkage = "internal"
-    for arg in fn.args[:len(call.tensor_names) + len(stored)]:
-        arg.add_attribute("noalias")  # distinct buffers; an output stored in place reuses its input's pointer
-    inputs = fn.args[:len(call.tensor_names)]
-    outputs = dict(zip(stored, fn.args[len(inputs):len(inputs) + len(stored)], strict=True))
+    for arg in fn.args[: len(call.tensor_names) + len(stored)]:
+        arg.add_attribute(
+            "noalias"
+        )  # distinct buffers; an output stored in place reuses its input's pointer
+    inputs = fn.args[: len(call.tensor_names)]
+    outputs = dict(zip(stored, fn.args[len(inputs) : len(inputs) + len(stored)], strict=True))
     outputs |= {j: inputs[k] for j, k in call.aliases.items()}
-    scalars = fn.args[len(inputs) + len(stored):-2]
+    scalars = fn.args[len(inputs) + len(stored) : -2]
     start, end = fn.args[-2:]
 
     entry, body_block, done = (fn.append_basic_block(name) for name in ("entry", "loop", "done"))
     hoisted, body = ir.IRBuilder(entry), ir.IRBuilder(body_block)
     i = body.phi(_I64)
-    elements = {name: body.load(body.gep(ptr, [i], source_etype=LLVM_TYPES[dtype]), typ=LLVM_TYPES[dtype])
-                for name, ptr, dtype in zip(call.tensor_names, inputs, in_dtypes, strict=True)}
+    elements = {
+        name: body.load(body.gep(ptr, [i], source_etype=LLVM_TYPES[dtype]), typ=LLVM_TYPES[dtype])
+        for name, ptr, dtype in zip(call.tensor_names, inputs, in_dtypes, strict=True)
+    }
     backend = LoopBackend(hoisted, body, invariants=scalars)
-    results = evaluate(call.func, backend, {name: [x] for name, x in elements.items()},
-                       dict(zip(call.scalar_names, scalars, strict=True)), call.step_dtype,
-                       {name: [dtype] for name, dtype in zip(call.out_names, out_dtypes, strict=True)},
-                       call.delta_output, out_extents=dict(zip(call.out_names, call.out_extents, strict=True)))
+    results = evaluate(
+        call.func,
+        backend,
+        {name: [x] for name, x in elements.items()},
+        dict(zip(call.scalar_names, scalars, strict=True)),
+        call.step_dtype,
+        {name: [dtype] for name, dtype in zip(call.out_names, out_dtypes, strict=True)},
+        call.delta_output,
+        out_extents=dict(zip(call.out_names, call.out_extents, strict=True)),
+    )
     for j in call.tensor_outputs:
         dtype = out_dtypes[j]
-        body.store(results[call.out_names[j]][0], body.gep(outputs[j], [i], source_etype=LLVM_TYPES[dtype]))
+        body.store(
+            results[call.out_names[j]][0], body.gep(outputs[j], [i], source_etype=LLVM_TYPES[dtype])
+        )
     following = body.add(i, ir.Constant(_I64, 1))
     back = body.cbranch(body.icmp_signed("<", following, end), body_block, done)
-    width = module.add_metadata([ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(_I32, VECTOR_WIDTH)])
+    width = module.add_metadata(
+        [ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(_I32, VECTOR_WIDTH)]
+    )
     back.set_metadata("llvm.loop", module.add_metadata([ir.MetaDataString(module, _SELF), width]))
     hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
     i.add_incoming(start, entry)
@@ -223,7 +289,9 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
 
 def _field(b: ir.IRBuilder, base, struct, path: str, typ=_PTR):
     """Load a field of a C struct (``codegen.ffi_abi``) at ``base``."""
-    return b.load(b.gep(base, [ir.Constant(_I64, abi.offset(struct, path))], source_etype=_I8), typ=typ)
+    return b.load(
+        b.gep(base, [ir.Constant(_I64, abi.offset(struct, path))], source_etype=_I8), typ=typ
+    )
 
 
 def _buffer_data(b: ir.IRBuilder, buffers, index):
@@ -245,25 +313,53 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
     """``run_chunk(args, rets, c)``: every item of chunk c, each by its group's loop."""
     n, n_tensors = len(call.sizes), len(call.tensor_names)
     item_type = ir.LiteralStructType([_I32, _I32, _I64, _I64])
-    table = _table(module, "items", item_type, [ir.Constant(item_type, [ir.Constant(_I32, g), ir.Constant(_I32, p),
-                                                                        ir.Constant(_I64, s), ir.Constant(_I64, e)])
-                                                for g, p, s, e in items])
+    table = _table(
+        module,
+        "items",
+        item_type,
+        [
+            ir.Constant(
+                item_type,
+                [
+                    ir.Constant(_I32, g),
+                    ir.Constant(_I32, p),
+                    ir.Constant(_I64, s),
+                    ir.Constant(_I64, e),
+                ],
+            )
+            for g, p, s, e in items
+        ],
+    )
     bounds = _table(module, "chunks", _I64, [ir.Constant(_I64, k) for k in chunks])
     fn = ir.Function(module, ir.FunctionType(_VOID, [_PTR, _PTR, _I64]), "run_chunk")
     fn.linkage = "internal"
     args, rets, c = fn.args
-    entry, head, next_block, done = (fn.append_basic_block(name) for name in ("entry", "head", "next", "done"))
+    entry, head, next_block, done = (
+        fn.append_basic_block(name) for name in ("entry", "head", "next", "done")
+    )
     b = ir.IRBuilder(entry)
-    first = b.load(b.gep(bounds, [ir.Constant(_I64, 0), c], source_etype=bounds.value_type), typ=_I64)
-    last = b.load(b.gep(bounds, [ir.Constant(_I64, 0), b.add(c, ir.Constant(_I64, 1))],
-                        source_etype=bounds.value_type), typ=_I64)
+    first = b.load(
+        b.gep(bounds, [ir.Constant(_I64, 0), c], source_etype=bounds.value_type), typ=_I64
+    )
+    last = b.load(
+        b.gep(
+            bounds,
+            [ir.Constant(_I64, 0), b.add(c, ir.Constant(_I64, 1))],
+            source_etype=bounds.value_type,
+        ),
+        typ=_I64,
+    )
     b.branch(head)
     b = ir.IRBuilder(head)
     k = b.phi(_I64)
     k.add_incoming(first, entry)
     item = b.gep(table, [ir.Constant(_I64, 0), k], source_etype=table.value_type)
-    fields = [b.load(b.gep(item, [ir.Constant(_I32, 0), ir.Constant(_I32, f)], source_etype=item_type), typ=t)
-              for f, t in enumerate((_I32, _I32, _I64, _I64))]
+    fields = [
+        b.load(
+            b.gep(item, [ir.Constant(_I32, 0), ir.Constant(_I32, f)], source_etype=item_type), typ=t
+        )
+        for f, t in enumerate((_I32, _I32, _I64, _I64))
+    ]
     group, leaf, start, end = fields
     leaf = b.zext(leaf, _I64)
     switch = b.switch(group, next_block)
@@ -271,9 +367,14 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
         block = fn.append_basic_block(f"group{g}")
         switch.add_case(ir.Constant(_I32, g), block)
         gb = ir.IRBuilder(block)
-        operands = [_buffer_data(gb, args, gb.add(ir.Constant(_I64, t * n), leaf)) for t in range(n_tensors)]
-        operands += [_buffer_data(gb, rets, gb.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
-                     for j in call.tensor_outputs if j not in call.aliases]
+        operands = [
+            _buffer_data(gb, args, gb.add(ir.Constant(_I64, t * n), leaf)) for t in range(n_tensors)
+        ]
+        operands += [
+            _buffer_data(gb, rets, gb.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
+            for j in call.tensor_outputs
+            if j not in call.aliases
+        ]
         operands += _scalars(gb, call, args)
         gb.call(loop, operands + [start, end])
         gb.branch(next_block)
@@ -288,7 +389,10 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
 def _scalars(b: ir.IRBuilder, call: Call, args) -> list:
     """The per-step inputs, loaded from their 0-d buffers after the per-parameter ones."""
     first = len(call.tensor_names) * len(call.sizes)
-    return [b.load(_buffer_data(b, args, first + s), typ=LLVM_TYPES[call.step_dtype]) for s in range(len(call.scalar_names))]
+    return [
+        b.load(_buffer_data(b, args, first + s), typ=LLVM_TYPES[call.step_dtype])
+        for s in range(len(call.scalar_names))
+    ]
 
 
 def _step_outputs(module, call: Call) -> ir.Function:
@@ -297,13 +401,26 @@ def _step_outputs(module, call: Call) -> ir.Function:
     fn.linkage = "internal"
     args, rets = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    names = [name for name, extent in zip(call.out_names, call.out_extents, strict=True) if extent == "step"]
+    names = [
+        name
+        for name, extent in zip(call.out_names, call.out_extents, strict=True)
+        if extent == "step"
+    ]
     if call.step_outputs and names:
-        results = evaluate(call.func, LoopBackend(b, b), {name: [] for name in call.tensor_names},
-                           dict(zip(call.scalar_names, _scalars(b, call, args), strict=True)), call.step_dtype,
-                           {name: [dtype[0]] if extent == "step" else [] for name, extent, dtype
-                            in zip(call.out_names, call.out_extents, call.out_dtypes, strict=True)},
-                           out_extents=dict(zip(call.out_names, call.out_extents, strict=True)))
+        results = evaluate(
+            call.func,
+            LoopBackend(b, b),
+            {name: [] for name in call.tensor_names},
+            dict(zip(call.scalar_names, _scalars(b, call, args), strict=True)),
+            call.step_dtype,
+            {
+                name: [dtype[0]] if extent == "step" else []
+                for name, extent, dtype in zip(
+                    call.out_names, call.out_extents, call.out_dtypes, strict=True
+                )
+            },
+            out_extents=dict(zip(call.out_names, call.out_extents, strict=True)),
+        )
         for name in names:
             j = call.out_names.index(name)
             b.store(results[name][0], _buffer_data(b, rets, call.ret_offsets[j]))
@@ -313,7 +430,9 @@ def _step_outputs(module, call: Call) -> ir.Function:
 
 # The work shared by the handler and its tasks, on the heap so that a task the pool starts late
 # never reads freed memory: the last of them to let go frees it.
-_WORK = ir.LiteralStructType([_I64, _I64, _I64, _PTR, _PTR])  # next chunk, chunks finished, holders, args, rets
+_WORK = ir.LiteralStructType(
+    [_I64, _I64, _I64, _PTR, _PTR]
+)  # next chunk, chunks finished, holders, args, rets
 _NEXT, _FINISHED, _HOLDERS, _ARGS, _RETS = range(5)
 
 
@@ -326,7 +445,9 @@ def _drain(module, run_chunk, n_chunks: int) -> ir.Function:
     fn = ir.Function(module, ir.FunctionType(_VOID, [_PTR]), "drain")
     fn.linkage = "internal"
     (work,) = fn.args
-    entry, take, run, done = (fn.append_basic_block(name) for name in ("entry", "take", "run", "done"))
+    entry, take, run, done = (
+        fn.append_basic_block(name) for name in ("entry", "take", "run", "done")
+    )
     b = ir.IRBuilder(entry)
     args, rets = b.load(_slot(b, work, _ARGS), typ=_PTR), b.load(_slot(b, work, _RETS), typ=_PTR)
     b.branch(take)
@@ -343,7 +464,9 @@ def _drain(module, run_chunk, n_chunks: int) -> ir.Function:
 
 def _let_go(b: ir.IRBuilder, work) -> None:
     """Drop one hold on ``work``; the last holder frees it."""
-    free = b.module.globals.get("free") or ir.Function(b.module, ir.FunctionType(_VOID, [_PTR]), "free")
+    free = b.module.globals.get("free") or ir.Function(
+        b.module, ir.FunctionType(_VOID, [_PTR]), "free"
+    )
     held = b.atomic_rmw("sub", _slot(b, work, _HOLDERS), ir.Constant(_I64, 1), "acq_rel")
     with b.if_then(b.icmp_signed("==", held, ir.Constant(_I64, 1))):
         b.call(free, [work])
@@ -362,8 +485,13 @@ def _task(module, drain) -> ir.Function:
 
 def _struct_type(struct) -> ir.LiteralStructType:
     """The LLVM struct laid out as the ctypes ``struct`` (same fields, same C alignment rules)."""
-    scalar = {ctypes.c_size_t: _I64, ctypes.c_int64: _I64, ctypes.c_void_p: _PTR, ctypes.c_int: _I32,
-              ctypes.c_uint32: _I32}
+    scalar = {
+        ctypes.c_size_t: _I64,
+        ctypes.c_int64: _I64,
+        ctypes.c_void_p: _PTR,
+        ctypes.c_int: _I32,
+        ctypes.c_uint32: _I32,
+    }
     return ir.LiteralStructType([scalar.get(t) or _struct_type(t) for _, t in struct._fields_])
 
 
@@ -371,8 +499,11 @@ def _api_call(b: ir.IRBuilder, api, name: str, struct, values: dict):
     """Call an XLA_FFI_Api function with a stack-allocated argument struct; returns its error (or null)."""
     storage = b.alloca(_struct_type(struct))
     for index, (field, _) in enumerate(struct._fields_):
-        value = ir.Constant(_I64, ctypes.sizeof(struct)) if field == "struct_size" else values.get(
-            field, ir.Constant(_PTR, None))
+        value = (
+            ir.Constant(_I64, ctypes.sizeof(struct))
+            if field == "struct_size"
+            else values.get(field, ir.Constant(_PTR, None))
+        )
         b.store(value, b.gep(storage, [ir.Constant(_I32, 0), ir.Constant(_I32, index)]))
     function = _field(b, api, abi.Api, name, ir.FunctionType(_PTR, [_PTR]).as_pointer())
     return b.call(function, [storage])
@@ -387,7 +518,9 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
     """``handler(call_frame)``: the FFI entry point (XLA_FFI_Handler)."""
     fn = ir.Function(module, ir.FunctionType(_PTR, [_PTR]), "handler")
     frame = fn.args[0]
-    entry, check, metadata, run = (fn.append_basic_block(name) for name in ("entry", "check", "metadata", "run"))
+    entry, check, metadata, run = (
+        fn.append_basic_block(name) for name in ("entry", "check", "metadata", "run")
+    )
     b = ir.IRBuilder(entry)
     extension = _field(b, frame, abi.CallFrame, "extension_start")
     b.cbranch(b.icmp_unsigned("!=", extension, ir.Constant(_PTR, None)), check, run)
@@ -397,18 +530,31 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
 
     b = ir.IRBuilder(metadata)  # XLA asks which FFI API version the handler speaks
     data = _field(b, extension, abi.MetadataExtension, "metadata")
-    version = dict(struct_size=ctypes.sizeof(abi.ApiVersion), extension_start=None,
-                   major_version=abi.API_VERSION[0], minor_version=abi.API_VERSION[1])
+    version = dict(
+        struct_size=ctypes.sizeof(abi.ApiVersion),
+        extension_start=None,
+        major_version=abi.API_VERSION[0],
+        minor_version=abi.API_VERSION[1],
+    )
     for field, value in version.items():
         ty = _I64 if field == "struct_size" else _PTR if field == "extension_start" else _I32
-        where = b.gep(data, [ir.Constant(_I64, abi.offset(abi.Metadata, f"api_version.{field}"))], source_etype=_I8)
+        where = b.gep(
+            data,
+            [ir.Constant(_I64, abi.offset(abi.Metadata, f"api_version.{field}"))],
+            source_etype=_I8,
+        )
         b.store(ir.Constant(ty, value), where)
-    b.store(ir.Constant(_I32, 0), b.gep(data, [ir.Constant(_I64, abi.offset(abi.Metadata, "traits"))],
-                                         source_etype=_I8))
+    b.store(
+        ir.Constant(_I32, 0),
+        b.gep(data, [ir.Constant(_I64, abi.offset(abi.Metadata, "traits"))], source_etype=_I8),
+    )
     b.ret(ir.Constant(_PTR, None))
 
     b = ir.IRBuilder(run)
-    args, rets = _field(b, frame, abi.CallFrame, "args.args"), _field(b, frame, abi.CallFrame, "rets.args")
+    args, rets = (
+        _field(b, frame, abi.CallFrame, "args.args"),
+        _field(b, frame, abi.CallFrame, "rets.args"),
+    )
     b.call(step_outputs, [args, rets])
     if n_chunks == 0:
         b.ret(ir.Constant(_PTR, None))
@@ -416,8 +562,12 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
     api, ctx = _field(b, frame, abi.CallFrame, "api"), _field(b, frame, abi.CallFrame, "ctx")
     malloc = ir.Function(module, ir.FunctionType(_PTR, [_I64]), "malloc")
     work = b.call(malloc, [ir.Constant(_I64, _WORK.get_abi_size(_target_machine().target_data))])
-    for index, value in ((_NEXT, ir.Constant(_I64, 0)), (_FINISHED, ir.Constant(_I64, 0)), (_ARGS, args),
-                         (_RETS, rets)):
+    for index, value in (
+        (_NEXT, ir.Constant(_I64, 0)),
+        (_FINISHED, ir.Constant(_I64, 0)),
+        (_ARGS, args),
+        (_RETS, rets),
+    ):
         b.store(value, _slot(b, work, index))
     if n_chunks > 1:
         _schedule(b, api, ctx, task, work, n_chunks)
@@ -434,15 +584,22 @@ def _schedule(b: ir.IRBuilder, api, ctx, task, work, n_chunks: int) -> None:
     """Schedule up to (pool threads - 1) tasks that drain ``work`` beside the calling thread."""
     count = b.alloca(_I64)
     b.store(ir.Constant(_I64, 1), count)
-    error = _api_call(b, api, "ThreadPool_NumThreads", abi.NumThreadsArgs, {"ctx": ctx, "num_threads": count})
+    error = _api_call(
+        b, api, "ThreadPool_NumThreads", abi.NumThreadsArgs, {"ctx": ctx, "num_threads": count}
+    )
     _forget_error(b, api, error)
     threads = b.load(count, typ=_I64)
-    wanted = b.select(b.icmp_signed("<", threads, ir.Constant(_I64, n_chunks)), threads,
-                      ir.Constant(_I64, n_chunks))
+    wanted = b.select(
+        b.icmp_signed("<", threads, ir.Constant(_I64, n_chunks)),
+        threads,
+        ir.Constant(_I64, n_chunks),
+    )
     helpers = b.sub(wanted, ir.Constant(_I64, 1))
     b.store(b.add(helpers, ir.Constant(_I64, 1)), _slot(b, work, _HOLDERS))
     fn = b.function
-    head, body, done = (fn.append_basic_block(name) for name in ("schedule", "schedule_one", "scheduled"))
+    head, body, done = (
+        fn.append_basic_block(name) for name in ("schedule", "schedule_one", "scheduled")
+    )
     before = b.block
     b.branch(head)
     b.position_at_end(head)
@@ -450,8 +607,12 @@ def _schedule(b: ir.IRBuilder, api, ctx, task, work, n_chunks: int) -> None:
     k.add_incoming(ir.Constant(_I64, 0), before)
     b.cbranch(b.icmp_signed("<", k, helpers), body, done)
     b.position_at_end(body)
-    error = _api_call(b, api, "ThreadPool_Schedule", abi.ScheduleArgs, {"ctx": ctx, "task": task, "data": work})
-    with b.if_then(b.icmp_unsigned("!=", error, ir.Constant(_PTR, None))):  # no pool: this thread does it all
+    error = _api_call(
+        b, api, "ThreadPool_Schedule", abi.ScheduleArgs, {"ctx": ctx, "task": task, "data": work}
+    )
+    with b.if_then(
+        b.icmp_unsigned("!=", error, ir.Constant(_PTR, None))
+    ):  # no pool: this thread does it all
         _api_call(b, api, "Error_Destroy", abi.ErrorDestroyArgs, {"error": error})
         b.atomic_rmw("sub", _slot(b, work, _HOLDERS), ir.Constant(_I64, 1), "acq_rel")
     k.add_incoming(b.add(k, ir.Constant(_I64, 1)), b.block)
@@ -472,4 +633,3 @@ def _wait(b: ir.IRBuilder, work, n_chunks: int) -> None:
     b.call(yield_, [])
     b.branch(head)
     b.position_at_end(done)
-

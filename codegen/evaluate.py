@@ -24,8 +24,9 @@ precision values are loaded, computed in float32, and rounded once on store.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -67,10 +68,18 @@ class Backend(Protocol):
     def dim(self, x, axis: int, dtype: np.dtype): ...
 
 
-def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], scalars: dict,
-             step_dtype: np.dtype, out_dtypes: dict[str, Sequence[np.dtype]],
-             delta_output: str | None = None, per_output: bool = False,
-             out_extents: dict[str, str] | None = None, factoring: Factoring = NOT_FACTORED) -> dict[str, list]:
+def evaluate(
+    func: Function,
+    backend: Backend,
+    tensors: dict[str, Sequence],
+    scalars: dict,
+    step_dtype: np.dtype,
+    out_dtypes: dict[str, Sequence[np.dtype]],
+    delta_output: str | None = None,
+    per_output: bool = False,
+    out_extents: dict[str, str] | None = None,
+    factoring: Factoring = NOT_FACTORED,
+) -> dict[str, list]:
     """Evaluate ``func`` for every parameter; return each output as a list of per-parameter arrays.
 
     ``tensors`` maps each tensor and leaf input to one array per parameter (``p``
@@ -99,8 +108,10 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
         if value.type.extent == "step":
             env[id(value)] = backend.convert(scalars[value.name], step_dtype)
         else:
-            env[id(value)] = [layout.load(backend.convert(x, dt), i, value.type.extent)
-                              for i, (x, dt) in enumerate(zip(tensors[value.name], dtypes, strict=True))]
+            env[id(value)] = [
+                layout.load(backend.convert(x, dt), i, value.type.extent)
+                for i, (x, dt) in enumerate(zip(tensors[value.name], dtypes, strict=True))
+            ]
     leaf_view = _LeafView(func, backend, env, dtypes, layout, plan)
     for op in func.ops:
         _compute(op, backend, env, leaf_view, step_dtype)
@@ -109,7 +120,9 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
     if per_output:
         for name, value in func.outputs[1:]:
             if value.type.extent == "tensor":
-                envs[name] = _recompute_tensors(func, value, backend, env, step_dtype, dtypes, layout, plan)
+                envs[name] = _recompute_tensors(
+                    func, value, backend, env, step_dtype, dtypes, layout, plan
+                )
 
     outputs = {}
     for name, value in func.outputs:
@@ -122,7 +135,9 @@ def evaluate(func: Function, backend: Backend, tensors: dict[str, Sequence], sca
         if name == delta_output:
             old = env[id(func.input(name))]
             per_leaf = [backend.apply("sub", [new, old[i]]) for i, new in enumerate(per_leaf)]
-        outputs[name] = [backend.convert(x, dt) for x, dt in zip(per_leaf, out_dtypes[name], strict=True)]
+        outputs[name] = [
+            backend.convert(x, dt) for x, dt in zip(per_leaf, out_dtypes[name], strict=True)
+        ]
     return outputs
 
 
@@ -132,7 +147,9 @@ class _Layout:
     def __init__(self, backend: Backend, params: list, factoring: Factoring):
         self.backend = backend
         self.shapes = [backend.shape_of(x) for x in params]
-        self.axes = [dict(zip(("row", "col"), factoring.axes(shape), strict=True)) for shape in self.shapes]
+        self.axes = [
+            dict(zip(("row", "col"), factoring.axes(shape), strict=True)) for shape in self.shapes
+        ]
 
     def reduced(self, i: int, extent: str) -> tuple[int, ...]:
         return self.axes[i].get(extent, ())
@@ -140,8 +157,14 @@ class _Layout:
     def kept_shape(self, i: int, extent: str) -> tuple[int, ...]:
         """The shape of a value of ``extent``: a row or col value's reduced axes are kept as size 1."""
         shape = self.shapes[i]
-        if extent == "axes":  # a vector's statistics are its elements; a larger tensor needs static sizes
-            return shape if len(shape) == 1 else stored_shape(self.static_shape(i), extent, NOT_FACTORED)
+        if (
+            extent == "axes"
+        ):  # a vector's statistics are its elements; a larger tensor needs static sizes
+            return (
+                shape
+                if len(shape) == 1
+                else stored_shape(self.static_shape(i), extent, NOT_FACTORED)
+            )
         if extent in ("cr", "rr", "cc"):
             return stored_shape(shape, extent, NOT_FACTORED)
         axes = self.reduced(i, extent)
@@ -152,16 +175,24 @@ class _Layout:
         shape = self.shapes[i]
         if all(isinstance(n, int) and n >= 0 for n in shape):  # MLIR marks a symbolic size < 0
             return shape
-        raise InputError(f"a parameter of {len(shape)} axes with a symbolic size reaches a per-axis statistic "
-                         "(axis_max, axis_min or an 'axes' state), whose length is the sum of the sizes",
-                         hint="export with sizes rather than names (--shape 64,32), or use a vector", code="E390")
+        raise InputError(
+            f"a parameter of {len(shape)} axes with a symbolic size reaches a per-axis statistic "
+            "(axis_max, axis_min or an 'axes' state), whose length is the sum of the sizes",
+            hint="export with sizes rather than names (--shape 64,32), or use a vector",
+            code="E390",
+        )
 
     def dim(self, i: int, name: str) -> int | None:
         """A shape constant of parameter ``i`` (optgen.ops.DIMS), or None where the shape is symbolic."""
         shape = self.shapes[i]
-        size = {"ndim": len(shape), "rows": shape[-2] if len(shape) >= 2 else 1,
-                "cols": shape[-1] if shape else 1}[name]
-        return size if isinstance(size, int) and size >= 0 else None  # MLIR marks a symbolic size < 0
+        size = {
+            "ndim": len(shape),
+            "rows": shape[-2] if len(shape) >= 2 else 1,
+            "cols": shape[-1] if shape else 1,
+        }[name]
+        return (
+            size if isinstance(size, int) and size >= 0 else None
+        )  # MLIR marks a symbolic size < 0
 
     def load(self, x, i: int, extent: str):
         """A stored row or col value with its reduced axes put back (size 1); others as they are."""
@@ -171,7 +202,9 @@ class _Layout:
         axes = self.reduced(i, extent)
         if not axes:
             return x
-        return self.backend.reshape(x, tuple(n for axis, n in enumerate(self.shapes[i]) if axis not in axes))
+        return self.backend.reshape(
+            x, tuple(n for axis, n in enumerate(self.shapes[i]) if axis not in axes)
+        )
 
 
 class _Plan:
@@ -184,7 +217,7 @@ class _Plan:
     operand on every parameter.
     """
 
-    def __init__(self, func: Function, layout: "_Layout"):
+    def __init__(self, func: Function, layout: _Layout):
         n = len(layout.shapes)
         self.static: list[dict[int, object]] = [{} for _ in range(n)]
         for op in func.ops:
@@ -196,18 +229,26 @@ class _Plan:
         roots, extra = [v for _, v in func.outputs], []
         while True:
             self.needed = [self._walk(i, roots + extra) for i in range(n)]
-            wanted = {id(op.operands[0]): op.operands[0] for op in func.ops
-                      if op.opcode == "gsum" and any(id(op.result) in needed for needed in self.needed)}
+            wanted = {
+                id(op.operands[0]): op.operands[0]
+                for op in func.ops
+                if op.opcode == "gsum" and any(id(op.result) in needed for needed in self.needed)
+            }
             if set(wanted) <= set(map(id, extra)):
                 break
             extra = list(wanted.values())
         # Per-step outputs are computed even with no parameters at all.
-        self.any_needed = set().union(self._walk(None, [v for _, v in func.outputs if v.type.extent == "step"]),
-                                      *self.needed)
+        self.any_needed = set().union(
+            self._walk(None, [v for _, v in func.outputs if v.type.extent == "step"]), *self.needed
+        )
 
     def chosen(self, op: Op, i: int | None) -> Value | None:
         """The operand a select takes for parameter i, if its condition is known when tracing."""
-        cond = self.static[i].get(id(op.operands[0])) if op.opcode == "select" and i is not None else None
+        cond = (
+            self.static[i].get(id(op.operands[0]))
+            if op.opcode == "select" and i is not None
+            else None
+        )
         return None if cond is None else op.operands[1] if cond else op.operands[2]
 
     def _walk(self, i: int | None, roots) -> set[int]:
@@ -224,7 +265,7 @@ class _Plan:
         return found
 
 
-def _static_value(op: Op, known: dict, layout: "_Layout", i: int):
+def _static_value(op: Op, known: dict, layout: _Layout, i: int):
     """The value of ``op`` for parameter i if constants and shape constants decide it, else None."""
     if op.opcode == "const":
         return op.attr
@@ -232,8 +273,10 @@ def _static_value(op: Op, known: dict, layout: "_Layout", i: int):
         return layout.dim(i, op.attr)
     if OPS[op.opcode].numpy is None or not all(id(v) in known for v in op.operands):
         return None
-    args = [np.asarray(known[id(v)], dtype=bool if isinstance(known[id(v)], bool) else np.float64)
-            for v in op.operands]
+    args = [
+        np.asarray(known[id(v)], dtype=bool if isinstance(known[id(v)], bool) else np.float64)
+        for v in op.operands
+    ]
     with np.errstate(all="ignore"):
         result = OPS[op.opcode].numpy(*args)
     return bool(result) if op.result.type.kind == "bool" else float(result)
@@ -242,9 +285,22 @@ def _static_value(op: Op, known: dict, layout: "_Layout", i: int):
 class _LeafView:
     """A value as parameter i sees it, widened to an extent; step scalars are converted once per leaf."""
 
-    def __init__(self, func: Function, backend: Backend, env: dict, dtypes: list[np.dtype], layout: _Layout,
-                 plan: _Plan):
-        self.backend, self.env, self.dtypes, self.layout, self.plan = backend, env, dtypes, layout, plan
+    def __init__(
+        self,
+        func: Function,
+        backend: Backend,
+        env: dict,
+        dtypes: list[np.dtype],
+        layout: _Layout,
+        plan: _Plan,
+    ):
+        self.backend, self.env, self.dtypes, self.layout, self.plan = (
+            backend,
+            env,
+            dtypes,
+            layout,
+            plan,
+        )
         self.params = env[id(func.input("p"))]
         self.converted: dict[tuple[int, int], object] = {}
 
@@ -253,18 +309,26 @@ class _LeafView:
         if value.type.extent == "step":
             key = (id(value), i)
             if key not in self.converted:
-                self.converted[key] = x if value.type.kind == "bool" else self.backend.convert(x, self.dtypes[i])
+                self.converted[key] = (
+                    x if value.type.kind == "bool" else self.backend.convert(x, self.dtypes[i])
+                )
             x = self.converted[key]
         else:
             x = x[i]
         source = value.type.extent
-        if extent in ("step", "leaf") or source == "tensor" or (source == extent and extent in SEPARATE_EXTENTS):
+        if (
+            extent in ("step", "leaf")
+            or source == "tensor"
+            or (source == extent and extent in SEPARATE_EXTENTS)
+        ):
             return x
         target = self.layout.kept_shape(i, extent)
         if source in ("row", "col") and self.backend.shape_of(x) == target:
             return x  # (a row value may be narrower: col_mean of a row is one number per batch)
         if target == self.layout.shapes[i]:
-            return self.backend.broadcast(x, self.params[i])  # the parameter's shape may be symbolic
+            return self.backend.broadcast(
+                x, self.params[i]
+            )  # the parameter's shape may be symbolic
         return self.backend.broadcast_to(x, target)
 
 
@@ -278,9 +342,12 @@ def _expect_representable(op: Op, dtype: np.dtype) -> None:
         if np.isfinite(np.asarray(value, dtype)):
             return
     where = f"{op.loc.file}:{op.loc.line}:{op.loc.col}: " if op.loc else ""
-    raise SpecError(f"{where}the constant {value:g} is beyond {np.dtype(dtype).name} (it would be inf)",
-                    hint=f"use a constant within {np.dtype(dtype).name}'s range (about {np.finfo(dtype).max:.1e}), "
-                         "or float64 parameters (jax_enable_x64)", code="E225")
+    raise SpecError(
+        f"{where}the constant {value:g} is beyond {np.dtype(dtype).name} (it would be inf)",
+        hint=f"use a constant within {np.dtype(dtype).name}'s range (about {np.finfo(dtype).max:.1e}), "
+        "or float64 parameters (jax_enable_x64)",
+        code="E225",
+    )
 
 
 def _gsum(op, backend, env, view, step_dtype):
@@ -304,9 +371,12 @@ def _matrices(op, view, i):
     shape = view.layout.shapes[i]
     if len(shape) < 2:
         where = f" at {op.loc.file}:{op.loc.line}:{op.loc.col}" if op.loc else ""
-        raise InputError(f"a parameter of shape {tuple(shape)} reaches the matrix op '{op.opcode}'{where}, "
-                         "but it is not a matrix (it needs at least two axes)",
-                         hint="choose by shape in the spec: 'if ndim == 2:' ... 'else:' ...", code="E360")
+        raise InputError(
+            f"a parameter of shape {tuple(shape)} reaches the matrix op '{op.opcode}'{where}, "
+            "but it is not a matrix (it needs at least two axes)",
+            hint="choose by shape in the spec: 'if ndim == 2:' ... 'else:' ...",
+            code="E360",
+        )
     return [view(v, i, v.type.extent) for v in op.operands]
 
 
@@ -329,8 +399,14 @@ def _axis_max(op, backend, view, i):
     if rank <= 1:
         return x if rank else backend.reshape(x, (1,))
     shape = view.layout.static_shape(i)
-    return backend.concatenate([backend.reshape(backend.reduce_max(x, tuple(a for a in range(rank) if a != axis)),
-                                                (shape[axis],)) for axis in range(rank)])
+    return backend.concatenate(
+        [
+            backend.reshape(
+                backend.reduce_max(x, tuple(a for a in range(rank) if a != axis)), (shape[axis],)
+            )
+            for axis in range(rank)
+        ]
+    )
 
 
 def _axis_min(op, backend, view, i):
@@ -341,8 +417,12 @@ def _axis_min(op, backend, view, i):
     shape = view.layout.static_shape(i)
     least, start = None, 0
     for axis, size in enumerate(shape):
-        along = tuple(size if a == axis else 1 for a in range(rank))  # this axis's statistics, along it
-        part = backend.broadcast_to(backend.reshape(backend.slice(v, start, start + size), along), shape)
+        along = tuple(
+            size if a == axis else 1 for a in range(rank)
+        )  # this axis's statistics, along it
+        part = backend.broadcast_to(
+            backend.reshape(backend.slice(v, start, start + size), along), shape
+        )
         least, start = part if least is None else backend.apply("min", [least, part]), start + size
     return least
 
@@ -354,10 +434,18 @@ PER_LEAF = {
     "matmul": lambda op, backend, view, i: backend.matmul(*_matrices(op, view, i)),
     "transpose": lambda op, backend, view, i: backend.transpose(*_matrices(op, view, i)),
     "eye": _eye,
-    "row_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "row")),
-    "col_mean": lambda op, backend, view, i: backend.mean(_operand(op, view, i), view.layout.reduced(i, "col")),
-    "row_max": lambda op, backend, view, i: backend.reduce_max(_operand(op, view, i), view.layout.reduced(i, "row")),
-    "col_max": lambda op, backend, view, i: backend.reduce_max(_operand(op, view, i), view.layout.reduced(i, "col")),
+    "row_mean": lambda op, backend, view, i: backend.mean(
+        _operand(op, view, i), view.layout.reduced(i, "row")
+    ),
+    "col_mean": lambda op, backend, view, i: backend.mean(
+        _operand(op, view, i), view.layout.reduced(i, "col")
+    ),
+    "row_max": lambda op, backend, view, i: backend.reduce_max(
+        _operand(op, view, i), view.layout.reduced(i, "row")
+    ),
+    "col_max": lambda op, backend, view, i: backend.reduce_max(
+        _operand(op, view, i), view.layout.reduced(i, "col")
+    ),
     "axis_max": _axis_max,
     "axis_min": _axis_min,
     "sum": lambda op, backend, view, i: backend.reduce_sum(_operand(op, view, i)),
@@ -366,7 +454,9 @@ PER_LEAF = {
 STRUCTURAL = set(PER_LEAF) | {"gsum"}
 
 
-def _compute(op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dtype: np.dtype) -> None:
+def _compute(
+    op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dtype: np.dtype
+) -> None:
     """Evaluate one op into ``env``: once for step values, once per parameter otherwise, and only
     where a parameter needs it (:class:`_Plan`)."""
     extent, plan = op.result.type.extent, leaf_view.plan
@@ -379,13 +469,17 @@ def _compute(op: Op, backend: Backend, env: dict, leaf_view: _LeafView, step_dty
         elif op.opcode == "gsum":
             env[id(op.result)] = _gsum(op, backend, env, leaf_view, step_dtype)
         elif op.opcode in PER_LEAF:
-            env[id(op.result)] = [PER_LEAF[op.opcode](op, backend, leaf_view, i) if id(op.result) in needed else None
-                                  for i, needed in enumerate(plan.needed)]
+            env[id(op.result)] = [
+                PER_LEAF[op.opcode](op, backend, leaf_view, i) if id(op.result) in needed else None
+                for i, needed in enumerate(plan.needed)
+            ]
         elif extent == "step":
             env[id(op.result)] = backend.apply(op.opcode, [env[id(v)] for v in op.operands])
         else:
-            env[id(op.result)] = [_elementwise(op, backend, leaf_view, i, extent) if id(op.result) in needed else None
-                                  for i, needed in enumerate(plan.needed)]
+            env[id(op.result)] = [
+                _elementwise(op, backend, leaf_view, i, extent) if id(op.result) in needed else None
+                for i, needed in enumerate(plan.needed)
+            ]
 
 
 def _elementwise(op: Op, backend: Backend, leaf_view: _LeafView, i: int, extent: str):
@@ -395,15 +489,23 @@ def _elementwise(op: Op, backend: Backend, leaf_view: _LeafView, i: int, extent:
     return backend.apply(op.opcode, [leaf_view(v, i, extent) for v in op.operands])
 
 
-def _recompute_tensors(func: Function, output: Value, backend: Backend, env: dict, step_dtype: np.dtype,
-                       dtypes: list[np.dtype], layout: "_Layout", plan: _Plan) -> dict:
+def _recompute_tensors(
+    func: Function,
+    output: Value,
+    backend: Backend,
+    env: dict,
+    step_dtype: np.dtype,
+    dtypes: list[np.dtype],
+    layout: _Layout,
+    plan: _Plan,
+) -> dict:
     """A copy of ``env`` in which the tensor ops ``output`` depends on are recomputed from fresh inputs."""
     needed = dependencies(func, [output], follow=lambda value: value.type.extent == "tensor")
     fresh = dict(env)
     inputs = [v for v in func.inputs if v.type.extent == "tensor" and id(v) in needed]
     flat = backend.barrier([x for v in inputs for x in env[id(v)]])
     for k, value in enumerate(inputs):
-        fresh[id(value)] = flat[k * len(dtypes):(k + 1) * len(dtypes)]
+        fresh[id(value)] = flat[k * len(dtypes) : (k + 1) * len(dtypes)]
     view = _LeafView(func, backend, fresh, dtypes, layout, plan)
     for op in func.ops:
         if id(op.result) in needed:

@@ -12,12 +12,11 @@ import contextlib
 
 import jax
 import numpy as np
-
 from optgen.codegen import fusion
 from optgen.codegen.primitive import run_ir
+
 from optgen.ir import Program
 from optgen.types import DTYPES, stored_shape
-
 
 
 def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = "shared"):
@@ -31,8 +30,15 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
         tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
         scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
         out_dtypes = {"p": [inputs["p"].dtype]} | {n: [d] for n, d in state_dtypes.items()}
-        out = run_ir(func, tensors, scalars, out_dtypes, lowering=lowering, out_extents=program.extents(),
-                     factoring=program.factoring)
+        out = run_ir(
+            func,
+            tensors,
+            scalars,
+            out_dtypes,
+            lowering=lowering,
+            out_extents=program.extents(),
+            factoring=program.factoring,
+        )
         return {name: out[name][0] for name, _ in func.outputs}
 
     return step
@@ -47,9 +53,13 @@ def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[
     """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"`` (a factored
     spec needs sizes, not names, for two or more dims: which axes are factored depends on them)."""
     dims = tuple(jax.export.symbolic_shape(shape))
-    return {v.name: jax.ShapeDtypeStruct(stored_shape(dims, v.type.extent, program.factoring),
-                                         state_dtypes.get(v.name, scalar_dtype(dtype)
-                                         if v.type.extent == "step" else dtype)) for v in program.update.inputs}
+    return {
+        v.name: jax.ShapeDtypeStruct(
+            stored_shape(dims, v.type.extent, program.factoring),
+            state_dtypes.get(v.name, scalar_dtype(dtype) if v.type.extent == "step" else dtype),
+        )
+        for v in program.update.inputs
+    }
 
 
 def scalar_dtype(dtype: np.dtype) -> np.dtype:
@@ -57,19 +67,27 @@ def scalar_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
-def state_dtypes(program: Program, dtype: np.dtype, step_dtype: np.dtype | None = None) -> dict[str, np.dtype]:
+def state_dtypes(
+    program: Program, dtype: np.dtype, step_dtype: np.dtype | None = None
+) -> dict[str, np.dtype]:
     """Each state's storage dtype: as declared, else ``step_dtype`` for a per-step state (by
     default :func:`scalar_dtype`) and the parameters' ``dtype`` for the others."""
     step_dtype = scalar_dtype(dtype) if step_dtype is None else step_dtype
-    return {name: DTYPES[d] if d else step_dtype if program.state_extents[name] == "step" else dtype
-            for name, d in program.state_dtypes.items()}
+    return {
+        name: DTYPES[d] if d else step_dtype if program.state_extents[name] == "step" else dtype
+        for name, d in program.state_dtypes.items()
+    }
 
 
-def lower(program: Program, dtype: np.dtype, shape: str, lowering: str = "shared") -> jax.stages.Lowered:
+def lower(
+    program: Program, dtype: np.dtype, shape: str, lowering: str = "shared"
+) -> jax.stages.Lowered:
     """Trace and lower the kernel with JAX (our primitive emits the StableHLO)."""
     dtypes = state_dtypes(program, dtype)
     with x64_for(dtype):
-        return jax.jit(kernel(program, dtypes, lowering)).lower(arg_specs(program, dtype, shape, dtypes))
+        return jax.jit(kernel(program, dtypes, lowering)).lower(
+            arg_specs(program, dtype, shape, dtypes)
+        )
 
 
 def stablehlo_text(program: Program, dtype: np.dtype, shape: str) -> str:
@@ -84,14 +102,24 @@ def optimized_hlo(program: Program, dtype: np.dtype, shape: str) -> str:
     """XLA's optimized HLO for this machine's backend, with XLA's best fused loops (needs a concrete
     shape). On CPU a step may run optgen's own loop instead, a call HLO cannot look into:
     ``optgen inspect`` reports which."""
-    dtypes = [[np.dtype(dtype)]] + [[d] for name, d in state_dtypes(program, dtype).items()
-                                    if program.state_extents[name] == "tensor"]
-    return lower(program, dtype, shape, fusion.xla_lowering((jax.default_backend(),), dtypes)).compile().as_text()
+    dtypes = [[np.dtype(dtype)]] + [
+        [d]
+        for name, d in state_dtypes(program, dtype).items()
+        if program.state_extents[name] == "tensor"
+    ]
+    return (
+        lower(program, dtype, shape, fusion.xla_lowering((jax.default_backend(),), dtypes))
+        .compile()
+        .as_text()
+    )
 
 
-def export(program: Program, dtype: np.dtype, shape: str, platforms: list[str]) -> jax.export.Exported:
+def export(
+    program: Program, dtype: np.dtype, shape: str, platforms: list[str]
+) -> jax.export.Exported:
     """A serializable ``jax.export`` artifact of the kernel for ``platforms``."""
     dtypes = state_dtypes(program, dtype)
     with x64_for(dtype):
         return jax.export.export(jax.jit(kernel(program, dtypes)), platforms=platforms)(
-            arg_specs(program, dtype, shape, dtypes))
+            arg_specs(program, dtype, shape, dtypes)
+        )

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,9 @@ import numpy as np
 from optgen.diagnostics import InputError
 
 LOWERINGS = ("auto", "ffi", "shared", "per-output")
-PER_OUTPUT_MAX_LEAVES = 1000  # above this, per-output's extra HLO costs more compile time than optax's step
+PER_OUTPUT_MAX_LEAVES = (
+    1000  # above this, per-output's extra HLO costs more compile time than optax's step
+)
 # Where XLA's per-output loop applies (one dtype per parameter), it ran ~6% faster than optgen's own
 # loop on one tensor and on 75 transformer leaves; with 2,000 small leaves the own loop took 0.61x
 # the time of XLA's (one call per 64 parameters against a loop each). Between the two: a guess.
@@ -91,17 +94,23 @@ def ffi_refusal(where: Where, kernel_refusal: str | None) -> str | None:
     return kernel_refusal
 
 
-def resolve(lowering: str, where: Where, out_dtypes: Sequence[Sequence[np.dtype]],
-            kernel_refusal: str | None = None) -> str:
+def resolve(
+    lowering: str,
+    where: Where,
+    out_dtypes: Sequence[Sequence[np.dtype]],
+    kernel_refusal: str | None = None,
+) -> str:
     """The concrete lowering (``ffi``, ``shared`` or ``per-output``) for ``lowering`` at ``where``.
 
     ``out_dtypes`` holds each output's storage dtype per parameter.
     """
     refusal = ffi_refusal(where, kernel_refusal)
     if lowering == "ffi" and refusal is not None:
-        raise InputError(f"lowering='ffi' cannot lower this step: {refusal}",
-                         hint="use lowering='auto', which falls back to XLA's loops where the CPU loop cannot run",
-                         code="E384")
+        raise InputError(
+            f"lowering='ffi' cannot lower this step: {refusal}",
+            hint="use lowering='auto', which falls back to XLA's loops where the CPU loop cannot run",
+            code="E384",
+        )
     if lowering != "auto":
         return lowering
     xla = xla_lowering(where.platforms, out_dtypes)
@@ -113,4 +122,8 @@ def xla_lowering(platforms: tuple[str, ...], out_dtypes: Sequence[Sequence[np.dt
     """The best of XLA's own lowerings (``shared`` or ``per-output``) for these outputs."""
     one_dtype = all(len(set(per_leaf)) == 1 for per_leaf in zip(*out_dtypes, strict=True))
     few = max((len(per_output) for per_output in out_dtypes), default=0) <= PER_OUTPUT_MAX_LEAVES
-    return "per-output" if platforms == ("cpu",) and one_dtype and few and cpu_multi_output_fusion() else "shared"
+    return (
+        "per-output"
+        if platforms == ("cpu",) and one_dtype and few and cpu_multi_output_fusion()
+        else "shared"
+    )

@@ -7,11 +7,11 @@ codegen tests (StableHLO through XLA against float64 NumPy).
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from optgen.codegen.evaluate import evaluate
+
 from optgen.ir import Function
 from optgen.ops import OPS
 from optgen.types import NOT_FACTORED, Factoring
@@ -68,7 +68,9 @@ class NumpyBackend:
         return self.xp.sum(x, dtype=self.xp.asarray(x).dtype)
 
     def mean(self, x, axes):
-        return self.xp.mean(x, axis=axes, keepdims=True, dtype=self.xp.asarray(x).dtype) if axes else x
+        return (
+            self.xp.mean(x, axis=axes, keepdims=True, dtype=self.xp.asarray(x).dtype) if axes else x
+        )
 
     def reduce_max(self, x, axes):
         return self.xp.max(x, axis=axes, keepdims=True) if axes else x
@@ -90,10 +92,15 @@ class NumpyBackend:
         return self.xp.asarray(self.xp.shape(x)[axis], dtype=dtype)
 
 
-def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scalars: Mapping[str, float],
-              dtype=np.float64, delta_output: str | None = None,
-              factoring: Factoring = NOT_FACTORED, out_extents: dict[str, str] | None = None,
-              ) -> dict[str, list[np.ndarray]]:
+def interpret(
+    func: Function,
+    tensors: Mapping[str, Sequence[np.ndarray]],
+    scalars: Mapping[str, float],
+    dtype=np.float64,
+    delta_output: str | None = None,
+    factoring: Factoring = NOT_FACTORED,
+    out_extents: dict[str, str] | None = None,
+) -> dict[str, list[np.ndarray]]:
     """Run ``func`` with every value computed in ``dtype``; outputs are returned in ``dtype`` too.
 
     ``tensors`` maps each tensor input (``p``, ``g``, states) to one array per
@@ -104,5 +111,14 @@ def interpret(func: Function, tensors: Mapping[str, Sequence[np.ndarray]], scala
     dtype = np.dtype(dtype)
     tensors = {k: [np.asarray(x, dtype) for x in v] for k, v in tensors.items()}
     out_dtypes = {name: [dtype] * len(tensors["p"]) for name, _ in func.outputs}
-    return evaluate(func, NumpyBackend(), tensors, dict(scalars), dtype, out_dtypes, delta_output,
-                    out_extents=out_extents, factoring=factoring)
+    return evaluate(
+        func,
+        NumpyBackend(),
+        tensors,
+        dict(scalars),
+        dtype,
+        out_dtypes,
+        delta_output,
+        out_extents=out_extents,
+        factoring=factoring,
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from optgen.codegen.interpret import NUMPY_OPS, NumpyBackend
 
 # Ops whose NumPy meaning is a lambda have no jnp function of the same name.

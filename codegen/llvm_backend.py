@@ -21,7 +21,6 @@ import numpy as np
 from llvmlite import ir
 
 
-
 class BFloatType(ir.types._BaseFloatType):
     """LLVM's ``bfloat``, which llvmlite's IR builder lacks; only loaded, stored and converted."""
 
@@ -36,8 +35,13 @@ BFloatType._create_instance()
 
 F32, F64, BOOL = ir.FloatType(), ir.DoubleType(), ir.IntType(1)
 # Storage types a kernel loads and stores; computing happens in float32 or float64.
-LLVM_TYPES = {np.dtype(np.float32): F32, np.dtype(np.float64): F64, np.dtype(np.float16): ir.HalfType(),
-              np.dtype(ml_dtypes.bfloat16): BFloatType(), np.dtype(np.bool_): BOOL}
+LLVM_TYPES = {
+    np.dtype(np.float32): F32,
+    np.dtype(np.float64): F64,
+    np.dtype(np.float16): ir.HalfType(),
+    np.dtype(ml_dtypes.bfloat16): BFloatType(),
+    np.dtype(np.bool_): BOOL,
+}
 _WIDTH = {"half": 16, "bfloat": 16, "float": 32, "double": 64}
 
 
@@ -51,7 +55,9 @@ def _libm(b: ir.IRBuilder, name: str, args):
     """A call to the C math library (``powf``/``pow``, ``tanhf``/``tanh``), which LLVM knows by name."""
     ty = args[0].type
     symbol = name + ("f" if ty == F32 else "")
-    fn = b.module.globals.get(symbol) or ir.Function(b.module, ir.FunctionType(ty, [ty] * len(args)), symbol)
+    fn = b.module.globals.get(symbol) or ir.Function(
+        b.module, ir.FunctionType(ty, [ty] * len(args)), symbol
+    )
     return b.call(fn, args)
 
 
@@ -75,19 +81,33 @@ def _compare(predicate: str):
 
 # How each elementwise op of the op table (optgen/ops.py) is emitted: builder, operands -> an LLVM value.
 EMIT = {
-    "add": lambda b, x, y: b.fadd(x, y), "sub": lambda b, x, y: b.fsub(x, y),
-    "mul": lambda b, x, y: b.fmul(x, y), "div": lambda b, x, y: b.fdiv(x, y),
-    "pow": lambda b, x, y: _intrinsic(b, "llvm.pow", [x, y]), "mod": lambda b, x, y: b.frem(x, y),
+    "add": lambda b, x, y: b.fadd(x, y),
+    "sub": lambda b, x, y: b.fsub(x, y),
+    "mul": lambda b, x, y: b.fmul(x, y),
+    "div": lambda b, x, y: b.fdiv(x, y),
+    "pow": lambda b, x, y: _intrinsic(b, "llvm.pow", [x, y]),
+    "mod": lambda b, x, y: b.frem(x, y),
     "max": lambda b, x, y: _intrinsic(b, "llvm.maximum", [x, y]),
     "min": lambda b, x, y: _intrinsic(b, "llvm.minimum", [x, y]),
-    "and": lambda b, x, y: b.and_(x, y), "or": lambda b, x, y: b.or_(x, y), "not": lambda b, x: b.not_(x),
-    "neg": lambda b, x: b.fneg(x), "sqrt": lambda b, x: _intrinsic(b, "llvm.sqrt", [x]),
+    "and": lambda b, x, y: b.and_(x, y),
+    "or": lambda b, x, y: b.or_(x, y),
+    "not": lambda b, x: b.not_(x),
+    "neg": lambda b, x: b.fneg(x),
+    "sqrt": lambda b, x: _intrinsic(b, "llvm.sqrt", [x]),
     "rsqrt": lambda b, x: b.fdiv(ir.Constant(x.type, 1.0), _intrinsic(b, "llvm.sqrt", [x])),
-    "abs": lambda b, x: _intrinsic(b, "llvm.fabs", [x]), "sign": _sign,
-    "exp": lambda b, x: _intrinsic(b, "llvm.exp", [x]), "log": lambda b, x: _intrinsic(b, "llvm.log", [x]),
-    "tanh": lambda b, x: _libm(b, "tanh", [x]), "isfinite": _isfinite,
-    "lt": _compare("<"), "le": _compare("<="), "gt": _compare(">"), "ge": _compare(">="),
-    "eq": _compare("=="), "ne": _compare("!="), "select": lambda b, c, x, y: b.select(c, x, y),
+    "abs": lambda b, x: _intrinsic(b, "llvm.fabs", [x]),
+    "sign": _sign,
+    "exp": lambda b, x: _intrinsic(b, "llvm.exp", [x]),
+    "log": lambda b, x: _intrinsic(b, "llvm.log", [x]),
+    "tanh": lambda b, x: _libm(b, "tanh", [x]),
+    "isfinite": _isfinite,
+    "lt": _compare("<"),
+    "le": _compare("<="),
+    "gt": _compare(">"),
+    "ge": _compare(">="),
+    "eq": _compare("=="),
+    "ne": _compare("!="),
+    "select": lambda b, c, x, y: b.select(c, x, y),
 }
 
 
@@ -150,4 +170,3 @@ class LoopBackend:
 
     def barrier(self, xs):
         return xs
-

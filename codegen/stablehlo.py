@@ -18,19 +18,45 @@ from optgen.types import DTYPES
 
 def _compare(direction):
     def emit(x, y):
-        return hlo.CompareOp(x, y, hlo.ComparisonDirectionAttr.get(direction),
-                             compare_type=hlo.ComparisonTypeAttr.get("FLOAT"))
+        return hlo.CompareOp(
+            x,
+            y,
+            hlo.ComparisonDirectionAttr.get(direction),
+            compare_type=hlo.ComparisonTypeAttr.get("FLOAT"),
+        )
+
     return emit
 
 
 # How each elementwise op of the op table (optgen/ops.py) is emitted: the op's operands -> an MLIR op.
 EMIT = {
-    "add": hlo.AddOp, "sub": hlo.SubtractOp, "mul": hlo.MulOp, "div": hlo.DivOp, "pow": hlo.PowOp,
-    "max": hlo.MaxOp, "min": hlo.MinOp, "mod": hlo.RemOp, "and": hlo.AndOp, "or": hlo.OrOp,
-    "neg": hlo.NegOp, "sqrt": hlo.SqrtOp, "rsqrt": hlo.RsqrtOp, "abs": hlo.AbsOp, "sign": hlo.SignOp,
-    "exp": hlo.ExpOp, "log": hlo.LogOp, "tanh": hlo.TanhOp, "not": hlo.NotOp, "isfinite": hlo.IsFiniteOp,
-    "lt": _compare("LT"), "le": _compare("LE"), "gt": _compare("GT"), "ge": _compare("GE"),
-    "eq": _compare("EQ"), "ne": _compare("NE"), "select": hlo.SelectOp,
+    "add": hlo.AddOp,
+    "sub": hlo.SubtractOp,
+    "mul": hlo.MulOp,
+    "div": hlo.DivOp,
+    "pow": hlo.PowOp,
+    "max": hlo.MaxOp,
+    "min": hlo.MinOp,
+    "mod": hlo.RemOp,
+    "and": hlo.AndOp,
+    "or": hlo.OrOp,
+    "neg": hlo.NegOp,
+    "sqrt": hlo.SqrtOp,
+    "rsqrt": hlo.RsqrtOp,
+    "abs": hlo.AbsOp,
+    "sign": hlo.SignOp,
+    "exp": hlo.ExpOp,
+    "log": hlo.LogOp,
+    "tanh": hlo.TanhOp,
+    "not": hlo.NotOp,
+    "isfinite": hlo.IsFiniteOp,
+    "lt": _compare("LT"),
+    "le": _compare("LE"),
+    "gt": _compare("GT"),
+    "ge": _compare("GE"),
+    "eq": _compare("EQ"),
+    "ne": _compare("NE"),
+    "select": hlo.SelectOp,
 }
 
 
@@ -76,10 +102,14 @@ class StableHLOBackend:
     def broadcast_to(self, x, shape):
         """Broadcast ``x`` (0-d, or of ``shape``'s rank with size-1 axes) to the static ``shape``."""
         out = ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type)
-        return hlo.BroadcastInDimOp(out, x, mlir.dense_int_array(list(range(_tensor_type(x).rank)))).result
+        return hlo.BroadcastInDimOp(
+            out, x, mlir.dense_int_array(list(range(_tensor_type(x).rank)))
+        ).result
 
     def reshape(self, x, shape):
-        return hlo.ReshapeOp(ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type), x).result
+        return hlo.ReshapeOp(
+            ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type), x
+        ).result
 
     def shape_of(self, x):
         return tuple(_tensor_type(x).shape)
@@ -149,9 +179,12 @@ class StableHLOBackend:
         lhs, rhs = _tensor_type(x), _tensor_type(y)
         batch = list(range(lhs.rank - 2))
         result = ir.RankedTensorType.get([*lhs.shape[:-1], rhs.shape[-1]], lhs.element_type)
-        dims = hlo.DotDimensionNumbers.get(lhs_batching_dimensions=batch, rhs_batching_dimensions=batch,
-                                           lhs_contracting_dimensions=[lhs.rank - 1],
-                                           rhs_contracting_dimensions=[rhs.rank - 2])
+        dims = hlo.DotDimensionNumbers.get(
+            lhs_batching_dimensions=batch,
+            rhs_batching_dimensions=batch,
+            lhs_contracting_dimensions=[lhs.rank - 1],
+            rhs_contracting_dimensions=[rhs.rank - 2],
+        )
         return hlo.DotGeneralOp(result, x, y, dims).result
 
     def transpose(self, x):
@@ -166,8 +199,10 @@ class StableHLOBackend:
     def _shape_of(self, x):
         if x not in self._shapes:
             i32 = ir.RankedTensorType.get([1], ir.IntegerType.get_signless(32))
-            dims = [hlo.ReshapeOp(i32, hlo.GetDimensionSizeOp(x, d).result).result
-                    for d in range(_tensor_type(x).rank)]
+            dims = [
+                hlo.ReshapeOp(i32, hlo.GetDimensionSizeOp(x, d).result).result
+                for d in range(_tensor_type(x).rank)
+            ]
             self._shapes[x] = hlo.ConcatenateOp(dims, 0).result
         return self._shapes[x]
 

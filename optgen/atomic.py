@@ -26,8 +26,9 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from optgen.diagnostics import SpecError
 
@@ -60,10 +61,17 @@ def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
         return
     folder = target.parent
     if not folder.is_dir():
-        named = folder if os.path.islink(shown) else Path(shown).parent  # as the user wrote it, unless a link's
-        raise SpecError(f"cannot write '{shown}': folder '{named}' does not exist",
-                        hint=f"create it first (mkdir -p {named})", code="E006")
-    prefix = os.path.join(folder, f".optgen-{hashlib.sha256(target.name.encode()).hexdigest()[:16]}.")
+        named = (
+            folder if os.path.islink(shown) else Path(shown).parent
+        )  # as the user wrote it, unless a link's
+        raise SpecError(
+            f"cannot write '{shown}': folder '{named}' does not exist",
+            hint=f"create it first (mkdir -p {named})",
+            code="E006",
+        )
+    prefix = os.path.join(
+        folder, f".optgen-{hashlib.sha256(target.name.encode()).hexdigest()[:16]}."
+    )
     _remove_abandoned(prefix)
     try:
         fd, tmp = _create_locked(prefix)
@@ -112,11 +120,21 @@ def _existing_kind(target: Path, shown: str) -> str:
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
-        raise SpecError(f"cannot write '{shown}': it is a directory", hint="give a file name", code="E007")
+        raise SpecError(
+            f"cannot write '{shown}': it is a directory", hint="give a file name", code="E007"
+        )
     if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
         return "special"
-    what = "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
-    raise SpecError(f"cannot write '{shown}': it is {what}", hint="write to a regular file", code="E015")
+    what = (
+        "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    raise SpecError(
+        f"cannot write '{shown}': it is {what}", hint="write to a regular file", code="E015"
+    )
 
 
 @contextlib.contextmanager

@@ -15,11 +15,13 @@ import click
 import jax
 
 from optgen import __version__
-from optgen import opt as ir_opt, passes as passes_mod
+from optgen import opt as ir_opt
+from optgen import passes as passes_mod
 from optgen.artifact import save_artifact
 from optgen.atomic import write_atomic
 from optgen.codegen import export, fusion
-from optgen.compiler import check_spec as _check_spec, compile_checked, user_warnings
+from optgen.compiler import check_spec as _check_spec
+from optgen.compiler import compile_checked, user_warnings
 from optgen.diagnostics import SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
@@ -45,8 +47,11 @@ def _parse_with(values: tuple[str, ...]) -> tuple[dict[str, object], Variant]:
     for item in values:
         name, sep, text = item.partition("=")
         if not sep or not text.strip():
-            raise SpecError(f"--with takes NAME=VALUE, got '{item}'",
-                            hint="for example: --with nesterov=true, --with global_clipnorm=1.0", code="E009")
+            raise SpecError(
+                f"--with takes NAME=VALUE, got '{item}'",
+                hint="for example: --with nesterov=true, --with global_clipnorm=1.0",
+                code="E009",
+            )
         options[name.strip()] = _with_value(text.strip())
     variant, options = split_options(options)
     return options, variant
@@ -60,7 +65,11 @@ def _with_value(text: str) -> object:
         number = float(text)
     except ValueError:
         return text
-    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+    return (
+        int(number)
+        if number.is_integer() and "." not in text and "e" not in text.lower()
+        else number
+    )
 
 
 def _shape(text: str) -> str:
@@ -71,8 +80,11 @@ def _shape(text: str) -> str:
     for dim in dims:
         size = re.fullmatch(r"[0-9]+", dim) and int(dim) <= 1 << 40
         if not (size or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", dim) and _symbolic(dim)):
-            raise SpecError(f"--shape takes sizes or symbolic names separated by commas, got '{text}'",
-                            hint="for example: --shape n, --shape 1048576 or --shape 128,256", code="E014")
+            raise SpecError(
+                f"--shape takes sizes or symbolic names separated by commas, got '{text}'",
+                hint="for example: --shape n, --shape 1048576 or --shape 128,256",
+                code="E014",
+            )
     return ",".join(dims)
 
 
@@ -87,10 +99,16 @@ def _symbolic(name: str) -> bool:
 def _platforms(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     if not names:
-        raise SpecError("--platforms names no platform", hint=f"choose from {', '.join(PLATFORMS)}", code="E010")
+        raise SpecError(
+            "--platforms names no platform", hint=f"choose from {', '.join(PLATFORMS)}", code="E010"
+        )
     for name in names:
         if name not in PLATFORMS:
-            raise SpecError(f"unknown platform '{name}'", hint=f"choose from {', '.join(PLATFORMS)}", code="E010")
+            raise SpecError(
+                f"unknown platform '{name}'",
+                hint=f"choose from {', '.join(PLATFORMS)}",
+                code="E010",
+            )
     return names
 
 
@@ -119,21 +137,49 @@ def main():
 @main.command()
 @click.argument("spec")
 @click.option("-o", "--output", metavar="FILE", help="Write here (atomically) instead of stdout.")
-@click.option("--emit", type=click.Choice(EMITS), default="stablehlo", show_default=True,
-              help="The stage to stop after.")
-@click.option("--dtype", type=click.Choice(["f32", "bf16", "f64"]), default="f32", show_default=True,
-              help="Parameter dtype of the kernel.")
-@click.option("--shape", default="n", show_default=True,
-              help="Kernel shape: dims separated by commas, numbers or symbolic names.")
-@click.option("--platforms", default="cpu,cuda,rocm,tpu", show_default=True,
-              help="Platforms of an --emit artifact.")
-@click.option("--passes", metavar="LIST", help="Comma-separated passes instead of the default pipeline.")
-@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).")
+@click.option(
+    "--emit",
+    type=click.Choice(EMITS),
+    default="stablehlo",
+    show_default=True,
+    help="The stage to stop after.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["f32", "bf16", "f64"]),
+    default="f32",
+    show_default=True,
+    help="Parameter dtype of the kernel.",
+)
+@click.option(
+    "--shape",
+    default="n",
+    show_default=True,
+    help="Kernel shape: dims separated by commas, numbers or symbolic names.",
+)
+@click.option(
+    "--platforms",
+    default="cpu,cuda,rocm,tpu",
+    show_default=True,
+    help="Platforms of an --emit artifact.",
+)
+@click.option(
+    "--passes", metavar="LIST", help="Comma-separated passes instead of the default pipeline."
+)
+@click.option(
+    "--with",
+    "with_",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).",
+)
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after each pass to stderr.")
 def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir_after_all):
     """Compile SPEC (a built-in name or a .spec file) and print the chosen stage."""
     (options, variant), shape = _parse_with(with_), _shape(shape)
-    pipeline = passes_mod.parse_pipeline(passes) if passes is not None else passes_mod.DEFAULT_PIPELINE
+    pipeline = (
+        passes_mod.parse_pipeline(passes) if passes is not None else passes_mod.DEFAULT_PIPELINE
+    )
     if emit == "artifact" and not output:
         raise SpecError("--emit artifact writes a binary file", hint="give -o FILE", code="E011")
     checked = check_spec(spec)
@@ -143,34 +189,65 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
     def after_each(name, func):
         click.echo(f"// ----- IR after {name} -----\n{print_function(func)}", err=True)
 
-    compiled = compile_checked(checked, options, pipeline, after_each if print_ir_after_all else None, variant)
+    compiled = compile_checked(
+        checked, options, pipeline, after_each if print_ir_after_all else None, variant
+    )
     dims = shape.split(",")
     if compiled.program.factoring.enabled and len(dims) > 1 and not all(d.isdigit() for d in dims):
-        raise SpecError(f"{checked.name} has row and column state, so --shape needs sizes, not names (got {shape})",
-                        hint="which axes are factored depends on the sizes (min_dim_size_to_factor): "
-                             "give numbers, e.g. --shape 256,512, or one dim (--shape n)", code="E016")
+        raise SpecError(
+            f"{checked.name} has row and column state, so --shape needs sizes, not names (got {shape})",
+            hint="which axes are factored depends on the sizes (min_dim_size_to_factor): "
+            "give numbers, e.g. --shape 256,512, or one dim (--shape n)",
+            code="E016",
+        )
     if emit in ("ir", "ir-opt"):
         return _write(output, print_program(compiled.lowered if emit == "ir" else compiled.program))
     if emit == "artifact":
         save_artifact(output, compiled, dtype, shape, _platforms(platforms))
         return click.echo(f"wrote {output}", err=True)
     if emit == "hlo" and not all(d.isdigit() for d in shape.replace(" ", "").split(",")):
-        raise SpecError("--emit hlo compiles for this machine and needs a concrete shape",
-                        hint="give one, e.g. --shape 1048576", code="E012")
+        raise SpecError(
+            "--emit hlo compiles for this machine and needs a concrete shape",
+            hint="give one, e.g. --shape 1048576",
+            code="E012",
+        )
     emitter = export.stablehlo_text if emit == "stablehlo" else export.optimized_hlo
     _write(output, emitter(compiled.program, DTYPES[dtype], shape))
 
 
 @main.command()
 @click.argument("spec")
-@click.option("--dtype", type=click.Choice(["f32", "bf16", "f64"]), default="f32", show_default=True,
-              help="Parameter dtype.")
-@click.option("--elements", type=click.IntRange(min=1), default=1 << 24, show_default=True,
-              help="Parameter elements (one flat tensor).")
-@click.option("--lowering", type=click.Choice(fusion.LOWERINGS), default="auto", show_default=True,
-              help="How outputs are lowered (see docs/fusion.md).")
-@click.option("--run", is_flag=True, help="Also time the step and a copy of the same size on this machine.")
-@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["f32", "bf16", "f64"]),
+    default="f32",
+    show_default=True,
+    help="Parameter dtype.",
+)
+@click.option(
+    "--elements",
+    type=click.IntRange(min=1),
+    default=1 << 24,
+    show_default=True,
+    help="Parameter elements (one flat tensor).",
+)
+@click.option(
+    "--lowering",
+    type=click.Choice(fusion.LOWERINGS),
+    default="auto",
+    show_default=True,
+    help="How outputs are lowered (see docs/fusion.md).",
+)
+@click.option(
+    "--run", is_flag=True, help="Also time the step and a copy of the same size on this machine."
+)
+@click.option(
+    "--with",
+    "with_",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).",
+)
 def inspect(spec, dtype, elements, lowering, run, with_):
     """Report what XLA made of SPEC: kernels, bytes and flops per element, speed."""
     from optgen.inspect import inspect as inspect_step  # imports jax's compiler only when asked
@@ -178,13 +255,25 @@ def inspect(spec, dtype, elements, lowering, run, with_):
     options, variant = _parse_with(with_)
     compiled = compile_checked(check_spec(spec), options, variant=variant)
     report = inspect_step(compiled.program, DTYPES[dtype], elements, lowering, run)
-    print_out("".join([f"{spec} step, {dtype}, on {jax.devices()[0].device_kind}\n",
-                    *(f"  {line}\n" for line in report.lines())]))
+    print_out(
+        "".join(
+            [
+                f"{spec} step, {dtype}, on {jax.devices()[0].device_kind}\n",
+                *(f"  {line}\n" for line in report.lines()),
+            ]
+        )
+    )
 
 
 @main.command()
 @click.argument("spec")
-@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE", help="Check with an option set (as compile's --with).")
+@click.option(
+    "--with",
+    "with_",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Check with an option set (as compile's --with).",
+)
 def check(spec, with_):
     """Parse and check SPEC; print "ok" or the first error."""
     options, variant = _parse_with(with_)
@@ -194,21 +283,36 @@ def check(spec, with_):
 
 @main.command("opt")
 @click.argument("file")
-@click.option("--passes", metavar="LIST", default="",
-              help="Comma-separated passes to run, in order (none: print the IR again).")
-@click.option("--split-input-file", is_flag=True,
-              help="Handle each piece between '// -----' lines on its own.")
-@click.option("--with", "with_", multiple=True, metavar="NAME=VALUE",
-              help="Apply an option every spec takes (clipnorm=1.0, use_ema=true) first.")
+@click.option(
+    "--passes",
+    metavar="LIST",
+    default="",
+    help="Comma-separated passes to run, in order (none: print the IR again).",
+)
+@click.option(
+    "--split-input-file",
+    is_flag=True,
+    help="Handle each piece between '// -----' lines on its own.",
+)
+@click.option(
+    "--with",
+    "with_",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Apply an option every spec takes (clipnorm=1.0, use_ema=true) first.",
+)
 @click.option("-o", "--output", metavar="FILE", help="Write here (atomically) instead of stdout.")
 def opt(file, passes, split_input_file, with_, output):
     """Run passes over the IR text in FILE (- for stdin) and print the IR they give."""
     pipeline = passes_mod.parse_pipeline(passes)
     spec_options, variant = _parse_with(with_)
     if spec_options:
-        raise SpecError(f"--with {', '.join(spec_options)}: IR text has no spec, so only the "
-                        "options every spec takes apply", hint="those are: " + ", ".join(DEFAULTS),
-                        code="E034")
+        raise SpecError(
+            f"--with {', '.join(spec_options)}: IR text has no spec, so only the "
+            "options every spec takes apply",
+            hint="those are: " + ", ".join(DEFAULTS),
+            code="E034",
+        )
     source = ir_opt.read_ir(file)
     _write(output, ir_opt.optimize_source(source, pipeline, split_input_file, variant))
 
@@ -238,8 +342,11 @@ def _write(output: str | None, text: str) -> None:
 def print_out(text: str) -> None:
     """Write to standard output; a closed, full or broken one is a diagnostic (E017), not a traceback."""
     if sys.stdout is None:  # the command was started with its standard output closed
-        raise SpecError("standard output is closed, so there is nowhere to print to",
-                        hint="redirect it (> FILE), or give -o FILE where the command takes one", code="E017")
+        raise SpecError(
+            "standard output is closed, so there is nowhere to print to",
+            hint="redirect it (> FILE), or give -o FILE where the command takes one",
+            code="E017",
+        )
     try:
         sys.stdout.write(text)
     except OSError as err:
@@ -259,8 +366,11 @@ def _stdout_failed(err: OSError):
     # Point the descriptor at /dev/null so Python's own flush at exit finds nothing to fail on.
     with contextlib.suppress(Exception):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    raise SpecError(f"cannot write to standard output: {err.strerror or err}",
-                    hint="check the disk or the pipe it goes to, or give -o FILE", code="E017") from None
+    raise SpecError(
+        f"cannot write to standard output: {err.strerror or err}",
+        hint="check the disk or the pipe it goes to, or give -o FILE",
+        code="E017",
+    ) from None
 
 
 from optgen.search.cli import mutate, search  # noqa: E402  (their own module; they import only on use)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
 
 from optgen.checker import CheckedSpec, check
-from optgen.diagnostics import SpecError
 from optgen.ir import Function, Program
 from optgen.library import builtin_names, read_spec
 from optgen.lower import lower, resolve_options
 from optgen.parser import parse
 from optgen.passes import DEFAULT_PIPELINE, known_passes, run_pipeline
-from optgen.transforms import DEFAULTS as SHARED_OPTIONS, Variant
+from optgen.transforms import DEFAULTS as SHARED_OPTIONS
+from optgen.transforms import Variant
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,13 @@ def user_warnings(name_or_path: str, checked: CheckedSpec) -> tuple:
     return () if name_or_path in builtin_names() else checked.warnings
 
 
-def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = None,
-                    passes: Iterable[str] = DEFAULT_PIPELINE,
-                    after_each: Callable[[str, Function], None] | None = None,
-                    variant: Variant = Variant()) -> Compiled:
+def compile_checked(
+    checked: CheckedSpec,
+    options: dict[str, object] | None = None,
+    passes: Iterable[str] = DEFAULT_PIPELINE,
+    after_each: Callable[[str, Function], None] | None = None,
+    variant: Variant = Variant(),
+) -> Compiled:
     """Lower and optimize a checked spec.
 
     ``options`` overrides the spec's ``option`` defaults; ``variant`` holds the
@@ -53,9 +56,10 @@ def compile_checked(checked: CheckedSpec, options: dict[str, object] | None = No
     resolved = resolve_options(checked, options or {}, tuple(SHARED_OPTIONS))
     lowered = variant.apply(lower(checked, resolved))
     passes = known_passes(passes)
-    program = replace(lowered,
-                      update=run_pipeline(lowered.update, passes, after_each),
-                      init=run_pipeline(lowered.init, passes, after_each),
-                      derived=lowered.derived and run_pipeline(lowered.derived, passes, after_each))
+    program = replace(
+        lowered,
+        update=run_pipeline(lowered.update, passes, after_each),
+        init=run_pipeline(lowered.init, passes, after_each),
+        derived=lowered.derived and run_pipeline(lowered.derived, passes, after_each),
+    )
     return Compiled(checked, resolved, lowered, program, passes)
-

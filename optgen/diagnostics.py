@@ -11,8 +11,8 @@ user wrote.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Span:
     end_line: int
     end_col: int
 
-    def to(self, other: "Span") -> "Span":
+    def to(self, other: Span) -> Span:
         """The span from the start of ``self`` to the end of ``other``."""
         return Span(self.line, self.col, other.end_line, other.end_col)
 
@@ -45,8 +45,15 @@ class Source:
 class SpecError(Exception):
     """A mistake in a spec (or in how it is used), located in the spec's text."""
 
-    def __init__(self, message: str, source: Source | None = None, span: Span | None = None,
-                 hint: str | None = None, *, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        source: Source | None = None,
+        span: Span | None = None,
+        hint: str | None = None,
+        *,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.source = source
@@ -63,10 +70,16 @@ class SpecError(Exception):
             out = [f"{where}{label}: {self.message}"]
         else:
             # Control characters (NUL, escapes) print as '?', one for one, so the caret stays aligned.
-            line = "".join(ch if ch.isprintable() or ch == "\t" else "?"
-                           for ch in self.source.line_text(self.span.line))
+            line = "".join(
+                ch if ch.isprintable() or ch == "\t" else "?"
+                for ch in self.source.line_text(self.span.line)
+            )
             col = self.span.col
-            width = self.span.end_col - col if self.span.end_line == self.span.line else len(line) - col + 1
+            width = (
+                self.span.end_col - col
+                if self.span.end_line == self.span.line
+                else len(line) - col + 1
+            )
             # Tabs keep their width in the caret line so the caret lines up in a terminal.
             pad = "".join(ch if ch == "\t" else " " for ch in line[: col - 1])
             out = [

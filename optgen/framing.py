@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from optgen.atomic import open_atomic
 
@@ -33,7 +33,9 @@ class Damaged(Exception):
     """The file's content does not match its digest: truncated or altered."""
 
 
-def write(path: str | os.PathLike, magic: bytes, header: dict, chunks: Callable[[], Iterable]) -> None:
+def write(
+    path: str | os.PathLike, magic: bytes, header: dict, chunks: Callable[[], Iterable]
+) -> None:
     """Write a framed file atomically. ``chunks()`` yields the payload's buffers (bytes, arrays);
     it is called twice, once to digest and once to write, so no joined copy is ever made."""
     head = json.dumps(header).encode() + b"\n"
@@ -54,9 +56,9 @@ def read(path: str | os.PathLike, magic: bytes) -> tuple[dict, memoryview]:
         raise Unreadable(err.strerror or str(err)) from None
     if not data.startswith(magic):
         raise Foreign(repr(data.split(b"\n", 1)[0][:40]))
-    view = memoryview(data)[len(magic):]
+    view = memoryview(data)[len(magic) :]
     digest, content = bytes(view[:64]), view[65:]
     if view[64:65] != b"\n" or hashlib.sha256(content).hexdigest().encode() != digest:
         raise Damaged()
     end = data.index(b"\n", len(magic) + 65)  # the digest matched: this is the header line written
-    return json.loads(data[len(magic) + 65:end]), memoryview(data)[end + 1:]
+    return json.loads(data[len(magic) + 65 : end]), memoryview(data)[end + 1 :]

@@ -24,7 +24,9 @@ from optgen.codegen import cpu_kernel, export, fusion
 from optgen.ir import Program, dependencies
 
 # a fused loop (a lone one may be ROOT), or a call of optgen's own CPU loop
-_FUSION = re.compile(r'^\s+(?:ROOT )?%\S+ = (?P<type>\(.*?\)|\S+) (?:fusion\(|custom-call\(.*custom_call_target="optgen_cpu_)')
+_FUSION = re.compile(
+    r'^\s+(?:ROOT )?%\S+ = (?P<type>\(.*?\)|\S+) (?:fusion\(|custom-call\(.*custom_call_target="optgen_cpu_)'
+)
 _SHAPE = re.compile(r"\[(\d+(?:,\d+)*)\]")
 
 
@@ -44,17 +46,21 @@ class Report:
 
     def lines(self) -> list[str]:
         excess = self.bytes_per_element / self.min_bytes_per_element - 1
-        out = [f"elements            {self.elements:,}",
-               f"lowering            {self.lowering}",
-               f"fused kernels       {self.kernels} per-element, {self.scalar_kernels} scalar",
-               f"bytes per element   {self.bytes_per_element:.2f} (spec minimum {self.min_bytes_per_element:g}, "
-               f"{excess:+.1%})",
-               f"flops per element   {self.flops_per_element:.2f}"]
+        out = [
+            f"elements            {self.elements:,}",
+            f"lowering            {self.lowering}",
+            f"fused kernels       {self.kernels} per-element, {self.scalar_kernels} scalar",
+            f"bytes per element   {self.bytes_per_element:.2f} (spec minimum {self.min_bytes_per_element:g}, "
+            f"{excess:+.1%})",
+            f"flops per element   {self.flops_per_element:.2f}",
+        ]
         if self.seconds is not None:
             step_bw = self.min_bytes_per_element * self.elements / self.seconds / 1e9
             copy_bw = 8 * self.elements / self.copy_seconds / 1e9
-            out += [f"step time           {self.seconds * 1e3:.3f} ms ({step_bw:.1f} GB/s of the spec minimum)",
-                    f"copy bandwidth      {copy_bw:.1f} GB/s (f32 read + write); step at {step_bw / copy_bw:.0%}"]
+            out += [
+                f"step time           {self.seconds * 1e3:.3f} ms ({step_bw:.1f} GB/s of the spec minimum)",
+                f"copy bandwidth      {copy_bw:.1f} GB/s (f32 read + write); step at {step_bw / copy_bw:.0%}",
+            ]
         return out
 
 
@@ -65,22 +71,28 @@ def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
     # The kernel updates one flat tensor, which is never factored: its row values are per element,
     # and so are its per-axis statistics (a vector's slices are its elements).
     per_element = ("tensor", "row", "axes")
-    reads = sum(dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent in per_element)
+    reads = sum(
+        dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent in per_element
+    )
     reads += sum(dtypes[name].itemsize for name in _reduced_inputs(program.update))
     extents = program.extents()
-    return reads + sum(dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] in per_element)
+    return reads + sum(
+        dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] in per_element
+    )
 
 
 def _reduced_inputs(func) -> set[str]:
     """Names of the per-element inputs that some reduction over a whole flat tensor (``sum``,
     ``col_mean``) depends on."""
-    reduced = dependencies(func, [op.operands[0] for op in func.ops if op.opcode in ("sum", "col_mean")])
+    reduced = dependencies(
+        func, [op.operands[0] for op in func.ops if op.opcode in ("sum", "col_mean")]
+    )
     return {v.name for v in func.inputs if v.type.extent in ("tensor", "row") and id(v) in reduced}
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:
     """(per-element, scalar) fusions in the entry computation of optimized HLO text."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    entry = hlo_text[hlo_text.index("\nENTRY") :]
     per_element = scalar = 0
     for line in entry.splitlines():
         match = _FUSION.match(line)
@@ -105,26 +117,50 @@ def own_loop_bytes(hlo_text: str) -> int:
             results = line.split(" custom-call(")[0]
             operands = line.split("operand_layout_constraints={")[1].split("}, api_version")[0]
             arrays = _ARRAY.findall(results) + _ARRAY.findall(operands)
-            total += sum(_ITEMSIZE[kind] * int(np.prod([int(d) for d in dims.split(",") if d])) for kind, dims in arrays)
+            total += sum(
+                _ITEMSIZE[kind] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                for kind, dims in arrays
+            )
     return total
 
 
-def inspect(program: Program, dtype: np.dtype, elements: int, lowering: str = "auto", run: bool = False,
-            repeats: int = 20) -> Report:
+def inspect(
+    program: Program,
+    dtype: np.dtype,
+    elements: int,
+    lowering: str = "auto",
+    run: bool = False,
+    repeats: int = 20,
+) -> Report:
     """Compile ``program``'s step for ``elements`` parameters of ``dtype`` and report on it."""
     shape = str(elements)
     compiled = export.lower(program, dtype, shape, lowering).compile()
     cost = compiled.cost_analysis()
     per_element, scalar = count_kernels(compiled.as_text())
     touched = cost["bytes accessed"] + own_loop_bytes(compiled.as_text())
-    out_dtypes = [[dtype]] + [[d] for name, d in export.state_dtypes(program, dtype).items()
-                              if program.state_extents[name] == "tensor"]
+    out_dtypes = [[dtype]] + [
+        [d]
+        for name, d in export.state_dtypes(program, dtype).items()
+        if program.state_extents[name] == "tensor"
+    ]
     where = fusion.Where((jax.default_backend(),))
-    report = Report(elements, fusion.resolve(lowering, where, out_dtypes, cpu_kernel.unsupported(
-                        program.update, tuple(program.extents().get(name, "tensor") for name, _ in program.update.outputs))),
-                    per_element, scalar,
-                    touched / elements, min_bytes_per_element(program, dtype),
-                    cost.get("flops", 0.0) / elements)
+    report = Report(
+        elements,
+        fusion.resolve(
+            lowering,
+            where,
+            out_dtypes,
+            cpu_kernel.unsupported(
+                program.update,
+                tuple(program.extents().get(name, "tensor") for name, _ in program.update.outputs),
+            ),
+        ),
+        per_element,
+        scalar,
+        touched / elements,
+        min_bytes_per_element(program, dtype),
+        cost.get("flops", 0.0) / elements,
+    )
     if run:
         report.seconds = _time_step(program, dtype, shape, lowering, repeats)
         report.copy_seconds = _time_copy(elements, repeats)
@@ -148,7 +184,9 @@ def _time_step(program: Program, dtype: np.dtype, shape: str, lowering: str, rep
     step = export.kernel(program, dtypes, lowering)
     updated = {name for name, _ in program.update.outputs}
     rng = np.random.default_rng(0)
-    inputs = {name: jnp.asarray(rng.uniform(0.1, 1.0, s.shape), s.dtype) for name, s in specs.items()}
+    inputs = {
+        name: jnp.asarray(rng.uniform(0.1, 1.0, s.shape), s.dtype) for name, s in specs.items()
+    }
     with export.x64_for(dtype):
         run = jax.jit(lambda donated, kept: step(donated | kept), donate_argnums=0)
         state = [{k: v for k, v in inputs.items() if k in updated}]

@@ -23,18 +23,26 @@ from dataclasses import dataclass, field, replace
 from optgen.ops import DIMS, OPS
 from optgen.types import EXTENTS, NOT_FACTORED, ExtentError, Factoring, Type, widest
 
+
 class IRError(Exception):
     """Malformed IR (from text, or a pass that broke an invariant).
 
     ``op`` is the index of the op that does not verify (None for text the parser cannot
     read); ``line``, ``col`` and ``width`` locate the mistake when the IR came from text."""
 
-    def __init__(self, message: str, *, op: int | None = None, line: int | None = None,
-                 col: int | None = None, width: int = 1):
+    def __init__(
+        self,
+        message: str,
+        *,
+        op: int | None = None,
+        line: int | None = None,
+        col: int | None = None,
+        width: int = 1,
+    ):
         super().__init__(message)
         self.message, self.op, self.line, self.col, self.width = message, op, line, col, width
 
-    def at(self, line: int, text: str, part: str | None = None) -> "IRError":
+    def at(self, line: int, text: str, part: str | None = None) -> IRError:
         """This error located at ``part`` of ``text`` (the whole line, without indentation,
         when ``part`` is None or not in it), on line ``line``."""
         found = re.search(re.escape(part) + r"(?!\w)", text) if part else None  # %1, not %12
@@ -85,8 +93,10 @@ class Function:
     def input(self, name: str) -> Value:
         return next(v for v in self.inputs if v.name == name)
 
-    def with_body(self, ops, outputs=None) -> "Function":
-        return replace(self, ops=tuple(ops), outputs=tuple(self.outputs if outputs is None else outputs))
+    def with_body(self, ops, outputs=None) -> Function:
+        return replace(
+            self, ops=tuple(ops), outputs=tuple(self.outputs if outputs is None else outputs)
+        )
 
 
 @dataclass(frozen=True)
@@ -96,10 +106,14 @@ class Program:
     update: Function
     init: Function
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
-    state_extents: dict[str, str] = field(default_factory=dict)  # step, leaf, row, col or tensor; p is a tensor
+    state_extents: dict[str, str] = field(
+        default_factory=dict
+    )  # step, leaf, row, col or tensor; p is a tensor
     factoring: Factoring = NOT_FACTORED  # which parameters have rows and columns (optgen.types)
     derived: Function | None = None  # the spec's outputs, from p, t, the states and hyperparameters
-    extra_inputs: tuple[str, ...] = ()  # per-element inputs of update beside g (Sophia's Hessian estimate)
+    extra_inputs: tuple[
+        str, ...
+    ] = ()  # per-element inputs of update beside g (Sophia's Hessian estimate)
 
     def extents(self) -> dict[str, str]:
         """The extent of each output of ``update`` (and, for states, of ``init``)."""
@@ -117,17 +131,24 @@ def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
         raise IRError(f"'{opcode}' takes {spec.arity} operands, got {len(operands)}")
     kinds = [v.type.kind for v in operands]
     if kinds != list(spec.operands):
-        raise IRError(f"'{opcode}' takes ({', '.join(spec.operands)}) operands, got ({', '.join(kinds)})")
+        raise IRError(
+            f"'{opcode}' takes ({', '.join(spec.operands)}) operands, got ({', '.join(kinds)})"
+        )
     if opcode == "dim" and attr not in DIMS:
         raise IRError(f"'dim' reads one of {', '.join(DIMS)}, got {attr!r}")
     try:
-        extent = spec.extent(*(v.type.extent for v in operands)) if spec.extent \
+        extent = (
+            spec.extent(*(v.type.extent for v in operands))
+            if spec.extent
             else widest(v.type.extent for v in operands)
+        )
     except ExtentError as err:
         raise IRError(f"'{opcode}': {err}") from None
     if spec.reduces is not None:
         if extent not in spec.reduces:
-            raise IRError(f"'{opcode}' reduces a {' or '.join(spec.reduces)} value, got a {extent} value")
+            raise IRError(
+                f"'{opcode}' reduces a {' or '.join(spec.reduces)} value, got a {extent} value"
+            )
         extent = spec.reduces[extent]
     return Type(extent, spec.result)
 
@@ -168,15 +189,17 @@ def verify(func: Function) -> None:
     for index, op in enumerate(func.ops):
         for operand in op.operands:
             if id(operand) not in defined:
-                raise IRError(f"op {index} ({op.opcode}) uses a value before it is defined",
-                              op=index)
+                raise IRError(
+                    f"op {index} ({op.opcode}) uses a value before it is defined", op=index
+                )
         try:
             expected = result_type(op.opcode, op.operands, op.attr)
         except IRError as err:
             raise IRError(f"op {index}: {err}", op=index) from None
         if expected != op.result.type:
-            raise IRError(f"op {index} ({op.opcode}) is typed {op.result.type}, expected {expected}",
-                          op=index)
+            raise IRError(
+                f"op {index} ({op.opcode}) is typed {op.result.type}, expected {expected}", op=index
+            )
         if id(op.result) in defined:
             raise IRError(f"op {index} ({op.opcode}) redefines a value", op=index)
         defined.add(id(op.result))
@@ -195,8 +218,9 @@ def print_function(func: Function) -> str:
     args = ", ".join(f"%{v.name}: {v.type}" for v in func.inputs)
     lines = [f"func @{func.name}({args}) {{"]
     for op in func.ops:
-        operands = {"const": repr(op.attr).lower(), "dim": op.attr}.get(op.opcode) or \
-            ", ".join(names[id(v)] for v in op.operands)
+        operands = {"const": repr(op.attr).lower(), "dim": op.attr}.get(op.opcode) or ", ".join(
+            names[id(v)] for v in op.operands
+        )
         loc = f" {op.loc}" if op.loc else ""
         lines.append(f"  {names[id(op.result)]} = {op.opcode} {operands} : {op.result.type}{loc}")
     lines.append("  return " + ", ".join(f"{n} = {names[id(v)]}" for n, v in func.outputs))
@@ -264,6 +288,7 @@ def _parse_body(lines: list[tuple[int, str]]) -> Function:
 
     ops, op_lines, outputs = [], [], None
     for number, line in lines[1:-1]:
+
         def lookup(ref: str) -> Value:
             ref = ref.strip()
             if not ref.startswith("%") or ref[1:] not in values:
@@ -289,7 +314,9 @@ def _parse_body(lines: list[tuple[int, str]]) -> Function:
                 attr = float(body) if attr is None else attr
             except ValueError:
                 constant = body.strip()
-                raise IRError(f"'{constant}' is not a constant").at(number, line, constant) from None
+                raise IRError(f"'{constant}' is not a constant").at(
+                    number, line, constant
+                ) from None
             operands = ()
         elif opcode == "dim":
             attr, operands = body.strip(), ()

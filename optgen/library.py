@@ -7,7 +7,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from optgen.diagnostics import SpecError, Source, did_you_mean
+from optgen.diagnostics import Source, SpecError, did_you_mean
 from optgen.parser import MAX_SPEC_CHARS
 
 
@@ -31,18 +31,23 @@ def read_spec(name_or_path: str | os.PathLike) -> Source:
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str):
-        raise SpecError(f"a spec is a built-in name or a path, got {type(name_or_path).__name__}",
-                        hint="for example optgen.load('adamw') or optgen.load('my.spec')", code="E001")
+        raise SpecError(
+            f"a spec is a built-in name or a path, got {type(name_or_path).__name__}",
+            hint="for example optgen.load('adamw') or optgen.load('my.spec')",
+            code="E001",
+        )
     path = Path(name_or_path)
     if name_or_path.endswith(".spec") or _exists(path):
         return _read_file(path)
     if name_or_path in builtin_names():
         resource = resources.files("optgen.kernels").joinpath(f"{name_or_path}.spec")
         return Source(resource.read_text(encoding="utf-8"), f"{name_or_path}.spec")
-    raise SpecError(f"no built-in spec or file named '{name_or_path}'",
-                    hint=did_you_mean(name_or_path, builtin_names())
-                    or "run 'optgen list' for the built-in specs, or give a path to a .spec file",
-                    code="E001")
+    raise SpecError(
+        f"no built-in spec or file named '{name_or_path}'",
+        hint=did_you_mean(name_or_path, builtin_names())
+        or "run 'optgen list' for the built-in specs, or give a path to a .spec file",
+        code="E001",
+    )
 
 
 def _exists(path: Path) -> bool:
@@ -56,21 +61,34 @@ def _read_file(path: Path) -> Source:
     limit = MAX_SPEC_CHARS * 4  # UTF-8: at most 4 bytes a character
     try:
         if path.is_dir():
-            raise SpecError(f"'{path}' is a directory", hint="give the path of a .spec file", code="E002")
-        with open(path, "rb") as file:  # read at most one byte past the limit: pipes and devices have no size
+            raise SpecError(
+                f"'{path}' is a directory", hint="give the path of a .spec file", code="E002"
+            )
+        with open(
+            path, "rb"
+        ) as file:  # read at most one byte past the limit: pipes and devices have no size
             data = file.read(limit + 1)
     except FileNotFoundError:
-        raise SpecError(f"cannot read '{path}': no such file",
-                        hint="check the path, or run 'optgen list' for the built-in specs", code="E003") from None
+        raise SpecError(
+            f"cannot read '{path}': no such file",
+            hint="check the path, or run 'optgen list' for the built-in specs",
+            code="E003",
+        ) from None
     except OSError as err:
         raise SpecError(f"cannot read '{path}': {err.strerror}", code="E004") from None
     if len(data) > limit:
-        raise SpecError(f"'{path}' is more than {limit:,} bytes; a spec is at most {MAX_SPEC_CHARS:,} characters",
-                        hint="is this the right file?", code="E008")
+        raise SpecError(
+            f"'{path}' is more than {limit:,} bytes; a spec is at most {MAX_SPEC_CHARS:,} characters",
+            hint="is this the right file?",
+            code="E008",
+        )
     data = data.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
     try:
         return Source(data.decode("utf-8"), str(path))
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise SpecError(f"'{path}' is not UTF-8 text (bad byte at line {line})",
-                        hint="save the spec as UTF-8", code="E005") from None
+        raise SpecError(
+            f"'{path}' is not UTF-8 text (bad byte at line {line})",
+            hint="save the spec as UTF-8",
+            code="E005",
+        ) from None

@@ -20,24 +20,35 @@ from optgen.ops import BINARY_OPCODES, FUNCTIONS, SHAPE_CONSTANTS, UNARY_OPCODES
 from optgen.types import NOT_FACTORED, Factoring, Type
 
 
-
-def resolve_options(checked: CheckedSpec, given: dict[str, object], shared: tuple[str, ...] = ()) -> dict[str, bool]:
+def resolve_options(
+    checked: CheckedSpec, given: dict[str, object], shared: tuple[str, ...] = ()
+) -> dict[str, bool]:
     """The spec's option defaults overridden by ``given``; unknown names and non-bools are errors.
     ``shared`` names the options every spec takes, for the 'did you mean' of a misspelt one."""
     options = dict(checked.options)
     for name, value in given.items():
         if name in checked.hypers:
-            raise SpecError(f"'{name}' is a hyperparameter of '{checked.name}', not an option", code="E303",
-                            hint=f"a hyperparameter is set when the optimizer runs, not compiled in: "
-                                 f"optgen.load('{checked.name}', {name}=...), or the kernel's '{name}' input")
+            raise SpecError(
+                f"'{name}' is a hyperparameter of '{checked.name}', not an option",
+                code="E303",
+                hint=f"a hyperparameter is set when the optimizer runs, not compiled in: "
+                f"optgen.load('{checked.name}', {name}=...), or the kernel's '{name}' input",
+            )
         if name not in options:
-            spec_options = f"its own options are: {', '.join(options)}" if options else "it has no options of its own"
+            spec_options = (
+                f"its own options are: {', '.join(options)}"
+                if options
+                else "it has no options of its own"
+            )
             hint = did_you_mean(name, [*options, *shared]) or (
-                f"{spec_options}; every spec takes {', '.join(shared)}" if shared else spec_options)
+                f"{spec_options}; every spec takes {', '.join(shared)}" if shared else spec_options
+            )
             raise SpecError(f"'{checked.name}' has no option '{name}'", hint=hint, code="E303")
         if isinstance(options[name], bool) and not isinstance(value, bool):
             raise SpecError(f"option '{name}' takes true or false, got {value!r}", code="E304")
-        if not isinstance(options[name], bool) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if not isinstance(options[name], bool) and (
+            isinstance(value, bool) or not isinstance(value, (int, float))
+        ):
             raise SpecError(f"option '{name}' takes a number, got {value!r}", code="E312")
         options[name] = value
     return options
@@ -61,7 +72,9 @@ class _Lowering:
     def run(self) -> Program:
         spec = self.checked.spec
         body = self.select(spec.body)
-        used = {n.id for stmt in _assigns(body) for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
+        used = {
+            n.id for stmt in _assigns(body) for n in ast.walk(stmt.value) if isinstance(n, ast.Name)
+        }
         used |= {stmt.target.id for stmt in _assigns(body)}
         states = [s for s in self.checked.states if s.name.id in used]
         hypers = [Value(Type("step"), name) for name in self.checked.hypers]
@@ -71,7 +84,11 @@ class _Lowering:
         inputs = (*tensors, *slots, Value(Type("step"), "t"), *hypers)
         env = self.block(body, {v.name: v for v in inputs})
         # A read-only state is an input of the update, never an output: it costs no write.
-        outputs = [(n, env[n]) for n in ("p", *(s.name.id for s in states)) if n not in self.checked.readonly]
+        outputs = [
+            (n, env[n])
+            for n in ("p", *(s.name.id for s in states))
+            if n not in self.checked.readonly
+        ]
         update = Function(spec.name.id, inputs, tuple(self.builder.ops), tuple(outputs))
 
         self.builder = Builder()
@@ -79,12 +96,16 @@ class _Lowering:
         init_env = {v.name: v for v in init_inputs}
         init_outputs = tuple((s.name.id, self.expr(s.init, init_env)) for s in states)
         init = Function(f"{spec.name.id}.init", init_inputs, tuple(self.builder.ops), init_outputs)
-        derived = self.derived(spec, (tensors[0], *slots, inputs[len(tensors) + len(slots)], *hypers))
+        derived = self.derived(
+            spec, (tensors[0], *slots, inputs[len(tensors) + len(slots)], *hypers)
+        )
         dtypes = {name: self.checked.state_dtypes[name] for name in extents}
         factoring = NOT_FACTORED
         if "factored" in self.options and "min_dim_size_to_factor" in self.options:
             factoring = Factoring(self.options["factored"], self.options["min_dim_size_to_factor"])
-        return Program(update, init, dtypes, extents, factoring, derived, tuple(i.name.id for i in spec.inputs))
+        return Program(
+            update, init, dtypes, extents, factoring, derived, tuple(i.name.id for i in spec.inputs)
+        )
 
     def derived(self, spec: ast.Spec, inputs) -> Function | None:
         """The function of the spec's outputs, or None without any."""
@@ -103,14 +124,25 @@ class _Lowering:
             if isinstance(stmt, ast.Assign):
                 out.append(stmt)
             elif isinstance(stmt, ast.Repeat):
-                count = stmt.count.value if isinstance(stmt.count, ast.Number) else self.options[stmt.count.id]
+                count = (
+                    stmt.count.value
+                    if isinstance(stmt.count, ast.Number)
+                    else self.options[stmt.count.id]
+                )
                 out.extend(self.select(stmt.body) * int(count))
             else:
                 cond = self.condition(stmt.cond)
                 if isinstance(cond, bool):
                     out.extend(self.select(stmt.then if cond else stmt.orelse))
                 else:
-                    out.append(ast.If(cond, tuple(self.select(stmt.then)), tuple(self.select(stmt.orelse)), stmt.span))
+                    out.append(
+                        ast.If(
+                            cond,
+                            tuple(self.select(stmt.then)),
+                            tuple(self.select(stmt.orelse)),
+                            stmt.span,
+                        )
+                    )
         return out
 
     def condition(self, cond: ast.Expr) -> bool | ast.Expr:
@@ -142,8 +174,12 @@ class _Lowering:
                 if then[name] is orelse[name]:
                     continue
                 try:
-                    env[name] = self.builder.op("select", cond, then[name], orelse[name], loc=self.loc(stmt))
-                except IRError:  # two matrix extents: the checker refuses any use after the if (E233)
+                    env[name] = self.builder.op(
+                        "select", cond, then[name], orelse[name], loc=self.loc(stmt)
+                    )
+                except (
+                    IRError
+                ):  # two matrix extents: the checker refuses any use after the if (E233)
                     env.pop(name, None)
         return env
 
@@ -158,7 +194,12 @@ class _Lowering:
         if isinstance(node, ast.Unary):
             return b.op(UNARY_OPCODES[node.op], self.expr(node.operand, env), loc=loc)
         if isinstance(node, ast.Binary):
-            return b.op(BINARY_OPCODES[node.op], self.expr(node.left, env), self.expr(node.right, env), loc=loc)
+            return b.op(
+                BINARY_OPCODES[node.op],
+                self.expr(node.left, env),
+                self.expr(node.right, env),
+                loc=loc,
+            )
         args = [self.expr(arg, env) for arg in node.args]
         return self.call(node.func.id, args, loc)
 

@@ -23,8 +23,8 @@ docs/contributing.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -86,81 +86,208 @@ class OpDef(Signature):
 
 
 # The IR op of each operator of the spec language.
-BINARY_OPCODES = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul", "^": "pow", "<": "lt", "<=": "le",
-                  ">": "gt", ">=": "ge", "==": "eq", "!=": "ne", "and": "and", "or": "or"}
+BINARY_OPCODES = {
+    "+": "add",
+    "-": "sub",
+    "*": "mul",
+    "/": "div",
+    "@": "matmul",
+    "^": "pow",
+    "<": "lt",
+    "<=": "le",
+    ">": "gt",
+    ">=": "ge",
+    "==": "eq",
+    "!=": "ne",
+    "and": "and",
+    "or": "or",
+}
 UNARY_OPCODES = {"-": "neg", "not": "not"}
 
 F, B = "float", "bool"
 _ARRAYS = ("tensor", "row", "col", "cr", "rr", "cc")  # the extents a per-parameter reduction takes
 _CMP = dict(result=B)
 
-OPS: dict[str, OpDef] = {op.name: op for op in (
-    # arithmetic (the spec's + - * / ^ and unary -)
-    OpDef("add", (F, F), "x + y", numpy=np.add),
-    OpDef("sub", (F, F), "x - y", numpy=np.subtract),
-    OpDef("mul", (F, F), "x * y", numpy=np.multiply),
-    OpDef("div", (F, F), "x / y", numpy=np.divide),
-    OpDef("pow", (F, F), "x ^ y", numpy=np.power),
-    OpDef("neg", (F,), "-x", numpy=np.negative),
-    OpDef("mod", (F, F), "mod(x, y): C's fmod (the sign of the dividend), as stablehlo.remainder", numpy=np.fmod,
-          spec=True),
-    # elementwise functions a spec calls by name
-    OpDef("sqrt", (F,), "square root", numpy=np.sqrt, spec=True, interval=lambda a: NONNEG, domain_nonneg=True),
-    OpDef("rsqrt", (F,), "1 / sqrt(x)", numpy=lambda x: 1 / np.sqrt(x), spec=True, interval=lambda a: NONNEG,
-          domain_nonneg=True),
-    OpDef("abs", (F,), "absolute value", numpy=np.abs, spec=True, interval=lambda a: NONNEG),
-    OpDef("sign", (F,), "-1, 0 or 1", numpy=np.sign, spec=True, interval=lambda a: (-1.0, 1.0)),
-    OpDef("exp", (F,), "e^x", numpy=np.exp, spec=True, interval=lambda a: NONNEG),
-    OpDef("log", (F,), "natural logarithm", numpy=np.log, spec=True, domain_nonneg=True),
-    OpDef("tanh", (F,), "hyperbolic tangent", numpy=np.tanh, spec=True, interval=lambda a: (-1.0, 1.0)),
-    OpDef("max", (F, F), "elementwise maximum", numpy=np.maximum, spec=True, interval=_pick(max)),
-    OpDef("min", (F, F), "elementwise minimum", numpy=np.minimum, spec=True, interval=_pick(min)),
-    # comparisons and logic
-    OpDef("lt", (F, F), "x < y", numpy=np.less, **_CMP),
-    OpDef("le", (F, F), "x <= y", numpy=np.less_equal, **_CMP),
-    OpDef("gt", (F, F), "x > y", numpy=np.greater, **_CMP),
-    OpDef("ge", (F, F), "x >= y", numpy=np.greater_equal, **_CMP),
-    OpDef("eq", (F, F), "x == y", numpy=np.equal, **_CMP),
-    OpDef("ne", (F, F), "x != y", numpy=np.not_equal, **_CMP),
-    OpDef("isfinite", (F,), "neither inf nor nan", numpy=np.isfinite, **_CMP),
-    OpDef("and", (B, B), "both", numpy=np.logical_and, **_CMP),
-    OpDef("or", (B, B), "either", numpy=np.logical_or, **_CMP),
-    OpDef("not", (B,), "negation", numpy=np.logical_not, **_CMP),
-    OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", numpy=np.where),
-    # structural: reductions and sizes, applied by the evaluator
-    OpDef("sum", (F,), "the sum of a parameter's values", reduces=dict.fromkeys(_ARRAYS, "leaf")),
-    OpDef("size", (F,), "the number of elements of a tensor", reduces=dict.fromkeys(_ARRAYS, "leaf"),
-          spec=True, interval=lambda a: NONNEG),
-    OpDef("gsum", (F,), "the sum over every parameter of a per-leaf value", reduces={"leaf": "step"}),
-    OpDef("row_mean", (F,), "mean over each row's elements (a factored parameter's largest axis)",
-          reduces={"tensor": "row"}, spec=True, interval=lambda a: a),
-    OpDef("col_mean", (F,), "mean over each column's elements (a factored parameter's second-largest axis; "
-          "all of an unfactored one); on a row value, one number per batch",
-          reduces={"tensor": "col", "row": "row"}, spec=True, interval=lambda a: a),
-    OpDef("row_max", (F,), "maximum over each row's elements (the factored axes of row_mean)",
-          reduces={"tensor": "row"}, spec=True, interval=lambda a: a),
-    OpDef("col_max", (F,), "maximum over each column's elements (the factored axes of col_mean)",
-          reduces={"tensor": "col", "row": "row"}, spec=True, interval=lambda a: a),
-    # per-axis statistics: a value per slice of each axis (SM3's cover; optgen.types)
-    OpDef("axis_max", (F,), "for each axis and each index along it, the maximum over that slice of the tensor",
-          reduces={"tensor": "axes"}, spec=True, interval=lambda a: a),
-    OpDef("axis_min", (F,), "at each element, the least of the per-axis values of the slices through it",
-          reduces={"axes": "tensor"}, spec=True, interval=lambda a: a),
-    # matrices: a parameter's last two axes, batched over any others (optgen.types)
-    OpDef("matmul", (F, F), "x @ y: the matrix product over the parameter's last two axes", extent=matmul_extent),
-    OpDef("transpose", (F,), "the matrix with its last two axes swapped", extent=transpose_extent, spec=True),
-    OpDef("eye", (F,), "eye(a): the identity matrix of a's shape (a Gram-shaped, square value)",
-          extent=square_extent, spec=True, interval=lambda a: (0.0, 1.0)),
-    OpDef("dim", (), "a number of the parameter's shape, named by the op's attribute (DIMS)",
-          extent=lambda: "leaf"),
-)}
+OPS: dict[str, OpDef] = {
+    op.name: op
+    for op in (
+        # arithmetic (the spec's + - * / ^ and unary -)
+        OpDef("add", (F, F), "x + y", numpy=np.add),
+        OpDef("sub", (F, F), "x - y", numpy=np.subtract),
+        OpDef("mul", (F, F), "x * y", numpy=np.multiply),
+        OpDef("div", (F, F), "x / y", numpy=np.divide),
+        OpDef("pow", (F, F), "x ^ y", numpy=np.power),
+        OpDef("neg", (F,), "-x", numpy=np.negative),
+        OpDef(
+            "mod",
+            (F, F),
+            "mod(x, y): C's fmod (the sign of the dividend), as stablehlo.remainder",
+            numpy=np.fmod,
+            spec=True,
+        ),
+        # elementwise functions a spec calls by name
+        OpDef(
+            "sqrt",
+            (F,),
+            "square root",
+            numpy=np.sqrt,
+            spec=True,
+            interval=lambda a: NONNEG,
+            domain_nonneg=True,
+        ),
+        OpDef(
+            "rsqrt",
+            (F,),
+            "1 / sqrt(x)",
+            numpy=lambda x: 1 / np.sqrt(x),
+            spec=True,
+            interval=lambda a: NONNEG,
+            domain_nonneg=True,
+        ),
+        OpDef("abs", (F,), "absolute value", numpy=np.abs, spec=True, interval=lambda a: NONNEG),
+        OpDef("sign", (F,), "-1, 0 or 1", numpy=np.sign, spec=True, interval=lambda a: (-1.0, 1.0)),
+        OpDef("exp", (F,), "e^x", numpy=np.exp, spec=True, interval=lambda a: NONNEG),
+        OpDef("log", (F,), "natural logarithm", numpy=np.log, spec=True, domain_nonneg=True),
+        OpDef(
+            "tanh",
+            (F,),
+            "hyperbolic tangent",
+            numpy=np.tanh,
+            spec=True,
+            interval=lambda a: (-1.0, 1.0),
+        ),
+        OpDef(
+            "max", (F, F), "elementwise maximum", numpy=np.maximum, spec=True, interval=_pick(max)
+        ),
+        OpDef(
+            "min", (F, F), "elementwise minimum", numpy=np.minimum, spec=True, interval=_pick(min)
+        ),
+        # comparisons and logic
+        OpDef("lt", (F, F), "x < y", numpy=np.less, **_CMP),
+        OpDef("le", (F, F), "x <= y", numpy=np.less_equal, **_CMP),
+        OpDef("gt", (F, F), "x > y", numpy=np.greater, **_CMP),
+        OpDef("ge", (F, F), "x >= y", numpy=np.greater_equal, **_CMP),
+        OpDef("eq", (F, F), "x == y", numpy=np.equal, **_CMP),
+        OpDef("ne", (F, F), "x != y", numpy=np.not_equal, **_CMP),
+        OpDef("isfinite", (F,), "neither inf nor nan", numpy=np.isfinite, **_CMP),
+        OpDef("and", (B, B), "both", numpy=np.logical_and, **_CMP),
+        OpDef("or", (B, B), "either", numpy=np.logical_or, **_CMP),
+        OpDef("not", (B,), "negation", numpy=np.logical_not, **_CMP),
+        OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", numpy=np.where),
+        # structural: reductions and sizes, applied by the evaluator
+        OpDef(
+            "sum", (F,), "the sum of a parameter's values", reduces=dict.fromkeys(_ARRAYS, "leaf")
+        ),
+        OpDef(
+            "size",
+            (F,),
+            "the number of elements of a tensor",
+            reduces=dict.fromkeys(_ARRAYS, "leaf"),
+            spec=True,
+            interval=lambda a: NONNEG,
+        ),
+        OpDef(
+            "gsum",
+            (F,),
+            "the sum over every parameter of a per-leaf value",
+            reduces={"leaf": "step"},
+        ),
+        OpDef(
+            "row_mean",
+            (F,),
+            "mean over each row's elements (a factored parameter's largest axis)",
+            reduces={"tensor": "row"},
+            spec=True,
+            interval=lambda a: a,
+        ),
+        OpDef(
+            "col_mean",
+            (F,),
+            "mean over each column's elements (a factored parameter's second-largest axis; "
+            "all of an unfactored one); on a row value, one number per batch",
+            reduces={"tensor": "col", "row": "row"},
+            spec=True,
+            interval=lambda a: a,
+        ),
+        OpDef(
+            "row_max",
+            (F,),
+            "maximum over each row's elements (the factored axes of row_mean)",
+            reduces={"tensor": "row"},
+            spec=True,
+            interval=lambda a: a,
+        ),
+        OpDef(
+            "col_max",
+            (F,),
+            "maximum over each column's elements (the factored axes of col_mean)",
+            reduces={"tensor": "col", "row": "row"},
+            spec=True,
+            interval=lambda a: a,
+        ),
+        # per-axis statistics: a value per slice of each axis (SM3's cover; optgen.types)
+        OpDef(
+            "axis_max",
+            (F,),
+            "for each axis and each index along it, the maximum over that slice of the tensor",
+            reduces={"tensor": "axes"},
+            spec=True,
+            interval=lambda a: a,
+        ),
+        OpDef(
+            "axis_min",
+            (F,),
+            "at each element, the least of the per-axis values of the slices through it",
+            reduces={"axes": "tensor"},
+            spec=True,
+            interval=lambda a: a,
+        ),
+        # matrices: a parameter's last two axes, batched over any others (optgen.types)
+        OpDef(
+            "matmul",
+            (F, F),
+            "x @ y: the matrix product over the parameter's last two axes",
+            extent=matmul_extent,
+        ),
+        OpDef(
+            "transpose",
+            (F,),
+            "the matrix with its last two axes swapped",
+            extent=transpose_extent,
+            spec=True,
+        ),
+        OpDef(
+            "eye",
+            (F,),
+            "eye(a): the identity matrix of a's shape (a Gram-shaped, square value)",
+            extent=square_extent,
+            spec=True,
+            interval=lambda a: (0.0, 1.0),
+        ),
+        OpDef(
+            "dim",
+            (),
+            "a number of the parameter's shape, named by the op's attribute (DIMS)",
+            extent=lambda: "leaf",
+        ),
+    )
+}
 
 # The attributes of `dim`, and the spec's shape constants that read them (one number per parameter,
 # known when the step is traced). A parameter's rows and columns are its last two axes; fan_in
 # and fan_out are their sizes, as optax.contrib.muon's default dimension numbers read a 2-d kernel.
-DIMS = {"ndim": "its number of axes", "rows": "the size of its second-to-last axis (1 if it has fewer than 2)",
-        "cols": "the size of its last axis (1 if it has none)"}
-SHAPE_CONSTANTS = {"ndim": "ndim", "rows": "rows", "cols": "cols", "fan_in": "rows", "fan_out": "cols"}
+DIMS = {
+    "ndim": "its number of axes",
+    "rows": "the size of its second-to-last axis (1 if it has fewer than 2)",
+    "cols": "the size of its last axis (1 if it has none)",
+}
+SHAPE_CONSTANTS = {
+    "ndim": "ndim",
+    "rows": "rows",
+    "cols": "cols",
+    "fan_in": "rows",
+    "fan_out": "cols",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,28 +313,89 @@ def _mean(b, x, loc):
 _PER_LEAF = dict.fromkeys(_ARRAYS, "leaf")
 
 FUNCTIONS: dict[str, FunctionDef] = {
-    op.name: FunctionDef(op.name, op.operands, op.doc, op.reduces, op.interval, op.domain_nonneg, op.extent,
-                         lower=_lower_op(op.name))
-    for op in OPS.values() if op.spec
-} | {f.name: f for f in (
-    FunctionDef("clip", (F, F, F), "clip(x, lo, hi) = min(max(x, lo), hi)",
-                interval=lambda x, lo, hi: (min(max(x[0], lo[0]), hi[0]), min(max(x[1], lo[1]), hi[1])),
-                lower=lambda b, a, loc: b.op("min", b.op("max", a[0], a[1], loc=loc), a[2], loc=loc)),
-    FunctionDef("where", (B, F, F), "where(cond, a, b): a where cond holds, else b",
-                interval=lambda c, a, b: hull(a, b), lower=_lower_op("select")),
-    FunctionDef("sum", (F,), "sum of a tensor's elements", _PER_LEAF, _nonneg_if_nonneg, lower=_lower_op("sum")),
-    FunctionDef("mean", (F,), "mean of a tensor's elements", _PER_LEAF, lambda a: a,
-                lower=lambda b, a, loc: _mean(b, a[0], loc)),
-    FunctionDef("norm", (F,), "Euclidean norm of a tensor", _PER_LEAF, lambda a: NONNEG,
-                lower=lambda b, a, loc: b.op("sqrt", _square_sum(b, a[0], loc), loc=loc)),
-    FunctionDef("rms", (F,), "root mean square of a tensor's elements: sqrt(mean(x^2))", _PER_LEAF, lambda a: NONNEG,
-                lower=lambda b, a, loc: b.op("sqrt", _mean(b, b.op("mul", a[0], a[0], loc=loc), loc), loc=loc)),
-    FunctionDef("global_sum", (F,), "the sum over every parameter of x (of its elements, or of one number per "
-                "parameter): global_sum(g * d) is the dot product of g and d across all parameters",
-                dict.fromkeys(("leaf", *_ARRAYS), "step"), _nonneg_if_nonneg,
-                lower=lambda b, a, loc: b.op("gsum", a[0] if a[0].type.extent == "leaf"
-                                             else b.op("sum", a[0], loc=loc), loc=loc)),
-    FunctionDef("global_norm", (F,), "Euclidean norm over every parameter's tensor",
-                dict.fromkeys(_ARRAYS, "step"), lambda a: NONNEG,
-                lower=lambda b, a, loc: b.op("sqrt", b.op("gsum", _square_sum(b, a[0], loc), loc=loc), loc=loc)),
-)}
+    op.name: FunctionDef(
+        op.name,
+        op.operands,
+        op.doc,
+        op.reduces,
+        op.interval,
+        op.domain_nonneg,
+        op.extent,
+        lower=_lower_op(op.name),
+    )
+    for op in OPS.values()
+    if op.spec
+} | {
+    f.name: f
+    for f in (
+        FunctionDef(
+            "clip",
+            (F, F, F),
+            "clip(x, lo, hi) = min(max(x, lo), hi)",
+            interval=lambda x, lo, hi: (min(max(x[0], lo[0]), hi[0]), min(max(x[1], lo[1]), hi[1])),
+            lower=lambda b, a, loc: b.op("min", b.op("max", a[0], a[1], loc=loc), a[2], loc=loc),
+        ),
+        FunctionDef(
+            "where",
+            (B, F, F),
+            "where(cond, a, b): a where cond holds, else b",
+            interval=lambda c, a, b: hull(a, b),
+            lower=_lower_op("select"),
+        ),
+        FunctionDef(
+            "sum",
+            (F,),
+            "sum of a tensor's elements",
+            _PER_LEAF,
+            _nonneg_if_nonneg,
+            lower=_lower_op("sum"),
+        ),
+        FunctionDef(
+            "mean",
+            (F,),
+            "mean of a tensor's elements",
+            _PER_LEAF,
+            lambda a: a,
+            lower=lambda b, a, loc: _mean(b, a[0], loc),
+        ),
+        FunctionDef(
+            "norm",
+            (F,),
+            "Euclidean norm of a tensor",
+            _PER_LEAF,
+            lambda a: NONNEG,
+            lower=lambda b, a, loc: b.op("sqrt", _square_sum(b, a[0], loc), loc=loc),
+        ),
+        FunctionDef(
+            "rms",
+            (F,),
+            "root mean square of a tensor's elements: sqrt(mean(x^2))",
+            _PER_LEAF,
+            lambda a: NONNEG,
+            lower=lambda b, a, loc: b.op(
+                "sqrt", _mean(b, b.op("mul", a[0], a[0], loc=loc), loc), loc=loc
+            ),
+        ),
+        FunctionDef(
+            "global_sum",
+            (F,),
+            "the sum over every parameter of x (of its elements, or of one number per "
+            "parameter): global_sum(g * d) is the dot product of g and d across all parameters",
+            dict.fromkeys(("leaf", *_ARRAYS), "step"),
+            _nonneg_if_nonneg,
+            lower=lambda b, a, loc: b.op(
+                "gsum", a[0] if a[0].type.extent == "leaf" else b.op("sum", a[0], loc=loc), loc=loc
+            ),
+        ),
+        FunctionDef(
+            "global_norm",
+            (F,),
+            "Euclidean norm over every parameter's tensor",
+            dict.fromkeys(_ARRAYS, "step"),
+            lambda a: NONNEG,
+            lower=lambda b, a, loc: b.op(
+                "sqrt", b.op("gsum", _square_sum(b, a[0], loc), loc=loc), loc=loc
+            ),
+        ),
+    )
+}

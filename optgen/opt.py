@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
-from optgen.diagnostics import SpecError, Source, Span
+from optgen.diagnostics import Source, Span, SpecError
 from optgen.ir import IRError, Program, parse_functions, print_function
 from optgen.passes import run_pipeline
 from optgen.transforms import Variant

@@ -20,10 +20,11 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.indenter import DedentError, Indenter
 
 from optgen import syntax as ast
-from optgen.diagnostics import SpecError, Source, Span, did_you_mean
+from optgen.diagnostics import Source, Span, SpecError, did_you_mean
 
-
-MAX_SPEC_CHARS = 1 << 17  # real specs are about 1 KB; this bounds parse time (~0.1 ms a token) and memory
+MAX_SPEC_CHARS = (
+    1 << 17
+)  # real specs are about 1 KB; this bounds parse time (~0.1 ms a token) and memory
 MAX_DEPTH = 100  # nesting of expressions and blocks; the checker and lowering recurse this deep
 
 
@@ -31,9 +32,12 @@ def parse(text: str, filename: str = "<spec>") -> ast.Spec:
     """Parse spec ``text``; ``filename`` is the name used in diagnostics and MLIR locations."""
     source = Source(text, filename)
     if len(text) > MAX_SPEC_CHARS:
-        raise SpecError(f"the spec is {len(text):,} characters long; the limit is {MAX_SPEC_CHARS:,}",
-                        source, hint="an optimizer spec is a page of text: is this the right file?",
-                        code="E008")
+        raise SpecError(
+            f"the spec is {len(text):,} characters long; the limit is {MAX_SPEC_CHARS:,}",
+            source,
+            hint="an optimizer spec is a page of text: is this the right file?",
+            code="E008",
+        )
     padded = text if text.endswith("\n") else text + "\n"
     try:
         spec = ast.Spec(**_parser().parse(padded), source=source)
@@ -77,10 +81,12 @@ class _SpecIndenter(Indenter):
         except DedentError:
             indent = len(token.rsplit("\n", 1)[1])
             line = token.end_line
-            raise _LocatedError("this line's indentation matches no enclosing block",
-                                Span(line, 1, line, indent + 2),
-                                "indent each block's statements by the same amount", code="E104") from None
-
+            raise _LocatedError(
+                "this line's indentation matches no enclosing block",
+                Span(line, 1, line, indent + 2),
+                "indent each block's statements by the same amount",
+                code="E104",
+            ) from None
 
     def check_tabs(self, token) -> None:
         """Refuse tabs and spaces mixed so that the block a line is in depends on the tab width
@@ -89,9 +95,13 @@ class _SpecIndenter(Indenter):
         w8, w1 = len(indent) + 7 * indent.count("\t"), len(indent)
         if any((w8 > a8, w8 == a8) != (w1 > a1, w1 == a1) for a8, a1 in self.widths):
             line = token.end_line
-            raise _LocatedError("this line's indentation mixes tabs and spaces, so which block it is in "
-                                "depends on the tab width", Span(line, 1, line, len(indent) + 1),
-                                "indent with spaces only (or with tabs only)", code="E108")
+            raise _LocatedError(
+                "this line's indentation mixes tabs and spaces, so which block it is in "
+                "depends on the tab width",
+                Span(line, 1, line, len(indent) + 1),
+                "indent with spaces only (or with tabs only)",
+                code="E108",
+            )
         while self.widths[-1][0] > w8:
             self.widths.pop()
         if w8 > self.widths[-1][0]:
@@ -100,12 +110,19 @@ class _SpecIndenter(Indenter):
 
 def _check_depth(spec: ast.Spec) -> None:
     """Refuse nesting deeper than MAX_DEPTH, found without recursion, at the first node past it."""
-    stack = [(node, 1) for node in (*spec.body, *(s.init for s in spec.states), *(o.value for o in spec.outputs))]
+    stack = [
+        (node, 1)
+        for node in (*spec.body, *(s.init for s in spec.states), *(o.value for o in spec.outputs))
+    ]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise _LocatedError(f"this is nested more than {MAX_DEPTH} levels deep", node.span,
-                                "name parts of the expression with assignments", code="E106")
+            raise _LocatedError(
+                f"this is nested more than {MAX_DEPTH} levels deep",
+                node.span,
+                "name parts of the expression with assignments",
+                code="E106",
+            )
         if isinstance(node, ast.Assign):
             stack.append((node.value, depth))
         elif isinstance(node, ast.If):
@@ -124,10 +141,13 @@ def _float(tok: Token) -> float:
     """A number literal's float64 value; one that float64 turns into inf, or into 0, is refused."""
     value = float(tok)
     if math.isinf(value) or (value == 0 and re.search(r"[1-9]", tok.split("e")[0].split("E")[0])):
-        raise _LocatedError(f"the number {tok} is {'too large' if value else 'too small'} for float64 "
-                            f"(it would be {value:g})", _span(tok),
-                            "write inf in a range bound; otherwise a number within about 1e-308 to 1.8e308",
-                            code="E109")
+        raise _LocatedError(
+            f"the number {tok} is {'too large' if value else 'too small'} for float64 "
+            f"(it would be {value:g})",
+            _span(tok),
+            "write inf in a range bound; otherwise a number within about 1e-308 to 1.8e308",
+            code="E109",
+        )
     return value
 
 
@@ -136,8 +156,12 @@ def _bound_value(tok: Token) -> float:
         return _float(tok)
     if tok == "inf":
         return float("inf")
-    raise _LocatedError(f"a range bound is a number or inf, not '{tok}'", _span(tok),
-                        "for example: in [0, inf)", code="E107")
+    raise _LocatedError(
+        f"a range bound is a number or inf, not '{tok}'",
+        _span(tok),
+        "for example: in [0, inf)",
+        code="E107",
+    )
 
 
 class _ElseBlock(tuple):
@@ -185,13 +209,23 @@ class _ToAst(Transformer):
     def range(self, keyword, open_, lo, hi, close):
         span = _span(keyword).to(_span(close))
         if keyword != "in":
-            raise _LocatedError(f"expected 'in' before a range, got '{keyword}'", _span(keyword),
-                                "write: hyper b1 = 0.9 in [0, 1)", code="E107")
+            raise _LocatedError(
+                f"expected 'in' before a range, got '{keyword}'",
+                _span(keyword),
+                "write: hyper b1 = 0.9 in [0, 1)",
+                code="E107",
+            )
         bounds = ast.Range(lo[0], hi[0], open_ == "(", close == ")", span)
-        if not (bounds.lo < bounds.hi or (bounds.lo == bounds.hi and not bounds.lo_open and not bounds.hi_open)):
-            raise _LocatedError(f"the range {bounds} is empty", span,
-                                "write the lower bound first; '[' and ']' include a bound, '(' and ')' exclude it",
-                                code="E107")
+        if not (
+            bounds.lo < bounds.hi
+            or (bounds.lo == bounds.hi and not bounds.lo_open and not bounds.hi_open)
+        ):
+            raise _LocatedError(
+                f"the range {bounds} is empty",
+                span,
+                "write the lower bound first; '[' and ']' include a bound, '(' and ')' exclude it",
+                code="E107",
+            )
         return bounds
 
     def option(self, name, default):
@@ -222,7 +256,11 @@ class _ToAst(Transformer):
         return ast.If(cond, tuple(then), tuple(orelse), _span(if_tok).to(cond.span))
 
     def repeat_stmt(self, repeat_tok, count, *stmts):
-        count = ast.Number(float(count), _span(count)) if count.type == "NUMBER" else ast.Name(str(count), _span(count))
+        count = (
+            ast.Number(float(count), _span(count))
+            if count.type == "NUMBER"
+            else ast.Name(str(count), _span(count))
+        )
         return ast.Repeat(count, tuple(stmts), _span(repeat_tok).to(count.span))
 
     def update(self, tok, *stmts):
@@ -232,31 +270,49 @@ class _ToAst(Transformer):
         header = next(i for i in items if isinstance(i, tuple) and i[0] == "header")
         updates = [i for i in items if isinstance(i, tuple) and i[0] == "update"]
         if len(updates) > 1:
-            raise _LocatedError("a spec has one 'update:' block", updates[1][1],
-                                "put every statement in the first 'update:' block", code="E105")
+            raise _LocatedError(
+                "a spec has one 'update:' block",
+                updates[1][1],
+                "put every statement in the first 'update:' block",
+                code="E105",
+            )
         body = updates[0][2] if updates else ()
         # The transformer never sees the text; parse() adds the Source.
         return dict(
-            name=header[1], description=header[2],
+            name=header[1],
+            description=header[2],
             hypers=tuple(i for i in items if isinstance(i, ast.Hyper)),
             options=tuple(i for i in items if isinstance(i, ast.Option)),
             states=tuple(i for i in items if isinstance(i, ast.State)),
             outputs=tuple(i for i in items if isinstance(i, ast.Output)),
             inputs=tuple(i for i in items if isinstance(i, ast.Input)),
-            body=tuple(body), update_span=updates[0][1] if updates else None)
+            body=tuple(body),
+            update_span=updates[0][1] if updates else None,
+        )
 
 
 @functools.cache
 def _parser() -> Lark:
     grammar = resources.files("optgen").joinpath("grammar.lark").read_text()
-    return Lark(grammar, parser="lalr", postlex=_SpecIndenter(), transformer=_ToAst(),
-                maybe_placeholders=True)
+    return Lark(
+        grammar,
+        parser="lalr",
+        postlex=_SpecIndenter(),
+        transformer=_ToAst(),
+        maybe_placeholders=True,
+    )
 
 
 _DESCRIBE = {
-    "NAME": "a name", "NUMBER": "a number", "STRING": "a quoted description",
-    "_NL": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
-    "$END": "end of file", "COMPARE": "a comparison", "MUL_OP": "'*', '/' or '@'",
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a quoted description",
+    "_NL": "end of line",
+    "_INDENT": "an indented block",
+    "_DEDENT": "end of block",
+    "$END": "end of file",
+    "COMPARE": "a comparison",
+    "MUL_OP": "'*', '/' or '@'",
 }
 
 
@@ -271,31 +327,68 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
     line, col = max(err.line, 1), max(err.column, 1)
     if isinstance(err, UnexpectedCharacters):
         char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
-        hint = "write powers as a ^ b" if char == "*" else (
-            "descriptions are in double quotes" if char == "'" else
-            "names are letters, digits and '_'; operators are + - * / ^ and comparisons")
-        return SpecError(f"unexpected character {char!r}", source, Span(line, col, line, col + 1), hint,
-                         code="E101")
+        hint = (
+            "write powers as a ^ b"
+            if char == "*"
+            else (
+                "descriptions are in double quotes"
+                if char == "'"
+                else "names are letters, digits and '_'; operators are + - * / ^ and comparisons"
+            )
+        )
+        return SpecError(
+            f"unexpected character {char!r}",
+            source,
+            Span(line, col, line, col + 1),
+            hint,
+            code="E101",
+        )
     if isinstance(err, UnexpectedToken) and err.token.type != "$END":
         tok = err.token
         got = _describe(tok.type) if tok.type.startswith("_") else f"'{tok}'"
         if tok.type == "_NL":  # report at the end of the line, not the start of the next
             line, col = tok.line, tok.column
-        span = Span(line, col, line, col + max(len(str(tok)) if not tok.type.startswith("_") else 1, 1))
+        span = Span(
+            line, col, line, col + max(len(str(tok)) if not tok.type.startswith("_") else 1, 1)
+        )
         hint = _keyword_hint(str(tok), source.line_text(tok.line)) or _hint(tok, err.expected, line)
         return SpecError(f"unexpected {got}", source, span, hint, code="E102")
     expected = err.expected if isinstance(err, (UnexpectedToken, UnexpectedEOF)) else set()
-    last = source.text.rstrip("\n").count("\n") + 1  # lines end at "\n" only, as the lexer counts them
+    last = (
+        source.text.rstrip("\n").count("\n") + 1
+    )  # lines end at "\n" only, as the lexer counts them
     end_col = len(source.line_text(last)) + 1
-    return SpecError("unexpected end of file", source, Span(last, end_col, last, end_col + 1),
-                     _expected_hint(expected) or "the spec stops in the middle of a statement", code="E103")
+    return SpecError(
+        "unexpected end of file",
+        source,
+        Span(last, end_col, last, end_col + 1),
+        _expected_hint(expected) or "the spec stops in the middle of a statement",
+        code="E103",
+    )
 
 
-_KEYWORDS = ("optimizer", "hyper", "option", "state", "input", "output", "update", "if", "else", "repeat", "true", "false",
-             "and", "or", "not")
+_KEYWORDS = (
+    "optimizer",
+    "hyper",
+    "option",
+    "state",
+    "input",
+    "output",
+    "update",
+    "if",
+    "else",
+    "repeat",
+    "true",
+    "false",
+    "and",
+    "or",
+    "not",
+)
 # Python's loops, which a spec writes as a bounded repeat.
-_LOOPS = {"for": "a loop is written 'repeat N:' (N a number or a numeric option), e.g. repeat 5:",
-          "while": "loops are bounded: write 'repeat N:' (N a number or a numeric option)"}
+_LOOPS = {
+    "for": "a loop is written 'repeat N:' (N a number or a numeric option), e.g. repeat 5:",
+    "while": "loops are bounded: write 'repeat N:' (N a number or a numeric option)",
+}
 
 
 def _keyword_hint(token: str, line: str) -> str | None:

@@ -37,14 +37,21 @@ class Schedule:
 
     def __init__(self, name: str, **kwargs: Any):
         if name not in _OPTAX:
-            raise SpecError(f"unknown schedule '{name}'",
-                            hint=did_you_mean(name, _OPTAX) or f"the schedules are {', '.join(_OPTAX)}", code="E346")
+            raise SpecError(
+                f"unknown schedule '{name}'",
+                hint=did_you_mean(name, _OPTAX) or f"the schedules are {', '.join(_OPTAX)}",
+                code="E346",
+            )
         if "boundaries_and_scales" in kwargs:  # JSON turns the integer keys into strings
-            kwargs["boundaries_and_scales"] = {int(k): float(v) for k, v in kwargs["boundaries_and_scales"].items()}
+            kwargs["boundaries_and_scales"] = {
+                int(k): float(v) for k, v in kwargs["boundaries_and_scales"].items()
+            }
         try:
             self._fn = _OPTAX[name](**kwargs)
         except TypeError as err:
-            raise SpecError(f"schedule '{name}': {err}", hint=f"see optax.{_OPTAX[name].__name__}", code="E347") from None
+            raise SpecError(
+                f"schedule '{name}': {err}", hint=f"see optax.{_OPTAX[name].__name__}", code="E347"
+            ) from None
         self.name, self.kwargs = name, kwargs
 
     def __call__(self, count):
@@ -67,22 +74,57 @@ def constant(value: float) -> Schedule:
     return Schedule("constant", value=value)
 
 
-def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
-    return Schedule("cosine_decay", init_value=init_value, decay_steps=decay_steps, alpha=alpha, exponent=exponent)
+def cosine_decay(
+    init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0
+) -> Schedule:
+    return Schedule(
+        "cosine_decay",
+        init_value=init_value,
+        decay_steps=decay_steps,
+        alpha=alpha,
+        exponent=exponent,
+    )
 
 
-def warmup_cosine_decay(init_value: float, peak_value: float, warmup_steps: int, decay_steps: int,
-                        end_value: float = 0.0, exponent: float = 1.0) -> Schedule:
-    return Schedule("warmup_cosine_decay", init_value=init_value, peak_value=peak_value, warmup_steps=warmup_steps,
-                    decay_steps=decay_steps, end_value=end_value, exponent=exponent)
+def warmup_cosine_decay(
+    init_value: float,
+    peak_value: float,
+    warmup_steps: int,
+    decay_steps: int,
+    end_value: float = 0.0,
+    exponent: float = 1.0,
+) -> Schedule:
+    return Schedule(
+        "warmup_cosine_decay",
+        init_value=init_value,
+        peak_value=peak_value,
+        warmup_steps=warmup_steps,
+        decay_steps=decay_steps,
+        end_value=end_value,
+        exponent=exponent,
+    )
 
 
-def exponential_decay(init_value: float, transition_steps: int, decay_rate: float, transition_begin: int = 0,
-                      staircase: bool = False, end_value: float | None = None) -> Schedule:
-    return Schedule("exponential_decay", init_value=init_value, transition_steps=transition_steps,
-                    decay_rate=decay_rate, transition_begin=transition_begin, staircase=staircase,
-                    end_value=end_value)
+def exponential_decay(
+    init_value: float,
+    transition_steps: int,
+    decay_rate: float,
+    transition_begin: int = 0,
+    staircase: bool = False,
+    end_value: float | None = None,
+) -> Schedule:
+    return Schedule(
+        "exponential_decay",
+        init_value=init_value,
+        transition_steps=transition_steps,
+        decay_rate=decay_rate,
+        transition_begin=transition_begin,
+        staircase=staircase,
+        end_value=end_value,
+    )
 
 
 def piecewise_constant(init_value: float, boundaries_and_scales: dict[int, float]) -> Schedule:
-    return Schedule("piecewise_constant", init_value=init_value, boundaries_and_scales=boundaries_and_scales)
+    return Schedule(
+        "piecewise_constant", init_value=init_value, boundaries_and_scales=boundaries_and_scales
+    )

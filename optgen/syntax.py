@@ -32,22 +32,22 @@ class Name:
 @dataclass(frozen=True)
 class Unary:
     op: str  # '-' or 'not'
-    operand: "Expr"
+    operand: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class Binary:
     op: str  # + - * / @ ^ < <= > >= == != and or
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class Call:
     func: Name
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     span: Span
 
 
@@ -64,8 +64,8 @@ class Assign:
 @dataclass(frozen=True)
 class If:
     cond: Expr
-    then: tuple["Stmt", ...]
-    orelse: tuple["Stmt", ...]
+    then: tuple[Stmt, ...]
+    orelse: tuple[Stmt, ...]
     span: Span
 
 
@@ -74,7 +74,7 @@ class Repeat:
     """``repeat N:``: the body, N times in a row; N is a count or a numeric option (fixed at compile time)."""
 
     count: Number | Name
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     span: Span
 
 
@@ -92,10 +92,14 @@ class Range:
     span: Span
 
     def contains(self, x: float) -> bool:
-        return (self.lo < x if self.lo_open else self.lo <= x) and (x < self.hi if self.hi_open else x <= self.hi)
+        return (self.lo < x if self.lo_open else self.lo <= x) and (
+            x < self.hi if self.hi_open else x <= self.hi
+        )
 
     def __str__(self) -> str:
-        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return (
+            f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -193,11 +197,18 @@ def format_expr(expr: Expr) -> str:
 def format_spec(spec: Spec) -> str:
     """The AST as indented S-expressions, one declaration or statement a line (``--emit ast``)."""
     lines = [f"(optimizer {spec.name.id} {spec.description!r}"]
-    lines += [f"  (hyper {h.name.id} {h.default!r}{f' {h.range}' if h.range else ''})" for h in spec.hypers]
-    lines += [f"  (option {o.name.id} {str(o.default).lower() if isinstance(o.default, bool) else o.default!r})"
-              for o in spec.options]
-    lines += [f"  (state {s.name.id}{''.join(':' + q.id for q in s.qualifiers)} {format_expr(s.init)})"
-              for s in spec.states]
+    lines += [
+        f"  (hyper {h.name.id} {h.default!r}{f' {h.range}' if h.range else ''})"
+        for h in spec.hypers
+    ]
+    lines += [
+        f"  (option {o.name.id} {str(o.default).lower() if isinstance(o.default, bool) else o.default!r})"
+        for o in spec.options
+    ]
+    lines += [
+        f"  (state {s.name.id}{''.join(':' + q.id for q in s.qualifiers)} {format_expr(s.init)})"
+        for s in spec.states
+    ]
     lines += [f"  (input {i.name.id})" for i in spec.inputs]
     lines += [f"  (output {o.name.id} {format_expr(o.value)})" for o in spec.outputs]
 
@@ -225,8 +236,24 @@ def format_spec(spec: Spec) -> str:
 
 
 # Binding strength of each operator, loosest first, as the grammar nests them (optgen/grammar.lark).
-_PRECEDENCE = {"or": 1, "and": 2, "not": 3, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4,
-               "+": 5, "-": 5, "*": 6, "/": 6, "@": 6, "neg": 7, "^": 8}
+_PRECEDENCE = {
+    "or": 1,
+    "and": 2,
+    "not": 3,
+    "<": 4,
+    "<=": 4,
+    ">": 4,
+    ">=": 4,
+    "==": 4,
+    "!=": 4,
+    "+": 5,
+    "-": 5,
+    "*": 6,
+    "/": 6,
+    "@": 6,
+    "neg": 7,
+    "^": 8,
+}
 _ATOM = 9
 
 
@@ -245,6 +272,7 @@ def _precedence(expr: Expr) -> int:
 
 def source_expr(expr: Expr) -> str:
     """An expression as spec text, with only the parentheses the grammar needs: ``b1 * mu + (1 - b1) * g``."""
+
     def wrapped(operand: Expr, at_least: int) -> str:
         text = source_expr(operand)
         return text if _precedence(operand) >= at_least else f"({text})"
@@ -257,7 +285,11 @@ def source_expr(expr: Expr) -> str:
         return expr.id
     if isinstance(expr, Unary):
         level = _precedence(expr)
-        return f"-{wrapped(expr.operand, level)}" if expr.op == "-" else f"not {wrapped(expr.operand, level)}"
+        return (
+            f"-{wrapped(expr.operand, level)}"
+            if expr.op == "-"
+            else f"not {wrapped(expr.operand, level)}"
+        )
     if isinstance(expr, Call):
         return f"{expr.func.id}({', '.join(source_expr(a) for a in expr.args)})"
     level = _PRECEDENCE[expr.op]
@@ -279,11 +311,15 @@ def format_source(spec: Spec) -> str:
     """
     lines = [f'optimizer {spec.name.id} "{spec.description}"', ""]
     for h in spec.hypers:
-        bounds = h.range and (f" in {'(' if h.range.lo_open else '['}{_bound(h.range.lo)}, "
-                              f"{_bound(h.range.hi)}{')' if h.range.hi_open else ']'}")
+        bounds = h.range and (
+            f" in {'(' if h.range.lo_open else '['}{_bound(h.range.lo)}, "
+            f"{_bound(h.range.hi)}{')' if h.range.hi_open else ']'}"
+        )
         lines.append(f"hyper {h.name.id} = {_number(h.default)}{bounds or ''}")
     for o in spec.options:
-        lines.append(f"option {o.name.id} = {str(o.default).lower() if isinstance(o.default, bool) else _number(o.default)}")
+        lines.append(
+            f"option {o.name.id} = {str(o.default).lower() if isinstance(o.default, bool) else _number(o.default)}"
+        )
     for s in spec.states:
         qualifiers = f": {' '.join(q.id for q in s.qualifiers)}" if s.qualifiers else ""
         lines.append(f"state {s.name.id}{qualifiers} = {source_expr(s.init)}")
@@ -296,7 +332,9 @@ def format_source(spec: Spec) -> str:
             if isinstance(stmt, Assign):
                 lines.append(f"{pad}{stmt.target.id} = {source_expr(stmt.value)}")
             elif isinstance(stmt, Repeat):
-                count = stmt.count.id if isinstance(stmt.count, Name) else str(int(stmt.count.value))
+                count = (
+                    stmt.count.id if isinstance(stmt.count, Name) else str(int(stmt.count.value))
+                )
                 lines.append(f"{pad}repeat {count}:")
                 block(stmt.body, depth + 1)
             else:

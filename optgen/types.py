@@ -36,8 +36,12 @@ import ml_dtypes
 import numpy as np
 
 # Storage dtypes by their spec names (`state nu: bf16 = 0`, `--dtype bf16`).
-DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16),
-          "f16": np.dtype(np.float16), "f64": np.dtype(np.float64)}
+DTYPES = {
+    "f32": np.dtype(np.float32),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "f16": np.dtype(np.float16),
+    "f64": np.dtype(np.float64),
+}
 
 EXTENTS = ("step", "leaf", "row", "col", "tensor", "axes", "cr", "rr", "cc")
 # The shapes a state may be declared with: a Gram-shaped state (Shampoo's statistics) is square.
@@ -73,7 +77,9 @@ def widest(extents) -> str:
     separate = extents & set(SEPARATE_EXTENTS)
     if separate:
         if len(separate) > 1 or extents - separate - set(SCALAR_EXTENTS):
-            raise ExtentError(f"values of extents {', '.join(sorted(extents, key=EXTENTS.index))} do not combine")
+            raise ExtentError(
+                f"values of extents {', '.join(sorted(extents, key=EXTENTS.index))} do not combine"
+            )
         return separate.pop()
     if {"row", "col"} <= extents:
         return "tensor"
@@ -86,7 +92,9 @@ def matmul_extent(left: str, right: str) -> str:
         raise ExtentError(f"a matrix product takes matrices, got {left} @ {right}")
     (a, b), (b2, c) = MATRIX_AXES[left], MATRIX_AXES[right]
     if b != b2:
-        raise ExtentError(f"a matrix product's inner axes differ: {left} @ {right} is {a}{b} @ {b2}{c}")
+        raise ExtentError(
+            f"a matrix product's inner axes differ: {left} @ {right} is {a}{b} @ {b2}{c}"
+        )
     return _BY_AXES[(a, c)]
 
 
@@ -101,7 +109,9 @@ def transpose_extent(extent: str) -> str:
 def square_extent(extent: str) -> str:
     """The extent of ``eye(x)``: x's, which must be square (``rr`` or ``cc``)."""
     if extent not in ("rr", "cc"):
-        raise ExtentError(f"eye takes a square matrix (a Gram matrix such as x @ transpose(x)), got a {extent} value")
+        raise ExtentError(
+            f"eye takes a square matrix (a Gram matrix such as x @ transpose(x)), got a {extent} value"
+        )
     return extent
 
 
@@ -145,7 +155,9 @@ def stored_shape(shape: tuple, extent: str, factoring: Factoring) -> tuple:
         return ()
     if extent == "axes":
         return (sum(shape),) if shape else (1,)
-    if extent in MATRIX_AXES and extent != "tensor":  # a parameter that is no matrix keeps one unused number
+    if (
+        extent in MATRIX_AXES and extent != "tensor"
+    ):  # a parameter that is no matrix keeps one unused number
         if len(shape) < 2:
             return ()
         sizes = {"r": shape[-2], "c": shape[-1]}

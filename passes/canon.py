@@ -9,8 +9,9 @@ exactly what jnp computes for the same expression): ``x^2 -> x*x`` (as ``jnp`` s
 
 from __future__ import annotations
 
-from optgen.ir import Function
 from optgen.passes.rewrite import const_value, rewrite
+
+from optgen.ir import Function
 
 
 def run(func: Function) -> Function:

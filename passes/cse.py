@@ -7,8 +7,9 @@ set, so ``a*b`` and ``b*a`` are one value.
 
 from __future__ import annotations
 
-from optgen.ir import Function
 from optgen.passes.rewrite import rewrite
+
+from optgen.ir import Function
 
 COMMUTATIVE = {"add", "mul", "max", "min", "eq", "ne", "and", "or"}
 
@@ -19,7 +20,11 @@ def run(func: Function) -> Function:
     def rule(op, builder, defs):
         ids = [id(v) for v in op.operands]
         # repr keeps 0.0 and -0.0 (and 1.0 and True) apart.
-        key = (op.opcode, tuple(sorted(ids)) if op.opcode in COMMUTATIVE else tuple(ids), repr(op.attr))
+        key = (
+            op.opcode,
+            tuple(sorted(ids)) if op.opcode in COMMUTATIVE else tuple(ids),
+            repr(op.attr),
+        )
         if key in seen:
             return seen[key]
         seen[key] = op.result

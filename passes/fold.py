@@ -8,10 +8,10 @@ at run time.
 from __future__ import annotations
 
 import numpy as np
+from optgen.passes.rewrite import const_value, rewrite
 
 from optgen.ir import Function
 from optgen.ops import OPS
-from optgen.passes.rewrite import const_value, rewrite
 
 
 def run(func: Function) -> Function:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from optgen.ir import Function
 from optgen.passes.rewrite import rewrite
+
+from optgen.ir import Function
 
 
 def _is_step(value) -> bool:
@@ -47,12 +48,18 @@ def run(func: Function) -> Function:
         if op.opcode == "mul":
             outer, inner = (a, b) if _is_step(a) else (b, a)
             inner_op = defs.get(id(inner))
-            if _is_step(outer) and inner_op is not None and inner_op.opcode == "mul" \
-                    and uses[id(inner_op.result)] <= 1:
+            if (
+                _is_step(outer)
+                and inner_op is not None
+                and inner_op.opcode == "mul"
+                and uses[id(inner_op.result)] <= 1
+            ):
                 x, y = inner_op.operands
                 step, rest = (x, y) if _is_step(x) else (y, x)
                 if _is_step(step) and not _is_step(rest):
-                    return builder.op("mul", builder.op("mul", outer, step, loc=op.loc), rest, loc=op.loc)
+                    return builder.op(
+                        "mul", builder.op("mul", outer, step, loc=op.loc), rest, loc=op.loc
+                    )
         return None
 
     func = rewrite(func, rule)

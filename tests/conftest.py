@@ -11,14 +11,19 @@ import pytest
 
 import optgen  # noqa: F401  (first: it sets XLA:CPU's fusion option before JAX starts a backend)
 
-os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras tests (where Keras is installed) run on its JAX backend
+os.environ.setdefault(
+    "KERAS_BACKEND", "jax"
+)  # the Keras tests (where Keras is installed) run on its JAX backend
 
 SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "cube": (2, 3, 4)}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--update-golden", action="store_true",
-                     help="rewrite the CHECK lines of golden files with what their RUN line prints now")
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="rewrite the CHECK lines of golden files with what their RUN line prints now",
+    )
 
 
 @pytest.fixture
@@ -41,7 +46,9 @@ def check_golden(path, update=False):
     text = path.read_text()
     command = re.search(r"^// RUN: optgen (.*)$", text, re.M)
     assert command, f"{path.name}: no '// RUN: optgen ...' line"
-    result = CliRunner().invoke(main, [str(path) if a == "%s" else a for a in shlex.split(command.group(1))])
+    result = CliRunner().invoke(
+        main, [str(path) if a == "%s" else a for a in shlex.split(command.group(1))]
+    )
     assert result.exit_code == 0, result.output
     outputs = result.stdout.split("// -----\n")
     parts = _CASE_MARKER.split(text)  # case, marker, case, marker, case, ...
@@ -52,13 +59,18 @@ def check_golden(path, update=False):
         path.write_text("".join(parts))
         return
     for number, (case, out) in enumerate(zip(cases, outputs), start=1):
-        expected = "".join(line[len(CHECK):].removeprefix(" ") + "\n"
-                           for line in case.splitlines() if line.startswith(CHECK))
+        expected = "".join(
+            line[len(CHECK) :].removeprefix(" ") + "\n"
+            for line in case.splitlines()
+            if line.startswith(CHECK)
+        )
         assert out == expected, f"{path.name}, case {number}:\n{case}"
 
 
 def _with_checks(case: str, output: str) -> str:
-    kept = "".join(line + "\n" for line in case.splitlines() if not line.startswith(CHECK)).rstrip("\n")
+    kept = "".join(line + "\n" for line in case.splitlines() if not line.startswith(CHECK)).rstrip(
+        "\n"
+    )
     return kept + "\n" + "".join(f"{CHECK} {line}".rstrip() + "\n" for line in output.splitlines())
 
 
@@ -138,11 +150,21 @@ def assert_trees_close(got, want, tolerance, same_dtype=False, dtype=None):
     that dtype on both sides. The trees have as many leaves; a failure names the leaf."""
     import jax
 
-    for (key, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
+    for (key, w), g in zip(
+        jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True
+    ):
         name = jax.tree_util.keystr(key)
         assert np.shape(g) == np.shape(w), (name, np.shape(g), np.shape(w))
-        assert not same_dtype or np.asarray(g).dtype == np.asarray(w).dtype, (name, g.dtype, w.dtype)
-        assert dtype is None or np.asarray(g).dtype == np.asarray(w).dtype == dtype, (name, g.dtype, w.dtype)
+        assert not same_dtype or np.asarray(g).dtype == np.asarray(w).dtype, (
+            name,
+            g.dtype,
+            w.dtype,
+        )
+        assert dtype is None or np.asarray(g).dtype == np.asarray(w).dtype == dtype, (
+            name,
+            g.dtype,
+            w.dtype,
+        )
         assert rel_err(g, w) <= tolerance, (name, rel_err(g, w))
 
 

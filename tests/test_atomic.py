@@ -42,7 +42,11 @@ def test_a_symlink_is_kept_and_its_target_written(tmp_path):
     real.chmod(0o604)
     link.symlink_to("real")
     atomic.write_atomic(link, "new")
-    assert link.is_symlink() and real.read_text() == "new" and stat.S_IMODE(real.stat().st_mode) == 0o604
+    assert (
+        link.is_symlink()
+        and real.read_text() == "new"
+        and stat.S_IMODE(real.stat().st_mode) == 0o604
+    )
     dangling = tmp_path / "dangling"
     dangling.symlink_to("made")
     atomic.write_atomic(dangling, "x")
@@ -107,7 +111,10 @@ def test_abandoned_temporary_files_are_removed_by_the_next_write(tmp_path):
     atomic.write_atomic(other, "o")  # another target's temporaries are not its business
     assert len(list(tmp_path.iterdir())) == 3
     atomic.write_atomic(path, "second")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"] and path.read_text() == "second"
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+        and path.read_text() == "second"
+    )
 
 
 def test_a_live_writers_temporary_file_is_kept(tmp_path):

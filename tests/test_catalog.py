@@ -46,7 +46,9 @@ def test_doc_example_raises_its_code(code, tmp_path, monkeypatch):
         result = CliRunner().invoke(main, shlex.split(example.strip().removeprefix("$ optgen ")))
     else:
         if "optgen.keras" in example:
-            pytest.importorskip("keras", reason="keras is not installed (pip install -e '.[conformance]')")
+            pytest.importorskip(
+                "keras", reason="keras is not installed (pip install -e '.[conformance]')"
+            )
         namespace: dict = {}
         exec(PRELUDE, namespace)
         with warnings.catch_warnings():
@@ -70,9 +72,19 @@ def _raise_sites():
                 if not isinstance(node, ast.Call):
                     continue
                 func = node.func
-                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
-                checker_error = (name in ("error", "warn") and isinstance(func, ast.Attribute)
-                                 and isinstance(func.value, ast.Name) and func.value.id == "self")
+                name = (
+                    func.id
+                    if isinstance(func, ast.Name)
+                    else func.attr
+                    if isinstance(func, ast.Attribute)
+                    else None
+                )
+                checker_error = (
+                    name in ("error", "warn")
+                    and isinstance(func, ast.Attribute)
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id == "self"
+                )
                 if name in RAISERS or checker_error:
                     code = next((k.value for k in node.keywords if k.arg == "code"), None)
                     if code is not None and not isinstance(code, ast.Constant):
@@ -82,7 +94,9 @@ def _raise_sites():
 
 def test_every_raise_site_has_a_catalog_code():
     missing = [site for site, code in _raise_sites() if code not in CATALOG]
-    assert missing == [], "give these a code=... from optgen/errors.py (add one there and in docs/errors.md)"
+    assert missing == [], (
+        "give these a code=... from optgen/errors.py (add one there and in docs/errors.md)"
+    )
 
 
 def test_every_catalog_code_is_raised_somewhere():

@@ -14,8 +14,13 @@ KERNELS = __import__("pathlib").Path(__file__).resolve().parent.parent / "kernel
 
 
 def run(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "optgen.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "optgen.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_compile_spec_file_prints_stablehlo_with_spec_locations(tmp_path):
@@ -28,7 +33,11 @@ def test_compile_spec_file_prints_stablehlo_with_spec_locations(tmp_path):
 def test_compile_builtin_to_file_and_every_emit(tmp_path):
     assert run("compile", "adamw", "-o", "adamw.mlir", cwd=tmp_path).returncode == 0
     assert "stablehlo" in (tmp_path / "adamw.mlir").read_text()
-    for emit, marker in [("ast", "(update"), ("ir", "func @adamw("), ("ir-opt", "func @adamw.init(")]:
+    for emit, marker in [
+        ("ast", "(update"),
+        ("ir", "func @adamw("),
+        ("ir-opt", "func @adamw.init("),
+    ]:
         result = run("compile", "adamw", "--emit", emit, cwd=tmp_path)
         assert result.returncode == 0 and marker in result.stdout, (emit, result.stderr)
     hlo = run("compile", "adamw", "--emit", "hlo", "--shape", "4096", cwd=tmp_path)
@@ -36,8 +45,16 @@ def test_compile_builtin_to_file_and_every_emit(tmp_path):
 
 
 def test_passes_and_print_ir_after_all(tmp_path):
-    result = run("compile", "adamw", "--emit", "ir-opt", "--passes", "fold,cse", "--print-ir-after-all",
-                 cwd=tmp_path)
+    result = run(
+        "compile",
+        "adamw",
+        "--emit",
+        "ir-opt",
+        "--passes",
+        "fold,cse",
+        "--print-ir-after-all",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0
     assert "IR after fold" in result.stderr and "IR after cse" in result.stderr
     assert "IR after hoist" not in result.stderr
@@ -56,43 +73,75 @@ def test_check_list_show_version(tmp_path):
 
 def test_option_changes_the_program(tmp_path):
     default = run("compile", "amsgrad", "--emit", "ir-opt", cwd=tmp_path).stdout
-    paper = run("compile", "amsgrad", "--emit", "ir-opt", "--with", "bias_correction_mu=false", cwd=tmp_path).stdout
+    paper = run(
+        "compile", "amsgrad", "--emit", "ir-opt", "--with", "bias_correction_mu=false", cwd=tmp_path
+    ).stdout
     assert default.count("pow") == 2 and paper.count("pow") == 1
 
 
 def test_with_turns_on_transforms_in_the_ir_and_the_kernel(tmp_path):
-    args = ["compile", "adamw", "--with", "global_clipnorm=1.0", "--with", "use_ema=true",
-            "--with", "skip_nonfinite=true", "--with", "exclude_from_weight_decay=bias,norm"]
+    args = [
+        "compile",
+        "adamw",
+        "--with",
+        "global_clipnorm=1.0",
+        "--with",
+        "use_ema=true",
+        "--with",
+        "skip_nonfinite=true",
+        "--with",
+        "exclude_from_weight_decay=bias,norm",
+    ]
     ir = run(*args, "--emit", "ir", cwd=tmp_path)
     assert ir.returncode == 0, ir.stderr
-    for marker in ('loc("<global_clipnorm>"', "%ema: tensor", "%total_notfinite: step", "%weight_decay_mask: leaf",
-                   "isfinite %"):
+    for marker in (
+        'loc("<global_clipnorm>"',
+        "%ema: tensor",
+        "%total_notfinite: step",
+        "%weight_decay_mask: leaf",
+        "isfinite %",
+    ):
         assert marker in ir.stdout, marker
     assert run(*args, cwd=tmp_path).stdout.count('loc("<use_ema>"') > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["compile", "adamw", "--with", "clipnorm=big"], "clipnorm takes a finite positive number, got 'big'"),
-    (["compile", "adamw", "--with", "clipnorm"], "--with takes NAME=VALUE"),
-    (["check", "adam", "--with", "exclude_from_weight_decay=bias"], "no hyperparameter 'weight_decay' to mask"),
-    (["check", "bad.spec"], "bad.spec:3:"),
-    (["compile", "bad.spec", "-o", "out.mlir"], "bad.spec:3:"),
-    (["compile", "adamww"], "did you mean 'adamw'"),
-    (["compile", "missing.spec"], "no such file"),
-    (["compile", "adamw", "-o", "nofolder/out.mlir"], "does not exist"),
-    (["compile", "adamw", "--passes", "fold,csee"], "did you mean 'cse'"),
-    (["compile", "adamw", "--with", "nesterov=true"], "has no option 'nesterov'"),
-    (["check", "adafactor", "--with", "factored=3"], "option 'factored' takes true or false"),
-    (["check", "adafactor", "--with", "min_dim_size_to_factor=yes"], "takes a number, got 'yes'"),
-    (["compile", "adamw", "--emit", "hlo"], "needs a concrete shape"),
-    (["compile", "adamw", "--emit", "artifact"], "give -o FILE"),
-    (["compile", "."], "is a directory"),
-    (["compile", "bad.spec/inner.spec"], "error[E004]: cannot read 'bad.spec/inner.spec': Not a directory"),
-    (["compile", "adamw", "-o", "."], "error[E007]: cannot write '.': it is a directory"),
-    (["compile", "adamw", "-o", "bad.spec/out.mlir"], "error[E006]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["compile", "adamw", "--with", "clipnorm=big"],
+            "clipnorm takes a finite positive number, got 'big'",
+        ),
+        (["compile", "adamw", "--with", "clipnorm"], "--with takes NAME=VALUE"),
+        (
+            ["check", "adam", "--with", "exclude_from_weight_decay=bias"],
+            "no hyperparameter 'weight_decay' to mask",
+        ),
+        (["check", "bad.spec"], "bad.spec:3:"),
+        (["compile", "bad.spec", "-o", "out.mlir"], "bad.spec:3:"),
+        (["compile", "adamww"], "did you mean 'adamw'"),
+        (["compile", "missing.spec"], "no such file"),
+        (["compile", "adamw", "-o", "nofolder/out.mlir"], "does not exist"),
+        (["compile", "adamw", "--passes", "fold,csee"], "did you mean 'cse'"),
+        (["compile", "adamw", "--with", "nesterov=true"], "has no option 'nesterov'"),
+        (["check", "adafactor", "--with", "factored=3"], "option 'factored' takes true or false"),
+        (
+            ["check", "adafactor", "--with", "min_dim_size_to_factor=yes"],
+            "takes a number, got 'yes'",
+        ),
+        (["compile", "adamw", "--emit", "hlo"], "needs a concrete shape"),
+        (["compile", "adamw", "--emit", "artifact"], "give -o FILE"),
+        (["compile", "."], "is a directory"),
+        (
+            ["compile", "bad.spec/inner.spec"],
+            "error[E004]: cannot read 'bad.spec/inner.spec': Not a directory",
+        ),
+        (["compile", "adamw", "-o", "."], "error[E007]: cannot write '.': it is a directory"),
+        (["compile", "adamw", "-o", "bad.spec/out.mlir"], "error[E006]"),
+    ],
+)
 def test_errors_exit_1_without_traceback_and_write_nothing(tmp_path, args, message):
-    (tmp_path / "bad.spec").write_text('optimizer bad\nupdate:\n  p = p - lr * g\n')
+    (tmp_path / "bad.spec").write_text("optimizer bad\nupdate:\n  p = p - lr * g\n")
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 1, result
     assert message in result.stderr
@@ -101,12 +150,17 @@ def test_errors_exit_1_without_traceback_and_write_nothing(tmp_path, args, messa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.spec"]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads unreadable files")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads unreadable files"
+)
 def test_unreadable_file(tmp_path):
     (tmp_path / "locked.spec").write_text("optimizer x\n")
     (tmp_path / "locked.spec").chmod(0)
     result = run("check", "locked.spec", cwd=tmp_path)
-    assert result.returncode == 1 and "error[E004]: cannot read 'locked.spec': Permission denied" in result.stderr
+    assert (
+        result.returncode == 1
+        and "error[E004]: cannot read 'locked.spec': Permission denied" in result.stderr
+    )
 
 
 def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
@@ -117,7 +171,11 @@ def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
     assert "bytes per element   28.00 (spec minimum 28, +0.0%)" in result.stdout
     assert "GB/s" in result.stdout and "step at" in result.stdout
     shared = run("inspect", "amsgrad", "--elements", "4096", "--lowering", "shared", cwd=tmp_path)
-    assert shared.returncode == 0 and "spec minimum 36" in shared.stdout and "step time" not in shared.stdout
+    assert (
+        shared.returncode == 0
+        and "spec minimum 36" in shared.stdout
+        and "step time" not in shared.stdout
+    )
 
 
 def test_a_device_without_a_size_is_read_only_up_to_the_limit():
@@ -125,7 +183,9 @@ def test_a_device_without_a_size_is_read_only_up_to_the_limit():
 
     from optgen.cli import main
 
-    result = CliRunner().invoke(main, ["check", "/dev/zero"])  # its size is 0: reading to the end never ends
+    result = CliRunner().invoke(
+        main, ["check", "/dev/zero"]
+    )  # its size is 0: reading to the end never ends
     assert result.exit_code == 1 and "error[E008]" in result.output, result.output
 
 
@@ -140,7 +200,11 @@ def _invoke(*args):
 @pytest.mark.parametrize("shape", ["²", "１２", "n²", "1,٣", "_", "max", "n,min"])
 def test_shape_takes_ascii_digits_and_names_only(shape):
     result = _invoke("compile", "adamw", "--shape", shape)
-    assert result.exit_code == 1 and "error[E014]" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 1
+        and "error[E014]" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_a_factored_spec_compiles_for_a_matrix_shape():
@@ -154,26 +218,42 @@ def test_a_factored_spec_compiles_for_a_matrix_shape():
     assert _invoke("compile", "adafactor", "--shape", "n").exit_code == 0
 
 
-@pytest.mark.parametrize("item, hint", [("clipnrom=1", "did you mean 'clipnorm'?"),
-                                        ("learning_rate=0.1", "optgen.load('adamw', learning_rate=...)"),
-                                        ("zzz=1", "every spec takes clipnorm")])
+@pytest.mark.parametrize(
+    "item, hint",
+    [
+        ("clipnrom=1", "did you mean 'clipnorm'?"),
+        ("learning_rate=0.1", "optgen.load('adamw', learning_rate=...)"),
+        ("zzz=1", "every spec takes clipnorm"),
+    ],
+)
 def test_with_names_what_is_wrong(item, hint):
     result = _invoke("compile", "adamw", "--with", item)
-    assert result.exit_code == 1 and "error[E303]" in result.output and hint in result.output, result.output
+    assert result.exit_code == 1 and "error[E303]" in result.output and hint in result.output, (
+        result.output
+    )
 
 
 @pytest.mark.parametrize("item", ["clipnorm=inf", "global_clipnorm=1e400", "loss_scale_factor=inf"])
 def test_an_infinite_option_is_refused(item):
     result = _invoke("check", "adamw", "--with", item)
-    assert result.exit_code == 1 and "error[E342]" in result.output and "finite" in result.output, result.output
+    assert result.exit_code == 1 and "error[E342]" in result.output and "finite" in result.output, (
+        result.output
+    )
 
 
 @pytest.mark.parametrize("args", [("compile", "adamw"), ("list",), ("show", "adamw")])
 def test_a_full_or_closed_stdout_is_a_diagnostic(tmp_path, args):
     for redirect in (">/dev/full", ">&-"):  # a full disk; standard output closed
-        proc = subprocess.run(["sh", "-c", f'exec "$0" -m optgen.cli "$@" {redirect}', sys.executable, *args],
-                              stderr=subprocess.PIPE, text=True, timeout=300, cwd=tmp_path)
-        assert proc.returncode == 1 and "error[E017]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        proc = subprocess.run(
+            ["sh", "-c", f'exec "$0" -m optgen.cli "$@" {redirect}', sys.executable, *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert (
+            proc.returncode == 1 and "error[E017]" in proc.stderr and "Traceback" not in proc.stderr
+        ), proc.stderr
 
 
 def test_ctrl_c_during_a_command_is_a_message_and_status_130(monkeypatch, tmp_path):
@@ -185,14 +265,20 @@ def test_ctrl_c_during_a_command_is_a_message_and_status_130(monkeypatch, tmp_pa
     monkeypatch.setattr(cli, "compile_checked", interrupted)
     monkeypatch.chdir(tmp_path)
     result = _invoke("compile", "adamw", "-o", "out.mlir")
-    assert result.exit_code == 130 and "interrupted" in result.output and not (tmp_path / "out.mlir").exists()
+    assert (
+        result.exit_code == 130
+        and "interrupted" in result.output
+        and not (tmp_path / "out.mlir").exists()
+    )
 
 
 def test_a_constant_beyond_float32_is_refused_for_f32_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "big.spec").write_text("optimizer big\nupdate:\n  p = p - 1e30 * 1e30 * g\n")
     result = _invoke("compile", "big.spec", "--dtype", "f32")  # folded to 1e60: inf in float32
-    assert result.exit_code == 1 and "error[E225]" in result.output and "big.spec:3:" in result.output, result.output
+    assert (
+        result.exit_code == 1 and "error[E225]" in result.output and "big.spec:3:" in result.output
+    ), result.output
     assert _invoke("compile", "big.spec", "--dtype", "f64").exit_code == 0
 
 
@@ -204,9 +290,16 @@ def test_ctrl_c_while_starting_is_a_message_and_status_130():
     import time
 
     root = __import__("pathlib").Path(__file__).parent.parent
-    process = subprocess.Popen([sys.executable, "-c", "import optgen_launch; optgen_launch.main()", "list"],
-                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import optgen_launch; optgen_launch.main()", "list"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.3)  # past the interpreter's own start, inside the imports
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, (
+        stderr
+    )

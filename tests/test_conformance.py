@@ -9,62 +9,114 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import as_jax, assert_trees_close, make_grads, make_params, rel_err, run_steps
 
 import optgen
-from conftest import as_jax, assert_trees_close, make_grads, make_params, rel_err, run_steps
 
 # Each case runs a built-in spec with some options against the optax (or optax.contrib) function
 # of the same name, given the same hyperparameters and the options optax also takes; optgen's
 # option `use_X = false` is optax's `X=None`, unless optax takes `use_X` itself (adopt's use_clipping).
 CASES = {
-    "adam": ("adam", {}), "adamw": ("adamw", {}), "adamax": ("adamax", {}), "amsgrad": ("amsgrad", {}),
-    "nadamw": ("nadamw", {}), "nadam": ("nadam", {}),
-    "sgd": ("sgd", {}), "sgd-momentum": ("sgd", {"use_momentum": True}),
+    "adam": ("adam", {}),
+    "adamw": ("adamw", {}),
+    "adamax": ("adamax", {}),
+    "amsgrad": ("amsgrad", {}),
+    "nadamw": ("nadamw", {}),
+    "nadam": ("nadam", {}),
+    "sgd": ("sgd", {}),
+    "sgd-momentum": ("sgd", {"use_momentum": True}),
     "sgd-nesterov": ("sgd", {"use_momentum": True, "nesterov": True}),
     "rmsprop": ("rmsprop", {}),
     "rmsprop-centered-momentum": ("rmsprop", {"centered": True, "use_momentum": True}),
-    "rmsprop-nesterov-eps-outside-corrected": ("rmsprop", {"use_momentum": True, "nesterov": True,
-                                                           "eps_in_sqrt": False, "bias_correction": True}),
+    "rmsprop-nesterov-eps-outside-corrected": (
+        "rmsprop",
+        {"use_momentum": True, "nesterov": True, "eps_in_sqrt": False, "bias_correction": True},
+    ),
     # (centered with bias_correction is left out: at step 1 its variance is g^2 - g^2, pure
     # rounding noise, so no two orders of evaluation agree.)
-    "adagrad": ("adagrad", {}), "adadelta": ("adadelta", {}),
-    "radam": ("radam", {}), "radam-nesterov": ("radam", {"nesterov": True}),
-    "adabelief": ("adabelief", {}), "adabelief-nesterov": ("adabelief", {"nesterov": True}),
-    "yogi": ("yogi", {}), "lion": ("lion", {}), "adan": ("adan", {}),
-    "lamb": ("lamb", {}), "lars": ("lars", {}), "lars-nesterov": ("lars", {"nesterov": True}),
+    "adagrad": ("adagrad", {}),
+    "adadelta": ("adadelta", {}),
+    "radam": ("radam", {}),
+    "radam-nesterov": ("radam", {"nesterov": True}),
+    "adabelief": ("adabelief", {}),
+    "adabelief-nesterov": ("adabelief", {"nesterov": True}),
+    "yogi": ("yogi", {}),
+    "lion": ("lion", {}),
+    "adan": ("adan", {}),
+    "lamb": ("lamb", {}),
+    "lars": ("lars", {}),
+    "lars-nesterov": ("lars", {"nesterov": True}),
     "novograd": ("novograd", {}),
     # Factors the matrix (5, 3) and the cube (2, 3, 4) (rows along axis 1, a batch along axis 0);
     # the scalar, the vectors and the (3, 2) leaf fall back to unfactored.
     "adafactor": ("adafactor", {"min_dim_size_to_factor": 3}),
-    "adafactor-decay-unclipped-unscaled": ("adafactor", {"min_dim_size_to_factor": 3, "use_weight_decay_rate": True,
-                                                         "use_clipping_threshold": False,
-                                                         "multiply_by_parameter_scale": False}),
+    "adafactor-decay-unclipped-unscaled": (
+        "adafactor",
+        {
+            "min_dim_size_to_factor": 3,
+            "use_weight_decay_rate": True,
+            "use_clipping_threshold": False,
+            "multiply_by_parameter_scale": False,
+        },
+    ),
     "adafactor-momentum": ("adafactor", {"min_dim_size_to_factor": 3, "use_momentum": True}),
     "adafactor-unfactored": ("adafactor", {"factored": False}),
-    "adopt": ("adopt", {}), "adopt-nesterov-unclipped": ("adopt", {"nesterov": True, "use_clipping": False}),
+    "adopt": ("adopt", {}),
+    "adopt-nesterov-unclipped": ("adopt", {"nesterov": True, "use_clipping": False}),
     "ademamix": ("ademamix", {}),
     # Newton-Schulz on the 2-d leaves (the (5, 3) matrix transposed, the (3, 2) one as it is);
     # optax's AdamW (Nesterov by default) on the scalar, the vectors and the cube.
-    "muon": ("muon", {}), "muon-plain-adam-lr": ("muon", {"nesterov": False, "use_adam_learning_rate": True}),
+    "muon": ("muon", {}),
+    "muon-plain-adam-lr": ("muon", {"nesterov": False, "use_adam_learning_rate": True}),
     "muon-3-steps": ("muon", {"ns_steps": 3}),
     "schedule_free_adamw": ("schedule_free_adamw", {}),
     "schedule_free_adamw-warmup": ("schedule_free_adamw", {"use_warmup_steps": True}),
-    "prodigy": ("prodigy", {}), "prodigy-safeguard-beta3": ("prodigy", {"safeguard_warmup": True, "use_beta3": True}),
+    "prodigy": ("prodigy", {}),
+    "prodigy-safeguard-beta3": ("prodigy", {"safeguard_warmup": True, "use_beta3": True}),
 }
 SPECS = sorted({spec for spec, _ in CASES.values()})
 # Adafactor keeps its momentum in float32 (optax's dtype_momentum), so in a float64 run both
 # sides round it to float32, and a value on a rounding boundary may go either way: float32 only.
 FLOAT32_ONLY = {"adafactor-momentum"}
 # Every spec runs through both paths; its option variants only through one per dtype.
-PATHS = {(case, dtype, path) for case, (spec, options) in CASES.items() for dtype in ("f64", "f32")
-         for path in ("update", "step") if not options or (dtype, path) in (("f64", "update"), ("f32", "step"))
-         if not (case in FLOAT32_ONLY and dtype == "f64")}
+PATHS = {
+    (case, dtype, path)
+    for case, (spec, options) in CASES.items()
+    for dtype in ("f64", "f32")
+    for path in ("update", "step")
+    if not options or (dtype, path) in (("f64", "update"), ("f32", "step"))
+    if not (case in FLOAT32_ONLY and dtype == "f64")
+}
 # Non-default values, so a hyperparameter wired to the wrong place shows.
-CUSTOM = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "b3": 0.95, "eps": 1e-6, "eps_root": 1e-10,
-          "weight_decay": 1e-2, "momentum": 0.7, "decay": 0.85, "initial_scale": 0.1,
-          "initial_accumulator_value": 0.2, "rho": 0.8, "threshold": 6.0, "trust_coefficient": 0.02,
-          "decay_rate": 0.7, "clipping_threshold": 0.9, "weight_decay_rate": 1e-3, "alpha": 4.0,
-          "beta": 0.9, "beta1": 0.85, "beta2": 0.99, "beta3": 0.98, "estim_lr0": 1e-5, "adam_b1": 0.85, "adam_b2": 0.99, "adam_weight_decay": 2e-3, "adam_learning_rate": 2e-3}
+CUSTOM = {
+    "learning_rate": 3e-3,
+    "b1": 0.8,
+    "b2": 0.99,
+    "b3": 0.95,
+    "eps": 1e-6,
+    "eps_root": 1e-10,
+    "weight_decay": 1e-2,
+    "momentum": 0.7,
+    "decay": 0.85,
+    "initial_scale": 0.1,
+    "initial_accumulator_value": 0.2,
+    "rho": 0.8,
+    "threshold": 6.0,
+    "trust_coefficient": 0.02,
+    "decay_rate": 0.7,
+    "clipping_threshold": 0.9,
+    "weight_decay_rate": 1e-3,
+    "alpha": 4.0,
+    "beta": 0.9,
+    "beta1": 0.85,
+    "beta2": 0.99,
+    "beta3": 0.98,
+    "estim_lr0": 1e-5,
+    "adam_b1": 0.85,
+    "adam_b2": 0.99,
+    "adam_weight_decay": 2e-3,
+    "adam_learning_rate": 2e-3,
+}
 STEPS = 150
 # LAMB's steps are learning_rate * ||p|| per tensor: about bfloat16's half-ulp of p, so
 # rounding on store moves bfloat16 parameters further from float32 ones.
@@ -82,8 +134,13 @@ def _optax_name(option, parameters):
 
 
 # Hyperparameters that are one entry of a reference's tuple: name -> (tuple argument, index).
-COMPONENTS = {"ns_a": ("ns_coeffs", 0), "ns_b": ("ns_coeffs", 1), "ns_c": ("ns_coeffs", 2),
-              "beta1": ("betas", 0), "beta2": ("betas", 1)}
+COMPONENTS = {
+    "ns_a": ("ns_coeffs", 0),
+    "ns_b": ("ns_coeffs", 1),
+    "ns_c": ("ns_coeffs", 2),
+    "beta1": ("betas", 0),
+    "beta2": ("betas", 1),
+}
 
 
 def _hypers(spec):
@@ -118,8 +175,11 @@ def _adafactor_decay_in_float64(monkeypatch):
     from optax._src import factorized
 
     defaults = list(factorized.scale_by_factored_rms.__defaults__)
+
     def decay(count, exponent=0.8):  # float32 unless x64 is on (checked when traced)
-        return 1.0 - jax.numpy.asarray(count + 1, jax.dtypes.canonicalize_dtype(np.float64)) ** (-exponent)
+        return 1.0 - jax.numpy.asarray(count + 1, jax.dtypes.canonicalize_dtype(np.float64)) ** (
+            -exponent
+        )
 
     defaults[-1] = decay
     monkeypatch.setattr(factorized.scale_by_factored_rms, "__defaults__", tuple(defaults))
@@ -134,17 +194,25 @@ def _warmup_in_float64(monkeypatch):
     def warmup_constant_schedule(init_value, peak_value, warmup_steps):
         def schedule(count):
             count = jax.numpy.asarray(count, jax.dtypes.canonicalize_dtype(np.float64))
-            return init_value + (peak_value - init_value) * jax.numpy.minimum(count, warmup_steps) / warmup_steps
+            return (
+                init_value
+                + (peak_value - init_value) * jax.numpy.minimum(count, warmup_steps) / warmup_steps
+            )
+
         return schedule
 
-    monkeypatch.setattr(_schedule_free._schedule, "warmup_constant_schedule", warmup_constant_schedule)
+    monkeypatch.setattr(
+        _schedule_free._schedule, "warmup_constant_schedule", warmup_constant_schedule
+    )
 
 
 def _compare(case, dtype, path):
     spec, options = CASES[case]
     tx = _reference(spec)(**_optax_kwargs(case))
     expected, _ = run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True)
-    got, _ = run_steps(optgen.load(spec, **_hypers(spec), **options), as_jax(make_params(dtype)), STEPS, path=path)
+    got, _ = run_steps(
+        optgen.load(spec, **_hypers(spec), **options), as_jax(make_params(dtype)), STEPS, path=path
+    )
     assert_trees_close(got, expected, TOLERANCE[dtype], dtype=dtype)
 
 
@@ -166,13 +234,16 @@ def _cautious_adamw(params, grads, slots, t, h):
     u = (mu / (1 - h["b1"] ** t)) / (np.sqrt(nu / (1 - h["b2"] ** t) + h["eps_root"]) + h["eps"])
     phi = (u * grads > 0).astype(params.dtype)
     scale = params.size / (phi.sum() + 1)
-    return params - h["learning_rate"] * (u * phi * scale + h["weight_decay"] * params), {"mu": mu, "nu": nu}
+    return params - h["learning_rate"] * (u * phi * scale + h["weight_decay"] * params), {
+        "mu": mu,
+        "nu": nu,
+    }
 
 
 def _inverse_fourth_root(a):
     """a^-1/4 of a symmetric positive definite matrix, by its eigendecomposition (float64)."""
     w, v = np.linalg.eigh(a)
-    return (v * w ** -0.25) @ v.T
+    return (v * w**-0.25) @ v.T
 
 
 def _shampoo(params, grads, slots, t, h):
@@ -184,8 +255,11 @@ def _shampoo(params, grads, slots, t, h):
         acc = slots.get("acc", 0.0) + g * g
         return (params - lr * g / np.sqrt(acc + eps)).astype(params.dtype), slots | {"acc": acc}
     left, right = slots.get("L", 0.0) + g @ g.T, slots.get("R", 0.0) + g.T @ g
-    step = _inverse_fourth_root(left + eps * np.eye(len(left))) @ g @ _inverse_fourth_root(
-        right + eps * np.eye(len(right)))
+    step = (
+        _inverse_fourth_root(left + eps * np.eye(len(left)))
+        @ g
+        @ _inverse_fourth_root(right + eps * np.eye(len(right)))
+    )
     return (params - lr * step).astype(params.dtype), slots | {"L": left, "R": right}
 
 
@@ -197,13 +271,17 @@ NUMPY_REFERENCES = {"cautious_adamw": (_cautious_adamw, ("mu", "nu")), "shampoo"
 def _run_numpy(spec, dtype):
     step_fn, names = NUMPY_REFERENCES[spec]
     h = {k: dtype(v) for k, v in optgen.check_spec(spec).hypers.items()} | {
-        k: dtype(v) for k, v in _hypers(spec).items()}
+        k: dtype(v) for k, v in _hypers(spec).items()
+    }
     leaves, treedef = jax.tree.flatten(make_params(dtype))
     slots = [{name: np.zeros_like(x) for name in names} for x in leaves]
     with np.errstate(all="ignore"):
         for step in range(STEPS):
             grads = treedef.flatten_up_to(make_grads(treedef.unflatten(leaves), step, dtype))
-            out = [step_fn(p, g, s, dtype(step + 1), h) for p, g, s in zip(leaves, grads, slots, strict=True)]
+            out = [
+                step_fn(p, g, s, dtype(step + 1), h)
+                for p, g, s in zip(leaves, grads, slots, strict=True)
+            ]
             leaves, slots = [p for p, _ in out], [s for _, s in out]
     return treedef.unflatten(leaves)
 
@@ -213,7 +291,9 @@ def _run_numpy(spec, dtype):
 @pytest.mark.parametrize("spec", sorted(NUMPY_REFERENCES))
 def test_matches_numpy_reference(spec, dtype, path):
     with jax.enable_x64(dtype == np.float64):
-        got, _ = run_steps(optgen.load(spec, **_hypers(spec)), as_jax(make_params(dtype)), STEPS, path=path)
+        got, _ = run_steps(
+            optgen.load(spec, **_hypers(spec)), as_jax(make_params(dtype)), STEPS, path=path
+        )
     assert_trees_close(got, _run_numpy(spec, dtype), TOLERANCE[dtype], dtype=dtype)
 
 
@@ -249,13 +329,24 @@ def test_bfloat16_params_keep_dtype_and_track_float32(spec):
 
     opt = optgen.load(spec, **_hypers(spec))
     p32, _ = run_steps(opt, as_jax(make_params(np.float32)), 20, path="step")
-    p16, s16 = run_steps(opt, bf16(as_jax(make_params(np.float32))), 20, path="step",
-                         grads_at=lambda p, step: bf16(make_grads(p, step, np.float32)))
+    p16, s16 = run_steps(
+        opt,
+        bf16(as_jax(make_params(np.float32))),
+        20,
+        path="step",
+        grads_at=lambda p, step: bf16(make_grads(p, step, np.float32)),
+    )
     assert all(a.dtype == ml_dtypes.bfloat16 for a in jax.tree.leaves(p16))
     assert_trees_close(p16, p32, BF16_TOLERANCE.get(spec, 2e-2))
-    extents = opt.compiled.program.state_extents  # a per-step state (prodigy's d) keeps the step dtype
-    assert all(x.dtype == ml_dtypes.bfloat16 for name, slot in s16.slots.items() if extents[name] != "step"
-               for x in jax.tree.leaves(slot))
+    extents = (
+        opt.compiled.program.state_extents
+    )  # a per-step state (prodigy's d) keeps the step dtype
+    assert all(
+        x.dtype == ml_dtypes.bfloat16
+        for name, slot in s16.slots.items()
+        if extents[name] != "step"
+        for x in jax.tree.leaves(slot)
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -266,8 +357,11 @@ def test_prodigy_distance_estimate_matches_optax(dtype):
     tx = optax.contrib.prodigy(learning_rate=1.0)
     with jax.enable_x64(dtype == np.float64):
         expected = float(run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True)[1].estim_lr)
-        got = float(run_steps(optgen.load("prodigy"), as_jax(make_params(dtype)), STEPS, path="step")[1]
-                    .slots["estim_lr"])
+        got = float(
+            run_steps(optgen.load("prodigy"), as_jax(make_params(dtype)), STEPS, path="step")[
+                1
+            ].slots["estim_lr"]
+        )
     assert abs(got - expected) <= (1e-12 if dtype == np.float64 else 1e-6) * expected
 
 
@@ -277,6 +371,7 @@ def test_sm3_matches_optax_on_every_rank(dtype, path):
     """One statistic per slice of every axis (the spec's `axes` state), as optax.sm3 keeps one vector
     per axis: the mixed pytree plus a 4-d leaf with a size-1 axis. optax.sm3 fails on a 0-d
     parameter (IndexError); optgen's scalar is its only slice, so it moves as optax's (1,) vector."""
+
     def with_four(values, seed):
         four = np.random.default_rng(seed).normal(size=(3, 1, 4, 2)).astype(dtype)
         return values | {"four": four}
@@ -299,11 +394,18 @@ def test_sm3_matches_optax_on_every_rank(dtype, path):
                 updates, ours = opt.update(grads, ours, got)
                 got = optax.apply_updates(got, updates)
     assert jax.tree.structure(ours.slots["v"]) == jax.tree.structure(got)
-    for (key, e), g, v, mu in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got),
-                                  jax.tree.leaves(ours.slots["v"]), jax.tree.leaves(state[0].mu, is_leaf=_is_list),
-                                  strict=True):
+    for (key, e), g, v, mu in zip(
+        jax.tree_util.tree_leaves_with_path(expected),
+        jax.tree.leaves(got),
+        jax.tree.leaves(ours.slots["v"]),
+        jax.tree.leaves(state[0].mu, is_leaf=_is_list),
+        strict=True,
+    ):
         assert g.dtype == e.dtype == dtype, key
-        assert rel_err(g, np.reshape(e, g.shape)) <= TOLERANCE[dtype], (key, rel_err(g, np.reshape(e, g.shape)))
+        assert rel_err(g, np.reshape(e, g.shape)) <= TOLERANCE[dtype], (
+            key,
+            rel_err(g, np.reshape(e, g.shape)),
+        )
         # The statistics are optax's per-axis vectors end to end.
         assert rel_err(v, np.concatenate(mu)) <= TOLERANCE[dtype], key
     assert rel_err(got["cube"], params["cube"]) > 1e-3  # it moved
@@ -319,17 +421,24 @@ def test_schedule_free_evaluation_point_matches_optax(warmup, dtype):
     """opt.outputs(params, state)["x"] (the spec's `output x`) against optax.contrib.schedule_free_eval_params."""
     settings = _hypers("schedule_free_adamw")
     tx = optax.contrib.schedule_free_adamw(**settings, warmup_steps=warmup)
-    opt = optgen.load("schedule_free_adamw", **settings,
-                      **({} if warmup is None else {"use_warmup_steps": True, "warmup_steps": warmup}))
+    opt = optgen.load(
+        "schedule_free_adamw",
+        **settings,
+        **({} if warmup is None else {"use_warmup_steps": True, "warmup_steps": warmup}),
+    )
     with jax.enable_x64(dtype == np.float64):
-        expected = optax.contrib.schedule_free_eval_params(*run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True)[::-1])
+        expected = optax.contrib.schedule_free_eval_params(
+            *run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True)[::-1]
+        )
         got = opt.outputs(*run_steps(opt, as_jax(make_params(dtype)), STEPS, path="step"))["x"]
     assert_trees_close(got, expected, TOLERANCE[dtype], dtype=dtype)
 
 
 def _hessian(step, dtype):
     """A caller's positive Hessian-diagonal estimate for one step."""
-    return jax.tree.map(lambda g: np.abs(g) + dtype(0.1), make_grads(make_params(dtype), 500 + step, dtype))
+    return jax.tree.map(
+        lambda g: np.abs(g) + dtype(0.1), make_grads(make_params(dtype), 500 + step, dtype)
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -338,13 +447,25 @@ def _hessian(step, dtype):
 def test_sophia_with_a_callers_hessian_matches_optax(clip, path, dtype):
     """The spec's `input hessian` arrives as update(..., hessian=h), as optax's sophia hands extra
     arguments to its hessian_diagonal_fn (here one that returns the caller's estimate)."""
-    settings = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "weight_decay": 1e-2, "eps": 1e-6, "update_interval": 3}
-    given = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(),
-                                                 lambda g, s, params=None, hessian=None: (hessian, s))
-    tx = optax.contrib.sophia(**settings, hessian_diagonal_fn=given, clip_threshold=0.5 if clip else None)
+    settings = {
+        "learning_rate": 3e-3,
+        "b1": 0.8,
+        "b2": 0.99,
+        "weight_decay": 1e-2,
+        "eps": 1e-6,
+        "update_interval": 3,
+    }
+    given = optax.GradientTransformationExtraArgs(
+        lambda params: optax.EmptyState(), lambda g, s, params=None, hessian=None: (hessian, s)
+    )
+    tx = optax.contrib.sophia(
+        **settings, hessian_diagonal_fn=given, clip_threshold=0.5 if clip else None
+    )
     opt = optgen.load("sophia", **settings, use_clip_threshold=clip, clip_threshold=0.5)
-    inputs = {"grads_at": lambda params, step: make_grads(make_params(dtype), step, dtype),
-              "inputs_at": lambda step: {"hessian": _hessian(step, dtype)}}
+    inputs = {
+        "grads_at": lambda params, step: make_grads(make_params(dtype), step, dtype),
+        "inputs_at": lambda step: {"hessian": _hessian(step, dtype)},
+    }
     with jax.enable_x64(dtype == np.float64):
         # optax jitted: eagerly it took ~30 s a case
         expected, _ = run_steps(tx, as_jax(make_params(dtype)), STEPS, jit=True, **inputs)
@@ -358,4 +479,6 @@ def test_sophia_defaults_match_optax():
     for name, default in checked.hypers.items():
         if name != "learning_rate":  # optax has no default learning rate
             assert default == parameters[name].default, name
-    assert checked.options["use_clip_threshold"] is (parameters["clip_threshold"].default is not None)
+    assert checked.options["use_clip_threshold"] is (
+        parameters["clip_threshold"].default is not None
+    )

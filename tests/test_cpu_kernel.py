@@ -9,22 +9,27 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from optgen.codegen import cpu_kernel, primitive
 
 import optgen
 import optgen.library
-from optgen.codegen import cpu_kernel, primitive
 
 BIG = 3 * cpu_kernel.CHUNK_ELEMENTS + 5  # several chunks, so the pool's threads share the parameter
 
 
 def mixed_tree(seed):
     rng = np.random.default_rng(seed)
-    tree = {"big": rng.normal(size=BIG).astype(np.float32), "m": rng.normal(size=(33, 7)).astype(np.float32),
-            "bf16": rng.normal(size=(5, 300)).astype(ml_dtypes.bfloat16),
-            "f16": rng.normal(size=129).astype(np.float16)}
+    tree = {
+        "big": rng.normal(size=BIG).astype(np.float32),
+        "m": rng.normal(size=(33, 7)).astype(np.float32),
+        "bf16": rng.normal(size=(5, 300)).astype(ml_dtypes.bfloat16),
+        "f16": rng.normal(size=129).astype(np.float16),
+    }
     # more parameters than one call of the loop takes, so the step is several calls
-    tree |= {f"s{i:03d}": rng.normal(size=int(rng.integers(1, 40))).astype(np.float32)
-             for i in range(primitive.FFI_MAX_LEAVES + 2)}
+    tree |= {
+        f"s{i:03d}": rng.normal(size=int(rng.integers(1, 40))).astype(np.float32)
+        for i in range(primitive.FFI_MAX_LEAVES + 2)
+    }
     return {k: jnp.asarray(v) for k, v in tree.items()}
 
 
@@ -34,7 +39,9 @@ def run(spec, lowering, steps=3, **hypers):
     state = opt.init(params)
     updates = []
     for k in range(steps):
-        grads = jax.tree.map(lambda p, k=k: (p.astype(jnp.float32) * 0.3 + 0.1 * k).astype(p.dtype), params)
+        grads = jax.tree.map(
+            lambda p, k=k: (p.astype(jnp.float32) * 0.3 + 0.1 * k).astype(p.dtype), params
+        )
         delta, _ = opt.update(grads, state, params)  # the change, not in place
         updates.append(delta)
         params, state = opt.step(params, grads, state)  # in place: outputs stored over inputs
@@ -47,25 +54,43 @@ def test_the_cpu_loop_matches_xla_on_mixed_dtypes_many_leaves_and_chunks(spec):
     for part, (mine, xla) in enumerate(zip(ours, theirs, strict=True)):
         for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(xla), strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape
-            low = np.dtype(a.dtype).itemsize == 2  # bf16/f16: a rounding on store may differ by one ulp
+            low = (
+                np.dtype(a.dtype).itemsize == 2
+            )  # bf16/f16: a rounding on store may differ by one ulp
             # an update is new - old: it carries an ulp of the parameter (|p| < 5), not of itself
             atol = 2e-3 if low else 1e-6 if part == 2 else 1e-7
-            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                       rtol=2e-2 if low else 2e-6, atol=atol)
+            np.testing.assert_allclose(
+                np.asarray(a, np.float64),
+                np.asarray(b, np.float64),
+                rtol=2e-2 if low else 2e-6,
+                atol=atol,
+            )
 
 
 def test_the_cpu_loop_matches_optax_adamw_over_many_steps():
     params = {k: v for k, v in mixed_tree(1).items() if v.dtype == jnp.float32}
-    opt, ref = optgen.load("adamw", lowering="ffi", learning_rate=1e-2), optax.adamw(1e-2, weight_decay=1e-4)
-    mine, state, theirs, ref_state = jax.tree.map(jnp.copy, params), opt.init(params), params, ref.init(params)
-    ref_step = jax.jit(lambda p, g, s: (lambda u, s: (optax.apply_updates(p, u), s))(*ref.update(g, s, p)))
+    opt, ref = (
+        optgen.load("adamw", lowering="ffi", learning_rate=1e-2),
+        optax.adamw(1e-2, weight_decay=1e-4),
+    )
+    mine, state, theirs, ref_state = (
+        jax.tree.map(jnp.copy, params),
+        opt.init(params),
+        params,
+        ref.init(params),
+    )
+    ref_step = jax.jit(
+        lambda p, g, s: (lambda u, s: (optax.apply_updates(p, u), s))(*ref.update(g, s, p))
+    )
     grad_of = jax.jit(lambda p, k: jax.tree.map(lambda x: jnp.sin(x * (k + 1)), p))
     for k in range(30):
         grads = grad_of(theirs, k)
         mine, state = opt.step(mine, grads, state)
         theirs, ref_state = ref_step(theirs, grads, ref_state)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)  # f32, as test_conformance
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5
+        )  # f32, as test_conformance
 
 
 def test_the_step_is_calls_of_the_loop_with_outputs_stored_over_inputs():
@@ -82,7 +107,9 @@ def test_auto_takes_the_loop_for_mixed_dtypes_and_xla_for_a_uniform_step(tmp_pat
     uniform = optgen.load("adamw")
     assert "optgen_cpu_" not in uniform.step.lower(params, params, uniform.init(params)).as_text()
     spec = tmp_path / "adamw_bf16_mu.spec"  # optax's mu_dtype=bfloat16: outputs of two dtypes
-    spec.write_text(optgen.library.read_spec("adamw").text.replace("state mu = 0", "state mu: bf16 = 0"))
+    spec.write_text(
+        optgen.library.read_spec("adamw").text.replace("state mu = 0", "state mu: bf16 = 0")
+    )
     mixed = optgen.load(str(spec))
     assert "optgen_cpu_" in mixed.step.lower(params, params, mixed.init(params)).as_text()
 
@@ -95,10 +122,14 @@ def test_a_lowering_is_kept_in_the_config():
 def test_an_exported_step_stays_portable_stablehlo(tmp_path):
     # a step the loop would run here is exported with XLA's loops: an artifact runs anywhere
     spec = tmp_path / "adamw_bf16_mu.spec"
-    spec.write_text(optgen.library.read_spec("adamw").text.replace("state mu = 0", "state mu: bf16 = 0"))
+    spec.write_text(
+        optgen.library.read_spec("adamw").text.replace("state mu = 0", "state mu: bf16 = 0")
+    )
     opt = optgen.load(str(spec))
     params = {"w": jnp.ones(8)}
-    exported = jax.export.export(jax.jit(lambda p, g, s: opt.step(p, g, s)))(params, params, opt.init(params))
+    exported = jax.export.export(jax.jit(lambda p, g, s: opt.step(p, g, s)))(
+        params, params, opt.init(params)
+    )
     assert "optgen_cpu_" not in exported.mlir_module()
     restored = jax.export.deserialize(exported.serialize())
     new_params, _ = restored.call(params, params, opt.init(params))

@@ -73,7 +73,9 @@ def test_kill_9_during_saves_never_loses_the_file(tmp_path):
     rng = np.random.default_rng(13)
     kills, left = 0, 0
     for _ in range(ROUNDS):
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(path)], stdout=subprocess.PIPE, text=True
+        )
         saved = [int(proc.stdout.readline())]  # at least one whole save this round
         time.sleep(rng.uniform(0.0, 0.4))  # then kill it somewhere in a later save (or between two)
         proc.send_signal(signal.SIGKILL)
@@ -82,9 +84,13 @@ def test_kill_9_during_saves_never_loses_the_file(tmp_path):
         saved += [int(line) for line in proc.stdout.read().split()]
         proc.stdout.close()
         back = optgen.load_state(str(path), opt, params)  # never E332: a whole file, old or new
-        assert saved[0] <= int(back.count) <= saved[-1] + 1  # + 1: renamed, killed before it printed
+        assert (
+            saved[0] <= int(back.count) <= saved[-1] + 1
+        )  # + 1: renamed, killed before it printed
         expected_mu = float(np.asarray(back.slots["mu"]["w"])[0, 0])
-        assert expected_mu == pytest.approx(0.5 * (1 - 0.9 ** int(back.count)), rel=1e-5)  # that save's values
+        assert expected_mu == pytest.approx(
+            0.5 * (1 - 0.9 ** int(back.count)), rel=1e-5
+        )  # that save's values
         left = max(left, len(_leftovers(tmp_path)))
     assert kills == ROUNDS
     optgen.save_state(str(path), back, opt)  # the next save removes what the kills left
@@ -126,8 +132,12 @@ def test_a_full_disk_leaves_the_old_files(tmp_path):
     for kind, data in olds.items():
         (tmp_path / f"{kind}.out").write_bytes(data)
     limits = [0, 1, 100, 1000, 4096]  # every output here is larger than 7 kB
-    proc = subprocess.run([sys.executable, "-c", _FULL, str(tmp_path), json.dumps(limits)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL, str(tmp_path), json.dumps(limits)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     assert len(results) == len(limits) * 3, results  # every case failed, none wrote
@@ -140,6 +150,7 @@ def test_a_full_disk_leaves_the_old_files(tmp_path):
 
 # -- read-only folder --------------------------------------------------------------------------
 
+
 def test_a_read_only_folder_leaves_the_old_file(tmp_path, monkeypatch):
     opt, params, state = _trained()
     folder = tmp_path / "ro"
@@ -148,7 +159,9 @@ def test_a_read_only_folder_leaves_the_old_file(tmp_path, monkeypatch):
     optgen.save_state(str(path), state, opt)
     before = path.read_bytes()
     folder.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: make the folder refuse new files as the kernel would
+    if (
+        os.geteuid() == 0
+    ):  # root writes anywhere: make the folder refuse new files as the kernel would
         real_open = os.open
 
         def refusing(name, flags, *args, **kwargs):
@@ -168,6 +181,7 @@ def test_a_read_only_folder_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 # -- special files -----------------------------------------------------------------------------
+
 
 def test_saves_through_a_symlink_a_device_and_a_fifo(tmp_path):
     opt, params, state = _trained()
@@ -201,6 +215,7 @@ def test_saves_through_a_symlink_a_device_and_a_fifo(tmp_path):
 
 # -- bit flips ---------------------------------------------------------------------------------
 
+
 def _flip_each(path, data: bytes, load, codes, rng) -> int:
     for _ in range(FLIPS):
         bit = int(rng.integers(len(data) * 8))
@@ -219,14 +234,25 @@ def test_every_bit_flip_of_saved_state_or_an_artifact_is_refused(tmp_path):
     state_path, artifact_path = tmp_path / "s.opt", tmp_path / "a.artifact"
     optgen.save_state(str(state_path), state, opt)
     save_artifact(str(artifact_path), opt.compiled, "f32", "n", ["cpu"])
-    flips = _flip_each(state_path, state_path.read_bytes(), lambda: optgen.load_state(str(state_path), opt, params),
-                       {"E331", "E332"}, rng)
-    flips += _flip_each(artifact_path, artifact_path.read_bytes(), lambda: optgen.load_artifact(str(artifact_path)),
-                        {"E323", "E324"}, rng)
+    flips = _flip_each(
+        state_path,
+        state_path.read_bytes(),
+        lambda: optgen.load_state(str(state_path), opt, params),
+        {"E331", "E332"},
+        rng,
+    )
+    flips += _flip_each(
+        artifact_path,
+        artifact_path.read_bytes(),
+        lambda: optgen.load_artifact(str(artifact_path)),
+        {"E323", "E324"},
+        rng,
+    )
     assert flips == 2 * FLIPS
 
 
 # -- concurrent saves --------------------------------------------------------------------------
+
 
 def test_concurrent_saves_leave_one_whole_file(tmp_path):
     opt, params, state = _trained(steps=0)
@@ -250,7 +276,9 @@ def test_concurrent_saves_leave_one_whole_file(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == []  # a live writer's temporary file is locked: no other writer's cleanup removes it
+    assert (
+        errors == []
+    )  # a live writer's temporary file is locked: no other writer's cleanup removes it
     back = optgen.load_state(str(path), opt, params)
     assert int(back.count) in range(5)
     assert _leftovers(tmp_path) == []

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import as_jax, assert_trees_close, make_grads, make_params, run_steps
 
 import optgen
-from conftest import as_jax, assert_trees_close, make_grads, make_params, run_steps
 from optgen.transforms.decay_mask import key_path_name
 
 STEPS = 40
@@ -29,16 +29,27 @@ def _leaves(params):
 
 def _run_optgen(spec, settings, dtype, grad_scale=1.0):
     opt = optgen.load(spec, **settings)
-    def grads_at(params, step):  # drawn in make_params's key order, as the Keras and torch runs draw them
+
+    def grads_at(
+        params, step
+    ):  # drawn in make_params's key order, as the Keras and torch runs draw them
         return jax.tree.map(lambda g: g * grad_scale, make_grads(make_params(dtype), step, dtype))
 
-    params, state = run_steps(opt, as_jax(make_params(dtype)), STEPS, path="step", grads_at=grads_at)
+    params, state = run_steps(
+        opt, as_jax(make_params(dtype)), STEPS, path="step", grads_at=grads_at
+    )
     return _leaves(params)[1], _leaves(opt.finalize(params, state))[1]
 
 
 # -- Keras -----------------------------------------------------------------------------------
 
-KERAS_HYPERS = {"learning_rate": 3e-3, "weight_decay": 0.05, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-6}
+KERAS_HYPERS = {
+    "learning_rate": 3e-3,
+    "weight_decay": 0.05,
+    "beta_1": 0.8,
+    "beta_2": 0.99,
+    "epsilon": 1e-6,
+}
 KERAS_CASES = {
     "defaults": {},
     "amsgrad": {"amsgrad": True},
@@ -51,17 +62,27 @@ KERAS_CASES = {
     "loss_scale_factor": {"loss_scale_factor": 128.0},
     "exclude_from_weight_decay": {"exclude_from_weight_decay": ["vector", "huge"]},
     "schedule": {"learning_rate": "cosine"},
-    "all_at_once": {"gradient_accumulation_steps": 2, "clipnorm": 0.5, "use_ema": True, "ema_momentum": 0.8,
-                    "loss_scale_factor": 4.0, "exclude_from_weight_decay": ["cube"]},
+    "all_at_once": {
+        "gradient_accumulation_steps": 2,
+        "clipnorm": 0.5,
+        "use_ema": True,
+        "ema_momentum": 0.8,
+        "loss_scale_factor": 4.0,
+        "exclude_from_weight_decay": ["cube"],
+    },
 }
 KERAS_CLASSES = {"keras/adamw": "AdamW", "keras/adamax": "Adamax"}
 
 
 def _keras():
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras", reason="keras is not installed (pip install -e '.[conformance]')")
+    keras = pytest.importorskip(
+        "keras", reason="keras is not installed (pip install -e '.[conformance]')"
+    )
     if keras.backend.backend() != "jax":
-        pytest.skip(f"keras runs on its {keras.backend.backend()} backend here; these tests need KERAS_BACKEND=jax")
+        pytest.skip(
+            f"keras runs on its {keras.backend.backend()} backend here; these tests need KERAS_BACKEND=jax"
+        )
     return keras
 
 
@@ -71,7 +92,9 @@ def _run_keras(keras, cls, settings, grad_scale):
     if settings.get("learning_rate") == "cosine":
         settings["learning_rate"] = keras.optimizers.schedules.CosineDecay(3e-3, 30, alpha=0.1)
     names, values = _leaves(make_params(np.float32))
-    variables = [keras.Variable(v, name=n.replace("/", "_")) for n, v in zip(names, values, strict=True)]
+    variables = [
+        keras.Variable(v, name=n.replace("/", "_")) for n, v in zip(names, values, strict=True)
+    ]
     opt = getattr(keras.optimizers, cls)(**settings)
     if exclude:
         opt.exclude_from_weight_decay(var_names=exclude)
@@ -117,21 +140,30 @@ def test_keras_spec_defaults_are_keras_defaults(spec):
         reference = signature.parameters[name].default
         assert default == (0.0 if reference is None else reference), name
     if spec == "keras/adamw":
-        assert optgen.check_spec(spec).options == {"amsgrad": signature.parameters["amsgrad"].default}
+        assert optgen.check_spec(spec).options == {
+            "amsgrad": signature.parameters["amsgrad"].default
+        }
 
 
 # -- torch -----------------------------------------------------------------------------------
 
 TORCH_HYPERS = {"lr": 3e-3, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.05}
-TORCH_CASES = {"defaults": {}, "amsgrad": {"amsgrad": True}, "global_clipnorm": {"global_clipnorm": 1.0},
-               "clipvalue": {"clipvalue": 0.5},
-               # torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, updated after each step
-               "use_ema": {"use_ema": True, "ema_momentum": 0.9},
-               # torch.optim.lr_scheduler.ExponentialLR, stepped after each step
-               "schedule": {"lr": "exponential"}}
+TORCH_CASES = {
+    "defaults": {},
+    "amsgrad": {"amsgrad": True},
+    "global_clipnorm": {"global_clipnorm": 1.0},
+    "clipvalue": {"clipvalue": 0.5},
+    # torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, updated after each step
+    "use_ema": {"use_ema": True, "ema_momentum": 0.9},
+    # torch.optim.lr_scheduler.ExponentialLR, stepped after each step
+    "schedule": {"lr": "exponential"},
+}
 # spec -> (torch.optim class, the constructor arguments that select the spec's variant)
-TORCH_CLASSES = {"torch/adamw": ("AdamW", {}), "torch/adamax": ("Adamax", {}),
-                 "torch/nadamw": ("NAdam", {"decoupled_weight_decay": True})}
+TORCH_CLASSES = {
+    "torch/adamw": ("AdamW", {}),
+    "torch/adamax": ("Adamax", {}),
+    "torch/nadamw": ("NAdam", {"decoupled_weight_decay": True}),
+}
 
 
 def _run_torch(torch, torch_class, settings, dtype):
@@ -144,13 +176,20 @@ def _run_torch(torch, torch_class, settings, dtype):
     settings["lr"] = 3e-3 if exponential else settings["lr"]
     settings["betas"] = (settings.pop("beta1"), settings.pop("beta2"))
     model = torch.nn.Module()
-    model.params = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(v)) for v in _leaves(make_params(dtype))[1]])
+    model.params = torch.nn.ParameterList(
+        [torch.nn.Parameter(torch.tensor(v)) for v in _leaves(make_params(dtype))[1]]
+    )
     tensors = list(model.params)
     name, variant = torch_class
     opt = getattr(torch.optim, name)(tensors, foreach=False, **variant, **settings)
     scheduler = lr_scheduler.ExponentialLR(opt, gamma=0.95) if exponential else None
-    average = None if ema_momentum is None else swa_utils.AveragedModel(
-        model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema_momentum))
+    average = (
+        None
+        if ema_momentum is None
+        else swa_utils.AveragedModel(
+            model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(ema_momentum)
+        )
+    )
     params = make_params(dtype)
     for step in range(STEPS):
         for tensor, grad in zip(tensors, _leaves(make_grads(params, step, dtype))[1], strict=True):
@@ -172,7 +211,9 @@ def _run_torch(torch, torch_class, settings, dtype):
 @pytest.mark.parametrize("case", sorted(TORCH_CASES))
 @pytest.mark.parametrize("spec", sorted(TORCH_CLASSES))
 def test_torch_spec_matches_torch(spec, case, dtype):
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed (pip install -e '.[conformance]')"
+    )
     if case == "amsgrad" and spec != "torch/adamw":
         pytest.skip(f"torch's {TORCH_CLASSES[spec][0]} has no amsgrad")
     settings = TORCH_HYPERS | TORCH_CASES[case]
@@ -180,7 +221,9 @@ def test_torch_spec_matches_torch(spec, case, dtype):
     ours = dict(settings)
     if ours["lr"] == "exponential" and dtype == np.float32:
         ours["lr"] = optgen.schedules.exponential_decay(3e-3, 1, 0.95)
-    elif ours["lr"] == "exponential":  # optax's exponential_decay is float32 for an int32 count; this is float64
+    elif (
+        ours["lr"] == "exponential"
+    ):  # optax's exponential_decay is float32 for an int32 count; this is float64
         ours["lr"] = lambda count: 3e-3 * jnp.power(0.95, count.astype(jnp.float64))
     with jax.enable_x64(dtype == np.float64):
         got, got_final = _run_optgen(spec, ours, dtype)
@@ -193,10 +236,15 @@ def test_torch_spec_matches_torch(spec, case, dtype):
 def test_torch_spec_defaults_are_torch_defaults(spec):
     import inspect
 
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed (pip install -e '.[conformance]')"
+    )
     signature = inspect.signature(getattr(torch.optim, TORCH_CLASSES[spec][0]))
     betas = signature.parameters["betas"].default
-    reference = {name: p.default for name, p in signature.parameters.items()} | {"beta1": betas[0], "beta2": betas[1]}
+    reference = {name: p.default for name, p in signature.parameters.items()} | {
+        "beta1": betas[0],
+        "beta2": betas[1],
+    }
     for name, default in optgen.load(spec).hyperparams.items():
         assert default == reference[name], name
 
@@ -204,8 +252,12 @@ def test_torch_spec_defaults_are_torch_defaults(spec):
 # -- torch.optim.Muon --------------------------------------------------------------------------
 
 MUON_HYPERS = {"lr": 3e-3, "weight_decay": 0.05, "momentum": 0.9}
-MUON_CASES = {"defaults": {}, "plain": {"nesterov": False}, "match_rms_adamw": {"match_rms_adamw": True},
-              "3-steps": {"ns_steps": 3}}
+MUON_CASES = {
+    "defaults": {},
+    "plain": {"nesterov": False},
+    "match_rms_adamw": {"match_rms_adamw": True},
+    "3-steps": {"ns_steps": 3},
+}
 MUON_STEPS = 150
 
 
@@ -218,11 +270,15 @@ def _run_torch_muon(torch, settings, dtype):
     settings = dict(settings)
     if settings.pop("match_rms_adamw", False):
         settings["adjust_lr_fn"] = "match_rms_adamw"
-    tensors = [torch.nn.Parameter(torch.tensor(v)) for v in _leaves(_matrices(make_params(dtype)))[1]]
+    tensors = [
+        torch.nn.Parameter(torch.tensor(v)) for v in _leaves(_matrices(make_params(dtype)))[1]
+    ]
     opt = torch.optim.Muon(tensors, **settings)
     params = make_params(dtype)
     for step in range(MUON_STEPS):
-        for tensor, grad in zip(tensors, _leaves(_matrices(make_grads(params, step, dtype)))[1], strict=True):
+        for tensor, grad in zip(
+            tensors, _leaves(_matrices(make_grads(params, step, dtype)))[1], strict=True
+        ):
             tensor.grad = torch.tensor(grad)
         opt.step()
     return [t.detach().numpy() for t in tensors]
@@ -230,17 +286,26 @@ def _run_torch_muon(torch, settings, dtype):
 
 def _run_optgen_muon(settings, dtype):
     opt = optgen.load("torch/muon", **settings)
-    params, _ = run_steps(opt, as_jax(_matrices(make_params(dtype))), MUON_STEPS, path="step",
-                          grads_at=lambda p, step: _matrices(make_grads(make_params(dtype), step, dtype)))
+    params, _ = run_steps(
+        opt,
+        as_jax(_matrices(make_params(dtype))),
+        MUON_STEPS,
+        path="step",
+        grads_at=lambda p, step: _matrices(make_grads(make_params(dtype), step, dtype)),
+    )
     return _leaves(params)[1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", sorted(MUON_CASES))
-def test_torch_muon_matches_torch_with_newton_schulz_in_the_parameters_dtype(case, dtype, monkeypatch):
+def test_torch_muon_matches_torch_with_newton_schulz_in_the_parameters_dtype(
+    case, dtype, monkeypatch
+):
     """torch runs Newton-Schulz in bfloat16 (grad.bfloat16()); here it runs in the parameters'
     dtype, as optgen does, so the two algorithms are compared to the usual tolerances."""
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed (pip install -e '.[conformance]')"
+    )
     monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.clone())
     settings = MUON_HYPERS | MUON_CASES[case]
     want = _run_torch_muon(torch, settings, dtype)
@@ -251,7 +316,9 @@ def test_torch_muon_matches_torch_with_newton_schulz_in_the_parameters_dtype(cas
 
 def test_torch_muon_tracks_torch_in_bfloat16():
     """Unpatched, torch's bfloat16 Newton-Schulz stays within bfloat16's precision of optgen's float32."""
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed (pip install -e '.[conformance]')"
+    )
     want = _run_torch_muon(torch, MUON_HYPERS, np.float32)
     got = _run_optgen_muon(MUON_HYPERS, np.float32)
     assert_trees_close(got, want, BF16_MUON_TOLERANCE, same_dtype=True)
@@ -260,12 +327,19 @@ def test_torch_muon_tracks_torch_in_bfloat16():
 def test_torch_muon_defaults_are_torch_defaults():
     import inspect
 
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[conformance]')")
-    reference = {name: p.default for name, p in inspect.signature(torch.optim.Muon).parameters.items()}
+    torch = pytest.importorskip(
+        "torch", reason="torch is not installed (pip install -e '.[conformance]')"
+    )
+    reference = {
+        name: p.default for name, p in inspect.signature(torch.optim.Muon).parameters.items()
+    }
     a, b, c = reference.pop("ns_coefficients")
     reference |= {"ns_a": a, "ns_b": b, "ns_c": c}
     checked = optgen.check_spec("torch/muon")
     for name, default in optgen.load("torch/muon").hyperparams.items():
         assert default == reference[name], name
-    assert checked.options["nesterov"] is reference["nesterov"] and checked.options["ns_steps"] == reference["ns_steps"]
+    assert (
+        checked.options["nesterov"] is reference["nesterov"]
+        and checked.options["ns_steps"] == reference["ns_steps"]
+    )
     assert checked.options["match_rms_adamw"] is (reference["adjust_lr_fn"] == "match_rms_adamw")

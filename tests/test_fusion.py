@@ -12,13 +12,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from optgen.codegen import export, fusion
 
 import optgen
-from optgen.codegen import export, fusion
 from optgen.inspect import count_kernels, inspect, min_bytes_per_element
 
-ELEMENTWISE = ["adabelief", "adadelta", "adagrad", "adam", "adamax", "adamw", "ademamix", "adopt", "amsgrad", "lion",
-               "nadam", "nadamw", "radam", "rmsprop", "sgd", "torch/nadamw", "yogi"]
+ELEMENTWISE = [
+    "adabelief",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "ademamix",
+    "adopt",
+    "amsgrad",
+    "lion",
+    "nadam",
+    "nadamw",
+    "radam",
+    "rmsprop",
+    "sgd",
+    "torch/nadamw",
+    "yogi",
+]
 # Not yet at their minimum, so not asserted: adan's six-output step (XLA:CPU splits it into two
 # loops, 68 bytes per element against 44), lamb (48 against 44) and lars (44 against 28).
 
@@ -88,13 +105,18 @@ def test_per_output_and_shared_lowerings_agree(spec, dtype):
     dtypes = export.state_dtypes(prog, np.dtype(dtype))
     specs = export.arg_specs(prog, np.dtype(dtype), "257", dtypes)
     rng = np.random.default_rng(0)
-    start = {name: jnp.asarray(rng.uniform(0.1, 2.0, s.shape), s.dtype) for name, s in specs.items()}
+    start = {
+        name: jnp.asarray(rng.uniform(0.1, 2.0, s.shape), s.dtype) for name, s in specs.items()
+    }
     grads = [jnp.asarray(rng.normal(size=257), dtype) for _ in range(20)]
     # The spec's own hyperparameters: random ones (a b2 above 1) can make the step chaotic.
     hypers = {name: jnp.float32(value) for name, value in optgen.load(spec).hyperparams.items()}
     outs = {}
     for lowering in ("shared", "per-output", "ffi"):
-        step, state = jax.jit(export.kernel(prog, dtypes, lowering)), start | hypers | {"learning_rate": jnp.float32(1e-2)}
+        step, state = (
+            jax.jit(export.kernel(prog, dtypes, lowering)),
+            start | hypers | {"learning_rate": jnp.float32(1e-2)},
+        )
         for t, g in enumerate(grads, 1):
             state |= step(state | {"t": jnp.float32(t), "g": g})
         outs[lowering] = state
@@ -103,9 +125,13 @@ def test_per_output_and_shared_lowerings_agree(spec, dtype):
     tolerance = 1e-5 if dtype == np.float32 else 3e-2
     for name, _ in prog.update.outputs:
         for lowering in ("per-output", "ffi"):
-            np.testing.assert_allclose(np.asarray(outs[lowering][name], np.float32),
-                                       np.asarray(outs["shared"][name], np.float32), rtol=tolerance,
-                                       atol=tolerance / 10, err_msg=f"{name} ({lowering})")
+            np.testing.assert_allclose(
+                np.asarray(outs[lowering][name], np.float32),
+                np.asarray(outs["shared"][name], np.float32),
+                rtol=tolerance,
+                atol=tolerance / 10,
+                err_msg=f"{name} ({lowering})",
+            )
 
 
 def test_per_output_step_is_deterministic():
@@ -113,7 +139,9 @@ def test_per_output_step_is_deterministic():
     dtypes = export.state_dtypes(prog, np.dtype(np.float32))
     specs = export.arg_specs(prog, np.dtype(np.float32), "4099", dtypes)
     rng = np.random.default_rng(1)
-    inputs = {name: jnp.asarray(rng.uniform(0.1, 2.0, s.shape), s.dtype) for name, s in specs.items()}
+    inputs = {
+        name: jnp.asarray(rng.uniform(0.1, 2.0, s.shape), s.dtype) for name, s in specs.items()
+    }
     first, second = (jax.jit(export.kernel(prog, dtypes, "per-output"))(inputs) for _ in range(2))
     for name in first:
         np.testing.assert_array_equal(np.asarray(first[name]), np.asarray(second[name]))
@@ -127,7 +155,9 @@ REFUSED = "it computes 'sum'"  # a step the CPU loop cannot run falls back to XL
 def test_own_loop_step_is_one_call_at_the_spec_minimum(spec):
     report = inspect(program(spec), np.dtype(np.float32), 1 << 16, lowering="ffi")
     assert report.kernels == 1
-    assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)  # + a few scalars
+    assert report.bytes_per_element == pytest.approx(
+        report.min_bytes_per_element, rel=1e-3
+    )  # + a few scalars
 
 
 def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
@@ -137,8 +167,13 @@ def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
     assert fusion.resolve("auto", CPU, [[f32] * many, [f32] * many]) == "ffi"
     assert fusion.resolve("auto", CPU, [[f32] * (many - 1), [f32] * (many - 1)]) == "per-output"
     assert fusion.resolve("auto", fusion.Where(("cuda",)), [[f32]]) == "shared"
-    assert fusion.resolve("auto", fusion.Where(("cpu",), one_device=False), [[bf16], [f32]]) == "shared"
-    assert fusion.resolve("auto", fusion.Where(("cpu",), for_export=True), [[bf16], [f32]]) == "shared"
+    assert (
+        fusion.resolve("auto", fusion.Where(("cpu",), one_device=False), [[bf16], [f32]])
+        == "shared"
+    )
+    assert (
+        fusion.resolve("auto", fusion.Where(("cpu",), for_export=True), [[bf16], [f32]]) == "shared"
+    )
     assert fusion.resolve("shared", CPU, [[f32]]) == "shared"
 
 
@@ -150,9 +185,20 @@ def test_ffi_where_it_cannot_run_is_an_error():
 
 
 def test_mixed_dtype_outputs_stay_shared():
-    assert fusion.resolve("auto", CPU, [[np.dtype("bfloat16")], [np.dtype(np.float32)]], REFUSED) == "shared"
-    assert fusion.resolve("auto", CPU, [[np.dtype(np.float32)], [np.dtype(np.float32)]], REFUSED) == "per-output"
-    assert fusion.resolve("auto", fusion.Where(("cuda",)), [[np.dtype(np.float32)], [np.dtype(np.float32)]]) == "shared"
+    assert (
+        fusion.resolve("auto", CPU, [[np.dtype("bfloat16")], [np.dtype(np.float32)]], REFUSED)
+        == "shared"
+    )
+    assert (
+        fusion.resolve("auto", CPU, [[np.dtype(np.float32)], [np.dtype(np.float32)]], REFUSED)
+        == "per-output"
+    )
+    assert (
+        fusion.resolve(
+            "auto", fusion.Where(("cuda",)), [[np.dtype(np.float32)], [np.dtype(np.float32)]]
+        )
+        == "shared"
+    )
 
 
 def test_thousands_of_leaves_lower_shared():
@@ -182,7 +228,9 @@ def test_sharded_step_keeps_layouts_and_needs_no_collectives():
     script = Path(__file__).parent / "scripts" / "sharded_step.py"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env.pop("OPTGEN_XLA_FLAGS", None)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
@@ -191,6 +239,8 @@ def test_sharded_step_keeps_layouts_and_needs_no_collectives():
     assert report["state_after"] == report["expected"]
     assert report["packed_groups"] == ["P()"]  # b and c, still replicated
     assert report["collectives"] == []
-    assert report["step_compiles"] == report["step_compiles_after_restore"] == 0  # compiled by .lower() above
+    assert (
+        report["step_compiles"] == report["step_compiles_after_restore"] == 0
+    )  # compiled by .lower() above
     assert report["state_restored"] == report["expected"]
     assert report["max_diff"] < 1e-6

@@ -14,8 +14,10 @@ GALLERY = runpy.run_path(str(ROOT / "tools" / "gallery.py"))
 
 def _readme_rows() -> dict[str, int]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Gallery"):text.index("## Adding an optimizer")]
-    return {name: int(lines) for name, lines in re.findall(r"^\| `([\w/]+)` \| (\d+) \|", section, re.M)}
+    section = text[text.index("## Gallery") : text.index("## Adding an optimizer")]
+    return {
+        name: int(lines) for name, lines in re.findall(r"^\| `([\w/]+)` \| (\d+) \|", section, re.M)
+    }
 
 
 def test_gallery_lists_every_spec_with_its_line_count():
@@ -28,8 +30,15 @@ def test_gallery_lists_every_spec_with_its_line_count():
 def test_gallery_counts_the_optax_source_it_replaces():
     names, funcs = GALLERY["reference"]("adamw")
     assert names == "optax.adamw"
-    assert [f.__name__ for f in funcs] == ["adamw", "scale_by_adam", "add_decayed_weights", "scale_by_learning_rate"]
-    assert GALLERY["source_lines"](GALLERY["source_lines"]) == 9  # its own 9 code lines; the docstring is left out
+    assert [f.__name__ for f in funcs] == [
+        "adamw",
+        "scale_by_adam",
+        "add_decayed_weights",
+        "scale_by_learning_rate",
+    ]
+    assert (
+        GALLERY["source_lines"](GALLERY["source_lines"]) == 9
+    )  # its own 9 code lines; the docstring is left out
 
 
 def test_every_builtin_spec_cites_its_paper():

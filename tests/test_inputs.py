@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 
 import optgen
 from optgen import atomic
 from optgen.diagnostics import InputError
-from conftest import count_compiles
 
 
 def setup(dtype=jnp.float32):
@@ -37,27 +37,62 @@ def raises(code, fragment, fn, *args):
 def bad_calls():
     opt, params, grads, state = setup()
     other = optgen.load("adamax")
-    yield "E307", "no leaf grads['b']['c']", lambda: opt.step(params, {"w": grads["w"], "b": {"d": grads["b"]["c"]}}, state)
-    yield "E308", "grads['w'] has shape (4, 3), expected (3, 4)", \
-        lambda: opt.step(params, {**grads, "w": jnp.ones((4, 3))}, state)
-    yield "E310", "grads['b']['c'] is an array of dtype int32", \
-        lambda: opt.update({**grads, "b": {"c": grads["b"]["c"].astype(jnp.int32)}}, state, params)
+    yield (
+        "E307",
+        "no leaf grads['b']['c']",
+        lambda: opt.step(params, {"w": grads["w"], "b": {"d": grads["b"]["c"]}}, state),
+    )
+    yield (
+        "E308",
+        "grads['w'] has shape (4, 3), expected (3, 4)",
+        lambda: opt.step(params, {**grads, "w": jnp.ones((4, 3))}, state),
+    )
+    yield (
+        "E310",
+        "grads['b']['c'] is an array of dtype int32",
+        lambda: opt.update({**grads, "b": {"c": grads["b"]["c"].astype(jnp.int32)}}, state, params),
+    )
     yield "E310", "params['w'] is a str", lambda: opt.init({"w": "x"})
-    yield "E310", "params['i'] is an array of dtype int32", lambda: opt.init({"i": jnp.zeros(3, jnp.int32)})
+    yield (
+        "E310",
+        "params['i'] is an array of dtype int32",
+        lambda: opt.init({"i": jnp.zeros(3, jnp.int32)}),
+    )
     yield "E311", "not an optgen OptState", lambda: opt.step(params, grads, {"mu": params})
     yield "E311", "another optimizer", lambda: opt.step(params, grads, other.init(params))
     yield "E307", "state.slots['mu']", lambda: opt.step(params, grads, opt.init({"w": params["w"]}))
-    yield "E308", "state.slots['mu']['w'] has shape (3, 5)", \
-        lambda: opt.step(params, grads, opt.init({**params, "w": jnp.ones((3, 5))}))
+    yield (
+        "E308",
+        "state.slots['mu']['w'] has shape (3, 5)",
+        lambda: opt.step(params, grads, opt.init({**params, "w": jnp.ones((3, 5))})),
+    )
     mistyped = {**state.hyperparams, "learning_rat": 1.0}
     del mistyped["learning_rate"]
-    yield "E302", "'learning_rat'", lambda: opt.step(params, grads, state._replace(hyperparams=mistyped))
-    yield "E306", "state.hyperparams['b1'] = 1.5", lambda: opt.step(
-        params, grads, state._replace(hyperparams={**state.hyperparams, "b1": 1.5}))
-    yield "E305", "must be a number", lambda: opt.step(
-        params, grads, state._replace(hyperparams={**state.hyperparams, "eps": "small"}))
+    yield (
+        "E302",
+        "'learning_rat'",
+        lambda: opt.step(params, grads, state._replace(hyperparams=mistyped)),
+    )
+    yield (
+        "E306",
+        "state.hyperparams['b1'] = 1.5",
+        lambda: opt.step(
+            params, grads, state._replace(hyperparams={**state.hyperparams, "b1": 1.5})
+        ),
+    )
+    yield (
+        "E305",
+        "must be a number",
+        lambda: opt.step(
+            params, grads, state._replace(hyperparams={**state.hyperparams, "eps": "small"})
+        ),
+    )
     yield "E301", "needs params", lambda: opt.update(grads, state)
-    yield "E310", "grads['w'] is a str, not an array", lambda: opt.step(params, {**grads, "w": "x"}, state)
+    yield (
+        "E310",
+        "grads['w'] is a str, not an array",
+        lambda: opt.step(params, {**grads, "w": "x"}, state),
+    )
 
 
 @pytest.mark.parametrize("case", range(14))
@@ -79,15 +114,18 @@ def test_rejected_step_leaves_callers_arrays_valid():
     assert params["w"].is_deleted() and np.all(np.isfinite(np.asarray(new_params["w"])))
 
 
-@pytest.mark.parametrize("kwargs, code, fragment", [
-    ({"learning_rat": 1e-3}, "E302", "no hyperparameter or option 'learning_rat'"),
-    ({"b1": 1.0}, "E306", "'b1' = 1 is outside its range [0, 1)"),
-    ({"eps": -1e-8}, "E306", "outside its range [0, inf)"),
-    ({"b2": "0.9"}, "E305", "must be a number"),
-    ({"b2": [0.9]}, "E305", "must be a number"),
-    ({"learning_rate": float("nan")}, "E305", "is nan"),
-    ({"weight_decay": True}, "E305", "must be a number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, code, fragment",
+    [
+        ({"learning_rat": 1e-3}, "E302", "no hyperparameter or option 'learning_rat'"),
+        ({"b1": 1.0}, "E306", "'b1' = 1 is outside its range [0, 1)"),
+        ({"eps": -1e-8}, "E306", "outside its range [0, inf)"),
+        ({"b2": "0.9"}, "E305", "must be a number"),
+        ({"b2": [0.9]}, "E305", "must be a number"),
+        ({"learning_rate": float("nan")}, "E305", "is nan"),
+        ({"weight_decay": True}, "E305", "must be a number"),
+    ],
+)
 def test_load_checks_hyperparameters(kwargs, code, fragment):
     err = raises(code, fragment, lambda: optgen.load("adamw", **kwargs))
     if code == "E302":
@@ -103,6 +141,7 @@ def test_inside_jit_checks_trace_time_only():
 
 
 # -- saved state ----------------------------------------------------------------------------
+
 
 def trained(dtype):
     opt, params, grads, state = setup(dtype)
@@ -127,8 +166,10 @@ def test_state_round_trips_bit_exactly(tmp_path, dtype):
 def test_a_spec_with_inputs_saves_its_state_and_gives_outputs_without_them(tmp_path):
     """A spec's `input`s arrive with each step; saving a state (and opt.outputs) needs none (E362 before)."""
     spec = tmp_path / "scaled.spec"
-    spec.write_text("optimizer scaled\ninput h\nstate z = p\noutput x = 2 * z\nupdate:\n"
-                    "  z = z - 0.1 * h * g\n  p = p - 0.1 * h * g\n")
+    spec.write_text(
+        "optimizer scaled\ninput h\nstate z = p\noutput x = 2 * z\nupdate:\n"
+        "  z = z - 0.1 * h * g\n  p = p - 0.1 * h * g\n"
+    )
     opt, params = optgen.load(str(spec)), {"w": jnp.ones((3, 2))}
     state = opt.init(params)
     params, state = opt.step(params, {"w": jnp.ones((3, 2))}, state, h={"w": jnp.full((3, 2), 2.0)})
@@ -192,10 +233,14 @@ def test_save_state_checks_the_state_against_the_optimizer_before_writing(tmp_pa
     good = path.read_bytes()
     other_shape = opt.init({**params, "w": jnp.ones((3, 5))})
     other_dtype = opt.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
-    cases = [((state, optgen.load("amsgrad")), "E311"), ((opt.init(params), optgen.load("adamw", use_ema=True)), "E311"),
-             ((other_shape._replace(slots={**other_shape.slots, "nu": state.slots["nu"]}), opt), "E308"),
-             ((other_dtype._replace(slots={**other_dtype.slots, "nu": state.slots["nu"]}), opt), "E309"),
-             ((opt, state), "E350"), (({"mu": 1}, opt), "E350")]
+    cases = [
+        ((state, optgen.load("amsgrad")), "E311"),
+        ((opt.init(params), optgen.load("adamw", use_ema=True)), "E311"),
+        ((other_shape._replace(slots={**other_shape.slots, "nu": state.slots["nu"]}), opt), "E308"),
+        ((other_dtype._replace(slots={**other_dtype.slots, "nu": state.slots["nu"]}), opt), "E309"),
+        ((opt, state), "E350"),
+        (({"mu": 1}, opt), "E350"),
+    ]
     for args, code in cases:
         with pytest.raises(InputError) as err:
             optgen.save_state(str(path), *args)
@@ -216,8 +261,14 @@ def test_a_schedule_against_a_constant_is_named_as_such(tmp_path):
 def test_state_of_another_variant_is_named_as_such(tmp_path):
     opt, params, state = trained(jnp.float32)
     optgen.save_state(str(tmp_path / "s"), state, opt)
-    with pytest.raises(InputError) as err:  # same spec, hyperparameters and options: only the state differs
-        optgen.load_state(str(tmp_path / "s"), optgen.load("adamw", learning_rate=0.1, skip_nonfinite=True), params)
+    with pytest.raises(
+        InputError
+    ) as err:  # same spec, hyperparameters and options: only the state differs
+        optgen.load_state(
+            str(tmp_path / "s"),
+            optgen.load("adamw", learning_rate=0.1, skip_nonfinite=True),
+            params,
+        )
     assert err.value.code == "E333" and "total_notfinite" in err.value.message, err.value.render()
 
 
@@ -233,10 +284,13 @@ def test_save_state_copies_leaves_to_the_host_one_by_one(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 10 << 20, f"{peak / 2**20:.1f} MiB"  # two leaves at most (8 MiB); was 4x the state (64 MiB)
+    assert peak < 10 << 20, (
+        f"{peak / 2**20:.1f} MiB"
+    )  # two leaves at most (8 MiB); was 4x the state (64 MiB)
 
 
 # -- atomic writes ---------------------------------------------------------------------------
+
 
 def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     opt, params, state = trained(jnp.float32)
@@ -257,7 +311,9 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
             self.f.close()
 
         def write(self, data):
-            self.f.write(data[: len(data) // 2])  # half the bytes reach the disk, then the process "dies"
+            self.f.write(
+                data[: len(data) // 2]
+            )  # half the bytes reach the disk, then the process "dies"
             raise KeyboardInterrupt
 
     monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: Dies(real_fdopen(fd, mode)))
@@ -271,12 +327,15 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
 def test_every_writer_goes_through_write_atomic():
     """Nothing in optgen opens a file for writing except optgen/atomic.py."""
     import pathlib
+
     root = pathlib.Path(optgen.__file__).parent.parent
     offenders = []
     for folder in ("optgen", "codegen", "passes"):
         for file in (root / folder).rglob("*.py"):
             text = file.read_text()
-            if file.name != "atomic.py" and re.search(r"open\([^)]*['\"][wax]|write_text\(|write_bytes\(|np\.save|\.tofile\(", text):
+            if file.name != "atomic.py" and re.search(
+                r"open\([^)]*['\"][wax]|write_text\(|write_bytes\(|np\.save|\.tofile\(", text
+            ):
                 offenders.append(str(file))
     assert offenders == []
 
@@ -297,8 +356,12 @@ print(hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves((
 
 
 def test_same_inputs_same_bits_across_runs_and_processes(capsys):
-    out = [subprocess.run([sys.executable, "-c", _RUN], capture_output=True, text=True, check=True).stdout
-           for _ in range(2)]
+    out = [
+        subprocess.run(
+            [sys.executable, "-c", _RUN], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
     for _ in range(2):  # and twice here, with fresh optimizers in this process
         exec(_RUN, {})
         out.append(capsys.readouterr().out)
@@ -307,6 +370,7 @@ def test_same_inputs_same_bits_across_runs_and_processes(capsys):
 
 def test_non_finite_gradients_propagate_as_in_optax():
     import optax
+
     opt, params, grads, state = setup()
     grads = {**grads, "w": grads["w"].at[0, 1].set(jnp.nan).at[2, 2].set(jnp.inf)}
     ref = optax.adamw(0.1, weight_decay=1e-4)
@@ -343,7 +407,9 @@ optgen.save_state(sys.argv[1], state, opt)
 
 def test_process_killed_mid_write_leaves_the_old_file(tmp_path):
     path = tmp_path / "state.opt"
-    proc = subprocess.run([sys.executable, "-c", _KILLED, str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED, str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 9, proc.stderr
     opt = optgen.load("adamw")
     params = {"w": jnp.ones((256, 64))}
@@ -353,6 +419,7 @@ def test_process_killed_mid_write_leaves_the_old_file(tmp_path):
 
 def test_load_takes_a_path_object_and_refuses_other_types(tmp_path):
     import pathlib
+
     kernels = pathlib.Path(__file__).parent.parent / "kernels"
     assert optgen.load(kernels / "adam.spec").name == "adam"
     for bad, code in ((3, "E001"), (None, "E001"), (kernels, "E002")):

@@ -12,16 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close, count_compiles, rel_err, run_steps
 
 import optgen
-from conftest import assert_trees_close, count_compiles, rel_err, run_steps
 from optgen.diagnostics import InputError
 
 
 def params_f64():
     rng = np.random.default_rng(0)
-    return {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.asarray(rng.normal(size=(3,))),
-            "s": jnp.asarray(rng.normal())}
+    return {
+        "w": jnp.asarray(rng.normal(size=(4, 3))),
+        "b": jnp.asarray(rng.normal(size=(3,))),
+        "s": jnp.asarray(rng.normal()),
+    }
 
 
 def grads_at(params, step):
@@ -55,8 +58,9 @@ def test_inject_hyperparams_gives_optax_numbers(x64, schedule):
 
 
 def test_inject_hyperparams_loads_the_spec_once():
-    opt = optax.inject_hyperparams(lambda learning_rate: optgen.load("adamw", learning_rate=learning_rate))(
-        learning_rate=0.1)
+    opt = optax.inject_hyperparams(
+        lambda learning_rate: optgen.load("adamw", learning_rate=learning_rate)
+    )(learning_rate=0.1)
     params = jax.device_put(params_f64(), jax.devices()[0])
     state = opt.init(params)
     opt.update(grads_at(params, 0), state, params)  # compiles the step once
@@ -71,43 +75,59 @@ def loss_after(opt, params, offset=None, steps=3, use_step=False):
         grads = grads_at(params, step)
         return grads if offset is None else jax.tree.map(jnp.add, grads, offset)
 
-    params, _ = run_steps(opt, params, steps, path="step" if use_step else "update", grads_at=shifted)
-    return sum(jnp.sum(x ** 2) for x in jax.tree.leaves(params))
+    params, _ = run_steps(
+        opt, params, steps, path="step" if use_step else "update", grads_at=shifted
+    )
+    return sum(jnp.sum(x**2) for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("use_step", [False, True], ids=["update", "step"])
 def test_grad_through_the_update_matches_optax(x64, use_step):
     ours = optgen.load("adamw", learning_rate=0.05, weight_decay=1e-2)
     ref = optax.adamw(0.05, weight_decay=1e-2)
-    by_params = [jax.grad(lambda p, o=o, s=s: loss_after(o, p, use_step=s))(params_f64())
-                 for o, s in ((ours, use_step), (ref, False))]
+    by_params = [
+        jax.grad(lambda p, o=o, s=s: loss_after(o, p, use_step=s))(params_f64())
+        for o, s in ((ours, use_step), (ref, False))
+    ]
     assert_trees_close(*by_params, 1e-12)
     offset = jax.tree.map(lambda p: 0.1 * jnp.cos(p), params_f64())
-    by_grads = [jax.grad(lambda d, o=o: loss_after(o, params_f64(), offset=d))(offset) for o in (ours, ref)]
+    by_grads = [
+        jax.grad(lambda d, o=o: loss_after(o, params_f64(), offset=d))(offset) for o in (ours, ref)
+    ]
     assert_trees_close(*by_grads, 1e-12)
-    by_rate = [jax.grad(lambda lr, f=f: loss_after(f(lr), params_f64()))(0.05)
-               for f in (lambda lr: optgen.load("adamw", learning_rate=lr, weight_decay=1e-2),
-                         lambda lr: optax.adamw(lr, weight_decay=1e-2))]
+    by_rate = [
+        jax.grad(lambda lr, f=f: loss_after(f(lr), params_f64()))(0.05)
+        for f in (
+            lambda lr: optgen.load("adamw", learning_rate=lr, weight_decay=1e-2),
+            lambda lr: optax.adamw(lr, weight_decay=1e-2),
+        )
+    ]
     assert rel_err(*by_rate) <= 1e-12 and abs(float(by_rate[0])) > 0
 
 
 def test_jvp_and_linearize_through_the_update_match_optax(x64):
     params = params_f64()
     tangent = jax.tree.map(jnp.cos, params)
-    results = [jax.jvp(lambda p, o=o: loss_after(o, p), (params,), (tangent,))
-               for o in (optgen.load("nadamw", learning_rate=0.05), optax.nadamw(0.05))]
+    results = [
+        jax.jvp(lambda p, o=o: loss_after(o, p), (params,), (tangent,))
+        for o in (optgen.load("nadamw", learning_rate=0.05), optax.nadamw(0.05))
+    ]
     assert rel_err(results[0][0], results[1][0]) <= 1e-12
     assert rel_err(results[0][1], results[1][1]) <= 1e-12
 
 
 def test_vmap_over_models_and_over_learning_rates_matches_optax(x64):
     models = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), params_f64())
-    per_model = [jax.vmap(lambda p, o=o: run(o, p))(models)
-                 for o in (optgen.load("adamw", learning_rate=0.05), optax.adamw(0.05))]
+    per_model = [
+        jax.vmap(lambda p, o=o: run(o, p))(models)
+        for o in (optgen.load("adamw", learning_rate=0.05), optax.adamw(0.05))
+    ]
     assert_trees_close(*per_model, 1e-12)
     rates = jnp.asarray([0.01, 0.05, 0.2])
-    per_rate = [jax.vmap(lambda lr, f=f: run(f(lr), params_f64()))(rates)
-                for f in (lambda lr: optgen.load("adamw", learning_rate=lr), lambda lr: optax.adamw(lr))]
+    per_rate = [
+        jax.vmap(lambda lr, f=f: run(f(lr), params_f64()))(rates)
+        for f in (lambda lr: optgen.load("adamw", learning_rate=lr), lambda lr: optax.adamw(lr))
+    ]
     assert_trees_close(*per_rate, 1e-12)
     assert not np.allclose(per_rate[0]["w"][0], per_rate[0]["w"][2])  # each rate really ran
 
@@ -123,8 +143,11 @@ def test_a_batched_hyperparameter_in_the_state_is_vmapped(x64):
         updates, _ = o.update(grads_at(params, 0), state, params)
         return updates
 
-    assert_trees_close(jax.vmap(lambda lr: with_rate(opt, lr))(rates), jax.vmap(lambda lr: with_rate(ref, lr))(rates),
-                       1e-12)
+    assert_trees_close(
+        jax.vmap(lambda lr: with_rate(opt, lr))(rates),
+        jax.vmap(lambda lr: with_rate(ref, lr))(rates),
+        1e-12,
+    )
 
 
 def test_scan_and_checkpoint_give_the_loop_numbers(x64):
@@ -147,8 +170,10 @@ def test_deepcopy_gives_a_working_optimizer():
     twin = copy.deepcopy(opt)
     params = {"w": jnp.ones(3)}
     state = twin.init(params)
-    np.testing.assert_array_equal(twin.update({"w": jnp.ones(3)}, state, params)[0]["w"],
-                                  opt.update({"w": jnp.ones(3)}, opt.init(params), params)[0]["w"])
+    np.testing.assert_array_equal(
+        twin.update({"w": jnp.ones(3)}, state, params)[0]["w"],
+        opt.update({"w": jnp.ones(3)}, opt.init(params), params)[0]["w"],
+    )
 
 
 def test_bf16_params_take_float32_gradients_as_optax_does():
@@ -189,7 +214,9 @@ def test_state_is_shaped_like_the_params_whatever_their_size():
     state = optgen.load("adamw").init(params)
     for name in ("mu", "nu"):
         assert jax.tree.structure(state.slots[name]) == jax.tree.structure(params)
-        jax.tree.map(lambda p, m: np.testing.assert_array_equal(p.shape, m.shape), params, state.slots[name])
+        jax.tree.map(
+            lambda p, m: np.testing.assert_array_equal(p.shape, m.shape), params, state.slots[name]
+        )
 
 
 def test_a_vector_schedule_is_refused():
@@ -206,7 +233,9 @@ def test_complex_params_are_refused_with_the_fix():
     assert err.value.code == "E310" and "complex" in err.value.message
 
 
-@pytest.mark.parametrize("value, fragment", [(np.complex64(1e-3 + 1j), "complex"), (1e39, "beyond float32")])
+@pytest.mark.parametrize(
+    "value, fragment", [(np.complex64(1e-3 + 1j), "complex"), (1e39, "beyond float32")]
+)
 def test_a_hyperparameter_that_would_change_silently_is_refused(value, fragment):
     # a complex rate lost its imaginary part; 1e39 became inf in the float32 step
     with pytest.raises(InputError) as err:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import rel_err
 
 import optgen
-from conftest import rel_err
 
 
 def assert_trees_close(got, want, rtol):
@@ -26,8 +26,10 @@ def data(n=16):
     return jnp.asarray(x), jnp.asarray(np.sin(x @ rng.normal(size=(5, 2))).astype(np.float32))
 
 
-OPTIMIZERS = (lambda: optgen.load("adamw", learning_rate=1e-2, weight_decay=1e-3),
-              lambda: optax.adamw(1e-2, weight_decay=1e-3))
+OPTIMIZERS = (
+    lambda: optgen.load("adamw", learning_rate=1e-2, weight_decay=1e-3),
+    lambda: optax.adamw(1e-2, weight_decay=1e-3),
+)
 
 
 def test_flax_nnx_optimizer_trains_like_optax():

@@ -9,13 +9,13 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-
-import optgen
 from optgen.codegen.interpret import interpret
 from optgen.codegen.primitive import run_ir
+from optgen.passes import DEFAULT_PIPELINE
+
+import optgen
 from optgen.compiler import check_spec, compile_checked
 from optgen.ir import parse_function, print_function
-from optgen.passes import DEFAULT_PIPELINE
 from optgen.types import stored_shape
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden", "lower").glob("*.spec"))
@@ -42,30 +42,45 @@ def _inputs(func, seed, program):
     """Random inputs, each state stored as the runtime stores it (row and col without the axes they
     reduce, per-axis statistics end to end)."""
     rng = np.random.default_rng(seed)
-    tensors = {v.name: [rng.normal(size=stored_shape(s, v.type.extent, program.factoring)) for s in SHAPES]
-               for v in func.inputs if v.type.extent != "step"}
+    tensors = {
+        v.name: [rng.normal(size=stored_shape(s, v.type.extent, program.factoring)) for s in SHAPES]
+        for v in func.inputs
+        if v.type.extent != "step"
+    }
     scalars = {v.name: 0.1 for v in func.inputs if v.type.extent == "step"} | {"t": 3.0}
     return tensors, scalars
 
 
-@pytest.mark.parametrize("spec", [*(str(p) for p in GOLDEN), "muon", "sm3", "prodigy", "schedule_free_adamw"])
+@pytest.mark.parametrize(
+    "spec", [*(str(p) for p in GOLDEN), "muon", "sm3", "prodigy", "schedule_free_adamw"]
+)
 @pytest.mark.parametrize("passes", ["none", "default"])
 def test_stablehlo_matches_the_interpreter(spec, passes, x64):
     """Differential, float64: every shape takes its own branch, the same in both backends (the
     update, and the outputs' function where the spec declares outputs)."""
-    compiled = compile_checked(check_spec(spec), passes=() if passes == "none" else DEFAULT_PIPELINE)
+    compiled = compile_checked(
+        check_spec(spec), passes=() if passes == "none" else DEFAULT_PIPELINE
+    )
     program = compiled.program
     for func in filter(None, (program.update, program.derived)):
         tensors, scalars = _inputs(func, 0, program)
         extents = program.extents() if func is program.update else {}
-        expected = interpret(func, tensors, scalars, factoring=program.factoring, out_extents=extents)
-        got = run_ir(func, {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
-                     {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()},
-                     {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
-                     out_extents=extents, factoring=program.factoring)
+        expected = interpret(
+            func, tensors, scalars, factoring=program.factoring, out_extents=extents
+        )
+        got = run_ir(
+            func,
+            {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
+            {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()},
+            {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
+            out_extents=extents,
+            factoring=program.factoring,
+        )
         for name, values in expected.items():
             for shape, e, x in zip(SHAPES, values, got[name], strict=False):
-                np.testing.assert_allclose(np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=f"{name} {shape}")
+                np.testing.assert_allclose(
+                    np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=f"{name} {shape}"
+                )
 
 
 def test_a_shape_choice_emits_only_the_branch_each_parameter_takes():
@@ -95,11 +110,19 @@ def test_the_jnp_path_matches_the_interpreter(spec, x64):
     program = compile_checked(check_spec(spec)).program
     func = program.update
     tensors, scalars = _inputs(func, 1, program)
-    expected = interpret(func, tensors, scalars, factoring=program.factoring, out_extents=program.extents())
-    got = evaluate(func, jnp_backend(), {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
-                   {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()}, np.dtype(np.float64),
-                   {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
-                   out_extents=program.extents(), factoring=program.factoring)
+    expected = interpret(
+        func, tensors, scalars, factoring=program.factoring, out_extents=program.extents()
+    )
+    got = evaluate(
+        func,
+        jnp_backend(),
+        {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
+        {k: jax.numpy.asarray(v, np.float64) for k, v in scalars.items()},
+        np.dtype(np.float64),
+        {name: [np.float64] * len(expected[name]) for name, _ in func.outputs},
+        out_extents=program.extents(),
+        factoring=program.factoring,
+    )
     for name, values in expected.items():
         for e, x in zip(values, got[name], strict=True):
             np.testing.assert_allclose(np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=name)
@@ -121,9 +144,12 @@ def test_grad_and_vmap_go_through_a_matrix_spec():
     np.testing.assert_allclose(gradient["w"], np.full((4, 3), -1e-3 * 0.1), rtol=1e-5)
     np.testing.assert_allclose(gradient["b"], np.zeros(3), atol=1e-12)
     scaled = jax.vmap(lambda s: opt.update(jax.tree.map(lambda g: g * s, grads), state, params)[0])(
-        jax.numpy.array([1.0, 2.0]))
+        jax.numpy.array([1.0, 2.0])
+    )
     single = opt.update(jax.tree.map(lambda g: g * 2.0, grads), state, params)[0]
-    np.testing.assert_allclose(scaled["w"][1], single["w"], rtol=1e-4, atol=1e-7)  # jnp path vs fused: f32 rounding
+    np.testing.assert_allclose(
+        scaled["w"][1], single["w"], rtol=1e-4, atol=1e-7
+    )  # jnp path vs fused: f32 rounding
 
 
 CONSTRUCTS = pathlib.Path(__file__).parent / "golden" / "lower" / "constructs.spec"
@@ -140,19 +166,31 @@ def test_every_construct_goes_through_every_stage_of_the_command_line(emit, tmp_
     from optgen.cli import main
 
     out = tmp_path / "constructs.out"
-    result = CliRunner().invoke(main, ["compile", str(CONSTRUCTS), "--emit", emit, "--shape", "6,4", "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["compile", str(CONSTRUCTS), "--emit", emit, "--shape", "6,4", "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     text = out.read_bytes()
-    expected = {"ast": b"(repeat steps", "ir": b"axis_max", "ir-opt": b"gsum", "stablehlo": b"dot_general",
-                "hlo": b"dot(", "artifact": b""}[emit]
+    expected = {
+        "ast": b"(repeat steps",
+        "ir": b"axis_max",
+        "ir-opt": b"gsum",
+        "stablehlo": b"dot_general",
+        "hlo": b"dot(",
+        "artifact": b"",
+    }[emit]
     assert expected in text
     if emit == "artifact":
         rng = np.random.default_rng(0)
         p, g, h = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3))
         opt = optgen.load(str(CONSTRUCTS))
         state = opt.init({"w": p})
-        slots = {name: np.array(slot["w"]) for name, slot in state.slots.items()}  # before step donates them
-        want, after = opt.step({"w": jax.numpy.asarray(p)}, {"w": jax.numpy.asarray(g)}, state, h={"w": h})
+        slots = {
+            name: np.array(slot["w"]) for name, slot in state.slots.items()
+        }  # before step donates them
+        want, after = opt.step(
+            {"w": jax.numpy.asarray(p)}, {"w": jax.numpy.asarray(g)}, state, h={"w": h}
+        )
         got = optgen.load_artifact(str(out))(p=p, g=g, h=h, t=1, lr=0.1, **slots)
         np.testing.assert_allclose(got["p"], want["w"], rtol=1e-6)
         np.testing.assert_allclose(got["v"], after.slots["v"]["w"], rtol=1e-6)

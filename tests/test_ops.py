@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
-import optgen
 from optgen.codegen.evaluate import STRUCTURAL
 from optgen.codegen.interpret import interpret
 from optgen.codegen.primitive import run_ir
 from optgen.codegen.stablehlo import EMIT
+
+import optgen
 from optgen.ir import Builder, Function, Value, verify
 from optgen.ops import FUNCTIONS, OPS
 from optgen.types import EXTENTS, Type
@@ -34,7 +34,10 @@ def _one_op(name: str) -> Function:
     p, g = Value(Type("tensor"), "p"), Value(Type("tensor"), "g")
     b = Builder()
     cond = b.op("gt", g, p)
-    args = [cond if kind == "bool" else (p, g, b.op("mul", p, g))[i] for i, kind in enumerate(OPS[name].operands)]
+    args = [
+        cond if kind == "bool" else (p, g, b.op("mul", p, g))[i]
+        for i, kind in enumerate(OPS[name].operands)
+    ]
     out = b.op(name, *args)
     if out.type.kind == "bool":
         out = b.op("select", out, p, g)
@@ -51,8 +54,12 @@ def test_stablehlo_matches_the_interpreter_on_every_elementwise_op(name, x64):
     tensors = {k: [rng.normal(size=s) * 3 for s in [(), (7,), (3, 4)]] for k in ("p", "g")}
     tensors["p"][1][:2] = [0.0, -0.0]
     expected = interpret(func, tensors, {})["p"]
-    got = run_ir(func, {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()}, {},
-                 {"p": [np.float64] * 3})["p"]
+    got = run_ir(
+        func,
+        {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
+        {},
+        {"p": [np.float64] * 3},
+    )["p"]
     for e, x in zip(expected, got, strict=True):
         np.testing.assert_allclose(np.asarray(x), e, rtol=1e-14, atol=0, equal_nan=True)
 
@@ -60,8 +67,10 @@ def test_stablehlo_matches_the_interpreter_on_every_elementwise_op(name, x64):
 def test_a_builtin_from_the_table_works_in_a_spec(tmp_path):
     """tanh is one entry in the op table and one in the StableHLO emitter, and nothing else."""
     path = tmp_path / "tanh_sgd.spec"
-    path.write_text('optimizer tanh_sgd "sgd on tanh(g)"\nhyper learning_rate = 0.1\n'
-                    "update:\n  p = p - learning_rate * tanh(g)\n")
+    path.write_text(
+        'optimizer tanh_sgd "sgd on tanh(g)"\nhyper learning_rate = 0.1\n'
+        "update:\n  p = p - learning_rate * tanh(g)\n"
+    )
     opt = optgen.load(str(path))
     p, g = np.linspace(-1.0, 1.0, 5, dtype=np.float32), np.linspace(-3.0, 3.0, 5, dtype=np.float32)
     params = {"w": jax.numpy.asarray(p)}

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optgen.passes import DEFAULT_PIPELINE
 
 import optgen
 from optgen.cli import main
@@ -17,7 +18,6 @@ from optgen.compiler import check_spec, compile_checked
 from optgen.diagnostics import Source, SpecError
 from optgen.ir import print_program
 from optgen.opt import optimize_source
-from optgen.passes import DEFAULT_PIPELINE
 
 SQUARE = """func @f(%p: tensor, %g: tensor, %t: step) {
   %0 = const 2.0 : step

@@ -9,11 +9,11 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from conftest import make_grads, run_steps
 
 import optgen
-from conftest import make_grads, run_steps
-from optgen.runtime import packing
 from optgen.inspect import count_kernels
+from optgen.runtime import packing
 
 BIG = packing.PACK_MAX_ELEMENTS + 1
 
@@ -22,8 +22,14 @@ def packable_params(seed=0):
     """Ten small f32 leaves of several shapes, two small bf16 leaves, one f32 leaf above the threshold."""
     rng = np.random.default_rng(seed)
     params = {f"b{i}": rng.normal(size=(3 + 5 * i,)).astype(np.float32) for i in range(8)}
-    params["ln"] = {"scale": rng.normal(size=(4, 6)).astype(np.float32), "bias": np.float32(rng.normal())}
-    params["h16"] = [rng.normal(size=(9,)).astype(ml_dtypes.bfloat16), rng.normal(size=(2, 2)).astype(ml_dtypes.bfloat16)]
+    params["ln"] = {
+        "scale": rng.normal(size=(4, 6)).astype(np.float32),
+        "bias": np.float32(rng.normal()),
+    }
+    params["h16"] = [
+        rng.normal(size=(9,)).astype(ml_dtypes.bfloat16),
+        rng.normal(size=(2, 2)).astype(ml_dtypes.bfloat16),
+    ]
     params["big"] = rng.normal(size=(BIG,)).astype(np.float32)
     return jax.tree.map(jnp.asarray, params)
 
@@ -38,8 +44,12 @@ def test_small_parameters_share_one_buffer_per_state_and_dtype():
     mu = state.slots["mu"]
     assert isinstance(mu, packing.PackedState)
     arrays = sorted(((x.dtype.name, x.shape) for x in jax.tree.leaves(mu)), key=str)
-    small_f32 = sum(x.size for x in jax.tree.leaves(params) if x.dtype == jnp.float32 and x.size < BIG)
-    assert arrays == sorted([("bfloat16", (9 + 4,)), ("float32", (BIG,)), ("float32", (small_f32,))], key=str)
+    small_f32 = sum(
+        x.size for x in jax.tree.leaves(params) if x.dtype == jnp.float32 and x.size < BIG
+    )
+    assert arrays == sorted(
+        [("bfloat16", (9 + 4,)), ("float32", (BIG,)), ("float32", (small_f32,))], key=str
+    )
 
 
 def test_packed_state_reads_like_the_parameters():
@@ -49,34 +59,61 @@ def test_packed_state_reads_like_the_parameters():
     params, state = opt.step(params, make_grads(params, 0), state)
     view = state.slots["nu"].tree()
     assert jax.tree.structure(view) == jax.tree.structure(params)
-    assert all(v.shape == p.shape for v, p in zip(jax.tree.leaves(view), jax.tree.leaves(params), strict=True))
+    assert all(
+        v.shape == p.shape
+        for v, p in zip(jax.tree.leaves(view), jax.tree.leaves(params), strict=True)
+    )
     np.testing.assert_array_equal(state.slots["nu"]["ln"]["scale"], view["ln"]["scale"])
     assert np.all(np.asarray(view["ln"]["scale"]) > 0)  # nu after one step is (1 - b2) g^2
 
 
-@pytest.mark.parametrize("spec, options", [
-    ("adamw", {}), ("amsgrad", {}), ("nadamw", {}),
-    # reductions over every parameter are the same total on groups as on their members
-    ("adamw", {"global_clipnorm": 0.5}), ("adamw", {"skip_nonfinite": True}), ("lion", {"global_clipnorm": 0.5}),
-], ids=["adamw", "amsgrad", "nadamw", "adamw-global_clipnorm", "adamw-skip_nonfinite", "lion-global_clipnorm"])
+@pytest.mark.parametrize(
+    "spec, options",
+    [
+        ("adamw", {}),
+        ("amsgrad", {}),
+        ("nadamw", {}),
+        # reductions over every parameter are the same total on groups as on their members
+        ("adamw", {"global_clipnorm": 0.5}),
+        ("adamw", {"skip_nonfinite": True}),
+        ("lion", {"global_clipnorm": 0.5}),
+    ],
+    ids=[
+        "adamw",
+        "amsgrad",
+        "nadamw",
+        "adamw-global_clipnorm",
+        "adamw-skip_nonfinite",
+        "lion-global_clipnorm",
+    ],
+)
 def test_packed_steps_match_unpacked_steps(spec, options):
     runs = {}
     for packed in (True, False):
         opt = optgen.load(spec, pack=packed, learning_rate=1e-2, **options)
-        assert isinstance(opt.init(packable_params()).slots[opt.state_names[0]], packing.PackedState) == packed
+        assert (
+            isinstance(opt.init(packable_params()).slots[opt.state_names[0]], packing.PackedState)
+            == packed
+        )
 
         def grads_at(params, step):
             grads = make_grads(params, step)
-            if step == 5 and options.get("skip_nonfinite"):  # a non-finite gradient in a packed leaf skips the step
+            if step == 5 and options.get(
+                "skip_nonfinite"
+            ):  # a non-finite gradient in a packed leaf skips the step
                 grads["b3"][2] = np.inf
             return grads
 
         params, state = run_steps(opt, packable_params(), 20, path="step", grads_at=grads_at)
-        slots = {k: v.tree() if isinstance(v, packing.PackedState) else v for k, v in state.slots.items()}
+        slots = {
+            k: v.tree() if isinstance(v, packing.PackedState) else v for k, v in state.slots.items()
+        }
         runs[packed] = (params, slots)
     for a, b in zip(jax.tree.leaves(runs[True]), jax.tree.leaves(runs[False]), strict=True):
         tolerance = 1e-2 if a.dtype == jnp.bfloat16 else 1e-6
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance
+        )
     assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(runs[True]))
 
 
@@ -87,7 +124,9 @@ def test_packed_update_follows_the_optax_protocol():
     assert isinstance(s1.slots["mu"], packing.PackedState)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
         tolerance = 2e-2 if a.dtype == jnp.bfloat16 else 1e-5
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance
+        )
 
 
 def test_packed_state_round_trips_like_any_pytree():
@@ -98,7 +137,9 @@ def test_packed_state_round_trips_like_any_pytree():
     params, state = opt.step(params, make_grads(params, 0), state)
     target = jax.eval_shape(opt.init, params)
     assert jax.tree.structure(target) == jax.tree.structure(state)
-    restored = jax.tree.unflatten(jax.tree.structure(target), [jnp.asarray(np.asarray(x)) for x in jax.tree.leaves(state)])
+    restored = jax.tree.unflatten(
+        jax.tree.structure(target), [jnp.asarray(np.asarray(x)) for x in jax.tree.leaves(state)]
+    )
     copy = jax.tree.map(jnp.copy, params)
     a, _ = opt.step(params, make_grads(params, 1), state)
     b, _ = opt.step(copy, make_grads(copy, 1), restored)
@@ -127,8 +168,10 @@ def test_many_small_parameters_compile_to_few_kernels():
 
 def test_specs_with_per_parameter_reductions_are_not_packed(tmp_path):
     path = tmp_path / "clipped.spec"
-    path.write_text("optimizer clipped\nhyper lr = 0.1\nstate m = 0\nupdate:\n"
-                    "  m = 0.9 * m + g / (norm(g) + 1)\n  p = p - lr * m\n")
+    path.write_text(
+        "optimizer clipped\nhyper lr = 0.1\nstate m = 0\nupdate:\n"
+        "  m = 0.9 * m + g / (norm(g) + 1)\n  p = p - lr * m\n"
+    )
     opt = load(str(path))
     params = packable_params()
     state = opt.init(params)
@@ -141,14 +184,25 @@ def test_a_state_for_other_parameters_names_the_leaf():
     opt = load("adamw")
     state = opt.init(params)
     params["b0"] = jnp.ones(4)
-    with pytest.raises(optgen.InputError, match=r"E308.*state.slots\['mu'\]\['b0'\] has shape \(3,\), expected \(4,\)"):
+    with pytest.raises(
+        optgen.InputError,
+        match=r"E308.*state.slots\['mu'\]\['b0'\] has shape \(3,\), expected \(4,\)",
+    ):
         opt.step(params, make_grads(params, 0), state)
 
 
-@pytest.mark.parametrize("params", [
-    {"b": np.ones(64), "w": np.ones((BIG,))},  # one small leaf, flattened before a big one
-    {"a": np.ones((BIG,)), "b": np.full(5, 2.0), "c": np.ones((BIG + 7,))},  # one small leaf between two big
-], ids=["small-first", "small-between"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"b": np.ones(64), "w": np.ones((BIG,))},  # one small leaf, flattened before a big one
+        {
+            "a": np.ones((BIG,)),
+            "b": np.full(5, 2.0),
+            "c": np.ones((BIG + 7,)),
+        },  # one small leaf between two big
+    ],
+    ids=["small-first", "small-between"],
+)
 def test_a_lone_small_parameter_keeps_its_own_state(params):
     """A small parameter alone in its dtype group is not packed, and its state stays its own
     although planning lists it after the big parameters; 5 steps as optax.adamw."""

@@ -6,13 +6,13 @@ import pathlib
 
 import numpy as np
 import pytest
-
-import optgen
 from conftest import check_golden
 from optgen.codegen.interpret import interpret
+from optgen.passes import DEFAULT_PIPELINE, PASSES, parse_pipeline, run_pipeline
+
+import optgen
 from optgen.compiler import check_spec, compile_checked
 from optgen.ir import IRError, parse_function, print_function, print_program
-from optgen.passes import DEFAULT_PIPELINE, PASSES, parse_pipeline, run_pipeline
 from optgen.types import NOT_FACTORED, Factoring, stored_shape
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden").glob("*.ir"))
@@ -33,7 +33,9 @@ def test_a_golden_mismatch_fails_and_update_rewrites_it(tmp_path):
     """The golden check can fail: a wrong CHECK line is reported, and --update-golden fixes it."""
     source = pathlib.Path(__file__).parent / "golden" / "dce.ir"
     wrong = tmp_path / "dce.ir"
-    wrong.write_text(source.read_text().replace("// CHECK:   %0 = sub %p, %g", "// CHECK:   %0 = sub %g, %p"))
+    wrong.write_text(
+        source.read_text().replace("// CHECK:   %0 = sub %p, %g", "// CHECK:   %0 = sub %g, %p")
+    )
     with pytest.raises(AssertionError, match="dce.ir, case 1"):
         check_golden(wrong)
     check_golden(wrong, update=True)
@@ -48,10 +50,20 @@ def _random_inputs(func, seed, matrices_only=False):
     rng = np.random.default_rng(seed)
     shapes = [(2, 3, 3), (5, 2), (3, 4)] if matrices_only else [(), (6,), (3, 4)]
     # Nothing is factored here: a row value is the whole tensor, a col value one number.
-    tensors = {v.name: [rng.normal(size=stored_shape(s, v.type.extent, NOT_FACTORED)) for s in shapes]
-               for v in func.inputs if v.type.extent != "step"}
+    tensors = {
+        v.name: [rng.normal(size=stored_shape(s, v.type.extent, NOT_FACTORED)) for s in shapes]
+        for v in func.inputs
+        if v.type.extent != "step"
+    }
     tensors = {k: [np.abs(x) if k.startswith("nu") else x for x in v] for k, v in tensors.items()}
-    defaults = {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0, "weight_decay": 1e-4}
+    defaults = {
+        "learning_rate": 1e-3,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "eps_root": 0.0,
+        "weight_decay": 1e-4,
+    }
     scalars = {v.name: defaults.get(v.name, 3.0) for v in func.inputs if v.type.extent == "step"}
     return tensors, scalars
 
@@ -68,8 +80,12 @@ def _check_pass_preserves_numbers(spec, pass_name):
     lowered, extents = program.update, program.extents()
     # Run the passes before this one in the default pipeline (all of it for an opt-in pass, one
     # the default pipeline does not run), so each pass sees realistic input.
-    before = run_pipeline(lowered, DEFAULT_PIPELINE[: DEFAULT_PIPELINE.index(pass_name)]
-                          if pass_name in DEFAULT_PIPELINE else DEFAULT_PIPELINE)
+    before = run_pipeline(
+        lowered,
+        DEFAULT_PIPELINE[: DEFAULT_PIPELINE.index(pass_name)]
+        if pass_name in DEFAULT_PIPELINE
+        else DEFAULT_PIPELINE,
+    )
     after = run_pipeline(before, [pass_name])
     for seed in range(3):
         tensors, scalars = _random_inputs(before, seed, spec in MATRIX_ONLY)
@@ -87,7 +103,9 @@ def test_an_opt_in_pass_is_checked_too(monkeypatch):
     _check_pass_preserves_numbers("adamw", "opt_in")
 
     def wrong(func):  # returns p unchanged
-        return func.with_body(func.ops, [(n, func.input("p") if n == "p" else v) for n, v in func.outputs])
+        return func.with_body(
+            func.ops, [(n, func.input("p") if n == "p" else v) for n, v in func.outputs]
+        )
 
     monkeypatch.setitem(PASSES, "opt_in", wrong)
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
@@ -138,8 +156,13 @@ def test_passes_keep_the_numbers_of_factored_parameters():
     shapes = [(5, 3), (2, 3, 4), (7,)]
     kept = {"row": [(3,), (2, 3), (7,)], "col": [(5,), (2, 4), ()]}
     tensors = {"p": [rng.normal(size=s) for s in shapes], "g": [rng.normal(size=s) for s in shapes]}
-    tensors |= {name: [np.abs(rng.normal(size=s)) for s in kept[name[2:]]] for name in ("v_row", "v_col")}
-    scalars = {v.name: 0.5 for v in lowered.inputs if v.type.extent == "step"} | {"t": 3.0, "eps": 1e-30}
+    tensors |= {
+        name: [np.abs(rng.normal(size=s)) for s in kept[name[2:]]] for name in ("v_row", "v_col")
+    }
+    scalars = {v.name: 0.5 for v in lowered.inputs if v.type.extent == "step"} | {
+        "t": 3.0,
+        "eps": 1e-30,
+    }
     expected = interpret(lowered, tensors, scalars, factoring=factoring)
     got = interpret(optimized, tensors, scalars, factoring=factoring)
     for name in expected:

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import count_compiles
 
 import optgen
-from conftest import count_compiles
 from optgen.runtime import placement
 
 
@@ -35,8 +35,13 @@ def fake_addresses(monkeypatch):
 
 def test_a_state_on_its_parameters_address_is_copied_elsewhere(fake_addresses):
     p, mu, nu = jnp.arange(6.0), jnp.full(6, 2.0), jnp.full(6, 3.0)
-    fake_addresses.update({id(p): 5 * placement.PERIOD + 0x40, id(mu): 9 * placement.PERIOD + 0x40,
-                           id(nu): 9 * placement.PERIOD + 0x1040})
+    fake_addresses.update(
+        {
+            id(p): 5 * placement.PERIOD + 0x40,
+            id(mu): 9 * placement.PERIOD + 0x40,
+            id(nu): 9 * placement.PERIOD + 0x1040,
+        }
+    )
     new_mu, new_nu = placement.spread(p, [mu, nu])
     assert new_mu is not mu
     np.testing.assert_array_equal(new_mu, mu)
@@ -72,7 +77,11 @@ def test_address_is_read_only_where_it_can_matter():
 
 def test_init_moves_an_aliased_state_and_the_step_still_matches_optax(monkeypatch):
     device = jax.devices()[0]
-    params = {"w": jax.device_put(jnp.linspace(-1.0, 1.0, placement.MIN_BYTES // 4, dtype=jnp.float32), device)}
+    params = {
+        "w": jax.device_put(
+            jnp.linspace(-1.0, 1.0, placement.MIN_BYTES // 4, dtype=jnp.float32), device
+        )
+    }
     real = placement.address
     calls = []
 

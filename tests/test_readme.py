@@ -11,7 +11,13 @@ import pytest
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
 # section title: modules its examples need (the test skips, saying which, where one is missing)
-SECTIONS = {"Using optgen with flax, equinox, orbax and jax transforms": ("flax.nnx", "equinox", "orbax.checkpoint")}
+SECTIONS = {
+    "Using optgen with flax, equinox, orbax and jax transforms": (
+        "flax.nnx",
+        "equinox",
+        "orbax.checkpoint",
+    )
+}
 
 
 def python_blocks(title: str) -> list[str]:

@@ -7,14 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optgen
-from conftest import as_jax, assert_trees_close, count_compiles, make_grads, make_params, rel_err, run_steps
+from conftest import (
+    as_jax,
+    assert_trees_close,
+    count_compiles,
+    make_grads,
+    make_params,
+    rel_err,
+    run_steps,
+)
 from optgen.codegen import export
 from optgen.codegen.interpret import interpret
+
+import optgen
 from optgen.types import DTYPES
 
-EVERY_BUILTIN = '''optimizer kitchen "uses every function, a reduction per tensor and across tensors"
+EVERY_BUILTIN = """optimizer kitchen "uses every function, a reduction per tensor and across tensors"
 hyper learning_rate = 0.1
 hyper max_norm = 1.0
 state v = 0.5 * p + learning_rate
@@ -23,7 +31,7 @@ update:
   v = 0.9 * v + where(g > 0 and p < 1, g, 0.5 * g) * scale
   c = clip(v, -mean(abs(v)), norm(v) / sqrt(sum(v * v) + 1))
   p = p - learning_rate * (c + sign(p) * exp(-abs(p)) * log(1 + abs(g)) + rsqrt(1 + g^2) + max(p, 0)^1.5)
-'''
+"""
 
 
 def test_every_builtin_through_xla_matches_the_float64_interpreter(tmp_path, x64):
@@ -31,7 +39,9 @@ def test_every_builtin_through_xla_matches_the_float64_interpreter(tmp_path, x64
     path.write_text(EVERY_BUILTIN)
     opt = optgen.load(str(path), learning_rate=0.05)
     params = jax.tree.map(jnp.asarray, make_params(np.float64))
-    leaves, treedef = jax.tree.flatten(jax.tree.map(np.array, params))  # copies: step donates params
+    leaves, treedef = jax.tree.flatten(
+        jax.tree.map(np.array, params)
+    )  # copies: step donates params
     state = opt.init(params)
     program = opt.compiled.program
     v = interpret(program.init, {"p": leaves}, {"learning_rate": 0.05, "max_norm": 1.0})["v"]
@@ -39,8 +49,11 @@ def test_every_builtin_through_xla_matches_the_float64_interpreter(tmp_path, x64
     for step in range(5):
         grads = make_grads(params, step, np.float64)
         params, state = opt.step(params, grads, state)
-        ref = interpret(program.update, {"p": p, "g": treedef.flatten_up_to(grads), "v": v},
-                        {"t": step + 1, "learning_rate": 0.05, "max_norm": 1.0})
+        ref = interpret(
+            program.update,
+            {"p": p, "g": treedef.flatten_up_to(grads), "v": v},
+            {"t": step + 1, "learning_rate": 0.05, "max_norm": 1.0},
+        )
         p, v = ref["p"], ref["v"]
     for got, want in zip(jax.tree.leaves(params), p, strict=True):
         assert rel_err(got, want) < 1e-12
@@ -99,8 +112,9 @@ def test_changing_a_hyperparameter_never_recompiles():
     assert not np.allclose(results[0], results[1])
 
 
-@pytest.mark.parametrize("spec, committed", [("adamw", True), ("adafactor", True), ("novograd", True),
-                                             ("adamw", False)])
+@pytest.mark.parametrize(
+    "spec, committed", [("adamw", True), ("adafactor", True), ("novograd", True), ("adamw", False)]
+)
 def test_step_compiles_once(spec, committed):
     # init's count and hyperparameters come out placed as step's outputs are; made
     # uncommitted, the second step compiled the whole step again. Plain jnp.asarray
@@ -148,8 +162,10 @@ def test_step_donates_params_and_state():
 
 def test_state_initial_value_is_an_expression_of_p_and_hypers(tmp_path):
     path = tmp_path / "ema.spec"
-    path.write_text('optimizer ema\nhyper lr = 0.5\nhyper decay = 0.9\nstate avg = p + lr\n'
-                    'update:\n  p = p - lr * g\n  avg = decay * avg + (1 - decay) * p\n')
+    path.write_text(
+        "optimizer ema\nhyper lr = 0.5\nhyper decay = 0.9\nstate avg = p + lr\n"
+        "update:\n  p = p - lr * g\n  avg = decay * avg + (1 - decay) * p\n"
+    )
     opt = optgen.load(str(path))
     state = opt.init({"w": jnp.arange(3.0)})
     np.testing.assert_allclose(state.slots["avg"]["w"], [0.5, 1.5, 2.5])
@@ -171,8 +187,9 @@ def test_a_factored_artifact_steps_as_the_optimizer_does(tmp_path):
     save_artifact(str(path), opt.compiled, "f32", "256,128", ["cpu"])
     params, grads = {"w": jnp.ones((256, 128))}, {"w": jnp.full((256, 128), 0.5)}
     state = opt.init(params)
-    out = optgen.load_artifact(str(path))(p=params["w"], g=grads["w"], t=1,
-                                          **{name: slot["w"] for name, slot in state.slots.items()})
+    out = optgen.load_artifact(str(path))(
+        p=params["w"], g=grads["w"], t=1, **{name: slot["w"] for name, slot in state.slots.items()}
+    )
     expected, _ = opt.step(params, grads, state)
     np.testing.assert_array_equal(out["p"], expected["w"])
 
@@ -182,14 +199,33 @@ def test_runtime_imports_run_one_way():
     import ast
     import pathlib
 
-    order = ["state", "serialization", "config", "placement", "packing", "validate", "optimizer", "checkpoint", "load"]
+    order = [
+        "state",
+        "serialization",
+        "config",
+        "placement",
+        "packing",
+        "validate",
+        "optimizer",
+        "checkpoint",
+        "load",
+    ]
     folder = pathlib.Path(optgen.__file__).parent / "runtime"
     assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(order)
     for name in order:
         tree = ast.parse((folder / f"{name}.py").read_text())
-        for node in tree.body:  # module level: imports under TYPE_CHECKING or in functions are for types and lazy use
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("optgen.runtime"):
-                imported = [node.module.rsplit(".", 1)[1]] if node.module != "optgen.runtime" else \
-                    [alias.name for alias in node.names]
+        for node in (
+            tree.body
+        ):  # module level: imports under TYPE_CHECKING or in functions are for types and lazy use
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "optgen.runtime"
+            ):
+                imported = (
+                    [node.module.rsplit(".", 1)[1]]
+                    if node.module != "optgen.runtime"
+                    else [alias.name for alias in node.names]
+                )
                 for other in imported:
-                    assert order.index(other) < order.index(name), f"runtime/{name}.py imports runtime/{other}.py"
+                    assert order.index(other) < order.index(name), (
+                        f"runtime/{name}.py imports runtime/{other}.py"
+                    )

@@ -18,7 +18,9 @@ def report():
     script = Path(__file__).parent / "scripts" / "mesh_citizen.py"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env.pop("OPTGEN_XLA_FLAGS", None)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report.pop("devices") == 8
@@ -33,7 +35,13 @@ def spec(text: str) -> str:
     return f"P({', '.join(inner)})"
 
 
-SHARDED = ["explicit_sharded", "explicit_sharded_step", "auto_sharded", "explicit_replicated", "auto_replicated_step"]
+SHARDED = [
+    "explicit_sharded",
+    "explicit_sharded_step",
+    "auto_sharded",
+    "explicit_replicated",
+    "auto_replicated_step",
+]
 
 
 @pytest.mark.parametrize("scenario", SHARDED)

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-
-import optgen
 from conftest import as_jax, make_grads, make_params, run_steps
 
-SPEC = '''optimizer shapes "state of every shape (test)"
+import optgen
+
+SPEC = """optimizer shapes "state of every shape (test)"
 hyper lr = 0.1
 state m = 0              # one array per parameter
 state total: leaf = 0    # one number per parameter tensor
@@ -20,7 +20,7 @@ update:
   total = total + sum(g)
   m = 0.5 * m + rms(g) * g
   p = p - lr * (m + total / count)
-'''
+"""
 
 
 def _load(tmp_path, **kwargs):
@@ -57,7 +57,9 @@ def test_every_state_shape_matches_numpy_in_float64(tmp_path, x64):
     opt = _load(tmp_path)
     params, state = run_steps(opt, as_jax(make_params(np.float64)), 12)
     # Through jax.tree.map, as above: make_grads draws in the dict's key order.
-    want_p, want_total = _reference(jax.tree.map(np.asarray, make_params(np.float64)), 12, np.float64)
+    want_p, want_total = _reference(
+        jax.tree.map(np.asarray, make_params(np.float64)), 12, np.float64
+    )
     assert float(state.slots["count"]) == 12
     np.testing.assert_allclose(jax.tree.leaves(state.slots["total"]), want_total, rtol=1e-12)
     for got, want in zip(jax.tree.leaves(params), want_p, strict=True):
@@ -79,7 +81,9 @@ def test_low_precision_params_keep_per_step_state_in_the_step_dtype(tmp_path):
     state = opt.init(params)
     params, state = opt.step(params, grads, state)
     assert state.slots["count"].dtype == np.float32
-    assert {x.dtype for x in jax.tree.leaves(state.slots["total"])} == {np.dtype(ml_dtypes.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state.slots["total"])} == {
+        np.dtype(ml_dtypes.bfloat16)
+    }
 
 
 def test_no_parameters_still_gives_the_per_step_state(tmp_path):
@@ -101,13 +105,18 @@ def test_a_readonly_state_keeps_its_initial_value_and_costs_no_write(tmp_path):
     initial = {k: np.asarray(v) for k, v in params.items()}
     state = opt.init(params)
     for step in range(3):
-        params, state = opt.step(params, {k: jnp.full_like(v, 0.1 * (step + 1)) for k, v in params.items()}, state)
+        params, state = opt.step(
+            params, {k: jnp.full_like(v, 0.1 * (step + 1)) for k, v in params.items()}, state
+        )
     assert not np.array_equal(params["w"], initial["w"])
     for k in initial:
         np.testing.assert_array_equal(state.slots["params0"][k], initial[k])
     written = tmp_path / "prodigy_written.spec"
-    written.write_text(read_spec("prodigy").text.replace("state params0: readonly = p", "state params0 = p")
-                       .replace("  p = p - weight_decay", "  params0 = params0\n  p = p - weight_decay"))
+    written.write_text(
+        read_spec("prodigy")
+        .text.replace("state params0: readonly = p", "state params0 = p")
+        .replace("  p = p - weight_decay", "  params0 = params0\n  p = p - weight_decay")
+    )
     rewritten = optgen.load(str(written)).compiled.program
     f32 = np.dtype(np.float32)
     assert min_bytes_per_element(rewritten, f32) - min_bytes_per_element(program, f32) == 4

@@ -30,12 +30,15 @@ def test_spec_typos(body):
     assert err.value.hint == f"did you mean '{SPEC_TYPOS[body]}'?", err.value.render()
 
 
-@pytest.mark.parametrize("call, right", [
-    (lambda: optgen.load("adamww"), "adamw"),
-    (lambda: optgen.load("adamw", weight_decy=0.1), "weight_decay"),
-    (lambda: optgen.load("amsgrad", bias_correction_m=False), "bias_correction_mu"),
-    (lambda: optgen.passes.parse_pipeline("fold,csee"), "cse"),
-])
+@pytest.mark.parametrize(
+    "call, right",
+    [
+        (lambda: optgen.load("adamww"), "adamw"),
+        (lambda: optgen.load("adamw", weight_decy=0.1), "weight_decay"),
+        (lambda: optgen.load("amsgrad", bias_correction_m=False), "bias_correction_mu"),
+        (lambda: optgen.passes.parse_pipeline("fold,csee"), "cse"),
+    ],
+)
 def test_api_typos(call, right):
     with pytest.raises(SpecError) as err:
         call()
@@ -46,4 +49,6 @@ def test_passes_given_to_load_are_checked():
     with pytest.raises(SpecError) as err:
         optgen.load("adamw", passes=["fold", "csee"])
     assert err.value.code == "E013" and err.value.hint == "did you mean 'cse'?"
-    assert optgen.load("adamw", passes="cse").compiled.program is not None  # one name, not its letters
+    assert (
+        optgen.load("adamw", passes="cse").compiled.program is not None
+    )  # one name, not its letters

@@ -19,28 +19,46 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import as_jax, assert_trees_close, make_grads, make_params, rel_err, run_steps
 
 import optgen
-from conftest import as_jax, assert_trees_close, make_grads, make_params, rel_err, run_steps
 from optgen.transforms.decay_mask import key_path_name
 
 STEPS = 120
 SPEC = "tfm/adamweightdecay"
 # TF Model Garden's own defaults (legacy_adamw.AdamWeightDecay.__init__)
-TFM_DEFAULTS = {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "weight_decay_rate": 0.0,
-                "gradient_clip_norm": 1.0}
-HYPERS = {"learning_rate": 3e-3, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-6, "weight_decay_rate": 0.05}
+TFM_DEFAULTS = {
+    "learning_rate": 0.001,
+    "beta_1": 0.9,
+    "beta_2": 0.999,
+    "epsilon": 1e-7,
+    "weight_decay_rate": 0.0,
+    "gradient_clip_norm": 1.0,
+}
+HYPERS = {
+    "learning_rate": 3e-3,
+    "beta_1": 0.8,
+    "beta_2": 0.99,
+    "epsilon": 1e-6,
+    "weight_decay_rate": 0.05,
+}
 CASES = {
     "defaults": {},
     "clip_off": {"gradient_clip_norm": 0.0},
     "clip_large": {"gradient_clip_norm": 5e5},  # some steps below the norm, some above
     "exclude": {"exclude_from_weight_decay": ["vector", "huge"]},
-    "include_overrides_exclude": {"exclude_from_weight_decay": ["vector", "huge", "cube"],
-                                  "include_in_weight_decay": ["cu.e"]},
+    "include_overrides_exclude": {
+        "exclude_from_weight_decay": ["vector", "huge", "cube"],
+        "include_in_weight_decay": ["cu.e"],
+    },
     "include_alone": {"include_in_weight_decay": ["matrix"]},
     "amsgrad": {"amsgrad": True},
-    "all_clip_off": {"amsgrad": True, "gradient_clip_norm": 0.0, "exclude_from_weight_decay": ["scalar", "zero"],
-                     "include_in_weight_decay": ["zero_grad"]},
+    "all_clip_off": {
+        "amsgrad": True,
+        "gradient_clip_norm": 0.0,
+        "exclude_from_weight_decay": ["scalar", "zero"],
+        "include_in_weight_decay": ["zero_grad"],
+    },
 }
 
 
@@ -66,12 +84,25 @@ def numpy_reference(settings: dict, steps: int = STEPS) -> list[np.ndarray]:
     rule says so, then TF's legacy Adam: ``m += (g - m)(1 - b1)``, ``v += (g^2 - v)(1 - b2)``,
     ``p -= m * lr * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)`` (with amsgrad, ``max`` of the v's)."""
     s = TFM_DEFAULTS | settings
-    lr, b1, b2, eps, rate, clip = (s[k] for k in ("learning_rate", "beta_1", "beta_2", "epsilon",
-                                                  "weight_decay_rate", "gradient_clip_norm"))
+    lr, b1, b2, eps, rate, clip = (
+        s[k]
+        for k in (
+            "learning_rate",
+            "beta_1",
+            "beta_2",
+            "epsilon",
+            "weight_decay_rate",
+            "gradient_clip_norm",
+        )
+    )
     shapes = make_params(np.float64)
     names, params = _names_and_values(shapes)
-    decays = [_do_use_weight_decay(n, rate, s.get("include_in_weight_decay"), s.get("exclude_from_weight_decay"))
-              for n in names]
+    decays = [
+        _do_use_weight_decay(
+            n, rate, s.get("include_in_weight_decay"), s.get("exclude_from_weight_decay")
+        )
+        for n in names
+    ]
     m, v, vhat = ([np.zeros_like(p) for p in params] for _ in range(3))
     for step in range(steps):
         grads = _names_and_values(make_grads(shapes, step, np.float64))[1]
@@ -79,21 +110,29 @@ def numpy_reference(settings: dict, steps: int = STEPS) -> list[np.ndarray]:
             norm = np.sqrt(sum(np.sum(g * g) for g in grads))
             grads = [g * (clip * min(1 / norm, 1 / clip)) for g in grads]
         t = step + 1
-        alpha = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
         for i, g in enumerate(grads):
             if decays[i]:
                 params[i] = params[i] - lr * params[i] * rate
             m[i] = m[i] + (g - m[i]) * (1 - b1)
             v[i] = v[i] + (g * g - v[i]) * (1 - b2)
             vhat[i] = np.maximum(vhat[i], v[i])
-            params[i] = params[i] - m[i] * alpha / (np.sqrt(vhat[i] if s.get("amsgrad") else v[i]) + eps)
+            params[i] = params[i] - m[i] * alpha / (
+                np.sqrt(vhat[i] if s.get("amsgrad") else v[i]) + eps
+            )
     return params
 
 
 def run_optgen(settings: dict, dtype, steps: int = STEPS) -> list[np.ndarray]:
     opt = optgen.load(SPEC, **settings)
     shapes = make_params(dtype)  # gradients drawn in its key order, as the references draw them
-    params, _ = run_steps(opt, as_jax(shapes), steps, path="step", grads_at=lambda _, step: make_grads(shapes, step, dtype))
+    params, _ = run_steps(
+        opt,
+        as_jax(shapes),
+        steps,
+        path="step",
+        grads_at=lambda _, step: make_grads(shapes, step, dtype),
+    )
     return _names_and_values(params)[1]
 
 
@@ -106,8 +145,11 @@ def test_defaults_are_tf_model_gardens():
 def test_matches_numpy_reference_float64(case, x64):
     settings = HYPERS | CASES[case]
     want = numpy_reference(settings)
-    assert not any(np.array_equal(w, p) for w, p in zip(want, _names_and_values(make_params(np.float64))[1])
-                   if w.size > 1), "the reference must move every parameter"
+    assert not any(
+        np.array_equal(w, p)
+        for w, p in zip(want, _names_and_values(make_params(np.float64))[1])
+        if w.size > 1
+    ), "the reference must move every parameter"
     assert_trees_close(run_optgen(settings, np.float64), want, 1e-9)
 
 
@@ -119,7 +161,9 @@ def test_include_overrides_exclude_in_the_reference(x64):
     included = numpy_reference(HYPERS | CASES["include_overrides_exclude"], steps=5)
     excluded = numpy_reference(HYPERS | {"exclude_from_weight_decay": [*exclude, "cube"]}, steps=5)
     assert all(np.array_equal(x, y) for x, y in zip(plain, included, strict=True))
-    assert {n for n, x, y in zip(names, plain, excluded, strict=True) if not np.array_equal(x, y)} == {"cube"}
+    assert {
+        n for n, x, y in zip(names, plain, excluded, strict=True) if not np.array_equal(x, y)
+    } == {"cube"}
 
 
 # -- TF Model Garden itself ------------------------------------------------------------------
@@ -127,31 +171,52 @@ def test_include_overrides_exclude_in_the_reference(x64):
 
 def _tf_reference(cases: dict, tmp_path) -> tuple[dict[str, list[np.ndarray]], dict]:
     """The parameters after STEPS steps of legacy_adamw.AdamWeightDecay per case, and its defaults."""
-    for module, package in (("tensorflow", "tensorflow-cpu"), ("tf_keras", "tf-keras"),
-                            ("official", "tf-models-official")):
+    for module, package in (
+        ("tensorflow", "tensorflow-cpu"),
+        ("tf_keras", "tf-keras"),
+        ("official", "tf-models-official"),
+    ):
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{package} is not installed: TF Model Garden conformance needs "
-                        "pip install -e '.[tfm]' && pip install --no-deps tf-models-official")
+            pytest.skip(
+                f"{package} is not installed: TF Model Garden conformance needs "
+                "pip install -e '.[tfm]' && pip install --no-deps tf-models-official"
+            )
     shapes = make_params(np.float32)
     names, params = _names_and_values(shapes)
     inputs = {"names": np.array(names)} | {f"param/{i}": p for i, p in enumerate(params)}
     for step in range(STEPS):
-        inputs |= {f"grad/{step}/{i}": g for i, g in enumerate(_names_and_values(make_grads(shapes, step, np.float32))[1])}
+        inputs |= {
+            f"grad/{step}/{i}": g
+            for i, g in enumerate(_names_and_values(make_grads(shapes, step, np.float32))[1])
+        }
     np.savez(tmp_path / "inputs.npz", **inputs)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     script = Path(__file__).parent / "scripts" / "tfm_reference.py"
     env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, str(script), *(str(tmp_path / f) for f in ("inputs.npz", "cases.json", "out.npz"))],
-                   check=True, env=env, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            *(str(tmp_path / f) for f in ("inputs.npz", "cases.json", "out.npz")),
+        ],
+        check=True,
+        env=env,
+        timeout=900,
+    )
     out = np.load(tmp_path / "out.npz")
-    return {case: [out[f"{case}/{i}"] for i in range(len(names))] for case in cases}, json.loads(str(out["defaults"]))
+    return {case: [out[f"{case}/{i}"] for i in range(len(names))] for case in cases}, json.loads(
+        str(out["defaults"])
+    )
 
 
 def test_matches_tf_model_garden_float32(tmp_path):
     cases = {case: HYPERS | settings for case, settings in CASES.items()}
     want, defaults = _tf_reference(cases, tmp_path)
-    assert defaults == TFM_DEFAULTS | {"amsgrad": False, "include_in_weight_decay": None,
-                                       "exclude_from_weight_decay": None}
+    assert defaults == TFM_DEFAULTS | {
+        "amsgrad": False,
+        "include_in_weight_decay": None,
+        "exclude_from_weight_decay": None,
+    }
     worst = 0.0
     for case, settings in cases.items():
         for i, (g, w) in enumerate(zip(run_optgen(settings, np.float32), want[case], strict=True)):

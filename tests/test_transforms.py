@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import as_jax, assert_trees_close, check_golden, make_grads, make_params, run_steps
 
 import optgen
-from conftest import as_jax, assert_trees_close, check_golden, make_grads, make_params, run_steps
 
 GOLDEN = sorted(pathlib.Path(__file__).parent.joinpath("golden", "transforms").glob("*.ir"))
 
@@ -42,15 +42,26 @@ def _run(opt, path="step", dtype=np.float64, steps=STEPS, **kwargs):
 
 
 OPTAX_EQUIVALENTS = {
-    "global_clipnorm": ({"global_clipnorm": 1.0}, lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(**HYPERS))),
+    "global_clipnorm": (
+        {"global_clipnorm": 1.0},
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(**HYPERS)),
+    ),
     "clipvalue": ({"clipvalue": 0.5}, lambda: optax.chain(optax.clip(0.5), optax.adam(**HYPERS))),
-    "loss_scale_factor": ({"loss_scale_factor": 64.0},
-                          lambda: optax.chain(optax.scale(1 / 64.0), optax.adam(**HYPERS))),
-    "gradient_accumulation_steps": ({"gradient_accumulation_steps": 3},
-                                    lambda: optax.MultiSteps(optax.adam(**HYPERS), every_k_schedule=3)),
-    "everything_at_once": ({"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "loss_scale_factor": 8.0},
-                           lambda: optax.chain(optax.scale(1 / 8.0), optax.MultiSteps(
-                               optax.chain(optax.clip_by_global_norm(1.0), optax.adam(**HYPERS)), 2))),
+    "loss_scale_factor": (
+        {"loss_scale_factor": 64.0},
+        lambda: optax.chain(optax.scale(1 / 64.0), optax.adam(**HYPERS)),
+    ),
+    "gradient_accumulation_steps": (
+        {"gradient_accumulation_steps": 3},
+        lambda: optax.MultiSteps(optax.adam(**HYPERS), every_k_schedule=3),
+    ),
+    "everything_at_once": (
+        {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "loss_scale_factor": 8.0},
+        lambda: optax.chain(
+            optax.scale(1 / 8.0),
+            optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(**HYPERS)), 2),
+        ),
+    ),
 }
 
 
@@ -64,14 +75,23 @@ def test_matches_optax_equivalent(case, x64):
 
 def test_exclude_from_weight_decay_and_mask_match_optax_mask(x64):
     def decayed(params):
-        return {k: jax.tree.map(lambda _: k not in ("vector", "huge_grad"), v) for k, v in params.items()}
+        return {
+            k: jax.tree.map(lambda _: k not in ("vector", "huge_grad"), v)
+            for k, v in params.items()
+        }
 
     want, _ = _run(optax.adamw(**HYPERS, weight_decay=0.1, mask=decayed), path="update", jit=True)
-    for kwargs in ({"exclude_from_weight_decay": ["vector", "huge"]}, {"mask": decayed},
-                   {"mask": decayed(make_params(np.float64))},
-                   # include fragments override exclude ones (TF Model Garden's rule)
-                   {"exclude_from_weight_decay": ["vector", "huge", "cube"], "include_in_weight_decay": ["cu.e"]},
-                   {"exclude_from_weight_decay": "vector,huge", "include_in_weight_decay": "matrix"}):
+    for kwargs in (
+        {"exclude_from_weight_decay": ["vector", "huge"]},
+        {"mask": decayed},
+        {"mask": decayed(make_params(np.float64))},
+        # include fragments override exclude ones (TF Model Garden's rule)
+        {
+            "exclude_from_weight_decay": ["vector", "huge", "cube"],
+            "include_in_weight_decay": ["cu.e"],
+        },
+        {"exclude_from_weight_decay": "vector,huge", "include_in_weight_decay": "matrix"},
+    ):
         got, _ = _run(optgen.load("adamw", **HYPERS, weight_decay=0.1, **kwargs))
         assert_trees_close(got, want, 1e-9)
 
@@ -104,7 +124,9 @@ def test_skipped_step_leaves_params_and_state_bit_identical():
     params = bf16(make_params(np.float32))
     state = opt.init(params)
     for step in range(3):
-        params, state = opt.step(params, bf16(make_grads(make_params(np.float32), step, np.float32)), state)
+        params, state = opt.step(
+            params, bf16(make_grads(make_params(np.float32), step, np.float32)), state
+        )
     before = jax.tree.map(np.array, (params, state.slots))
     grads = make_grads(make_params(np.float32), 3, np.float32)
     grads["cube"][0, 0, 0] = np.nan
@@ -123,14 +145,19 @@ def test_use_ema_average_and_finalize_follow_keras_rule(x64):
     plain = optgen.load("adam", **HYPERS)
     shapes = make_params(np.float64)
     params = jax.tree.map(jnp.asarray, shapes)
-    ours, reference = (params, opt.init(params)), (jax.tree.map(jnp.array, params), plain.init(params))
+    ours, reference = (
+        (params, opt.init(params)),
+        (jax.tree.map(jnp.array, params), plain.init(params)),
+    )
     average = None
     for step in range(STEPS):
         grads = make_grads(shapes, step, np.float64)
         ours = opt.step(*ours[:1], grads, ours[1])
         reference = plain.step(reference[0], grads, reference[1])
         p = jax.tree.map(np.asarray, reference[0])
-        average = p if average is None else jax.tree.map(lambda a, x: m * a + (1 - m) * x, average, p)
+        average = (
+            p if average is None else jax.tree.map(lambda a, x: m * a + (1 - m) * x, average, p)
+        )
     assert_trees_close(ours[0], reference[0], 0)
     assert_trees_close(opt.finalize(*ours), average, 1e-12)
     assert plain.finalize(reference[0], reference[1]) is reference[0]
@@ -138,14 +165,22 @@ def test_use_ema_average_and_finalize_follow_keras_rule(x64):
 
 SCHEDULES = {
     "constant": (optgen.schedules.constant(0.01), optax.constant_schedule(0.01)),
-    "cosine_decay": (optgen.schedules.cosine_decay(0.01, 30, alpha=0.1),
-                     optax.cosine_decay_schedule(0.01, 30, alpha=0.1)),
-    "warmup_cosine_decay": (optgen.schedules.warmup_cosine_decay(0.0, 0.01, 5, 30, end_value=1e-4),
-                            optax.warmup_cosine_decay_schedule(0.0, 0.01, 5, 30, end_value=1e-4)),
-    "exponential_decay": (optgen.schedules.exponential_decay(0.01, 4, 0.8, transition_begin=3, staircase=True),
-                          optax.exponential_decay(0.01, 4, 0.8, transition_begin=3, staircase=True)),
-    "piecewise_constant": (optgen.schedules.piecewise_constant(0.01, {5: 0.5, 20: 0.1}),
-                           optax.piecewise_constant_schedule(0.01, {5: 0.5, 20: 0.1})),
+    "cosine_decay": (
+        optgen.schedules.cosine_decay(0.01, 30, alpha=0.1),
+        optax.cosine_decay_schedule(0.01, 30, alpha=0.1),
+    ),
+    "warmup_cosine_decay": (
+        optgen.schedules.warmup_cosine_decay(0.0, 0.01, 5, 30, end_value=1e-4),
+        optax.warmup_cosine_decay_schedule(0.0, 0.01, 5, 30, end_value=1e-4),
+    ),
+    "exponential_decay": (
+        optgen.schedules.exponential_decay(0.01, 4, 0.8, transition_begin=3, staircase=True),
+        optax.exponential_decay(0.01, 4, 0.8, transition_begin=3, staircase=True),
+    ),
+    "piecewise_constant": (
+        optgen.schedules.piecewise_constant(0.01, {5: 0.5, 20: 0.1}),
+        optax.piecewise_constant_schedule(0.01, {5: 0.5, 20: 0.1}),
+    ),
 }
 
 
@@ -163,9 +198,17 @@ def test_named_schedule_matches_optax(name, x64):
 
 
 def test_config_round_trips_through_json_and_gives_the_same_numbers():
-    opt = optgen.load("keras/adamw", learning_rate=optgen.schedules.warmup_cosine_decay(0.0, 1e-2, 5, 40),
-                      weight_decay=0.01, amsgrad=True, global_clipnorm=1.0, use_ema=True,
-                      gradient_accumulation_steps=2, exclude_from_weight_decay=["vector"], passes=["canon", "dce"])
+    opt = optgen.load(
+        "keras/adamw",
+        learning_rate=optgen.schedules.warmup_cosine_decay(0.0, 1e-2, 5, 40),
+        weight_decay=0.01,
+        amsgrad=True,
+        global_clipnorm=1.0,
+        use_ema=True,
+        gradient_accumulation_steps=2,
+        exclude_from_weight_decay=["vector"],
+        passes=["canon", "dce"],
+    )
     config = json.loads(json.dumps(opt.get_config()))
     assert config["spec"] == "keras/adamw" and config["transforms"]["use_ema"] is True
     again = optgen.from_config(config)
@@ -177,7 +220,9 @@ def test_config_round_trips_through_json_and_gives_the_same_numbers():
 
 def test_config_of_a_spec_file_checks_its_digest(tmp_path):
     path = tmp_path / "sgd.spec"
-    path.write_text("optimizer sgd\nhyper learning_rate = 0.1\nupdate:\n  p = p - learning_rate * g\n")
+    path.write_text(
+        "optimizer sgd\nhyper learning_rate = 0.1\nupdate:\n  p = p - learning_rate * g\n"
+    )
     config = optgen.load(str(path), learning_rate=0.5).get_config()
     assert config["spec"] == str(path) and len(config["sha256"]) == 64
     assert optgen.from_config(config).hyperparams == {"learning_rate": 0.5}
@@ -196,37 +241,49 @@ def test_config_refuses_what_it_cannot_write_down():
 # -- mistakes --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"clipnorm": -1.0}, "clipnorm takes a finite positive number"),
-    ({"clipnorm": 1.0, "global_clipnorm": 1.0}, "only one of clipnorm, clipvalue and global_clipnorm"),
-    ({"gradient_accumulation_steps": 1}, "an integer >= 2"),
-    ({"use_ema": "yes"}, "use_ema takes true or false"),
-    ({"ema_momentum": 0.5}, "need use_ema=True"),
-    ({"use_ema": True, "ema_momentum": 2.0}, r"in \[0, 1\]"),
-    ({"exclude_from_weight_decay": [1]}, "name fragments"),
-    ({"clipnrm": 1.0}, "did you mean 'clipnorm'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"clipnorm": -1.0}, "clipnorm takes a finite positive number"),
+        (
+            {"clipnorm": 1.0, "global_clipnorm": 1.0},
+            "only one of clipnorm, clipvalue and global_clipnorm",
+        ),
+        ({"gradient_accumulation_steps": 1}, "an integer >= 2"),
+        ({"use_ema": "yes"}, "use_ema takes true or false"),
+        ({"ema_momentum": 0.5}, "need use_ema=True"),
+        ({"use_ema": True, "ema_momentum": 2.0}, r"in \[0, 1\]"),
+        ({"exclude_from_weight_decay": [1]}, "name fragments"),
+        ({"clipnrm": 1.0}, "did you mean 'clipnorm'"),
+    ],
+)
 def test_bad_option_values_are_spec_errors(kwargs, message):
     with pytest.raises(optgen.SpecError, match=message):
         optgen.load("adamw", **kwargs)
 
 
 def test_masking_a_spec_without_weight_decay_is_a_spec_error():
-    with pytest.raises(optgen.SpecError, match="'adam' has no hyperparameter 'weight_decay' to mask"):
+    with pytest.raises(
+        optgen.SpecError, match="'adam' has no hyperparameter 'weight_decay' to mask"
+    ):
         optgen.load("adam", exclude_from_weight_decay=["bias"])
 
 
 def test_mask_of_the_wrong_structure_is_a_spec_error():
     opt = optgen.load("adamw", mask={"w": True})
     params = {"w": jnp.ones(3), "b": jnp.ones(2)}
-    with pytest.raises(optgen.SpecError, match="mask does not have the structure of the parameters"):
+    with pytest.raises(
+        optgen.SpecError, match="mask does not have the structure of the parameters"
+    ):
         opt.step(params, params, opt.init(params))
 
 
 def test_transform_state_that_clashes_with_a_spec_state_is_a_spec_error(tmp_path):
     path = tmp_path / "x.spec"
     path.write_text("optimizer x\nstate ema = 0\nupdate:\n  ema = g\n  p = p - 0.1 * ema\n")
-    with pytest.raises(optgen.SpecError, match="use_ema adds 'ema', but the spec already has a 'ema'"):
+    with pytest.raises(
+        optgen.SpecError, match="use_ema adds 'ema', but the spec already has a 'ema'"
+    ):
         optgen.load(str(path), use_ema=True)
 
 
@@ -239,11 +296,21 @@ def test_state_of_transforms_is_a_pytree_of_arrays():
 
 def test_optax_update_protocol_gives_the_numbers_of_step():
     """update (optax's protocol, returning p_new - p) and the fused step agree with every kind of transform on."""
-    opt = optgen.load("adamw", clipnorm=1.0, use_ema=True, ema_overwrite_frequency=3, skip_nonfinite=True,
-                      gradient_accumulation_steps=2, loss_scale_factor=2.0, exclude_from_weight_decay=["cube"])
+    opt = optgen.load(
+        "adamw",
+        clipnorm=1.0,
+        use_ema=True,
+        ema_overwrite_frequency=3,
+        skip_nonfinite=True,
+        gradient_accumulation_steps=2,
+        loss_scale_factor=2.0,
+        exclude_from_weight_decay=["cube"],
+    )
     via_step, step_state = _run(opt, dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite)
 
-    via_update, update_state = _run(opt, "update", dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite)
+    via_update, update_state = _run(
+        opt, "update", dtype=np.float32, steps=12, grads_at=_grads_with_nonfinite
+    )
     assert_trees_close(via_update, via_step, 1e-6)
     assert_trees_close(update_state.slots, step_state.slots, 1e-6)
 
@@ -257,11 +324,20 @@ def test_every_transform_declares_its_options():
     from optgen.transforms import DEFAULTS, HYPER_RANGES, OPTIONS, TRANSFORMS
 
     declared = [option.name for module in TRANSFORMS for option in module.OPTIONS]
-    assert sorted(declared) == sorted(OPTIONS) == sorted(DEFAULTS) and len(set(declared)) == len(declared)
+    assert sorted(declared) == sorted(OPTIONS) == sorted(DEFAULTS) and len(set(declared)) == len(
+        declared
+    )
     for module in TRANSFORMS:
         assert callable(module.enabled) and callable(module.apply), module.__name__
-    assert set(HYPER_RANGES) == {"clipnorm", "global_clipnorm", "clipvalue", "ema_momentum",
-                                 "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps"}
+    assert set(HYPER_RANGES) == {
+        "clipnorm",
+        "global_clipnorm",
+        "clipvalue",
+        "ema_momentum",
+        "ema_overwrite_frequency",
+        "loss_scale_factor",
+        "gradient_accumulation_steps",
+    }
 
 
 def test_an_option_hyperparameter_changed_out_of_range_in_the_state_is_refused():

@@ -27,16 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's idle OpenMP threads must not spin against XLA's
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # torch's idle OpenMP threads must not spin against XLA's
 
-import numpy as np  # noqa: E402
-
-import optgen  # noqa: E402  (before any JAX computation: it sets XLA:CPU's fusion option)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
-
 from optgen.codegen import fusion  # noqa: E402
+
+import optgen  # noqa: E402  (before any JAX computation: it sets XLA:CPU's fusion option)
 
 try:
     import torch  # noqa: E402
@@ -48,17 +49,33 @@ MUON_HYPERS = dict(learning_rate=1e-3)  # and optax.contrib.muon's defaults
 
 # bf16 parameters with float32 state: the built-in AdamW with its states' storage dtype declared.
 _ADAMW = (Path(__file__).resolve().parents[1] / "kernels" / "adamw.spec").read_text()
-_ADAMW_F32_STATE = _ADAMW.replace("state mu = 0", "state mu: f32 = 0").replace("state nu = 0", "state nu: f32 = 0")
+_ADAMW_F32_STATE = _ADAMW.replace("state mu = 0", "state mu: f32 = 0").replace(
+    "state nu = 0", "state nu: f32 = 0"
+)
 # float32 parameters with a bf16 first moment: what optax.adamw(mu_dtype=jnp.bfloat16) keeps.
 _ADAMW_BF16_MU = _ADAMW.replace("state mu = 0", "state mu: bf16 = 0")
 
 
-def transformer_shapes(layers: int = 6, width: int = 512, vocab: int = 16000) -> list[tuple[int, ...]]:
+def transformer_shapes(
+    layers: int = 6, width: int = 512, vocab: int = 16000
+) -> list[tuple[int, ...]]:
     """Leaf shapes of a small decoder-only transformer: 75 leaves, ~27M elements."""
     shapes = [(vocab, width)]
     for _ in range(layers):
-        shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),
-                   (width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+        shapes += [
+            (width,),
+            (width,),
+            (width, 3 * width),
+            (3 * width,),
+            (width, width),
+            (width,),
+            (width,),
+            (width,),
+            (width, 4 * width),
+            (4 * width,),
+            (4 * width, width),
+            (width,),
+        ]
     return shapes + [(width,), (width,)]
 
 
@@ -71,21 +88,54 @@ def small_shapes(count: int = 2000) -> list[tuple[int, ...]]:
 # name: (title, leaf shapes, parameter dtype, state dtype, optgen.load keywords)
 WORKLOADS = {
     "single": ("one 16M-element f32 tensor", [(16 * 1024 * 1024,)], np.float32, np.float32, {}),
-    "transformer": ("~80 transformer leaves, f32", transformer_shapes(), np.float32, np.float32, {}),
+    "transformer": (
+        "~80 transformer leaves, f32",
+        transformer_shapes(),
+        np.float32,
+        np.float32,
+        {},
+    ),
     "small": ("2,000 small leaves, f32", small_shapes(), np.float32, np.float32, {}),
     # the same leaves with their state packed into flat buffers (optgen.load(..., pack=True))
-    "small-packed": ("2,000 small leaves, f32, pack=True", small_shapes(), np.float32, np.float32, {"pack": True}),
-    "bf16": ("transformer leaves, bf16 params, f32 state", transformer_shapes(), jnp.bfloat16, np.float32, {}),
+    "small-packed": (
+        "2,000 small leaves, f32, pack=True",
+        small_shapes(),
+        np.float32,
+        np.float32,
+        {"pack": True},
+    ),
+    "bf16": (
+        "transformer leaves, bf16 params, f32 state",
+        transformer_shapes(),
+        jnp.bfloat16,
+        np.float32,
+        {},
+    ),
     # torch's fused AdamW keeps its state in the parameters' dtype: this compares like with like.
-    "bf16-state": ("transformer leaves, bf16 params and state", transformer_shapes(), jnp.bfloat16, jnp.bfloat16, {}),
+    "bf16-state": (
+        "transformer leaves, bf16 params and state",
+        transformer_shapes(),
+        jnp.bfloat16,
+        jnp.bfloat16,
+        {},
+    ),
     # optax's mu_dtype; torch's fused AdamW has no such option, so it sits this one out.
-    "bf16-mu": ("transformer leaves, f32 params, bf16 first moment", transformer_shapes(), np.float32, jnp.bfloat16, {}),
+    "bf16-mu": (
+        "transformer leaves, f32 params, bf16 first moment",
+        transformer_shapes(),
+        np.float32,
+        jnp.bfloat16,
+        {},
+    ),
 }
 
 
 def make_tree(shapes, dtype, seed):
     rng = np.random.default_rng(seed)
-    return {f"w{i:04d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for i, s in enumerate(shapes)}
+    return {
+        f"w{i:04d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
+        for i, s in enumerate(shapes)
+    }
 
 
 class OptgenRunner:
@@ -106,8 +156,14 @@ class OptaxRunner:
     name = "optax"
 
     def __init__(self, params, grads, mu_dtype=None, opt=None):
-        opt = opt or optax.adamw(HYPERS["learning_rate"], HYPERS["b1"], HYPERS["b2"], HYPERS["eps"],
-                                 weight_decay=HYPERS["weight_decay"], mu_dtype=mu_dtype)
+        opt = opt or optax.adamw(
+            HYPERS["learning_rate"],
+            HYPERS["b1"],
+            HYPERS["b2"],
+            HYPERS["eps"],
+            weight_decay=HYPERS["weight_decay"],
+            mu_dtype=mu_dtype,
+        )
 
         def step(p, g, s):
             updates, s = opt.update(g, s, p)
@@ -129,17 +185,31 @@ class TorchRunner:
     def __init__(self, params, grads, muon=False):
         def tensor(x):
             return torch.from_numpy(np.array(x.astype(jnp.float32))).to(
-                torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
+                torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+            )
 
         self.params = [torch.nn.Parameter(tensor(p)) for p in params.values()]
         for p, g in zip(self.params, grads.values(), strict=True):
             p.grad = tensor(g)
         rest = [p for p in self.params if not muon or p.ndim != 2]
-        self.opts = [torch.optim.AdamW(rest, lr=HYPERS["learning_rate"], betas=(HYPERS["b1"], HYPERS["b2"]),
-                                       eps=HYPERS["eps"], weight_decay=HYPERS["weight_decay"], fused=True)]
+        self.opts = [
+            torch.optim.AdamW(
+                rest,
+                lr=HYPERS["learning_rate"],
+                betas=(HYPERS["b1"], HYPERS["b2"]),
+                eps=HYPERS["eps"],
+                weight_decay=HYPERS["weight_decay"],
+                fused=True,
+            )
+        ]
         if muon:  # weight decay 0, as optax.contrib.muon's default
-            self.opts.append(torch.optim.Muon([p for p in self.params if p.ndim == 2],
-                                              lr=MUON_HYPERS["learning_rate"], weight_decay=0.0))
+            self.opts.append(
+                torch.optim.Muon(
+                    [p for p in self.params if p.ndim == 2],
+                    lr=MUON_HYPERS["learning_rate"],
+                    weight_decay=0.0,
+                )
+            )
 
     def run(self, steps):
         for _ in range(steps):
@@ -157,14 +227,20 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     mixed = np.dtype(state_dtype) != np.dtype(dtype)
     if optimizer == "muon":
-        runners = [OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
-                   OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS))]
+        runners = [
+            OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
+            OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS)),
+        ]
     else:
         spec = specs["bf16-mu" if key == "bf16-mu" else "f32-state"] if mixed else "adamw"
-        runners = [OptgenRunner(params, grads, spec, **options),
-                   OptaxRunner(params, grads, mu_dtype=state_dtype if mixed else None)]
+        runners = [
+            OptgenRunner(params, grads, spec, **options),
+            OptaxRunner(params, grads, mu_dtype=state_dtype if mixed else None),
+        ]
         if compare_xla:
-            xla = OptgenRunner(params, grads, spec, lowering=xla_lowering(len(shapes), not mixed), **options)
+            xla = OptgenRunner(
+                params, grads, spec, lowering=xla_lowering(len(shapes), not mixed), **options
+            )
             xla.name = "optgen-xla"
             runners.append(xla)
     if torch is not None and key != "bf16-mu":
@@ -179,7 +255,13 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
             runner.run(block)
             times[runner.name].append(1e3 * (time.perf_counter() - start) / block)
     elements = sum(int(np.prod(s)) for s in shapes)
-    return {"workload": key, "title": title, "leaves": len(shapes), "elements": elements, "times_ms": times}
+    return {
+        "workload": key,
+        "title": title,
+        "leaves": len(shapes),
+        "elements": elements,
+        "times_ms": times,
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -195,17 +277,34 @@ def summarize(runs: list[dict]) -> dict:
     pooled = {n: [t for run in runs for t in run["times_ms"][n]] for n in names}
     ratios = {}
     for other in names[1:]:
-        per_repeat = [np.asarray(run["times_ms"]["optgen"]) / np.asarray(run["times_ms"][other]) for run in runs]
+        per_repeat = [
+            np.asarray(run["times_ms"]["optgen"]) / np.asarray(run["times_ms"][other])
+            for run in runs
+        ]
         q1, median, q3 = np.percentile(np.concatenate(per_repeat), [25, 50, 75])
-        ratios[other] = {"median": float(median), "q1": float(q1), "q3": float(q3),
-                         "per_process": [float(np.median(r)) for r in per_repeat]}
+        ratios[other] = {
+            "median": float(median),
+            "q1": float(q1),
+            "q3": float(q3),
+            "per_process": [float(np.median(r)) for r in per_repeat],
+        }
     return {k: runs[0][k] for k in ("workload", "title", "leaves", "elements")} | {
-        "median_ms": {n: float(np.median(t)) for n, t in pooled.items()}, "ratios": ratios}
+        "median_ms": {n: float(np.median(t)) for n, t in pooled.items()},
+        "ratios": ratios,
+    }
 
 
 def table(summaries) -> str:
-    names = list(dict.fromkeys(n for r in summaries for n in r["median_ms"]))  # torch sits some workloads out
-    head = ["workload", "leaves", "elements", *[f"{n} ms" for n in names], *[f"optgen/{n}" for n in names[1:]]]
+    names = list(
+        dict.fromkeys(n for r in summaries for n in r["median_ms"])
+    )  # torch sits some workloads out
+    head = [
+        "workload",
+        "leaves",
+        "elements",
+        *[f"{n} ms" for n in names],
+        *[f"optgen/{n}" for n in names[1:]],
+    ]
     rows = [head, ["---"] * len(head)]
     for r in summaries:
         times = [f"{r['median_ms'][n]:.2f}" if n in r["median_ms"] else "-" for n in names]
@@ -217,21 +316,38 @@ def table(summaries) -> str:
 def _ratio(q: dict) -> str:
     per_process = q["per_process"]
     return f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" + (
-        "; per process " + ", ".join(f"{x:.2f}" for x in per_process) if len(per_process) > 1 else "")
+        "; per process " + ", ".join(f"{x:.2f}" for x in per_process)
+        if len(per_process) > 1
+        else ""
+    )
 
 
 def run_here(keys, repeats, block, optimizer, compare_xla) -> list[dict]:
     """Every workload in this process."""
+
     def progress(text):
         if sys.stderr.isatty():
             print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        specs = {"f32-state": Path(tmp) / "adamw_f32_state.spec", "bf16-mu": Path(tmp) / "adamw_bf16_mu.spec"}
+        specs = {
+            "f32-state": Path(tmp) / "adamw_f32_state.spec",
+            "bf16-mu": Path(tmp) / "adamw_bf16_mu.spec",
+        }
         specs["f32-state"].write_text(_ADAMW_F32_STATE)
         specs["bf16-mu"].write_text(_ADAMW_BF16_MU)
-        runs = [bench_workload(k, {name: str(path) for name, path in specs.items()}, repeats, block, progress,
-                               optimizer, compare_xla) for k in keys]
+        runs = [
+            bench_workload(
+                k,
+                {name: str(path) for name, path in specs.items()},
+                repeats,
+                block,
+                progress,
+                optimizer,
+                compare_xla,
+            )
+            for k in keys
+        ]
     progress("")
     return runs
 
@@ -244,47 +360,84 @@ def run_in_processes(keys, repeats, block, processes, optimizer, compare_xla) ->
             out = Path(tmp) / f"run{i}.json"
             if sys.stderr.isatty():
                 print(f"\r\033[Kprocess {i + 1}/{processes}", file=sys.stderr)
-            subprocess.run([sys.executable, __file__, "--workloads", ",".join(keys), "--repeats", str(repeats),
-                            "--block", str(block), "--processes", "1", "--optimizer", optimizer, "--json", str(out)]
-                           + ["--compare-xla"] * compare_xla,
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--workloads",
+                    ",".join(keys),
+                    "--repeats",
+                    str(repeats),
+                    "--block",
+                    str(block),
+                    "--processes",
+                    "1",
+                    "--optimizer",
+                    optimizer,
+                    "--json",
+                    str(out),
+                ]
+                + ["--compare-xla"] * compare_xla,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             per_process.append(json.loads(out.read_text())["runs"][0])
     return per_process
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
-    parser.add_argument("--repeats", type=int, default=9, help="blocks per implementation (median over these)")
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS)
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=9, help="blocks per implementation (median over these)"
+    )
     parser.add_argument("--block", type=int, default=5, help="steps per block")
-    parser.add_argument("--processes", type=int, default=3,
-                        help="fresh processes to repeat the whole run in (each draws its own buffer placement)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=3,
+        help="fresh processes to repeat the whole run in (each draws its own buffer placement)",
+    )
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--compare-xla", action="store_true",
-                        help="also run optgen with XLA's fused loops instead of its own CPU loop (optgen-xla)")
+    parser.add_argument(
+        "--compare-xla",
+        action="store_true",
+        help="also run optgen with XLA's fused loops instead of its own CPU loop (optgen-xla)",
+    )
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.workloads.split(",")]
     unknown = [k for k in keys if k not in WORKLOADS]
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+        parser.error(
+            f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}"
+        )
     if args.processes < 1 or args.repeats < 1 or args.block < 1:
         parser.error("--processes, --repeats and --block must be at least 1")
 
     if args.processes > 1:
-        per_process = run_in_processes(keys, args.repeats, args.block, args.processes, args.optimizer,
-                                       args.compare_xla)
+        per_process = run_in_processes(
+            keys, args.repeats, args.block, args.processes, args.optimizer, args.compare_xla
+        )
     else:
         per_process = [run_here(keys, args.repeats, args.block, args.optimizer, args.compare_xla)]
     summaries = [summarize([runs[i] for runs in per_process]) for i in range(len(keys))]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}" + (
-        f", torch {torch.__version__}" if torch is not None else ", torch not installed")
-    print(f"{'Muon' if args.optimizer == 'muon' else 'AdamW'} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
-          "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
-          "then each process's median\n")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}"
+        + (f", torch {torch.__version__}" if torch is not None else ", torch not installed")
+    )
+    print(
+        f"{'Muon' if args.optimizer == 'muon' else 'AdamW'} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
+        "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
+        "then each process's median\n"
+    )
     print(table(summaries))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "summaries": summaries, "runs": per_process}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": machine, "summaries": summaries, "runs": per_process}, indent=2)
+        )
     return 0
 
 

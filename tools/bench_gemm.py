@@ -23,10 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = [(512, 2048), (512, 16000)]  # a 512 x 2048 MLP kernel; the 16000 x 512 embedding, transposed
-FLAGS = ["", "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true",
-         "--xla_cpu_experimental_onednn_fusion_type=dot", "--xla_cpu_experimental_xnn_fusion_type=dot",
-         "--xla_cpu_experimental_ynn_fusion_type=dot"]
+SHAPES = [
+    (512, 2048),
+    (512, 16000),
+]  # a 512 x 2048 MLP kernel; the 16000 x 512 embedding, transposed
+FLAGS = [
+    "",
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_experimental_onednn_custom_call=true",
+    "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "--xla_cpu_experimental_ynn_fusion_type=dot",
+]
 
 
 def median_ms(fn, repeats=10) -> float:
@@ -54,8 +62,10 @@ def xla_rows() -> dict:
     for shape in SHAPES:
         x = jnp.asarray(matrix(shape))
         xb = x.astype(jnp.bfloat16)
-        out[str(shape)] = {"f32": median_ms(lambda: f32(x).block_until_ready()),
-                           "bf16": median_ms(lambda: bf16(xb).block_until_ready())}
+        out[str(shape)] = {
+            "f32": median_ms(lambda: f32(x).block_until_ready()),
+            "bf16": median_ms(lambda: bf16(xb).block_until_ready()),
+        }
     return out
 
 
@@ -78,15 +88,43 @@ def mkl_rows() -> dict | None:
 
     gemm = ctypes.CDLL(str(library)).cblas_gemm_bf16bf16f32
     ints, pointer, single = [ctypes.c_int] * 6, ctypes.c_void_p, ctypes.c_float
-    gemm.argtypes = [*ints, single, pointer, ctypes.c_int, pointer, ctypes.c_int, single, pointer, ctypes.c_int]
+    gemm.argtypes = [
+        *ints,
+        single,
+        pointer,
+        ctypes.c_int,
+        pointer,
+        ctypes.c_int,
+        single,
+        pointer,
+        ctypes.c_int,
+    ]
     row_major, no_trans, trans = 101, 111, 112
     out = {}
     for shape in SHAPES:
         m, k = shape
         x = np.ascontiguousarray(matrix(shape).astype(ml_dtypes.bfloat16))
         c = np.zeros((m, m), np.float32)
-        out[str(shape)] = {"bf16": median_ms(lambda: gemm(row_major, no_trans, trans, m, m, k, 1.0, x.ctypes.data, k,
-                                                          x.ctypes.data, k, 0.0, c.ctypes.data, m))}
+        out[str(shape)] = {
+            "bf16": median_ms(
+                lambda: gemm(
+                    row_major,
+                    no_trans,
+                    trans,
+                    m,
+                    m,
+                    k,
+                    1.0,
+                    x.ctypes.data,
+                    k,
+                    x.ctypes.data,
+                    k,
+                    0.0,
+                    c.ctypes.data,
+                    m,
+                )
+            )
+        }
     return out
 
 
@@ -97,9 +135,16 @@ def main() -> int:
     rows = {}
     for flags in FLAGS:
         env = dict(os.environ, XLA_FLAGS=flags)
-        child = subprocess.run([sys.executable, __file__, "--xla-child"], env=env, capture_output=True, text=True,
-                               check=True)
-        rows[f"XLA {flags or '(default flags)'}"] = json.loads(child.stdout.strip().splitlines()[-1])
+        child = subprocess.run(
+            [sys.executable, __file__, "--xla-child"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows[f"XLA {flags or '(default flags)'}"] = json.loads(
+            child.stdout.strip().splitlines()[-1]
+        )
     try:
         rows["torch"] = torch_rows()
     except ImportError:

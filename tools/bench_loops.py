@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 import time
 
-import optgen  # noqa: F401  (before any JAX computation, as in tools/bench.py)
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import optgen  # noqa: F401  (before any JAX computation, as in tools/bench.py)
 
 A, B, C = 3.4445, -4.775, 2.0315
 
@@ -45,7 +46,9 @@ def measure(shape, steps=5, repeats=5):
             start = time.perf_counter()
             compiled(x).block_until_ready()
             times.append(time.perf_counter() - start)
-        rows.append((shape, "unrolled" if unroll else "fori_loop", compile_s, float(np.median(times))))
+        rows.append(
+            (shape, "unrolled" if unroll else "fori_loop", compile_s, float(np.median(times)))
+        )
     return rows
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 
-import optgen
 import jax
 import jax.numpy as jnp
+
+import optgen
 
 
 def measure(root_steps: int, repeats: int = 3) -> tuple[float, float]:

@@ -24,13 +24,17 @@ def shapes(count: int) -> list[tuple[int, ...]]:
 
 
 def measure(kind: str, count: int) -> dict:
-    import optgen  # first: it sets XLA:CPU's fusion option
     import jax
     import jax.numpy as jnp
     import optax
 
+    import optgen  # first: it sets XLA:CPU's fusion option
+
     device = jax.devices()[0]
-    params = {f"w{i:05d}": jax.device_put(jnp.full(s, 0.5, jnp.float32), device) for i, s in enumerate(shapes(count))}
+    params = {
+        f"w{i:05d}": jax.device_put(jnp.full(s, 0.5, jnp.float32), device)
+        for i, s in enumerate(shapes(count))
+    }
     grads = jax.tree.map(lambda x: x * 0.1, params)
     if kind == "optgen":
         opt = optgen.load("adamw")
@@ -50,12 +54,21 @@ def measure(kind: str, count: int) -> dict:
     compile_s = time.perf_counter() - start
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(duration)
-        if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, duration, **kw: (
+            compiles.append(duration)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
+    )
     for _ in range(3):
         params, state = step(params, grads, state)
     jax.block_until_ready(params)
-    return {"kind": kind, "leaves": count, "compile_s": compile_s, "compiles_in_3_steps": len(compiles)}
+    return {
+        "kind": kind,
+        "leaves": count,
+        "compile_s": compile_s,
+        "compiles_in_3_steps": len(compiles),
+    }
 
 
 def main(argv=None) -> int:
@@ -70,17 +83,28 @@ def main(argv=None) -> int:
     rows = []
     for count in (int(n) for n in args.leaves.split(",")):
         for kind in ("optgen", "optax"):
-            out = subprocess.run([sys.executable, __file__, "--one", kind, str(count)], check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", kind, str(count)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    print("| leaves | optgen compile s | optax compile s | optgen/optax | compiles in the next 3 steps (optgen, optax) |")
+    print(
+        "| leaves | optgen compile s | optax compile s | optgen/optax | compiles in the next 3 steps (optgen, optax) |"
+    )
     print("|---|---|---|---|---|")
     for count in sorted({r["leaves"] for r in rows}):
-        ours, theirs = (next(r for r in rows if r["leaves"] == count and r["kind"] == k) for k in ("optgen", "optax"))
-        print(f"| {count:,} | {ours['compile_s']:.1f} | {theirs['compile_s']:.1f} | "
-              f"{ours['compile_s'] / theirs['compile_s']:.2f} | {ours['compiles_in_3_steps']}, "
-              f"{theirs['compiles_in_3_steps']} |")
+        ours, theirs = (
+            next(r for r in rows if r["leaves"] == count and r["kind"] == k)
+            for k in ("optgen", "optax")
+        )
+        print(
+            f"| {count:,} | {ours['compile_s']:.1f} | {theirs['compile_s']:.1f} | "
+            f"{ours['compile_s'] / theirs['compile_s']:.2f} | {ours['compiles_in_3_steps']}, "
+            f"{theirs['compiles_in_3_steps']} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

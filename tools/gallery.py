@@ -27,14 +27,20 @@ import optgen
 from optgen.library import read_spec
 
 # optax modules whose functions an alias chains, by the names aliases import them as.
-_CHAINED = {"transform": "optax._src.transform", "factorized": "optax._src.factorized",
-            "_clipping": "optax.transforms._clipping"}
+_CHAINED = {
+    "transform": "optax._src.transform",
+    "factorized": "optax._src.factorized",
+    "_clipping": "optax.transforms._clipping",
+}
 
 
 def spec_lines(name: str) -> int:
     """Non-blank, non-comment lines of a built-in spec."""
-    return sum(1 for line in read_spec(name).text.splitlines()
-               if line.strip() and not line.strip().startswith("#"))
+    return sum(
+        1
+        for line in read_spec(name).text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    )
 
 
 def source_lines(func) -> int:
@@ -45,27 +51,43 @@ def source_lines(func) -> int:
     if ast.get_docstring(node) is not None:
         doc = node.body[0]
         skip = set(range(doc.lineno, doc.end_lineno + 1))
-    return sum(1 for number, line in enumerate(source.splitlines(), 1)
-               if number not in skip and line.strip() and not line.strip().startswith("#"))
+    return sum(
+        1
+        for number, line in enumerate(source.splitlines(), 1)
+        if number not in skip and line.strip() and not line.strip().startswith("#")
+    )
 
 
 # Convention specs: the framework class, and the module and functions of its single-tensor step.
 _FRAMEWORK = {
-    "torch/muon": ("torch.optim.Muon", "torch.optim._muon",
-                   "_single_tensor_muon _zeropower_via_newtonschulz _adjust_lr"),
+    "torch/muon": (
+        "torch.optim.Muon",
+        "torch.optim._muon",
+        "_single_tensor_muon _zeropower_via_newtonschulz _adjust_lr",
+    ),
     "torch/adamw": ("torch.optim.AdamW", "torch.optim.adam", "_single_tensor_adam"),
     "torch/adamax": ("torch.optim.Adamax", "torch.optim.adamax", "_single_tensor_adamax"),
     "torch/nadamw": ("torch.optim.NAdam", "torch.optim.nadam", "_single_tensor_nadam"),
     "keras/adamw": ("keras.optimizers.AdamW", "keras.src.optimizers.adam", "Adam.update_step"),
-    "keras/adamax": ("keras.optimizers.Adamax", "keras.src.optimizers.adamax", "Adamax.update_step"),
+    "keras/adamax": (
+        "keras.optimizers.Adamax",
+        "keras.src.optimizers.adamax",
+        "Adamax.update_step",
+    ),
     # the whole class: its clip, decay rule and decay step (the Adam step is a TF kernel)
-    "tfm/adamweightdecay": ("official.modeling.optimization.legacy_adamw.AdamWeightDecay",
-                            "official/modeling/optimization/legacy_adamw.py", "AdamWeightDecay"),
+    "tfm/adamweightdecay": (
+        "official.modeling.optimization.legacy_adamw.AdamWeightDecay",
+        "official/modeling/optimization/legacy_adamw.py",
+        "AdamWeightDecay",
+    ),
 }
 
 
 # Specs no library ships: the rule they transcribe (tests/test_conformance.py's NumPy reference).
-_PAPER = {"cautious_adamw": "Liang et al. (2024), Algorithm 1", "shampoo": "Gupta et al. (2018), Algorithm 1"}
+_PAPER = {
+    "cautious_adamw": "Liang et al. (2024), Algorithm 1",
+    "shampoo": "Gupta et al. (2018), Algorithm 1",
+}
 
 
 def reference(name: str) -> tuple[str, list]:
@@ -77,7 +99,9 @@ def reference(name: str) -> tuple[str, list]:
         ref, module, paths = _FRAMEWORK[name]
         funcs = []
         for path in paths.split():
-            func = _module_file(module) if module.endswith(".py") else importlib.import_module(module)
+            func = (
+                _module_file(module) if module.endswith(".py") else importlib.import_module(module)
+            )
             for attr in path.split("."):
                 func = getattr(func, attr)
             funcs.append(func)
@@ -88,9 +112,15 @@ def reference(name: str) -> tuple[str, list]:
     alias = getattr(optax, name, None) or getattr(optax.contrib, name)
     alias = getattr(alias, "func", alias)  # optax.nadam is a partial of optax.adam
     own = importlib.import_module(alias.__module__)
-    local = re.findall(r"(?<![.\w])(scale_by_\w+)\(", inspect.getsource(alias)) if where == "optax.contrib" else []
+    local = (
+        re.findall(r"(?<![.\w])(scale_by_\w+)\(", inspect.getsource(alias))
+        if where == "optax.contrib"
+        else []
+    )
     chained = [getattr(own, attr) for attr in dict.fromkeys(local)]
-    for module, attr in re.findall(r"\b(transform|factorized|_clipping)\.(\w+)\(", inspect.getsource(alias)):
+    for module, attr in re.findall(
+        r"\b(transform|factorized|_clipping)\.(\w+)\(", inspect.getsource(alias)
+    ):
         func = getattr(importlib.import_module(_CHAINED[module]), attr)
         if func not in chained:
             chained.append(func)
@@ -99,10 +129,14 @@ def reference(name: str) -> tuple[str, list]:
 
 def _module_file(path: str):
     """A module by its file (TF Model Garden's package __init__ imports gin, which legacy_adamw does not need)."""
-    location = os.path.join(importlib.util.find_spec(path.split("/")[0]).submodule_search_locations[0],
-                            *path.split("/")[1:])
+    location = os.path.join(
+        importlib.util.find_spec(path.split("/")[0]).submodule_search_locations[0],
+        *path.split("/")[1:],
+    )
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], location)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # inspect finds its source there
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(
+        spec
+    )  # inspect finds its source there
     spec.loader.exec_module(module)
     return module
 
@@ -118,7 +152,10 @@ def rows() -> list[tuple[str, int, str, int]]:
 
 def table() -> str:
     lines = ["| spec | lines | replaces | lines |", "|---|---:|---|---:|"]
-    lines += [f"| `{name}` | {n} | {f'`{ref}`' if m else ref} | {m or '—'} |" for name, n, ref, m in rows()]
+    lines += [
+        f"| `{name}` | {n} | {f'`{ref}`' if m else ref} | {m or '—'} |"
+        for name, n, ref, m in rows()
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -19,9 +19,10 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import optgen  # noqa: E402  (first: it sets XLA:CPU's fusion option before JAX starts)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+import optgen  # noqa: E402  (first: it sets XLA:CPU's fusion option before JAX starts)
 
 HYPERS = {"learning_rate": 1e-4, "weight_decay": 0.01}
 
@@ -30,8 +31,11 @@ def build(width: int, blocks: int, optimizer) -> keras.Model:
     keras.utils.set_random_seed(0)
     layers = [keras.Input((width,))]
     for _ in range(blocks):
-        layers += [keras.layers.Dense(4 * width, activation="gelu"), keras.layers.Dense(width),
-                   keras.layers.LayerNormalization()]
+        layers += [
+            keras.layers.Dense(4 * width, activation="gelu"),
+            keras.layers.Dense(width),
+            keras.layers.LayerNormalization(),
+        ]
     model = keras.Sequential(layers)
     model.compile(optimizer=optimizer, loss="mse")
     return model
@@ -48,8 +52,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch * args.steps, args.width)).astype("float32")
     y = rng.normal(size=x.shape).astype("float32")
-    models = {"keras": build(args.width, args.blocks, keras.optimizers.AdamW(**HYPERS)),
-              "optgen": build(args.width, args.blocks, optgen.keras.Optimizer("keras/adamw", **HYPERS))}
+    models = {
+        "keras": build(args.width, args.blocks, keras.optimizers.AdamW(**HYPERS)),
+        "optgen": build(args.width, args.blocks, optgen.keras.Optimizer("keras/adamw", **HYPERS)),
+    }
     params = models["keras"].count_params()
     for model in models.values():  # compile both before timing
         model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0)
@@ -60,11 +66,17 @@ def main() -> None:
             model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0)
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
     ratios = [o / k for o, k in zip(times["optgen"], times["keras"], strict=True)]
-    print(f"{params:,} parameters, {args.blocks} blocks of width {args.width}, batch {args.batch}, "
-          f"{args.steps} steps per timing, {args.repeats} repeats, keras {keras.__version__} on {keras.backend.backend()}")
+    print(
+        f"{params:,} parameters, {args.blocks} blocks of width {args.width}, batch {args.batch}, "
+        f"{args.steps} steps per timing, {args.repeats} repeats, keras {keras.__version__} on {keras.backend.backend()}"
+    )
     for name, values in times.items():
-        print(f"  {name:7s} {statistics.median(values):8.2f} ms per step (median; {min(values):.2f}-{max(values):.2f})")
-    print(f"  optgen / keras step time: {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+        print(
+            f"  {name:7s} {statistics.median(values):8.2f} ms per step (median; {min(values):.2f}-{max(values):.2f})"
+        )
+    print(
+        f"  optgen / keras step time: {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,19 @@ import argparse
 import statistics
 import time
 
-import optgen  # first: it sets XLA:CPU's fusion option
 import jax
 import numpy as np
 import optax
 
-from optgen.search.evaluate import FAST_COMPILE, LEARNING_RATES, SEEDS, prepare, single_run, training_run
+import optgen  # first: it sets XLA:CPU's fusion option
+from optgen.search.evaluate import (
+    FAST_COMPILE,
+    LEARNING_RATES,
+    SEEDS,
+    prepare,
+    single_run,
+    training_run,
+)
 from optgen.search.tasks import load_task
 
 
@@ -72,16 +79,24 @@ def measure(prepared, repeats: int) -> dict[str, tuple[float, float]]:
     data = (prepared.batches, prepared.held_out)
     times = {"vmapped optgen": [], "vmapped optax": [], "sequential optgen": []}
     for _ in range(repeats):
-        for label, opt in (("vmapped optgen", optgen.load("adamw")), ("vmapped optax", _OptaxAdamW())):
+        for label, opt in (
+            ("vmapped optgen", optgen.load("adamw")),
+            ("vmapped optax", _OptaxAdamW()),
+        ):
             run = training_run(opt, prepared)
             compiled, compile_s = _timed(lambda: run.lower(lrs, keys, *data).compile(FAST_COMPILE))
             _, run_s = _timed(lambda: compiled(lrs, keys, *data))
             times[label].append((compile_s, run_s))
         single = jax.jit(single_run(optgen.load("adamw"), prepared))
-        compiled, compile_s = _timed(lambda: single.lower(lrs[0], keys[0], *data).compile(FAST_COMPILE))
+        compiled, compile_s = _timed(
+            lambda: single.lower(lrs[0], keys[0], *data).compile(FAST_COMPILE)
+        )
         _, run_s = _timed(lambda: [compiled(lr, key, *data) for lr, key in zip(lrs, keys)])
         times["sequential optgen"].append((compile_s, run_s))
-    return {k: (statistics.median(c for c, _ in v), statistics.median(r for _, r in v)) for k, v in times.items()}
+    return {
+        k: (statistics.median(c for c, _ in v), statistics.median(r for _, r in v))
+        for k, v in times.items()
+    }
 
 
 def main(argv=None) -> int:
@@ -95,7 +110,9 @@ def main(argv=None) -> int:
         result = measure(prepare(load_task(name)), args.repeats)
         base = sum(result["vmapped optgen"])
         for label, (compile_s, run_s) in result.items():
-            print(f"| {name} | {label} | {compile_s:.2f} | {run_s:.3f} | {(compile_s + run_s) / base:.2f} |")
+            print(
+                f"| {name} | {label} | {compile_s:.2f} | {run_s:.3f} | {(compile_s + run_s) / base:.2f} |"
+            )
     return 0
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import optgen  # first: it sets XLA:CPU's fusion option
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import optgen  # first: it sets XLA:CPU's fusion option
 
 
 def cases(opt, params, grads):
@@ -32,7 +33,10 @@ def cases(opt, params, grads):
     return {
         "update": (jax.jit(update), (params, grads)),
         "vmap(update)": (jax.jit(jax.vmap(update)), batched),
-        "grad through update": (jax.jit(jax.grad(lambda p, g: jnp.sum(update(p, g)["w"] ** 2))), (params, grads)),
+        "grad through update": (
+            jax.jit(jax.grad(lambda p, g: jnp.sum(update(p, g)["w"] ** 2))),
+            (params, grads),
+        ),
     }
 
 
@@ -44,8 +48,10 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=args.elements).astype(np.float32))}
     grads = {"w": jnp.asarray(rng.normal(size=args.elements).astype(np.float32))}
-    runs = {"optgen": cases(optgen.load("adamw"), params, grads),
-            "optax": cases(optax.adamw(1e-3, weight_decay=1e-4), params, grads)}
+    runs = {
+        "optgen": cases(optgen.load("adamw"), params, grads),
+        "optax": cases(optax.adamw(1e-3, weight_decay=1e-4), params, grads),
+    }
     times = {(lib, name): [] for lib in runs for name in runs[lib]}
     for (lib, name), _ in times.items():
         fn, inputs = runs[lib][name]

@@ -38,8 +38,11 @@ MAGIC = b"OPTGEN-STATE 1\n"
 def spec_digest(opt: Optimizer) -> str:
     """SHA-256 of what decides a state's meaning: spec text, compiled options, hyperparameter names."""
     checked = opt.compiled.checked
-    identity = {"source": checked.spec.source.text, "options": sorted(opt.compiled.options.items()),
-                "hypers": sorted(opt.hyperparams)}
+    identity = {
+        "source": checked.spec.source.text,
+        "options": sorted(opt.compiled.options.items()),
+        "hypers": sorted(opt.hyperparams),
+    }
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
@@ -53,8 +56,12 @@ def save_state(path: str, state: OptState, opt: Optimizer) -> None:
     # Stored as parameter-shaped trees, so leaf paths name parameters and packing is not baked in.
     flat, _ = jax.tree_util.tree_flatten_with_path(packing.unpack_state(state))
     header = {
-        "spec": opt.name, "spec_digest": spec_digest(opt), "byteorder": sys.byteorder,
-        "leaves": [[jax.tree_util.keystr(p), list(np.shape(x)), np.dtype(x.dtype).name] for p, x in flat],
+        "spec": opt.name,
+        "spec_digest": spec_digest(opt),
+        "byteorder": sys.byteorder,
+        "leaves": [
+            [jax.tree_util.keystr(p), list(np.shape(x)), np.dtype(x.dtype).name] for p, x in flat
+        ],
     }
 
     def chunks():  # each leaf's bytes in C order (np.array: ascontiguousarray makes 0-d arrays 1-d)
@@ -66,16 +73,27 @@ def save_state(path: str, state: OptState, opt: Optimizer) -> None:
 def _check_state(state, opt) -> None:
     """Refuse a state that ``opt`` could not load back (a wrong argument, another optimizer's state)."""
     if isinstance(state, Optimizer) and isinstance(opt, OptState):
-        raise InputError("save_state takes the state before the optimizer", hint="optgen.save_state(path, state, opt), "
-                         "as optgen.load_state(path, opt, params) reads it", code="E350")
+        raise InputError(
+            "save_state takes the state before the optimizer",
+            hint="optgen.save_state(path, state, opt), "
+            "as optgen.load_state(path, opt, params) reads it",
+            code="E350",
+        )
     if not isinstance(opt, Optimizer) or not isinstance(state, OptState):
-        raise InputError(f"save_state takes an OptState and an optgen Optimizer, got {type(state).__name__} and "
-                         f"{type(opt).__name__}", hint="optgen.save_state(path, opt.init(params), opt)", code="E350")
+        raise InputError(
+            f"save_state takes an OptState and an optgen Optimizer, got {type(state).__name__} and "
+            f"{type(opt).__name__}",
+            hint="optgen.save_state(path, opt.init(params), opt)",
+            code="E350",
+        )
     hypers = sorted(opt.stored_hyperparams)
     if sorted(state.slots) != sorted(opt.state_names) or sorted(state.hyperparams) != hypers:
-        raise InputError(f"this state is not {opt.name}'s: it holds hyperparameters {sorted(state.hyperparams)} and "
-                         f"states {sorted(state.slots)}; {opt.name} keeps {hypers} and {sorted(opt.state_names)}",
-                         hint="save it with the optimizer whose init made it (nothing was written)", code="E311")
+        raise InputError(
+            f"this state is not {opt.name}'s: it holds hyperparameters {sorted(state.hyperparams)} and "
+            f"states {sorted(state.slots)}; {opt.name} keeps {hypers} and {sorted(opt.state_names)}",
+            hint="save it with the optimizer whose init made it (nothing was written)",
+            code="E311",
+        )
     params = _params_of(state, opt)
     if params is not None:  # every leaf's shape and dtype, as step would check them
         opt.check(params, params, state)
@@ -105,31 +123,53 @@ def load_state(path: str, opt: Optimizer, params) -> OptState:
     except framing.Unreadable as err:
         raise InputError(f"cannot read saved state '{path}': {err}", code="E330") from None
     except framing.Foreign as err:
-        raise InputError(f"'{path}' is not an optgen state file of format 1 (it starts {err})",
-                         hint="write one with optgen.save_state", code="E331") from None
+        raise InputError(
+            f"'{path}' is not an optgen state file of format 1 (it starts {err})",
+            hint="write one with optgen.save_state",
+            code="E331",
+        ) from None
     except framing.Damaged:
-        raise InputError(f"saved state '{path}' is truncated or altered (its content digest does not match)",
-                         hint="restore it from a good copy", code="E332") from None
+        raise InputError(
+            f"saved state '{path}' is truncated or altered (its content digest does not match)",
+            hint="restore it from a good copy",
+            code="E332",
+        ) from None
     if header.get("spec_digest") != spec_digest(opt):
-        raise InputError(f"'{path}' holds state of spec '{header.get('spec')}' with other source, options or "
-                         f"hyperparameters than this {opt.name}", hint="load it with the optimizer that saved it",
-                         code="E333")
+        raise InputError(
+            f"'{path}' holds state of spec '{header.get('spec')}' with other source, options or "
+            f"hyperparameters than this {opt.name}",
+            hint="load it with the optimizer that saved it",
+            code="E333",
+        )
     concrete = all(placement.has_buffer(x) for x in jax.tree.leaves(params))
     # With real parameters the state is restored into a fresh init's buffers: sharded, packed and
     # placed as init makes them, and committed as step's outputs are (so step compiles once).
-    template = opt.init(params) if concrete else jax.eval_shape(
-        opt.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
-    flat, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(packing.unpack_state, template))
+    template = (
+        opt.init(params)
+        if concrete
+        else jax.eval_shape(
+            opt.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+        )
+    )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        jax.eval_shape(packing.unpack_state, template)
+    )
     want = [[jax.tree_util.keystr(p), list(x.shape), np.dtype(x.dtype).name] for p, x in flat]
     _check_leaves(path, opt, header, want)
     leaves, offset = [], 0
     for _, shape, dtype in want:
-        array = np.frombuffer(payload, np.dtype(dtype), count=int(np.prod(shape)), offset=offset).reshape(shape)
+        array = np.frombuffer(
+            payload, np.dtype(dtype), count=int(np.prod(shape)), offset=offset
+        ).reshape(shape)
         offset += array.nbytes
         leaves.append(jax.numpy.asarray(array))
     state = treedef.unflatten(leaves)
-    state = state._replace(slots={name: packing.repack_like(template.slots[name], slot)
-                                  for name, slot in state.slots.items()})
+    state = state._replace(
+        slots={
+            name: packing.repack_like(template.slots[name], slot)
+            for name, slot in state.slots.items()
+        }
+    )
     return _into(template, state) if concrete else state
 
 
@@ -138,23 +178,47 @@ def _check_leaves(path: str, opt: Optimizer, header: dict, want: list) -> None:
     saved = header["leaves"]
     if saved == want and header.get("byteorder") == sys.byteorder:
         return
-    slots = [sorted({leaf[0].split("']")[0].removeprefix(".slots['") for leaf in leaves if leaf[0].startswith(".slots")})
-             for leaves in (saved, want)]
+    slots = [
+        sorted(
+            {
+                leaf[0].split("']")[0].removeprefix(".slots['")
+                for leaf in leaves
+                if leaf[0].startswith(".slots")
+            }
+        )
+        for leaves in (saved, want)
+    ]
     if slots[0] != slots[1]:
-        raise InputError(f"'{path}' holds states {slots[0]}; this {opt.name} keeps {slots[1]} (an option every spec "
-                         "takes, such as use_ema or skip_nonfinite, adds or removes state)",
-                         hint="load it with the optimizer, options included, that saved it", code="E333")
-    hypers = [[leaf[0] for leaf in leaves if leaf[0].startswith(".hyperparams")] for leaves in (saved, want)]
+        raise InputError(
+            f"'{path}' holds states {slots[0]}; this {opt.name} keeps {slots[1]} (an option every spec "
+            "takes, such as use_ema or skip_nonfinite, adds or removes state)",
+            hint="load it with the optimizer, options included, that saved it",
+            code="E333",
+        )
+    hypers = [
+        [leaf[0] for leaf in leaves if leaf[0].startswith(".hyperparams")]
+        for leaves in (saved, want)
+    ]
     if hypers[0] != hypers[1]:
-        raise InputError(f"'{path}' holds hyperparameters {_names(hypers[0])} in its state; this {opt.name} keeps "
-                         f"{_names(hypers[1])} there (a schedule is computed from the step count and not stored; "
-                         "a constant is)", hint="load it with the same hyperparameters given as schedules or as "
-                         "constants as when it was saved", code="E351")
-    diff = next((f"{g} saved, {w} expected" for g, w in zip(saved, want) if g != w),
-                f"{len(saved)} leaves saved, {len(want)} expected" if len(saved) != len(want)
-                else f"saved with byte order {header.get('byteorder')}, this machine is {sys.byteorder}")
-    raise InputError(f"'{path}' holds state for other parameters: {diff}",
-                     hint="pass the params this state was saved with", code="E334")
+        raise InputError(
+            f"'{path}' holds hyperparameters {_names(hypers[0])} in its state; this {opt.name} keeps "
+            f"{_names(hypers[1])} there (a schedule is computed from the step count and not stored; "
+            "a constant is)",
+            hint="load it with the same hyperparameters given as schedules or as "
+            "constants as when it was saved",
+            code="E351",
+        )
+    diff = next(
+        (f"{g} saved, {w} expected" for g, w in zip(saved, want) if g != w),
+        f"{len(saved)} leaves saved, {len(want)} expected"
+        if len(saved) != len(want)
+        else f"saved with byte order {header.get('byteorder')}, this machine is {sys.byteorder}",
+    )
+    raise InputError(
+        f"'{path}' holds state for other parameters: {diff}",
+        hint="pass the params this state was saved with",
+        code="E334",
+    )
 
 
 def _names(paths: list[str]) -> list[str]:
@@ -164,4 +228,6 @@ def _names(paths: list[str]) -> list[str]:
 def _into(fresh, saved):
     """``saved``'s values written into ``fresh``'s buffers (donated), with ``fresh``'s shardings."""
     shardings = jax.tree.map(lambda x: x.sharding, fresh)
-    return jax.jit(lambda _, values: values, donate_argnums=0, out_shardings=shardings)(fresh, saved)
+    return jax.jit(lambda _, values: values, donate_argnums=0, out_shardings=shardings)(
+        fresh, saved
+    )

@@ -24,21 +24,30 @@ if TYPE_CHECKING:
 def get_config(opt: Optimizer) -> dict[str, Any]:
     """``opt`` as a plain dict of numbers, strings, lists and dicts."""
     source = opt.compiled.checked.spec.source
-    name = source.filename[: -len(".spec")] if source.filename.endswith(".spec") else source.filename
+    name = (
+        source.filename[: -len(".spec")] if source.filename.endswith(".spec") else source.filename
+    )
     if name in builtin_names() and read_spec(name).text == source.text:
         spec = {"spec": name}
     else:
         spec = {"spec": source.filename, "sha256": spec_digest(source.text)}
     transforms = dict(opt.variant.settings)
     if "mask" in transforms:
-        raise SpecError("get_config cannot write down a mask (a pytree or a Python callable)",
-                        hint="use exclude_from_weight_decay (name fragments), which serializes", code="E348")
+        raise SpecError(
+            "get_config cannot write down a mask (a pytree or a Python callable)",
+            hint="use exclude_from_weight_decay (name fragments), which serializes",
+            code="E348",
+        )
     for name in ("exclude_from_weight_decay", "include_in_weight_decay"):
         if name in transforms:
             transforms[name] = list(transforms[name])
     spec_hypers = opt.compiled.checked.hypers
     return spec | {
-        "hyperparameters": {name: _value(name, value) for name, value in opt.hyperparams.items() if name in spec_hypers},
+        "hyperparameters": {
+            name: _value(name, value)
+            for name, value in opt.hyperparams.items()
+            if name in spec_hypers
+        },
         "options": dict(opt.compiled.options),
         "transforms": transforms,
         "passes": list(opt.compiled.passes),
@@ -56,6 +65,9 @@ def _value(name: str, value):
     if isinstance(value, schedules.Schedule):
         return value.config()
     if callable(value):
-        raise SpecError(f"get_config cannot write down '{name}': it is a Python callable",
-                        hint="use a named schedule from optgen.schedules (cosine_decay, ...), which serializes", code="E348")
+        raise SpecError(
+            f"get_config cannot write down '{name}': it is a Python callable",
+            hint="use a named schedule from optgen.schedules (cosine_decay, ...), which serializes",
+            code="E348",
+        )
     return float(value)

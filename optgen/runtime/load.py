@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from optgen import schedules
 from optgen.checker import CheckedSpec, check
@@ -23,13 +24,22 @@ from optgen.passes import DEFAULT_PIPELINE, known_passes
 from optgen.runtime.config import spec_digest
 from optgen.runtime.optimizer import Optimizer
 from optgen.runtime.validate import check_hyperparams
-from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS, Variant, split_options
+from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS
+from optgen.transforms import Variant, split_options
 
-_COMPILED: dict[Any, Compiled] = {}  # grows with each distinct optimizer a process loads: a few per program
+_COMPILED: dict[
+    Any, Compiled
+] = {}  # grows with each distinct optimizer a process loads: a few per program
 
 
-def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, pack: bool = False, lowering: str = "auto",
-         **kwargs: Any) -> Optimizer:
+def load(
+    spec: str,
+    *,
+    passes: Iterable[str] = DEFAULT_PIPELINE,
+    pack: bool = False,
+    lowering: str = "auto",
+    **kwargs: Any,
+) -> Optimizer:
     """Compile a built-in spec (``"adamw"``) or a ``.spec`` file into an :class:`Optimizer`.
 
     Keyword arguments set hyperparameters, options (``nesterov=True``), and the options
@@ -52,8 +62,11 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, pack: bool = Fa
     if not isinstance(pack, bool):
         raise InputError(f"pack takes True or False, got {pack!r}", code="E381")
     if lowering not in LOWERINGS:
-        raise InputError(f"lowering takes one of {', '.join(LOWERINGS)}, got {lowering!r}",
-                         hint=did_you_mean(str(lowering), LOWERINGS) or "leave it 'auto'", code="E385")
+        raise InputError(
+            f"lowering takes one of {', '.join(LOWERINGS)}, got {lowering!r}",
+            hint=did_you_mean(str(lowering), LOWERINGS) or "leave it 'auto'",
+            code="E385",
+        )
     source = read_spec(spec)
     checked = _check(source.text, source.filename)
     for warning in user_warnings(spec, checked):
@@ -68,7 +81,9 @@ def load(spec: str, *, passes: Iterable[str] = DEFAULT_PIPELINE, pack: bool = Fa
         compiled = compile_checked(checked, options, passes, variant=variant)
         if identity is not None:
             _COMPILED[identity] = compiled
-    return Optimizer(compiled, hypers | variant.hyperparams(compiled.program), variant, pack, identity, lowering)
+    return Optimizer(
+        compiled, hypers | variant.hyperparams(compiled.program), variant, pack, identity, lowering
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -78,7 +93,13 @@ def _check(text: str, filename: str) -> CheckedSpec:
 
 def _identity(text: str, filename: str, options: dict, passes, variant: Variant):
     """A hashable key for everything a compilation depends on, or None (a pytree ``mask``)."""
-    key = (text, filename, tuple(sorted(options.items())), passes, tuple(sorted(variant.settings.items())))
+    key = (
+        text,
+        filename,
+        tuple(sorted(options.items())),
+        passes,
+        tuple(sorted(variant.settings.items())),
+    )
     try:
         hash(key)
     except TypeError:
@@ -96,8 +117,11 @@ def split_kwargs(checked: CheckedSpec, kwargs: dict[str, Any]) -> tuple[dict, di
             hypers[key] = value
         else:
             known = [*checked.hypers, *checked.options, *TRANSFORM_OPTIONS]
-            raise InputError(f"'{checked.name}' has no hyperparameter or option '{key}'",
-                             hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}", code="E302")
+            raise InputError(
+                f"'{checked.name}' has no hyperparameter or option '{key}'",
+                hint=did_you_mean(key, known) or f"it takes: {', '.join(known)}",
+                code="E302",
+            )
     return options, hypers
 
 
@@ -107,10 +131,21 @@ def from_config(config: dict[str, Any]) -> Optimizer:
     spec = config.pop("spec")
     digest = config.pop("sha256", None)
     if digest is not None and spec_digest(read_spec(spec).text) != digest:
-        raise SpecError(f"'{spec}' has changed since this config was written (its SHA-256 differs)",
-                        hint="rebuild the optimizer from the spec as it is now with optgen.load", code="E349")
-    hypers = {name: schedules.from_config(v) if isinstance(v, dict) else v
-              for name, v in config.pop("hyperparameters", {}).items()}
-    return load(spec, passes=tuple(config.pop("passes", DEFAULT_PIPELINE)), pack=config.pop("pack", False),
-                lowering=config.pop("lowering", "auto"),
-                **hypers, **config.pop("options", {}), **config.pop("transforms", {}))
+        raise SpecError(
+            f"'{spec}' has changed since this config was written (its SHA-256 differs)",
+            hint="rebuild the optimizer from the spec as it is now with optgen.load",
+            code="E349",
+        )
+    hypers = {
+        name: schedules.from_config(v) if isinstance(v, dict) else v
+        for name, v in config.pop("hyperparameters", {}).items()
+    }
+    return load(
+        spec,
+        passes=tuple(config.pop("passes", DEFAULT_PIPELINE)),
+        pack=config.pop("pack", False),
+        lowering=config.pop("lowering", "auto"),
+        **hypers,
+        **config.pop("options", {}),
+        **config.pop("transforms", {}),
+    )

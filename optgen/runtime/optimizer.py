@@ -16,12 +16,15 @@ The jitted step, update and init are shared by every optimizer with the same
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jax_core  # trace_state_clean: no public way to ask whether a transformation runs
+from jax._src import (
+    core as jax_core,
+)  # trace_state_clean: no public way to ask whether a transformation runs
 
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
@@ -37,7 +40,9 @@ from optgen.transforms import Variant, ema
 
 def is_number(value) -> bool:
     """A hyperparameter value that lives in the state: a host number (not a JAX array, not a callable)."""
-    return isinstance(value, (numbers.Number, np.ndarray, np.generic)) and not isinstance(value, jax.Array)
+    return isinstance(value, (numbers.Number, np.ndarray, np.generic)) and not isinstance(
+        value, jax.Array
+    )
 
 
 class Plan:
@@ -49,19 +54,38 @@ class Plan:
     schedules.
     """
 
-    def __init__(self, compiled: Compiled, variant: Variant, hyperparams: dict[str, Any], pack: bool,
-                 identity: Any = None, lowering: str = "auto"):
+    def __init__(
+        self,
+        compiled: Compiled,
+        variant: Variant,
+        hyperparams: dict[str, Any],
+        pack: bool,
+        identity: Any = None,
+        lowering: str = "auto",
+    ):
         self.compiled, self.variant, self.pack, self.lowering = compiled, variant, pack, lowering
         self.name = compiled.checked.name
-        self.state_names = tuple(name for name, _ in compiled.program.init.outputs)  # read-only ones too
+        self.state_names = tuple(
+            name for name, _ in compiled.program.init.outputs
+        )  # read-only ones too
         self.extents = compiled.program.extents()
         self.stored = tuple(sorted(name for name, value in hyperparams.items() if is_number(value)))
-        self.schedules = tuple(sorted(((name, value) for name, value in hyperparams.items() if callable(value)),
-                                      key=lambda item: item[0]))
-        self.bound = tuple(sorted(hyperparams.keys() - set(self.stored) - {name for name, _ in self.schedules}))
+        self.schedules = tuple(
+            sorted(
+                ((name, value) for name, value in hyperparams.items() if callable(value)),
+                key=lambda item: item[0],
+            )
+        )
+        self.bound = tuple(
+            sorted(hyperparams.keys() - set(self.stored) - {name for name, _ in self.schedules})
+        )
         self.delta_reads_params = _delta_reads_params(compiled.program.update)
         self.checker = InputChecker(self)
-        self._key = (identity, pack, lowering, self.stored, self.schedules) if identity is not None else (object(),)
+        self._key = (
+            (identity, pack, lowering, self.stored, self.schedules)
+            if identity is not None
+            else (object(),)
+        )
 
     def __hash__(self) -> int:
         return hash(self._key)
@@ -73,7 +97,9 @@ class Plan:
         """Each hyperparameter's value for the step after ``count`` calls, in the step dtype."""
         # Schedules see the count before this step's increment, as optax's do.
         values = {name: schedule(count) for name, schedule in self.schedules}
-        values |= {name: stored[name] for name in self.stored} | {name: bound[name] for name in self.bound}
+        values |= {name: stored[name] for name in self.stored} | {
+            name: bound[name] for name in self.bound
+        }
         return {name: _scalar(name, value) for name, value in values.items()}
 
     def initialize(self, leaves: list, stored: dict, bound: dict, layout: packing.Layout):
@@ -81,12 +107,25 @@ class Plan:
         count = jnp.zeros([], jnp.int32)
         hypers = {name: _scalar(name, stored[name]) for name in self.stored}
         if not self.state_names or not leaves:
-            return count, hypers, {name: [] for name in self.state_names if self.extents[name] != "step"} | {
-                name: [jnp.zeros([], step_dtype())] for name in self.state_names if self.extents[name] == "step"}
+            return (
+                count,
+                hypers,
+                {name: [] for name in self.state_names if self.extents[name] != "step"}
+                | {
+                    name: [jnp.zeros([], step_dtype())]
+                    for name in self.state_names
+                    if self.extents[name] == "step"
+                },
+            )
         units = layout.pack(leaves)
-        out = run_ir(self.compiled.program.init, {"p": units}, self.hyper_values(count, hypers, bound),
-                     self.out_dtypes(units, states_only=True), out_extents=self.extents,
-                     factoring=self.compiled.program.factoring)
+        out = run_ir(
+            self.compiled.program.init,
+            {"p": units},
+            self.hyper_values(count, hypers, bound),
+            self.out_dtypes(units, states_only=True),
+            out_extents=self.extents,
+            factoring=self.compiled.program.factoring,
+        )
         return count, hypers, out
 
     def state_shapes(self, params) -> OptState:
@@ -95,14 +134,30 @@ class Plan:
         layout = packing.Layout.unpacked(leaves)
         zeros = {name: 0.0 for name in self.bound}
         count, hypers, out = jax.eval_shape(
-            lambda xs: self.initialize(xs, {name: 0.0 for name in self.stored}, zeros, layout), leaves)
-        return OptState(count, hypers, {name: self.slot(out[name], name, layout, treedef) for name in self.state_names})
+            lambda xs: self.initialize(xs, {name: 0.0 for name in self.stored}, zeros, layout),
+            leaves,
+        )
+        return OptState(
+            count,
+            hypers,
+            {name: self.slot(out[name], name, layout, treedef) for name in self.state_names},
+        )
 
-    def apply(self, params, grads, state: OptState, bound: dict, as_update: bool, inputs: dict | None = None):
+    def apply(
+        self,
+        params,
+        grads,
+        state: OptState,
+        bound: dict,
+        as_update: bool,
+        inputs: dict | None = None,
+    ):
         """One step: new params (or, ``as_update``, their change) and the new state; ``inputs`` holds the
         spec's ``input`` trees."""
         inputs = inputs or {}
-        self.checker.check(params, grads, state, inputs)  # while tracing: structure only, no per-step cost
+        self.checker.check(
+            params, grads, state, inputs
+        )  # while tracing: structure only, no per-step cost
         leaves, treedef = jax.tree.flatten(params)
         count = safe_increment(state.count)
         if not leaves:
@@ -111,16 +166,37 @@ class Plan:
         layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
         units = layout.pack(leaves)
         # Per-leaf inputs (the weight-decay mask) come with leaf ops, so their specs are never packed.
-        tensors = {"p": units, "g": layout.pack(treedef.flatten_up_to(grads))} | self.variant.leaf_inputs(params)
+        tensors = {
+            "p": units,
+            "g": layout.pack(treedef.flatten_up_to(grads)),
+        } | self.variant.leaf_inputs(params)
         tensors |= {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
         tensors |= {name: layout.pack(treedef.flatten_up_to(tree)) for name, tree in inputs.items()}
-        scalars = {"t": count.astype(step_dtype())} | self.hyper_values(state.count, state.hyperparams, bound)
-        scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
-        out = run_ir(self.compiled.program.update, tensors, scalars, self.out_dtypes(units),
-                     delta_output="p" if as_update else None, out_extents=self.extents,
-                     factoring=self.compiled.program.factoring, in_place=not as_update, lowering=self.lowering)
-        slots = {name: self.slot(out[name], name, layout, treedef) for name in self.state_names if name in out}
-        slots = {name: slots.get(name, state.slots[name]) for name in self.state_names}  # read-only: as given
+        scalars = {"t": count.astype(step_dtype())} | self.hyper_values(
+            state.count, state.hyperparams, bound
+        )
+        scalars |= {
+            name: state.slots[name] for name in self.state_names if self.extents[name] == "step"
+        }
+        out = run_ir(
+            self.compiled.program.update,
+            tensors,
+            scalars,
+            self.out_dtypes(units),
+            delta_output="p" if as_update else None,
+            out_extents=self.extents,
+            factoring=self.compiled.program.factoring,
+            in_place=not as_update,
+            lowering=self.lowering,
+        )
+        slots = {
+            name: self.slot(out[name], name, layout, treedef)
+            for name in self.state_names
+            if name in out
+        }
+        slots = {
+            name: slots.get(name, state.slots[name]) for name in self.state_names
+        }  # read-only: as given
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
 
     def outputs(self, params, state: OptState, bound: dict) -> dict:
@@ -130,12 +206,24 @@ class Plan:
         per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
         layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
         units = layout.pack(leaves)
-        tensors = {"p": units} | {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
-        scalars = {"t": state.count.astype(step_dtype())} | self.hyper_values(state.count, state.hyperparams, bound)
-        scalars |= {name: state.slots[name] for name in self.state_names if self.extents[name] == "step"}
+        tensors = {"p": units} | {
+            name: packing.units_of(state.slots[name], treedef) for name in per_parameter
+        }
+        scalars = {"t": state.count.astype(step_dtype())} | self.hyper_values(
+            state.count, state.hyperparams, bound
+        )
+        scalars |= {
+            name: state.slots[name] for name in self.state_names if self.extents[name] == "step"
+        }
         names = [name for name, _ in derived.outputs]
-        out = run_ir(derived, tensors, scalars, {name: [u.dtype for u in units] for name in names},
-                     factoring=self.compiled.program.factoring, lowering=self.lowering)
+        out = run_ir(
+            derived,
+            tensors,
+            scalars,
+            {name: [u.dtype for u in units] for name in names},
+            factoring=self.compiled.program.factoring,
+            lowering=self.lowering,
+        )
         return {name: treedef.unflatten(layout.unpack(out[name])) for name in names}
 
     def slot(self, arrays: list, name: str, layout: packing.Layout, treedef):
@@ -146,17 +234,22 @@ class Plan:
         program = self.compiled.program
         per_leaf = [state_dtypes(program, leaf.dtype, step_dtype()) for leaf in leaves]
         shared = state_dtypes(program, step_dtype(), step_dtype())  # per-step states: one scalar
-        dtypes = {name: [shared[name]] if self.extents[name] == "step" else [d[name] for d in per_leaf]
-                  for name in self.state_names}
+        dtypes = {
+            name: [shared[name]] if self.extents[name] == "step" else [d[name] for d in per_leaf]
+            for name in self.state_names
+        }
         return dtypes if states_only else {"p": [leaf.dtype for leaf in leaves]} | dtypes
 
 
 def _scalar(name: str, value) -> jax.Array:
     value = jnp.asarray(value)
     if value.shape != ():
-        raise InputError(f"hyperparameter '{name}' has shape {value.shape}, not a scalar",
-                         hint="a hyperparameter (or a schedule's value) is one number per step; "
-                              "to run several values at once, jax.vmap over them", code="E380")
+        raise InputError(
+            f"hyperparameter '{name}' has shape {value.shape}, not a scalar",
+            hint="a hyperparameter (or a schedule's value) is one number per step; "
+            "to run several values at once, jax.vmap over them",
+            code="E380",
+        )
     return value.astype(step_dtype())
 
 
@@ -180,13 +273,26 @@ def _init(plan: Plan, leaves, stored, bound, shardings, layout):
     # same way, not gathered), everything else replicated on the parameters' devices.
     replicated = placement.replicated(shardings[0])
     place = placement.constrain
-    out = {name: [place(x, shardings[unit[0]] if plan.extents[name] == "tensor" else
-                        placement.replicated(shardings[unit[0]])) for x, unit in zip(xs, layout.units, strict=True)]
-           if plan.extents[name] != "step" else [place(x, replicated) for x in xs] for name, xs in out.items()}
+    out = {
+        name: [
+            place(
+                x,
+                shardings[unit[0]]
+                if plan.extents[name] == "tensor"
+                else placement.replicated(shardings[unit[0]]),
+            )
+            for x, unit in zip(xs, layout.units, strict=True)
+        ]
+        if plan.extents[name] != "step"
+        else [place(x, replicated) for x in xs]
+        for name, xs in out.items()
+    }
     return place(count, replicated), {name: place(v, replicated) for name, v in hypers.items()}, out
 
 
 _initialize = jax.jit(_init, static_argnums=(0, 4, 5))
+
+
 def _run_step(plan: Plan, params, grads, state, bound, inputs):
     return plan.apply(params, grads, state, bound, False, inputs)
 
@@ -196,9 +302,15 @@ _step = jax.jit(_run_step, static_argnums=0, donate_argnums=(1, 3))
 # and donating the concrete leaves a transformation passes along (count, hyperparameters) would
 # delete arrays the caller still holds.
 _step_kept = jax.jit(_run_step, static_argnums=0)
-_update = jax.jit(lambda plan, params, grads, state, bound, inputs: plan.apply(params, grads, state, bound, True, inputs),
-                  static_argnums=0)
-_outputs = jax.jit(lambda plan, params, state, bound: plan.outputs(params, state, bound), static_argnums=0)
+_update = jax.jit(
+    lambda plan, params, grads, state, bound, inputs: plan.apply(
+        params, grads, state, bound, True, inputs
+    ),
+    static_argnums=0,
+)
+_outputs = jax.jit(
+    lambda plan, params, state, bound: plan.outputs(params, state, bound), static_argnums=0
+)
 
 
 class Optimizer:
@@ -211,8 +323,15 @@ class Optimizer:
     jitted kernel that donates ``params`` and ``state``.
     """
 
-    def __init__(self, compiled: Compiled, hyperparams: dict[str, float | Callable | jax.Array],
-                 variant: Variant = Variant(), pack: bool = False, identity: Any = None, lowering: str = "auto"):
+    def __init__(
+        self,
+        compiled: Compiled,
+        hyperparams: dict[str, float | Callable | jax.Array],
+        variant: Variant = Variant(),
+        pack: bool = False,
+        identity: Any = None,
+        lowering: str = "auto",
+    ):
         self.compiled = compiled
         self.name = compiled.checked.name
         self.description = compiled.checked.spec.description
@@ -223,7 +342,9 @@ class Optimizer:
         self._plan = Plan(compiled, variant, hyperparams, pack, identity, lowering)
         self.state_names = self._plan.state_names
         self.extents = self._plan.extents  # each output's extent: tensor, leaf, row, col or step
-        self.stored_hyperparams = self._plan.stored  # those given as numbers: kept in state.hyperparams
+        self.stored_hyperparams = (
+            self._plan.stored
+        )  # those given as numbers: kept in state.hyperparams
         self.step = _Jitted(self, _step, traced=_step_kept)
         self._update = _Jitted(self, _update)
 
@@ -237,13 +358,23 @@ class Optimizer:
         """Zero count, the stored hyperparameters, and each state initialized from its spec expression."""
         check_params(params)
         leaves, treedef = jax.tree.flatten(params)
-        layout = packing.plan(self.compiled.program, leaves) if self.pack else packing.Layout.unpacked(leaves)
-        concrete = bool(leaves) and all(placement.has_buffer(leaf) and leaf.committed for leaf in leaves)
+        layout = (
+            packing.plan(self.compiled.program, leaves)
+            if self.pack
+            else packing.Layout.unpacked(leaves)
+        )
+        concrete = bool(leaves) and all(
+            placement.has_buffer(leaf) and leaf.committed for leaf in leaves
+        )
         shardings = tuple(leaf.sharding for leaf in leaves) if concrete else None
-        count, hypers, out = _initialize(self._plan, leaves, self._stored(), self._bound(), shardings, layout)
+        count, hypers, out = _initialize(
+            self._plan, leaves, self._stored(), self._bound(), shardings, layout
+        )
         if concrete:
             self._spread(out, leaves, layout)
-        slots = {name: self._plan.slot(out[name], name, layout, treedef) for name in self.state_names}
+        slots = {
+            name: self._plan.slot(out[name], name, layout, treedef) for name in self.state_names
+        }
         return OptState(count, hypers, slots)
 
     def check(self, params, grads, state: OptState) -> None:
@@ -263,7 +394,9 @@ class Optimizer:
         names = [name for name in self.state_names if self._plan.extents[name] == "tensor"]
         for u, unit in enumerate(layout.units):
             param = leaves[unit[0]] if len(unit) == 1 else None
-            for name, x in zip(names, placement.spread(param, [out[name][u] for name in names]), strict=True):
+            for name, x in zip(
+                names, placement.spread(param, [out[name][u] for name in names]), strict=True
+            ):
                 out[name][u] = x
 
     def update(self, updates, state: OptState, params=None, **inputs):
@@ -275,8 +408,11 @@ class Optimizer:
         """
         if params is None:
             if self._plan.delta_reads_params:
-                raise InputError(f"{self.name}.update needs params: its change of p depends on p",
-                                 hint="call update(grads, state, params), as optax does for AdamW", code="E301")
+                raise InputError(
+                    f"{self.name}.update needs params: its change of p depends on p",
+                    hint="call update(grads, state, params), as optax does for AdamW",
+                    code="E301",
+                )
             # p enters only as p - X: with p = 0 the change is exactly -X.
             params = jax.tree.map(jnp.zeros_like, updates)
         return self._update(params, updates, state, **inputs)
@@ -286,9 +422,14 @@ class Optimizer:
         shaped like ``params``: Schedule-Free's evaluation point ``x``, for instance. ``t`` in them
         is the number of updates applied, and schedules see that count."""
         if self.compiled.program.derived is None:
-            raise InputError(f"'{self.name}' declares no outputs", code="E361",
-                             hint="declare one in the spec: output x = (p - (1 - b1) * z) / b1")
-        self._plan.checker.check(params, params, state)  # params as their own grads: only the state is in question
+            raise InputError(
+                f"'{self.name}' declares no outputs",
+                code="E361",
+                hint="declare one in the spec: output x = (p - (1 - b1) * z) / b1",
+            )
+        self._plan.checker.check(
+            params, params, state
+        )  # params as their own grads: only the state is in question
         return _outputs(self._plan, params, state, self._bound())
 
     def finalize(self, params, state: OptState):
@@ -304,22 +445,31 @@ class Optimizer:
 def explain_donation(params, grads, state) -> None:
     """Raise InputError if a step failed because an argument's buffer was donated already, or
     because one buffer appears twice among the arrays step donates (tied parameters)."""
-    named = [(f"{what}{jax.tree_util.keystr(path)}", leaf) for what, tree in (("params", params), ("grads", grads),
-                                                                             ("state", state))
-             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if placement.has_buffer(leaf)]
+    named = [
+        (f"{what}{jax.tree_util.keystr(path)}", leaf)
+        for what, tree in (("params", params), ("grads", grads), ("state", state))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if placement.has_buffer(leaf)
+    ]
     for name, leaf in named:
         if leaf.is_deleted():
-            raise InputError(f"{name} was donated to an earlier step: its buffer is gone",
-                             hint="step donates params and state: pass on the params and state it returned "
-                                  "(or keep copies, jnp.copy, of what you need again)", code="E382")
+            raise InputError(
+                f"{name} was donated to an earlier step: its buffer is gone",
+                hint="step donates params and state: pass on the params and state it returned "
+                "(or keep copies, jnp.copy, of what you need again)",
+                code="E382",
+            )
     seen: dict[int, str] = {}
     for name, leaf in named:
         key = id(leaf)
         if key in seen and not (name.startswith("grads") and seen[key].startswith("grads")):
-            raise InputError(f"{name} and {seen[key]} are one array, and step donates it: one buffer cannot be "
-                             "given up twice, or read after it is given up",
-                             hint="pass distinct arrays (jnp.copy), or use update and optax.apply_updates, "
-                                  "which donate nothing", code="E383")
+            raise InputError(
+                f"{name} and {seen[key]} are one array, and step donates it: one buffer cannot be "
+                "given up twice, or read after it is given up",
+                hint="pass distinct arrays (jnp.copy), or use update and optax.apply_updates, "
+                "which donate nothing",
+                code="E383",
+            )
         seen.setdefault(key, name)
 
 
@@ -338,13 +488,22 @@ class _Jitted:
         plan.checker.check_call(params, grads, state)
         plan.checker.check_input_names(inputs)
         bound = self.opt._bound()
-        traced = not jax_core.trace_state_clean()  # inside jit, grad, vmap...: 0.2 us (a scan for tracers: 2 ms)
+        traced = (
+            not jax_core.trace_state_clean()
+        )  # inside jit, grad, vmap...: 0.2 us (a scan for tracers: 2 ms)
         try:
-            return (self.traced if traced else self.jitted)(plan, params, grads, state, bound, inputs)
-        except TypeError:  # jit refuses a leaf that is no array before tracing: name it as InputError
+            return (self.traced if traced else self.jitted)(
+                plan, params, grads, state, bound, inputs
+            )
+        except (
+            TypeError
+        ):  # jit refuses a leaf that is no array before tracing: name it as InputError
             plan.checker.check(params, grads, state, inputs)
             raise
-        except (ValueError, RuntimeError):  # XLA's words for a donated or doubly donated buffer: say which
+        except (
+            ValueError,
+            RuntimeError,
+        ):  # XLA's words for a donated or doubly donated buffer: say which
             plan.checker.check(params, grads, state)  # a wrong tree is the first thing to say
             if self.jitted is _step:
                 explain_donation(params, grads, state)

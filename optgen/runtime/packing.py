@@ -30,16 +30,17 @@ parameter-shaped view, and ``state["w"]`` indexes that view.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgen.runtime import placement
 from optgen.diagnostics import InputError
 from optgen.ir import Program
+from optgen.runtime import placement
 
 PACK_MAX_ELEMENTS = 2048  # parameters up to this size are packed; measured in docs/fusion.md
 
@@ -66,8 +67,12 @@ class Layout:
 
     def pack(self, leaves: Sequence) -> list:
         """Per-parameter arrays (shaped as ``shapes``) to per-unit arrays."""
-        return [leaves[unit[0]] if len(unit) == 1 else jnp.concatenate([jnp.ravel(leaves[i]) for i in unit])
-                for unit in self.units]
+        return [
+            leaves[unit[0]]
+            if len(unit) == 1
+            else jnp.concatenate([jnp.ravel(leaves[i]) for i in unit])
+            for unit in self.units
+        ]
 
     def unpack(self, arrays: Sequence) -> list:
         """Per-unit arrays back to per-parameter arrays (static slices of the groups)."""
@@ -79,7 +84,9 @@ class Layout:
             offset = 0
             for i in unit:
                 size = math.prod(self.shapes[i])
-                leaves[i] = jax.lax.slice(array, (offset,), (offset + size,)).reshape(self.shapes[i])
+                leaves[i] = jax.lax.slice(array, (offset,), (offset + size,)).reshape(
+                    self.shapes[i]
+                )
                 offset += size
         return leaves
 
@@ -117,21 +124,30 @@ def _packable(func) -> bool:
     outputs = {id(value) for _, value in func.outputs}
     if any(value.type.extent not in ("step", "tensor") for value in func.inputs):
         return False
-    return all(op.result.type.extent in ("step", "tensor")
-               or (op.opcode in ("sum", "size") and readers.get(id(op.result)) == {"gsum"}
-                   and id(op.result) not in outputs)
-               for op in func.ops)
+    return all(
+        op.result.type.extent in ("step", "tensor")
+        or (
+            op.opcode in ("sum", "size")
+            and readers.get(id(op.result)) == {"gsum"}
+            and id(op.result) not in outputs
+        )
+        for op in func.ops
+    )
 
 
 def _replicated(leaf) -> bool:
     """Whether ``leaf`` is known to be whole on each device (so a group holding it reshards nothing)."""
     if placement.has_buffer(leaf):
         return leaf.sharding.is_fully_replicated
-    sharding = getattr(jax.typeof(leaf), "sharding", None)  # traced: Explicit mesh axes are in the type
+    sharding = getattr(
+        jax.typeof(leaf), "sharding", None
+    )  # traced: Explicit mesh axes are in the type
     mesh = getattr(sharding, "mesh", None)
     if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
         return all(axis is None for axis in sharding.spec)
-    return jax.device_count() == 1  # Auto axes or no mesh: unknown, unless there is nothing to shard over
+    return (
+        jax.device_count() == 1
+    )  # Auto axes or no mesh: unknown, unless there is nothing to shard over
 
 
 @jax.tree_util.register_pytree_node_class
@@ -167,7 +183,11 @@ class PackedState:
 def wrap(layout: Layout, treedef, arrays: Sequence):
     """A state from its per-unit arrays: a plain pytree where nothing is packed (the units may
     still be in another order than the parameters: a lone small parameter comes after the big)."""
-    return PackedState(layout, treedef, arrays) if layout.packed else treedef.unflatten(layout.unpack(arrays))
+    return (
+        PackedState(layout, treedef, arrays)
+        if layout.packed
+        else treedef.unflatten(layout.unpack(arrays))
+    )
 
 
 def layout_of(slots: dict[str, Any], leaves: Sequence) -> Layout:
@@ -177,8 +197,11 @@ def layout_of(slots: dict[str, Any], leaves: Sequence) -> Layout:
         return Layout.unpacked(leaves)
     layout = packed[0]
     if len(packed) != len(slots) or any(other != layout for other in packed):
-        raise InputError("the optimizer state's entries are packed differently",
-                         hint="pass the state that init/step/update returned, unmodified", code="E311")
+        raise InputError(
+            "the optimizer state's entries are packed differently",
+            hint="pass the state that init/step/update returned, unmodified",
+            code="E311",
+        )
     return layout
 
 
@@ -205,7 +228,11 @@ def repack_like(template, slot):
     """A parameter-shaped ``slot`` packed as ``template`` (the same state from ``init``) is."""
     if not isinstance(template, PackedState):
         return slot
-    return PackedState(template.layout, template.treedef, template.layout.pack(template.treedef.flatten_up_to(slot)))
+    return PackedState(
+        template.layout,
+        template.treedef,
+        template.layout.pack(template.treedef.flatten_up_to(slot)),
+    )
 
 
 def units_of(slot, treedef) -> list:

@@ -32,14 +32,18 @@ def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
     if len(sharding.device_set) == 1:
         return jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
     devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
-    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)), jax.sharding.PartitionSpec())
+    return jax.sharding.NamedSharding(
+        jax.sharding.Mesh(devices, ("devices",)), jax.sharding.PartitionSpec()
+    )
 
 
 def constrain(x, sharding: jax.sharding.Sharding):
     """``x`` laid out by ``sharding`` inside a jitted function, on Auto and Explicit mesh axes alike."""
     mesh = getattr(sharding, "mesh", None)
     if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
-        return jax.sharding.reshard(x, sharding)  # with_sharding_constraint refers to Auto axes only
+        return jax.sharding.reshard(
+            x, sharding
+        )  # with_sharding_constraint refers to Auto axes only
     return jax.lax.with_sharding_constraint(x, sharding)
 
 

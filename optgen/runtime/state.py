@@ -19,8 +19,12 @@ class OptState(NamedTuple):
     ``step`` state.
     """
 
-    count: jax.Array  # int32: calls of update/step so far (with skip_nonfinite or accumulation, not all update p)
-    hyperparams: dict[str, jax.Array]  # the hyperparameters given as numbers: changeable between steps
+    count: (
+        jax.Array
+    )  # int32: calls of update/step so far (with skip_nonfinite or accumulation, not all update p)
+    hyperparams: dict[
+        str, jax.Array
+    ]  # the hyperparameters given as numbers: changeable between steps
     slots: dict[str, Any]
 
 

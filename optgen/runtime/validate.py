@@ -37,28 +37,49 @@ def check_hyperparams(spec_name: str, ranges: dict[str, Range], values: dict[str
         _check_hyper_value(spec_name, name, value, ranges.get(name), f"hyperparameter '{name}'")
 
 
-def _check_hyper_value(spec_name: str, name: str, value: Any, bounds: Range | None, where: str) -> None:
+def _check_hyper_value(
+    spec_name: str, name: str, value: Any, bounds: Range | None, where: str
+) -> None:
     if isinstance(value, jax.Array):  # on the device: reading it would wait for it; shape only
         if value.shape != () or not jax.numpy.issubdtype(value.dtype, jax.numpy.number):
-            raise InputError(f"{where} is an array of shape {value.shape} and dtype {value.dtype}",
-                             hint="give a scalar number", code="E305")
+            raise InputError(
+                f"{where} is an array of shape {value.shape} and dtype {value.dtype}",
+                hint="give a scalar number",
+                code="E305",
+            )
         return
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, np.generic)) \
-            or np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.number):
-        raise InputError(f"{where} must be a number or a schedule (a callable of the step count), "
-                         f"got {type(value).__name__} {value!r:.60}", hint="for example 1e-3", code="E305")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (numbers.Real, np.ndarray, np.generic))
+        or np.ndim(value) != 0
+        or not np.issubdtype(np.asarray(value).dtype, np.number)
+    ):
+        raise InputError(
+            f"{where} must be a number or a schedule (a callable of the step count), "
+            f"got {type(value).__name__} {value!r:.60}",
+            hint="for example 1e-3",
+            code="E305",
+        )
     if np.iscomplexobj(value):
-        raise InputError(f"{where} is complex ({value!r:.40})", hint="give a real number", code="E305")
+        raise InputError(
+            f"{where} is complex ({value!r:.40})", hint="give a real number", code="E305"
+        )
     if np.isnan(float(value)):
         raise InputError(f"{where} is nan", hint="give a number", code="E305")
     with np.errstate(over="ignore"):
         overflows = np.isfinite(float(value)) and not np.isfinite(np.asarray(value, step_dtype()))
     if overflows:
-        raise InputError(f"{where} = {float(value):g} is beyond {step_dtype().name}, in which the step computes",
-                         hint="give a smaller number, or enable jax_enable_x64 for float64 steps", code="E305")
+        raise InputError(
+            f"{where} = {float(value):g} is beyond {step_dtype().name}, in which the step computes",
+            hint="give a smaller number, or enable jax_enable_x64 for float64 steps",
+            code="E305",
+        )
     if bounds is not None and not bounds.contains(float(value)):
-        raise InputError(f"{where} = {float(value):g} is outside its range {bounds}",
-                         hint=f"the {spec_name} spec declares '{name}' in {bounds}", code="E306")
+        raise InputError(
+            f"{where} = {float(value):g} is outside its range {bounds}",
+            hint=f"the {spec_name} spec declares '{name}' in {bounds}",
+            code="E306",
+        )
 
 
 def check_params(params, what: str = "params") -> None:
@@ -66,40 +87,63 @@ def check_params(params, what: str = "params") -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
-            raise InputError(f"{what}{jax.tree_util.keystr(path)} is complex ({np.dtype(dtype).name}); optgen's "
-                             "specs are written for real numbers",
-                             hint="keep the real and imaginary parts as two float parameters", code="E310")
-        if getattr(leaf, "shape", None) is None or dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
-            raise InputError(f"{what}{jax.tree_util.keystr(path)} is {_describe(leaf)}, not a float array",
-                             hint=f"{what} are float arrays (jnp.asarray(x, jnp.float32))", code="E310")
+            raise InputError(
+                f"{what}{jax.tree_util.keystr(path)} is complex ({np.dtype(dtype).name}); optgen's "
+                "specs are written for real numbers",
+                hint="keep the real and imaginary parts as two float parameters",
+                code="E310",
+            )
+        if (
+            getattr(leaf, "shape", None) is None
+            or dtype is None
+            or not jax.numpy.issubdtype(dtype, jax.numpy.floating)
+        ):
+            raise InputError(
+                f"{what}{jax.tree_util.keystr(path)} is {_describe(leaf)}, not a float array",
+                hint=f"{what} are float arrays (jnp.asarray(x, jnp.float32))",
+                code="E310",
+            )
 
 
 class InputChecker:
     """Validates ``update``/``step`` arguments of the optimizers of one plan."""
 
-    def __init__(self, plan: "Plan"):
+    def __init__(self, plan: Plan):
         self.plan = plan
-        self.ranges = plan.compiled.checked.ranges | HYPER_RANGES  # the spec's, and its options' (clipnorm > 0)
+        self.ranges = (
+            plan.compiled.checked.ranges | HYPER_RANGES
+        )  # the spec's, and its options' (clipnorm > 0)
 
     def check_call(self, params, grads, state) -> None:
         """The per-call checks: the state's hyperparameters that are host numbers are in range."""
         hypers = state.hyperparams if isinstance(getattr(state, "hyperparams", None), dict) else {}
-        for name, value in hypers.items():  # host numbers may change every step; device arrays are not read
+        for (
+            name,
+            value,
+        ) in hypers.items():  # host numbers may change every step; device arrays are not read
             if name in self.ranges and not isinstance(value, jax.Array):
-                _check_hyper_value(self.plan.name, name, value, self.ranges[name], f"state.hyperparams['{name}']")
+                _check_hyper_value(
+                    self.plan.name, name, value, self.ranges[name], f"state.hyperparams['{name}']"
+                )
 
     def check_input_names(self, inputs: dict) -> None:
         """The spec's ``input`` declarations, each given (E362)."""
         declared = self.plan.compiled.program.extra_inputs
         for name in inputs:
             if name not in declared:
-                raise InputError(f"{self.plan.name} takes no input '{name}'", code="E362",
-                                 hint=did_you_mean(name, declared) or (f"its inputs are: {', '.join(declared)}"
-                                                                        if declared else "it takes none"))
+                raise InputError(
+                    f"{self.plan.name} takes no input '{name}'",
+                    code="E362",
+                    hint=did_you_mean(name, declared)
+                    or (f"its inputs are: {', '.join(declared)}" if declared else "it takes none"),
+                )
         for name in declared:
             if name not in inputs:
-                raise InputError(f"{self.plan.name} needs the input '{name}' at each step", code="E362",
-                                 hint=f"pass it beside the gradients: update(grads, state, params, {name}=...)")
+                raise InputError(
+                    f"{self.plan.name} needs the input '{name}' at each step",
+                    code="E362",
+                    hint=f"pass it beside the gradients: update(grads, state, params, {name}=...)",
+                )
 
     def check(self, params, grads, state, inputs=None) -> None:
         """Raise InputError if grads, the spec's inputs or state do not fit params; reads shapes and dtypes only.
@@ -114,25 +158,42 @@ class InputChecker:
             _same_tree(input_name, tree, "params", params, check_dtype=False)
             check_params(tree, input_name)
         if not isinstance(state, OptState):
-            raise InputError(f"state is {_describe(state)}, not an optgen OptState",
-                             hint="make it with opt.init(params)", code="E311")
+            raise InputError(
+                f"state is {_describe(state)}, not an optgen OptState",
+                hint="make it with opt.init(params)",
+                code="E311",
+            )
         # Compared as parameter-shaped trees: packing is the state's own business (packing.py).
         expected = packing.unpack_state(self.plan.state_shapes(params))
         name = self.plan.name
         unknown = sorted(state.hyperparams.keys() - expected.hyperparams.keys())
         missing = sorted(expected.hyperparams.keys() - state.hyperparams.keys())
         if len(unknown) == 1 and did_you_mean(unknown[0], missing):  # one mistyped name
-            raise InputError(f"state.hyperparams has '{unknown[0]}', which {name} does not take",
-                             hint=did_you_mean(unknown[0], missing), code="E302")
+            raise InputError(
+                f"state.hyperparams has '{unknown[0]}', which {name} does not take",
+                hint=did_you_mean(unknown[0], missing),
+                code="E302",
+            )
         if unknown or missing or set(state.slots) != set(expected.slots):
-            raise InputError(f"state is from another optimizer: it holds hyperparameters {sorted(state.hyperparams)} "
-                             f"and states {sorted(state.slots)}; {name} keeps {sorted(expected.hyperparams)} "
-                             f"and {sorted(expected.slots)}", hint=f"make it with {name}'s init", code="E311")
+            raise InputError(
+                f"state is from another optimizer: it holds hyperparameters {sorted(state.hyperparams)} "
+                f"and states {sorted(state.slots)}; {name} keeps {sorted(expected.hyperparams)} "
+                f"and {sorted(expected.slots)}",
+                hint=f"make it with {name}'s init",
+                code="E311",
+            )
         for key, value in state.hyperparams.items():
-            _check_hyper_value(name, key, value, self.ranges.get(key), f"state.hyperparams['{key}']")
+            _check_hyper_value(
+                name, key, value, self.ranges.get(key), f"state.hyperparams['{key}']"
+            )
         for slot in expected.slots:
-            _same_tree(f"state.slots['{slot}']", packing.as_tree_shape(state.slots[slot]), f"{name}'s state for these params",
-                       expected.slots[slot], check_dtype=True)
+            _same_tree(
+                f"state.slots['{slot}']",
+                packing.as_tree_shape(state.slots[slot]),
+                f"{name}'s state for these params",
+                expected.slots[slot],
+                check_dtype=True,
+            )
         _same_tree("state.count", state.count, "an int32 scalar", expected.count, check_dtype=True)
 
 
@@ -144,22 +205,35 @@ def _same_tree(what: str, got, expected_what: str, expected, check_dtype: bool) 
         want_paths = [jax.tree_util.keystr(p) for p, _ in want_leaves]
         missing = [p for p in want_paths if p not in got_paths]
         extra = [p for p in got_paths if p not in want_paths]
-        detail = (f"it has no leaf {what}{missing[0]}" if missing else
-                  f"it has a leaf {what}{extra[0]} that {expected_what} lacks" if extra else
-                  f"its containers differ: {str(got_def):.120} vs {str(want_def):.120}")
-        raise InputError(f"{what} does not have the tree structure of {expected_what}: {detail}",
-                         hint="pass trees of the same structure (same keys, same containers)", code="E307")
+        detail = (
+            f"it has no leaf {what}{missing[0]}"
+            if missing
+            else f"it has a leaf {what}{extra[0]} that {expected_what} lacks"
+            if extra
+            else f"its containers differ: {str(got_def):.120} vs {str(want_def):.120}"
+        )
+        raise InputError(
+            f"{what} does not have the tree structure of {expected_what}: {detail}",
+            hint="pass trees of the same structure (same keys, same containers)",
+            code="E307",
+        )
     for (path, leaf), (_, want) in zip(got_leaves, want_leaves, strict=True):
         where = f"{what}{jax.tree_util.keystr(path)}"
         shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
         if shape is None or dtype is None:
             raise InputError(f"{where} is {_describe(leaf)}, not an array", code="E310")
         if tuple(shape) != tuple(want.shape):
-            raise InputError(f"{where} has shape {tuple(shape)}, expected {tuple(want.shape)}",
-                             hint=f"it must match {expected_what}", code="E308")
+            raise InputError(
+                f"{where} has shape {tuple(shape)}, expected {tuple(want.shape)}",
+                hint=f"it must match {expected_what}",
+                code="E308",
+            )
         if check_dtype and np.dtype(dtype) != np.dtype(want.dtype):
-            raise InputError(f"{where} has dtype {np.dtype(dtype).name}, expected {np.dtype(want.dtype).name}",
-                             hint="cast it with .astype(...)", code="E309")
+            raise InputError(
+                f"{where} has dtype {np.dtype(dtype).name}, expected {np.dtype(want.dtype).name}",
+                hint="cast it with .astype(...)",
+                code="E309",
+            )
 
 
 def _describe(x) -> str:

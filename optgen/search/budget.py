@@ -22,8 +22,15 @@ class Budget:
 def parse_budget(text: str) -> Budget:
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhc])\s*", text)
     if not match or float(match.group(1)) <= 0 or (match.group(2) == "c" and "." in match.group(1)):
-        raise SpecError(f"--budget takes a time or a count of programs, got '{text}'",
-                        hint="for example --budget 30m, --budget 90s, --budget 2h, or --budget 400c "
-                        "(400 distinct programs)", code="E020")
+        raise SpecError(
+            f"--budget takes a time or a count of programs, got '{text}'",
+            hint="for example --budget 30m, --budget 90s, --budget 2h, or --budget 400c "
+            "(400 distinct programs)",
+            code="E020",
+        )
     amount, unit = match.groups()
-    return Budget(candidates=int(amount)) if unit == "c" else Budget(seconds=float(amount) * _UNITS[unit])
+    return (
+        Budget(candidates=int(amount))
+        if unit == "c"
+        else Budget(seconds=float(amount) * _UNITS[unit])
+    )

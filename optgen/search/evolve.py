@@ -84,10 +84,17 @@ class Evolution:
         else:
             if logged != self.settings:
                 changed = sorted(k for k in self.settings if logged.get(k) != self.settings[k])
-                raise SpecError(f"'{self.out}' holds a search with other settings ({', '.join(changed)})",
-                                hint="resume with the same settings, or give --out a new folder", code="E021")
-            sizes = collections.Counter(r["batch"] for r in records)  # a batch is logged whole or not used
-            complete = [r for r in records if r["batch"] == 0 or sizes[r["batch"]] == len(self.devices)]
+                raise SpecError(
+                    f"'{self.out}' holds a search with other settings ({', '.join(changed)})",
+                    hint="resume with the same settings, or give --out a new folder",
+                    code="E021",
+                )
+            sizes = collections.Counter(
+                r["batch"] for r in records
+            )  # a batch is logged whole or not used
+            complete = [
+                r for r in records if r["batch"] == 0 or sizes[r["batch"]] == len(self.devices)
+            ]
             log.start(self.log_path, self.settings, kept=len(complete))
             for record in complete:
                 self._admit(Candidate(**record))
@@ -105,17 +112,24 @@ class Evolution:
         if len(self.population) > self.settings["population"]:
             self.population.popleft()
         for stage, score in enumerate(child.stage_scores[: len(self.tasks) - 1]):
-            self.history[stage + 1].append(score)  # its score on reaching the next task, promoted or not
+            self.history[stage + 1].append(
+                score
+            )  # its score on reaching the next task, promoted or not
 
     def _evaluate_seed(self) -> Candidate:
         program = program_of(self.settings["seed_text"])
         seed = Candidate(0, None, program.text, program.digest, [])
         opt = load(program, self.programs)
         for prepared in self.tasks:
-            loss, lr = best_loss(launch(opt, prepared, self.settings["learning_rates"], self.settings["seeds"]))
+            loss, lr = best_loss(
+                launch(opt, prepared, self.settings["learning_rates"], self.settings["seeds"])
+            )
             if not np.isfinite(loss):
-                raise SpecError(f"the seed spec diverges on '{prepared.task.name}' at every learning rate of the grid",
-                                hint="a task the seed spec cannot train gives the search no baseline", code="E399")
+                raise SpecError(
+                    f"the seed spec diverges on '{prepared.task.name}' at every learning rate of the grid",
+                    hint="a task the seed spec cannot train gives the search no baseline",
+                    code="E399",
+                )
             seed.losses[prepared.task.name] = [loss, self.settings["learning_rates"][lr]]
             seed.stage_scores.append(0.0)
         return seed
@@ -155,19 +169,31 @@ class Evolution:
         rng = random.Random(self.settings["seed"] * 1_000_003 + index)
         duplicates = 0
         while True:
-            members = rng.sample(list(self.population), min(self.settings["tournament"], len(self.population)))
+            members = rng.sample(
+                list(self.population), min(self.settings["tournament"], len(self.population))
+            )
             parent = min((self.candidates[m] for m in members), key=lambda c: (c.fitness, c.index))
             mutant = mutate(parse_text(parent.text), rng, rng.choice(_EDIT_COUNTS))
             program = program_of(mutant.text)
             if program.digest not in self.seen:
                 self.seen.add(program.digest)
-                return Candidate(index, parent.index, program.text, program.digest, list(mutant.edits),
-                                 batch=batch, duplicates=duplicates)
+                return Candidate(
+                    index,
+                    parent.index,
+                    program.text,
+                    program.digest,
+                    list(mutant.edits),
+                    batch=batch,
+                    duplicates=duplicates,
+                )
             duplicates += 1
             if duplicates > _MAX_REDRAWS:
-                raise SpecError(f"{_MAX_REDRAWS} mutants in a row were programs already seen",
-                                hint="the search space around this seed spec is exhausted; "
-                                "try another --seed-spec", code="E019")
+                raise SpecError(
+                    f"{_MAX_REDRAWS} mutants in a row were programs already seen",
+                    hint="the search space around this seed spec is exhausted; "
+                    "try another --seed-spec",
+                    code="E019",
+                )
 
     def _score(self, children: list[Candidate]) -> None:
         alive = list(children)
@@ -175,9 +201,19 @@ class Evolution:
         for stage, prepared in enumerate(self.tasks):
             if stage:
                 alive = [c for c in alive if self._promoted(stage, c.fitness)]
-            pending = [(c, launch(optimizers[c.index], prepared, self.settings["learning_rates"],
-                                  self.settings["seeds"], self.devices[c.device]))
-                       for c in alive]
+            pending = [
+                (
+                    c,
+                    launch(
+                        optimizers[c.index],
+                        prepared,
+                        self.settings["learning_rates"],
+                        self.settings["seeds"],
+                        self.devices[c.device],
+                    ),
+                )
+                for c in alive
+            ]
             name = prepared.task.name
             for child, losses in pending:
                 loss, lr = best_loss(losses)
@@ -199,6 +235,12 @@ class Evolution:
         opt = load(program, self.programs)
         losses = {}
         for prepared in self.tasks:
-            loss, lr = best_loss(launch(opt, prepared, self.settings["learning_rates"], self.settings["seeds"]))
+            loss, lr = best_loss(
+                launch(opt, prepared, self.settings["learning_rates"], self.settings["seeds"])
+            )
             losses[prepared.task.name] = [loss, self.settings["learning_rates"][lr]]
-        return program, losses, float(np.mean([log_ratio(losses[t][0], self.baseline[t]) for t in losses]))
+        return (
+            program,
+            losses,
+            float(np.mean([log_ratio(losses[t][0], self.baseline[t]) for t in losses])),
+        )

@@ -26,8 +26,11 @@ def read(path: Path) -> tuple[dict | None, list[dict]]:
             except json.JSONDecodeError:
                 break  # the last line of a killed search: drop it and what follows
     if not records or "settings" not in records[0]:
-        raise SpecError(f"'{path}' is not an optgen search log",
-                        hint="give --out a new folder, or the folder of an earlier search to resume it", code="E021")
+        raise SpecError(
+            f"'{path}' is not an optgen search log",
+            hint="give --out a new folder, or the folder of an earlier search to resume it",
+            code="E021",
+        )
     return records[0]["settings"], records[1:]
 
 

@@ -64,23 +64,33 @@ def mutate(spec: ast.Spec, rng: random.Random, edits: int = 1, tries: int = MAX_
             current, what = edited
             done.append(what)
         else:
-            current = replace(current, description=f"{spec.name.id} mutated: {'; '.join(done)}".replace('"', "'"))
+            current = replace(
+                current, description=f"{spec.name.id} mutated: {'; '.join(done)}".replace('"', "'")
+            )
             text = ast.format_source(current)
             try:
                 check(parse(text, "<mutant>"))
             except SpecError:
                 continue
             return Mutant(text, tuple(done))
-    raise SpecError(f"no valid mutant of '{spec.name.id}' in {tries} draws",
-                    hint="the spec's update block needs at least one statement a mutation can edit", code="E019")
+    raise SpecError(
+        f"no valid mutant of '{spec.name.id}' in {tries} draws",
+        hint="the spec's update block needs at least one statement a mutation can edit",
+        code="E019",
+    )
 
 
 # ---- what a statement may read -------------------------------------------------------------
 
+
 def _visible(spec: ast.Spec, position: int) -> list[str]:
     """Names a statement at ``position`` of the update block may read."""
     names = ["g", "p", *(s.name.id for s in spec.states), *(i.name.id for i in spec.inputs)]
-    names += [s.target.id for s in spec.body[:position] if isinstance(s, ast.Assign) and s.target.id not in names]
+    names += [
+        s.target.id
+        for s in spec.body[:position]
+        if isinstance(s, ast.Assign) and s.target.id not in names
+    ]
     return names
 
 
@@ -89,7 +99,11 @@ def _hypers(spec: ast.Spec) -> list[str]:
 
 
 def _fresh(spec: ast.Spec, stem: str) -> str:
-    taken = {h.name.id for h in spec.hypers} | {s.name.id for s in spec.states} | {o.name.id for o in spec.options}
+    taken = (
+        {h.name.id for h in spec.hypers}
+        | {s.name.id for s in spec.states}
+        | {o.name.id for o in spec.options}
+    )
     taken |= {s.target.id for s in spec.body if isinstance(s, ast.Assign)}
     return next(f"{stem}{k}" for k in range(1, 10_000) if f"{stem}{k}" not in taken)
 
@@ -109,17 +123,26 @@ def _expr(rng: random.Random, names: list[str], hypers: list[str], depth: int = 
     if depth == 0 or roll < 0.3:
         return _leaf(rng, names, hypers)
     if roll < 0.55:
-        return ast.Call(ast.Name(rng.choice(_UNARY), _HERE), (_expr(rng, names, hypers, depth - 1),), _HERE)
+        return ast.Call(
+            ast.Name(rng.choice(_UNARY), _HERE), (_expr(rng, names, hypers, depth - 1),), _HERE
+        )
     if roll < 0.6:
         args = (_expr(rng, names, hypers, depth - 1), _expr(rng, names, hypers, depth - 1))
         return ast.Call(ast.Name(rng.choice(_BINARY_FUNCS), _HERE), args, _HERE)
     if roll < 0.65:
-        return ast.Binary("^", _leaf(rng, names, []), ast.Number(rng.choice((2.0, 0.5, 3.0)), _HERE), _HERE)
-    return ast.Binary(rng.choice(_OPERATORS), _expr(rng, names, hypers, depth - 1),
-                      _expr(rng, names, hypers, depth - 1), _HERE)
+        return ast.Binary(
+            "^", _leaf(rng, names, []), ast.Number(rng.choice((2.0, 0.5, 3.0)), _HERE), _HERE
+        )
+    return ast.Binary(
+        rng.choice(_OPERATORS),
+        _expr(rng, names, hypers, depth - 1),
+        _expr(rng, names, hypers, depth - 1),
+        _HERE,
+    )
 
 
 # ---- sub-expressions by path ------------------------------------------------------------------
+
 
 def _children(expr: ast.Expr) -> tuple[ast.Expr, ...]:
     if isinstance(expr, ast.Unary):
@@ -159,10 +182,17 @@ def _with_body(spec: ast.Spec, body: list) -> ast.Spec:
     return replace(spec, body=tuple(body))
 
 
-def _read_instead(spec: ast.Spec, body: list, after: int, new_name: str, rng: random.Random) -> bool:
+def _read_instead(
+    spec: ast.Spec, body: list, after: int, new_name: str, rng: random.Random
+) -> bool:
     """Make one statement after ``after`` read ``new_name`` in place of a name; False if none reads one."""
-    spots = [(i, path) for i in range(after + 1, len(body)) if isinstance(body[i], ast.Assign)
-             for path, node in _paths(body[i].value) if isinstance(node, ast.Name) and node.id not in _hypers(spec)]
+    spots = [
+        (i, path)
+        for i in range(after + 1, len(body))
+        if isinstance(body[i], ast.Assign)
+        for path, node in _paths(body[i].value)
+        if isinstance(node, ast.Name) and node.id not in _hypers(spec)
+    ]
     if not spots:
         return False
     i, path = rng.choice(spots)
@@ -172,18 +202,25 @@ def _read_instead(spec: ast.Spec, body: list, after: int, new_name: str, rng: ra
 
 # ---- the five kinds ---------------------------------------------------------------------------
 
+
 def _insert(spec: ast.Spec, rng: random.Random):
     body = list(spec.body)
     at = rng.randrange(len(body) + 1)
     names = _visible(spec, at)
     if rng.random() < 0.5:
         target = _fresh(spec, "v")
-        body.insert(at, ast.Assign(ast.Name(target, _HERE), _expr(rng, names, _hypers(spec)), _HERE))
+        body.insert(
+            at, ast.Assign(ast.Name(target, _HERE), _expr(rng, names, _hypers(spec)), _HERE)
+        )
         if not _read_instead(spec, body, at, target, rng):
             return None
     else:
-        target = rng.choice([n for n in names if n != "g" and n not in (i.name.id for i in spec.inputs)])
-        body.insert(at, ast.Assign(ast.Name(target, _HERE), _expr(rng, names, _hypers(spec)), _HERE))
+        target = rng.choice(
+            [n for n in names if n != "g" and n not in (i.name.id for i in spec.inputs)]
+        )
+        body.insert(
+            at, ast.Assign(ast.Name(target, _HERE), _expr(rng, names, _hypers(spec)), _HERE)
+        )
     return _with_body(spec, body), f"insert {target} = {ast.source_expr(body[at].value)}"
 
 
@@ -192,7 +229,11 @@ def _delete(spec: ast.Spec, rng: random.Random):
         return None
     body = list(spec.body)
     gone = body.pop(rng.randrange(len(body)))
-    what = f"{gone.target.id} = {ast.source_expr(gone.value)}" if isinstance(gone, ast.Assign) else "a block"
+    what = (
+        f"{gone.target.id} = {ast.source_expr(gone.value)}"
+        if isinstance(gone, ast.Assign)
+        else "a block"
+    )
     return _with_body(spec, body), f"delete {what}"
 
 
@@ -206,10 +247,19 @@ def _modify(spec: ast.Spec, rng: random.Random):
     names, hypers = _visible(spec, i), _hypers(spec)
     if isinstance(node, ast.Binary) and node.op in _OPERATORS and rng.random() < 0.5:
         new = replace(node, op=rng.choice([o for o in _OPERATORS if o != node.op]))
-    elif isinstance(node, ast.Call) and len(node.args) == 1 and node.func.id in _UNARY and rng.random() < 0.5:
-        new = replace(node, func=ast.Name(rng.choice([f for f in _UNARY if f != node.func.id]), _HERE))
+    elif (
+        isinstance(node, ast.Call)
+        and len(node.args) == 1
+        and node.func.id in _UNARY
+        and rng.random() < 0.5
+    ):
+        new = replace(
+            node, func=ast.Name(rng.choice([f for f in _UNARY if f != node.func.id]), _HERE)
+        )
     elif isinstance(node, ast.Number) and rng.random() < 0.7:
-        new = replace(node, value=node.value * rng.choice(_SCALES) if node.value else rng.choice(_CONSTANTS))
+        new = replace(
+            node, value=node.value * rng.choice(_SCALES) if node.value else rng.choice(_CONSTANTS)
+        )
     elif isinstance(node, ast.Name) and rng.random() < 0.7:
         new = ast.Name(rng.choice(names + hypers), _HERE)
     elif rng.random() < 0.3:
@@ -218,7 +268,9 @@ def _modify(spec: ast.Spec, rng: random.Random):
         new = _expr(rng, names, hypers)
     body = list(spec.body)
     body[i] = replace(stmt, value=_replace_at(stmt.value, path, new))
-    return _with_body(spec, body), f"modify {stmt.target.id}: {ast.source_expr(node)} -> {ast.source_expr(new)}"
+    return _with_body(
+        spec, body
+    ), f"modify {stmt.target.id}: {ast.source_expr(node)} -> {ast.source_expr(new)}"
 
 
 def _new_state(spec: ast.Spec, rng: random.Random):
@@ -227,8 +279,12 @@ def _new_state(spec: ast.Spec, rng: random.Random):
     at = rng.randrange(len(body))
     decay = ast.Number(rng.choice(_DECAYS), _HERE)
     tracked = _expr(rng, _visible(spec, at), [], depth=1)
-    ema = ast.Binary("+", ast.Binary("*", decay, ast.Name(name, _HERE), _HERE),
-                     ast.Binary("*", ast.Binary("-", ast.Number(1.0, _HERE), decay, _HERE), tracked, _HERE), _HERE)
+    ema = ast.Binary(
+        "+",
+        ast.Binary("*", decay, ast.Name(name, _HERE), _HERE),
+        ast.Binary("*", ast.Binary("-", ast.Number(1.0, _HERE), decay, _HERE), tracked, _HERE),
+        _HERE,
+    )
     body.insert(at, ast.Assign(ast.Name(name, _HERE), ema, _HERE))
     if not _read_instead(spec, body, at, name, rng):
         return None
@@ -242,13 +298,24 @@ def _hyper(spec: ast.Spec, rng: random.Random):
     if not tunable:
         return None
     h = rng.choice(tunable)
-    is_decay = h.range is not None and 0 <= h.range.lo and h.range.hi <= 1  # b1, b2: move 1 - value too
-    value = (1 - (1 - h.default) * rng.choice(_SCALES)) if is_decay and rng.random() < 0.5 \
+    is_decay = (
+        h.range is not None and 0 <= h.range.lo and h.range.hi <= 1
+    )  # b1, b2: move 1 - value too
+    value = (
+        (1 - (1 - h.default) * rng.choice(_SCALES))
+        if is_decay and rng.random() < 0.5
         else h.default * rng.choice(_SCALES)
+    )
     if h.range and not h.range.contains(value):
         return None
     hypers = tuple(dataclasses.replace(x, default=value) if x is h else x for x in spec.hypers)
     return replace(spec, hypers=hypers), f"hyper {h.name.id} = {value:g}"
 
 
-_EDITS = {"insert": _insert, "delete": _delete, "modify": _modify, "state": _new_state, "hyper": _hyper}
+_EDITS = {
+    "insert": _insert,
+    "delete": _delete,
+    "modify": _modify,
+    "state": _new_state,
+    "hyper": _hyper,
+}

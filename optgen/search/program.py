@@ -50,6 +50,8 @@ def load(program: Program, folder: Path):
     path = folder / f"{program.digest}.spec"
     if not path.exists():
         write_atomic(path, program.text)
-    with warnings.catch_warnings():  # mutants may take sqrt of a negative value: their score says so
+    with (
+        warnings.catch_warnings()
+    ):  # mutants may take sqrt of a negative value: their score says so
         warnings.simplefilter("ignore", optgen.SpecWarning)
         return optgen.load(str(path))

@@ -20,12 +20,23 @@ class Progress:
             from tqdm import tqdm
         except ImportError:
             return
-        total = budget.candidates if budget.candidates is not None else round(budget.seconds * EVOLVE_SHARE)
-        self.bar = tqdm(total=total, unit="prog" if budget.candidates else "s", file=sys.stderr, dynamic_ncols=True,
-                        initial=min(total, self._done(evolution)))
+        total = (
+            budget.candidates
+            if budget.candidates is not None
+            else round(budget.seconds * EVOLVE_SHARE)
+        )
+        self.bar = tqdm(
+            total=total,
+            unit="prog" if budget.candidates else "s",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            initial=min(total, self._done(evolution)),
+        )
 
     def _done(self, evolution: Evolution) -> int:
-        return evolution.evaluated if self.budget.candidates is not None else round(evolution.elapsed)
+        return (
+            evolution.evaluated if self.budget.candidates is not None else round(evolution.elapsed)
+        )
 
     def update(self, evolution: Evolution) -> None:
         if self.bar is None:
@@ -33,8 +44,10 @@ class Progress:
         self.bar.n = min(self.bar.total, self._done(evolution))
         best = evolution.best()
         minutes = max(evolution.elapsed, 1e-9) / 60
-        self.bar.set_postfix_str(f"{evolution.evaluated} programs, {evolution.evaluated / minutes:.1f}/min, "
-                                 f"best {best.fitness:+.3f} (#{best.index}: {'; '.join(best.edits)[:60]})")
+        self.bar.set_postfix_str(
+            f"{evolution.evaluated} programs, {evolution.evaluated / minutes:.1f}/min, "
+            f"best {best.fitness:+.3f} (#{best.index}: {'; '.join(best.edits)[:60]})"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

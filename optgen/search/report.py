@@ -16,7 +16,8 @@ from pathlib import Path
 from optgen.atomic import write_atomic
 from optgen.search.evolve import Candidate, Evolution
 from optgen.search.program import program_ir
-from optgen.search.validate import SEEDS as VALIDATION_SEEDS, Result, beats
+from optgen.search.validate import SEEDS as VALIDATION_SEEDS
+from optgen.search.validate import Result, beats
 
 RANKED = 10
 _SIGN_OP = re.compile(r"= sign ")
@@ -32,23 +33,50 @@ def write_candidates(out: Path, candidates: list[Candidate], tasks: list[str]) -
     """``results.csv`` (every candidate) and ``ranked/rank01.spec`` ... (the best ``RANKED``)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["rank", "index", "parent", "digest", "fitness", "tasks_scored", "uses_sign",
-                     *(f"{t}_loss" for t in tasks), *(f"{t}_lr" for t in tasks), "edits"])
+    writer.writerow(
+        [
+            "rank",
+            "index",
+            "parent",
+            "digest",
+            "fitness",
+            "tasks_scored",
+            "uses_sign",
+            *(f"{t}_loss" for t in tasks),
+            *(f"{t}_lr" for t in tasks),
+            "edits",
+        ]
+    )
     for rank, c in enumerate(ranked(candidates), 1):
-        writer.writerow([rank, c.index, c.parent, c.digest, f"{c.fitness:.4f}", len(c.stage_scores), uses_sign(c.text),
-                         *(f"{c.losses[t][0]:.6g}" if t in c.losses else "" for t in tasks),
-                         *(c.losses[t][1] if t in c.losses else "" for t in tasks), " | ".join(c.edits)])
+        writer.writerow(
+            [
+                rank,
+                c.index,
+                c.parent,
+                c.digest,
+                f"{c.fitness:.4f}",
+                len(c.stage_scores),
+                uses_sign(c.text),
+                *(f"{c.losses[t][0]:.6g}" if t in c.losses else "" for t in tasks),
+                *(c.losses[t][1] if t in c.losses else "" for t in tasks),
+                " | ".join(c.edits),
+            ]
+        )
     write_atomic(out / "results.csv", buffer.getvalue())
     (out / "ranked").mkdir(exist_ok=True)
     for rank, c in enumerate(ranked(candidates)[:RANKED], 1):
         header = f"# rank {rank}: candidate {c.index}, fitness {c.fitness:.4f} (mean log loss ratio to the seed spec)\n"
-        write_atomic(out / "ranked" / f"rank{rank:02d}.spec", header + renamed(c.text, f"candidate{c.index}"))
+        write_atomic(
+            out / "ranked" / f"rank{rank:02d}.spec", header + renamed(c.text, f"candidate{c.index}")
+        )
 
 
 def renamed(text: str, name: str) -> str:
     """A candidate's spec text under its own optimizer name (candidates keep the seed spec's
     while searching: the name is part of the IR their hash is taken from)."""
-    return re.sub(r"^optimizer [A-Za-z_][A-Za-z0-9_]*", f"optimizer {name}", text, count=1, flags=re.M)
+    return re.sub(
+        r"^optimizer [A-Za-z_][A-Za-z0-9_]*", f"optimizer {name}", text, count=1, flags=re.M
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -87,7 +115,9 @@ def write_plot(out: Path, candidates: list[Candidate]) -> bool:
     return True
 
 
-def validation_table(table: dict[str, dict[str, Result]], baseline_label: str) -> tuple[str, list[str]]:
+def validation_table(
+    table: dict[str, dict[str, Result]], baseline_label: str
+) -> tuple[str, list[str]]:
     """A Markdown table of held-out losses (mean ± std over seeds, tuned learning rate), and the
     labels of the winners that beat the baseline on at least one task and lose on none."""
     tasks = list(next(iter(table.values())))
@@ -98,8 +128,13 @@ def validation_table(table: dict[str, dict[str, Result]], baseline_label: str) -
         for t in tasks:
             mark = ""
             if label != baseline_label:
-                mark = " (better)" if beats(row[t], table[baseline_label][t]) else \
-                    " (worse)" if beats(table[baseline_label][t], row[t]) else ""
+                mark = (
+                    " (better)"
+                    if beats(row[t], table[baseline_label][t])
+                    else " (worse)"
+                    if beats(table[baseline_label][t], row[t])
+                    else ""
+                )
             cells.append(f"{row[t].mean:.4g} ± {row[t].std:.2g} @ {row[t].learning_rate:g}{mark}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if label != baseline_label:
@@ -110,7 +145,9 @@ def validation_table(table: dict[str, dict[str, Result]], baseline_label: str) -
     return "\n".join(lines) + "\n", better
 
 
-def summarize(evolution: Evolution, budget: str, resumed: int, winners: dict, table: dict, plotted: bool):
+def summarize(
+    evolution: Evolution, budget: str, resumed: int, winners: dict, table: dict, plotted: bool
+):
     """``summary.json``'s content and ``summary.md``'s text.
 
     ``winners`` maps labels to (candidate, simplified text, simplified fitness); ``table`` is
@@ -123,29 +160,53 @@ def summarize(evolution: Evolution, budget: str, resumed: int, winners: dict, ta
     markdown_table, better = validation_table(table, seed_spec)
     summary = {
         "settings": {k: v for k, v in settings.items() if k != "seed_text"},
-        "budget": budget, "candidates": len(candidates), "resumed_after": resumed,
+        "budget": budget,
+        "candidates": len(candidates),
+        "resumed_after": resumed,
         "duplicates_redrawn": sum(c.duplicates for c in candidates),
         "candidates_per_minute": round(len(candidates) / minutes, 2),
         "scored_on_every_task": sum(len(c.stage_scores) == len(tasks) for c in candidates),
         "using_sign": len(signed),
-        "best_using_sign": signed and {"candidate": signed[0].index, "fitness": signed[0].fitness,
-                                       "tasks_scored": len(signed[0].stage_scores), "edits": signed[0].edits},
-        "winners": {k: {"candidate": c.index, "fitness": c.fitness, "simplified_fitness": f, "edits": c.edits}
-                    for k, (c, _, f) in winners.items()},
-        "held_out": {label: {t: r.__dict__ for t, r in row.items()} for label, row in table.items()},
-        "beat_baseline": better, "plot": plotted,
+        "best_using_sign": signed
+        and {
+            "candidate": signed[0].index,
+            "fitness": signed[0].fitness,
+            "tasks_scored": len(signed[0].stage_scores),
+            "edits": signed[0].edits,
+        },
+        "winners": {
+            k: {
+                "candidate": c.index,
+                "fitness": c.fitness,
+                "simplified_fitness": f,
+                "edits": c.edits,
+            }
+            for k, (c, _, f) in winners.items()
+        },
+        "held_out": {
+            label: {t: r.__dict__ for t, r in row.items()} for label, row in table.items()
+        },
+        "beat_baseline": better,
+        "plot": plotted,
     }
-    sign_note = signed and (f" (the best of them: candidate {signed[0].index}, fitness {signed[0].fitness:+.3f} "
-                            f"on {len(signed[0].stage_scores)} of {len(tasks)} tasks)")
-    verdict = (f"Beat tuned {seed_spec} on the held-out tasks (better on at least one, worse on none, beyond the "
-               f"spread over seeds): {', '.join(better)}." if better else
-               f"Nothing beat tuned {seed_spec} on the held-out tasks: no winner was better on a task without "
-               f"being worse on another, beyond the spread over seeds.")
-    markdown = (f"# optgen search from {seed_spec}\n\n{len(candidates)} distinct programs "
-                f"({summary['candidates_per_minute']} a minute, {summary['duplicates_redrawn']} duplicates redrawn), "
-                f"{summary['scored_on_every_task']} scored on every task, {len(signed)} using sign(){sign_note or ''}."
-                f"\n\nHeld-out loss, mean ± std over {len(VALIDATION_SEEDS)} seeds @ tuned learning rate:\n\n"
-                f"{markdown_table}\n{verdict}\n")
+    sign_note = signed and (
+        f" (the best of them: candidate {signed[0].index}, fitness {signed[0].fitness:+.3f} "
+        f"on {len(signed[0].stage_scores)} of {len(tasks)} tasks)"
+    )
+    verdict = (
+        f"Beat tuned {seed_spec} on the held-out tasks (better on at least one, worse on none, beyond the "
+        f"spread over seeds): {', '.join(better)}."
+        if better
+        else f"Nothing beat tuned {seed_spec} on the held-out tasks: no winner was better on a task without "
+        f"being worse on another, beyond the spread over seeds."
+    )
+    markdown = (
+        f"# optgen search from {seed_spec}\n\n{len(candidates)} distinct programs "
+        f"({summary['candidates_per_minute']} a minute, {summary['duplicates_redrawn']} duplicates redrawn), "
+        f"{summary['scored_on_every_task']} scored on every task, {len(signed)} using sign(){sign_note or ''}."
+        f"\n\nHeld-out loss, mean ± std over {len(VALIDATION_SEEDS)} seeds @ tuned learning rate:\n\n"
+        f"{markdown_table}\n{verdict}\n"
+    )
     return summary, markdown
 
 

@@ -14,7 +14,9 @@ from optgen.search.program import Program, program_of
 TOLERANCE = 0.01  # a removal may worsen the fitness (a mean log loss ratio) by this much: ~1% loss
 
 
-def simplify(evolution: Evolution, text: str, fitness: float, deadline: float | None = None) -> tuple[str, float, dict]:
+def simplify(
+    evolution: Evolution, text: str, fitness: float, deadline: float | None = None
+) -> tuple[str, float, dict]:
     """Remove update statements one at a time (with a state's declaration when its last assignment
     goes), keeping a removal when the program compiles to the same IR (dead code, free) or scores
     within ``TOLERANCE`` of its starting fitness over the tasks; repeat until no statement can go
@@ -42,10 +44,12 @@ def _removals(text: str) -> list[tuple[str, Program]]:
     spec = parse_text(text)
     valid = []
     for i, stmt in enumerate(spec.body):
-        body = spec.body[:i] + spec.body[i + 1:]
+        body = spec.body[:i] + spec.body[i + 1 :]
         target = stmt.target.id if isinstance(stmt, ast.Assign) else None
         still_assigned = any(isinstance(s, ast.Assign) and s.target.id == target for s in body)
-        states = spec.states if still_assigned else tuple(s for s in spec.states if s.name.id != target)
+        states = (
+            spec.states if still_assigned else tuple(s for s in spec.states if s.name.id != target)
+        )
         shorter = ast.format_source(replace(spec, body=body, states=states))
         try:
             valid.append((shorter, program_of(shorter)))

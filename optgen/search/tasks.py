@@ -24,8 +24,9 @@ import importlib
 import importlib.util
 import itertools
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,32 +56,48 @@ def load_task(name: str, variant: int = 0) -> Task:
         return _BUILDERS[name](variant)
     if name.endswith(".py") or os.sep in name:
         if not os.path.isfile(name):
-            raise SpecError(f"no built-in task or task file named '{name}'",
-                            hint=f"the built-in tasks are {', '.join(BUILTIN)}", code="E018")
+            raise SpecError(
+                f"no built-in task or task file named '{name}'",
+                hint=f"the built-in tasks are {', '.join(BUILTIN)}",
+                code="E018",
+            )
         spec = importlib.util.spec_from_file_location(f"optgen_task_{abs(hash(name))}", name)
         module = importlib.util.module_from_spec(spec)
         loader = lambda: spec.loader.exec_module(module)  # noqa: E731
     elif _importable(name):
         module, loader = None, lambda: None
     else:
-        raise SpecError(f"no built-in task, task file or module named '{name}'",
-                        hint=did_you_mean(name, BUILTIN) or f"the built-in tasks are {', '.join(BUILTIN)}; "
-                        "a user task is a .py file or a module with init, loss, batches and held_out", code="E018")
+        raise SpecError(
+            f"no built-in task, task file or module named '{name}'",
+            hint=did_you_mean(name, BUILTIN)
+            or f"the built-in tasks are {', '.join(BUILTIN)}; "
+            "a user task is a .py file or a module with init, loss, batches and held_out",
+            code="E018",
+        )
     try:
         loader()
         module = module or importlib.import_module(name)
     except Exception as err:  # the user's code: any failure is theirs to see, with its message
-        raise SpecError(f"the task '{name}' failed to import: {type(err).__name__}: {err}",
-                        hint="run the file with python to see the full traceback", code="E396") from None
+        raise SpecError(
+            f"the task '{name}' failed to import: {type(err).__name__}: {err}",
+            hint="run the file with python to see the full traceback",
+            code="E396",
+        ) from None
     missing = [attr for attr in _PROTOCOL if not callable(getattr(module, attr, None))]
     if missing:
-        raise SpecError(f"the task '{name}' has no {', '.join(missing)}",
-                        hint="a task defines init(key), loss(params, batch), batches(seed) and held_out() "
-                        "(docs/search.md, 'Your own task')", code="E395")
+        raise SpecError(
+            f"the task '{name}' has no {', '.join(missing)}",
+            hint="a task defines init(key), loss(params, batch), batches(seed) and held_out() "
+            "(docs/search.md, 'Your own task')",
+            code="E395",
+        )
     steps = getattr(module, "steps", 200)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise SpecError(f"the task '{name}' sets steps = {steps!r}; it takes a positive whole number",
-                        hint="steps is how many updates each candidate gets, e.g. steps = 200", code="E397")
+        raise SpecError(
+            f"the task '{name}' sets steps = {steps!r}; it takes a positive whole number",
+            hint="steps is how many updates each candidate gets, e.g. steps = 200",
+            code="E397",
+        )
     return Task(name, module.init, module.loss, module.batches, module.held_out, steps)
 
 
@@ -95,13 +112,16 @@ def stacked_batches(task: Task, seed: int = 0) -> Any:
     """The first ``task.steps`` training batches, stacked along a new leading axis (what a scan reads)."""
     batches = list(itertools.islice(task.batches(seed), task.steps))
     if len(batches) < task.steps:
-        raise SpecError(f"the task '{task.name}' gave {len(batches)} batches; it needs {task.steps}",
-                        hint="batches(seed) yields at least `steps` batches (an endless generator is simplest)",
-                        code="E398")
+        raise SpecError(
+            f"the task '{task.name}' gave {len(batches)} batches; it needs {task.steps}",
+            hint="batches(seed) yields at least `steps` batches (an endless generator is simplest)",
+            code="E398",
+        )
     return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *batches)
 
 
 # ---- the built-in tasks -----------------------------------------------------------------------
+
 
 def _endless(draw: Callable[[np.random.Generator], Any], seed: int) -> Iterator[Any]:
     rng = np.random.default_rng(seed)
@@ -120,9 +140,16 @@ def _quadratic(variant: int) -> Task:
         d = params["x"] - optimum
         return 0.5 * d @ a @ d + noise @ params["x"]
 
-    return Task("quadratic", lambda key: {"x": 0.03 * jax.random.normal(key, (32,))}, loss,
-                lambda seed: _endless(lambda r: r.normal(scale=0.1, size=32).astype(np.float32), seed + 10 * variant),
-                lambda: jnp.zeros(32, jnp.float32), steps=100)
+    return Task(
+        "quadratic",
+        lambda key: {"x": 0.03 * jax.random.normal(key, (32,))},
+        loss,
+        lambda seed: _endless(
+            lambda r: r.normal(scale=0.1, size=32).astype(np.float32), seed + 10 * variant
+        ),
+        lambda: jnp.zeros(32, jnp.float32),
+        steps=100,
+    )
 
 
 def _classification(variant: int, name: str, hidden: int) -> Task:
@@ -145,17 +172,31 @@ def _classification(variant: int, name: str, hidden: int) -> Task:
         if hidden == 0:
             return {"w": jnp.zeros((dims, classes)), "b": jnp.zeros(classes)}
         k1, k2 = jax.random.split(key)
-        return {"w1": jax.random.normal(k1, (dims, hidden)) / np.sqrt(dims), "b1": jnp.zeros(hidden),
-                "w2": jax.random.normal(k2, (hidden, classes)) / np.sqrt(hidden), "b2": jnp.zeros(classes)}
+        return {
+            "w1": jax.random.normal(k1, (dims, hidden)) / np.sqrt(dims),
+            "b1": jnp.zeros(hidden),
+            "w2": jax.random.normal(k2, (hidden, classes)) / np.sqrt(hidden),
+            "b2": jnp.zeros(classes),
+        }
 
     def loss(params, data):
         x, y = data
-        logits = x @ params["w"] + params["b"] if hidden == 0 else \
-            jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+        logits = (
+            x @ params["w"] + params["b"]
+            if hidden == 0
+            else jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+        )
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1))
 
     held = batch(np.random.default_rng(300 + variant + 7 * hidden), 1024)
-    return Task(name, init, loss, lambda seed: _endless(batch, 1000 * variant + seed), lambda: held, steps=200)
+    return Task(
+        name,
+        init,
+        loss,
+        lambda seed: _endless(batch, 1000 * variant + seed),
+        lambda: held,
+        steps=200,
+    )
 
 
 def _transformer(variant: int) -> Task:
@@ -169,18 +210,22 @@ def _transformer(variant: int) -> Task:
         rows = [r.integers(0, vocab, count)]
         for _ in range(length - 1):
             u = r.random(count)[:, None]
-            rows.append((u > np.cumsum(transitions[rows[-1]], axis=1)).sum(axis=1).clip(0, vocab - 1))
+            rows.append(
+                (u > np.cumsum(transitions[rows[-1]], axis=1)).sum(axis=1).clip(0, vocab - 1)
+            )
         return np.stack(rows, axis=1).astype(np.int32)
 
     def init(key):
         k = jax.random.split(key, 6)
         scale = 1 / np.sqrt(width)
-        return {"embed": jax.random.normal(k[0], (vocab, width)) * scale,
-                "pos": jax.random.normal(k[1], (length - 1, width)) * scale,
-                "qkv": jax.random.normal(k[2], (3, width, width)) * scale,
-                "mlp_in": jax.random.normal(k[3], (width, 2 * width)) * scale,
-                "mlp_out": jax.random.normal(k[4], (2 * width, width)) * scale / 2,
-                "unembed": jax.random.normal(k[5], (width, vocab)) * scale}
+        return {
+            "embed": jax.random.normal(k[0], (vocab, width)) * scale,
+            "pos": jax.random.normal(k[1], (length - 1, width)) * scale,
+            "qkv": jax.random.normal(k[2], (3, width, width)) * scale,
+            "mlp_in": jax.random.normal(k[3], (width, 2 * width)) * scale,
+            "mlp_out": jax.random.normal(k[4], (2 * width, width)) * scale / 2,
+            "unembed": jax.random.normal(k[5], (width, vocab)) * scale,
+        }
 
     def loss(params, tokens):
         x, y = tokens[:, :-1], tokens[:, 1:]
@@ -194,9 +239,19 @@ def _transformer(variant: int) -> Task:
         return -jnp.mean(jnp.take_along_axis(log_probs, y[..., None], axis=-1))
 
     held = sequences(np.random.default_rng(500 + variant), 512)
-    return Task("transformer", init, loss, lambda seed: _endless(lambda r: sequences(r, 32), 1000 * variant + seed),
-                lambda: held, steps=200)
+    return Task(
+        "transformer",
+        init,
+        loss,
+        lambda seed: _endless(lambda r: sequences(r, 32), 1000 * variant + seed),
+        lambda: held,
+        steps=200,
+    )
 
 
-_BUILDERS = {"quadratic": _quadratic, "logistic": lambda v: _classification(v, "logistic", 0),
-             "mlp": lambda v: _classification(v, "mlp", 32), "transformer": _transformer}
+_BUILDERS = {
+    "quadratic": _quadratic,
+    "logistic": lambda v: _classification(v, "logistic", 0),
+    "mlp": lambda v: _classification(v, "mlp", 32),
+    "transformer": _transformer,
+}

@@ -30,7 +30,9 @@ def held_out_tasks(names: list[str]):
     return [prepare(load_task(name, variant=1 if name in BUILTIN else 0)) for name in names]
 
 
-def validate(texts: dict[str, str], tasks, learning_rates, programs_folder) -> dict[str, dict[str, Result]]:
+def validate(
+    texts: dict[str, str], tasks, learning_rates, programs_folder
+) -> dict[str, dict[str, Result]]:
     """``{program label: {task: Result}}`` for every spec text in ``texts``."""
     table = {}
     for label, text in texts.items():
@@ -40,7 +42,9 @@ def validate(texts: dict[str, str], tasks, learning_rates, programs_folder) -> d
             losses = np.asarray(launch(opt, prepared, learning_rates, SEEDS), np.float64)
             means = np.where(np.isfinite(losses).all(axis=1), losses.mean(axis=1), np.inf)
             best = int(np.argmin(means))
-            row[prepared.task.name] = Result(float(means[best]), float(losses[best].std()), learning_rates[best])
+            row[prepared.task.name] = Result(
+                float(means[best]), float(losses[best].std()), learning_rates[best]
+            )
         table[label] = row
     return table
 

@@ -33,11 +33,15 @@ from optgen.transforms.option import Option
 TRANSFORMS = (decay_mask, clip, accumulate, ema, skip_nonfinite, loss_scale)  # innermost first
 # Listed (in hints and docs) in Keras's order: clips, EMA, loss scale, accumulation, then the others.
 _LISTED = (clip, ema, loss_scale, accumulate, decay_mask, skip_nonfinite)
-OPTIONS: dict[str, Option] = {option.name: option for module in _LISTED for option in module.OPTIONS}
+OPTIONS: dict[str, Option] = {
+    option.name: option for module in _LISTED for option in module.OPTIONS
+}
 # Keras's names and defaults, optax's mask and TF Model Garden's include fragments; None or False: off.
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in OPTIONS.items()}
 # The options that become hyperparameters, and the values the runtime accepts for them.
-HYPER_RANGES: dict[str, Range] = {name: option.hyper_range for name, option in OPTIONS.items() if option.hyper}
+HYPER_RANGES: dict[str, Range] = {
+    name: option.hyper_range for name, option in OPTIONS.items() if option.hyper
+}
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,9 @@ class Variant:
 
     def hyperparams(self, program: Program) -> dict[str, float]:
         """The options that became hyperparameters of ``program`` (inputs named like them), with their values."""
-        return {v.name: float(self[v.name]) for v in program.update.inputs if v.name in HYPER_RANGES}
+        return {
+            v.name: float(self[v.name]) for v in program.update.inputs if v.name in HYPER_RANGES
+        }
 
     def leaf_inputs(self, params) -> dict[str, list]:
         """Per-parameter inputs of the variant (the weight-decay mask: 1.0 or 0.0 per leaf)."""

@@ -42,4 +42,6 @@ def apply(program: Program, variant) -> Program:
     outputs = ed.body({"g": ed.op("div", total, k), "t": step})
     outputs = gate(ed, is_update, outputs, {name: ed.input(name) for name in outputs})
     outputs[ACCUMULATOR] = ed.op("select", is_update, ed.const(0.0), total)
-    return replace_update(program, ed.finish(outputs), NAME, {ACCUMULATOR: lambda init: init.const(0.0)})
+    return replace_update(
+        program, ed.finish(outputs), NAME, {ACCUMULATOR: lambda init: init.const(0.0)}
+    )

@@ -38,8 +38,11 @@ OPTIONS = tuple(positive(name) for name in RULES)
 def check(settings: dict) -> None:
     clips = [name for name in RULES if name in settings]
     if len(clips) > 1:
-        raise SpecError(f"only one of clipnorm, clipvalue and global_clipnorm can be set, got {', '.join(clips)}",
-                        hint="as in Keras; chain optax.clip_by_global_norm in front for a second clip", code="E340")
+        raise SpecError(
+            f"only one of clipnorm, clipvalue and global_clipnorm can be set, got {', '.join(clips)}",
+            hint="as in Keras; chain optax.clip_by_global_norm in front for a second clip",
+            code="E340",
+        )
 
 
 def enabled(variant) -> bool:

@@ -38,7 +38,10 @@ OPTIONS = (*(fragments(name) for name in FRAGMENTS), anything("mask"))
 
 def normalize(settings: dict) -> dict:
     """Fragments as tuples (a comma-separated string is the CLI's ``--with`` form)."""
-    return {name: as_fragments(value) if name in FRAGMENTS else value for name, value in settings.items()}
+    return {
+        name: as_fragments(value) if name in FRAGMENTS else value
+        for name, value in settings.items()
+    }
 
 
 def enabled(variant) -> bool:
@@ -48,7 +51,12 @@ def enabled(variant) -> bool:
 
 def leaf_inputs(variant, params) -> dict[str, list]:
     """The mask's per-parameter input: 1.0 where weight decay applies, 0.0 where it does not."""
-    keep = leaf_mask(params, variant["exclude_from_weight_decay"], variant["include_in_weight_decay"], variant["mask"])
+    keep = leaf_mask(
+        params,
+        variant["exclude_from_weight_decay"],
+        variant["include_in_weight_decay"],
+        variant["mask"],
+    )
     return {NAME: [np.float32(k) for k in keep]}
 
 
@@ -56,10 +64,13 @@ def apply(program: Program, variant) -> Program:
     ed = Editor(program.update, "exclude_from_weight_decay")
     name = next((name for name in DECAY_NAMES if ed.has_input(name)), None)
     if name is None:
-        raise SpecError(f"'{program.update.name}' has no hyperparameter 'weight_decay' to mask",
-                        hint="exclude_from_weight_decay, include_in_weight_decay and mask act on the hyperparameter "
-                             "named weight_decay (or weight_decay_rate); the spec must declare "
-                             "'hyper weight_decay = ...'", code="E343")
+        raise SpecError(
+            f"'{program.update.name}' has no hyperparameter 'weight_decay' to mask",
+            hint="exclude_from_weight_decay, include_in_weight_decay and mask act on the hyperparameter "
+            "named weight_decay (or weight_decay_rate); the spec must declare "
+            "'hyper weight_decay = ...'",
+            code="E343",
+        )
     decay = ed.op("mul", ed.input(name), ed.add_input(NAME, "leaf"))
     return replace_update(program, ed.finish(ed.body({name: decay})), "exclude_from_weight_decay")
 
@@ -77,7 +88,9 @@ def key_path_name(path) -> str:
     return "/".join(parts)
 
 
-def leaf_mask(params, exclude: tuple[str, ...] | None, include: tuple[str, ...] | None, mask) -> list[bool]:
+def leaf_mask(
+    params, exclude: tuple[str, ...] | None, include: tuple[str, ...] | None, mask
+) -> list[bool]:
     """Per parameter leaf: does weight decay apply?"""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [key_path_name(path) for path, _ in with_paths]
@@ -87,9 +100,12 @@ def leaf_mask(params, exclude: tuple[str, ...] | None, include: tuple[str, ...] 
         try:
             flags = treedef.flatten_up_to(given)
         except (ValueError, TypeError) as err:
-            raise SpecError(f"mask does not have the structure of the parameters: {err}",
-                            hint="give a pytree of booleans shaped like the parameters, "
-                                 "or a callable of the parameters that returns one", code="E344") from None
+            raise SpecError(
+                f"mask does not have the structure of the parameters: {err}",
+                hint="give a pytree of booleans shaped like the parameters, "
+                "or a callable of the parameters that returns one",
+                code="E344",
+            ) from None
         keep = [k and bool(f) for k, f in zip(keep, flags, strict=True)]
     return keep
 

@@ -9,8 +9,8 @@ substitution (``weight_decay`` becoming one value per parameter widens what uses
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from optgen.diagnostics import SpecError
 from optgen.ir import Builder, Function, Loc, Program, Value
@@ -40,8 +40,11 @@ class Editor:
     def add_input(self, name: str, extent: str) -> Value:
         """A new input; its name must be free (a spec's own ``state ema_average`` would clash)."""
         if self.has_input(name):
-            raise SpecError(f"{self.transform} adds '{name}', but the spec already has a '{name}'",
-                            hint=f"rename the spec's '{name}', or leave {self.transform} off", code="E345")
+            raise SpecError(
+                f"{self.transform} adds '{name}', but the spec already has a '{name}'",
+                hint=f"rename the spec's '{name}', or leave {self.transform} off",
+                code="E345",
+            )
         value = Value(Type(extent), name)
         self.inputs.append(value)
         return value
@@ -61,15 +64,23 @@ class Editor:
             if operands == op.operands:
                 self.builder.ops.append(op)
             else:
-                mapping[id(op.result)] = self.builder.op(op.opcode, *operands, attr=op.attr, loc=op.loc)
+                mapping[id(op.result)] = self.builder.op(
+                    op.opcode, *operands, attr=op.attr, loc=op.loc
+                )
         return {name: mapping.get(id(v), v) for name, v in self.func.outputs}
 
     def finish(self, outputs: dict[str, Value]) -> Function:
-        return Function(self.func.name, tuple(self.inputs), tuple(self.builder.ops), tuple(outputs.items()))
+        return Function(
+            self.func.name, tuple(self.inputs), tuple(self.builder.ops), tuple(outputs.items())
+        )
 
 
-def replace_update(program: Program, update: Function, transform: str,
-                   initial: dict[str, Callable[[Editor], Value]] | None = None) -> Program:
+def replace_update(
+    program: Program,
+    update: Function,
+    transform: str,
+    initial: dict[str, Callable[[Editor], Value]] | None = None,
+) -> Program:
     """``program`` with a new update function, and the init function extended by the states it adds.
 
     ``initial`` maps each new state to a function building its initial value in the init
@@ -81,12 +92,21 @@ def replace_update(program: Program, update: Function, transform: str,
     outputs = init.body()
     for name, make in initial.items():
         outputs[name] = make(init)
-    return replace(program, update=update, init=init.finish(outputs),
-                   state_dtypes=program.state_dtypes | {name: None for name in initial},
-                   state_extents=program.state_extents | {name: update.input(name).type.extent for name in initial})
+    return replace(
+        program,
+        update=update,
+        init=init.finish(outputs),
+        state_dtypes=program.state_dtypes | {name: None for name in initial},
+        state_extents=program.state_extents
+        | {name: update.input(name).type.extent for name in initial},
+    )
 
 
-def gate(editor: Editor, cond: Value, new: dict[str, Value], old: dict[str, Value]) -> dict[str, Value]:
+def gate(
+    editor: Editor, cond: Value, new: dict[str, Value], old: dict[str, Value]
+) -> dict[str, Value]:
     """Each output ``new`` where ``cond`` holds, else its value before the step (bit for bit)."""
-    return {name: editor.op("select", cond, value, old[name]) if name in old else value
-            for name, value in new.items()}
+    return {
+        name: editor.op("select", cond, value, old[name]) if name in old else value
+        for name, value in new.items()
+    }

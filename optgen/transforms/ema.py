@@ -22,11 +22,17 @@ from optgen.transforms.option import boolean, fraction, integer_at_least
 
 NAME = "use_ema"
 AVERAGE = "ema"
-OPTIONS = (boolean(NAME), fraction("ema_momentum", 0.99), integer_at_least("ema_overwrite_frequency", 1))
+OPTIONS = (
+    boolean(NAME),
+    fraction("ema_momentum", 0.99),
+    integer_at_least("ema_overwrite_frequency", 1),
+)
 
 
 def check(settings: dict) -> None:
-    if ("ema_momentum" in settings or "ema_overwrite_frequency" in settings) and not settings.get(NAME):
+    if ("ema_momentum" in settings or "ema_overwrite_frequency" in settings) and not settings.get(
+        NAME
+    ):
         raise SpecError("ema_momentum and ema_overwrite_frequency need use_ema=True", code="E341")
 
 
@@ -49,4 +55,6 @@ def apply(program: Program, variant) -> Program:
         due = ed.op("eq", ed.op("mod", ed.op("add", before, one), frequency), zero)
         outputs["p"] = ed.op("select", due, new_average, p)
     outputs[AVERAGE] = new_average
-    return replace_update(program, ed.finish(outputs), NAME, {AVERAGE: lambda init: init.input("p")})
+    return replace_update(
+        program, ed.finish(outputs), NAME, {AVERAGE: lambda init: init.input("p")}
+    )

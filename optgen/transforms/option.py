@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from optgen.diagnostics import SpecError
 from optgen.syntax import Range
@@ -23,7 +24,9 @@ from optgen.syntax import Range
 class Option:
     name: str
     default: Any  # None or False: the transform is off
-    validate: Callable[[str, Any], None]  # raises SpecError (E342) for a value the option does not take
+    validate: Callable[
+        [str, Any], None
+    ]  # raises SpecError (E342) for a value the option does not take
     hyper_range: Range | None = None  # a hyperparameter of the same name, kept in this range
 
     @property
@@ -41,9 +44,13 @@ def _refuse(name: str, takes: str, value, hint: str | None = None):
 
 def positive(name: str) -> Option:
     """A finite positive number, off by default (``clipnorm``): inf would turn every parameter into nan."""
+
     def validate(name, value):
         if not (_number(value) and value > 0):
-            _refuse(name, "a finite positive number", value, f"to turn {name} off, leave it out (None)")
+            _refuse(
+                name, "a finite positive number", value, f"to turn {name} off, leave it out (None)"
+            )
+
     return Option(name, None, validate, Range(0.0, math.inf, True, True, None))
 
 
@@ -51,27 +58,33 @@ def boolean(name: str) -> Option:
     def validate(name, value):
         if not isinstance(value, bool):
             _refuse(name, "true or false", value)
+
     return Option(name, False, validate)
 
 
 def fraction(name: str, default: float) -> Option:
     """A number in [0, 1] (``ema_momentum``)."""
+
     def validate(name, value):
         if not (_number(value) and 0 <= value <= 1):
             _refuse(name, "a number in [0, 1]", value)
+
     return Option(name, default, validate, Range(0.0, 1.0, False, False, None))
 
 
 def integer_at_least(name: str, low: int) -> Option:
     """An integer ``>= low``, off by default (``gradient_accumulation_steps``)."""
+
     def validate(name, value):
         if not (_number(value) and float(value).is_integer() and value >= low):
             _refuse(name, f"an integer >= {low}", value, "as in Keras")
+
     return Option(name, None, validate, Range(float(low), math.inf, False, True, None))
 
 
 def fragments(name: str) -> Option:
     """Name fragments matched with ``re.search``: a list of strings, or one comma-separated string."""
+
     def validate(name, value):
         if not (isinstance(value, str) or all(isinstance(v, str) for v in value)):
             _refuse(name, "name fragments (strings)", value, f"for example {name}=['bias', 'norm']")
@@ -79,8 +92,12 @@ def fragments(name: str) -> Option:
             try:  # matched with re.search, as Keras's var_names are
                 re.compile(fragment)
             except re.error as err:
-                raise SpecError(f"{name} fragment {fragment!r} is not a valid pattern: {err}",
-                                hint="escape special characters, e.g. re.escape('bias(')", code="E342") from None
+                raise SpecError(
+                    f"{name} fragment {fragment!r} is not a valid pattern: {err}",
+                    hint="escape special characters, e.g. re.escape('bias(')",
+                    code="E342",
+                ) from None
+
     return Option(name, None, validate)
 
 

@@ -10,15 +10,20 @@ import re
 import sys
 import tempfile
 
-import optgen  # first: it sets XLA:CPU's fusion option before JAX starts
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optgen  # first: it sets XLA:CPU's fusion option before JAX starts
 
 rng = np.random.default_rng(0)
-HOST = {"w": rng.normal(size=(16, 8)).astype(np.float32), "b": rng.normal(size=(8,)).astype(np.float32)}
+HOST = {
+    "w": rng.normal(size=(16, 8)).astype(np.float32),
+    "b": rng.normal(size=(8,)).astype(np.float32),
+}
 X = rng.normal(size=(32, 16)).astype(np.float32)
 Y = rng.normal(size=(32, 8)).astype(np.float32)
 STEPS = 3
@@ -71,8 +76,13 @@ def sharded_training(axis_type, layout, use_step: bool):
 
         for _ in range(STEPS):
             params, state = train_step(params, state, x, y)
-    return {"diff": diff(params, reference()), "params": specs(params), "state_init": init_specs,
-            "state": specs(state.slots["nu"]), "expected": {k: str(v) for k, v in layout.items()}}
+    return {
+        "diff": diff(params, reference()),
+        "params": specs(params),
+        "state_init": init_specs,
+        "state": specs(state.slots["nu"]),
+        "expected": {k: str(v) for k, v in layout.items()},
+    }
 
 
 def zero1():
@@ -83,7 +93,9 @@ def zero1():
     replicated, over_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.device_put(HOST, replicated)
     state = o.init(params)
-    state_shardings = jax.tree.map(lambda x: over_data if x.ndim and x.shape[0] % 8 == 0 else replicated, state)
+    state_shardings = jax.tree.map(
+        lambda x: over_data if x.ndim and x.shape[0] % 8 == 0 else replicated, state
+    )
     state = jax.device_put(state, state_shardings)
 
     def train_step(params, state):
@@ -94,10 +106,18 @@ def zero1():
     hlo = step.lower(params, state).compile().as_text()
     for _ in range(STEPS):
         params, state = step(params, state)
-    updated_shape = re.search(r"f32\[(\d+),8\]\S* sqrt\(", hlo)  # the update of w's 16 rows, per device
-    return {"diff": diff(params, reference()), "params": specs(params), "state": specs(state.slots["mu"]),
-            "collectives": sorted(set(re.findall(r"all-gather|all-reduce|all-to-all|reduce-scatter", hlo))),
-            "update_rows_per_device": int(updated_shape.group(1)) if updated_shape else None}
+    updated_shape = re.search(
+        r"f32\[(\d+),8\]\S* sqrt\(", hlo
+    )  # the update of w's 16 rows, per device
+    return {
+        "diff": diff(params, reference()),
+        "params": specs(params),
+        "state": specs(state.slots["mu"]),
+        "collectives": sorted(
+            set(re.findall(r"all-gather|all-reduce|all-to-all|reduce-scatter", hlo))
+        ),
+        "update_rows_per_device": int(updated_shape.group(1)) if updated_shape else None,
+    }
 
 
 def shard_map_update():
@@ -117,8 +137,12 @@ def shard_map_update():
             updates, s = o.update(g, s, p)
             return optax.apply_updates(p, updates), s
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(layout, layout, state_specs),
-                             out_specs=(layout, state_specs))(params, grads, state)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(layout, layout, state_specs),
+            out_specs=(layout, state_specs),
+        )(params, grads, state)
 
     for _ in range(STEPS):
         params, state = train_step(params, state)
@@ -153,9 +177,15 @@ def orbax_onto_eight_devices():
 
 
 SCENARIOS = {
-    "explicit_sharded": lambda: sharded_training(AxisType.Explicit, {"w": P("data", "model"), "b": P("model")}, False),
-    "explicit_sharded_step": lambda: sharded_training(AxisType.Explicit, {"w": P(None, "model"), "b": P()}, True),
-    "auto_sharded": lambda: sharded_training(AxisType.Auto, {"w": P("data", "model"), "b": P("model")}, False),
+    "explicit_sharded": lambda: sharded_training(
+        AxisType.Explicit, {"w": P("data", "model"), "b": P("model")}, False
+    ),
+    "explicit_sharded_step": lambda: sharded_training(
+        AxisType.Explicit, {"w": P(None, "model"), "b": P()}, True
+    ),
+    "auto_sharded": lambda: sharded_training(
+        AxisType.Auto, {"w": P("data", "model"), "b": P("model")}, False
+    ),
     "explicit_replicated": lambda: sharded_training(AxisType.Explicit, {"w": P(), "b": P()}, False),
     "auto_replicated_step": lambda: sharded_training(AxisType.Auto, {"w": P(), "b": P()}, True),
     "zero1": zero1,

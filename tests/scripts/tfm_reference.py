@@ -46,7 +46,9 @@ def main(inputs_path, cases_path, out_path):
             apply([tf.constant(inputs[f"grad/{step}/{i}"]) for i in range(len(names))])
         out |= {f"{case}/{i}": v.numpy() for i, v in enumerate(variables)}
     signature = inspect.signature(cls.__init__).parameters
-    defaults = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty
+    }
     out["defaults"] = np.array(json.dumps({k: v for k, v in defaults.items() if k != "name"}))
     np.savez(out_path, **out)
 
