@@ -1,4 +1,5 @@
-"""optgen's own CPU loop: one pass over every parameter, whatever their dtypes, called through XLA's FFI.
+"""optgen's own CPU loop: one pass over every parameter, whatever their dtypes, called through XLA's
+FFI.
 
 XLA:CPU fuses an optimizer step into one loop only when every output has one element type
 (``codegen/fusion.py``); with bf16 moments or bf16 parameters the step falls apart into
@@ -38,10 +39,10 @@ from optgen.codegen.llvm_backend import LLVM_TYPES, LoopBackend
 
 from optgen.ir import Function, print_function
 
-CHUNK_ELEMENTS = (
-    1 << 15
-)  # a chunk's elements: enough to hide the cost of taking it, small enough to share
-# LLVM's cost model picks 4 lanes for loops that convert bf16, which ran 1.5x slower than 8 (docs/fusion.md).
+# a chunk's elements: enough to hide the cost of taking it, small enough to share
+CHUNK_ELEMENTS = 1 << 15
+# LLVM's cost model picks 4 lanes for loops that convert bf16, which ran 1.5x slower than 8
+# (docs/fusion.md).
 VECTOR_WIDTH = 8
 _SELF = "optgen.loop"  # marks the loop's metadata node, made self-referential as LLVM requires
 _I8, _I32, _I64, _PTR, _VOID = (
@@ -85,11 +86,15 @@ class Call:
     step_dtype: np.dtype
     delta_output: str | None
     in_place: bool  # each output named like an input is stored over it
-    step_outputs: bool = True  # this call writes the per-step outputs (of calls over parts of the parameters, one does)
+    # Whether this call writes the per-step outputs (of the calls over parts of the parameters,
+    # one does).
+    step_outputs: bool = True
 
     @functools.cached_property
     def ret_offsets(self) -> list[int]:
-        """Where each output's buffers start among the call's results: n per tensor output, 1 (or 0) per step output."""
+        """Where each output's buffers start among the call's results: n per tensor output, 1 (or 0)
+        per step output.
+        """
         sizes = [
             len(self.sizes) if e == "tensor" else int(self.step_outputs) for e in self.out_extents
         ]
@@ -217,7 +222,9 @@ def _module(call: Call) -> ir.Module:
 
 
 def _chunks(items) -> list[int]:
-    """Item boundaries of the chunks: consecutive items of about CHUNK_ELEMENTS elements together."""
+    """Item boundaries of the chunks: consecutive items of about CHUNK_ELEMENTS elements
+    together.
+    """
     bounds, elements = [0], 0
     for k, (_, _, start, end) in enumerate(items):
         elements += end - start
@@ -230,8 +237,9 @@ def _chunks(items) -> list[int]:
 
 
 def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
-    """``loop<index>(inputs..., stored outputs..., scalars..., start, end)``: the update over elements
-    [start, end) of one parameter of this group's dtypes."""
+    """``loop<index>(inputs..., stored outputs..., scalars..., start, end)``: the update over
+    elements [start, end) of one parameter of this group's dtypes.
+    """
     stored = [j for j in call.tensor_outputs if j not in call.aliases]
     step = LLVM_TYPES[call.step_dtype]
     kinds = (
@@ -242,9 +250,8 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     fn = ir.Function(module, ir.FunctionType(_VOID, kinds), f"loop{index}")
     fn.linkage = "internal"
     for arg in fn.args[: len(call.tensor_names) + len(stored)]:
-        arg.add_attribute(
-            "noalias"
-        )  # distinct buffers; an output stored in place reuses its input's pointer
+        # distinct buffers; an output stored in place reuses its input's pointer
+        arg.add_attribute("noalias")
     inputs = fn.args[: len(call.tensor_names)]
     outputs = dict(zip(stored, fn.args[len(inputs) : len(inputs) + len(stored)], strict=True))
     outputs |= {j: inputs[k] for j, k in call.aliases.items()}
@@ -295,7 +302,9 @@ def _field(b: ir.IRBuilder, base, struct, path: str, typ=_PTR):
 
 
 def _buffer_data(b: ir.IRBuilder, buffers, index):
-    """The data pointer of XLA_FFI_Buffer ``index`` (a number, or an i64 value) of an args or rets array."""
+    """The data pointer of XLA_FFI_Buffer ``index`` (a number, or an i64 value) of an args or rets
+    array.
+    """
     index = ir.Constant(_I64, index) if isinstance(index, int) else index
     buffer = b.load(b.gep(buffers, [index], source_etype=_PTR), typ=_PTR)
     return _field(b, buffer, abi.Buffer, "data")
@@ -430,9 +439,8 @@ def _step_outputs(module, call: Call) -> ir.Function:
 
 # The work shared by the handler and its tasks, on the heap so that a task the pool starts late
 # never reads freed memory: the last of them to let go frees it.
-_WORK = ir.LiteralStructType(
-    [_I64, _I64, _I64, _PTR, _PTR]
-)  # next chunk, chunks finished, holders, args, rets
+# next chunk, chunks finished, holders, args, rets
+_WORK = ir.LiteralStructType([_I64, _I64, _I64, _PTR, _PTR])
 _NEXT, _FINISHED, _HOLDERS, _ARGS, _RETS = range(5)
 
 
@@ -496,7 +504,9 @@ def _struct_type(struct) -> ir.LiteralStructType:
 
 
 def _api_call(b: ir.IRBuilder, api, name: str, struct, values: dict):
-    """Call an XLA_FFI_Api function with a stack-allocated argument struct; returns its error (or null)."""
+    """Call an XLA_FFI_Api function with a stack-allocated argument struct; returns its error (or
+    null).
+    """
     storage = b.alloca(_struct_type(struct))
     for index, (field, _) in enumerate(struct._fields_):
         value = (

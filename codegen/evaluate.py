@@ -142,7 +142,9 @@ def evaluate(
 
 
 class _Layout:
-    """Each parameter's shape, and the axes its ``row`` and ``col`` values reduce (kept as size 1)."""
+    """Each parameter's shape, and the axes its ``row`` and ``col`` values reduce (kept
+    as size 1).
+    """
 
     def __init__(self, backend: Backend, params: list, factoring: Factoring):
         self.backend = backend
@@ -155,7 +157,9 @@ class _Layout:
         return self.axes[i].get(extent, ())
 
     def kept_shape(self, i: int, extent: str) -> tuple[int, ...]:
-        """The shape of a value of ``extent``: a row or col value's reduced axes are kept as size 1."""
+        """The shape of a value of ``extent``: a row or col value's reduced axes are
+        kept as size 1.
+        """
         shape = self.shapes[i]
         if (
             extent == "axes"
@@ -183,16 +187,17 @@ class _Layout:
         )
 
     def dim(self, i: int, name: str) -> int | None:
-        """A shape constant of parameter ``i`` (optgen.ops.DIMS), or None where the shape is symbolic."""
+        """A shape constant of parameter ``i`` (optgen.ops.DIMS), or None where the shape is
+        symbolic.
+        """
         shape = self.shapes[i]
         size = {
             "ndim": len(shape),
             "rows": shape[-2] if len(shape) >= 2 else 1,
             "cols": shape[-1] if shape else 1,
         }[name]
-        return (
-            size if isinstance(size, int) and size >= 0 else None
-        )  # MLIR marks a symbolic size < 0
+        # MLIR marks a symbolic size < 0
+        return size if isinstance(size, int) and size >= 0 else None
 
     def load(self, x, i: int, extent: str):
         """A stored row or col value with its reduced axes put back (size 1); others as they are."""
@@ -283,7 +288,9 @@ def _static_value(op: Op, known: dict, layout: _Layout, i: int):
 
 
 class _LeafView:
-    """A value as parameter i sees it, widened to an extent; step scalars are converted once per leaf."""
+    """A value as parameter i sees it, widened to an extent; step scalars are converted once per
+    leaf.
+    """
 
     def __init__(
         self,
@@ -326,9 +333,8 @@ class _LeafView:
         if source in ("row", "col") and self.backend.shape_of(x) == target:
             return x  # (a row value may be narrower: col_mean of a row is one number per batch)
         if target == self.layout.shapes[i]:
-            return self.backend.broadcast(
-                x, self.params[i]
-            )  # the parameter's shape may be symbolic
+            # the parameter's shape may be symbolic
+            return self.backend.broadcast(x, self.params[i])
         return self.backend.broadcast_to(x, target)
 
 
@@ -344,8 +350,8 @@ def _expect_representable(op: Op, dtype: np.dtype) -> None:
     where = f"{op.loc.file}:{op.loc.line}:{op.loc.col}: " if op.loc else ""
     raise SpecError(
         f"{where}the constant {value:g} is beyond {np.dtype(dtype).name} (it would be inf)",
-        hint=f"use a constant within {np.dtype(dtype).name}'s range (about {np.finfo(dtype).max:.1e}), "
-        "or float64 parameters (jax_enable_x64)",
+        hint=f"use a constant within {np.dtype(dtype).name}'s range (about "
+        f"{np.finfo(dtype).max:.1e}), or float64 parameters (jax_enable_x64)",
         code="E225",
     )
 
@@ -372,8 +378,8 @@ def _matrices(op, view, i):
     if len(shape) < 2:
         where = f" at {op.loc.file}:{op.loc.line}:{op.loc.col}" if op.loc else ""
         raise InputError(
-            f"a parameter of shape {tuple(shape)} reaches the matrix op '{op.opcode}'{where}, "
-            "but it is not a matrix (it needs at least two axes)",
+            f"a parameter of shape {tuple(shape)} reaches the matrix op '{op.opcode}'{where}, but "
+            "it is not a matrix (it needs at least two axes)",
             hint="choose by shape in the spec: 'if ndim == 2:' ... 'else:' ...",
             code="E360",
         )
@@ -417,9 +423,8 @@ def _axis_min(op, backend, view, i):
     shape = view.layout.static_shape(i)
     least, start = None, 0
     for axis, size in enumerate(shape):
-        along = tuple(
-            size if a == axis else 1 for a in range(rank)
-        )  # this axis's statistics, along it
+        # this axis's statistics, along it
+        along = tuple(size if a == axis else 1 for a in range(rank))
         part = backend.broadcast_to(
             backend.reshape(backend.slice(v, start, start + size), along), shape
         )
@@ -499,7 +504,9 @@ def _recompute_tensors(
     layout: _Layout,
     plan: _Plan,
 ) -> dict:
-    """A copy of ``env`` in which the tensor ops ``output`` depends on are recomputed from fresh inputs."""
+    """A copy of ``env`` in which the tensor ops ``output`` depends on are recomputed from fresh
+    inputs.
+    """
     needed = dependencies(func, [output], follow=lambda value: value.type.extent == "tensor")
     fresh = dict(env)
     inputs = [v for v in func.inputs if v.type.extent == "tensor" and id(v) in needed]

@@ -50,8 +50,10 @@ def x64_for(dtype: np.dtype):
 
 
 def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[str, np.dtype]):
-    """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"`` (a factored
-    spec needs sizes, not names, for two or more dims: which axes are factored depends on them)."""
+    """ShapeDtypeStructs for the kernel's inputs; ``shape`` is like ``"n"`` or ``"128,256"`` (a
+    factored spec needs sizes, not names, for two or more dims: which axes are factored depends on
+    them).
+    """
     dims = tuple(jax.export.symbolic_shape(shape))
     return {
         v.name: jax.ShapeDtypeStruct(
@@ -79,7 +81,7 @@ def state_dtypes(
     }
 
 
-def lower(
+def lowered_kernel(
     program: Program, dtype: np.dtype, shape: str, lowering: str = "shared"
 ) -> jax.stages.Lowered:
     """Trace and lower the kernel with JAX (our primitive emits the StableHLO)."""
@@ -91,8 +93,10 @@ def lower(
 
 
 def stablehlo_text(program: Program, dtype: np.dtype, shape: str) -> str:
-    """The kernel's portable StableHLO module as MLIR text, with spec locations; the module is verified."""
-    module = lower(program, dtype, shape).compiler_ir("stablehlo")
+    """The kernel's portable StableHLO module as MLIR text, with spec locations; the module is
+    verified.
+    """
+    module = lowered_kernel(program, dtype, shape).compiler_ir("stablehlo")
     if not module.operation.verify():
         raise RuntimeError("optgen generated a StableHLO module that does not verify")
     return module.operation.get_asm(enable_debug_info=True)
@@ -108,7 +112,7 @@ def optimized_hlo(program: Program, dtype: np.dtype, shape: str) -> str:
         if program.state_extents[name] == "tensor"
     ]
     return (
-        lower(program, dtype, shape, fusion.xla_lowering((jax.default_backend(),), dtypes))
+        lowered_kernel(program, dtype, shape, fusion.xla_lowering((jax.default_backend(),), dtypes))
         .compile()
         .as_text()
     )

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ctypes
 
+# the FFI API version the kernel is written against (c_api.h's XLA_FFI_API_MAJOR/MINOR)
 API_VERSION = (
     0,
     1,
-)  # the FFI API version the kernel is written against (c_api.h's XLA_FFI_API_MAJOR/MINOR)
+)
 METADATA_EXTENSION = 1  # XLA_FFI_Extension_Metadata
 EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
 _P, _SIZE = ctypes.c_void_p, ctypes.c_size_t

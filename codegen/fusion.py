@@ -75,7 +75,9 @@ def cpu_multi_output_fusion() -> bool:
 
 
 class Where(NamedTuple):
-    """Where a step is lowered: its platforms, whether it runs on one device, whether it is exported."""
+    """Where a step is lowered: its platforms, whether it runs on one device, whether it is
+    exported.
+    """
 
     platforms: tuple[str, ...]
     one_device: bool = True
@@ -108,7 +110,8 @@ def resolve(
     if lowering == "ffi" and refusal is not None:
         raise InputError(
             f"lowering='ffi' cannot lower this step: {refusal}",
-            hint="use lowering='auto', which falls back to XLA's loops where the CPU loop cannot run",
+            hint="use lowering='auto', which falls back to XLA's loops where the CPU loop cannot "
+            "run",
             code="E384",
         )
     if lowering != "auto":

@@ -52,7 +52,9 @@ def _intrinsic(b: ir.IRBuilder, name: str, args):
 
 
 def _libm(b: ir.IRBuilder, name: str, args):
-    """A call to the C math library (``powf``/``pow``, ``tanhf``/``tanh``), which LLVM knows by name."""
+    """A call to the C math library (``powf``/``pow``, ``tanhf``/``tanh``), which LLVM knows by
+    name.
+    """
     ty = args[0].type
     symbol = name + ("f" if ty == F32 else "")
     fn = b.module.globals.get(symbol) or ir.Function(
@@ -79,7 +81,8 @@ def _compare(predicate: str):
     return lambda b, x, y: b.fcmp_ordered(predicate, x, y)
 
 
-# How each elementwise op of the op table (optgen/ops.py) is emitted: builder, operands -> an LLVM value.
+# How each elementwise op of the op table (optgen/ops.py) is emitted: builder, operands -> an LLVM
+# value.
 EMIT = {
     "add": lambda b, x, y: b.fadd(x, y),
     "sub": lambda b, x, y: b.fsub(x, y),

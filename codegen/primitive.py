@@ -46,7 +46,8 @@ def run_ir(
     factoring: Factoring = NOT_FACTORED,
     in_place: bool = False,
 ) -> dict[str, list]:
-    """Run ``func`` over every parameter: the JAX counterpart of :func:`codegen.interpret.interpret`.
+    """Run ``func`` over every parameter: the JAX counterpart of
+    :func:`codegen.interpret.interpret`.
 
     ``tensors`` maps each tensor and leaf input to one array per parameter, ``scalars``
     each step input to a 0-d array whose dtype is the step dtype. Returns each output's
@@ -256,7 +257,9 @@ def _part_outputs(starts, out_extents, leaves: range, first_part: bool) -> list[
 
 
 def _plain(*operands, lowering, in_place, **params) -> list:
-    """The primitive's meaning in jnp ops (what its transformation rules differentiate and batch)."""
+    """The primitive's meaning in jnp ops (what its transformation rules differentiate
+    and batch).
+    """
     step_dtype = _step_dtype(operands, params["n"], params["tensor_names"], params["scalar_names"])
     return _evaluate(jnp_backend(), step_dtype, operands, **params)
 

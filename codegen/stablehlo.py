@@ -28,7 +28,8 @@ def _compare(direction):
     return emit
 
 
-# How each elementwise op of the op table (optgen/ops.py) is emitted: the op's operands -> an MLIR op.
+# How each elementwise op of the op table (optgen/ops.py) is emitted: the op's operands -> an MLIR
+# op.
 EMIT = {
     "add": hlo.AddOp,
     "sub": hlo.SubtractOp,
@@ -91,7 +92,9 @@ class StableHLOBackend:
         return hlo.ConvertOp(ir.RankedTensorType.get(source.shape, target), x).result
 
     def broadcast(self, x, like):
-        """Broadcast ``x`` (0-d, or of ``like``'s rank with size-1 axes) to the shape of ``like`` (static or symbolic)."""
+        """Broadcast ``x`` (0-d, or of ``like``'s rank with size-1 axes) to the shape of ``like``
+        (static or symbolic).
+        """
         shape = _tensor_type(like)
         if shape.has_static_shape:
             return self.broadcast_to(x, shape.shape)
@@ -100,7 +103,9 @@ class StableHLOBackend:
         return hlo.DynamicBroadcastInDimOp(out, x, self._shape_of(like), dims).result
 
     def broadcast_to(self, x, shape):
-        """Broadcast ``x`` (0-d, or of ``shape``'s rank with size-1 axes) to the static ``shape``."""
+        """Broadcast ``x`` (0-d, or of ``shape``'s rank with size-1 axes) to the static
+        ``shape``.
+        """
         out = ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type)
         return hlo.BroadcastInDimOp(
             out, x, mlir.dense_int_array(list(range(_tensor_type(x).rank)))
@@ -175,7 +180,9 @@ class StableHLOBackend:
         return list(hlo.OptimizationBarrierOp(xs).results) if xs else []
 
     def matmul(self, x, y):
-        """``x @ y`` over the last two axes, batched over the leading ones (stablehlo.dot_general)."""
+        """``x @ y`` over the last two axes, batched over the leading ones
+        (stablehlo.dot_general).
+        """
         lhs, rhs = _tensor_type(x), _tensor_type(y)
         batch = list(range(lhs.rank - 2))
         result = ir.RankedTensorType.get([*lhs.shape[:-1], rhs.shape[-1]], lhs.element_type)

@@ -16,7 +16,7 @@ fusion.request_cpu_multi_output_fusion()  # before JAX starts its CPU backend; s
 from optgen import schedules
 from optgen.artifact import Artifact, load_artifact
 from optgen.compiler import Compiled, check_spec, compile_checked
-from optgen.diagnostics import InputError, SpecError, SpecWarning
+from optgen.diagnostics import Diagnostic, InputError, SpecError, SpecWarning
 from optgen.library import builtin_names
 from optgen.runtime.checkpoint import load_state, save_state
 from optgen.runtime.load import from_config, load
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Artifact",
     "Compiled",
+    "Diagnostic",
     "InputError",
     "OptState",
     "Optimizer",

@@ -57,7 +57,8 @@ class Artifact:
 
     def __repr__(self) -> str:
         h = self.header
-        return f"<optgen.Artifact {h['spec']} {h['dtype']}[{h['shape']}] for {','.join(h['platforms'])}>"
+        platforms = ",".join(h["platforms"])
+        return f"<optgen.Artifact {h['spec']} {h['dtype']}[{h['shape']}] for {platforms}>"
 
     def __call__(self, **inputs) -> dict[str, jax.Array]:
         h = self.header
@@ -118,7 +119,8 @@ def load_artifact(path: str) -> Artifact:
         exported = jax.export.deserialize(bytearray(payload))
     except Exception as err:  # the digest matched, so this jax cannot read what another one wrote
         raise SpecError(
-            f"artifact '{path}' cannot be decoded by this jax {jax.__version__} ({type(err).__name__})",
+            f"artifact '{path}' cannot be decoded by this jax {jax.__version__} "
+            f"({type(err).__name__})",
             hint="compile it again with this version",
             code="E324",
         ) from None

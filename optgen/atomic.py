@@ -61,9 +61,8 @@ def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
         return
     folder = target.parent
     if not folder.is_dir():
-        named = (
-            folder if os.path.islink(shown) else Path(shown).parent
-        )  # as the user wrote it, unless a link's
+        # as the user wrote it, unless a link's
+        named = folder if os.path.islink(shown) else Path(shown).parent
         raise SpecError(
             f"cannot write '{shown}': folder '{named}' does not exist",
             hint=f"create it first (mkdir -p {named})",
@@ -139,7 +138,9 @@ def _existing_kind(target: Path, shown: str) -> str:
 
 @contextlib.contextmanager
 def _write_through(target: Path, shown: str) -> Iterator[BinaryIO]:
-    """Write into a character device or FIFO in place (not atomic: there is no old content to keep)."""
+    """Write into a character device or FIFO in place (not atomic: there is no old
+    content to keep).
+    """
     try:
         with open(target, "wb") as out:
             yield out
@@ -148,7 +149,9 @@ def _write_through(target: Path, shown: str) -> Iterator[BinaryIO]:
 
 
 def _keep_mode_and_owner(fd: int, target: Path) -> None:
-    """The replacement keeps the replaced file's permission bits, and its owner where we may set it."""
+    """The replacement keeps the replaced file's permission bits, and its owner where we
+    may set it.
+    """
     try:
         info = target.stat()
     except FileNotFoundError:  # removed meanwhile: a new file, umask mode

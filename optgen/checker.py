@@ -109,8 +109,9 @@ class _Checker:
                 raise self.error(
                     f"state '{state.name.id}' is never updated",
                     state.name.span,
-                    f"assign '{state.name.id} = ...' in the update, declare it "
-                    f"'state {state.name.id}: readonly' if it keeps its initial value, or remove the state",
+                    f"assign '{state.name.id} = ...' in the update, declare it 'state "
+                    f"{state.name.id}: readonly' if it keeps its initial value, or remove the "
+                    "state",
                     code="E203",
                 )
         return CheckedSpec(
@@ -125,9 +126,10 @@ class _Checker:
         )
 
     def declare(self) -> None:
+        # here: transforms import the lowering
         from optgen.transforms import (
             DEFAULTS as TRANSFORM_OPTIONS,
-        )  # here: transforms import the lowering
+        )
 
         seen: dict[str, str] = {}
         decls = [
@@ -153,8 +155,8 @@ class _Checker:
                 name.id in TRANSFORM_OPTIONS
             ):  # optgen.load(spec, ema_momentum=...) must mean one thing
                 raise self.error(
-                    f"'{name.id}' is the name of an option every spec takes "
-                    f"(optgen.load(..., {name.id}=...))",
+                    f"'{name.id}' is the name of an option every spec takes (optgen.load(..., "
+                    f"{name.id}=...))",
                     name.span,
                     "choose another name; the option applies to this spec as it is",
                     code="E260",
@@ -187,8 +189,8 @@ class _Checker:
                     f"unknown state shape or storage dtype '{q.id}'",
                     q.span,
                     did_you_mean(q.id, [*STATE_EXTENTS, *DTYPES, "readonly"])
-                    or f"a shape is one of {', '.join(STATE_EXTENTS)}; a dtype one of {', '.join(DTYPES)}; "
-                    "or readonly",
+                    or f"a shape is one of {', '.join(STATE_EXTENTS)}; "
+                    f"a dtype one of {', '.join(DTYPES)}; or readonly",
                     code="E206",
                 )
             if group in seen:
@@ -213,7 +215,9 @@ class _Checker:
         self.expect_fits(state.init, init, name, extent)
 
     def check_output(self, output: ast.Output, update_env: dict[str, Type]) -> None:
-        """An output is computed from p, t, the states, hyperparameters and shape constants, after a step."""
+        """An output is computed from p, t, the states, hyperparameters and shape constants, after a
+        step.
+        """
         env = {
             name: ty
             for name, ty in update_env.items()
@@ -226,8 +230,8 @@ class _Checker:
         ty = self.expect_float(output.value, env, "an output")
         if not fits(ty.extent, "tensor"):
             raise self.error(
-                f"output '{output.name.id}' is one value per element of its parameter, but this value "
-                f"has one per {ty.extent}",
+                f"output '{output.name.id}' is one value per element of its parameter, but this "
+                f"value has one per {ty.extent}",
                 output.value.span,
                 "multiply a matrix value into a tensor first",
                 code="E237",
@@ -248,11 +252,13 @@ class _Checker:
                 )
 
     def expect_fits(self, node: ast.Expr, ty: Type, name: str, extent: str) -> None:
-        """A state of ``extent`` holds ``ty`` only if ``ty`` has no more copies (a narrower one broadcasts)."""
+        """A state of ``extent`` holds ``ty`` only if ``ty`` has no more copies (a narrower one
+        broadcasts).
+        """
         if not fits(ty.extent, extent):
             raise self.error(
-                f"state '{name}' holds one number per {_PER.get(extent, extent)}, but this value has "
-                f"one per {_PER.get(ty.extent, ty.extent)}",
+                f"state '{name}' holds one number per {_PER.get(extent, extent)}, but this value "
+                f"has one per {_PER.get(ty.extent, ty.extent)}",
                 node.span,
                 f"reduce it (sum, mean, norm) or declare 'state {name}: {ty.extent}'",
                 code="E220",
@@ -325,13 +331,14 @@ class _Checker:
             raise self.error(
                 f"state '{name.id}' is read-only: it keeps its initial value",
                 name.span,
-                f"remove 'readonly' from 'state {name.id}' to update it, or assign to a new local name",
+                f"remove 'readonly' from 'state {name.id}' to update it, or assign to a new local "
+                "name",
                 code="E236",
             )
         if kind == "state" and self.shape_ifs and self.extents[name.id] == "step":
             raise self.error(
-                f"state '{name.id}' is one number per step, shared by every parameter, so it cannot "
-                "be assigned under an 'if' on a parameter's shape",
+                f"state '{name.id}' is one number per step, shared by every parameter, so it "
+                "cannot be assigned under an 'if' on a parameter's shape",
                 name.span,
                 f"declare 'state {name.id}: leaf' to keep one per parameter",
                 code="E235",
@@ -360,7 +367,8 @@ class _Checker:
             ):
                 raise self.error(
                     f"p is assigned only when this condition is {'true' if then else 'false'}: "
-                    f"when it is {'false' if then else 'true'}, the update never changes the parameters",
+                    f"when it is {'false' if then else 'true'}, the update never changes the "
+                    "parameters",
                     stmt.span,
                     "assign p in both branches (add an 'else:'), or after the if",
                     code="E224",
@@ -377,7 +385,8 @@ class _Checker:
         then = self.block(stmt.then, dict(env))
         orelse = self.block(stmt.orelse, dict(env))
         self.shape_ifs -= on_shapes
-        # After the if, a name is defined only if both branches define it (with extents that combine).
+        # After the if, a name is defined only if both branches define it (with extents that
+        # combine).
         for name in then.keys() & orelse.keys():
             try:
                 env[name] = Type(widest((then[name].extent, orelse[name].extent)), then[name].kind)
@@ -386,7 +395,9 @@ class _Checker:
                 self.conflicts[name] = stmt
 
     def check_condition(self, cond: ast.Expr) -> None:
-        """An ``if`` tests options and, per parameter when the step is traced, its shape constants."""
+        """An ``if`` tests options and, per parameter when the step is traced, its shape
+        constants.
+        """
         stack = [cond]
         while stack:
             node = stack.pop()
@@ -415,13 +426,15 @@ class _Checker:
                 "an 'if' tests options and shapes, which are fixed at compile time",
                 node.span,
                 "declare 'option NAME = false' to test it here, or compare shape constants "
-                f"({', '.join(SHAPE_CONSTANTS)}: if ndim == 2:); "
-                "for a per-element choice use where(cond, a, b)",
+                f"({', '.join(SHAPE_CONSTANTS)}: if ndim == 2:); for a per-element choice use "
+                "where(cond, a, b)",
                 code="E210",
             )
 
     def is_shape_expr(self, expr: ast.Binary) -> bool:
-        """A comparison of numbers and shape constants (with + - * /): known per parameter at trace time."""
+        """A comparison of numbers and shape constants (with + - * /): known per parameter at trace
+        time.
+        """
         leaves = [
             n
             for n in ast.walk(expr)
@@ -455,8 +468,8 @@ class _Checker:
         if isinstance(expr, ast.Name):
             if expr.id not in env and expr.id in self.conflicts:
                 raise self.error(
-                    f"'{expr.id}' is a different kind of matrix in the two branches of the 'if' "
-                    f"on line {self.conflicts[expr.id].span.line}",
+                    f"'{expr.id}' is a different kind of matrix in the two branches of the 'if' on "
+                    f"line {self.conflicts[expr.id].span.line}",
                     expr.span,
                     "use it inside each branch, or give the two values different names",
                     code="E233",
@@ -549,8 +562,8 @@ class _Checker:
                     raise self.error(
                         f"eye: {err}",
                         expr.args[0].span,
-                        "eye(a) is the identity of a Gram matrix "
-                        "a = x @ transpose(x) or transpose(x) @ x, or of a state declared 'rr' or 'cc'",
+                        "eye(a) is the identity of a Gram matrix a = x @ transpose(x) or "
+                        "transpose(x) @ x, or of a state declared 'rr' or 'cc'",
                         code="E241",
                     ) from None
                 raise self.error(
@@ -572,8 +585,8 @@ class _Checker:
             )
         if extent not in fn.reduces:
             raise self.error(
-                f"{fn.name} reduces over a tensor's elements, but this is "
-                f"one number per {_PER.get(extent, extent)}",
+                f"{fn.name} reduces over a tensor's elements, but this is one number per "
+                f"{_PER.get(extent, extent)}",
                 expr.args[0].span,
                 f"pass a per-element value such as g or p to {fn.name}",
                 code="E216",

@@ -22,11 +22,11 @@ from optgen.atomic import write_atomic
 from optgen.codegen import export, fusion
 from optgen.compiler import check_spec as _check_spec
 from optgen.compiler import compile_checked, user_warnings
-from optgen.diagnostics import SpecError
+from optgen.diagnostics import Diagnostic, SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
 from optgen.syntax import format_spec
-from optgen.transforms import DEFAULTS, Variant, split_options
+from optgen.transforms import DEFAULTS, TransformOptions, split_options
 from optgen.types import DTYPES
 
 EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
@@ -41,7 +41,7 @@ def check_spec(spec: str):
     return checked
 
 
-def _parse_with(values: tuple[str, ...]) -> tuple[dict[str, object], Variant]:
+def _parse_with(values: tuple[str, ...]) -> tuple[dict[str, object], TransformOptions]:
     """``--with`` items: the spec's options, and the options every spec takes (transforms)."""
     options = {}
     for item in values:
@@ -53,8 +53,8 @@ def _parse_with(values: tuple[str, ...]) -> tuple[dict[str, object], Variant]:
                 code="E009",
             )
         options[name.strip()] = _with_value(text.strip())
-    variant, options = split_options(options)
-    return options, variant
+    transform_options, options = split_options(options)
+    return options, transform_options
 
 
 def _with_value(text: str) -> object:
@@ -113,14 +113,14 @@ def _platforms(text: str) -> list[str]:
 
 
 class _Group(click.Group):
-    """Turns SpecError from any command into a diagnostic and exit status 1, Ctrl-C into 130."""
+    """Turns a Diagnostic from any command into its rendering and exit status 1, Ctrl-C into 130."""
 
     def invoke(self, ctx):
         try:
             result = super().invoke(ctx)
             _flush_stdout()
             return result
-        except SpecError as err:
+        except Diagnostic as err:
             click.echo(err.render(), err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
@@ -176,7 +176,7 @@ def main():
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after each pass to stderr.")
 def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir_after_all):
     """Compile SPEC (a built-in name or a .spec file) and print the chosen stage."""
-    (options, variant), shape = _parse_with(with_), _shape(shape)
+    (options, transform_options), shape = _parse_with(with_), _shape(shape)
     pipeline = (
         passes_mod.parse_pipeline(passes) if passes is not None else passes_mod.DEFAULT_PIPELINE
     )
@@ -190,14 +190,15 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
         click.echo(f"// ----- IR after {name} -----\n{print_function(func)}", err=True)
 
     compiled = compile_checked(
-        checked, options, pipeline, after_each if print_ir_after_all else None, variant
+        checked, options, pipeline, after_each if print_ir_after_all else None, transform_options
     )
     dims = shape.split(",")
     if compiled.program.factoring.enabled and len(dims) > 1 and not all(d.isdigit() for d in dims):
         raise SpecError(
-            f"{checked.name} has row and column state, so --shape needs sizes, not names (got {shape})",
-            hint="which axes are factored depends on the sizes (min_dim_size_to_factor): "
-            "give numbers, e.g. --shape 256,512, or one dim (--shape n)",
+            f"{checked.name} has row and column state, so --shape needs sizes, not names (got "
+            f"{shape})",
+            hint="which axes are factored depends on the sizes (min_dim_size_to_factor): give "
+            "numbers, e.g. --shape 256,512, or one dim (--shape n)",
             code="E016",
         )
     if emit in ("ir", "ir-opt"):
@@ -250,10 +251,12 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
 )
 def inspect(spec, dtype, elements, lowering, run, with_):
     """Report what XLA made of SPEC: kernels, bytes and flops per element, speed."""
-    from optgen.inspect import inspect as inspect_step  # imports jax's compiler only when asked
+    from optgen.kernel_report import (
+        inspect as inspect_step,  # imports jax's compiler only when asked
+    )
 
-    options, variant = _parse_with(with_)
-    compiled = compile_checked(check_spec(spec), options, variant=variant)
+    options, transform_options = _parse_with(with_)
+    compiled = compile_checked(check_spec(spec), options, transform_options=transform_options)
     report = inspect_step(compiled.program, DTYPES[dtype], elements, lowering, run)
     print_out(
         "".join(
@@ -276,8 +279,8 @@ def inspect(spec, dtype, elements, lowering, run, with_):
 )
 def check(spec, with_):
     """Parse and check SPEC; print "ok" or the first error."""
-    options, variant = _parse_with(with_)
-    compile_checked(check_spec(spec), options, passes=(), variant=variant)
+    options, transform_options = _parse_with(with_)
+    compile_checked(check_spec(spec), options, passes=(), transform_options=transform_options)
     print_out(f"{spec}: ok\n")
 
 
@@ -305,16 +308,16 @@ def check(spec, with_):
 def opt(file, passes, split_input_file, with_, output):
     """Run passes over the IR text in FILE (- for stdin) and print the IR they give."""
     pipeline = passes_mod.parse_pipeline(passes)
-    spec_options, variant = _parse_with(with_)
+    spec_options, transform_options = _parse_with(with_)
     if spec_options:
         raise SpecError(
-            f"--with {', '.join(spec_options)}: IR text has no spec, so only the "
-            "options every spec takes apply",
+            f"--with {', '.join(spec_options)}: IR text has no spec, so only the options every "
+            "spec takes apply",
             hint="those are: " + ", ".join(DEFAULTS),
             code="E034",
         )
     source = ir_opt.read_ir(file)
-    _write(output, ir_opt.optimize_source(source, pipeline, split_input_file, variant))
+    _write(output, ir_opt.optimize_source(source, pipeline, split_input_file, transform_options))
 
 
 @main.command("list")
@@ -340,7 +343,9 @@ def _write(output: str | None, text: str) -> None:
 
 
 def print_out(text: str) -> None:
-    """Write to standard output; a closed, full or broken one is a diagnostic (E017), not a traceback."""
+    """Write to standard output; a closed, full or broken one is a diagnostic (E017), not a
+    traceback.
+    """
     if sys.stdout is None:  # the command was started with its standard output closed
         raise SpecError(
             "standard output is closed, so there is nowhere to print to",

@@ -8,11 +8,11 @@ from dataclasses import dataclass, replace
 from optgen.checker import CheckedSpec, check
 from optgen.ir import Function, Program
 from optgen.library import builtin_names, read_spec
-from optgen.lower import lower, resolve_options
+from optgen.lower import lower_spec, resolve_options
 from optgen.parser import parse
 from optgen.passes import DEFAULT_PIPELINE, known_passes, run_pipeline
 from optgen.transforms import DEFAULTS as SHARED_OPTIONS
-from optgen.transforms import Variant
+from optgen.transforms import TransformOptions
 
 
 @dataclass(frozen=True)
@@ -43,18 +43,18 @@ def compile_checked(
     options: dict[str, object] | None = None,
     passes: Iterable[str] = DEFAULT_PIPELINE,
     after_each: Callable[[str, Function], None] | None = None,
-    variant: Variant = Variant(),
+    transform_options: TransformOptions = TransformOptions(),
 ) -> Compiled:
     """Lower and optimize a checked spec.
 
-    ``options`` overrides the spec's ``option`` defaults; ``variant`` holds the
+    ``options`` overrides the spec's ``option`` defaults; ``transform_options`` holds the
     options that are transforms (``clipnorm``, ``use_ema``, ...), applied right after
     lowering; ``passes`` names the passes to run (both the update and init functions
     go through them); ``after_each`` is called with each pass's name and output, for
     ``--print-ir-after-all``.
     """
     resolved = resolve_options(checked, options or {}, tuple(SHARED_OPTIONS))
-    lowered = variant.apply(lower(checked, resolved))
+    lowered = transform_options.apply(lower_spec(checked, resolved))
     passes = known_passes(passes)
     program = replace(
         lowered,

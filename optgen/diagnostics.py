@@ -1,11 +1,11 @@
 """Diagnostics that point at the spec: ``file:line:col: error: ...``, the line, a caret, a hint.
 
-Every user mistake, at any stage, becomes a :class:`SpecError` with a stable code
-from :mod:`optgen.errors` (``bad.spec:3:5: error[E209]: unknown name 'x'``). The CLI
-prints ``render()`` and exits with status 1; the Python API raises it. Wrong values
-given at run time (parameter trees, hyperparameters, saved state) raise its subclass
-:class:`InputError`. No stage lets a Python traceback reach a user for something the
-user wrote.
+Every user mistake, at any stage, becomes a :class:`Diagnostic` with a stable code
+from :mod:`optgen.errors`: a :class:`SpecError` for a mistake in a spec
+(``bad.spec:3:5: error[E209]: unknown name 'x'``), an :class:`InputError` (also a
+``ValueError``) for a wrong value given at run time (parameter trees, hyperparameters,
+saved state). The CLI prints ``render()`` and exits with status 1; the Python API raises
+it. No stage lets a Python traceback reach a user for something the user wrote.
 """
 
 from __future__ import annotations
@@ -37,13 +37,16 @@ class Source:
     filename: str
 
     def line_text(self, line: int) -> str:
-        # Lines end at "\n" only, as the lexer counts them (str.splitlines also splits at \f, \x1c, ...).
+        # Lines end at "\n" only, as the lexer counts them (str.splitlines also splits at \f, \x1c,
+        # ...).
         lines = self.text.split("\n")
         return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
 
 
-class SpecError(Exception):
-    """A mistake in a spec (or in how it is used), located in the spec's text."""
+class Diagnostic(Exception):
+    """A user mistake, explained: a catalog code, a message, the place (a spec's text, when
+    there is one) and a hint. :class:`SpecError` and :class:`InputError` are its two kinds.
+    """
 
     def __init__(
         self,
@@ -69,7 +72,8 @@ class SpecError(Exception):
             where = f"{self.source.filename}: " if self.source else ""
             out = [f"{where}{label}: {self.message}"]
         else:
-            # Control characters (NUL, escapes) print as '?', one for one, so the caret stays aligned.
+            # Control characters (NUL, escapes) print as '?', one for one, so the caret stays
+            # aligned.
             line = "".join(
                 ch if ch.isprintable() or ch == "\t" else "?"
                 for ch in self.source.line_text(self.span.line)
@@ -95,7 +99,11 @@ class SpecError(Exception):
         return self.render()
 
 
-class InputError(SpecError, ValueError):
+class SpecError(Diagnostic):
+    """A mistake in a spec (or in how it is compiled), located in the spec's text."""
+
+
+class InputError(Diagnostic, ValueError):
     """A wrong value given to an optimizer at run time: a parameter tree, a hyperparameter,
     saved state. Raised before anything is computed or donated; names the leaf and what
     was expected."""

@@ -127,7 +127,8 @@ CATALOG: dict[str, str] = {
     "E348": "get_config of a value that cannot be written down",
     "E349": "the config's spec file has changed",
     "E350": "save_state given something other than a state and its optimizer",
-    "E351": "the saved state's hyperparameters are schedules where the optimizer's are constants, or the reverse",
+    "E351": "the saved state's hyperparameters are schedules where the optimizer's are "
+    "constants, or the reverse",
     "E360": "a matrix op reached a parameter that is not a matrix",
     "E361": "outputs asked of a spec that declares none",
     "E362": "a declared input missing from update or step, or an unknown one given",

@@ -49,7 +49,9 @@ def write(
 
 
 def read(path: str | os.PathLike, magic: bytes) -> tuple[dict, memoryview]:
-    """The header and payload of a framed file; raises :class:`Unreadable`, :class:`Foreign` or :class:`Damaged`."""
+    """The header and payload of a framed file; raises :class:`Unreadable`, :class:`Foreign` or
+    :class:`Damaged`.
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as err:

@@ -80,7 +80,7 @@ class _Intervals:
             moved = {
                 name: tuple(
                     b if b == old else w
-                    for b, old, w in zip(hull(iv, env.get(name, iv)), iv, (-INF, INF))
+                    for b, old, w in zip(hull(iv, env.get(name, iv)), iv, (-INF, INF), strict=True)
                 )
                 for name, iv in states.items()
             }
@@ -174,9 +174,8 @@ class _Intervals:
         with np.errstate(all="ignore"):
             value = float(op.numpy(*(np.float64(lo) for lo, _ in args)))
         if math.isfinite(value) or math.isnan(value) or not self.report or opcode == "div":
-            return (
-                value if math.isfinite(value) else None
-            )  # nan: the warnings say why; x / 0 is E218 below
+            # nan: the warnings say why; x / 0 is E218 below
+            return value if math.isfinite(value) else None
         if opcode == "pow" and args[0][0] == 0:
             raise SpecError(
                 "division by zero: 0 to a negative power",
@@ -200,10 +199,11 @@ class _Intervals:
             return (a[0] - b[1], a[1] - b[0])
         if node.op == "*":
             if ast.format_expr(node.left) == ast.format_expr(node.right):  # x * x: a square
+                # (x ** 2 raises OverflowError past 1e154; x * x is inf)
                 squares = (
                     a[0] * a[0],
                     a[1] * a[1],
-                )  # (x ** 2 raises OverflowError past 1e154; x * x is inf)
+                )
                 return (0.0 if a[0] <= 0 <= a[1] else min(squares), max(squares))
             return _mul(a, b)
         if node.op == "/":
@@ -247,8 +247,8 @@ class _Intervals:
             message,
             self.spec.source,
             node.span,
-            "declare the ranges that keep it >= 0 "
-            "(e.g. hyper b2 = 0.999 in [0, 1)), or take abs() or max(x, 0) first",
+            "declare the ranges that keep it >= 0 (e.g. hyper b2 = 0.999 in [0, 1)), or take "
+            "abs() or max(x, 0) first",
             code=code,
         )
 

@@ -17,6 +17,7 @@ again gives the same text.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
 
@@ -106,9 +107,8 @@ class Program:
     update: Function
     init: Function
     state_dtypes: dict[str, str | None] = field(default_factory=dict)
-    state_extents: dict[str, str] = field(
-        default_factory=dict
-    )  # step, leaf, row, col or tensor; p is a tensor
+    # step, leaf, row, col or tensor; p is a tensor
+    state_extents: dict[str, str] = field(default_factory=dict)
     factoring: Factoring = NOT_FACTORED  # which parameters have rows and columns (optgen.types)
     derived: Function | None = None  # the spec's outputs, from p, t, the states and hyperparameters
     extra_inputs: tuple[
@@ -121,7 +121,9 @@ class Program:
 
 
 def result_type(opcode: str, operands: tuple[Value, ...], attr=None) -> Type:
-    """The type an op produces from its operands' types, by the op table (raises IRError if they misfit)."""
+    """The type an op produces from its operands' types, by the op table (raises IRError if they
+    misfit).
+    """
     if opcode == "const":
         return Type("step", "bool" if isinstance(attr, bool) else "float")
     if opcode not in OPS:
@@ -288,12 +290,7 @@ def _parse_body(lines: list[tuple[int, str]]) -> Function:
 
     ops, op_lines, outputs = [], [], None
     for number, line in lines[1:-1]:
-
-        def lookup(ref: str) -> Value:
-            ref = ref.strip()
-            if not ref.startswith("%") or ref[1:] not in values:
-                raise IRError(f"unknown value '{ref}'").at(number, line, ref)
-            return values[ref[1:]]
+        lookup = functools.partial(_lookup, values, number, line)
 
         text = line.strip()
         if outputs is not None:
@@ -334,3 +331,11 @@ def _parse_body(lines: list[tuple[int, str]]) -> Function:
     except IRError as err:
         raise err.at(*op_lines[err.op]) if err.op is not None else err.at(*lines[-2]) from None
     return func
+
+
+def _lookup(values: dict, number: int, line: str, ref: str) -> Value:
+    """The value ``ref`` (``%name``) names, or an IRError at its place on the line."""
+    ref = ref.strip()
+    if not ref.startswith("%") or ref[1:] not in values:
+        raise IRError(f"unknown value '{ref}'").at(number, line, ref)
+    return values[ref[1:]]

@@ -1,6 +1,8 @@
-"""``optgen.keras.Optimizer``: any spec as a Keras 3 optimizer, for ``model.compile`` and ``model.fit``.
+"""``optgen.keras.Optimizer``: any spec as a Keras 3 optimizer, for ``model.compile`` and
+``model.fit``.
 
-    >>> model.compile(optimizer=optgen.keras.Optimizer("keras/adamw", learning_rate=1e-3), loss="mse")
+    >>> optimizer = optgen.keras.Optimizer("keras/adamw", learning_rate=1e-3)
+    >>> model.compile(optimizer=optimizer, loss="mse")
 
 It runs on Keras's JAX backend only. ``model.fit`` calls the optimizer through
 ``stateless_apply``, inside the jitted train step; there :meth:`Optimizer.apply` runs the
@@ -65,7 +67,7 @@ class Optimizer(keras.optimizers.Optimizer):
     ):
         if keras.backend.backend() != "jax":
             raise SpecError(
-                f"optgen.keras.Optimizer runs on Keras's JAX backend; this Keras runs on "
+                "optgen.keras.Optimizer runs on Keras's JAX backend; this Keras runs on "
                 f"'{keras.backend.backend()}'",
                 hint="set KERAS_BACKEND=jax before keras is first imported",
                 code="E370",
@@ -73,8 +75,8 @@ class Optimizer(keras.optimizers.Optimizer):
         if "mask" in spec_arguments:
             raise SpecError(
                 "optgen.keras.Optimizer takes no mask: it selects weight decay per Keras variable",
-                hint="use exclude_from_weight_decay (names or optimizer.exclude_from_weight_decay("
-                "var_list=...)) and include_in_weight_decay",
+                hint="use exclude_from_weight_decay (names or "
+                "optimizer.exclude_from_weight_decay(var_list=...)) and include_in_weight_decay",
                 code="E372",
             )
         if (
@@ -106,25 +108,25 @@ class Optimizer(keras.optimizers.Optimizer):
         )
         self.spec, self.sha256 = spec, sha256
         self.include_in_weight_decay = include_in_weight_decay
-        # Everything optgen.load takes but the learning rate (Keras's, given at each step) and the mask (at build).
+        # Everything optgen.load takes but the learning rate (Keras's, given at each step) and the
+        # mask (at build).
         self._arguments = dict(
             spec_arguments, **{k: v for k, v in keras_transforms.items() if v is not None}
         )
         if weight_decay is not None:
             self._arguments["weight_decay"] = weight_decay
-        self._optimizer = (
-            self._load()
-        )  # errors in the arguments surface here, not at the first step
-        self._unmasked = (
-            self._optimizer
-        )  # what get_config writes down; build adds Keras's exclusions as a mask
+        # errors in the arguments surface here, not at the first step
+        self._optimizer = self._load()
+        # what get_config writes down; build adds Keras's exclusions as a mask
+        self._unmasked = self._optimizer
         if exclude_from_weight_decay:
             self.exclude_from_weight_decay(var_names=exclude_from_weight_decay)
 
     def _load(self, mask=None) -> optgen.Optimizer:
         return optgen.load(self.spec, **self._arguments, **({} if mask is None else {"mask": mask}))
 
-    @no_automatic_dependency_tracking  # as Keras's own build: the lists below are not optimizer variables
+    # As Keras's own build: the lists below are not optimizer variables.
+    @no_automatic_dependency_tracking
     def build(self, variables):
         """Create the state: one Keras variable per leaf of ``optgen.load(spec).init(params)``."""
         if self.built:
@@ -136,8 +138,9 @@ class Optimizer(keras.optimizers.Optimizer):
         ]
         if not all(decays):
             self._optimizer = self._load(mask=decays)
-        # From host copies, so the state is uncommitted as Keras's own variables are: a mix of committed
-        # and uncommitted arrays made model.fit compile its train step a second time in its second fit.
+        # From host copies, so the state is uncommitted as Keras's own variables are: a mix of
+        # committed and uncommitted arrays made model.fit compile its train step a second time in
+        # its second fit.
         state = self._optimizer.init(jax.device_get([v.value for v in variables]))
         leaves, self._state_def = jax.tree.flatten(state)
         names = [
@@ -154,13 +157,14 @@ class Optimizer(keras.optimizers.Optimizer):
                 self._state_variables.append(variable)
         self._trainable_variables = variables[:]
         self._trainable_variables_indices = {self._var_key(v): i for i, v in enumerate(variables)}
-        self._step = jax.jit(
-            self._optimizer.step
-        )  # jitted here, so optgen's donation never reaches Keras's arrays
+        # jitted here, so optgen's donation never reaches Keras's arrays
+        self._step = jax.jit(self._optimizer.step)
         self.built = True
 
     def apply(self, grads, trainable_variables=None):
-        """One optgen step on the variables (or, in ``stateless_apply``, on the values Keras maps them to)."""
+        """One optgen step on the variables (or, in ``stateless_apply``, on the values Keras maps
+        them to).
+        """
         if trainable_variables is not None and not self.built:
             self.build(trainable_variables)
         if not self.built:
@@ -171,7 +175,8 @@ class Optimizer(keras.optimizers.Optimizer):
         if trainable_variables is not None:
             grads = self._in_built_order(grads, list(trainable_variables))
         state = jax.tree.unflatten(self._state_def, [v.value for v in self._state_variables])
-        # Keras's learning rate (a variable, or a schedule of its iteration count) drives the spec's.
+        # Keras's learning rate (a variable, or a schedule of its iteration count) drives the
+        # spec's.
         stored = state.hyperparams["learning_rate"]
         learning_rate = keras.ops.convert_to_tensor(self.learning_rate).astype(stored.dtype)
         state = state._replace(hyperparams={**state.hyperparams, "learning_rate": learning_rate})
@@ -185,14 +190,16 @@ class Optimizer(keras.optimizers.Optimizer):
         self._iterations.assign_add(1)
 
     def _in_built_order(self, grads, given: list) -> list:
-        """``grads`` (one per variable of ``given``) in the order of the variables the optimizer was built with."""
+        """``grads`` (one per variable of ``given``) in the order of the variables the optimizer was
+        built with.
+        """
         order = [self._trainable_variables_indices.get(self._var_key(v)) for v in given]
         if sorted(i for i in order if i is not None) != list(range(len(self._trainable_variables))):
             raise SpecError(
                 f"apply_gradients got {len(given)} variables; this optimizer was built with "
                 f"{len(self._trainable_variables)} others, and updates all of them in one step",
-                hint="pass a gradient for every variable the optimizer was built with (any order), "
-                "or use one optimizer per set of variables",
+                hint="pass a gradient for every variable the optimizer was built with (any "
+                "order), or use one optimizer per set of variables",
                 code="E373",
             )
         ordered = [None] * len(order)
@@ -201,28 +208,30 @@ class Optimizer(keras.optimizers.Optimizer):
         return ordered
 
     def finalize_variable_values(self, var_list):
-        """With ``use_ema``: the moving averages into the model's variables (as Keras does after ``fit``)."""
+        """With ``use_ema``: the moving averages into the model's variables (as Keras does after
+        ``fit``).
+        """
         if not self.use_ema:
             return
         state = jax.tree.unflatten(self._state_def, [v.value for v in self._state_variables])
         for variable, value in zip(
             var_list, self._optimizer.finalize([v.value for v in var_list], state), strict=True
         ):
-            variable.assign(
-                jax.numpy.copy(value)
-            )  # its own buffer: model.fit donates model and optimizer variables
+            # its own buffer: model.fit donates model and optimizer variables
+            variable.assign(jax.numpy.copy(value))
 
     def get_config(self) -> dict[str, Any]:
-        """Keras's config, the spec (its name, or path and SHA-256) and its hyperparameters and options."""
+        """Keras's config, the spec (its name, or path and SHA-256) and its hyperparameters and
+        options.
+        """
         spec = self._unmasked.get_config()
         hypers = {
             k: v
             for k, v in spec["hyperparameters"].items()
             if k not in ("learning_rate", "weight_decay")
         }
-        config = (
-            super().get_config()
-        )  # holds Keras's own transform arguments (clipnorm, use_ema, ...)
+        # holds Keras's own transform arguments (clipnorm, use_ema, ...)
+        config = super().get_config()
         others = {
             k: v for k, v in spec["transforms"].items() if k not in config
         }  # optgen's own: skip_nonfinite
@@ -240,16 +249,20 @@ class Optimizer(keras.optimizers.Optimizer):
         )
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Keras's: no weight decay on these variables, nor on those whose name matches a fragment (``re.search``)."""
+        """Keras's: no weight decay on these variables, nor on those whose name matches a fragment
+        (``re.search``).
+        """
         super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
-        # What get_config can write down (names), and whether there is more (variables, which it cannot).
+        # What get_config can write down (names), and whether there is more (variables, which it
+        # cannot).
         self._excluded = (bool(var_list), list(var_names) if var_names else None)
 
     def _exclude_from_weight_decay_names(self) -> list[str] | None:
         by_variable, var_names = getattr(self, "_excluded", (False, None))
         if by_variable:
             raise SpecError(
-                "get_config cannot write down exclude_from_weight_decay(var_list=...): it holds variables",
+                "get_config cannot write down exclude_from_weight_decay(var_list=...): it holds "
+                "variables",
                 hint="exclude by names instead: exclude_from_weight_decay(var_names=[...])",
                 code="E348",
             )

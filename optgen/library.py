@@ -78,7 +78,8 @@ def _read_file(path: Path) -> Source:
         raise SpecError(f"cannot read '{path}': {err.strerror}", code="E004") from None
     if len(data) > limit:
         raise SpecError(
-            f"'{path}' is more than {limit:,} bytes; a spec is at most {MAX_SPEC_CHARS:,} characters",
+            f"'{path}' is more than {limit:,} bytes; a spec is at most {MAX_SPEC_CHARS:,} "
+            "characters",
             hint="is this the right file?",
             code="E008",
         )

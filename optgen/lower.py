@@ -31,7 +31,7 @@ def resolve_options(
             raise SpecError(
                 f"'{name}' is a hyperparameter of '{checked.name}', not an option",
                 code="E303",
-                hint=f"a hyperparameter is set when the optimizer runs, not compiled in: "
+                hint="a hyperparameter is set when the optimizer runs, not compiled in: "
                 f"optgen.load('{checked.name}', {name}=...), or the kernel's '{name}' input",
             )
         if name not in options:
@@ -54,7 +54,7 @@ def resolve_options(
     return options
 
 
-def lower(checked: CheckedSpec, options: dict[str, bool]) -> Program:
+def lower_spec(checked: CheckedSpec, options: dict[str, bool]) -> Program:
     """Lower ``checked`` with resolved ``options`` to the update and init functions."""
     return _Lowering(checked, options).run()
 
@@ -117,8 +117,9 @@ class _Lowering:
         return Function(f"{spec.name.id}.outputs", tuple(inputs), tuple(self.builder.ops), outputs)
 
     def select(self, stmts) -> list:
-        """Resolve options: keep the branches they select and unroll repeats; an ``if`` on shapes stays,
-        with its branches resolved."""
+        """Resolve options: keep the branches they select and unroll repeats; an ``if`` on shapes
+        stays, with its branches resolved.
+        """
         out = []
         for stmt in stmts:
             if isinstance(stmt, ast.Assign):
@@ -146,7 +147,9 @@ class _Lowering:
         return out
 
     def condition(self, cond: ast.Expr) -> bool | ast.Expr:
-        """``cond`` with its options replaced by their values: a bool, or what is left to test on shapes."""
+        """``cond`` with its options replaced by their values: a bool, or what is left to test on
+        shapes.
+        """
         if isinstance(cond, ast.Bool):
             return cond.value
         if isinstance(cond, ast.Name):

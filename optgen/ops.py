@@ -203,8 +203,8 @@ OPS: dict[str, OpDef] = {
         OpDef(
             "col_mean",
             (F,),
-            "mean over each column's elements (a factored parameter's second-largest axis; "
-            "all of an unfactored one); on a row value, one number per batch",
+            "mean over each column's elements (a factored parameter's second-largest axis; all of "
+            "an unfactored one); on a row value, one number per batch",
             reduces={"tensor": "col", "row": "row"},
             spec=True,
             interval=lambda a: a,
@@ -379,8 +379,8 @@ FUNCTIONS: dict[str, FunctionDef] = {
         FunctionDef(
             "global_sum",
             (F,),
-            "the sum over every parameter of x (of its elements, or of one number per "
-            "parameter): global_sum(g * d) is the dot product of g and d across all parameters",
+            "the sum over every parameter of x (of its elements, or of one number per parameter): "
+            "global_sum(g * d) is the dot product of g and d across all parameters",
             dict.fromkeys(("leaf", *_ARRAYS), "step"),
             _nonneg_if_nonneg,
             lower=lambda b, a, loc: b.op(

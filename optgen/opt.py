@@ -1,9 +1,10 @@
 """``optgen opt``: run passes over IR text, as ``mlir-opt`` and ``xdsl-opt`` do.
 
 IR text in (a file or standard input), IR text out: every function in the input goes
-through the pipeline and is printed again. With a :class:`~optgen.transforms.Variant` (``--with
-clipnorm=1.0``), the functions are a program as ``optgen compile --emit ir`` prints it (update,
-init, and the outputs' function if any), and the options every spec takes rewrite it first. With
+through the pipeline and is printed again. With
+:class:`~optgen.transforms.TransformOptions` (``--with clipnorm=1.0``), the functions are a
+program as ``optgen compile --emit ir`` prints it (update, init, and the outputs' function if
+any), and the options every spec takes rewrite it first. With
 ``split=True`` the input is cut at lines starting with ``// -----`` and each piece is handled on
 its own (the golden files in ``tests/golden`` hold many cases that way). Every mistake in the
 input is a SpecError located at its line: E030-E031 reading it, E032 text the parser cannot read,
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from optgen.diagnostics import Source, Span, SpecError
 from optgen.ir import IRError, Program, parse_functions, print_function
 from optgen.passes import run_pipeline
-from optgen.transforms import Variant
+from optgen.transforms import TransformOptions
 
 SPLIT_MARKER = "// -----"
 _SPLIT = re.compile(r"^// -----.*$", re.M)
@@ -37,8 +38,8 @@ def read_ir(path: str) -> Source:
     except OSError as err:
         raise SpecError(
             f"cannot read '{name}': {err.strerror or err}",
-            hint="give the path of an IR file (optgen compile SPEC --emit ir writes one), "
-            "or - for standard input",
+            hint="give the path of an IR file (optgen compile SPEC --emit ir writes one), or - "
+            "for standard input",
             code="E030",
         ) from None
     try:
@@ -53,14 +54,20 @@ def read_ir(path: str) -> Source:
 
 
 def optimize_source(
-    source: Source, passes: Iterable[str], split: bool = False, variant: Variant = Variant()
+    source: Source,
+    passes: Iterable[str],
+    split: bool = False,
+    transform_options: TransformOptions = TransformOptions(),
 ) -> str:
-    """The text of every function in ``source`` after ``variant``'s transforms and ``passes``; with
-    ``split``, each piece between ``// -----`` lines separately, the results joined by ``// -----``."""
+    """The text of every function in ``source`` after ``transform_options``'s transforms and
+    ``passes``; with ``split``, each piece between ``// -----`` lines separately, the results
+    joined by ``// -----``.
+    """
     passes = tuple(passes)
     pieces = _pieces(source.text) if split else [(1, source.text)]
     results = [
-        _optimize_piece(source, text, first_line, passes, variant) for first_line, text in pieces
+        _optimize_piece(source, text, first_line, passes, transform_options)
+        for first_line, text in pieces
     ]
     return f"{SPLIT_MARKER}\n".join(results)
 
@@ -69,28 +76,35 @@ def _pieces(text: str) -> list[tuple[int, str]]:
     """(first line number, text) of each piece between split markers."""
     starts = [0] + [marker.end() + 1 for marker in _SPLIT.finditer(text)]
     ends = [marker.start() for marker in _SPLIT.finditer(text)] + [len(text)]
-    return [(text.count("\n", 0, start) + 1, text[start:end]) for start, end in zip(starts, ends)]
+    return [
+        (text.count("\n", 0, start) + 1, text[start:end])
+        for start, end in zip(starts, ends, strict=True)
+    ]
 
 
 def _optimize_piece(
-    source: Source, text: str, first_line: int, passes: tuple[str, ...], variant: Variant
+    source: Source,
+    text: str,
+    first_line: int,
+    passes: tuple[str, ...],
+    transform_options: TransformOptions,
 ) -> str:
     funcs = _parse(source, text, first_line)
-    if variant.settings:
+    if transform_options.settings:
         if len(funcs) not in (2, 3):
             header = first_line + next(
                 i for i, line in enumerate(text.splitlines()) if line.lstrip().startswith("func")
             )
             raise SpecError(
-                f"--with rewrites a program, but this piece holds {len(funcs)} function"
-                f"{'s' if len(funcs) != 1 else ''}",
+                f"--with rewrites a program, but this piece holds {len(funcs)} "
+                f"function{'s' if len(funcs) != 1 else ''}",
                 source,
                 Span(header, 1, header, len(source.line_text(header)) + 1),
                 code="E035",
                 hint="give the update function, then the init function (and the outputs' "
                 "function, if any), as optgen compile --emit ir prints them",
             )
-        program = variant.apply(
+        program = transform_options.apply(
             Program(funcs[0], funcs[1], derived=funcs[2] if len(funcs) == 3 else None)
         )
         funcs = [f for f in (program.update, program.init, program.derived) if f is not None]

@@ -22,9 +22,8 @@ from lark.indenter import DedentError, Indenter
 from optgen import syntax as ast
 from optgen.diagnostics import Source, Span, SpecError, did_you_mean
 
-MAX_SPEC_CHARS = (
-    1 << 17
-)  # real specs are about 1 KB; this bounds parse time (~0.1 ms a token) and memory
+# real specs are about 1 KB; this bounds parse time (~0.1 ms a token) and memory
+MAX_SPEC_CHARS = 1 << 17
 MAX_DEPTH = 100  # nesting of expressions and blocks; the checker and lowering recurse this deep
 
 
@@ -96,8 +95,8 @@ class _SpecIndenter(Indenter):
         if any((w8 > a8, w8 == a8) != (w1 > a1, w1 == a1) for a8, a1 in self.widths):
             line = token.end_line
             raise _LocatedError(
-                "this line's indentation mixes tabs and spaces, so which block it is in "
-                "depends on the tab width",
+                "this line's indentation mixes tabs and spaces, so which block it is in depends "
+                "on the tab width",
                 Span(line, 1, line, len(indent) + 1),
                 "indent with spaces only (or with tabs only)",
                 code="E108",
@@ -142,8 +141,8 @@ def _float(tok: Token) -> float:
     value = float(tok)
     if math.isinf(value) or (value == 0 and re.search(r"[1-9]", tok.split("e")[0].split("E")[0])):
         raise _LocatedError(
-            f"the number {tok} is {'too large' if value else 'too small'} for float64 "
-            f"(it would be {value:g})",
+            f"the number {tok} is {'too large' if value else 'too small'} for float64 (it would be "
+            f"{value:g})",
             _span(tok),
             "write inf in a range bound; otherwise a number within about 1e-308 to 1.8e308",
             code="E109",
@@ -354,9 +353,8 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SpecError:
         hint = _keyword_hint(str(tok), source.line_text(tok.line)) or _hint(tok, err.expected, line)
         return SpecError(f"unexpected {got}", source, span, hint, code="E102")
     expected = err.expected if isinstance(err, (UnexpectedToken, UnexpectedEOF)) else set()
-    last = (
-        source.text.rstrip("\n").count("\n") + 1
-    )  # lines end at "\n" only, as the lexer counts them
+    # lines end at "\n" only, as the lexer counts them
+    last = source.text.rstrip("\n").count("\n") + 1
     end_col = len(source.line_text(last)) + 1
     return SpecError(
         "unexpected end of file",
@@ -392,7 +390,9 @@ _LOOPS = {
 
 
 def _keyword_hint(token: str, line: str) -> str | None:
-    """'did you mean' for a misspelt keyword: the unexpected word, or a line's first word used as one."""
+    """'did you mean' for a misspelt keyword: the unexpected word, or a line's first word used as
+    one.
+    """
     first = re.match(r"\s*([A-Za-z_]\w*)(\s+[A-Za-z_]|\s*:)", line)
     if first and first[1] in _LOOPS:
         return _LOOPS[first[1]]

@@ -7,9 +7,10 @@ rebuild them. Each evaluates exactly as the optax function of the same name (it 
 it), at ``state.count`` before the step (the number of calls so far, as Keras counts):
 
 - ``constant(value)``: ``optax.constant_schedule``;
-- ``cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0)``: ``optax.cosine_decay_schedule``;
-- ``warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0, exponent=1.0)``:
-  ``optax.warmup_cosine_decay_schedule``;
+- ``cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0)``:
+  ``optax.cosine_decay_schedule``;
+- ``warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0,
+  exponent=1.0)``: ``optax.warmup_cosine_decay_schedule``;
 - ``exponential_decay(init_value, transition_steps, decay_rate, transition_begin=0, staircase=False,
   end_value=None)``: ``optax.exponential_decay``;
 - ``piecewise_constant(init_value, boundaries_and_scales)``: ``optax.piecewise_constant_schedule``.
@@ -58,7 +59,8 @@ class Schedule:
         return self._fn(count)
 
     def __repr__(self) -> str:
-        return f"optgen.schedules.{self.name}({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"optgen.schedules.{self.name}({arguments})"
 
     def config(self) -> dict[str, Any]:
         return {"schedule": self.name, **self.kwargs}

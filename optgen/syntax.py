@@ -71,7 +71,9 @@ class If:
 
 @dataclass(frozen=True)
 class Repeat:
-    """``repeat N:``: the body, N times in a row; N is a count or a numeric option (fixed at compile time)."""
+    """``repeat N:``: the body, N times in a row; N is a count or a numeric option (fixed at compile
+    time).
+    """
 
     count: Number | Name
     body: tuple[Stmt, ...]
@@ -124,7 +126,9 @@ class Option:
 
 @dataclass(frozen=True)
 class State:
-    """``state name[: shape dtype] = init``: per element (default), per parameter (``leaf``) or per step."""
+    """``state name[: shape dtype] = init``: per element (default), per parameter (``leaf``) or per
+    step.
+    """
 
     name: Name
     qualifiers: tuple[Name, ...]  # a shape and a storage dtype, each optional, in any order
@@ -143,8 +147,10 @@ class Input:
 
 @dataclass(frozen=True)
 class Output:
-    """``output name = expr``: a per-element value derived from ``p``, the states and the hyperparameters
-    (Schedule-Free's evaluation point), computed on request by ``Optimizer.outputs``."""
+    """``output name = expr``: a per-element value derived from ``p``, the states and the
+    hyperparameters (Schedule-Free's evaluation point), computed on request by
+    ``Optimizer.outputs``.
+    """
 
     name: Name
     value: Expr
@@ -166,7 +172,9 @@ class Spec:
 
 
 def walk(expr: Expr):
-    """Yield ``expr`` and every sub-expression, parents first (iteratively: specs may nest deeply)."""
+    """Yield ``expr`` and every sub-expression, parents first (iteratively: specs may
+    nest deeply).
+    """
     stack = [expr]
     while stack:
         node = stack.pop()
@@ -202,7 +210,8 @@ def format_spec(spec: Spec) -> str:
         for h in spec.hypers
     ]
     lines += [
-        f"  (option {o.name.id} {str(o.default).lower() if isinstance(o.default, bool) else o.default!r})"
+        f"  (option {o.name.id} "
+        f"{str(o.default).lower() if isinstance(o.default, bool) else o.default!r})"
         for o in spec.options
     ]
     lines += [
@@ -271,7 +280,9 @@ def _precedence(expr: Expr) -> int:
 
 
 def source_expr(expr: Expr) -> str:
-    """An expression as spec text, with only the parentheses the grammar needs: ``b1 * mu + (1 - b1) * g``."""
+    """An expression as spec text, with only the parentheses the grammar needs: ``b1 * mu + (1 - b1)
+    * g``.
+    """
 
     def wrapped(operand: Expr, at_least: int) -> str:
         text = source_expr(operand)
@@ -318,7 +329,8 @@ def format_source(spec: Spec) -> str:
         lines.append(f"hyper {h.name.id} = {_number(h.default)}{bounds or ''}")
     for o in spec.options:
         lines.append(
-            f"option {o.name.id} = {str(o.default).lower() if isinstance(o.default, bool) else _number(o.default)}"
+            f"option {o.name.id} = "
+            f"{str(o.default).lower() if isinstance(o.default, bool) else _number(o.default)}"
         )
     for s in spec.states:
         qualifiers = f": {' '.join(q.id for q in s.qualifiers)}" if s.qualifiers else ""

@@ -48,7 +48,8 @@ EXTENTS = ("step", "leaf", "row", "col", "tensor", "axes", "cr", "rr", "cc")
 STATE_EXTENTS = (*EXTENTS[:6], "rr", "cc")
 # Extents whose values combine elementwise only with themselves and with scalars.
 SEPARATE_EXTENTS = ("axes", "cr", "rr", "cc")
-# The axes of each matrix extent: (rows of the value, columns of the value), in the parameter's axes.
+# The axes of each matrix extent: (rows of the value, columns of the value), in the parameter's
+# axes.
 MATRIX_AXES = {"tensor": ("r", "c"), "cr": ("c", "r"), "rr": ("r", "r"), "cc": ("c", "c")}
 _BY_AXES = {axes: extent for extent, axes in MATRIX_AXES.items()}
 SCALAR_EXTENTS = ("step", "leaf")
@@ -87,7 +88,9 @@ def widest(extents) -> str:
 
 
 def matmul_extent(left: str, right: str) -> str:
-    """The extent of ``left @ right``: (a, b) @ (b, c) is (a, c); scalars and row/col values refuse."""
+    """The extent of ``left @ right``: (a, b) @ (b, c) is (a, c); scalars and row/col
+    values refuse.
+    """
     if left not in MATRIX_AXES or right not in MATRIX_AXES:
         raise ExtentError(f"a matrix product takes matrices, got {left} @ {right}")
     (a, b), (b2, c) = MATRIX_AXES[left], MATRIX_AXES[right]
@@ -110,13 +113,16 @@ def square_extent(extent: str) -> str:
     """The extent of ``eye(x)``: x's, which must be square (``rr`` or ``cc``)."""
     if extent not in ("rr", "cc"):
         raise ExtentError(
-            f"eye takes a square matrix (a Gram matrix such as x @ transpose(x)), got a {extent} value"
+            f"eye takes a square matrix (a Gram matrix such as x @ transpose(x)), got a {extent} "
+            "value"
         )
     return extent
 
 
 def fits(extent: str, container: str) -> bool:
-    """Whether a value of ``extent`` broadcasts to ``container`` (e.g. leaf into row, not row into col)."""
+    """Whether a value of ``extent`` broadcasts to ``container`` (e.g. leaf into row, not row into
+    col).
+    """
     try:
         return widest((extent, container)) == container
     except ExtentError:
@@ -132,7 +138,9 @@ class Factoring:
     min_dim_size: float
 
     def axes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The axes a ``row`` value and a ``col`` value of a parameter of ``shape`` are reduced over."""
+        """The axes a ``row`` value and a ``col`` value of a parameter of ``shape`` are reduced
+        over.
+        """
         if self.enabled and len(shape) >= 2:
             order = sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))  # as np.argsort
             second, largest = order[-2], order[-1]

@@ -1,9 +1,9 @@
 """canon: algebraic canonicalization.
 
 Rewrites that give the same value in IEEE arithmetic, up to the sign of a zero (or
-exactly what jnp computes for the same expression): ``x^2 -> x*x`` (as ``jnp`` squares), ``x^1 -> x``, ``x^0.5 -> sqrt(x)``,
-``x^-0.5 -> rsqrt(x)``, ``x*1 -> x``, ``x/1 -> x``, ``x+0 -> x``, ``x-0 -> x``,
-``0-x -> -x``, ``-(-x) -> x``, ``x+(-y) -> x-y``, ``x-(-y) -> x+y``.
+exactly what jnp computes for the same expression): ``x^2 -> x*x`` (as ``jnp`` squares),
+``x^1 -> x``, ``x^0.5 -> sqrt(x)``, ``x^-0.5 -> rsqrt(x)``, ``x*1 -> x``, ``x/1 -> x``,
+``x+0 -> x``, ``x-0 -> x``, ``0-x -> -x``, ``-(-x) -> x``, ``x+(-y) -> x-y``, ``x-(-y) -> x+y``.
 ``x*0 -> 0`` is not done: it is wrong for inf and nan.
 """
 

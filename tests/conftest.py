@@ -11,9 +11,8 @@ import pytest
 
 import optgen  # noqa: F401  (first: it sets XLA:CPU's fusion option before JAX starts a backend)
 
-os.environ.setdefault(
-    "KERAS_BACKEND", "jax"
-)  # the Keras tests (where Keras is installed) run on its JAX backend
+# the Keras tests (where Keras is installed) run on its JAX backend
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "cube": (2, 3, 4)}
 
@@ -55,10 +54,10 @@ def check_golden(path, update=False):
     cases = parts[::2]
     assert len(outputs) == len(cases), f"{path.name}: {len(cases)} cases, {len(outputs)} outputs"
     if update:
-        parts[::2] = [_with_checks(case, out) for case, out in zip(cases, outputs)]
+        parts[::2] = [_with_checks(case, out) for case, out in zip(cases, outputs, strict=True)]
         path.write_text("".join(parts))
         return
-    for number, (case, out) in enumerate(zip(cases, outputs), start=1):
+    for number, (case, out) in enumerate(zip(cases, outputs, strict=True), start=1):
         expected = "".join(
             line[len(CHECK) :].removeprefix(" ") + "\n"
             for line in case.splitlines()
@@ -177,7 +176,9 @@ def x64():
 
 
 class CompileCounter:
-    """Counts XLA compilations while active (``with count_compiles() as compiles: ...; compiles.n``)."""
+    """Counts XLA compilations while active (``with count_compiles() as compiles: ...;
+    compiles.n``).
+    """
 
     EVENT = "/jax/core/compile/backend_compile_duration"
 

@@ -20,7 +20,7 @@ LAYERS = [
     ("IR to IR", ["transforms", "passes"]),
     ("compiler", ["compiler", "opt"]),
     ("backends", ["codegen"]),
-    ("runtime and products", ["runtime", "artifact", "inspect"]),
+    ("runtime and products", ["runtime", "artifact", "kernel_report"]),
     ("program search", ["search"]),
     ("entry points", ["cli", "keras", "__init__"]),
 ]
@@ -28,7 +28,9 @@ LAYER = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
 
 
 def _modules():
-    """(name under optgen, path) for every module: optgen/X.py is X, passes/ is optgen.passes, ..."""
+    """(name under optgen, path) for every module: optgen/X.py is X, passes/ is
+    optgen.passes, ...
+    """
     for folder, package in (("optgen", ""), ("passes", "passes."), ("codegen", "codegen.")):
         for path in sorted((ROOT / folder).rglob("*.py")):
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
@@ -39,13 +41,15 @@ def _modules():
 
 
 def _layer(module: str) -> int:
-    """``transforms.clip`` -> the layer of ``transforms``; ``passes.__init__`` -> that of ``passes``."""
+    """``transforms.clip`` -> the layer of ``transforms``; ``passes.__init__`` -> that of
+    ``passes``.
+    """
     return LAYER.get(module, LAYER.get(module.split(".")[0]))
 
 
 def _imports(path: pathlib.Path):
     """The optgen modules a file imports at module level (``from optgen import syntax`` counts as
-    ``syntax``; ``from optgen.transforms import Variant`` as ``transforms``)."""
+    ``syntax``; ``from optgen.transforms import TransformOptions`` as ``transforms``)."""
     for node in ast.parse(path.read_text()).body:
         if (
             isinstance(node, ast.ImportFrom)
@@ -69,7 +73,8 @@ def test_imports_run_one_way(module, path):
     for imported in _imports(path):
         assert _layer(imported) is not None, f"{module} imports {imported}, which has no layer"
         assert _layer(imported) <= _layer(module), (
-            f"{module} ({LAYERS[_layer(module)][0]}) imports {imported} ({LAYERS[_layer(imported)][0]})"
+            f"{module} ({LAYERS[_layer(module)][0]}) imports {imported} "
+            f"({LAYERS[_layer(imported)][0]})"
         )
 
 

@@ -88,7 +88,8 @@ def _raise_sites():
                 if name in RAISERS or checker_error:
                     code = next((k.value for k in node.keywords if k.arg == "code"), None)
                     if code is not None and not isinstance(code, ast.Constant):
-                        continue  # forwards a code chosen elsewhere (checker.error, parser's _LocatedError)
+                        # forwards a code chosen elsewhere (checker.error, parser's _LocatedError)
+                        continue
                     yield f"{file.relative_to(ROOT)}:{node.lineno}", code and code.value
 
 

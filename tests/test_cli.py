@@ -183,9 +183,8 @@ def test_a_device_without_a_size_is_read_only_up_to_the_limit():
 
     from optgen.cli import main
 
-    result = CliRunner().invoke(
-        main, ["check", "/dev/zero"]
-    )  # its size is 0: reading to the end never ends
+    # its size is 0: reading to the end never ends
+    result = CliRunner().invoke(main, ["check", "/dev/zero"])
     assert result.exit_code == 1 and "error[E008]" in result.output, result.output
 
 

@@ -13,9 +13,9 @@ from conftest import as_jax, assert_trees_close, make_grads, make_params, rel_er
 
 import optgen
 
-# Each case runs a built-in spec with some options against the optax (or optax.contrib) function
-# of the same name, given the same hyperparameters and the options optax also takes; optgen's
-# option `use_X = false` is optax's `X=None`, unless optax takes `use_X` itself (adopt's use_clipping).
+# Each case runs a built-in spec with some options against the optax (or optax.contrib) function of
+# the same name, given the same hyperparameters and the options optax also takes; optgen's option
+# `use_X = false` is optax's `X=None`, unless optax takes `use_X` itself (adopt's use_clipping).
 CASES = {
     "adam": ("adam", {}),
     "adamw": ("adamw", {}),
@@ -338,9 +338,8 @@ def test_bfloat16_params_keep_dtype_and_track_float32(spec):
     )
     assert all(a.dtype == ml_dtypes.bfloat16 for a in jax.tree.leaves(p16))
     assert_trees_close(p16, p32, BF16_TOLERANCE.get(spec, 2e-2))
-    extents = (
-        opt.compiled.program.state_extents
-    )  # a per-step state (prodigy's d) keeps the step dtype
+    # a per-step state (prodigy's d) keeps the step dtype
+    extents = opt.compiled.program.state_extents
     assert all(
         x.dtype == ml_dtypes.bfloat16
         for name, slot in s16.slots.items()
@@ -368,9 +367,10 @@ def test_prodigy_distance_estimate_matches_optax(dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("path", ["update", "step"])
 def test_sm3_matches_optax_on_every_rank(dtype, path):
-    """One statistic per slice of every axis (the spec's `axes` state), as optax.sm3 keeps one vector
-    per axis: the mixed pytree plus a 4-d leaf with a size-1 axis. optax.sm3 fails on a 0-d
-    parameter (IndexError); optgen's scalar is its only slice, so it moves as optax's (1,) vector."""
+    """One statistic per slice of every axis (the spec's `axes` state), as optax.sm3 keeps one
+    vector per axis: the mixed pytree plus a 4-d leaf with a size-1 axis. optax.sm3 fails on a 0-d
+    parameter (IndexError); optgen's scalar is its only slice, so it moves as optax's (1,) vector.
+    """
 
     def with_four(values, seed):
         four = np.random.default_rng(seed).normal(size=(3, 1, 4, 2)).astype(dtype)
@@ -418,7 +418,9 @@ def _is_list(x):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("warmup", [None, 20])
 def test_schedule_free_evaluation_point_matches_optax(warmup, dtype):
-    """opt.outputs(params, state)["x"] (the spec's `output x`) against optax.contrib.schedule_free_eval_params."""
+    """opt.outputs(params, state)["x"] (the spec's `output x`) against
+    optax.contrib.schedule_free_eval_params.
+    """
     settings = _hypers("schedule_free_adamw")
     tx = optax.contrib.schedule_free_adamw(**settings, warmup_steps=warmup)
     opt = optgen.load(

@@ -1,5 +1,6 @@
-"""optgen's own CPU loop (codegen/cpu_kernel.py) against XLA's lowering and optax, on what it is for:
-dtype mixes, many parameters, parameters split into chunks over threads, per-step outputs."""
+"""optgen's own CPU loop (codegen/cpu_kernel.py) against XLA's lowering and optax, on what it is
+for: dtype mixes, many parameters, parameters split into chunks over threads, per-step outputs.
+"""
 
 from __future__ import annotations
 
@@ -54,9 +55,8 @@ def test_the_cpu_loop_matches_xla_on_mixed_dtypes_many_leaves_and_chunks(spec):
     for part, (mine, xla) in enumerate(zip(ours, theirs, strict=True)):
         for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(xla), strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape
-            low = (
-                np.dtype(a.dtype).itemsize == 2
-            )  # bf16/f16: a rounding on store may differ by one ulp
+            # bf16/f16: a rounding on store may differ by one ulp
+            low = np.dtype(a.dtype).itemsize == 2
             # an update is new - old: it carries an ulp of the parameter (|p| < 5), not of itself
             atol = 2e-3 if low else 1e-6 if part == 2 else 1e-7
             np.testing.assert_allclose(
@@ -88,9 +88,8 @@ def test_the_cpu_loop_matches_optax_adamw_over_many_steps():
         mine, state = opt.step(mine, grads, state)
         theirs, ref_state = ref_step(theirs, grads, ref_state)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_allclose(
-            np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5
-        )  # f32, as test_conformance
+        # f32, as test_conformance
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
 
 
 def test_the_step_is_calls_of_the_loop_with_outputs_stored_over_inputs():

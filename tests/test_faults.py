@@ -9,8 +9,8 @@
 - seeded single-bit flips of saved state and of artifacts: every one is refused, none loads;
 - concurrent saves to one path: the file is one whole save, nothing left behind.
 
-Counts are small on CI; ``OPTGEN_FAULT_ROUNDS=20 OPTGEN_FAULT_FLIPS=2000 pytest tests/test_faults.py``
-runs more.
+Counts are small on CI; more rounds run with
+``OPTGEN_FAULT_ROUNDS=20 OPTGEN_FAULT_FLIPS=2000 pytest tests/test_faults.py``.
 """
 
 from __future__ import annotations
@@ -84,13 +84,11 @@ def test_kill_9_during_saves_never_loses_the_file(tmp_path):
         saved += [int(line) for line in proc.stdout.read().split()]
         proc.stdout.close()
         back = optgen.load_state(str(path), opt, params)  # never E332: a whole file, old or new
-        assert (
-            saved[0] <= int(back.count) <= saved[-1] + 1
-        )  # + 1: renamed, killed before it printed
+        # + 1: renamed, killed before it printed
+        assert saved[0] <= int(back.count) <= saved[-1] + 1
         expected_mu = float(np.asarray(back.slots["mu"]["w"])[0, 0])
-        assert expected_mu == pytest.approx(
-            0.5 * (1 - 0.9 ** int(back.count)), rel=1e-5
-        )  # that save's values
+        # that save's values
+        assert expected_mu == pytest.approx(0.5 * (1 - 0.9 ** int(back.count)), rel=1e-5)
         left = max(left, len(_leftovers(tmp_path)))
     assert kills == ROUNDS
     optgen.save_state(str(path), back, opt)  # the next save removes what the kills left
@@ -104,7 +102,8 @@ import json, resource, signal, sys, jax.numpy as jnp, optgen
 from click.testing import CliRunner
 from optgen.artifact import save_artifact
 from optgen.cli import main
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
+# past the limit a write fails with EFBIG instead of killing us
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 opt = optgen.load("adamw", learning_rate=0.1)
 state = opt.init({"w": jnp.ones((256, 64))})
 results = []
@@ -276,9 +275,8 @@ def test_concurrent_saves_leave_one_whole_file(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert (
-        errors == []
-    )  # a live writer's temporary file is locked: no other writer's cleanup removes it
+    # a live writer's temporary file is locked: no other writer's cleanup removes it
+    assert errors == []
     back = optgen.load_state(str(path), opt, params)
     assert int(back.count) in range(5)
     assert _leftovers(tmp_path) == []

@@ -1,4 +1,5 @@
-"""kernels/keras/* against Keras 3 and kernels/torch/* against torch.optim, step by step, with every option.
+"""kernels/keras/* against Keras 3 and kernels/torch/* against torch.optim, step by step, with every
+option.
 
 Keras and torch are optional (the ``conformance`` extra); without them these tests
 skip and say why. Keras runs on its JAX backend (``KERAS_BACKEND=jax``, set here
@@ -81,7 +82,8 @@ def _keras():
     )
     if keras.backend.backend() != "jax":
         pytest.skip(
-            f"keras runs on its {keras.backend.backend()} backend here; these tests need KERAS_BACKEND=jax"
+            f"keras runs on its {keras.backend.backend()} backend here; these tests need "
+            "KERAS_BACKEND=jax"
         )
     return keras
 
@@ -262,7 +264,9 @@ MUON_STEPS = 150
 
 
 def _matrices(tree):
-    """The 2-d leaves (torch.optim.Muon takes nothing else): the (5, 3) matrix and the (3, 2) one."""
+    """The 2-d leaves (torch.optim.Muon takes nothing else): the (5, 3) matrix and the
+    (3, 2) one.
+    """
     return {"matrix": tree["matrix"], "huge_grad": tree["huge_grad"]}
 
 
@@ -315,7 +319,9 @@ def test_torch_muon_matches_torch_with_newton_schulz_in_the_parameters_dtype(
 
 
 def test_torch_muon_tracks_torch_in_bfloat16():
-    """Unpatched, torch's bfloat16 Newton-Schulz stays within bfloat16's precision of optgen's float32."""
+    """Unpatched, torch's bfloat16 Newton-Schulz stays within bfloat16's precision of optgen's
+    float32.
+    """
     torch = pytest.importorskip(
         "torch", reason="torch is not installed (pip install -e '.[conformance]')"
     )

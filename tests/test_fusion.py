@@ -15,7 +15,7 @@ import pytest
 from optgen.codegen import export, fusion
 
 import optgen
-from optgen.inspect import count_kernels, inspect, min_bytes_per_element
+from optgen.kernel_report import count_kernels, inspect, min_bytes_per_element
 
 ELEMENTWISE = [
     "adabelief",
@@ -81,7 +81,11 @@ def test_min_bytes_counts_reads_and_writes_at_storage_dtypes():
 
 
 def xla_hlo(spec, lowering="per-output"):
-    return export.lower(program(spec), np.dtype(np.float32), "4096", lowering).compile().as_text()
+    return (
+        export.lowered_kernel(program(spec), np.dtype(np.float32), "4096", lowering)
+        .compile()
+        .as_text()
+    )
 
 
 def test_count_kernels_counts_a_root_fusion():
@@ -120,8 +124,8 @@ def test_per_output_and_shared_lowerings_agree(spec, dtype):
         for t, g in enumerate(grads, 1):
             state |= step(state | {"t": jnp.float32(t), "g": g})
         outs[lowering] = state
-    # bfloat16: a few ulps (2^-8 each), as one ulp of rounding on store carries through mu over 20 steps;
-    # mu near zero crossings needs the atol too.
+    # bfloat16: a few ulps (2^-8 each), as one ulp of rounding on store carries through mu over 20
+    # steps; mu near zero crossings needs the atol too.
     tolerance = 1e-5 if dtype == np.float32 else 3e-2
     for name, _ in prog.update.outputs:
         for lowering in ("per-output", "ffi"):
@@ -155,9 +159,8 @@ REFUSED = "it computes 'sum'"  # a step the CPU loop cannot run falls back to XL
 def test_own_loop_step_is_one_call_at_the_spec_minimum(spec):
     report = inspect(program(spec), np.dtype(np.float32), 1 << 16, lowering="ffi")
     assert report.kernels == 1
-    assert report.bytes_per_element == pytest.approx(
-        report.min_bytes_per_element, rel=1e-3
-    )  # + a few scalars
+    # + a few scalars
+    assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)
 
 
 def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
@@ -239,8 +242,7 @@ def test_sharded_step_keeps_layouts_and_needs_no_collectives():
     assert report["state_after"] == report["expected"]
     assert report["packed_groups"] == ["P()"]  # b and c, still replicated
     assert report["collectives"] == []
-    assert (
-        report["step_compiles"] == report["step_compiles_after_restore"] == 0
-    )  # compiled by .lower() above
+    # compiled by .lower() above
+    assert report["step_compiles"] == report["step_compiles_after_restore"] == 0
     assert report["state_restored"] == report["expected"]
     assert report["max_diff"] < 1e-6

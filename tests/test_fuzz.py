@@ -99,14 +99,15 @@ VOCAB = [
 
 
 def outcome(data: bytes, tmp_path) -> str:
-    """Compile ``data`` as a spec file through the CLI; assert the robustness contract; say which way it went."""
+    """Compile ``data`` as a spec file through the CLI; assert the robustness contract; say which
+    way it went.
+    """
     spec, out = tmp_path / "fuzz.spec", tmp_path / "out.mlir"
     spec.write_bytes(data)
     out.unlink(missing_ok=True)
     os.chdir(tmp_path)
-    result = CliRunner().invoke(
-        main, ["compile", "fuzz.spec", "-o", "out.mlir"]
-    )  # through StableHLO
+    # through StableHLO
+    result = CliRunner().invoke(main, ["compile", "fuzz.spec", "-o", "out.mlir"])
     assert not isinstance(
         result.exception, (RecursionError, AssertionError)
     ) or result.exit_code in (0, 1)
@@ -124,9 +125,8 @@ def outcome(data: bytes, tmp_path) -> str:
     if (
         located
     ):  # the position is inside the file (or just past its last line), and the line shown is it
-        lines = (
-            data.decode("utf-8").removeprefix("\ufeff").split("\n")
-        )  # a BOM is not part of the text
+        # a BOM is not part of the text
+        lines = data.decode("utf-8").removeprefix("\ufeff").split("\n")
         line, col = int(located[1]), int(located[2])
         assert 1 <= line <= len(lines) + 1 and col >= 1, result.output
         shown = "".join(
@@ -205,7 +205,9 @@ def mixed_indentation(draw):
 @FUZZ
 @given(text=mixed_indentation())
 def test_mixed_indentation_means_one_thing_or_is_refused(text, tmp_path):
-    """Accepted indentation reads the same whatever a tab's width; anything else is E108 (or another error)."""
+    """Accepted indentation reads the same whatever a tab's width; anything else is E108 (or another
+    error).
+    """
     from optgen.parser import parse
     from optgen.syntax import format_spec
 
@@ -225,7 +227,9 @@ DIGITS = st.sampled_from(["0", "1", "9", "²", "１", "٣", "½", "⁹", "𝟗",
     where=st.sampled_from(["hyper", "expr", "pow", "exp"]),
 )
 def test_big_literals_and_odd_digits(mantissa, exponent, power, where, tmp_path):
-    """Numbers past float64, constants that overflow it, Unicode digits: a diagnostic, or finite constants."""
+    """Numbers past float64, constants that overflow it, Unicode digits: a diagnostic, or finite
+    constants.
+    """
     number = f"{mantissa}e{exponent}"
     body = {
         "hyper": f"hyper lr = {number}\nupdate:\n  p = p - lr * g\n",
@@ -235,9 +239,8 @@ def test_big_literals_and_odd_digits(mantissa, exponent, power, where, tmp_path)
     }[where]
     got = outcome(f"optimizer big\n{body}".encode(), tmp_path)
     if where in ("pow", "exp"):  # the kernel is float32: past its range E225, past float64's E223
-        f32_max, f64_max = (
-            (38, 308) if where == "pow" else (88, 709)
-        )  # 10^-400, exp(-1000) are 0: fine
+        # 10^-400, exp(-1000) are 0: fine
+        f32_max, f64_max = (38, 308) if where == "pow" else (88, 709)
         assert got == (
             "compiled" if power <= f32_max else "E225" if power <= f64_max else "E223"
         ), (where, power, got)
@@ -329,7 +332,8 @@ except SystemExit as exit:
     code = exit.code
 else:
     code = 0
-with open("/proc/self/status") as status:  # VmHWM starts anew at exec; ru_maxrss keeps the forking parent's
+# VmHWM starts anew at exec; ru_maxrss keeps the forking parent's
+with open("/proc/self/status") as status:
     print("peak_kb", re.search(r"VmHWM:\\s+(\\d+)", status.read()).group(1), file=sys.stderr)
 sys.exit(code)
 """

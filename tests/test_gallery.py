@@ -1,4 +1,6 @@
-"""The README's gallery lists every built-in spec with its true line count; `optgen list` cites papers."""
+"""The README's gallery lists every built-in spec with its true line count; `optgen list` cites
+papers.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +38,8 @@ def test_gallery_counts_the_optax_source_it_replaces():
         "add_decayed_weights",
         "scale_by_learning_rate",
     ]
-    assert (
-        GALLERY["source_lines"](GALLERY["source_lines"]) == 9
-    )  # its own 9 code lines; the docstring is left out
+    # its own 9 code lines; the docstring is left out
+    assert GALLERY["source_lines"](GALLERY["source_lines"]) == 9
 
 
 def test_every_builtin_spec_cites_its_paper():

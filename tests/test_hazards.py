@@ -155,9 +155,8 @@ def test_a_constant_that_is_infinite_in_float64_is_refused(expr, code):
     with pytest.raises(SpecError) as err:
         hazards(f"  p = p - {expr} * g\n")
     assert err.value.code == code, err.value.render()
-    assert (
-        hazards("  p = p - 2^10 * exp(-1000) * 1e300 * 1e8 * g\n") == []
-    )  # finite constants are fine
+    # finite constants are fine
+    assert hazards("  p = p - 2^10 * exp(-1000) * 1e300 * 1e8 * g\n") == []
 
 
 def test_a_square_past_1e154_does_not_crash_the_range_analysis():

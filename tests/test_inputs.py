@@ -164,7 +164,9 @@ def test_state_round_trips_bit_exactly(tmp_path, dtype):
 
 
 def test_a_spec_with_inputs_saves_its_state_and_gives_outputs_without_them(tmp_path):
-    """A spec's `input`s arrive with each step; saving a state (and opt.outputs) needs none (E362 before)."""
+    """A spec's `input`s arrive with each step; saving a state (and opt.outputs) needs none (E362
+    before).
+    """
     spec = tmp_path / "scaled.spec"
     spec.write_text(
         "optimizer scaled\ninput h\nstate z = p\noutput x = 2 * z\nupdate:\n"
@@ -284,9 +286,8 @@ def test_save_state_copies_leaves_to_the_host_one_by_one(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 10 << 20, (
-        f"{peak / 2**20:.1f} MiB"
-    )  # two leaves at most (8 MiB); was 4x the state (64 MiB)
+    # two leaves at most (8 MiB); was 4x the state (64 MiB)
+    assert peak < 10 << 20, f"{peak / 2**20:.1f} MiB"
 
 
 # -- atomic writes ---------------------------------------------------------------------------
@@ -311,9 +312,8 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
             self.f.close()
 
         def write(self, data):
-            self.f.write(
-                data[: len(data) // 2]
-            )  # half the bytes reach the disk, then the process "dies"
+            # half the bytes reach the disk, then the process "dies"
+            self.f.write(data[: len(data) // 2])
             raise KeyboardInterrupt
 
     monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: Dies(real_fdopen(fd, mode)))
@@ -346,12 +346,16 @@ _RUN = """
 import numpy as np, jax, jax.numpy as jnp, optgen, hashlib
 opt = optgen.load("nadamw", learning_rate=0.01)
 rng = np.random.default_rng(0)
-params = {"a": jnp.asarray(rng.normal(size=(64, 33)), jnp.float32), "b": jnp.asarray(rng.normal(size=7), jnp.bfloat16)}
+params = {
+    "a": jnp.asarray(rng.normal(size=(64, 33)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=7), jnp.bfloat16),
+}
 state = opt.init(params)
 for i in range(5):
     grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
     params, state = opt.step(params, grads, state)
-print(hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves((params, state)))).hexdigest())
+data = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves((params, state)))
+print(hashlib.sha256(data).hexdigest())
 """
 
 

@@ -1,4 +1,5 @@
-"""optgen.keras.Optimizer in model.fit against Keras's own AdamW and Adamax, with every Keras option.
+"""optgen.keras.Optimizer in model.fit against Keras's own AdamW and Adamax, with every Keras
+option.
 
 Keras is optional (the ``conformance`` extra); without it these tests skip and say why.
 Keras runs on its JAX backend (``KERAS_BACKEND=jax``, set in conftest.py).
@@ -25,7 +26,8 @@ keras = pytest.importorskip(
 )
 if keras.backend.backend() != "jax":
     pytest.skip(
-        f"keras runs on its {keras.backend.backend()} backend here; these tests need KERAS_BACKEND=jax",
+        f"keras runs on its {keras.backend.backend()} backend here; these tests need "
+        "KERAS_BACKEND=jax",
         allow_module_level=True,
     )
 
@@ -37,7 +39,8 @@ HYPERS = {
     "beta_2": 0.99,
     "epsilon": 1e-6,
 }
-# Keras's constructor arguments per case; "exclude" goes through exclude_from_weight_decay(var_names=...).
+# Keras's constructor arguments per case; "exclude" goes through
+# exclude_from_weight_decay(var_names=...).
 CASES = {
     "defaults": {},
     "amsgrad": {"amsgrad": True},
@@ -114,7 +117,7 @@ def test_model_fit_matches_keras(spec, case):
     want = _fit(getattr(keras.optimizers, CLASSES[spec])(**settings), exclude)
     got = _fit(optgen.keras.Optimizer(spec, **settings), exclude)
     start = _model().get_weights()
-    assert all(not np.array_equal(w, s) for w, s in zip(_weights(want), start)), (
+    assert all(not np.array_equal(w, s) for w, s in zip(_weights(want), start, strict=True)), (
         "every weight must train"
     )
     assert_trees_close(_weights(got), _weights(want), 1e-5)
@@ -148,7 +151,9 @@ def test_include_in_weight_decay_overrides_exclude():
     )
     only_bias = _fit(optgen.keras.Optimizer(**base, exclude_from_weight_decay=["bias"]))
     assert_trees_close(_weights(included), _weights(only_bias), 0.0)
-    assert not all(np.array_equal(a, b) for a, b in zip(_weights(included), _weights(excluded)))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(_weights(included), _weights(excluded), strict=True)
+    )
 
 
 def test_apply_gradients_outside_fit_matches_keras():
@@ -167,7 +172,7 @@ def test_apply_gradients_outside_fit_matches_keras():
                 )
                 for v in values
             ]
-            optimizer.apply_gradients(zip(grads, variables))
+            optimizer.apply_gradients(zip(grads, variables, strict=True))
         assert int(optimizer.iterations) == 20
         results.append([np.asarray(v.value) for v in variables])
     assert_trees_close(results[1], results[0], 1e-5)
@@ -179,11 +184,11 @@ def test_apply_gradients_in_another_order_or_on_other_variables():
     grads = [np.ones((4, 3), "float32"), np.full((3,), 2.0, "float32")]
     ordered = [keras.Variable(v) for v in values]
     optimizer = optgen.keras.Optimizer("keras/adamw", **HYPERS)
-    optimizer.apply_gradients(zip(grads, ordered))
+    optimizer.apply_gradients(zip(grads, ordered, strict=True))
     swapped = [keras.Variable(v) for v in values]
     other = optgen.keras.Optimizer("keras/adamw", **HYPERS)
     other.build(swapped)
-    other.apply_gradients(zip(grads[::-1], swapped[::-1]))
+    other.apply_gradients(zip(grads[::-1], swapped[::-1], strict=True))
     assert_trees_close(
         [np.asarray(v.value) for v in swapped], [np.asarray(v.value) for v in ordered], 0.0
     )
@@ -209,15 +214,16 @@ def test_learning_rate_get_and_set():
 def test_variables_and_iterations():
     optimizer = optgen.keras.Optimizer("keras/adamw", **HYPERS, gradient_accumulation_steps=2)
     _fit(optimizer, epochs=1)
-    assert (
-        int(optimizer._iterations) == 6 and int(optimizer.iterations) == 3
-    )  # Keras's: updates applied
+    # Keras's: updates applied
+    assert int(optimizer._iterations) == 6 and int(optimizer.iterations) == 3
     names = [v.name for v in optimizer.variables]
     assert names[:2] == ["iteration", "learning_rate"] and len(names) == len(set(names))
 
 
 def test_a_second_fit_compiles_nothing(caplog):
-    """The state starts uncommitted, as Keras's variables do: fit does not compile its train step twice."""
+    """The state starts uncommitted, as Keras's variables do: fit does not compile its train step
+    twice.
+    """
     import jax
 
     model = _fit(optgen.keras.Optimizer("keras/adamw", **HYPERS), epochs=1)
@@ -243,9 +249,8 @@ def test_save_and_load_model_continues_identically(tmp_path):
     for m in (model, loaded):
         m.fit(*_data(), epochs=2, batch_size=16, shuffle=False, verbose=0)
     assert_trees_close(_weights(loaded), _weights(model), 0.0)
-    assert (
-        int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 9
-    )  # 18 calls, 2 per update
+    # 18 calls, 2 per update
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 9
 
 
 def test_get_config_round_trips_through_json():
@@ -309,8 +314,8 @@ def test_another_backend_is_refused_naming_jax():
         env=os.environ | {"KERAS_BACKEND": "numpy"},
     )
     assert (
-        "error[E370]: optgen.keras.Optimizer runs on Keras's JAX backend; this Keras runs on 'numpy'"
-        in result.stdout
+        "error[E370]: optgen.keras.Optimizer runs on Keras's JAX backend; this Keras runs on "
+        "'numpy'" in result.stdout
     )
     assert "hint: set KERAS_BACKEND=jax" in result.stdout
 
@@ -322,7 +327,9 @@ def test_the_submodule_does_not_shadow_keras():
 
 
 def test_readme_examples_run(tmp_path, monkeypatch):
-    """The "Coming from Keras" section's code, in order; the restored model trains on as the saved one."""
+    """The "Coming from Keras" section's code, in order; the restored model trains on as the saved
+    one.
+    """
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme[
         readme.index("## Coming from Keras\n") : readme.index("## Coming from TF Model Garden")

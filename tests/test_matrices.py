@@ -1,6 +1,7 @@
-"""Matrices, choices by shape, bounded loops, row/column maxima, per-axis statistics and global sums:
-golden lowering, IR round trip, and the StableHLO backend against the NumPy interpreter on vectors,
-matrices of both orientations and batches."""
+"""Matrices, choices by shape, bounded loops, row/column maxima, per-axis statistics and global
+sums: golden lowering, IR round trip, and the StableHLO backend against the NumPy interpreter on
+vectors, matrices of both orientations and batches.
+"""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def test_stablehlo_matches_the_interpreter(spec, passes, x64):
             factoring=program.factoring,
         )
         for name, values in expected.items():
-            for shape, e, x in zip(SHAPES, values, got[name], strict=False):
+            for shape, e, x in zip(SHAPES, values, got[name], strict=True):
                 np.testing.assert_allclose(
                     np.asarray(x), e, rtol=1e-12, atol=1e-300, err_msg=f"{name} {shape}"
                 )
@@ -147,9 +148,8 @@ def test_grad_and_vmap_go_through_a_matrix_spec():
         jax.numpy.array([1.0, 2.0])
     )
     single = opt.update(jax.tree.map(lambda g: g * 2.0, grads), state, params)[0]
-    np.testing.assert_allclose(
-        scaled["w"][1], single["w"], rtol=1e-4, atol=1e-7
-    )  # jnp path vs fused: f32 rounding
+    # jnp path vs fused: f32 rounding
+    np.testing.assert_allclose(scaled["w"][1], single["w"], rtol=1e-4, atol=1e-7)
 
 
 CONSTRUCTS = pathlib.Path(__file__).parent / "golden" / "lower" / "constructs.spec"

@@ -172,7 +172,8 @@ def test_with_applies_an_option_every_spec_takes_to_the_program():
     """--with global_clipnorm=1.0 on update and init gives what optgen compile --with gives."""
     compiled = compile_checked(check_spec("adamw"), passes=())
     with_clip = compile_checked(
-        check_spec("adamw"), variant=optgen.transforms.split_options({"global_clipnorm": 1.0})[0]
+        check_spec("adamw"),
+        transform_options=optgen.transforms.split_options({"global_clipnorm": 1.0})[0],
     )
     result = opt(
         "-",

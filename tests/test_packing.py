@@ -12,14 +12,16 @@ import pytest
 from conftest import make_grads, run_steps
 
 import optgen
-from optgen.inspect import count_kernels
+from optgen.kernel_report import count_kernels
 from optgen.runtime import packing
 
 BIG = packing.PACK_MAX_ELEMENTS + 1
 
 
 def packable_params(seed=0):
-    """Ten small f32 leaves of several shapes, two small bf16 leaves, one f32 leaf above the threshold."""
+    """Ten small f32 leaves of several shapes, two small bf16 leaves, one f32 leaf above the
+    threshold.
+    """
     rng = np.random.default_rng(seed)
     params = {f"b{i}": rng.normal(size=(3 + 5 * i,)).astype(np.float32) for i in range(8)}
     params["ln"] = {
@@ -130,7 +132,8 @@ def test_packed_update_follows_the_optax_protocol():
 
 
 def test_packed_state_round_trips_like_any_pytree():
-    # A checkpoint: leaves to host and back, the structure from jax.eval_shape as a restore target would.
+    # A checkpoint: leaves to host and back, the structure from jax.eval_shape as a restore target
+    # would.
     params = packable_params()
     opt = load("adamw", learning_rate=1e-2)
     state = opt.init(params)

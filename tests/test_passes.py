@@ -1,4 +1,6 @@
-"""Passes: golden IR tests (input -> expected text) and differential tests on every built-in spec."""
+"""Passes: golden IR tests (input -> expected text) and differential tests on every
+built-in spec.
+"""
 
 from __future__ import annotations
 

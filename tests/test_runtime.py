@@ -22,7 +22,7 @@ from optgen.codegen.interpret import interpret
 import optgen
 from optgen.types import DTYPES
 
-EVERY_BUILTIN = """optimizer kitchen "uses every function, a reduction per tensor and across tensors"
+EVERY_BUILTIN = """optimizer kitchen "every function, a reduction per tensor and across tensors"
 hyper learning_rate = 0.1
 hyper max_norm = 1.0
 state v = 0.5 * p + learning_rate
@@ -30,7 +30,8 @@ update:
   scale = min(1, max_norm / global_norm(g))
   v = 0.9 * v + where(g > 0 and p < 1, g, 0.5 * g) * scale
   c = clip(v, -mean(abs(v)), norm(v) / sqrt(sum(v * v) + 1))
-  p = p - learning_rate * (c + sign(p) * exp(-abs(p)) * log(1 + abs(g)) + rsqrt(1 + g^2) + max(p, 0)^1.5)
+  d = c + sign(p) * exp(-abs(p)) * log(1 + abs(g)) + rsqrt(1 + g^2) + max(p, 0)^1.5
+  p = p - learning_rate * d
 """
 
 
@@ -39,9 +40,8 @@ def test_every_builtin_through_xla_matches_the_float64_interpreter(tmp_path, x64
     path.write_text(EVERY_BUILTIN)
     opt = optgen.load(str(path), learning_rate=0.05)
     params = jax.tree.map(jnp.asarray, make_params(np.float64))
-    leaves, treedef = jax.tree.flatten(
-        jax.tree.map(np.array, params)
-    )  # copies: step donates params
+    # copies: step donates params
+    leaves, treedef = jax.tree.flatten(jax.tree.map(np.array, params))
     state = opt.init(params)
     program = opt.compiled.program
     v = interpret(program.init, {"p": leaves}, {"learning_rate": 0.05, "max_norm": 1.0})["v"]
@@ -195,7 +195,8 @@ def test_a_factored_artifact_steps_as_the_optimizer_does(tmp_path):
 
 
 def test_runtime_imports_run_one_way():
-    # load and checkpoint -> optimizer -> validate, packing, ... -> state; a module imports only those below it
+    # load and checkpoint -> optimizer -> validate, packing, ... -> state; a module imports only
+    # those below it
     import ast
     import pathlib
 

@@ -101,9 +101,8 @@ def test_mutate_command_is_reproducible_and_prints_valid_specs(tmp_path):
         path = tmp_path / f"v{k}.spec"
         path.write_text("# " + text if k else text)
         result = runner.invoke(main, ["check", str(path)])
-        assert result.exit_code == 0 and result.output.endswith(f"{path}: ok\n"), (
-            result.output
-        )  # warnings allowed
+        # warnings allowed
+        assert result.exit_code == 0 and result.output.endswith(f"{path}: ok\n"), result.output
 
 
 def test_mutate_gives_up_with_a_diagnostic():
@@ -232,7 +231,8 @@ def test_best_loss_and_ratio_treat_divergence_as_worst():
     "source, code",
     [
         (
-            "def init(key): return {}\ndef batches(seed): return iter(())\ndef held_out(): return 0\n",
+            "def init(key): return {}\ndef batches(seed): return iter(())\ndef held_out(): "
+            "return 0\n",
             "E395",
         ),
         ("raise ValueError('no data here')\n", "E396"),
@@ -299,9 +299,8 @@ def test_a_resumed_search_ends_as_an_uninterrupted_one(tmp_path, quadratic):
     for _ in range(3):
         resumed.round(0.0, 0.0)
     assert _records(tmp_path / "whole") == _records(tmp_path / "killed")
-    assert (
-        len({r["digest"] for r in _records(tmp_path / "whole")}) == 7
-    )  # the seed and 6 distinct children
+    # the seed and 6 distinct children
+    assert len({r["digest"] for r in _records(tmp_path / "whole")}) == 7
     with pytest.raises(SpecError) as err:
         Evolution({**config, "seed": 4}, [quadratic], tmp_path / "whole")
     assert err.value.code == "E021" and "(seed)" in err.value.message

@@ -1,4 +1,6 @@
-"""State of each shape (per element, per tensor, per step) and the per-tensor reductions, end to end."""
+"""State of each shape (per element, per tensor, per step) and the per-tensor reductions, end to
+end.
+"""
 
 from __future__ import annotations
 
@@ -92,10 +94,12 @@ def test_no_parameters_still_gives_the_per_step_state(tmp_path):
 
 
 def test_a_readonly_state_keeps_its_initial_value_and_costs_no_write(tmp_path):
-    """Prodigy's initial parameters: an input of the step, never an output (one write less per element)."""
+    """Prodigy's initial parameters: an input of the step, never an output (one write less per
+    element).
+    """
     import jax.numpy as jnp
 
-    from optgen.inspect import min_bytes_per_element
+    from optgen.kernel_report import min_bytes_per_element
     from optgen.library import read_spec
 
     opt = optgen.load("prodigy")

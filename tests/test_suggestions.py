@@ -49,6 +49,5 @@ def test_passes_given_to_load_are_checked():
     with pytest.raises(SpecError) as err:
         optgen.load("adamw", passes=["fold", "csee"])
     assert err.value.code == "E013" and err.value.hint == "did you mean 'cse'?"
-    assert (
-        optgen.load("adamw", passes="cse").compiled.program is not None
-    )  # one name, not its letters
+    # one name, not its letters
+    assert optgen.load("adamw", passes="cse").compiled.program is not None

@@ -68,7 +68,9 @@ def _names_and_values(tree):
 
 
 def _do_use_weight_decay(name, rate, include, exclude) -> bool:
-    """TF Model Garden's rule: no decay at rate 0; an include match decays; an exclude match does not."""
+    """TF Model Garden's rule: no decay at rate 0; an include match decays; an exclude match does
+    not.
+    """
     if rate == 0:
         return False
     if include and any(re.search(r, name) for r in include):
@@ -82,7 +84,9 @@ def numpy_reference(settings: dict, steps: int = STEPS) -> list[np.ndarray]:
     """AdamWeightDecay in float64 from its documentation: clip all gradients by their global norm
     (``g * c * min(1/norm, 1/c)``, off at ``c = 0``), decay ``p -= lr * p * rate`` where the name
     rule says so, then TF's legacy Adam: ``m += (g - m)(1 - b1)``, ``v += (g^2 - v)(1 - b2)``,
-    ``p -= m * lr * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)`` (with amsgrad, ``max`` of the v's)."""
+    ``p -= m * lr * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)`` (with amsgrad, ``max`` of the
+    v's).
+    """
     s = TFM_DEFAULTS | settings
     lr, b1, b2, eps, rate, clip = (
         s[k]
@@ -147,14 +151,16 @@ def test_matches_numpy_reference_float64(case, x64):
     want = numpy_reference(settings)
     assert not any(
         np.array_equal(w, p)
-        for w, p in zip(want, _names_and_values(make_params(np.float64))[1])
+        for w, p in zip(want, _names_and_values(make_params(np.float64))[1], strict=True)
         if w.size > 1
     ), "the reference must move every parameter"
     assert_trees_close(run_optgen(settings, np.float64), want, 1e-9)
 
 
 def test_include_overrides_exclude_in_the_reference(x64):
-    """The reference itself: including "cube" undoes excluding it, and excluding it changes only "cube"."""
+    """The reference itself: including "cube" undoes excluding it, and excluding it changes only
+    "cube".
+    """
     exclude = CASES["exclude"]["exclude_from_weight_decay"]
     names = _names_and_values(make_params(np.float64))[0]
     plain = numpy_reference(HYPERS | CASES["exclude"], steps=5)
@@ -170,7 +176,9 @@ def test_include_overrides_exclude_in_the_reference(x64):
 
 
 def _tf_reference(cases: dict, tmp_path) -> tuple[dict[str, list[np.ndarray]], dict]:
-    """The parameters after STEPS steps of legacy_adamw.AdamWeightDecay per case, and its defaults."""
+    """The parameters after STEPS steps of legacy_adamw.AdamWeightDecay per case, and
+    its defaults.
+    """
     for module, package in (
         ("tensorflow", "tensorflow-cpu"),
         ("tf_keras", "tf-keras"),
@@ -178,8 +186,8 @@ def _tf_reference(cases: dict, tmp_path) -> tuple[dict[str, list[np.ndarray]], d
     ):
         if importlib.util.find_spec(module) is None:
             pytest.skip(
-                f"{package} is not installed: TF Model Garden conformance needs "
-                "pip install -e '.[tfm]' && pip install --no-deps tf-models-official"
+                f"{package} is not installed: TF Model Garden conformance needs pip install -e "
+                "'.[tfm]' && pip install --no-deps tf-models-official"
             )
     shapes = make_params(np.float32)
     names, params = _names_and_values(shapes)

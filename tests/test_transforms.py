@@ -37,7 +37,9 @@ HYPERS = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.99, "eps": 1e-6}
 
 
 def _run(opt, path="step", dtype=np.float64, steps=STEPS, **kwargs):
-    """(params, state) after ``steps`` steps of ``opt`` (optgen's, or optax's with path="update")."""
+    """(params, state) after ``steps`` steps of ``opt`` (optgen's, or optax's with
+    path="update").
+    """
     return run_steps(opt, as_jax(make_params(dtype)), steps, path=path, **kwargs)
 
 
@@ -76,7 +78,7 @@ def test_matches_optax_equivalent(case, x64):
 def test_exclude_from_weight_decay_and_mask_match_optax_mask(x64):
     def decayed(params):
         return {
-            k: jax.tree.map(lambda _: k not in ("vector", "huge_grad"), v)
+            k: jax.tree.map(lambda _, k=k: k not in ("vector", "huge_grad"), v)
             for k, v in params.items()
         }
 
@@ -295,7 +297,9 @@ def test_state_of_transforms_is_a_pytree_of_arrays():
 
 
 def test_optax_update_protocol_gives_the_numbers_of_step():
-    """update (optax's protocol, returning p_new - p) and the fused step agree with every kind of transform on."""
+    """update (optax's protocol, returning p_new - p) and the fused step agree with every kind of
+    transform on.
+    """
     opt = optgen.load(
         "adamw",
         clipnorm=1.0,

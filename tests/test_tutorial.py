@@ -21,9 +21,8 @@ def test_tutorial_runs(tmp_path, monkeypatch):
     (tmp_path / "lion_rms.spec").write_text(spec)
     (muon,) = _blocks("spec muon_sgd.spec")  # the worked example of matrices and loops
     (tmp_path / "muon_sgd.spec").write_text(muon)
-    (tour,) = _blocks(
-        "spec tour.spec"
-    )  # global sums, read-only state, outputs, inputs, per-axis statistics
+    # global sums, read-only state, outputs, inputs, per-axis statistics
+    (tour,) = _blocks("spec tour.spec")
     (tmp_path / "tour.spec").write_text(tour)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

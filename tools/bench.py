@@ -1,4 +1,5 @@
-"""Benchmark an optgen step against optax and PyTorch's fused AdamW (or Muon), interleaved in one process.
+"""Benchmark an optgen step against optax and PyTorch's fused AdamW (or Muon), interleaved in one
+process.
 
     python tools/bench.py                       # every workload, AdamW, 3 processes
     python tools/bench.py --workloads single --repeats 15 --processes 5 --json out.json
@@ -27,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # torch's idle OpenMP threads must not spin against XLA's
+# torch's idle OpenMP threads must not spin against XLA's
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -218,7 +218,9 @@ class TorchRunner:
 
 
 def xla_lowering(leaves: int, uniform: bool) -> str:
-    """The lowering optgen's ``auto`` takes where its own CPU loop cannot run (codegen/fusion.py)."""
+    """The lowering optgen's ``auto`` takes where its own CPU loop cannot run
+    (codegen/fusion.py).
+    """
     return "per-output" if uniform and leaves <= fusion.PER_OUTPUT_MAX_LEAVES else "shared"
 
 
@@ -295,9 +297,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def table(summaries) -> str:
-    names = list(
-        dict.fromkeys(n for r in summaries for n in r["median_ms"])
-    )  # torch sits some workloads out
+    # torch sits some workloads out
+    names = list(dict.fromkeys(n for r in summaries for n in r["median_ms"]))
     head = [
         "workload",
         "leaves",
@@ -425,13 +426,15 @@ def main(argv=None) -> int:
         per_process = [run_here(keys, args.repeats, args.block, args.optimizer, args.compare_xla)]
     summaries = [summarize([runs[i] for runs in per_process]) for i in range(len(keys))]
     machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax {optax.__version__}"
+        f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax "
+        f"{optax.__version__}"
         + (f", torch {torch.__version__}" if torch is not None else ", torch not installed")
     )
     print(
-        f"{'Muon' if args.optimizer == 'muon' else 'AdamW'} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
-        "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
-        "then each process's median\n"
+        f"{'Muon' if args.optimizer == 'muon' else 'AdamW'} step, {args.processes} process(es) x "
+        f"{args.repeats} blocks of {args.block} steps ({machine}).\nTimes: medians over all "
+        "blocks. Ratios: median (quartiles) of the per-repeat ratios, then each process's "
+        "median\n"
     )
     print(table(summaries))
     if args.json:

@@ -63,8 +63,8 @@ def xla_rows() -> dict:
         x = jnp.asarray(matrix(shape))
         xb = x.astype(jnp.bfloat16)
         out[str(shape)] = {
-            "f32": median_ms(lambda: f32(x).block_until_ready()),
-            "bf16": median_ms(lambda: bf16(xb).block_until_ready()),
+            "f32": median_ms(lambda x=x: f32(x).block_until_ready()),
+            "bf16": median_ms(lambda xb=xb: bf16(xb).block_until_ready()),
         }
     return out
 
@@ -76,7 +76,10 @@ def torch_rows() -> dict:
     for shape in SHAPES:
         x = torch.from_numpy(matrix(shape))
         xb = x.bfloat16()
-        out[str(shape)] = {"f32": median_ms(lambda: x @ x.T), "bf16": median_ms(lambda: xb @ xb.T)}
+        out[str(shape)] = {
+            "f32": median_ms(lambda x=x: x @ x.T),
+            "bf16": median_ms(lambda xb=xb: xb @ xb.T),
+        }
     return out
 
 
@@ -107,7 +110,7 @@ def mkl_rows() -> dict | None:
         c = np.zeros((m, m), np.float32)
         out[str(shape)] = {
             "bf16": median_ms(
-                lambda: gemm(
+                lambda m=m, k=k, x=x, c=c: gemm(
                     row_major,
                     no_trans,
                     trans,

@@ -1,6 +1,6 @@
 """Newton-Schulz unrolled (as ``repeat N:`` lowers it) against a rolled loop (``lax.fori_loop``).
 
-    python tools/bench_loops.py            # 5 steps on 512 x 2048 and 16000 x 512 (its Gram: 512 x 512), f32
+    python tools/bench_loops.py   # 5 f32 steps on 512 x 2048 and 16000 x 512 (Gram: 512 x 512)
 
 Prints, for each shape and form, the compile time and the median run time of the jitted
 orthogonalization, with XLA:CPU (the two forms give the same numbers). optgen unrolls.

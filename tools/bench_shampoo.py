@@ -1,4 +1,5 @@
-"""Shampoo's step against its Newton iteration count: the first step (trace, compile, run) and later ones.
+"""Shampoo's step against its Newton iteration count: the first step (trace, compile, run) and later
+ones.
 
     flock /tmp/optgen-bench.lock python tools/bench_shampoo.py
 

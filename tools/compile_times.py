@@ -92,7 +92,8 @@ def main(argv=None) -> int:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     print(
-        "| leaves | optgen compile s | optax compile s | optgen/optax | compiles in the next 3 steps (optgen, optax) |"
+        "| leaves | optgen compile s | optax compile s | optgen/optax | compiles in the next 3 "
+        "steps (optgen, optax) |"
     )
     print("|---|---|---|---|---|")
     for count in sorted({r["leaves"] for r in rows}):

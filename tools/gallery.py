@@ -5,11 +5,11 @@
 A spec's lines are its non-blank, non-comment lines. A reference's lines are the
 non-blank, non-comment, non-docstring source lines (``inspect.getsource``) of the
 optax function and of every optax transform it chains (``transform.scale_by_adam``,
-``transform.trace``, ...), or for an ``optax.contrib`` alias of the ``scale_by_*`` transform of its own
-module it chains; optax's shared tree utilities are not counted. For the
+``transform.trace``, ...), or for an ``optax.contrib`` alias of the ``scale_by_*`` transform
+of its own module it chains; optax's shared tree utilities are not counted. For the
 convention specs it is the framework's single-tensor step (torch's ``_single_tensor_*``,
-Keras's ``update_step``), and TF Model Garden's ``AdamWeightDecay`` class. tests/test_gallery.py checks that
-the README's table is this script's output.
+Keras's ``update_step``), and TF Model Garden's ``AdamWeightDecay`` class.
+tests/test_gallery.py checks that the README's table is this script's output.
 """
 
 from __future__ import annotations
@@ -128,15 +128,16 @@ def reference(name: str) -> tuple[str, list]:
 
 
 def _module_file(path: str):
-    """A module by its file (TF Model Garden's package __init__ imports gin, which legacy_adamw does not need)."""
+    """A module by its file (TF Model Garden's package __init__ imports gin, which legacy_adamw does
+    not need).
+    """
     location = os.path.join(
         importlib.util.find_spec(path.split("/")[0]).submodule_search_locations[0],
         *path.split("/")[1:],
     )
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], location)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(
-        spec
-    )  # inspect finds its source there
+    # inspect finds its source there
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 

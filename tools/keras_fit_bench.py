@@ -1,6 +1,7 @@
 """model.fit step time: optgen.keras.Optimizer("keras/adamw") against keras.optimizers.AdamW.
 
-    python tools/keras_fit_bench.py [--width 768] [--blocks 4] [--batch 16] [--steps 10] [--repeats 15]
+    python tools/keras_fit_bench.py [--width 768] [--blocks 4] [--batch 16] [--steps 10] \
+        [--repeats 15]
 
 The model is a transformer-sized stack of Dense layers (per block: Dense(4 * width, gelu),
 Dense(width), LayerNormalization, as a transformer's MLP block). Both optimizers train the
@@ -68,14 +69,17 @@ def main() -> None:
     ratios = [o / k for o, k in zip(times["optgen"], times["keras"], strict=True)]
     print(
         f"{params:,} parameters, {args.blocks} blocks of width {args.width}, batch {args.batch}, "
-        f"{args.steps} steps per timing, {args.repeats} repeats, keras {keras.__version__} on {keras.backend.backend()}"
+        f"{args.steps} steps per timing, {args.repeats} repeats, keras {keras.__version__} on "
+        f"{keras.backend.backend()}"
     )
     for name, values in times.items():
         print(
-            f"  {name:7s} {statistics.median(values):8.2f} ms per step (median; {min(values):.2f}-{max(values):.2f})"
+            f"  {name:7s} {statistics.median(values):8.2f} ms per step (median; "
+            f"{min(values):.2f}-{max(values):.2f})"
         )
     print(
-        f"  optgen / keras step time: {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+        f"  optgen / keras step time: {statistics.median(ratios):.3f} "
+        f"({min(ratios):.3f}-{max(ratios):.3f})"
     )
 
 

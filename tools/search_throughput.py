@@ -1,6 +1,7 @@
 """What scoring one search candidate costs: the learning-rate grid under one vmapped compile or not.
 
-    flock /tmp/optgen-bench.lock python tools/search_throughput.py [--tasks quadratic,mlp,transformer] [--repeats 3]
+    flock /tmp/optgen-bench.lock python tools/search_throughput.py \
+        [--tasks quadratic,mlp,transformer] [--repeats 3]
 
 For each task, in one process, three ways to train the 7 learning rates x 2 seeds of the
 search's grid (``optgen/search/evaluate.py``):
@@ -84,14 +85,20 @@ def measure(prepared, repeats: int) -> dict[str, tuple[float, float]]:
             ("vmapped optax", _OptaxAdamW()),
         ):
             run = training_run(opt, prepared)
-            compiled, compile_s = _timed(lambda: run.lower(lrs, keys, *data).compile(FAST_COMPILE))
-            _, run_s = _timed(lambda: compiled(lrs, keys, *data))
+            compiled, compile_s = _timed(
+                lambda run=run: run.lower(lrs, keys, *data).compile(FAST_COMPILE)
+            )
+            _, run_s = _timed(lambda compiled=compiled: compiled(lrs, keys, *data))
             times[label].append((compile_s, run_s))
         single = jax.jit(single_run(optgen.load("adamw"), prepared))
         compiled, compile_s = _timed(
-            lambda: single.lower(lrs[0], keys[0], *data).compile(FAST_COMPILE)
+            lambda single=single: single.lower(lrs[0], keys[0], *data).compile(FAST_COMPILE)
         )
-        _, run_s = _timed(lambda: [compiled(lr, key, *data) for lr, key in zip(lrs, keys)])
+        _, run_s = _timed(
+            lambda compiled=compiled: [
+                compiled(lr, key, *data) for lr, key in zip(lrs, keys, strict=True)
+            ]
+        )
         times["sequential optgen"].append((compile_s, run_s))
     return {
         k: (statistics.median(c for c, _ in v), statistics.median(r for _, r in v))
@@ -111,7 +118,8 @@ def main(argv=None) -> int:
         base = sum(result["vmapped optgen"])
         for label, (compile_s, run_s) in result.items():
             print(
-                f"| {name} | {label} | {compile_s:.2f} | {run_s:.3f} | {(compile_s + run_s) / base:.2f} |"
+                f"| {name} | {label} | {compile_s:.2f} | {run_s:.3f} | "
+                f"{(compile_s + run_s) / base:.2f} |"
             )
     return 0
 

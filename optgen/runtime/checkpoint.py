@@ -36,7 +36,9 @@ MAGIC = b"OPTGEN-STATE 1\n"
 
 
 def spec_digest(opt: Optimizer) -> str:
-    """SHA-256 of what decides a state's meaning: spec text, compiled options, hyperparameter names."""
+    """SHA-256 of what decides a state's meaning: spec text, compiled options,
+    hyperparameter names.
+    """
     checked = opt.compiled.checked
     identity = {
         "source": checked.spec.source.text,
@@ -71,12 +73,14 @@ def save_state(path: str, state: OptState, opt: Optimizer) -> None:
 
 
 def _check_state(state, opt) -> None:
-    """Refuse a state that ``opt`` could not load back (a wrong argument, another optimizer's state)."""
+    """Refuse a state that ``opt`` could not load back (a wrong argument, another optimizer's
+    state).
+    """
     if isinstance(state, Optimizer) and isinstance(opt, OptState):
         raise InputError(
             "save_state takes the state before the optimizer",
-            hint="optgen.save_state(path, state, opt), "
-            "as optgen.load_state(path, opt, params) reads it",
+            hint="optgen.save_state(path, state, opt), as optgen.load_state(path, opt, params) "
+            "reads it",
             code="E350",
         )
     if not isinstance(opt, Optimizer) or not isinstance(state, OptState):
@@ -89,8 +93,9 @@ def _check_state(state, opt) -> None:
     hypers = sorted(opt.stored_hyperparams)
     if sorted(state.slots) != sorted(opt.state_names) or sorted(state.hyperparams) != hypers:
         raise InputError(
-            f"this state is not {opt.name}'s: it holds hyperparameters {sorted(state.hyperparams)} and "
-            f"states {sorted(state.slots)}; {opt.name} keeps {hypers} and {sorted(opt.state_names)}",
+            f"this state is not {opt.name}'s: it holds hyperparameters {sorted(state.hyperparams)} "
+            f"and states {sorted(state.slots)}; {opt.name} keeps {hypers} and "
+            f"{sorted(opt.state_names)}",
             hint="save it with the optimizer whose init made it (nothing was written)",
             code="E311",
         )
@@ -100,7 +105,9 @@ def _check_state(state, opt) -> None:
 
 
 def _params_of(state: OptState, opt: Optimizer):
-    """The parameters' shapes and dtypes, read off a per-element state stored in their dtype (None if none is)."""
+    """The parameters' shapes and dtypes, read off a per-element state stored in their dtype (None
+    if none is).
+    """
     declared = opt.compiled.program.state_dtypes
     for name in opt.state_names:
         if opt.extents[name] == "tensor" and not declared.get(name):
@@ -190,8 +197,8 @@ def _check_leaves(path: str, opt: Optimizer, header: dict, want: list) -> None:
     ]
     if slots[0] != slots[1]:
         raise InputError(
-            f"'{path}' holds states {slots[0]}; this {opt.name} keeps {slots[1]} (an option every spec "
-            "takes, such as use_ema or skip_nonfinite, adds or removes state)",
+            f"'{path}' holds states {slots[0]}; this {opt.name} keeps {slots[1]} (an option every "
+            "spec takes, such as use_ema or skip_nonfinite, adds or removes state)",
             hint="load it with the optimizer, options included, that saved it",
             code="E333",
         )
@@ -201,15 +208,15 @@ def _check_leaves(path: str, opt: Optimizer, header: dict, want: list) -> None:
     ]
     if hypers[0] != hypers[1]:
         raise InputError(
-            f"'{path}' holds hyperparameters {_names(hypers[0])} in its state; this {opt.name} keeps "
-            f"{_names(hypers[1])} there (a schedule is computed from the step count and not stored; "
-            "a constant is)",
-            hint="load it with the same hyperparameters given as schedules or as "
-            "constants as when it was saved",
+            f"'{path}' holds hyperparameters {_names(hypers[0])} in its state; this {opt.name} "
+            f"keeps {_names(hypers[1])} there (a schedule is computed from the step count and not "
+            "stored; a constant is)",
+            hint="load it with the same hyperparameters given as schedules or as constants as "
+            "when it was saved",
             code="E351",
         )
     diff = next(
-        (f"{g} saved, {w} expected" for g, w in zip(saved, want) if g != w),
+        (f"{g} saved, {w} expected" for g, w in zip(saved, want, strict=False) if g != w),
         f"{len(saved)} leaves saved, {len(want)} expected"
         if len(saved) != len(want)
         else f"saved with byte order {header.get('byteorder')}, this machine is {sys.byteorder}",

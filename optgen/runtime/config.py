@@ -31,7 +31,7 @@ def get_config(opt: Optimizer) -> dict[str, Any]:
         spec = {"spec": name}
     else:
         spec = {"spec": source.filename, "sha256": spec_digest(source.text)}
-    transforms = dict(opt.variant.settings)
+    transforms = dict(opt.transform_options.settings)
     if "mask" in transforms:
         raise SpecError(
             "get_config cannot write down a mask (a pytree or a Python callable)",

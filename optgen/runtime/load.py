@@ -1,5 +1,5 @@
-"""``optgen.load``: a spec and keyword arguments in, an :class:`~optgen.runtime.optimizer.Optimizer` out;
-and ``optgen.from_config``, its inverse of ``Optimizer.get_config``.
+"""``optgen.load``: a spec and keyword arguments in, an :class:`~optgen.runtime.optimizer.Optimizer`
+out; and ``optgen.from_config``, its inverse of ``Optimizer.get_config``.
 
 Compilations are cached by everything that decides them (spec text, options, transform
 options, passes), so loading the same optimizer again, as ``optax.inject_hyperparams``
@@ -25,7 +25,7 @@ from optgen.runtime.config import spec_digest
 from optgen.runtime.optimizer import Optimizer
 from optgen.runtime.validate import check_hyperparams
 from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS
-from optgen.transforms import Variant, split_options
+from optgen.transforms import TransformOptions, split_options
 
 _COMPILED: dict[
     Any, Compiled
@@ -71,18 +71,23 @@ def load(
     checked = _check(source.text, source.filename)
     for warning in user_warnings(spec, checked):
         warnings.warn(warning.render(), SpecWarning, stacklevel=2)
-    variant, kwargs = split_options(kwargs)
+    transform_options, kwargs = split_options(kwargs)
     options, hypers = split_kwargs(checked, kwargs)
     check_hyperparams(checked.name, checked.ranges, hypers)
     passes = known_passes(passes)
-    identity = _identity(source.text, source.filename, options, passes, variant)
+    identity = _identity(source.text, source.filename, options, passes, transform_options)
     compiled = _COMPILED.get(identity) if identity is not None else None
     if compiled is None:
-        compiled = compile_checked(checked, options, passes, variant=variant)
+        compiled = compile_checked(checked, options, passes, transform_options=transform_options)
         if identity is not None:
             _COMPILED[identity] = compiled
     return Optimizer(
-        compiled, hypers | variant.hyperparams(compiled.program), variant, pack, identity, lowering
+        compiled,
+        hypers | transform_options.hyperparams(compiled.program),
+        transform_options,
+        pack,
+        identity,
+        lowering,
     )
 
 
@@ -91,14 +96,14 @@ def _check(text: str, filename: str) -> CheckedSpec:
     return check(parse(text, filename))
 
 
-def _identity(text: str, filename: str, options: dict, passes, variant: Variant):
+def _identity(text: str, filename: str, options: dict, passes, transform_options: TransformOptions):
     """A hashable key for everything a compilation depends on, or None (a pytree ``mask``)."""
     key = (
         text,
         filename,
         tuple(sorted(options.items())),
         passes,
-        tuple(sorted(variant.settings.items())),
+        tuple(sorted(transform_options.settings.items())),
     )
     try:
         hash(key)

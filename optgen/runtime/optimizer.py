@@ -22,9 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# trace_state_clean: no public way to ask whether a transformation runs
 from jax._src import (
     core as jax_core,
-)  # trace_state_clean: no public way to ask whether a transformation runs
+)
 
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
@@ -35,11 +37,13 @@ from optgen.runtime import packing, placement
 from optgen.runtime.config import get_config
 from optgen.runtime.state import OptState, safe_increment, step_dtype
 from optgen.runtime.validate import InputChecker, check_params
-from optgen.transforms import Variant, ema
+from optgen.transforms import TransformOptions, ema
 
 
 def is_number(value) -> bool:
-    """A hyperparameter value that lives in the state: a host number (not a JAX array, not a callable)."""
+    """A hyperparameter value that lives in the state: a host number (not a JAX array, not a
+    callable).
+    """
     return isinstance(value, (numbers.Number, np.ndarray, np.generic)) and not isinstance(
         value, jax.Array
     )
@@ -57,17 +61,21 @@ class Plan:
     def __init__(
         self,
         compiled: Compiled,
-        variant: Variant,
+        transform_options: TransformOptions,
         hyperparams: dict[str, Any],
         pack: bool,
         identity: Any = None,
         lowering: str = "auto",
     ):
-        self.compiled, self.variant, self.pack, self.lowering = compiled, variant, pack, lowering
+        self.compiled, self.transform_options, self.pack, self.lowering = (
+            compiled,
+            transform_options,
+            pack,
+            lowering,
+        )
         self.name = compiled.checked.name
-        self.state_names = tuple(
-            name for name, _ in compiled.program.init.outputs
-        )  # read-only ones too
+        # read-only ones too
+        self.state_names = tuple(name for name, _ in compiled.program.init.outputs)
         self.extents = compiled.program.extents()
         self.stored = tuple(sorted(name for name, value in hyperparams.items() if is_number(value)))
         self.schedules = tuple(
@@ -152,12 +160,12 @@ class Plan:
         as_update: bool,
         inputs: dict | None = None,
     ):
-        """One step: new params (or, ``as_update``, their change) and the new state; ``inputs`` holds the
-        spec's ``input`` trees."""
+        """One step: new params (or, ``as_update``, their change) and the new state; ``inputs``
+        holds the spec's ``input`` trees.
+        """
         inputs = inputs or {}
-        self.checker.check(
-            params, grads, state, inputs
-        )  # while tracing: structure only, no per-step cost
+        # while tracing: structure only, no per-step cost
+        self.checker.check(params, grads, state, inputs)
         leaves, treedef = jax.tree.flatten(params)
         count = safe_increment(state.count)
         if not leaves:
@@ -165,11 +173,12 @@ class Plan:
         per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
         layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
         units = layout.pack(leaves)
-        # Per-leaf inputs (the weight-decay mask) come with leaf ops, so their specs are never packed.
+        # Per-leaf inputs (the weight-decay mask) come with leaf ops, so their specs are never
+        # packed.
         tensors = {
             "p": units,
             "g": layout.pack(treedef.flatten_up_to(grads)),
-        } | self.variant.leaf_inputs(params)
+        } | self.transform_options.leaf_inputs(params)
         tensors |= {name: packing.units_of(state.slots[name], treedef) for name in per_parameter}
         tensors |= {name: layout.pack(treedef.flatten_up_to(tree)) for name, tree in inputs.items()}
         scalars = {"t": count.astype(step_dtype())} | self.hyper_values(
@@ -200,7 +209,9 @@ class Plan:
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
 
     def outputs(self, params, state: OptState, bound: dict) -> dict:
-        """The spec's ``output`` values for these parameters and state, each a pytree like ``params``."""
+        """The spec's ``output`` values for these parameters and state, each a pytree like
+        ``params``.
+        """
         derived = self.compiled.program.derived
         leaves, treedef = jax.tree.flatten(params)
         per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
@@ -227,7 +238,9 @@ class Plan:
         return {name: treedef.unflatten(layout.unpack(out[name])) for name in names}
 
     def slot(self, arrays: list, name: str, layout: packing.Layout, treedef):
-        """A state's outputs as stored: one array for a per-step state; else per parameter, packed by ``layout``."""
+        """A state's outputs as stored: one array for a per-step state; else per parameter, packed
+        by ``layout``.
+        """
         return arrays[0] if self.extents[name] == "step" else packing.wrap(layout, treedef, arrays)
 
     def out_dtypes(self, leaves, states_only: bool = False) -> dict[str, list[np.dtype]]:
@@ -246,8 +259,8 @@ def _scalar(name: str, value) -> jax.Array:
     if value.shape != ():
         raise InputError(
             f"hyperparameter '{name}' has shape {value.shape}, not a scalar",
-            hint="a hyperparameter (or a schedule's value) is one number per step; "
-            "to run several values at once, jax.vmap over them",
+            hint="a hyperparameter (or a schedule's value) is one number per step; to run several "
+            "values at once, jax.vmap over them",
             code="E380",
         )
     return value.astype(step_dtype())
@@ -327,7 +340,7 @@ class Optimizer:
         self,
         compiled: Compiled,
         hyperparams: dict[str, float | Callable | jax.Array],
-        variant: Variant = Variant(),
+        transform_options: TransformOptions = TransformOptions(),
         pack: bool = False,
         identity: Any = None,
         lowering: str = "auto",
@@ -336,15 +349,16 @@ class Optimizer:
         self.name = compiled.checked.name
         self.description = compiled.checked.spec.description
         self.hyperparams = hyperparams
-        self.variant = variant  # the options applied as transforms (clipnorm, use_ema, ...)
+        self.transform_options = (
+            transform_options  # the options applied as transforms (clipnorm, use_ema, ...)
+        )
         self.pack = pack  # small parameters' state packed into flat buffers (packing.py)
         self.lowering = lowering  # how the step becomes machine code (codegen/fusion.py)
-        self._plan = Plan(compiled, variant, hyperparams, pack, identity, lowering)
+        self._plan = Plan(compiled, transform_options, hyperparams, pack, identity, lowering)
         self.state_names = self._plan.state_names
         self.extents = self._plan.extents  # each output's extent: tensor, leaf, row, col or step
-        self.stored_hyperparams = (
-            self._plan.stored
-        )  # those given as numbers: kept in state.hyperparams
+        # those given as numbers: kept in state.hyperparams
+        self.stored_hyperparams = self._plan.stored
         self.step = _Jitted(self, _step, traced=_step_kept)
         self._update = _Jitted(self, _update)
 
@@ -355,7 +369,9 @@ class Optimizer:
         return self  # immutable: its hyperparameter values and compiled program never change
 
     def init(self, params) -> OptState:
-        """Zero count, the stored hyperparameters, and each state initialized from its spec expression."""
+        """Zero count, the stored hyperparameters, and each state initialized from its spec
+        expression.
+        """
         check_params(params)
         leaves, treedef = jax.tree.flatten(params)
         layout = (
@@ -378,8 +394,9 @@ class Optimizer:
         return OptState(count, hypers, slots)
 
     def check(self, params, grads, state: OptState) -> None:
-        """Raise :class:`~optgen.diagnostics.InputError` if ``grads`` or ``state`` do not fit ``params``
-        (tree structure, shapes, dtypes; reads nothing on the device)."""
+        """Raise :class:`~optgen.diagnostics.InputError` if ``grads`` or ``state`` do not fit
+        ``params`` (tree structure, shapes, dtypes; reads nothing on the device).
+        """
         self._plan.checker.check(params, grads, state)
 
     def _stored(self) -> dict:
@@ -400,8 +417,9 @@ class Optimizer:
                 out[name][u] = x
 
     def update(self, updates, state: OptState, params=None, **inputs):
-        """optax protocol: gradients in, ``(updates, new_state)`` out; apply with ``optax.apply_updates``.
-        A spec's ``input`` declarations arrive as keyword arguments: ``update(g, s, p, hessian=h)``.
+        """optax protocol: gradients in, ``(updates, new_state)`` out; apply with
+        ``optax.apply_updates``. A spec's ``input`` declarations arrive as keyword arguments:
+        ``update(g, s, p, hessian=h)``.
 
         ``params`` may be left out where the change of ``p`` does not depend on ``p``
         (``p = p - X``, as Adam), as optax allows for such optimizers.
@@ -427,15 +445,18 @@ class Optimizer:
                 code="E361",
                 hint="declare one in the spec: output x = (p - (1 - b1) * z) / b1",
             )
-        self._plan.checker.check(
-            params, params, state
-        )  # params as their own grads: only the state is in question
+        # params as their own grads: only the state is in question
+        self._plan.checker.check(params, params, state)
         return _outputs(self._plan, params, state, self._bound())
 
     def finalize(self, params, state: OptState):
         """The parameters to keep after training: with ``use_ema``, the moving averages (Keras's
         ``finalize_variable_values``); otherwise ``params`` unchanged."""
-        return packing.as_tree(state.slots[ema.AVERAGE]) if self.variant["use_ema"] else params
+        return (
+            packing.as_tree(state.slots[ema.AVERAGE])
+            if self.transform_options["use_ema"]
+            else params
+        )
 
     def get_config(self) -> dict:
         """A plain dict that :func:`optgen.from_config` rebuilds this optimizer from."""
@@ -455,8 +476,8 @@ def explain_donation(params, grads, state) -> None:
         if leaf.is_deleted():
             raise InputError(
                 f"{name} was donated to an earlier step: its buffer is gone",
-                hint="step donates params and state: pass on the params and state it returned "
-                "(or keep copies, jnp.copy, of what you need again)",
+                hint="step donates params and state: pass on the params and state it returned (or "
+                "keep copies, jnp.copy, of what you need again)",
                 code="E382",
             )
     seen: dict[int, str] = {}
@@ -488,9 +509,8 @@ class _Jitted:
         plan.checker.check_call(params, grads, state)
         plan.checker.check_input_names(inputs)
         bound = self.opt._bound()
-        traced = (
-            not jax_core.trace_state_clean()
-        )  # inside jit, grad, vmap...: 0.2 us (a scan for tracers: 2 ms)
+        # inside jit, grad, vmap...: 0.2 us (a scan for tracers: 2 ms)
+        traced = not jax_core.trace_state_clean()
         try:
             return (self.traced if traced else self.jitted)(
                 plan, params, grads, state, bound, inputs

@@ -92,7 +92,9 @@ class Layout:
 
 
 def plan(program: Program, leaves: Sequence) -> Layout:
-    """The layout for these parameters: small replicated ones packed by dtype (see the module doc)."""
+    """The layout for these parameters: small replicated ones packed by dtype (see the
+    module doc).
+    """
     if not _elementwise(program):
         return Layout.unpacked(leaves)
     units, groups = [], {}
@@ -136,18 +138,18 @@ def _packable(func) -> bool:
 
 
 def _replicated(leaf) -> bool:
-    """Whether ``leaf`` is known to be whole on each device (so a group holding it reshards nothing)."""
+    """Whether ``leaf`` is known to be whole on each device (so a group holding it reshards
+    nothing).
+    """
     if placement.has_buffer(leaf):
         return leaf.sharding.is_fully_replicated
-    sharding = getattr(
-        jax.typeof(leaf), "sharding", None
-    )  # traced: Explicit mesh axes are in the type
+    # traced: Explicit mesh axes are in the type
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
         return all(axis is None for axis in sharding.spec)
-    return (
-        jax.device_count() == 1
-    )  # Auto axes or no mesh: unknown, unless there is nothing to shard over
+    # Auto axes or no mesh: unknown, unless there is nothing to shard over
+    return jax.device_count() == 1
 
 
 @jax.tree_util.register_pytree_node_class
@@ -177,7 +179,8 @@ class PackedState:
 
     def __repr__(self) -> str:
         groups = sum(len(unit) > 1 for unit in self.layout.units)
-        return f"PackedState({len(self.layout.shapes)} parameters in {len(self.arrays)} arrays, {groups} packed)"
+        parameters, arrays = len(self.layout.shapes), len(self.arrays)
+        return f"PackedState({parameters} parameters in {arrays} arrays, {groups} packed)"
 
 
 def wrap(layout: Layout, treedef, arrays: Sequence):
@@ -191,7 +194,9 @@ def wrap(layout: Layout, treedef, arrays: Sequence):
 
 
 def layout_of(slots: dict[str, Any], leaves: Sequence) -> Layout:
-    """The layout the state was made with (by :func:`plan`, at ``init``); its shapes are checked by validate."""
+    """The layout the state was made with (by :func:`plan`, at ``init``); its shapes are checked by
+    validate.
+    """
     packed = [s.layout for s in slots.values() if isinstance(s, PackedState)]
     if not packed:
         return Layout.unpacked(leaves)

@@ -38,12 +38,13 @@ def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 
 def constrain(x, sharding: jax.sharding.Sharding):
-    """``x`` laid out by ``sharding`` inside a jitted function, on Auto and Explicit mesh axes alike."""
+    """``x`` laid out by ``sharding`` inside a jitted function, on Auto and Explicit mesh axes
+    alike.
+    """
     mesh = getattr(sharding, "mesh", None)
     if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
-        return jax.sharding.reshard(
-            x, sharding
-        )  # with_sharding_constraint refers to Auto axes only
+        # with_sharding_constraint refers to Auto axes only
+        return jax.sharding.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
 
 

@@ -29,7 +29,9 @@ def name_for_export(cls: type, serialized_name: str) -> None:
 
 
 def register_optax_states() -> None:
-    """Register every NamedTuple state type of ``optax`` and ``optax.contrib`` with ``jax.export``."""
+    """Register every NamedTuple state type of ``optax`` and ``optax.contrib`` with
+    ``jax.export``.
+    """
     import optax
     import optax.contrib
 

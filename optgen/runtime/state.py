@@ -1,4 +1,6 @@
-"""The optimizer state: a plain NamedTuple pytree, shaped like the parameters where the spec says so."""
+"""The optimizer state: a plain NamedTuple pytree, shaped like the parameters where the spec says
+so.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +21,8 @@ class OptState(NamedTuple):
     ``step`` state.
     """
 
-    count: (
-        jax.Array
-    )  # int32: calls of update/step so far (with skip_nonfinite or accumulation, not all update p)
+    # int32: calls of update/step so far (with skip_nonfinite or accumulation, not all update p)
+    count: jax.Array
     hyperparams: dict[
         str, jax.Array
     ]  # the hyperparameters given as numbers: changeable between steps

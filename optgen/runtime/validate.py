@@ -55,8 +55,8 @@ def _check_hyper_value(
         or not np.issubdtype(np.asarray(value).dtype, np.number)
     ):
         raise InputError(
-            f"{where} must be a number or a schedule (a callable of the step count), "
-            f"got {type(value).__name__} {value!r:.60}",
+            f"{where} must be a number or a schedule (a callable of the step count), got "
+            f"{type(value).__name__} {value!r:.60}",
             hint="for example 1e-3",
             code="E305",
         )
@@ -83,7 +83,9 @@ def _check_hyper_value(
 
 
 def check_params(params, what: str = "params") -> None:
-    """Every leaf of ``params`` (or of gradients, ``what``) is a floating-point array (or a tracer of one)."""
+    """Every leaf of ``params`` (or of gradients, ``what``) is a floating-point array (or a tracer
+    of one).
+    """
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
@@ -110,9 +112,8 @@ class InputChecker:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.ranges = (
-            plan.compiled.checked.ranges | HYPER_RANGES
-        )  # the spec's, and its options' (clipnorm > 0)
+        # the spec's, and its options' (clipnorm > 0)
+        self.ranges = plan.compiled.checked.ranges | HYPER_RANGES
 
     def check_call(self, params, grads, state) -> None:
         """The per-call checks: the state's hyperparameters that are host numbers are in range."""
@@ -146,8 +147,10 @@ class InputChecker:
                 )
 
     def check(self, params, grads, state, inputs=None) -> None:
-        """Raise InputError if grads, the spec's inputs or state do not fit params; reads shapes and dtypes only.
-        ``inputs`` None (outputs, a saved state) checks no inputs; a dict (a step) needs every declared one."""
+        """Raise InputError if grads, the spec's inputs or state do not fit params; reads shapes and
+        dtypes only. ``inputs`` None (outputs, a saved state) checks no inputs; a dict (a step)
+        needs every declared one.
+        """
         check_params(params)
         # Gradients may come in another float dtype than their parameters, as optax accepts.
         _same_tree("grads", grads, "params", params, check_dtype=False)
@@ -176,9 +179,9 @@ class InputChecker:
             )
         if unknown or missing or set(state.slots) != set(expected.slots):
             raise InputError(
-                f"state is from another optimizer: it holds hyperparameters {sorted(state.hyperparams)} "
-                f"and states {sorted(state.slots)}; {name} keeps {sorted(expected.hyperparams)} "
-                f"and {sorted(expected.slots)}",
+                "state is from another optimizer: it holds hyperparameters "
+                f"{sorted(state.hyperparams)} and states {sorted(state.slots)}; {name} keeps "
+                f"{sorted(expected.hyperparams)} and {sorted(expected.slots)}",
                 hint=f"make it with {name}'s init",
                 code="E311",
             )

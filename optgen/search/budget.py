@@ -1,4 +1,6 @@
-"""``--budget``: how long a search runs, as time (``90s``, ``30m``, ``2h``) or a count of programs (``400c``)."""
+"""``--budget``: how long a search runs, as time (``90s``, ``30m``, ``2h``) or a count of programs
+(``400c``).
+"""
 
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ def parse_budget(text: str) -> Budget:
     if not match or float(match.group(1)) <= 0 or (match.group(2) == "c" and "." in match.group(1)):
         raise SpecError(
             f"--budget takes a time or a count of programs, got '{text}'",
-            hint="for example --budget 30m, --budget 90s, --budget 2h, or --budget 400c "
-            "(400 distinct programs)",
+            hint="for example --budget 30m, --budget 90s, --budget 2h, or --budget 400c (400 "
+            "distinct programs)",
             code="E020",
         )
     amount, unit = match.groups()

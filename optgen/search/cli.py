@@ -44,8 +44,8 @@ def mutate(spec, seed, count, edits):
     for k in range(count):
         mutant = mutate_spec(parsed, rng, edits)
         print_out(
-            f"{chr(10) if k else ''}# variant {k + 1} of {count} (--seed {seed}): {'; '.join(mutant.edits)}\n"
-            + mutant.text
+            f"{chr(10) if k else ''}# variant {k + 1} of {count} (--seed {seed}): "
+            f"{'; '.join(mutant.edits)}\n" + mutant.text
         )
 
 
@@ -57,7 +57,8 @@ def mutate(spec, seed, count, edits):
     "--tasks",
     default="quadratic,logistic,mlp,transformer",
     show_default=True,
-    help="comma-separated built-in tasks or user task files/modules, cheapest first (the funnel's order)",
+    help="comma-separated built-in tasks or user task files/modules, cheapest first (the funnel's "
+    "order)",
 )
 @click.option(
     "--budget",

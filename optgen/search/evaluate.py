@@ -1,4 +1,5 @@
-"""Scoring one optimizer on one task: every learning rate of a grid and several seeds under one compile.
+"""Scoring one optimizer on one task: every learning rate of a grid and several seeds under one
+compile.
 
 The training loop (``lax.scan`` over the task's fixed batches) is ``jax.vmap``-ed over
 (learning rate, seed) pairs: the learning rate goes into the optimizer state's
@@ -42,7 +43,9 @@ def prepare(task: Task) -> Prepared:
 
 
 def single_run(opt, prepared: Prepared):
-    """``run(learning_rate, seed, batches, held_out) -> held-out loss`` after ``task.steps`` updates."""
+    """``run(learning_rate, seed, batches, held_out) -> held-out loss`` after ``task.steps``
+    updates.
+    """
     task = prepared.task
 
     def run(learning_rate, seed, batches, held_out):

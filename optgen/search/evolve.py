@@ -89,9 +89,8 @@ class Evolution:
                     hint="resume with the same settings, or give --out a new folder",
                     code="E021",
                 )
-            sizes = collections.Counter(
-                r["batch"] for r in records
-            )  # a batch is logged whole or not used
+            # a batch is logged whole or not used
+            sizes = collections.Counter(r["batch"] for r in records)
             complete = [
                 r for r in records if r["batch"] == 0 or sizes[r["batch"]] == len(self.devices)
             ]
@@ -112,9 +111,8 @@ class Evolution:
         if len(self.population) > self.settings["population"]:
             self.population.popleft()
         for stage, score in enumerate(child.stage_scores[: len(self.tasks) - 1]):
-            self.history[stage + 1].append(
-                score
-            )  # its score on reaching the next task, promoted or not
+            # its score on reaching the next task, promoted or not
+            self.history[stage + 1].append(score)
 
     def _evaluate_seed(self) -> Candidate:
         program = program_of(self.settings["seed_text"])
@@ -126,7 +124,8 @@ class Evolution:
             )
             if not np.isfinite(loss):
                 raise SpecError(
-                    f"the seed spec diverges on '{prepared.task.name}' at every learning rate of the grid",
+                    f"the seed spec diverges on '{prepared.task.name}' at every learning rate of "
+                    "the grid",
                     hint="a task the seed spec cannot train gives the search no baseline",
                     code="E399",
                 )
@@ -190,8 +189,8 @@ class Evolution:
             if duplicates > _MAX_REDRAWS:
                 raise SpecError(
                     f"{_MAX_REDRAWS} mutants in a row were programs already seen",
-                    hint="the search space around this seed spec is exhausted; "
-                    "try another --seed-spec",
+                    hint="the search space around this seed spec is exhausted; try another "
+                    "--seed-spec",
                     code="E019",
                 )
 

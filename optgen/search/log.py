@@ -15,7 +15,9 @@ from optgen.diagnostics import SpecError
 
 
 def read(path: Path) -> tuple[dict | None, list[dict]]:
-    """The settings and the candidates in the log at ``path`` (``(None, [])`` when there is none)."""
+    """The settings and the candidates in the log at ``path`` (``(None, [])`` when there
+    is none).
+    """
     if not path.exists():
         return None, []
     records = []

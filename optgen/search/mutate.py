@@ -185,7 +185,9 @@ def _with_body(spec: ast.Spec, body: list) -> ast.Spec:
 def _read_instead(
     spec: ast.Spec, body: list, after: int, new_name: str, rng: random.Random
 ) -> bool:
-    """Make one statement after ``after`` read ``new_name`` in place of a name; False if none reads one."""
+    """Make one statement after ``after`` read ``new_name`` in place of a name; False if none reads
+    one.
+    """
     spots = [
         (i, path)
         for i in range(after + 1, len(body))
@@ -298,9 +300,8 @@ def _hyper(spec: ast.Spec, rng: random.Random):
     if not tunable:
         return None
     h = rng.choice(tunable)
-    is_decay = (
-        h.range is not None and 0 <= h.range.lo and h.range.hi <= 1
-    )  # b1, b2: move 1 - value too
+    # b1, b2: move 1 - value too
+    is_decay = h.range is not None and 0 <= h.range.lo and h.range.hi <= 1
     value = (
         (1 - (1 - h.default) * rng.choice(_SCALES))
         if is_decay and rng.random() < 0.5

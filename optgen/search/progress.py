@@ -1,4 +1,5 @@
-"""The search's progress bar: programs scored, candidates per minute, the best fitness and its edits.
+"""The search's progress bar: programs scored, candidates per minute, the best fitness and its
+edits.
 
 tqdm draws it when installed (the ``search`` extra); without tqdm the search runs silently.
 """
@@ -45,8 +46,8 @@ class Progress:
         best = evolution.best()
         minutes = max(evolution.elapsed, 1e-9) / 60
         self.bar.set_postfix_str(
-            f"{evolution.evaluated} programs, {evolution.evaluated / minutes:.1f}/min, "
-            f"best {best.fitness:+.3f} (#{best.index}: {'; '.join(best.edits)[:60]})"
+            f"{evolution.evaluated} programs, {evolution.evaluated / minutes:.1f}/min, best "
+            f"{best.fitness:+.3f} (#{best.index}: {'; '.join(best.edits)[:60]})"
         )
 
     def close(self) -> None:

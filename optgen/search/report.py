@@ -65,7 +65,10 @@ def write_candidates(out: Path, candidates: list[Candidate], tasks: list[str]) -
     write_atomic(out / "results.csv", buffer.getvalue())
     (out / "ranked").mkdir(exist_ok=True)
     for rank, c in enumerate(ranked(candidates)[:RANKED], 1):
-        header = f"# rank {rank}: candidate {c.index}, fitness {c.fitness:.4f} (mean log loss ratio to the seed spec)\n"
+        header = (
+            f"# rank {rank}: candidate {c.index}, fitness {c.fitness:.4f} (mean log loss ratio to "
+            "the seed spec)\n"
+        )
         write_atomic(
             out / "ranked" / f"rank{rank:02d}.spec", header + renamed(c.text, f"candidate{c.index}")
         )
@@ -190,21 +193,24 @@ def summarize(
         "plot": plotted,
     }
     sign_note = signed and (
-        f" (the best of them: candidate {signed[0].index}, fitness {signed[0].fitness:+.3f} "
-        f"on {len(signed[0].stage_scores)} of {len(tasks)} tasks)"
+        f" (the best of them: candidate {signed[0].index}, fitness {signed[0].fitness:+.3f} on "
+        f"{len(signed[0].stage_scores)} of {len(tasks)} tasks)"
     )
     verdict = (
-        f"Beat tuned {seed_spec} on the held-out tasks (better on at least one, worse on none, beyond the "
-        f"spread over seeds): {', '.join(better)}."
+        f"Beat tuned {seed_spec} on the held-out tasks (better on at least one, worse on none, "
+        f"beyond the spread over seeds): {', '.join(better)}."
         if better
-        else f"Nothing beat tuned {seed_spec} on the held-out tasks: no winner was better on a task without "
-        f"being worse on another, beyond the spread over seeds."
+        else f"Nothing beat tuned {seed_spec} on the held-out tasks: no winner was better on a "
+        "task without being worse on another, beyond the spread over seeds."
     )
     markdown = (
         f"# optgen search from {seed_spec}\n\n{len(candidates)} distinct programs "
-        f"({summary['candidates_per_minute']} a minute, {summary['duplicates_redrawn']} duplicates redrawn), "
-        f"{summary['scored_on_every_task']} scored on every task, {len(signed)} using sign(){sign_note or ''}."
-        f"\n\nHeld-out loss, mean ± std over {len(VALIDATION_SEEDS)} seeds @ tuned learning rate:\n\n"
+        f"({summary['candidates_per_minute']} a minute, {summary['duplicates_redrawn']} "
+        "duplicates redrawn), "
+        f"{summary['scored_on_every_task']} scored on every task, {len(signed)} using "
+        f"sign(){sign_note or ''}."
+        f"\n\nHeld-out loss, mean ± std over {len(VALIDATION_SEEDS)} seeds @ tuned learning "
+        "rate:\n\n"
         f"{markdown_table}\n{verdict}\n"
     )
     return summary, markdown

@@ -62,7 +62,8 @@ def search(
 ) -> dict:
     """Run (or resume) a search into ``out``; returns the summary written to ``out/summary.json``.
 
-    The best ``winners`` programs are simplified and validated on held-out tasks against the seed spec.
+    The best ``winners`` programs are simplified and validated on held-out tasks against the
+    seed spec.
     """
     settings = settings_for(seed_spec, tasks, population, tournament, seed)
     prepared = [prepare(load_task(name)) for name in tasks]
@@ -99,7 +100,7 @@ def search(
     table = validate(
         {
             seed_spec: settings["seed_text"],
-            **{k: text for k, (_, text, _) in zip(labels, simplified)},
+            **{k: text for k, (_, text, _) in zip(labels, simplified, strict=True)},
         },
         held_out_tasks(tasks),
         settings["learning_rates"],
@@ -109,7 +110,7 @@ def search(
         evolution,
         str(budget),
         resumed,
-        dict(zip(labels, simplified)),
+        dict(zip(labels, simplified, strict=True)),
         table,
         report.write_plot(out, evolution.candidates),
     )

@@ -1,4 +1,6 @@
-"""The last step of a search: remove each statement of a winner whose removal does not hurt its score."""
+"""The last step of a search: remove each statement of a winner whose removal does not hurt its
+score.
+"""
 
 from __future__ import annotations
 

@@ -109,7 +109,9 @@ def _importable(name: str) -> bool:
 
 
 def stacked_batches(task: Task, seed: int = 0) -> Any:
-    """The first ``task.steps`` training batches, stacked along a new leading axis (what a scan reads)."""
+    """The first ``task.steps`` training batches, stacked along a new leading axis (what a scan
+    reads).
+    """
     batches = list(itertools.islice(task.batches(seed), task.steps))
     if len(batches) < task.steps:
         raise SpecError(
@@ -130,7 +132,9 @@ def _endless(draw: Callable[[np.random.Generator], Any], seed: int) -> Iterator[
 
 
 def _quadratic(variant: int) -> Task:
-    """0.5 (x - x*)ᵀ A (x - x*) in 32 dims, A's eigenvalues from 1 to 1000; batches add gradient noise."""
+    """0.5 (x - x*)ᵀ A (x - x*) in 32 dims, A's eigenvalues from 1 to 1000; batches add gradient
+    noise.
+    """
     rng = np.random.default_rng(100 + variant)
     basis, _ = np.linalg.qr(rng.normal(size=(32, 32)))
     a = jnp.asarray((basis * np.logspace(0, 3, 32)) @ basis.T, jnp.float32)

@@ -1,4 +1,5 @@
-"""Winners against the seed spec (AdamW) on held-out tasks, each tuned on the same learning-rate grid.
+"""Winners against the seed spec (AdamW) on held-out tasks, each tuned on the same learning-rate
+grid.
 
 A held-out task is a built-in task drawn anew (``variant=1``: new data, new teacher, new
 conditioning) and trained from new seeds; a user task is its own held-out split. For each

@@ -1,9 +1,9 @@
 """Options that apply to any spec, each a transform of the lowered IR.
 
-A transform takes any optimizer's program (update and init functions) and returns the
-variant: ``clipnorm`` adds a clip before the update, ``use_ema`` a moving average
+A transform takes any optimizer's program (update and init functions) and returns it
+rewritten: ``clipnorm`` adds a clip before the update, ``use_ema`` a moving average
 after it, and so on. They run after lowering and before the pass pipeline, so the
-variant shows in ``optgen compile --emit ir`` and is fused into the same kernel.
+rewrite shows in ``optgen compile --emit ir`` and is fused into the same kernel.
 
 The options take Keras's names and defaults (``keras.optimizers.Optimizer``), plus
 optax's ``mask`` and ``skip_nonfinite`` (``optax.apply_if_finite``) and TF Model
@@ -31,12 +31,14 @@ from optgen.transforms import accumulate, clip, decay_mask, ema, loss_scale, ski
 from optgen.transforms.option import Option
 
 TRANSFORMS = (decay_mask, clip, accumulate, ema, skip_nonfinite, loss_scale)  # innermost first
-# Listed (in hints and docs) in Keras's order: clips, EMA, loss scale, accumulation, then the others.
+# Listed (in hints and docs) in Keras's order: clips, EMA, loss scale, accumulation, then the
+# others.
 _LISTED = (clip, ema, loss_scale, accumulate, decay_mask, skip_nonfinite)
 OPTIONS: dict[str, Option] = {
     option.name: option for module in _LISTED for option in module.OPTIONS
 }
-# Keras's names and defaults, optax's mask and TF Model Garden's include fragments; None or False: off.
+# Keras's names and defaults, optax's mask and TF Model Garden's include fragments; None or False:
+# off.
 DEFAULTS: dict[str, Any] = {name: option.default for name, option in OPTIONS.items()}
 # The options that become hyperparameters, and the values the runtime accepts for them.
 HYPER_RANGES: dict[str, Range] = {
@@ -45,7 +47,7 @@ HYPER_RANGES: dict[str, Range] = {
 
 
 @dataclass(frozen=True)
-class Variant:
+class TransformOptions:
     """The transform options an optimizer was built with (only those not at their default)."""
 
     settings: dict[str, Any] = field(default_factory=dict)
@@ -61,13 +63,15 @@ class Variant:
         return program
 
     def hyperparams(self, program: Program) -> dict[str, float]:
-        """The options that became hyperparameters of ``program`` (inputs named like them), with their values."""
+        """The options that became hyperparameters of ``program`` (inputs named like them), with
+        their values.
+        """
         return {
             v.name: float(self[v.name]) for v in program.update.inputs if v.name in HYPER_RANGES
         }
 
     def leaf_inputs(self, params) -> dict[str, list]:
-        """Per-parameter inputs of the variant (the weight-decay mask: 1.0 or 0.0 per leaf)."""
+        """Per-parameter inputs of these transforms (the weight-decay mask: 1.0 or 0.0 per leaf)."""
         inputs = {}
         for module in TRANSFORMS:
             if hasattr(module, "leaf_inputs") and module.enabled(self):
@@ -75,8 +79,10 @@ class Variant:
         return inputs
 
 
-def split_options(kwargs: dict[str, Any]) -> tuple[Variant, dict[str, Any]]:
-    """Take the transform options out of ``kwargs``: a checked :class:`Variant`, and the rest."""
+def split_options(kwargs: dict[str, Any]) -> tuple[TransformOptions, dict[str, Any]]:
+    """Take the transform options out of ``kwargs``: a checked :class:`TransformOptions`, and
+    the rest.
+    """
     settings = {k: v for k, v in kwargs.items() if k in OPTIONS and not _is_default(k, v)}
     rest = {k: v for k, v in kwargs.items() if k not in OPTIONS}
     for name, value in settings.items():
@@ -84,7 +90,7 @@ def split_options(kwargs: dict[str, Any]) -> tuple[Variant, dict[str, Any]]:
     for module in TRANSFORMS:
         if hasattr(module, "check"):
             module.check(settings)
-    return Variant(decay_mask.normalize(settings)), rest
+    return TransformOptions(decay_mask.normalize(settings)), rest
 
 
 def _is_default(name: str, value) -> bool:

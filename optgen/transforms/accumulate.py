@@ -28,11 +28,11 @@ def updates_before(ed: Editor) -> Value:
     return ed.op("div", ed.op("sub", calls, ed.op("mod", calls, k)), k)
 
 
-def enabled(variant) -> bool:
-    return variant[NAME] is not None
+def enabled(options) -> bool:
+    return options[NAME] is not None
 
 
-def apply(program: Program, variant) -> Program:
+def apply(program: Program, options) -> Program:
     ed = Editor(program.update, NAME)
     k, g = ed.add_input(NAME, "step"), ed.input("g")
     acc = ed.add_input(ACCUMULATOR, "tensor")

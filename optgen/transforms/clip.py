@@ -39,19 +39,20 @@ def check(settings: dict) -> None:
     clips = [name for name in RULES if name in settings]
     if len(clips) > 1:
         raise SpecError(
-            f"only one of clipnorm, clipvalue and global_clipnorm can be set, got {', '.join(clips)}",
+            "only one of clipnorm, clipvalue and global_clipnorm can be set, got "
+            f"{', '.join(clips)}",
             hint="as in Keras; chain optax.clip_by_global_norm in front for a second clip",
             code="E340",
         )
 
 
-def enabled(variant) -> bool:
-    return any(variant[name] is not None for name in RULES)
+def enabled(options) -> bool:
+    return any(options[name] is not None for name in RULES)
 
 
-def apply(program: Program, variant) -> Program:
-    """``program`` with its gradient clipped by the rule the variant sets (one of :data:`RULES`)."""
-    name = next(name for name in RULES if variant[name] is not None)
+def apply(program: Program, options) -> Program:
+    """``program`` with its gradient clipped by the rule the options sets (one of :data:`RULES`)."""
+    name = next(name for name in RULES if options[name] is not None)
     ed = Editor(program.update, name)
     g = RULES[name](ed, ed.input("g"), ed.add_input(name, "step"))
     return replace_update(program, ed.finish(ed.body({"g": g})), name)

@@ -44,30 +44,30 @@ def normalize(settings: dict) -> dict:
     }
 
 
-def enabled(variant) -> bool:
+def enabled(options) -> bool:
     """Is weight decay selected per parameter (exclude or include fragments, or a mask)?"""
-    return any(variant[name] for name in FRAGMENTS) or variant["mask"] is not None
+    return any(options[name] for name in FRAGMENTS) or options["mask"] is not None
 
 
-def leaf_inputs(variant, params) -> dict[str, list]:
+def leaf_inputs(options, params) -> dict[str, list]:
     """The mask's per-parameter input: 1.0 where weight decay applies, 0.0 where it does not."""
     keep = leaf_mask(
         params,
-        variant["exclude_from_weight_decay"],
-        variant["include_in_weight_decay"],
-        variant["mask"],
+        options["exclude_from_weight_decay"],
+        options["include_in_weight_decay"],
+        options["mask"],
     )
     return {NAME: [np.float32(k) for k in keep]}
 
 
-def apply(program: Program, variant) -> Program:
+def apply(program: Program, options) -> Program:
     ed = Editor(program.update, "exclude_from_weight_decay")
     name = next((name for name in DECAY_NAMES if ed.has_input(name)), None)
     if name is None:
         raise SpecError(
             f"'{program.update.name}' has no hyperparameter 'weight_decay' to mask",
-            hint="exclude_from_weight_decay, include_in_weight_decay and mask act on the hyperparameter "
-            "named weight_decay (or weight_decay_rate); the spec must declare "
+            hint="exclude_from_weight_decay, include_in_weight_decay and mask act on the "
+            "hyperparameter named weight_decay (or weight_decay_rate); the spec must declare "
             "'hyper weight_decay = ...'",
             code="E343",
         )
@@ -102,8 +102,8 @@ def leaf_mask(
         except (ValueError, TypeError) as err:
             raise SpecError(
                 f"mask does not have the structure of the parameters: {err}",
-                hint="give a pytree of booleans shaped like the parameters, "
-                "or a callable of the parameters that returns one",
+                hint="give a pytree of booleans shaped like the parameters, or a callable of the "
+                "parameters that returns one",
                 code="E344",
             ) from None
         keep = [k and bool(f) for k, f in zip(keep, flags, strict=True)]
@@ -111,5 +111,7 @@ def leaf_mask(
 
 
 def matches(fragments: tuple[str, ...] | list[str] | None, name: str) -> bool:
-    """Does any fragment match ``name`` (``re.search``, one fragment at a time, as Keras and TF Model Garden)?"""
+    """Does any fragment match ``name`` (``re.search``, one fragment at a time, as Keras and TF
+    Model Garden)?
+    """
     return any(re.search(fragment, name) is not None for fragment in fragments or ())

@@ -1,4 +1,4 @@
-"""Building a transform's variant of an IR function: new inputs, ops before and after the body.
+"""Rewriting an IR function for a transform: new inputs, ops before and after the body.
 
 A transform reads the function it wraps as a black box with named inputs and outputs:
 it may add inputs, compute values before the body (a clipped ``g``), substitute them

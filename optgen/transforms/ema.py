@@ -36,14 +36,14 @@ def check(settings: dict) -> None:
         raise SpecError("ema_momentum and ema_overwrite_frequency need use_ema=True", code="E341")
 
 
-def enabled(variant) -> bool:
-    return variant[NAME]
+def enabled(options) -> bool:
+    return options[NAME]
 
 
-def apply(program: Program, variant) -> Program:
+def apply(program: Program, options) -> Program:
     ed = Editor(program.update, NAME)
     momentum, average = ed.add_input("ema_momentum", "step"), ed.add_input(AVERAGE, "tensor")
-    overwrite = variant["ema_overwrite_frequency"] is not None
+    overwrite = options["ema_overwrite_frequency"] is not None
     frequency = ed.add_input("ema_overwrite_frequency", "step") if overwrite else None
     before = updates_before(ed)
     outputs = ed.body()

@@ -2,8 +2,8 @@
 whether it becomes a hyperparameter (with the range the runtime holds it to at every step).
 
 A transform module lists its options in ``OPTIONS`` (built with the helpers here) and
-defines ``enabled(variant)`` and ``apply(program, variant)``; it may define
-``check(settings)`` for rules across its options and ``leaf_inputs(variant, params)`` for
+defines ``enabled(options)`` and ``apply(program, options)``; it may define
+``check(settings)`` for rules across its options and ``leaf_inputs(options, params)`` for
 per-parameter inputs. :mod:`optgen.transforms` collects them.
 """
 
@@ -43,7 +43,9 @@ def _refuse(name: str, takes: str, value, hint: str | None = None):
 
 
 def positive(name: str) -> Option:
-    """A finite positive number, off by default (``clipnorm``): inf would turn every parameter into nan."""
+    """A finite positive number, off by default (``clipnorm``): inf would turn every parameter into
+    nan.
+    """
 
     def validate(name, value):
         if not (_number(value) and value > 0):
@@ -83,7 +85,9 @@ def integer_at_least(name: str, low: int) -> Option:
 
 
 def fragments(name: str) -> Option:
-    """Name fragments matched with ``re.search``: a list of strings, or one comma-separated string."""
+    """Name fragments matched with ``re.search``: a list of strings, or one
+    comma-separated string.
+    """
 
     def validate(name, value):
         if not (isinstance(value, str) or all(isinstance(v, str) for v in value)):
@@ -107,5 +111,7 @@ def anything(name: str) -> Option:
 
 
 def as_fragments(value) -> tuple[str, ...]:
-    """Name fragments as a tuple: a list of strings, or one comma-separated string (the CLI's ``--with``)."""
+    """Name fragments as a tuple: a list of strings, or one comma-separated string (the CLI's
+    ``--with``).
+    """
     return tuple(value.split(",") if isinstance(value, str) else value)

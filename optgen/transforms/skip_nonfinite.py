@@ -17,11 +17,11 @@ COUNT = "total_notfinite"
 OPTIONS = (boolean(NAME),)
 
 
-def enabled(variant) -> bool:
-    return variant[NAME]
+def enabled(options) -> bool:
+    return options[NAME]
 
 
-def apply(program: Program, variant) -> Program:
+def apply(program: Program, options) -> Program:
     ed = Editor(program.update, NAME)
     skipped = ed.add_input(COUNT, "step")
     zero, one = ed.const(0.0), ed.const(1.0)

@@ -57,7 +57,9 @@ def opt():
 
 
 def sharded_training(axis_type, layout, use_step: bool):
-    """Params laid out by ``layout`` on a 4x2 mesh of ``axis_type`` axes; batch sharded over data."""
+    """Params laid out by ``layout`` on a 4x2 mesh of ``axis_type`` axes; batch sharded
+    over data.
+    """
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type, axis_type))
     o = opt()
     with jax.set_mesh(mesh):
@@ -107,8 +109,10 @@ def zero1():
     for _ in range(STEPS):
         params, state = step(params, state)
     updated_shape = re.search(
-        r"f32\[(\d+),8\]\S* sqrt\(", hlo
-    )  # the update of w's 16 rows, per device
+        # the update of w's 16 rows, per device
+        r"f32\[(\d+),8\]\S* sqrt\(",
+        hlo,
+    )
     return {
         "diff": diff(params, reference()),
         "params": specs(params),
@@ -121,7 +125,9 @@ def zero1():
 
 
 def shard_map_update():
-    """The update inside shard_map, over parameters sharded by rows (each shard updated on its own)."""
+    """The update inside shard_map, over parameters sharded by rows (each shard updated
+    on its own).
+    """
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
     o = opt()
     layout = {"w": P("data"), "b": P()}

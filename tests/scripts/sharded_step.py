@@ -50,9 +50,8 @@ hlo = opt.step.lower(params, grads, state).compile().as_text()
 before = len(COMPILES)
 for _ in range(2):
     params, state = opt.step(params, grads, state)
-step_compiles = (
-    len(COMPILES) - before
-)  # compiled by lower() above; init places its outputs as step does
+# compiled by lower() above; init places its outputs as step does
+step_compiles = len(COMPILES) - before
 with tempfile.TemporaryDirectory() as tmp:  # a restored state is placed as init places it
     optgen.save_state(f"{tmp}/state", state, opt)
     state = optgen.load_state(f"{tmp}/state", opt, params)

@@ -39,8 +39,8 @@ def main(inputs_path, cases_path, out_path):
         opt = cls(**settings)
 
         @tf.function
-        def apply(grads):
-            opt.apply_gradients(zip(grads, variables))
+        def apply(grads):  # traced and run in this iteration only
+            opt.apply_gradients(zip(grads, variables, strict=True))  # noqa: B023
 
         for step in range(steps):
             apply([tf.constant(inputs[f"grad/{step}/{i}"]) for i in range(len(names))])

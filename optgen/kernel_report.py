@@ -25,7 +25,8 @@ from optgen.ir import Program, dependencies
 
 # a fused loop (a lone one may be ROOT), or a call of optgen's own CPU loop
 _FUSION = re.compile(
-    r'^\s+(?:ROOT )?%\S+ = (?P<type>\(.*?\)|\S+) (?:fusion\(|custom-call\(.*custom_call_target="optgen_cpu_)'
+    r"^\s+(?:ROOT )?%\S+ = (?P<type>\(.*?\)|\S+) "
+    r'(?:fusion\(|custom-call\(.*custom_call_target="optgen_cpu_)'
 )
 _SHAPE = re.compile(r"\[(\d+(?:,\d+)*)\]")
 
@@ -50,16 +51,18 @@ class Report:
             f"elements            {self.elements:,}",
             f"lowering            {self.lowering}",
             f"fused kernels       {self.kernels} per-element, {self.scalar_kernels} scalar",
-            f"bytes per element   {self.bytes_per_element:.2f} (spec minimum {self.min_bytes_per_element:g}, "
-            f"{excess:+.1%})",
+            f"bytes per element   {self.bytes_per_element:.2f} (spec minimum "
+            f"{self.min_bytes_per_element:g}, {excess:+.1%})",
             f"flops per element   {self.flops_per_element:.2f}",
         ]
         if self.seconds is not None:
             step_bw = self.min_bytes_per_element * self.elements / self.seconds / 1e9
             copy_bw = 8 * self.elements / self.copy_seconds / 1e9
             out += [
-                f"step time           {self.seconds * 1e3:.3f} ms ({step_bw:.1f} GB/s of the spec minimum)",
-                f"copy bandwidth      {copy_bw:.1f} GB/s (f32 read + write); step at {step_bw / copy_bw:.0%}",
+                f"step time           {self.seconds * 1e3:.3f} ms ({step_bw:.1f} GB/s of the spec "
+                "minimum)",
+                f"copy bandwidth      {copy_bw:.1f} GB/s (f32 read + write); step at "
+                f"{step_bw / copy_bw:.0%}",
             ]
         return out
 
@@ -134,7 +137,7 @@ def inspect(
 ) -> Report:
     """Compile ``program``'s step for ``elements`` parameters of ``dtype`` and report on it."""
     shape = str(elements)
-    compiled = export.lower(program, dtype, shape, lowering).compile()
+    compiled = export.lowered_kernel(program, dtype, shape, lowering).compile()
     cost = compiled.cost_analysis()
     per_element, scalar = count_kernels(compiled.as_text())
     touched = cost["bytes accessed"] + own_loop_bytes(compiled.as_text())
@@ -199,7 +202,9 @@ def _time_step(program: Program, dtype: np.dtype, shape: str, lowering: str, rep
 
 
 def _time_copy(elements: int, repeats: int) -> float:
-    """Median time to read and write ``elements`` float32 values in place (a donated scaled copy)."""
+    """Median time to read and write ``elements`` float32 values in place (a donated
+    scaled copy).
+    """
     buffer = [jnp.ones(elements, jnp.float32)]
     scale = jax.jit(lambda x: x * 0.5, donate_argnums=0)
 
