@@ -30,6 +30,14 @@ from optgen.transforms import DEFAULTS, TransformOptions, split_options
 from optgen.types import DTYPES
 
 EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
+# compile and inspect take the parameters' dtype alike
+_DTYPE_OPTION = click.option(
+    "--dtype",
+    type=click.Choice(["f32", "bf16", "f64"]),
+    default="f32",
+    show_default=True,
+    help="Parameter dtype of the kernel.",
+)
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
@@ -144,13 +152,7 @@ def main():
     show_default=True,
     help="The stage to stop after.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["f32", "bf16", "f64"]),
-    default="f32",
-    show_default=True,
-    help="Parameter dtype of the kernel.",
-)
+@_DTYPE_OPTION
 @click.option(
     "--shape",
     default="n",
@@ -218,13 +220,7 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
 
 @main.command()
 @click.argument("spec")
-@click.option(
-    "--dtype",
-    type=click.Choice(["f32", "bf16", "f64"]),
-    default="f32",
-    show_default=True,
-    help="Parameter dtype.",
-)
+@_DTYPE_OPTION
 @click.option(
     "--elements",
     type=click.IntRange(min=1),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +213,16 @@ class count_compiles:
 
     def __exit__(self, *exc) -> None:
         _COUNTER.active = False
+
+
+def run_device_script(name: str, timeout: int) -> dict:
+    """Run ``tests/scripts/NAME`` in a fresh process that sees 8 CPU devices; its last line of
+    output, as JSON (the device count must be set before JAX starts, hence the process)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env.pop("OPTGEN_XLA_FLAGS", None)
+    script = Path(__file__).parent / "scripts" / name
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

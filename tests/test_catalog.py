@@ -53,7 +53,7 @@ def test_doc_example_raises_its_code(code, tmp_path, monkeypatch):
         exec(PRELUDE, namespace)
         with warnings.catch_warnings():
             warnings.simplefilter("error", optgen.SpecWarning)
-            with pytest.raises(optgen.SpecError) as err:
+            with pytest.raises(optgen.Diagnostic) as err:
                 exec(example, namespace)
         assert err.value.code == code, err.value.render()
         return

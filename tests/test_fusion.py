@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_device_script
 from optgen.codegen import export, fusion
 
 import optgen
@@ -228,14 +225,7 @@ def test_request_respects_the_users_flags(monkeypatch):
 
 
 def test_sharded_step_keeps_layouts_and_needs_no_collectives():
-    script = Path(__file__).parent / "scripts" / "sharded_step.py"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    env.pop("OPTGEN_XLA_FLAGS", None)
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_device_script("sharded_step.py", timeout=300)
     assert report["devices"] == 8
     assert report["params"] == report["expected"]
     assert report["state_init"] == report["expected"]

@@ -327,10 +327,10 @@ def test_the_submodule_does_not_shadow_keras():
 
 
 def test_readme_examples_run(tmp_path, monkeypatch):
-    """The "Coming from Keras" section's code, in order; the restored model trains on as the saved
-    one.
+    """The "Coming from Keras" section's code (docs/frameworks.md), in order; the restored model
+    trains on as the saved one.
     """
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "frameworks.md").read_text()
     section = readme[
         readme.index("## Coming from Keras\n") : readme.index("## Coming from TF Model Garden")
     ]

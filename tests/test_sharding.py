@@ -4,25 +4,13 @@ restore onto another topology — each with optax's numbers (tests/scripts/mesh_
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import run_device_script
 
 
 @pytest.fixture(scope="module")
 def report():
-    script = Path(__file__).parent / "scripts" / "mesh_citizen.py"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    env.pop("OPTGEN_XLA_FLAGS", None)
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_device_script("mesh_citizen.py", timeout=600)
     assert report.pop("devices") == 8
     return report
 

@@ -1,6 +1,6 @@
-"""The README's gallery: each built-in spec's length beside the reference source it replaces.
+"""The gallery of docs/specs.md: each built-in spec's length beside the source it replaces.
 
-    python tools/gallery.py        # prints the markdown table that README.md holds
+    python tools/gallery.py        # prints the markdown table that docs/specs.md holds
 
 A spec's lines are its non-blank, non-comment lines. A reference's lines are the
 non-blank, non-comment, non-docstring source lines (``inspect.getsource``) of the
@@ -9,7 +9,7 @@ optax function and of every optax transform it chains (``transform.scale_by_adam
 of its own module it chains; optax's shared tree utilities are not counted. For the
 convention specs it is the framework's single-tensor step (torch's ``_single_tensor_*``,
 Keras's ``update_step``), and TF Model Garden's ``AdamWeightDecay`` class.
-tests/test_gallery.py checks that the README's table is this script's output.
+tests/test_gallery.py checks that the table in docs/specs.md is this script's output.
 """
 
 from __future__ import annotations
