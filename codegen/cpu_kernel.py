@@ -620,9 +620,8 @@ def _schedule(b: ir.IRBuilder, api, ctx, task, work, n_chunks: int) -> None:
     error = _api_call(
         b, api, "ThreadPool_Schedule", abi.ScheduleArgs, {"ctx": ctx, "task": task, "data": work}
     )
-    with b.if_then(
-        b.icmp_unsigned("!=", error, ir.Constant(_PTR, None))
-    ):  # no pool: this thread does it all
+    # no pool: this thread does it all
+    with b.if_then(b.icmp_unsigned("!=", error, ir.Constant(_PTR, None))):
         _api_call(b, api, "Error_Destroy", abi.ErrorDestroyArgs, {"error": error})
         b.atomic_rmw("sub", _slot(b, work, _HOLDERS), ir.Constant(_I64, 1), "acq_rel")
     k.add_incoming(b.add(k, ir.Constant(_I64, 1)), b.block)

@@ -161,9 +161,8 @@ class _Layout:
         kept as size 1.
         """
         shape = self.shapes[i]
-        if (
-            extent == "axes"
-        ):  # a vector's statistics are its elements; a larger tensor needs static sizes
+        # a vector's statistics are its elements; a larger tensor needs static sizes
+        if extent == "axes":
             return (
                 shape
                 if len(shape) == 1

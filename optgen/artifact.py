@@ -89,7 +89,8 @@ class Artifact:
             except (
                 TypeError,
                 ValueError,
-            ) as err:  # jax.export names the argument and what it expected
+            ) as err:
+                # jax.export names the argument and what it expected
                 raise InputError(
                     f"the {h['spec']} artifact's inputs do not fit: {err}",
                     hint=f"it was compiled for {h['dtype']}[{h['shape']}]",

@@ -151,9 +151,8 @@ class _Checker:
                     "choose another name",
                     code="E204",
                 )
-            if (
-                name.id in TRANSFORM_OPTIONS
-            ):  # optgen.load(spec, ema_momentum=...) must mean one thing
+            # optgen.load(spec, ema_momentum=...) must mean one thing
+            if name.id in TRANSFORM_OPTIONS:
                 raise self.error(
                     f"'{name.id}' is the name of an option every spec takes (optgen.load(..., "
                     f"{name.id}=...))",

@@ -98,9 +98,8 @@ class _Intervals:
         for stmt in stmts:
             if isinstance(stmt, ast.Assign):
                 env[stmt.target.id] = self.expr(stmt.value, env)
-            elif isinstance(
-                stmt, ast.Repeat
-            ):  # a bound that moves in a second pass may move every pass
+            elif isinstance(stmt, ast.Repeat):
+                # a bound that moves in a second pass may move every pass
                 once = self.block(stmt.body, env)
                 twice = self.block(stmt.body, once)
                 env = {

@@ -79,9 +79,8 @@ class Optimizer(keras.optimizers.Optimizer):
                 "optimizer.exclude_from_weight_decay(var_list=...)) and include_in_weight_decay",
                 code="E372",
             )
-        if (
-            sha256 is not None
-        ):  # a config written from a spec file: refuse the file if it changed (E349)
+        # a config written from a spec file: refuse the file if it changed (E349)
+        if sha256 is not None:
             optgen.from_config({"spec": spec, "sha256": sha256})
         defaults = optgen.check_spec(spec).hypers
         if "learning_rate" not in defaults:

@@ -64,9 +64,8 @@ def _read_file(path: Path) -> Source:
             raise SpecError(
                 f"'{path}' is a directory", hint="give the path of a .spec file", code="E002"
             )
-        with open(
-            path, "rb"
-        ) as file:  # read at most one byte past the limit: pipes and devices have no size
+        # read at most one byte past the limit: pipes and devices have no size
+        with open(path, "rb") as file:
             data = file.read(limit + 1)
     except FileNotFoundError:
         raise SpecError(

@@ -180,9 +180,8 @@ class _Lowering:
                     env[name] = self.builder.op(
                         "select", cond, then[name], orelse[name], loc=self.loc(stmt)
                     )
-                except (
-                    IRError
-                ):  # two matrix extents: the checker refuses any use after the if (E233)
+                except IRError:
+                    # two matrix extents: the checker refuses any use after the if (E233)
                     env.pop(name, None)
         return env
 

@@ -163,9 +163,8 @@ def stored_shape(shape: tuple, extent: str, factoring: Factoring) -> tuple:
         return ()
     if extent == "axes":
         return (sum(shape),) if shape else (1,)
-    if (
-        extent in MATRIX_AXES and extent != "tensor"
-    ):  # a parameter that is no matrix keeps one unused number
+    # a parameter that is no matrix keeps one unused number
+    if extent in MATRIX_AXES and extent != "tensor":
         if len(shape) < 2:
             return ()
         sizes = {"r": shape[-2], "c": shape[-1]}

@@ -158,9 +158,8 @@ def test_a_read_only_folder_leaves_the_old_file(tmp_path, monkeypatch):
     optgen.save_state(str(path), state, opt)
     before = path.read_bytes()
     folder.chmod(0o555)
-    if (
-        os.geteuid() == 0
-    ):  # root writes anywhere: make the folder refuse new files as the kernel would
+    # root writes anywhere: make the folder refuse new files as the kernel would
+    if os.geteuid() == 0:
         real_open = os.open
 
         def refusing(name, flags, *args, **kwargs):

@@ -31,9 +31,8 @@ def _leaves(params):
 def _run_optgen(spec, settings, dtype, grad_scale=1.0):
     opt = optgen.load(spec, **settings)
 
-    def grads_at(
-        params, step
-    ):  # drawn in make_params's key order, as the Keras and torch runs draw them
+    # drawn in make_params's key order, as the Keras and torch runs draw them
+    def grads_at(params, step):
         return jax.tree.map(lambda g: g * grad_scale, make_grads(make_params(dtype), step, dtype))
 
     params, state = run_steps(
@@ -223,9 +222,8 @@ def test_torch_spec_matches_torch(spec, case, dtype):
     ours = dict(settings)
     if ours["lr"] == "exponential" and dtype == np.float32:
         ours["lr"] = optgen.schedules.exponential_decay(3e-3, 1, 0.95)
-    elif (
-        ours["lr"] == "exponential"
-    ):  # optax's exponential_decay is float32 for an int32 count; this is float64
+    elif ours["lr"] == "exponential":
+        # optax's exponential_decay is float32 for an int32 count; this is float64
         ours["lr"] = lambda count: 3e-3 * jnp.power(0.95, count.astype(jnp.float64))
     with jax.enable_x64(dtype == np.float64):
         got, got_final = _run_optgen(spec, ours, dtype)

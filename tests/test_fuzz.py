@@ -122,9 +122,8 @@ def outcome(data: bytes, tmp_path) -> str:
     first = result.output.splitlines()[0]
     located = LOCATED.match(first)
     assert located or FILE_LEVEL.match(first), result.output
-    if (
-        located
-    ):  # the position is inside the file (or just past its last line), and the line shown is it
+    # the position is inside the file (or just past its last line), and the line shown is it
+    if located:
         # a BOM is not part of the text
         lines = data.decode("utf-8").removeprefix("\ufeff").split("\n")
         line, col = int(located[1]), int(located[2])
@@ -244,9 +243,8 @@ def test_big_literals_and_odd_digits(mantissa, exponent, power, where, tmp_path)
         assert got == (
             "compiled" if power <= f32_max else "E225" if power <= f64_max else "E223"
         ), (where, power, got)
-    elif (
-        got == "compiled"
-    ):  # ASCII digits only; one literal ('0-0e0' is an expression): finite, 0 only as 0
+    elif got == "compiled":
+        # ASCII digits only; one literal ('0-0e0' is an expression): finite, 0 only as 0
         assert number.isascii(), number
         if re.fullmatch(r"([0-9]+\.?[0-9]*|\.[0-9]+)e-?[0-9]+", number):
             assert abs(float(number)) < float("inf") and (

@@ -263,9 +263,8 @@ def test_a_schedule_against_a_constant_is_named_as_such(tmp_path):
 def test_state_of_another_variant_is_named_as_such(tmp_path):
     opt, params, state = trained(jnp.float32)
     optgen.save_state(str(tmp_path / "s"), state, opt)
-    with pytest.raises(
-        InputError
-    ) as err:  # same spec, hyperparameters and options: only the state differs
+    # same spec, hyperparameters and options: only the state differs
+    with pytest.raises(InputError) as err:
         optgen.load_state(
             str(tmp_path / "s"),
             optgen.load("adamw", learning_rate=0.1, skip_nonfinite=True),

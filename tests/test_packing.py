@@ -100,9 +100,8 @@ def test_packed_steps_match_unpacked_steps(spec, options):
 
         def grads_at(params, step):
             grads = make_grads(params, step)
-            if step == 5 and options.get(
-                "skip_nonfinite"
-            ):  # a non-finite gradient in a packed leaf skips the step
+            # a non-finite gradient in a packed leaf skips the step
+            if step == 5 and options.get("skip_nonfinite"):
                 grads["b3"][2] = np.inf
             return grads
 

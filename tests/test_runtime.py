@@ -215,9 +215,8 @@ def test_runtime_imports_run_one_way():
     assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(order)
     for name in order:
         tree = ast.parse((folder / f"{name}.py").read_text())
-        for node in (
-            tree.body
-        ):  # module level: imports under TYPE_CHECKING or in functions are for types and lazy use
+        # module level: imports under TYPE_CHECKING or in functions are for types and lazy use
+        for node in tree.body:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
                 "optgen.runtime"
             ):

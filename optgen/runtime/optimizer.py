@@ -515,15 +515,15 @@ class _Jitted:
             return (self.traced if traced else self.jitted)(
                 plan, params, grads, state, bound, inputs
             )
-        except (
-            TypeError
-        ):  # jit refuses a leaf that is no array before tracing: name it as InputError
+        except TypeError:
+            # jit refuses a leaf that is no array before tracing: name it as InputError
             plan.checker.check(params, grads, state, inputs)
             raise
         except (
             ValueError,
             RuntimeError,
-        ):  # XLA's words for a donated or doubly donated buffer: say which
+        ):
+            # XLA's words for a donated or doubly donated buffer: say which
             plan.checker.check(params, grads, state)  # a wrong tree is the first thing to say
             if self.jitted is _step:
                 explain_donation(params, grads, state)

@@ -118,10 +118,11 @@ class InputChecker:
     def check_call(self, params, grads, state) -> None:
         """The per-call checks: the state's hyperparameters that are host numbers are in range."""
         hypers = state.hyperparams if isinstance(getattr(state, "hyperparams", None), dict) else {}
+        # host numbers may change every step; device arrays are not read
         for (
             name,
             value,
-        ) in hypers.items():  # host numbers may change every step; device arrays are not read
+        ) in hypers.items():
             if name in self.ranges and not isinstance(value, jax.Array):
                 _check_hyper_value(
                     self.plan.name, name, value, self.ranges[name], f"state.hyperparams['{name}']"

@@ -50,8 +50,7 @@ def load(program: Program, folder: Path):
     path = folder / f"{program.digest}.spec"
     if not path.exists():
         write_atomic(path, program.text)
-    with (
-        warnings.catch_warnings()
-    ):  # mutants may take sqrt of a negative value: their score says so
+    # mutants may take sqrt of a negative value: their score says so
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", optgen.SpecWarning)
         return optgen.load(str(path))
