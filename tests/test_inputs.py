@@ -30,7 +30,9 @@ def raises(code, fragment, fn, *args):
     with pytest.raises(InputError) as err:
         fn(*args)
     assert err.value.code == code and fragment in err.value.message, err.value.render()
-    assert isinstance(err.value, optgen.SpecError) and isinstance(err.value, ValueError)
+    # a Diagnostic and a ValueError, not a SpecError: the value is wrong, not the spec
+    assert isinstance(err.value, optgen.Diagnostic) and isinstance(err.value, ValueError)
+    assert not isinstance(err.value, optgen.SpecError)
     return err.value
 
 

@@ -295,8 +295,8 @@ def test_get_config_of_a_spec_file_records_its_digest(tmp_path):
         ({"spec": "keras/adamw", "clipnorm": -1.0}, "E342"),
     ],
 )
-def test_mistakes_are_spec_errors(kwargs, code):
-    with pytest.raises(optgen.SpecError) as err:
+def test_mistakes_are_diagnostics(kwargs, code):
+    with pytest.raises(optgen.Diagnostic) as err:
         optgen.keras.Optimizer(**kwargs)
     assert err.value.code == code
 

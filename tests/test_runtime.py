@@ -172,7 +172,9 @@ def test_state_initial_value_is_an_expression_of_p_and_hypers(tmp_path):
 
 
 def test_unknown_keyword_suggests_the_hyperparameter():
-    with pytest.raises(optgen.SpecError, match="no hyperparameter or option 'learning_rat'") as err:
+    with pytest.raises(
+        optgen.InputError, match="no hyperparameter or option 'learning_rat'"
+    ) as err:
         optgen.load("adamw", learning_rat=1e-3)
     assert "did you mean 'learning_rate'" in err.value.render()
 

@@ -259,8 +259,8 @@ def test_config_refuses_what_it_cannot_write_down():
         ({"clipnrm": 1.0}, "did you mean 'clipnorm'"),
     ],
 )
-def test_bad_option_values_are_spec_errors(kwargs, message):
-    with pytest.raises(optgen.SpecError, match=message):
+def test_bad_option_values_are_diagnostics(kwargs, message):
+    with pytest.raises(optgen.Diagnostic, match=message):
         optgen.load("adamw", **kwargs)
 
 
