@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from optgen.codegen.evaluate import STRUCTURAL
 from optgen.codegen.interpret import interpret
+from optgen.codegen.llvm_backend import EMIT as LLVM_EMIT
 from optgen.codegen.primitive import run_ir
 from optgen.codegen.stablehlo import EMIT
 
@@ -19,7 +20,8 @@ ELEMENTWISE = sorted(name for name, op in OPS.items() if op.numpy is not None)
 
 
 def test_every_op_has_an_emission_or_an_evaluator_rule():
-    assert set(ELEMENTWISE) == set(EMIT)
+    assert set(ELEMENTWISE) == set(EMIT)  # StableHLO
+    assert set(ELEMENTWISE) == set(LLVM_EMIT)  # optgen's own CPU loop
     assert {name for name, op in OPS.items() if op.numpy is None} == STRUCTURAL
 
 
@@ -46,9 +48,11 @@ def _one_op(name: str) -> Function:
     return func
 
 
+@pytest.mark.parametrize("lowering", ["shared", "ffi"])
 @pytest.mark.parametrize("name", ELEMENTWISE)
-def test_stablehlo_matches_the_interpreter_on_every_elementwise_op(name, x64):
-    """Differential: each op through XLA against NumPy, float64, including nan and inf results."""
+def test_backends_match_the_interpreter_on_every_elementwise_op(name, lowering, x64):
+    """Differential: each op through XLA's loops (StableHLO) and optgen's own CPU loop (LLVM)
+    against NumPy, float64, including nan and inf results."""
     func = _one_op(name)
     rng = np.random.default_rng(0)
     tensors = {k: [rng.normal(size=s) * 3 for s in [(), (7,), (3, 4)]] for k in ("p", "g")}
@@ -59,6 +63,7 @@ def test_stablehlo_matches_the_interpreter_on_every_elementwise_op(name, x64):
         {k: [jax.numpy.asarray(x) for x in v] for k, v in tensors.items()},
         {},
         {"p": [np.float64] * 3},
+        lowering=lowering,
     )["p"]
     for e, x in zip(expected, got, strict=True):
         np.testing.assert_allclose(np.asarray(x), e, rtol=1e-14, atol=0, equal_nan=True)
