@@ -280,7 +280,11 @@ def check(spec, with_):
     print_out(f"{spec}: ok\n")
 
 
-@main.command("opt")
+# "\b" keeps click from rewrapping the list
+_PASS_LIST = "\b\nPasses:\n" + "\n".join(f"  {line}" for line in passes_mod.SUMMARIES.values())
+
+
+@main.command("opt", epilog=_PASS_LIST)
 @click.argument("file")
 @click.option(
     "--passes",

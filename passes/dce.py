@@ -1,4 +1,7 @@
-"""dce: dead code elimination. Ops whose results no output needs are removed."""
+"""dce: dead code elimination.
+
+Ops whose results no output needs are removed.
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optgen.passes import DEFAULT_PIPELINE
+from optgen.passes import DEFAULT_PIPELINE, PASSES
 
 import optgen
 from optgen.cli import main
@@ -201,3 +201,10 @@ def test_with_needs_a_program_and_an_option_every_spec_takes(tmp_path, monkeypat
     assert (
         both.exit_code == 0 and "%clipvalue: step" in both.output and "func @f.init" in both.output
     )
+
+
+def test_help_lists_every_pass_with_its_summary():
+    result = CliRunner().invoke(main, ["opt", "--help"])
+    assert result.exit_code == 0
+    for name in PASSES:
+        assert re.search(rf"^\s+{name}: \S", result.output, re.M), name
