@@ -30,7 +30,14 @@ from optgen.transforms import DEFAULTS, TransformOptions, split_options
 from optgen.types import DTYPES
 
 EMITS = ("ast", "ir", "ir-opt", "stablehlo", "hlo", "artifact")
-# compile and inspect take the parameters' dtype alike
+# compile and inspect take the parameters' dtype and the options alike
+_WITH_OPTION = click.option(
+    "--with",
+    "with_",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).",
+)
 _DTYPE_OPTION = click.option(
     "--dtype",
     type=click.Choice(["f32", "bf16", "f64"]),
@@ -168,13 +175,7 @@ def main():
 @click.option(
     "--passes", metavar="LIST", help="Comma-separated passes instead of the default pipeline."
 )
-@click.option(
-    "--with",
-    "with_",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).",
-)
+@_WITH_OPTION
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after each pass to stderr.")
 def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir_after_all):
     """Compile SPEC (a built-in name or a .spec file) and print the chosen stage."""
@@ -238,13 +239,7 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
 @click.option(
     "--run", is_flag=True, help="Also time the step and a copy of the same size on this machine."
 )
-@click.option(
-    "--with",
-    "with_",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).",
-)
+@_WITH_OPTION
 def inspect(spec, dtype, elements, lowering, run, with_):
     """Report what XLA made of SPEC: kernels, bytes and flops per element, speed."""
     from optgen.kernel_report import (

@@ -118,3 +118,15 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """A 'did you mean' hint naming the closest candidate, or None when nothing is close."""
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
+
+
+def decode_source(data: bytes, name: str, *, hint: str, code: str) -> Source:
+    """``data`` as UTF-8 text named ``name``; other bytes are a SpecError that gives the line of
+    the first bad byte, with ``hint`` and ``code``."""
+    try:
+        return Source(data.decode("utf-8"), name)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError(
+            f"'{name}' is not UTF-8 text (bad byte at line {line})", hint=hint, code=code
+        ) from None

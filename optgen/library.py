@@ -7,7 +7,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from optgen.diagnostics import Source, SpecError, did_you_mean
+from optgen.diagnostics import Source, SpecError, decode_source, did_you_mean
 from optgen.parser import MAX_SPEC_CHARS
 
 
@@ -83,12 +83,4 @@ def _read_file(path: Path) -> Source:
             code="E008",
         )
     data = data.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
-    try:
-        return Source(data.decode("utf-8"), str(path))
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise SpecError(
-            f"'{path}' is not UTF-8 text (bad byte at line {line})",
-            hint="save the spec as UTF-8",
-            code="E005",
-        ) from None
+    return decode_source(data, str(path), hint="save the spec as UTF-8", code="E005")

@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Iterable
 
-from optgen.diagnostics import Source, Span, SpecError
+from optgen.diagnostics import Source, Span, SpecError, decode_source
 from optgen.ir import IRError, Program, parse_functions, print_function
 from optgen.passes import run_pipeline
 from optgen.transforms import TransformOptions
@@ -42,15 +42,9 @@ def read_ir(path: str) -> Source:
             "for standard input",
             code="E030",
         ) from None
-    try:
-        return Source(data.decode("utf-8"), name)
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise SpecError(
-            f"'{name}' is not UTF-8 text (bad byte at line {line})",
-            hint="IR text is what optgen compile --emit ir prints",
-            code="E031",
-        ) from None
+    return decode_source(
+        data, name, hint="IR text is what optgen compile --emit ir prints", code="E031"
+    )
 
 
 def optimize_source(
