@@ -14,6 +14,7 @@ ROOT = Path(__file__).parent.parent
 # missing). docs/frameworks.md's Keras examples run in tests/test_keras_optimizer.py.
 SECTIONS = {
     ("README.md", "Quick start"): (),
+    ("README.md", "Using optgen with flax, equinox, orbax and jax transforms"): ("flax.nnx",),
     ("docs/jax.md", "Examples"): ("flax.nnx", "equinox", "orbax.checkpoint"),
 }
 
