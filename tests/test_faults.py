@@ -119,7 +119,7 @@ for limit in json.loads(sys.argv[2]):
             else:
                 run = CliRunner().invoke(main, ["compile", "adamw", "-o", path])
                 raise optgen.SpecError(run.output) if run.exit_code else SystemExit("written")
-        except optgen.SpecError as err:
+        except optgen.Diagnostic as err:
             results.append([limit, kind, str(err)])
     resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 print(json.dumps(results))
@@ -220,7 +220,7 @@ def _flip_each(path, data: bytes, load, codes, rng) -> int:
         flipped = bytearray(data)
         flipped[bit // 8] ^= 1 << (bit % 8)
         path.write_bytes(bytes(flipped))
-        with pytest.raises(optgen.SpecError) as err:
+        with pytest.raises(optgen.Diagnostic) as err:
             load()
         assert err.value.code in codes, (bit, err.value.render())
     return FLIPS
