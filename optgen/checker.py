@@ -343,11 +343,11 @@ class _Checker:
                 code="E235",
             )
         if kind == "state":
-            # A state keeps its declared shape, whatever narrower value is assigned to it.
+            # A state is stored in its declared shape, whatever narrower value is assigned to it.
             self.expect_fits(stmt.value, value, name.id, self.extents[name.id])
-            value = Type(self.extents[name.id])
-        elif name.id == "p":
-            value = Type("tensor")
+        # Until the step ends, the name holds the value as assigned (a per-step value stays one
+        # number, as the lowering keeps it), so a reduction of it is refused here (E2xx), not
+        # by the IR builder.
         env[name.id] = value
         self.assigned.add(name.id)
 

@@ -120,6 +120,15 @@ CASES = {
         None,
         "reduce it",
     ),
+    # p (or a state) holds a per-step value as assigned until the step ends: reducing it is a
+    # checker error, not an IRError from the lowering (found by the mutation property test)
+    "reduction of p set to a per-step value": (
+        "update:\n  m = g\n  p = lr\n  p = p - lr * rms(p) * m\n",
+        "rms reduces over a tensor's elements, but this is one number per step",
+        "    p = p - lr * rms(p) * m",
+        "                     ^",
+        "pass a per-element value",
+    ),
     "row state without the factoring rule": (
         "state v: row = 0\nupdate:\n  m = g\n  v = row_mean(g)\n  p = p - lr * m\n",
         "row and column values need 'option factored = true'",

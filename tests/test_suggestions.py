@@ -40,7 +40,7 @@ def test_spec_typos(body):
     ],
 )
 def test_api_typos(call, right):
-    with pytest.raises(SpecError) as err:
+    with pytest.raises(optgen.Diagnostic) as err:
         call()
     assert err.value.hint == f"did you mean '{right}'?", err.value.render()
 
