@@ -229,3 +229,20 @@ def test_a_symbolic_matrix_shape_is_refused_with_a_hint():
     with pytest.raises(InputError) as err:
         jax.export.export(jax.jit(export.kernel(program, dtypes)))(specs)
     assert err.value.code == "E420" and "--shape 64,32" in str(err.value)
+
+
+def test_vmap_takes_the_plain_path_with_the_same_bits():
+    """Under jax.vmap the step is the IR in jnp ops (codegen/jnp_backend.py): each model of the
+    batch rounds as it would alone."""
+    opt = optgen.load("adamw", learning_rate=1e-2, stochastic_rounding=True)
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(2, 300)), jnp.bfloat16)}
+    grads = jax.tree.map(lambda x: x * 0.5, params)
+    state = opt.init({"w": params["w"][0]})
+    alone = [
+        opt.update({"w": grads["w"][i]}, state, {"w": params["w"][i]})[1].slots["mu"]["w"]
+        for i in range(2)
+    ]
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    batched = jax.vmap(opt.update)(grads, stacked, params)[1].slots["mu"]["w"]
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(alone[i]))

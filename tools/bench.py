@@ -125,6 +125,16 @@ WORKLOADS = {
         jnp.bfloat16,
         {},
     ),
+    # optgen.load(..., stochastic_rounding=True) against torchao's
+    # AdamW(bf16_stochastic_round=True); optax and torch's fused AdamW round to nearest (they
+    # have no such option): for scale only.
+    "bf16-sr": (
+        "transformer leaves, bf16 params and state, stochastic rounding",
+        transformer_shapes(),
+        jnp.bfloat16,
+        jnp.bfloat16,
+        {"stochastic_rounding": True},
+    ),
     # optax's mu_dtype; torch's fused AdamW has no such option, so it sits this one out.
     "bf16-mu": (
         "transformer leaves, f32 params, bf16 first moment",
@@ -242,6 +252,14 @@ def _bnb_8bit(params):
     return [bitsandbytes.optim.AdamW8bit(params, **_torch_adamw_hypers())]
 
 
+def _torchao_stochastic(params):
+    from torchao.optim import (
+        _AdamW,
+    )  # torchao 0.18 exports its full-precision AdamW under this name
+
+    return [_AdamW(params, **_torch_adamw_hypers(), bf16_stochastic_round=True)]
+
+
 def _deepspeed_cpu_adam(params):
     from deepspeed.ops.adam import DeepSpeedCPUAdam  # its C++ op, built on first use (ninja)
 
@@ -254,11 +272,15 @@ TORCH_REFERENCES = {
     "torchao-8bit": _torchao_8bit,
     "bnb-8bit": _bnb_8bit,
     "deepspeed-cpuadam": _deepspeed_cpu_adam,
+    "torchao-sr": _torchao_stochastic,
 }
-# Which references each workload runs (besides torch-fused, which runs wherever it compares like
-# with like). The 8-bit and CPU-Adam libraries run the 16M single tensor, as in issue 14; a
-# workload with 8-bit state (kernels/adamw8bit.spec) lists them here when it lands.
-EXTRA_REFERENCES = {"single": ("torchao-8bit", "bnb-8bit", "deepspeed-cpuadam")}
+# Which references each workload runs besides torch-fused (which runs wherever its state's dtype
+# can be the workload's). The 8-bit and CPU-Adam libraries run the 16M single tensor, as in
+# issue 14; a workload with 8-bit state (kernels/adamw8bit.spec) lists them here when it lands.
+EXTRA_REFERENCES = {
+    "single": ("torchao-8bit", "bnb-8bit", "deepspeed-cpuadam"),
+    "bf16-sr": ("torchao-sr",),
+}
 
 
 def torch_runners(key, params, grads, optimizer) -> tuple[list, dict[str, str]]:
@@ -376,8 +398,11 @@ def table(summaries) -> str:
         ratios = [_ratio(r["ratios"][n]) if n in r["ratios"] else "-" for n in names[1:]]
         rows.append([r["workload"], str(r["leaves"]), f"{r['elements']:,}", *times, *ratios])
     lines = ["| " + " | ".join(row) + " |" for row in rows]
-    skipped = {(name, why) for r in summaries for name, why in r.get("skipped", {}).items()}
-    lines += [f"\n{name} skipped: {why}" for name, why in sorted(skipped)]
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for r in summaries:
+        for name, why in r.get("skipped", {}).items():
+            skipped.setdefault((name, why), []).append(r["workload"])
+    lines += [f"\n{name} skipped ({', '.join(w)}): {why}" for (name, why), w in skipped.items()]
     return "\n".join(lines)
 
 
