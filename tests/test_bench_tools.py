@@ -56,7 +56,7 @@ def test_the_table_gives_ratios_and_says_what_was_skipped_and_where():
     bench = load_tool("bench")
     runs = made_up_runs()
     summaries = [bench.summarize([process[i] for process in runs]) for i in range(2)]
-    # optgen/torchao per repeat: 1/40 and 1.1/44 in the first process, 1.2/40 and 1.32/44 in the second
+    # optgen/torchao per repeat: 1/40, 1.1/44 in the first process; 1.2/40, 1.32/44 in the second
     ratio = summaries[0]["ratios"]["torchao-8bit"]
     assert ratio["per_process"] == pytest.approx([0.025, 0.03])
     text = bench.table(summaries)
