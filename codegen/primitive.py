@@ -175,7 +175,9 @@ def _lower(ctx, *operands, lowering, in_place, **params):
         if symbolic
         else cpu_kernel.unsupported(params["func"], params["out_extents"])
     )
-    choice = fusion.resolve(lowering, where, loop_dtypes, refusal)
+    choice = fusion.resolve(
+        lowering, where, loop_dtypes, refusal, stochastic=params["rounding"] == "stochastic"
+    )
     if choice == "ffi":
         return _lower_ffi(ctx, operands, step_dtype, in_place, **params)
     return _evaluate(
@@ -236,7 +238,7 @@ def _lower_ffi(
             in_place=in_place,
             step_outputs=first == 0,
             rounding=rounding,
-            # the hash numbers parameters across calls; without it, calls of one shape share a kernel
+            # the hash numbers parameters across calls; else calls of one shape share a kernel
             first_leaf=first if rounding == "stochastic" else 0,
         )
         aliases = {

@@ -219,6 +219,17 @@ def test_tiny_updates_move_bf16_params_where_nearest_stalls(lowering):
     assert results[True].std() < 0.5 * moved
 
 
+def test_auto_takes_the_own_loop_where_it_can():
+    """XLA:CPU leaves a stochastically rounded bf16 step in two loops (docs/fusion.md)."""
+    from optgen.codegen import fusion
+
+    cpu, bf16 = fusion.Where(("cpu",)), np.dtype(BF16)
+    assert fusion.resolve("auto", cpu, [[bf16], [bf16]]) == "per-output"
+    assert fusion.resolve("auto", cpu, [[bf16], [bf16]], stochastic=True) == "ffi"
+    exported = fusion.Where(("cpu",), for_export=True)
+    assert fusion.resolve("auto", exported, [[bf16], [bf16]], stochastic=True) == "per-output"
+
+
 def test_a_symbolic_matrix_shape_is_refused_with_a_hint():
     from optgen.codegen import export
 
