@@ -89,6 +89,12 @@ class Call:
     # Whether this call writes the per-step outputs (of the calls over parts of the parameters,
     # one does).
     step_outputs: bool = True
+    rounding: str = "nearest"  # or "stochastic": bf16 stores from codegen/rounding.py's hash
+    first_leaf: int = 0  # the number of this call's first parameter among the step's (the hash's)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.rounding == "stochastic"
 
     @functools.cached_property
     def ret_offsets(self) -> list[int]:
@@ -134,6 +140,8 @@ class Call:
                 self.delta_output,
                 self.in_place,
                 self.step_outputs,
+                self.rounding,
+                self.first_leaf,
             )
         )
         return "optgen_cpu_" + hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -237,14 +245,15 @@ def _chunks(items) -> list[int]:
 
 
 def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
-    """``loop<index>(inputs..., stored outputs..., scalars..., start, end)``: the update over
-    elements [start, end) of one parameter of this group's dtypes.
-    """
+    """``loop<index>(inputs..., stored outputs..., scalars..., [leaf,] start, end)``: the update
+    over elements [start, end) of one parameter of this group's dtypes (``leaf``, its number
+    among the step's parameters, only with stochastic rounding)."""
     stored = [j for j in call.tensor_outputs if j not in call.aliases]
     step = LLVM_TYPES[call.step_dtype]
     kinds = (
         [_PTR] * (len(call.tensor_names) + len(stored))
         + [step] * len(call.scalar_names)
+        + [_I32] * call.stochastic
         + [_I64, _I64]
     )
     fn = ir.Function(module, ir.FunctionType(_VOID, kinds), f"loop{index}")
@@ -255,7 +264,10 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     inputs = fn.args[: len(call.tensor_names)]
     outputs = dict(zip(stored, fn.args[len(inputs) : len(inputs) + len(stored)], strict=True))
     outputs |= {j: inputs[k] for j, k in call.aliases.items()}
-    scalars = fn.args[len(inputs) + len(stored) : -2]
+    scalars = fn.args[
+        len(inputs) + len(stored) : len(inputs) + len(stored) + len(call.scalar_names)
+    ]
+    leaf_ids = [fn.args[-3]] if call.stochastic else None
     start, end = fn.args[-2:]
 
     entry, body_block, done = (fn.append_basic_block(name) for name in ("entry", "loop", "done"))
@@ -265,7 +277,7 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
         name: body.load(body.gep(ptr, [i], source_etype=LLVM_TYPES[dtype]), typ=LLVM_TYPES[dtype])
         for name, ptr, dtype in zip(call.tensor_names, inputs, in_dtypes, strict=True)
     }
-    backend = LoopBackend(hoisted, body, invariants=scalars)
+    backend = LoopBackend(hoisted, body, invariants=[*scalars, *(leaf_ids or [])], index=i)
     results = evaluate(
         call.func,
         backend,
@@ -275,6 +287,8 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
         {name: [dtype] for name, dtype in zip(call.out_names, out_dtypes, strict=True)},
         call.delta_output,
         out_extents=dict(zip(call.out_names, call.out_extents, strict=True)),
+        rounding=call.rounding,
+        leaf_ids=leaf_ids,
     )
     for j in call.tensor_outputs:
         dtype = out_dtypes[j]
@@ -385,6 +399,8 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
             if j not in call.aliases
         ]
         operands += _scalars(gb, call, args)
+        if call.stochastic:
+            operands.append(gb.trunc(gb.add(leaf, ir.Constant(_I64, call.first_leaf)), _I32))
         gb.call(loop, operands + [start, end])
         gb.branch(next_block)
     b = ir.IRBuilder(next_block)

@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
+from optgen.codegen import rounding as stochastic
 
 from optgen.diagnostics import InputError, SpecError
 from optgen.ir import Function, Loc, Op, Value, dependencies
@@ -66,6 +67,10 @@ class Backend(Protocol):
     def matmul(self, x, y): ...
     def transpose(self, x): ...
     def dim(self, x, axis: int, dtype: np.dtype): ...
+    # uint32 arithmetic for stochastic rounding (codegen/rounding.py)
+    def integer(self, opcode: str, operands: list): ...
+    def bitcast(self, x, dtype: np.dtype): ...
+    def element_index(self, x): ...
 
 
 def evaluate(
@@ -79,6 +84,8 @@ def evaluate(
     per_output: bool = False,
     out_extents: dict[str, str] | None = None,
     factoring: Factoring = NOT_FACTORED,
+    rounding: str = "nearest",
+    leaf_ids: Sequence | None = None,
 ) -> dict[str, list]:
     """Evaluate ``func`` for every parameter; return each output as a list of per-parameter arrays.
 
@@ -98,6 +105,11 @@ def evaluate(
     outputs share no tensor intermediates: XLA:CPU's sibling multi-output fusion can
     then emit the whole step as one loop (see docs/fusion.md). Step and leaf scalars
     are still computed once and shared.
+
+    With ``rounding="stochastic"``, float32 values stored in bfloat16 are rounded
+    stochastically (:mod:`codegen.rounding`), from a hash of the step input ``t``, the
+    parameter's number (``leaf_ids``: one uint32 scalar per parameter, by default its
+    position) and each element's index; other stores round to nearest.
     """
     params = tensors["p"]
     dtypes = [compute_dtype(backend.dtype_of(x)) for x in params]
@@ -124,8 +136,9 @@ def evaluate(
                     func, value, backend, env, step_dtype, dtypes, layout, plan
                 )
 
+    seeds = _seeds(func, backend, env, rounding, leaf_ids, len(params))
     outputs = {}
-    for name, value in func.outputs:
+    for j, (name, value) in enumerate(func.outputs):
         extent = (out_extents or {}).get(name, "tensor")
         if extent == "step":
             outputs[name] = [backend.convert(env[id(value)], out_dtypes[name][0])]
@@ -136,9 +149,28 @@ def evaluate(
             old = env[id(func.input(name))]
             per_leaf = [backend.apply("sub", [new, old[i]]) for i, new in enumerate(per_leaf)]
         outputs[name] = [
-            backend.convert(x, dt) for x, dt in zip(per_leaf, out_dtypes[name], strict=True)
+            _store(backend, x, dt, seeds(i, j))
+            for i, (x, dt) in enumerate(zip(per_leaf, out_dtypes[name], strict=True))
         ]
     return outputs
+
+
+def _seeds(func: Function, backend, env, rounding: str, leaf_ids, n: int):
+    """(parameter, output) -> the stochastic-rounding key of their stores, or None (to nearest)."""
+    if rounding == "nearest":
+        return lambda i, j: None
+    if rounding != "stochastic" or not any(v.name == "t" for v in func.inputs):
+        raise ValueError(f"rounding {rounding!r} needs 'stochastic' and a step input 't'")
+    t = env[id(func.input("t"))]
+    ids = leaf_ids or [backend.constant(i, np.uint32) for i in range(n)]
+    return lambda i, j: stochastic.key(backend, t, ids[i], j)
+
+
+def _store(backend, x, dtype, seed):
+    """``x`` stored in ``dtype``: stochastically where ``seed`` is given and it applies."""
+    if seed is not None and stochastic.applies(backend, x, dtype):
+        return stochastic.round_to_bfloat16(backend, x, seed)
+    return backend.convert(x, dtype)
 
 
 class _Layout:

@@ -38,6 +38,7 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
             lowering=lowering,
             out_extents=program.extents(),
             factoring=program.factoring,
+            rounding=program.rounding,
         )
         return {name: out[name][0] for name, _ in func.outputs}
 

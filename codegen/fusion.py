@@ -101,10 +101,13 @@ def resolve(
     where: Where,
     out_dtypes: Sequence[Sequence[np.dtype]],
     kernel_refusal: str | None = None,
+    stochastic: bool = False,
 ) -> str:
     """The concrete lowering (``ffi``, ``shared`` or ``per-output``) for ``lowering`` at ``where``.
 
-    ``out_dtypes`` holds each output's storage dtype per parameter.
+    ``out_dtypes`` holds each output's storage dtype per parameter; ``stochastic``: bf16 stores
+    round stochastically, which XLA:CPU's sibling fusion does not merge into one loop (the
+    own loop does: docs/fusion.md, *Stochastic rounding*).
     """
     refusal = ffi_refusal(where, kernel_refusal)
     if lowering == "ffi" and refusal is not None:
@@ -118,7 +121,8 @@ def resolve(
         return lowering
     xla = xla_lowering(where.platforms, out_dtypes)
     few = max((len(per_output) for per_output in out_dtypes), default=0) <= XLA_PREFERRED_MAX_LEAVES
-    return xla if refusal is not None or (xla == "per-output" and few) else "ffi"
+    prefer_xla = xla == "per-output" and few and not stochastic
+    return xla if refusal is not None or prefer_xla else "ffi"
 
 
 def xla_lowering(platforms: tuple[str, ...], out_dtypes: Sequence[Sequence[np.dtype]]) -> str:

@@ -18,6 +18,14 @@ from optgen.types import NOT_FACTORED, Factoring
 
 # The meaning of every elementwise IR op on NumPy values: the op table's NumPy column.
 NUMPY_OPS = {name: op.numpy for name, op in OPS.items() if op.numpy is not None}
+# uint32 arithmetic (stochastic rounding's hash, codegen/rounding.py), wrapping as on XLA.
+INTEGER_OPS = {
+    "add": "add",
+    "mul": "multiply",
+    "xor": "bitwise_xor",
+    "and": "bitwise_and",
+    "shr": "right_shift",
+}
 
 
 class NumpyBackend:
@@ -90,6 +98,18 @@ class NumpyBackend:
 
     def dim(self, x, axis, dtype):
         return self.xp.asarray(self.xp.shape(x)[axis], dtype=dtype)
+
+    def integer(self, opcode, operands):
+        with np.errstate(all="ignore"):
+            return self.xp.asarray(getattr(self.xp, INTEGER_OPS[opcode])(*operands))
+
+    def bitcast(self, x, dtype):
+        return self.xp.asarray(x).view(dtype)
+
+    def element_index(self, x):
+        """Each element's position in ``x`` read in row-major order, as uint32."""
+        shape = self.xp.shape(x)
+        return self.xp.reshape(self.xp.arange(int(np.prod(shape)), dtype=np.uint32), shape)
 
 
 def interpret(

@@ -33,14 +33,16 @@ class BFloatType(ir.types._BaseFloatType):
 
 BFloatType._create_instance()
 
-F32, F64, BOOL = ir.FloatType(), ir.DoubleType(), ir.IntType(1)
-# Storage types a kernel loads and stores; computing happens in float32 or float64.
+F32, F64, BOOL, U32 = ir.FloatType(), ir.DoubleType(), ir.IntType(1), ir.IntType(32)
+# Storage types a kernel loads and stores; computing happens in float32 or float64 (and uint32
+# for stochastic rounding's hash, codegen/rounding.py).
 LLVM_TYPES = {
     np.dtype(np.float32): F32,
     np.dtype(np.float64): F64,
     np.dtype(np.float16): ir.HalfType(),
     np.dtype(ml_dtypes.bfloat16): BFloatType(),
     np.dtype(np.bool_): BOOL,
+    np.dtype(np.uint32): U32,
 }
 _WIDTH = {"half": 16, "bfloat": 16, "float": 32, "double": 64}
 
@@ -114,15 +116,26 @@ EMIT = {
 }
 
 
+# uint32 arithmetic, wrapping (stochastic rounding's hash).
+INTEGER_EMIT = {
+    "add": lambda b, x, y: b.add(x, y),
+    "mul": lambda b, x, y: b.mul(x, y),
+    "xor": lambda b, x, y: b.xor(x, y),
+    "and": lambda b, x, y: b.and_(x, y),
+    "shr": lambda b, x, y: b.lshr(x, y),
+}
+
+
 class LoopBackend:
     """Backend for :func:`codegen.evaluate.evaluate` whose arrays are one element of a loop.
 
     ``invariant`` builds before the loop, ``body`` inside it; values given to the evaluator
-    that are loop-invariant (the per-step scalars) are listed in ``invariants``.
+    that are loop-invariant (the per-step scalars) are listed in ``invariants``. ``index`` is
+    the loop's element index (an i64), which stochastic rounding hashes.
     """
 
-    def __init__(self, invariant: ir.IRBuilder, body: ir.IRBuilder, invariants=()):
-        self.invariant, self.body = invariant, body
+    def __init__(self, invariant: ir.IRBuilder, body: ir.IRBuilder, invariants=(), index=None):
+        self.invariant, self.body, self.index = invariant, body, index
         self._hoisted = {id(v) for v in invariants}
         self._keep = list(invariants)  # ids stay unique only while the values live
 
@@ -144,6 +157,8 @@ class LoopBackend:
     def constant(self, value, dtype):
         if isinstance(value, bool):
             return self._result(ir.Constant(BOOL, int(value)), self.invariant)
+        if np.dtype(dtype) == np.uint32:
+            return self._result(ir.Constant(U32, int(value)), self.invariant)
         return self._result(ir.Constant(LLVM_TYPES[np.dtype(dtype)], float(value)), self.invariant)
 
     def apply(self, opcode, operands):
@@ -155,8 +170,21 @@ class LoopBackend:
         if x.type == target:
             return x
         builder = self._builder_for([x])
+        if target == U32:  # a step number, a float holding an integer
+            return self._result(builder.fptoui(x, target), builder)
         widen = _WIDTH[str(target)] > _WIDTH[str(x.type)]
         return self._result((builder.fpext if widen else builder.fptrunc)(x, target), builder)
+
+    def integer(self, opcode, operands):
+        builder = self._builder_for(operands)
+        return self._result(INTEGER_EMIT[opcode](builder, *operands), builder)
+
+    def bitcast(self, x, dtype):
+        builder = self._builder_for([x])
+        return self._result(builder.bitcast(x, LLVM_TYPES[np.dtype(dtype)]), builder)
+
+    def element_index(self, x):
+        return self.body.trunc(self.index, U32)
 
     # A loop element is a scalar: broadcasting and reshaping leave it as it is.
     def broadcast(self, x, like):

@@ -45,6 +45,7 @@ def run_ir(
     out_extents: dict[str, str] | None = None,
     factoring: Factoring = NOT_FACTORED,
     in_place: bool = False,
+    rounding: str = "nearest",
 ) -> dict[str, list]:
     """Run ``func`` over every parameter: the JAX counterpart of
     :func:`codegen.interpret.interpret`.
@@ -55,6 +56,7 @@ def run_ir(
     :func:`codegen.evaluate.evaluate`.
     ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`. With ``in_place``, an output named
     like an input may be stored over it (a donated step then writes each buffer where it read it).
+    ``rounding`` is ``"nearest"`` or ``"stochastic"`` (bf16 stores, :mod:`codegen.rounding`).
     """
     tensor_names = tuple(v.name for v in func.inputs if v.type.extent != "step")
     scalar_names = tuple(v.name for v in func.inputs if v.type.extent == "step")
@@ -76,6 +78,7 @@ def run_ir(
         out_extents=extents,
         factoring=factoring,
         in_place=in_place,
+        rounding=rounding,
     )
     outputs, start = {}, 0
     for name, extent in zip(out_names, extents, strict=True):
@@ -103,6 +106,7 @@ def _abstract_eval(
     out_extents,
     factoring,
     in_place,
+    rounding,
 ):
     params = operands[:n]
     return [
@@ -126,6 +130,7 @@ def _evaluate(
     delta_output,
     out_extents,
     factoring,
+    rounding,
     per_output=False,
 ) -> list:
     tensors, scalars = _split(operands, n, tensor_names, scalar_names)
@@ -141,6 +146,7 @@ def _evaluate(
         per_output=per_output,
         out_extents=dict(zip(names, out_extents, strict=True)),
         factoring=factoring,
+        rounding=rounding,
     )
     return [x for name in names for x in outputs[name]]
 
@@ -170,7 +176,9 @@ def _lower(ctx, *operands, lowering, in_place, **params):
         if symbolic
         else cpu_kernel.unsupported(params["func"], params["out_extents"])
     )
-    choice = fusion.resolve(lowering, where, loop_dtypes, refusal)
+    choice = fusion.resolve(
+        lowering, where, loop_dtypes, refusal, stochastic=params["rounding"] == "stochastic"
+    )
     if choice == "ffi":
         return _lower_ffi(ctx, operands, step_dtype, in_place, **params)
     return _evaluate(
@@ -196,6 +204,7 @@ def _lower_ffi(
     out_dtypes,
     delta_output,
     out_extents,
+    rounding,
     **_,
 ):
     """The step as calls of optgen's own CPU loop (codegen/cpu_kernel.py), one per
@@ -229,6 +238,9 @@ def _lower_ffi(
             delta_output=delta_output,
             in_place=in_place,
             step_outputs=first == 0,
+            rounding=rounding,
+            # the hash numbers parameters across calls; else calls of one shape share a kernel
+            first_leaf=first if rounding == "stochastic" else 0,
         )
         aliases = {
             t * len(leaves) + k: call.ret_offsets[j] + k
@@ -285,6 +297,7 @@ _PARAMS = (
     "out_extents",
     "factoring",
     "in_place",
+    "rounding",
 )
 # Called outside any jit, the primitive compiles once per distinct params and caches it.
 run_ir_p.def_impl(

@@ -12,6 +12,7 @@ from jax.interpreters import mlir
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import stablehlo as hlo
 
+from optgen.diagnostics import InputError
 from optgen.ir import Loc
 from optgen.types import DTYPES
 
@@ -58,6 +59,16 @@ EMIT = {
     "eq": _compare("EQ"),
     "ne": _compare("NE"),
     "select": hlo.SelectOp,
+}
+
+
+# uint32 arithmetic (stochastic rounding's hash, codegen/rounding.py).
+INTEGER_EMIT = {
+    "add": hlo.AddOp,
+    "mul": hlo.MulOp,
+    "xor": hlo.XorOp,
+    "and": hlo.AndOp,
+    "shr": hlo.ShiftRightLogicalOp,
 }
 
 
@@ -203,6 +214,32 @@ class StableHLOBackend:
     def dim(self, x, axis, dtype):
         return self.convert(hlo.GetDimensionSizeOp(x, axis).result, dtype)
 
+    def integer(self, opcode, operands):
+        return INTEGER_EMIT[opcode](*operands).result
+
+    def bitcast(self, x, dtype):
+        source = _tensor_type(x)
+        target = ir.RankedTensorType.get(source.shape, mlir.dtype_to_ir_type(np.dtype(dtype)))
+        return hlo.BitcastConvertOp(target, x).result
+
+    def element_index(self, x):
+        """Each element's position in ``x`` read in row-major order, as uint32."""
+        source = _tensor_type(x)
+        u32 = mlir.dtype_to_ir_type(np.dtype(np.uint32))
+        if source.has_static_shape:
+            flat = ir.RankedTensorType.get([int(np.prod(source.shape))], u32)
+            index = hlo.IotaOp(flat, 0).result
+            return index if source.rank == 1 else self.reshape(index, source.shape)
+        if source.rank != 1:
+            raise InputError(
+                "stochastic rounding numbers the elements of a parameter with a symbolic shape "
+                f"only for vectors, and this one has {source.rank} axes",
+                hint="export with sizes rather than names (--shape 64,32), or use a vector",
+                code="E420",
+            )
+        vector = ir.RankedTensorType.get(source.shape, u32)
+        return hlo.DynamicIotaOp(vector, self._shape_of(x), 0).result
+
     def _shape_of(self, x):
         if x not in self._shapes:
             i32 = ir.RankedTensorType.get([1], ir.IntegerType.get_signless(32))
@@ -215,7 +252,7 @@ class StableHLOBackend:
 
 
 def _numpy_dtype(element: ir.Type) -> np.dtype:
-    for dtype in (*DTYPES.values(), np.int32, np.bool_):
+    for dtype in (*DTYPES.values(), np.int32, np.uint32, np.bool_):
         if mlir.dtype_to_ir_type(np.dtype(dtype)) == element:
             return np.dtype(dtype)
     raise TypeError(f"optgen cannot compute with element type {element}")

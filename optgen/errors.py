@@ -150,6 +150,8 @@ CATALOG: dict[str, str] = {
     "E397": "a task whose steps is not a positive whole number",
     "E398": "a task with fewer batches than steps",
     "E399": "a seed spec that diverges on a task at every learning rate",
+    # Stochastic rounding (optgen.load(..., stochastic_rounding=True), codegen/rounding.py)
+    "E420": "stochastic rounding of a parameter with several symbolic sizes",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

@@ -114,6 +114,9 @@ class Program:
     extra_inputs: tuple[
         str, ...
     ] = ()  # per-element inputs of update beside g (Sophia's Hessian estimate)
+    rounding: str = (
+        "nearest"  # how update's bf16 stores round: or "stochastic" (codegen/rounding.py)
+    )
 
     def extents(self) -> dict[str, str]:
         """The extent of each output of ``update`` (and, for states, of ``init``)."""

@@ -157,6 +157,7 @@ def inspect(
                 program.update,
                 tuple(program.extents().get(name, "tensor") for name, _ in program.update.outputs),
             ),
+            stochastic=program.rounding == "stochastic",
         ),
         per_element,
         scalar,

@@ -1,5 +1,4 @@
-"""Benchmark an optgen step against optax and PyTorch's fused AdamW (or Muon), interleaved in one
-process.
+"""Benchmark an optgen step against optax and PyTorch's optimizers, interleaved in one process.
 
     python tools/bench.py                       # every workload, AdamW, 3 processes
     python tools/bench.py --workloads single --repeats 15 --processes 5 --json out.json
@@ -13,12 +12,18 @@ Each repeat runs a short block of steps of every implementation in turn, so mach
 noise falls on all of them alike. The whole run is repeated in fresh processes, because
 where the buffers land in memory is drawn once per process and moves the times. The
 table gives the median time per step over all blocks and, for each ratio, the median and
-quartiles of the per-repeat ratios and each process's median ratio. torch is optional
-(``pip install torch``)."""
+quartiles of the per-repeat ratios and each process's median ratio.
+
+On the 16M single tensor, the 8-bit AdamWs of torchao and bitsandbytes and DeepSpeed's
+CPUAdam run beside torch's fused AdamW (:data:`EXTRA_REFERENCES`). Every PyTorch reference
+is optional (``pip install -e '.[bench]'``); one that is absent or cannot step on this
+machine is skipped, and the table says why. ``--plot FILE.png`` draws the times
+(tools/plot_bench.py)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -119,6 +124,16 @@ WORKLOADS = {
         jnp.bfloat16,
         {},
     ),
+    # optgen.load(..., stochastic_rounding=True) against torchao's
+    # AdamW(bf16_stochastic_round=True); optax and torch's fused AdamW round to nearest (they
+    # have no such option): for scale only.
+    "bf16-sr": (
+        "transformer leaves, bf16 params and state, stochastic rounding",
+        transformer_shapes(),
+        jnp.bfloat16,
+        jnp.bfloat16,
+        {"stochastic_rounding": True},
+    ),
     # optax's mu_dtype; torch's fused AdamW has no such option, so it sits this one out.
     "bf16-mu": (
         "transformer leaves, f32 params, bf16 first moment",
@@ -179,37 +194,30 @@ class OptaxRunner:
         jax.block_until_ready(self.params)
 
 
+def _torch_tensor(x):
+    return torch.from_numpy(np.array(x.astype(jnp.float32))).to(
+        torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+    )
+
+
+def _torch_adamw_hypers() -> dict:
+    return dict(
+        lr=HYPERS["learning_rate"],
+        betas=(HYPERS["b1"], HYPERS["b2"]),
+        eps=HYPERS["eps"],
+        weight_decay=HYPERS["weight_decay"],
+    )
+
+
 class TorchRunner:
-    name = "torch-fused"
+    """A PyTorch optimizer (``make(parameters)`` builds it) over copies of the parameters."""
 
-    def __init__(self, params, grads, muon=False):
-        def tensor(x):
-            return torch.from_numpy(np.array(x.astype(jnp.float32))).to(
-                torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
-            )
-
-        self.params = [torch.nn.Parameter(tensor(p)) for p in params.values()]
+    def __init__(self, name, params, grads, make):
+        self.name = name
+        self.params = [torch.nn.Parameter(_torch_tensor(p)) for p in params.values()]
         for p, g in zip(self.params, grads.values(), strict=True):
-            p.grad = tensor(g)
-        rest = [p for p in self.params if not muon or p.ndim != 2]
-        self.opts = [
-            torch.optim.AdamW(
-                rest,
-                lr=HYPERS["learning_rate"],
-                betas=(HYPERS["b1"], HYPERS["b2"]),
-                eps=HYPERS["eps"],
-                weight_decay=HYPERS["weight_decay"],
-                fused=True,
-            )
-        ]
-        if muon:  # weight decay 0, as optax.contrib.muon's default
-            self.opts.append(
-                torch.optim.Muon(
-                    [p for p in self.params if p.ndim == 2],
-                    lr=MUON_HYPERS["learning_rate"],
-                    weight_decay=0.0,
-                )
-            )
+            p.grad = _torch_tensor(g)
+        self.opts = make(self.params)
 
     def run(self, steps):
         for _ in range(steps):
@@ -217,10 +225,85 @@ class TorchRunner:
                 opt.step()
 
 
+def _torch_fused(params):
+    return [torch.optim.AdamW(params, **_torch_adamw_hypers(), fused=True)]
+
+
+def _torch_muon(params):
+    """Muon on the 2-d leaves (weight decay 0, optax.contrib.muon's default), AdamW on the rest."""
+    matrices = [p for p in params if p.ndim == 2]
+    rest = [p for p in params if p.ndim != 2]
+    return [
+        torch.optim.AdamW(rest, **_torch_adamw_hypers(), fused=True),
+        torch.optim.Muon(matrices, lr=MUON_HYPERS["learning_rate"], weight_decay=0.0),
+    ]
+
+
+def _torchao_8bit(params):
+    from torchao.optim import AdamW8bit  # block-wise 8-bit moments (dynamic code), torch.compile
+
+    return [AdamW8bit(params, **_torch_adamw_hypers())]
+
+
+def _bnb_8bit(params):
+    import bitsandbytes  # block-wise 8-bit moments (dynamic code), its CPU backend here
+
+    return [bitsandbytes.optim.AdamW8bit(params, **_torch_adamw_hypers())]
+
+
+def _torchao_stochastic(params):
+    # torchao 0.18 exports its full-precision AdamW under this name
+    from torchao.optim import (
+        _AdamW,
+    )
+
+    return [_AdamW(params, **_torch_adamw_hypers(), bf16_stochastic_round=True)]
+
+
+def _deepspeed_cpu_adam(params):
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # its C++ op, built on first use (ninja)
+
+    return [DeepSpeedCPUAdam(params, **_torch_adamw_hypers(), adamw_mode=True)]
+
+
+# PyTorch references beside optgen and optax: name -> what builds the optimizer.
+TORCH_REFERENCES = {
+    "torch-fused": _torch_fused,
+    "torchao-8bit": _torchao_8bit,
+    "bnb-8bit": _bnb_8bit,
+    "deepspeed-cpuadam": _deepspeed_cpu_adam,
+    "torchao-sr": _torchao_stochastic,
+}
+# Which references each workload runs besides torch-fused (which runs wherever its state's dtype
+# can be the workload's). The 8-bit and CPU-Adam libraries run the 16M single tensor, as in
+# issue 14; a workload with 8-bit state (kernels/adamw8bit.spec) lists them here when it lands.
+EXTRA_REFERENCES = {
+    "single": ("torchao-8bit", "bnb-8bit", "deepspeed-cpuadam"),
+    "bf16-sr": ("torchao-sr",),
+}
+
+
+def torch_runners(key, params, grads, optimizer) -> tuple[list, dict[str, str]]:
+    """The PyTorch runners of workload ``key``, and the reason each one left out was skipped."""
+    if torch is None:
+        return [], {"torch-fused": "torch is not installed (pip install -e '.[bench]')"}
+    if key == "bf16-mu":
+        return [], {"torch-fused": "torch's AdamW keeps its moments in the parameters' dtype"}
+    if optimizer == "muon":
+        return [TorchRunner("torch", params, grads, _torch_muon)], {}
+    runners, skipped = [], {}
+    for name in ("torch-fused", *EXTRA_REFERENCES.get(key, ())):
+        try:
+            runner = TorchRunner(name, params, grads, TORCH_REFERENCES[name])
+            runner.run(1)  # a library that imports but cannot step here is skipped too
+            runners.append(runner)
+        except Exception as err:  # an optional library absent or unusable here: say why
+            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return runners, skipped
+
+
 def xla_lowering(leaves: int, uniform: bool) -> str:
-    """The lowering optgen's ``auto`` takes where its own CPU loop cannot run
-    (codegen/fusion.py).
-    """
+    """The lowering ``auto`` takes where optgen's own CPU loop cannot run (codegen/fusion.py)."""
     return "per-output" if uniform and leaves <= fusion.PER_OUTPUT_MAX_LEAVES else "shared"
 
 
@@ -245,8 +328,8 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
             )
             xla.name = "optgen-xla"
             runners.append(xla)
-    if torch is not None and key != "bf16-mu":
-        runners.append(TorchRunner(params, grads, muon=optimizer == "muon"))
+    references, skipped = torch_runners(key, params, grads, optimizer)
+    runners += references
     for runner in runners:  # compile and warm up
         runner.run(2)
     times = {r.name: [] for r in runners}
@@ -263,6 +346,7 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
         "leaves": len(shapes),
         "elements": elements,
         "times_ms": times,
+        "skipped": skipped,
     }
 
 
@@ -293,6 +377,7 @@ def summarize(runs: list[dict]) -> dict:
     return {k: runs[0][k] for k in ("workload", "title", "leaves", "elements")} | {
         "median_ms": {n: float(np.median(t)) for n, t in pooled.items()},
         "ratios": ratios,
+        "skipped": runs[0].get("skipped", {}),
     }
 
 
@@ -311,7 +396,13 @@ def table(summaries) -> str:
         times = [f"{r['median_ms'][n]:.2f}" if n in r["median_ms"] else "-" for n in names]
         ratios = [_ratio(r["ratios"][n]) if n in r["ratios"] else "-" for n in names[1:]]
         rows.append([r["workload"], str(r["leaves"]), f"{r['elements']:,}", *times, *ratios])
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for r in summaries:
+        for name, why in r.get("skipped", {}).items():
+            skipped.setdefault((name, why), []).append(r["workload"])
+    lines += [f"\n{name} skipped ({', '.join(w)}): {why}" for (name, why), w in skipped.items()]
+    return "\n".join(lines)
 
 
 def _ratio(q: dict) -> str:
@@ -386,6 +477,26 @@ def run_in_processes(keys, repeats, block, processes, optimizer, compare_xla) ->
     return per_process
 
 
+def describe_machine() -> str:
+    """The CPU, its cores and the versions of what the bench compares."""
+    versions = [f"jax {jax.__version__}", f"optax {optax.__version__}"]
+    for package in ("torch", "torchao", "bitsandbytes", "deepspeed"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f"{_cpu_name()}, {os.cpu_count()} cores, " + ", ".join(versions)
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line]
+    return names[0] if names else platform.machine()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -403,6 +514,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="also draw them here (a PNG; needs matplotlib, tools/plot_bench.py)",
+    )
     parser.add_argument(
         "--compare-xla",
         action="store_true",
@@ -425,22 +541,23 @@ def main(argv=None) -> int:
     else:
         per_process = [run_here(keys, args.repeats, args.block, args.optimizer, args.compare_xla)]
     summaries = [summarize([runs[i] for runs in per_process]) for i in range(len(keys))]
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, optax "
-        f"{optax.__version__}"
-        + (f", torch {torch.__version__}" if torch is not None else ", torch not installed")
-    )
+    machine = describe_machine()
+    kind = "Muon" if args.optimizer == "muon" else "AdamW"
     print(
-        f"{'Muon' if args.optimizer == 'muon' else 'AdamW'} step, {args.processes} process(es) x "
-        f"{args.repeats} blocks of {args.block} steps ({machine}).\nTimes: medians over all "
-        "blocks. Ratios: median (quartiles) of the per-repeat ratios, then each process's "
-        "median\n"
+        f"{kind} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} "
+        f"steps ({machine}).\n"
+        "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
+        "then each process's median\n"
     )
     print(table(summaries))
     if args.json:
         args.json.write_text(
             json.dumps({"machine": machine, "summaries": summaries, "runs": per_process}, indent=2)
         )
+    if args.plot:
+        from plot_bench import plot  # beside this file: python puts tools/ first on sys.path
+
+        plot(summaries, per_process, machine, args.plot)
     return 0
 
 

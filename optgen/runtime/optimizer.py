@@ -197,6 +197,7 @@ class Plan:
             factoring=self.compiled.program.factoring,
             in_place=not as_update,
             lowering=self.lowering,
+            rounding=self.compiled.program.rounding,
         )
         slots = {
             name: self.slot(out[name], name, layout, treedef)

@@ -6,8 +6,9 @@ after it, and so on. They run after lowering and before the pass pipeline, so th
 rewrite shows in ``optgen compile --emit ir`` and is fused into the same kernel.
 
 The options take Keras's names and defaults (``keras.optimizers.Optimizer``), plus
-optax's ``mask`` and ``skip_nonfinite`` (``optax.apply_if_finite``) and TF Model
-Garden's ``include_in_weight_decay``. Numbers among them
+optax's ``mask`` and ``skip_nonfinite`` (``optax.apply_if_finite``), TF Model
+Garden's ``include_in_weight_decay`` and torchao's stochastic rounding of bf16 stores
+(``stochastic_rounding``). Numbers among them
 become hyperparameters of the same name (``clipnorm``, ``ema_momentum``, ...): they
 live in the optimizer state and change without recompiling.
 
@@ -27,13 +28,22 @@ from typing import Any
 
 from optgen.ir import Program
 from optgen.syntax import Range
-from optgen.transforms import accumulate, clip, decay_mask, ema, loss_scale, skip_nonfinite
+from optgen.transforms import (
+    accumulate,
+    clip,
+    decay_mask,
+    ema,
+    loss_scale,
+    skip_nonfinite,
+    stochastic_rounding,
+)
 from optgen.transforms.option import Option
 
-TRANSFORMS = (decay_mask, clip, accumulate, ema, skip_nonfinite, loss_scale)  # innermost first
+# innermost first; stochastic_rounding changes how the update's stores round, not its values
+TRANSFORMS = (decay_mask, clip, accumulate, ema, skip_nonfinite, loss_scale, stochastic_rounding)
 # Listed (in hints and docs) in Keras's order: clips, EMA, loss scale, accumulation, then the
 # others.
-_LISTED = (clip, ema, loss_scale, accumulate, decay_mask, skip_nonfinite)
+_LISTED = (clip, ema, loss_scale, accumulate, decay_mask, skip_nonfinite, stochastic_rounding)
 OPTIONS: dict[str, Option] = {
     option.name: option for module in _LISTED for option in module.OPTIONS
 }
