@@ -37,7 +37,7 @@ _I32, _PTR, _F32 = ir.IntType(32), ir.PointerType(), ir.FloatType()
 
 @functools.cache
 def mkl() -> ctypes.CDLL | None:
-    """MKL's single dynamic library, from the ``mkl`` wheel beside this interpreter (None without)."""
+    """MKL's single dynamic library, from the ``mkl`` wheel beside this interpreter (or None)."""
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
             path = Path(prefix) / "lib" / name

@@ -29,7 +29,7 @@ def _compare(direction):
 
 
 def _round_to_bfloat16(x):
-    """x -> bfloat16 -> x's type: the rounding as two converts (XLA folds the pair into its loops)."""
+    """x -> bfloat16 -> x's type: the rounding as two converts (XLA fuses them into its loops)."""
     source = _tensor_type(x)
     narrow = hlo.ConvertOp(ir.RankedTensorType.get(source.shape, ir.BF16Type.get()), x)
     return hlo.ConvertOp(source, narrow.result)

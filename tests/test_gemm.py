@@ -11,9 +11,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 from optgen.codegen import gemm_kernel
-from optgen.ops import round_to_bfloat16
 
 import optgen
+from optgen.ops import round_to_bfloat16
 
 needs_mkl = pytest.mark.skipif(
     gemm_kernel.mkl() is None, reason="MKL is not installed (pip install -e '.[gemm]')"
