@@ -6,7 +6,9 @@
 
 With ``--optimizer muon``: optgen's ``muon`` against ``optax.contrib.muon`` (both Muon on the
 2-d leaves and AdamW on the rest) and ``torch.optim.Muon`` on the 2-d leaves beside a fused
-``torch.optim.AdamW`` on the rest (torch's Newton-Schulz runs in bfloat16).
+``torch.optim.AdamW`` on the rest (torch's Newton-Schulz runs in bfloat16). With
+``--optimizer muon-bf16``, optgen's Newton-Schulz runs in bfloat16 as torch's does
+(``bf16_newton_schulz``: MKL's bfloat16 GEMM where the ``mkl`` wheel is installed).
 
 Each repeat runs a short block of steps of every implementation in turn, so machine
 noise falls on all of them alike. The whole run is repeated in fresh processes, because
@@ -226,9 +228,10 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
     title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     mixed = np.dtype(state_dtype) != np.dtype(dtype)
-    if optimizer == "muon":
+    if optimizer.startswith("muon"):
+        hypers = MUON_HYPERS | {"bf16_newton_schulz": optimizer == "muon-bf16"}
         runners = [
-            OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
+            OptgenRunner(params, grads, "muon", hypers, **options),
             OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS)),
         ]
     else:
@@ -244,7 +247,7 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
             xla.name = "optgen-xla"
             runners.append(xla)
     if torch is not None and key != "bf16-mu":
-        runners.append(TorchRunner(params, grads, muon=optimizer == "muon"))
+        runners.append(TorchRunner(params, grads, muon=optimizer.startswith("muon")))
     for runner in runners:  # compile and warm up
         runner.run(2)
     times = {r.name: [] for r in runners}
@@ -400,7 +403,12 @@ def main(argv=None) -> int:
         default=3,
         help="fresh processes to repeat the whole run in (each draws its own buffer placement)",
     )
-    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "muon", "muon-bf16"),
+        default="adamw",
+        help="muon-bf16: optgen's muon with bf16_newton_schulz (torch's numerics, MKL's GEMM)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--compare-xla",
@@ -429,7 +437,7 @@ def main(argv=None) -> int:
         + (f", torch {torch.__version__}" if torch is not None else ", torch not installed")
     )
     print(
-        f"{'Muon' if args.optimizer == 'muon' else 'AdamW'} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
+        f"{'AdamW' if args.optimizer == 'adamw' else args.optimizer} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
         "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
         "then each process's median\n"
     )

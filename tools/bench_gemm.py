@@ -8,7 +8,8 @@ they are the whole cost of a Muon step. Each XLA row runs in its own process (XL
 ``XLA_FLAGS`` once, when its CPU backend starts). torch's rows need torch; the MKL row needs
 the ``mkl`` wheel (``pip install mkl``: ``libmkl_rt.so.3`` beside the interpreter), called
 through ctypes as ``cblas_gemm_bf16bf16f32``. Prints median milliseconds per product and the
-ratio to torch's bfloat16 product.
+ratio to torch's bfloat16 product. The row of optgen's own custom call (``codegen/gemm_kernel.py``)
+times the same MKL GEMM called by XLA, as a Muon step with ``bf16_newton_schulz`` runs it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,26 @@ def xla_rows() -> dict:
         out[str(shape)] = {
             "f32": median_ms(lambda: f32(x).block_until_ready()),
             "bf16": median_ms(lambda: bf16(xb).block_until_ready()),
+        }
+    return out
+
+
+def ffi_rows() -> dict | None:
+    """MKL's bfloat16 GEMM inside XLA: optgen's custom call (codegen/gemm_kernel.py), as a
+    Muon step with bf16_newton_schulz runs it."""
+    import jax
+    import jax.numpy as jnp
+    from optgen.codegen import gemm_kernel
+
+    if gemm_kernel.mkl() is None:
+        return None
+    out = {}
+    for m, k in SHAPES:
+        name = gemm_kernel.target(gemm_kernel.Gemm(m, m, k, False, True))
+        gram = jax.jit(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((m, m), jnp.float32)))
+        x = jnp.asarray(matrix((m, k))).astype(jnp.bfloat16)
+        out[str((m, k))] = {
+            "bf16": median_ms(lambda gram=gram, x=x: gram(x, x).block_until_ready())
         }
     return out
 
@@ -132,6 +153,9 @@ def main() -> int:
     if sys.argv[1:] == ["--xla-child"]:
         print(json.dumps(xla_rows()))
         return 0
+    if sys.argv[1:] == ["--ffi-child"]:
+        print(json.dumps(ffi_rows()))
+        return 0
     rows = {}
     for flags in FLAGS:
         env = dict(os.environ, XLA_FLAGS=flags)
@@ -145,6 +169,17 @@ def main() -> int:
         rows[f"XLA {flags or '(default flags)'}"] = json.loads(
             child.stdout.strip().splitlines()[-1]
         )
+    env = dict(os.environ, OPTGEN_XLA_FLAGS="0")  # XLA's default flags under optgen too
+    child = subprocess.run(
+        [sys.executable, __file__, "--ffi-child"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ffi = json.loads(child.stdout.strip().splitlines()[-1])
+    if ffi is not None:
+        rows["optgen's MKL GEMM in XLA (custom call)"] = ffi
     try:
         rows["torch"] = torch_rows()
     except ImportError:
