@@ -142,3 +142,28 @@ def test_bf16_in_the_cpu_loop_rounds_as_ml_dtypes(tmp_path):
         opt = optgen.load(str(path), lowering=lowering)
         new, _ = opt.step(jax.tree.map(jnp.copy, params), grads, opt.init(params))
         np.testing.assert_array_equal(np.asarray(new["w"]), -round_to_bfloat16(g), err_msg=lowering)
+
+
+def test_muon_in_bfloat16_near_float32_and_its_gemm_near_xla():
+    """optax's muon with bf16_newton_schulz, 20 steps on matrices of both orientations and a
+    vector: MKL's GEMM (auto) against XLA's dot (shared) measured 2.4e-5 at most (one rounding
+    flipped by the order of a sum); against float32 Newton-Schulz 2.4e-4 to 1.3e-3."""
+    from conftest import rel_err
+
+    shapes = [(5, 3), (3, 5), (24, 40), (7,)]
+    runs = {}
+    for name, options in {
+        "auto": {"bf16_newton_schulz": True},
+        "shared": {"bf16_newton_schulz": True, "lowering": "shared"},
+        "f32": {},
+    }.items():
+        opt = optgen.load("muon", learning_rate=0.02, **options)
+        params = _tree(0, shapes)
+        state = opt.init(params)
+        for k in range(20):
+            params, state = opt.step(params, _tree(k + 1, shapes), state)
+        runs[name] = params
+    for name in runs["f32"]:
+        assert rel_err(runs["auto"][name], runs["shared"][name]) <= 2e-4, name
+        matrix = name != "w3"  # the vector takes AdamW, the same in every run
+        assert (2e-5 < rel_err(runs["auto"][name], runs["f32"][name]) < 5e-3) == matrix, name
