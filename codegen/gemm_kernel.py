@@ -89,7 +89,9 @@ def emitter(ctx):
 
 
 def target(gemm: Gemm) -> str:
-    """The FFI target of ``gemm`` (MKL must be there: :func:`mkl`), registered on first use."""
+    """The FFI target of ``gemm``, registered on first use (MKL must be installed)."""
+    if mkl() is None:  # it also tells LLVM where MKL's function is
+        raise RuntimeError("the bfloat16 GEMM needs MKL: pip install mkl")
     return cpu_kernel.register(gemm.name, lambda: _module(gemm))
 
 

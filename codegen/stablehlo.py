@@ -55,7 +55,7 @@ EMIT = {
     "exp": hlo.ExpOp,
     "log": hlo.LogOp,
     "tanh": hlo.TanhOp,
-    "bf16": lambda x: _round_to_bfloat16(x),
+    "bf16": _round_to_bfloat16,
     "not": hlo.NotOp,
     "isfinite": hlo.IsFiniteOp,
     "lt": _compare("LT"),

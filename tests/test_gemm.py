@@ -167,3 +167,20 @@ def test_muon_in_bfloat16_near_float32_and_its_gemm_near_xla():
         assert rel_err(runs["auto"][name], runs["shared"][name]) <= 2e-4, name
         matrix = name != "w3"  # the vector takes AdamW, the same in every run
         assert (2e-5 < rel_err(runs["auto"][name], runs["f32"][name]) < 5e-3) == matrix, name
+
+
+@needs_mkl
+def test_a_fresh_process_can_call_the_gemm_before_asking_for_mkl():
+    """target() loads MKL itself: LLVM must know where cblas_gemm_bf16bf16f32 is before it links
+    a handler (an unresolved call crashed the process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp; from optgen.codegen import gemm_kernel as g\n"
+        "name = g.target(g.Gemm(2, 2, 3, False, True))\n"
+        "x = jnp.ones((2, 3), jnp.bfloat16)\n"
+        "print(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((2, 2), jnp.float32))(x, x).sum())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "12.0", out.stderr[-2000:]
