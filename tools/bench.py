@@ -437,7 +437,8 @@ def main(argv=None) -> int:
         + (f", torch {torch.__version__}" if torch is not None else ", torch not installed")
     )
     print(
-        f"{'AdamW' if args.optimizer == 'adamw' else args.optimizer} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
+        f"{'AdamW' if args.optimizer == 'adamw' else args.optimizer} step, "
+        f"{args.processes} process(es) x {args.repeats} blocks of {args.block} steps ({machine}).\n"
         "Times: medians over all blocks. Ratios: median (quartiles) of the per-repeat ratios, "
         "then each process's median\n"
     )
