@@ -154,13 +154,19 @@ _REGISTERED: dict[
 
 def target(call: Call) -> str:
     """The FFI target name of ``call``'s kernel, built and registered on first use."""
-    if call.name not in _REGISTERED:
-        engine = _compile(_module(call))
+    return register(call.name, lambda: _module(call))
+
+
+def register(name: str, build) -> str:
+    """Register ``build()``'s LLVM module, whose ``handler`` is an XLA FFI handler, as the CPU
+    target ``name`` (once per process; later calls only return the name)."""
+    if name not in _REGISTERED:
+        engine = _compile(build())
         address = engine.get_function_address("handler")
         handler = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(address)
-        jax.ffi.register_ffi_target(call.name, jax.ffi.pycapsule(handler), platform="cpu")
-        _REGISTERED[call.name] = (engine, handler)
-    return call.name
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+        _REGISTERED[name] = (engine, handler)
+    return name
 
 
 @functools.cache
@@ -315,7 +321,7 @@ def _field(b: ir.IRBuilder, base, struct, path: str, typ=_PTR):
     )
 
 
-def _buffer_data(b: ir.IRBuilder, buffers, index):
+def buffer_data(b: ir.IRBuilder, buffers, index):
     """The data pointer of XLA_FFI_Buffer ``index`` (a number, or an i64 value) of an args or rets
     array.
     """
@@ -391,10 +397,10 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
         switch.add_case(ir.Constant(_I32, g), block)
         gb = ir.IRBuilder(block)
         operands = [
-            _buffer_data(gb, args, gb.add(ir.Constant(_I64, t * n), leaf)) for t in range(n_tensors)
+            buffer_data(gb, args, gb.add(ir.Constant(_I64, t * n), leaf)) for t in range(n_tensors)
         ]
         operands += [
-            _buffer_data(gb, rets, gb.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
+            buffer_data(gb, rets, gb.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
             for j in call.tensor_outputs
             if j not in call.aliases
         ]
@@ -415,7 +421,7 @@ def _scalars(b: ir.IRBuilder, call: Call, args) -> list:
     """The per-step inputs, loaded from their 0-d buffers after the per-parameter ones."""
     first = len(call.tensor_names) * len(call.sizes)
     return [
-        b.load(_buffer_data(b, args, first + s), typ=LLVM_TYPES[call.step_dtype])
+        b.load(buffer_data(b, args, first + s), typ=LLVM_TYPES[call.step_dtype])
         for s in range(len(call.scalar_names))
     ]
 
@@ -448,7 +454,7 @@ def _step_outputs(module, call: Call) -> ir.Function:
         )
         for name in names:
             j = call.out_names.index(name)
-            b.store(results[name][0], _buffer_data(b, rets, call.ret_offsets[j]))
+            b.store(results[name][0], buffer_data(b, rets, call.ret_offsets[j]))
     b.ret_void()
     return fn
 
@@ -540,8 +546,10 @@ def _forget_error(b: ir.IRBuilder, api, error) -> None:
         _api_call(b, api, "Error_Destroy", abi.ErrorDestroyArgs, {"error": error})
 
 
-def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
-    """``handler(call_frame)``: the FFI entry point (XLA_FFI_Handler)."""
+def handler(module) -> tuple[ir.Function, ir.IRBuilder]:
+    """``handler(call_frame)``, the FFI entry point (XLA_FFI_Handler): it answers XLA's metadata
+    query (the FFI API version) and returns a builder at the block that runs the call, for the
+    caller to fill (its frame is ``fn.args[0]``; it must return null, no error)."""
     fn = ir.Function(module, ir.FunctionType(_PTR, [_PTR]), "handler")
     frame = fn.args[0]
     entry, check, metadata, run = (
@@ -575,12 +583,22 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
         b.gep(data, [ir.Constant(_I64, abi.offset(abi.Metadata, "traits"))], source_etype=_I8),
     )
     b.ret(ir.Constant(_PTR, None))
+    return fn, ir.IRBuilder(run)
 
-    b = ir.IRBuilder(run)
-    args, rets = (
+
+def call_buffers(b: ir.IRBuilder, frame) -> tuple:
+    """The call frame's arrays of argument and result buffers (XLA_FFI_Buffer pointers)."""
+    return (
         _field(b, frame, abi.CallFrame, "args.args"),
         _field(b, frame, abi.CallFrame, "rets.args"),
     )
+
+
+def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
+    """``handler(call_frame)``: the FFI entry point (XLA_FFI_Handler)."""
+    fn, b = handler(module)
+    frame = fn.args[0]
+    args, rets = call_buffers(b, frame)
     b.call(step_outputs, [args, rets])
     if n_chunks == 0:
         b.ret(ir.Constant(_PTR, None))

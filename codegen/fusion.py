@@ -96,6 +96,13 @@ def ffi_refusal(where: Where, kernel_refusal: str | None) -> str | None:
     return kernel_refusal
 
 
+def gemm_here(lowering: str, where: Where, library) -> bool:
+    """Whether products of bfloat16-rounded matrices run as MKL's GEMM (codegen/gemm_kernel.py):
+    under ``auto``, with MKL loaded, where optgen's own CPU code can run (``shared`` and
+    ``per-output`` keep every product XLA's dot: the reference)."""
+    return lowering == "auto" and library is not None and ffi_refusal(where, None) is None
+
+
 def resolve(
     lowering: str,
     where: Where,

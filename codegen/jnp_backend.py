@@ -14,7 +14,10 @@ import jax.numpy as jnp
 from optgen.codegen.interpret import NUMPY_OPS, NumpyBackend
 
 # Ops whose NumPy meaning is a lambda have no jnp function of the same name.
-_UNNAMED = {"rsqrt": jax.lax.rsqrt}
+_UNNAMED = {
+    "rsqrt": jax.lax.rsqrt,
+    "bf16": lambda x: x.astype(jnp.bfloat16).astype(x.dtype),
+}
 
 
 def _jnp_twin(opcode: str, numpy_fn):

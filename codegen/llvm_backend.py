@@ -76,6 +76,12 @@ def _isfinite(b: ir.IRBuilder, x):
     return b.fcmp_ordered("!=", _intrinsic(b, "llvm.fabs", [x]), ir.Constant(x.type, float("inf")))
 
 
+def _round_to_bfloat16(b: ir.IRBuilder, x):
+    # through float32 from float64, as ml_dtypes and XLA round a double
+    narrow = b.fptrunc(x, F32) if x.type == F64 else x
+    return b.fpext(b.fptrunc(narrow, BFloatType()), x.type)
+
+
 def _compare(predicate: str):
     # XLA's comparisons: false on NaN, except != which is true on NaN
     if predicate == "!=":
@@ -105,6 +111,7 @@ EMIT = {
     "exp": lambda b, x: _intrinsic(b, "llvm.exp", [x]),
     "log": lambda b, x: _intrinsic(b, "llvm.log", [x]),
     "tanh": lambda b, x: _libm(b, "tanh", [x]),
+    "bf16": _round_to_bfloat16,
     "isfinite": _isfinite,
     "lt": _compare("<"),
     "le": _compare("<="),

@@ -20,7 +20,7 @@ import numpy as np
 from jax._src import sharding_impls
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
-from optgen.codegen import cpu_kernel, fusion
+from optgen.codegen import cpu_kernel, fusion, gemm_kernel
 from optgen.codegen.evaluate import evaluate
 from optgen.codegen.jnp_backend import jnp_backend
 from optgen.codegen.stablehlo import StableHLOBackend
@@ -181,8 +181,11 @@ def _lower(ctx, *operands, lowering, in_place, **params):
     )
     if choice == "ffi":
         return _lower_ffi(ctx, operands, step_dtype, in_place, **params)
+    gemm = (
+        gemm_kernel.emitter(ctx) if fusion.gemm_here(lowering, where, gemm_kernel.mkl()) else None
+    )
     return _evaluate(
-        StableHLOBackend(), step_dtype, operands, per_output=choice == "per-output", **params
+        StableHLOBackend(gemm), step_dtype, operands, per_output=choice == "per-output", **params
     )
 
 

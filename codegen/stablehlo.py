@@ -29,6 +29,13 @@ def _compare(direction):
     return emit
 
 
+def _round_to_bfloat16(x):
+    """x -> bfloat16 -> x's type: the rounding as two converts (XLA fuses them into its loops)."""
+    source = _tensor_type(x)
+    narrow = hlo.ConvertOp(ir.RankedTensorType.get(source.shape, ir.BF16Type.get()), x)
+    return hlo.ConvertOp(source, narrow.result)
+
+
 # How each elementwise op of the op table (optgen/ops.py) is emitted: the op's operands -> an MLIR
 # op.
 EMIT = {
@@ -50,6 +57,7 @@ EMIT = {
     "exp": hlo.ExpOp,
     "log": hlo.LogOp,
     "tanh": hlo.TanhOp,
+    "bf16": _round_to_bfloat16,
     "not": hlo.NotOp,
     "isfinite": hlo.IsFiniteOp,
     "lt": _compare("LT"),
@@ -77,10 +85,18 @@ def _tensor_type(value) -> ir.RankedTensorType:
 
 
 class StableHLOBackend:
-    """Backend for :func:`codegen.evaluate.evaluate` that emits StableHLO ops."""
+    """Backend for :func:`codegen.evaluate.evaluate` that emits StableHLO ops.
 
-    def __init__(self):
+    ``gemm(a, transposed_a, b, transposed_b)``, where given, emits the float32 product of two
+    bfloat16 matrices (``codegen/gemm_kernel.py``); the backend calls it for a product of two
+    float32 matrices that ``bf16`` rounded (or their transposes), which it is equal to up to
+    the order of the sums. Without it every product is one ``stablehlo.dot_general``.
+    """
+
+    def __init__(self, gemm=None):
         self._shapes = {}  # symbolic shape tensors, built once per tensor
+        self._gemm = gemm
+        self._narrow = {}  # a float32 matrix bf16 rounded -> (its bfloat16 value, transposed?)
 
     def at(self, loc: Loc | None):
         return ir.Location.file(loc.file, loc.line, loc.col) if loc else ir.Location.unknown()
@@ -93,7 +109,20 @@ class StableHLOBackend:
         return mlir.ir_constant(array)
 
     def apply(self, opcode, operands):
-        return EMIT[opcode](*operands).result
+        op = EMIT[opcode](*operands)
+        if opcode == "bf16" and self._gemm_operand(op.result):
+            self._narrow[op.result] = (op.operands[0], False)
+        return op.result
+
+    def _gemm_operand(self, x) -> bool:
+        """Whether ``x`` could be a GEMM operand: a float32 matrix of static shape, with a gemm."""
+        shape = _tensor_type(x)
+        return (
+            self._gemm is not None
+            and shape.rank == 2
+            and shape.has_static_shape
+            and shape.element_type == ir.F32Type.get()
+        )
 
     def convert(self, x, dtype):
         source = _tensor_type(x)
@@ -191,9 +220,10 @@ class StableHLOBackend:
         return list(hlo.OptimizationBarrierOp(xs).results) if xs else []
 
     def matmul(self, x, y):
-        """``x @ y`` over the last two axes, batched over the leading ones
-        (stablehlo.dot_general).
-        """
+        """``x @ y`` over the last two axes, batched over the leading ones (stablehlo.dot_general;
+        a product of two bfloat16-rounded matrices through ``gemm``)."""
+        if x in self._narrow and y in self._narrow:
+            return self._gemm(*self._narrow[x], *self._narrow[y])
         lhs, rhs = _tensor_type(x), _tensor_type(y)
         batch = list(range(lhs.rank - 2))
         result = ir.RankedTensorType.get([*lhs.shape[:-1], rhs.shape[-1]], lhs.element_type)
@@ -209,7 +239,11 @@ class StableHLOBackend:
         """``x`` with its last two axes swapped."""
         source = _tensor_type(x)
         order = [*range(source.rank - 2), source.rank - 1, source.rank - 2]
-        return hlo.TransposeOp(x, mlir.dense_int_array(order)).result
+        result = hlo.TransposeOp(x, mlir.dense_int_array(order)).result
+        if x in self._narrow:  # a GEMM reads the transpose in place
+            narrow, transposed = self._narrow[x]
+            self._narrow[result] = (narrow, not transposed)
+        return result
 
     def dim(self, x, axis, dtype):
         return self.convert(hlo.GetDimensionSizeOp(x, axis).result, dtype)

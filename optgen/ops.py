@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from optgen.types import matmul_extent, square_extent, transpose_extent
@@ -44,6 +45,12 @@ def hull(a: Interval, b: Interval) -> Interval:
 
 def _pick(fn):
     return lambda a, b: (fn(a[0], b[0]), fn(a[1], b[1]))
+
+
+def round_to_bfloat16(x):
+    """``x`` rounded to the nearest bfloat16 (ties to even), kept in its own dtype."""
+    x = np.asarray(x)
+    return x.astype(ml_dtypes.bfloat16).astype(x.dtype)
 
 
 def _nonneg_if_nonneg(a: Interval) -> Interval:
@@ -155,6 +162,15 @@ OPS: dict[str, OpDef] = {
             numpy=np.tanh,
             spec=True,
             interval=lambda a: (-1.0, 1.0),
+        ),
+        OpDef(
+            "bf16",
+            (F,),
+            "bf16(x): x rounded to bfloat16 (nearest, ties to even) and computed on as before; "
+            "a product of two such values may run as a bfloat16 GEMM (docs/fusion.md)",
+            numpy=round_to_bfloat16,
+            spec=True,
+            interval=lambda a: hull(a, tuple(float(round_to_bfloat16(b)) for b in a)),
         ),
         OpDef(
             "max", (F, F), "elementwise maximum", numpy=np.maximum, spec=True, interval=_pick(max)

@@ -6,7 +6,9 @@
 
 With ``--optimizer muon``: optgen's ``muon`` against ``optax.contrib.muon`` (both Muon on the
 2-d leaves and AdamW on the rest) and ``torch.optim.Muon`` on the 2-d leaves beside a fused
-``torch.optim.AdamW`` on the rest (torch's Newton-Schulz runs in bfloat16).
+``torch.optim.AdamW`` on the rest (torch's Newton-Schulz runs in bfloat16). With
+``--optimizer muon-bf16``, optgen's Newton-Schulz runs in bfloat16 as torch's does
+(``bf16_newton_schulz``: MKL's bfloat16 GEMM where the ``mkl`` wheel is installed).
 
 Each repeat runs a short block of steps of every implementation in turn, so machine
 noise falls on all of them alike. The whole run is repeated in fresh processes, because
@@ -289,7 +291,7 @@ def torch_runners(key, params, grads, optimizer) -> tuple[list, dict[str, str]]:
         return [], {"torch-fused": "torch is not installed (pip install -e '.[bench]')"}
     if key == "bf16-mu":
         return [], {"torch-fused": "torch's AdamW keeps its moments in the parameters' dtype"}
-    if optimizer == "muon":
+    if optimizer.startswith("muon"):
         return [TorchRunner("torch", params, grads, _torch_muon)], {}
     runners, skipped = [], {}
     for name in ("torch-fused", *EXTRA_REFERENCES.get(key, ())):
@@ -311,9 +313,10 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
     title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     mixed = np.dtype(state_dtype) != np.dtype(dtype)
-    if optimizer == "muon":
+    if optimizer.startswith("muon"):
+        hypers = MUON_HYPERS | {"bf16_newton_schulz": optimizer == "muon-bf16"}
         runners = [
-            OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
+            OptgenRunner(params, grads, "muon", hypers, **options),
             OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS)),
         ]
     else:
@@ -512,7 +515,12 @@ def main(argv=None) -> int:
         default=3,
         help="fresh processes to repeat the whole run in (each draws its own buffer placement)",
     )
-    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "muon", "muon-bf16"),
+        default="adamw",
+        help="muon-bf16: optgen's muon with bf16_newton_schulz (torch's numerics, MKL's GEMM)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--plot",
@@ -542,7 +550,7 @@ def main(argv=None) -> int:
         per_process = [run_here(keys, args.repeats, args.block, args.optimizer, args.compare_xla)]
     summaries = [summarize([runs[i] for runs in per_process]) for i in range(len(keys))]
     machine = describe_machine()
-    kind = "Muon" if args.optimizer == "muon" else "AdamW"
+    kind = "AdamW" if args.optimizer == "adamw" else args.optimizer
     print(
         f"{kind} step, {args.processes} process(es) x {args.repeats} blocks of {args.block} "
         f"steps ({machine}).\n"

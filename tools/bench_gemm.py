@@ -2,13 +2,15 @@
 and MKL's bfloat16 GEMM (AMX where the CPU has it).
 
     flock /tmp/optgen-bench.lock python tools/bench_gemm.py
+    flock /tmp/optgen-bench.lock python tools/bench_gemm.py --muon-products
 
 Newton-Schulz is three products per step, and on the transformer workload of tools/bench.py
 they are the whole cost of a Muon step. Each XLA row runs in its own process (XLA reads
 ``XLA_FLAGS`` once, when its CPU backend starts). torch's rows need torch; the MKL row needs
 the ``mkl`` wheel (``pip install mkl``: ``libmkl_rt.so.3`` beside the interpreter), called
 through ctypes as ``cblas_gemm_bf16bf16f32``. Prints median milliseconds per product and the
-ratio to torch's bfloat16 product.
+ratio to torch's bfloat16 product. The row of optgen's own custom call (``codegen/gemm_kernel.py``)
+times the same MKL GEMM called by XLA, as a Muon step with ``bf16_newton_schulz`` runs it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,26 @@ def xla_rows() -> dict:
         out[str(shape)] = {
             "f32": median_ms(lambda x=x: f32(x).block_until_ready()),
             "bf16": median_ms(lambda xb=xb: bf16(xb).block_until_ready()),
+        }
+    return out
+
+
+def ffi_rows() -> dict | None:
+    """MKL's bfloat16 GEMM inside XLA: optgen's custom call (codegen/gemm_kernel.py), as a
+    Muon step with bf16_newton_schulz runs it."""
+    import jax
+    import jax.numpy as jnp
+    from optgen.codegen import gemm_kernel
+
+    if gemm_kernel.mkl() is None:
+        return None
+    out = {}
+    for m, k in SHAPES:
+        name = gemm_kernel.target(gemm_kernel.Gemm(m, m, k, False, True))
+        gram = jax.jit(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((m, m), jnp.float32)))
+        x = jnp.asarray(matrix((m, k))).astype(jnp.bfloat16)
+        out[str((m, k))] = {
+            "bf16": median_ms(lambda gram=gram, x=x: gram(x, x).block_until_ready())
         }
     return out
 
@@ -131,9 +153,62 @@ def mkl_rows() -> dict | None:
     return out
 
 
+# The transformer workload's matrices (tools/bench.py) and how many of each shape it has.
+MUON_MATRICES = [
+    ((16000, 512), 1),
+    ((512, 1536), 6),
+    ((512, 512), 6),
+    ((512, 2048), 6),
+    ((2048, 512), 6),
+]
+
+
+def muon_products() -> None:
+    """``--muon-products``: each product of one Newton-Schulz iteration as optgen's custom call
+    runs it (muon's bf16_newton_schulz, a tall matrix transposed first) against torch's bfloat16
+    product in torch.optim.Muon's orientation; and the sums over a step's 5 iterations."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from optgen.codegen import gemm_kernel
+
+    def ours(m, n, k, trans_b):
+        name = gemm_kernel.target(gemm_kernel.Gemm(m, n, k, False, trans_b))
+        product = jax.jit(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((m, n), jnp.float32)))
+        a = jnp.asarray(matrix((m, k))).astype(jnp.bfloat16)
+        b = jnp.asarray(matrix((n, k) if trans_b else (k, n))).astype(jnp.bfloat16)
+        return median_ms(lambda: product(a, b).block_until_ready())
+
+    def theirs(m, n, k):
+        a, b = torch.from_numpy(matrix((m, k))).bfloat16(), torch.from_numpy(matrix((k, n)))
+        b = b.bfloat16()
+        return median_ms(lambda: a @ b)
+
+    print("| matrix (count) | Gram, optgen / torch | a @ a | update product |\n|---|---|---|---|")
+    totals = [0.0, 0.0]
+    for shape, count in MUON_MATRICES:
+        s, n = min(shape), max(shape)  # both run on the wide orientation
+        pairs = [
+            (ours(s, s, n, True), theirs(s, s, n)),
+            (ours(s, s, s, False), theirs(s, s, s)),
+            (ours(s, n, s, False), theirs(s, n, s)),
+        ]
+        for i in (0, 1):
+            totals[i] += 5 * count * sum(pair[i] for pair in pairs)
+        cells = " | ".join(f"{a:.2f} / {b:.2f}" for a, b in pairs)
+        print(f"| {shape[0]} x {shape[1]} ({count}) | {cells} |")
+    print(f"\nproducts of one step: optgen {totals[0]:.0f} ms, torch {totals[1]:.0f} ms")
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--muon-products"]:
+        muon_products()
+        return 0
     if sys.argv[1:] == ["--xla-child"]:
         print(json.dumps(xla_rows()))
+        return 0
+    if sys.argv[1:] == ["--ffi-child"]:
+        print(json.dumps(ffi_rows()))
         return 0
     rows = {}
     for flags in FLAGS:
@@ -148,6 +223,17 @@ def main() -> int:
         rows[f"XLA {flags or '(default flags)'}"] = json.loads(
             child.stdout.strip().splitlines()[-1]
         )
+    env = dict(os.environ, OPTGEN_XLA_FLAGS="0")  # XLA's default flags under optgen too
+    child = subprocess.run(
+        [sys.executable, __file__, "--ffi-child"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ffi = json.loads(child.stdout.strip().splitlines()[-1])
+    if ffi is not None:
+        rows["optgen's MKL GEMM in XLA (custom call)"] = ffi
     try:
         rows["torch"] = torch_rows()
     except ImportError:

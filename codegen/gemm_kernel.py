@@ -1,0 +1,125 @@
+"""A bfloat16 matrix product on CPU: MKL's ``cblas_gemm_bf16bf16f32`` called through XLA's FFI.
+
+XLA:CPU's dot never reaches the AMX tiles that a bfloat16 GEMM runs on: on Muon's products it
+is 7-13x slower than torch's (docs/fusion.md). When a spec multiplies two values it rounded to
+bfloat16 (``bf16(x) @ bf16(y)``), the product of their bfloat16 bits accumulated in float32 is
+the same number up to the order of the sum, so on CPU the StableHLO backend hands such a
+product of two matrices to MKL: a custom call whose handler (built with the FFI machinery of
+:mod:`codegen.cpu_kernel`) calls
+
+    C (m x n, float32) = op(A) op(B),  op(X) = X or X^T,  A and B bfloat16, row-major
+
+MKL is optional (``pip install mkl``, the ``gemm`` extra): it is loaded with ctypes from the
+interpreter's lib folder, where the wheel puts ``libmkl_rt.so``; without it, and on GPU, for
+an exported step or a batched product, the product stays XLA's ``dot_general``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import llvmlite.binding as llvm
+import ml_dtypes
+import numpy as np
+from jaxlib.mlir import ir as mlir_ir
+from llvmlite import ir
+from optgen.codegen import cpu_kernel
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS_LAYOUT and CBLAS_TRANSPOSE values
+_SYMBOL = "cblas_gemm_bf16bf16f32"
+_I32, _PTR, _F32 = ir.IntType(32), ir.PointerType(), ir.FloatType()
+
+
+@functools.cache
+def mkl() -> ctypes.CDLL | None:
+    """MKL's single dynamic library, from the ``mkl`` wheel beside this interpreter (or None)."""
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
+            path = Path(prefix) / "lib" / name
+            if path.exists():
+                library = ctypes.CDLL(str(path))
+                llvm.add_symbol(
+                    _SYMBOL, ctypes.cast(getattr(library, _SYMBOL), ctypes.c_void_p).value
+                )
+                return library
+    return None
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One product's shape: C (m x n) = op(A) op(B) with k terms; A is stored (k, m) when
+    ``trans_a``, else (m, k); B (n, k) when ``trans_b``, else (k, n)."""
+
+    m: int
+    n: int
+    k: int
+    trans_a: bool
+    trans_b: bool
+
+    @property
+    def name(self) -> str:
+        flags = "t" if self.trans_a else "n", "t" if self.trans_b else "n"
+        return f"optgen_gemm_bf16_{self.m}x{self.n}x{self.k}_{''.join(flags)}"
+
+
+def emitter(ctx):
+    """``emit(a, transposed_a, b, transposed_b)`` for :class:`codegen.stablehlo.StableHLOBackend`:
+    the custom call of the float32 product of two bfloat16 matrices, inside the lowering rule
+    whose context is ``ctx``."""
+
+    def emit(a, trans_a: bool, b, trans_b: bool):
+        shape_a = tuple(mlir_ir.RankedTensorType(a.type).shape)
+        shape_b = tuple(mlir_ir.RankedTensorType(b.type).shape)
+        m, k = shape_a[::-1] if trans_a else shape_a
+        n = shape_b[0] if trans_b else shape_b[1]
+        gemm = Gemm(m, n, k, trans_a, trans_b)
+        part = ctx.replace(
+            avals_in=[jax.core.ShapedArray(s, ml_dtypes.bfloat16) for s in (shape_a, shape_b)],
+            avals_out=[jax.core.ShapedArray((m, n), np.float32)],
+        )
+        (product,) = jax.ffi.ffi_lowering(target(gemm))(part, a, b)
+        return product
+
+    return emit
+
+
+def target(gemm: Gemm) -> str:
+    """The FFI target of ``gemm``, registered on first use (MKL must be installed)."""
+    if mkl() is None:  # it also tells LLVM where MKL's function is
+        raise RuntimeError("the bfloat16 GEMM needs MKL: pip install mkl")
+    return cpu_kernel.register(gemm.name, lambda: _module(gemm))
+
+
+def _module(gemm: Gemm) -> ir.Module:
+    """``handler``: C = op(A) op(B) from the call's two bfloat16 arguments into its one result."""
+    module = ir.Module(name=gemm.name)
+    module.triple = llvm.get_process_triple()
+    kinds = [_I32] * 6 + [_F32, _PTR, _I32, _PTR, _I32, _F32, _PTR, _I32]
+    blas = ir.Function(module, ir.FunctionType(ir.VoidType(), kinds), _SYMBOL)
+    fn, b = cpu_kernel.handler(module)
+    args, rets = cpu_kernel.call_buffers(b, fn.args[0])
+    a, bb = cpu_kernel.buffer_data(b, args, 0), cpu_kernel.buffer_data(b, args, 1)
+    c = cpu_kernel.buffer_data(b, rets, 0)
+    lda = gemm.m if gemm.trans_a else gemm.k  # row-major: a row's length
+    ldb = gemm.k if gemm.trans_b else gemm.n
+    numbers = [
+        _ROW_MAJOR,
+        _TRANS if gemm.trans_a else _NO_TRANS,
+        _TRANS if gemm.trans_b else _NO_TRANS,
+        gemm.m,
+        gemm.n,
+        gemm.k,
+    ]
+    b.call(
+        blas,
+        [ir.Constant(_I32, x) for x in numbers]
+        + [ir.Constant(_F32, 1.0), a, ir.Constant(_I32, lda), bb, ir.Constant(_I32, ldb)]
+        + [ir.Constant(_F32, 0.0), c, ir.Constant(_I32, gemm.n)],
+    )
+    b.ret(ir.Constant(_PTR, None))
+    return module

@@ -1,0 +1,186 @@
+"""bf16(x) and the bfloat16 GEMM (codegen/gemm_kernel.py): MKL's product against a float64 NumPy
+product of the same rounded matrices and against XLA's dot, in every orientation; where it is used
+(CPU, ``auto``) and where the step stays portable StableHLO. The MKL tests skip without the ``mkl``
+wheel (``pip install -e '.[gemm]'``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from optgen.codegen import gemm_kernel
+
+import optgen
+from optgen.ops import round_to_bfloat16
+
+needs_mkl = pytest.mark.skipif(
+    gemm_kernel.mkl() is None, reason="MKL is not installed (pip install -e '.[gemm]')"
+)
+# Every way a product meets its operands: as rounded, transposed on the left, on the right, both;
+# and the product of a rounded product (a Gram matrix) with a rounded matrix.
+PRODUCTS = """optimizer bf16_products "bfloat16 products in each orientation"
+hyper lr = 0.25
+update:
+  x = bf16(g)
+  y = bf16(p)
+  a = bf16(x @ transpose(y))
+  b = bf16(transpose(x) @ y)
+  p = p - lr * (a @ y + y @ b + transpose(a) @ x + x @ transpose(b) + transpose(transpose(x)) @ b)
+"""
+SHAPES = [(5, 3), (3, 5), (1, 4), (40, 24)]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemm") / "bf16_products.spec"
+    path.write_text(PRODUCTS)
+    return str(path)
+
+
+def _tree(seed, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return {f"w{i}": jnp.asarray(rng.normal(size=s), jnp.float32) for i, s in enumerate(shapes)}
+
+
+def _reference_step(p, g, lr=0.25):
+    """The spec's step in float64 NumPy, each bf16(...) rounded as ml_dtypes rounds."""
+
+    def r(v):
+        return round_to_bfloat16(v.astype(np.float32)).astype(np.float64)
+
+    x, y = r(g), r(p)
+    a, b = r(x @ y.T), r(x.T @ y)
+    return p - lr * (a @ y + y @ b + a.T @ x + x @ b.T + x @ b)
+
+
+def _run(spec, lowering, shapes=SHAPES):
+    opt = optgen.load(spec, lowering=lowering)
+    params, grads = _tree(0, shapes), _tree(1, shapes)
+    state = opt.init(params)
+    for _ in range(STEPS):
+        params, state = opt.step(params, grads, state)
+    return params
+
+
+def _lowered_text(spec, lowering, shapes=SHAPES, platforms=None):
+    opt = optgen.load(spec, lowering=lowering)
+    params = _tree(0, shapes)
+    step = jax.jit(lambda p, g, s: opt.update(g, s, p))
+    return (
+        step.trace(params, params, opt.init(params)).lower(lowering_platforms=platforms).as_text()
+    )
+
+
+@pytest.mark.parametrize("lowering", ["auto", "shared"])
+def test_bf16_products_match_float64_numpy(spec, lowering):
+    """MKL's GEMM (auto) and XLA's dot (shared) against float64 products of the rounded
+    matrices, over several steps: only the order of float32 sums differs."""
+    got = _run(spec, lowering)
+    params, grads = _tree(0), _tree(1)
+    for name in params:
+        p, g = np.asarray(params[name], np.float64), np.asarray(grads[name], np.float64)
+        for _ in range(STEPS):
+            p = _reference_step(p, g).astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(np.asarray(got[name]), p, rtol=2e-5, atol=1e-5, err_msg=name)
+
+
+@needs_mkl
+def test_the_gemm_runs_where_it_can_and_nowhere_else(spec):
+    """On CPU under auto, each 2-d product of rounded matrices is a custom call (5 per step and
+    parameter, the other 2 of each step's 7 products being a rounded Gram matrix's own); shared,
+    another platform and a batched product keep dot_general."""
+    texts = {
+        "auto": _lowered_text(spec, "auto"),
+        "shared": _lowered_text(spec, "shared"),
+        "cuda": _lowered_text(spec, "auto", platforms=("cuda",)),
+        "batched": _lowered_text(spec, "auto", shapes=[(2, 3, 4)]),
+    }
+    assert texts["auto"].count("optgen_gemm_bf16") == 7 * len(SHAPES)
+    assert "dot_general" not in texts["auto"]
+    for name in ("shared", "cuda", "batched"):
+        assert "optgen_gemm" not in texts[name] and "dot_general" in texts[name], name
+
+
+@needs_mkl
+def test_an_exported_step_stays_portable(spec):
+    """jax.export under auto: the products stay dot_general (the GEMM lives in this process)."""
+    opt = optgen.load(spec)
+    params = _tree(0, [(5, 3)])
+    step = jax.jit(lambda p, g, s: opt.update(g, s, p))
+    text = jax.export.export(step)(params, params, opt.init(params)).mlir_module()
+    assert "optgen_gemm" not in text and text.count("stablehlo.dot_general") == 7
+
+
+@needs_mkl
+@pytest.mark.parametrize(("trans_a", "trans_b"), [(False, False), (True, False), (False, True)])
+def test_the_gemm_kernel_alone_matches_numpy_on_a_larger_product(trans_a, trans_b):
+    """One custom call, 96 x 80 from 300 terms: MKL's float32 sums against float64."""
+    m, n, k = 96, 80, 300
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(ml_dtypes.bfloat16)
+    b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(ml_dtypes.bfloat16)
+    name = gemm_kernel.target(gemm_kernel.Gemm(m, n, k, trans_a, trans_b))
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    got = np.asarray(jax.jit(call)(jnp.asarray(a), jnp.asarray(b)))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_bf16_in_the_cpu_loop_rounds_as_ml_dtypes(tmp_path):
+    """The LLVM loop's bf16 (an elementwise op, no product) on float32 values near ties."""
+    path = tmp_path / "round.spec"
+    path.write_text('optimizer round "sgd on rounded g"\nupdate:\n  p = p - bf16(g)\n')
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=4096).astype(np.float32)
+    g[:4] = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38]  # ties to even, and an overflow
+    params, grads = {"w": jnp.zeros(4096, jnp.float32)}, {"w": jnp.asarray(g)}
+    for lowering in ("ffi", "shared"):
+        opt = optgen.load(str(path), lowering=lowering)
+        new, _ = opt.step(jax.tree.map(jnp.copy, params), grads, opt.init(params))
+        np.testing.assert_array_equal(np.asarray(new["w"]), -round_to_bfloat16(g), err_msg=lowering)
+
+
+def test_muon_in_bfloat16_near_float32_and_its_gemm_near_xla():
+    """optax's muon with bf16_newton_schulz, 20 steps on matrices of both orientations and a
+    vector: MKL's GEMM (auto) against XLA's dot (shared) measured 2.4e-5 at most (one rounding
+    flipped by the order of a sum); against float32 Newton-Schulz 2.4e-4 to 1.3e-3."""
+    from conftest import rel_err
+
+    shapes = [(5, 3), (3, 5), (24, 40), (7,)]
+    runs = {}
+    for name, options in {
+        "auto": {"bf16_newton_schulz": True},
+        "shared": {"bf16_newton_schulz": True, "lowering": "shared"},
+        "f32": {},
+    }.items():
+        opt = optgen.load("muon", learning_rate=0.02, **options)
+        params = _tree(0, shapes)
+        state = opt.init(params)
+        for k in range(20):
+            params, state = opt.step(params, _tree(k + 1, shapes), state)
+        runs[name] = params
+    for name in runs["f32"]:
+        assert rel_err(runs["auto"][name], runs["shared"][name]) <= 2e-4, name
+        matrix = name != "w3"  # the vector takes AdamW, the same in every run
+        assert (2e-5 < rel_err(runs["auto"][name], runs["f32"][name]) < 5e-3) == matrix, name
+
+
+@needs_mkl
+def test_a_fresh_process_can_call_the_gemm_before_asking_for_mkl():
+    """target() loads MKL itself: LLVM must know where cblas_gemm_bf16bf16f32 is before it links
+    a handler (an unresolved call crashed the process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp; from optgen.codegen import gemm_kernel as g\n"
+        "name = g.target(g.Gemm(2, 2, 3, False, True))\n"
+        "x = jnp.ones((2, 3), jnp.bfloat16)\n"
+        "print(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((2, 2), jnp.float32))(x, x).sum())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "12.0", out.stderr[-2000:]
