@@ -16,7 +16,7 @@ from optgen.codegen import fusion
 from optgen.codegen.primitive import run_ir
 
 from optgen.ir import Program
-from optgen.types import DTYPES, stored_shape
+from optgen.types import STATE_DTYPES, stored_shape
 
 
 def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = "shared"):
@@ -74,7 +74,11 @@ def state_dtypes(
     default :func:`scalar_dtype`) and the parameters' ``dtype`` for the others."""
     step_dtype = scalar_dtype(dtype) if step_dtype is None else step_dtype
     return {
-        name: DTYPES[d] if d else step_dtype if program.state_extents[name] == "step" else dtype
+        name: STATE_DTYPES[d]
+        if d
+        else step_dtype
+        if program.state_extents[name] == "step"
+        else dtype
         for name, d in program.state_dtypes.items()
     }
 
