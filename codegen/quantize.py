@@ -75,7 +75,10 @@ def quantize(x: jax.Array) -> Quantized:
     """``x`` (float32) as codes and per-block absmax scales; a NaN or inf in a block shows in
     its scale (the codes of such a block are 0 or the largest)."""
     values = _as_blocks(x.astype(jnp.float32))
-    scales = jnp.max(jnp.abs(values), axis=1)
+    # The absmax as an integer max of |x|'s bits: they order like |x| with NaN above inf, so a
+    # NaN stays in its block's scale (XLA:CPU's float max reduction may drop it).
+    bits = jax.lax.bitcast_convert_type(values, jnp.int32) & 0x7FFFFFFF
+    scales = jax.lax.bitcast_convert_type(jnp.max(bits, axis=1), jnp.float32)
     s = scales[:, None]
     y = jnp.abs(values) * jnp.where(s > 0, 1 / s, 0.0)  # one division per block
     y = jnp.where(y <= 1, y, 1.0)
