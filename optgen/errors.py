@@ -149,6 +149,9 @@ CATALOG: dict[str, str] = {
     "E397": "a task whose steps is not a positive whole number",
     "E398": "a task with fewer batches than steps",
     "E399": "a seed spec that diverges on a task at every learning rate",
+    # Quantized (q8) state
+    "E400": "a q8 state that is not one value per element",
+    "E401": "a q8 spec compiled for a symbolic shape",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",
