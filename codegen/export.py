@@ -30,9 +30,8 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
     def step(inputs):
         tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
         scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
-        size = int(np.prod(inputs["p"].shape))
         out_dtypes = {"p": [inputs["p"].dtype]} | {
-            n: [quantize.storage(d, size)] for n, d in state_dtypes.items()
+            n: [_stored(d, inputs["p"].shape)] for n, d in state_dtypes.items()
         }
         out = run_ir(
             func,
@@ -46,6 +45,11 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
         return {name: out[name][0] for name, _ in func.outputs}
 
     return step
+
+
+def _stored(dtype: np.dtype, shape) -> np.dtype:
+    """A state's storage dtype for a parameter of ``shape`` (concrete where a state is q8)."""
+    return quantize.storage(dtype, int(np.prod(shape))) if dtype == quantize.Q8 else dtype
 
 
 def x64_for(dtype: np.dtype):
