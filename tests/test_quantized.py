@@ -193,3 +193,41 @@ def test_zero_and_nonfinite_blocks(lowering):
     scales = np.asarray(state.slots["mu"]["w"].scales)
     assert np.isnan(scales[1]) and not scales[[0, 2]].any()  # the NaN stays in its block
     assert np.isfinite(np.asarray(params["w"])[:256]).all()
+
+
+@pytest.mark.parametrize("library", ["bitsandbytes", "torchao"])
+def test_the_loss_follows_torch_ecosystem_8bit_adamw(library):
+    """Least squares with 8192 weights, 40 steps: optgen's adamw8bit and the library's AdamW8bit
+    (another code and rounding, so the trajectories differ a little) end at the same loss."""
+    torch = pytest.importorskip("torch")
+    module = pytest.importorskip(
+        "torchao.optim" if library == "torchao" else "bitsandbytes.optim",
+        reason=f"{library} is not installed (pip install -e '.[bench]')",
+    )
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 8192)).astype(np.float32) / 90
+    b = rng.normal(size=64).astype(np.float32)
+    hypers = dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+    def loss(w):
+        return float(np.mean((a @ np.asarray(w, np.float64) - b) ** 2))
+
+    opt = optgen.load("adamw8bit", **hypers)
+    w = {"w": jnp.zeros(8192, jnp.float32)}
+    state, ours = opt.init(w), []
+    grad = jax.jit(jax.grad(lambda w: jnp.mean((jnp.asarray(a) @ w["w"] - b) ** 2)))
+    for _ in range(40):
+        w, state = opt.step(w, grad(w), state)
+        ours.append(loss(w["w"]))
+
+    p = torch.nn.Parameter(torch.zeros(8192))
+    theirs = []
+    torch_opt = module.AdamW8bit([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for _ in range(40):
+        torch_opt.zero_grad()
+        torch.mean((torch.from_numpy(a) @ p - torch.from_numpy(b)) ** 2).backward()
+        torch_opt.step()
+        theirs.append(loss(p.detach().numpy()))
+    first = loss(np.zeros(8192))
+    assert ours[-1] < 0.01 * first  # it learns
+    np.testing.assert_allclose(ours, theirs, rtol=0.1, atol=0.002 * first)

@@ -127,6 +127,15 @@ WORKLOADS = {
         jnp.bfloat16,
         {},
     ),
+    # 8-bit AdamW (kernels/adamw8bit.spec) against optgen's and torch's float32 AdamW and the
+    # 8-bit AdamWs of torchao and bitsandbytes (optional: pip install torchao bitsandbytes).
+    "8bit": (
+        "one 16M-element f32 tensor, 8-bit AdamW",
+        [(16 * 1024 * 1024,)],
+        np.float32,
+        np.int8,
+        {},
+    ),
 }
 
 
@@ -217,6 +226,38 @@ class TorchRunner:
                 opt.step()
 
 
+class Torch8bitRunner(TorchRunner):
+    """An 8-bit AdamW of torch's ecosystem: torchao's or bitsandbytes' (both run on CPU)."""
+
+    def __init__(self, params, grads, library: str):
+        super().__init__(params, grads)
+        if library == "torchao":
+            from torchao.optim import AdamW8bit
+        else:
+            from bitsandbytes.optim import AdamW8bit
+        self.name = f"{library}-8bit"
+        hypers = dict(lr=HYPERS["learning_rate"], betas=(HYPERS["b1"], HYPERS["b2"]))
+        hypers |= dict(eps=HYPERS["eps"], weight_decay=HYPERS["weight_decay"])
+        self.opts = [AdamW8bit(self.params, **hypers)]
+
+
+def eight_bit_runners(params, grads) -> list:
+    """optgen's adamw8bit first (every ratio is against it), then the float32 AdamWs, then the
+    8-bit AdamWs that install here."""
+    f32 = OptgenRunner(params, grads, "adamw")
+    f32.name = "optgen-f32"
+    runners = [OptgenRunner(params, grads, "adamw8bit"), f32]
+    if torch is None:
+        return runners
+    runners.append(TorchRunner(params, grads))
+    for library in ("torchao", "bitsandbytes"):
+        try:
+            runners.append(Torch8bitRunner(params, grads, library))
+        except ImportError:
+            pass
+    return runners
+
+
 def xla_lowering(leaves: int, uniform: bool) -> str:
     """The lowering optgen's ``auto`` takes where its own CPU loop cannot run (codegen/fusion.py)."""
     return "per-output" if uniform and leaves <= fusion.PER_OUTPUT_MAX_LEAVES else "shared"
@@ -226,7 +267,9 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
     title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     mixed = np.dtype(state_dtype) != np.dtype(dtype)
-    if optimizer == "muon":
+    if key == "8bit":
+        runners = eight_bit_runners(params, grads)
+    elif optimizer == "muon":
         runners = [
             OptgenRunner(params, grads, "muon", MUON_HYPERS, **options),
             OptaxRunner(params, grads, opt=optax.contrib.muon(**MUON_HYPERS)),
@@ -243,7 +286,7 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
             )
             xla.name = "optgen-xla"
             runners.append(xla)
-    if torch is not None and key != "bf16-mu":
+    if torch is not None and key not in ("bf16-mu", "8bit"):
         runners.append(TorchRunner(params, grads, muon=optimizer == "muon"))
     for runner in runners:  # compile and warm up
         runner.run(2)
