@@ -231,3 +231,18 @@ def test_the_loss_follows_torch_ecosystem_8bit_adamw(library):
     first = loss(np.zeros(8192))
     assert ours[-1] < 0.01 * first  # it learns
     np.testing.assert_allclose(ours, theirs, rtol=0.1, atol=0.002 * first)
+
+
+def test_a_q8_state_saves_restores_and_is_checked_like_any_state(tmp_path):
+    opt = optgen.load("adamw8bit")
+    params = {k: jnp.asarray(v) for k, v in start().items()}
+    params, state = opt.step(
+        params, {k: jnp.asarray(g) for k, g in gradient(1, start()).items()}, opt.init(params)
+    )
+    optgen.save_state(tmp_path / "state.optgen", state, opt)
+    restored = optgen.load_state(tmp_path / "state.optgen", opt, params)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(optgen.InputError, match="codes") as err:  # a float32 AdamW state
+        opt.step(params, jax.tree.map(jnp.ones_like, params), optgen.load("adamw").init(params))
+    assert err.value.code == "E307"
