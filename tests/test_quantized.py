@@ -11,6 +11,7 @@ import pytest
 from optgen.codegen import quantize
 
 import optgen
+from optgen.inspect import inspect
 
 STEPS = 120
 # 67 x 99 = 6633 elements: 26 blocks, the last one short; 4097: just quantized; 10: kept float32
@@ -246,3 +247,14 @@ def test_a_q8_state_saves_restores_and_is_checked_like_any_state(tmp_path):
     with pytest.raises(optgen.InputError, match="codes") as err:  # a float32 AdamW state
         opt.step(params, jax.tree.map(jnp.ones_like, params), optgen.load("adamw").init(params))
     assert err.value.code == "E307"
+
+
+@pytest.mark.parametrize("spec", ["adamw8bit", "lion8bit"])
+def test_the_own_loop_is_one_call_at_the_q8_minimum(spec):
+    """p and g 4 bytes each, each q8 state 1 byte and 4/256 of a scale, read and written."""
+    program = optgen.load(spec).compiled.program
+    report = inspect(program, np.dtype(np.float32), 1 << 16, lowering="ffi")
+    states = len(program.state_dtypes)
+    assert report.min_bytes_per_element == pytest.approx(12 + states * 2 * (1 + 4 / 256))
+    assert report.kernels == 1
+    assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)
