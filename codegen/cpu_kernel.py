@@ -280,7 +280,7 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     outputs = dict(zip(stored, fn.args[len(inputs) : len(inputs) + len(stored)], strict=True))
     outputs |= {j: inputs[k] for j, k in call.aliases.items()}
     first_scale = len(inputs) + len(stored)
-    scales_in = dict(zip(q8_in, fn.args[first_scale:], strict=False))
+    scales_in = dict(zip(q8_in, fn.args[first_scale : first_scale + len(q8_in)], strict=True))
     scales_out = dict(zip(q8_out, fn.args[first_scale + len(q8_in) : pointers], strict=True))
     scalars = fn.args[pointers:-2]
     start, end = fn.args[-2:]
