@@ -34,8 +34,18 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from optgen.codegen import ffi_abi as abi
+from optgen.codegen import quantize
 from optgen.codegen.evaluate import STRUCTURAL, evaluate
-from optgen.codegen.llvm_backend import LLVM_TYPES, LoopBackend
+from optgen.codegen.llvm_backend import (
+    F32,
+    LLVM_TYPES,
+    LoopBackend,
+    absmax_bits,
+    block_reciprocal,
+    dequantize_element,
+    quantize_element,
+)
+from optgen.codegen.quantize import Q8
 
 from optgen.ir import Function, print_function
 
@@ -96,6 +106,27 @@ class Call:
     def stochastic(self) -> bool:
         return self.rounding == "stochastic"
 
+    scaled_in: tuple[str, ...] = ()  # q8 inputs: their scales follow the scalars, one per parameter
+    scaled_out: tuple[str, ...] = ()  # q8 outputs: their scales follow the other results
+
+    @functools.cached_property
+    def scale_results(self) -> int:
+        """Where the q8 outputs' scales start among the call's results."""
+        return self.ret_offsets[-1] + (
+            len(self.sizes) if self.out_extents[-1] == "tensor" else int(self.step_outputs)
+        )
+
+    @functools.cached_property
+    def scale_aliases(self) -> dict[int, int]:
+        """A q8 output's scales (by index in ``scaled_out``) -> the input scales stored over."""
+        if not self.in_place:
+            return {}
+        return {
+            s: self.scaled_in.index(name)
+            for s, name in enumerate(self.scaled_out)
+            if name in self.scaled_in and name != self.delta_output
+        }
+
     @functools.cached_property
     def ret_offsets(self) -> list[int]:
         """Where each output's buffers start among the call's results: n per tensor output, 1 (or 0)
@@ -142,6 +173,8 @@ class Call:
                 self.step_outputs,
                 self.rounding,
                 self.first_leaf,
+                self.scaled_in,
+                self.scaled_out,
             )
         )
         return "optgen_cpu_" + hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -229,7 +262,7 @@ def _module(call: Call) -> ir.Module:
         for (in_dtypes, out_dtypes), g in groups.items()
     ]
     chunks = _chunks(items)
-    run_chunk = _run_chunk(module, call, loops, items, chunks)
+    run_chunk = _run_chunk(module, call, list(zip(groups, loops, strict=True)), items, chunks)
     drain = _drain(module, run_chunk, len(chunks) - 1)
     _handler(module, drain, _task(module, drain), _step_outputs(module, call), len(chunks) - 1)
     return module
@@ -251,13 +284,16 @@ def _chunks(items) -> list[int]:
 
 
 def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
-    """``loop<index>(inputs..., stored outputs..., scalars..., [leaf,] start, end)``: the update
-    over elements [start, end) of one parameter of this group's dtypes (``leaf``, its number
-    among the step's parameters, only with stochastic rounding)."""
+    """``loop<index>(inputs..., stored outputs..., scales in..., scales out..., scalars...,
+    [leaf,] start, end)``: the update over elements [start, end) of one parameter of this group's
+    dtypes (``leaf``, its number among the step's parameters, only with stochastic rounding)."""
     stored = [j for j in call.tensor_outputs if j not in call.aliases]
+    q8_in = [t for t, d in enumerate(in_dtypes) if d == Q8]
+    q8_out = [j for j in call.tensor_outputs if out_dtypes[j] == Q8]
     step = LLVM_TYPES[call.step_dtype]
+    pointers = len(call.tensor_names) + len(stored) + len(q8_in) + len(q8_out)
     kinds = (
-        [_PTR] * (len(call.tensor_names) + len(stored))
+        [_PTR] * pointers
         + [step] * len(call.scalar_names)
         + [_I32] * call.stochastic
         + [_I64, _I64]
@@ -270,48 +306,172 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     inputs = fn.args[: len(call.tensor_names)]
     outputs = dict(zip(stored, fn.args[len(inputs) : len(inputs) + len(stored)], strict=True))
     outputs |= {j: inputs[k] for j, k in call.aliases.items()}
-    scalars = fn.args[
-        len(inputs) + len(stored) : len(inputs) + len(stored) + len(call.scalar_names)
-    ]
+    first_scale = len(inputs) + len(stored)
+    scales_in = dict(zip(q8_in, fn.args[first_scale : first_scale + len(q8_in)], strict=True))
+    scales_out = dict(zip(q8_out, fn.args[first_scale + len(q8_in) : pointers], strict=True))
+    scalars = fn.args[pointers : pointers + len(call.scalar_names)]
     leaf_ids = [fn.args[-3]] if call.stochastic else None
     start, end = fn.args[-2:]
+    loop = _Loop(module, call, in_dtypes, out_dtypes, inputs, outputs, scalars, leaf_ids)
+    if q8_in or q8_out:
+        loop.blocks(fn, start, end, scales_in, scales_out)
+    else:
+        loop.elements(fn, start, end)
+    return fn
 
-    entry, body_block, done = (fn.append_basic_block(name) for name in ("entry", "loop", "done"))
-    hoisted, body = ir.IRBuilder(entry), ir.IRBuilder(body_block)
-    i = body.phi(_I64)
-    elements = {
-        name: body.load(body.gep(ptr, [i], source_etype=LLVM_TYPES[dtype]), typ=LLVM_TYPES[dtype])
-        for name, ptr, dtype in zip(call.tensor_names, inputs, in_dtypes, strict=True)
-    }
-    backend = LoopBackend(hoisted, body, invariants=[*scalars, *(leaf_ids or [])], index=i)
-    results = evaluate(
-        call.func,
-        backend,
-        {name: [x] for name, x in elements.items()},
-        dict(zip(call.scalar_names, scalars, strict=True)),
-        call.step_dtype,
-        {name: [dtype] for name, dtype in zip(call.out_names, out_dtypes, strict=True)},
-        call.delta_output,
-        out_extents=dict(zip(call.out_names, call.out_extents, strict=True)),
-        rounding=call.rounding,
-        leaf_ids=leaf_ids,
-    )
-    for j in call.tensor_outputs:
-        dtype = out_dtypes[j]
-        body.store(
-            results[call.out_names[j]][0], body.gep(outputs[j], [i], source_etype=LLVM_TYPES[dtype])
-        )
-    following = body.add(i, ir.Constant(_I64, 1))
-    back = body.cbranch(body.icmp_signed("<", following, end), body_block, done)
+
+def _vectorized(module, branch) -> None:
+    """Ask LLVM to vectorize the loop that ``branch`` closes, VECTOR_WIDTH lanes wide."""
     width = module.add_metadata(
         [ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(_I32, VECTOR_WIDTH)]
     )
-    back.set_metadata("llvm.loop", module.add_metadata([ir.MetaDataString(module, _SELF), width]))
-    hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
-    i.add_incoming(start, entry)
-    i.add_incoming(following, body_block)
-    ir.IRBuilder(done).ret_void()
-    return fn
+    branch.set_metadata("llvm.loop", module.add_metadata([ir.MetaDataString(module, _SELF), width]))
+
+
+@dataclass
+class _Loop:
+    """The loop over one parameter's elements, and (with q8 states) over its blocks."""
+
+    module: ir.Module
+    call: Call
+    in_dtypes: tuple
+    out_dtypes: tuple
+    inputs: list
+    outputs: dict
+    scalars: list
+    leaf_ids: list | None  # the parameter's number, for stochastic rounding's hash
+
+    def elements(self, fn, start, end) -> None:
+        """The plain loop: each element read, updated and stored."""
+        entry, body_block, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+        hoisted, body = ir.IRBuilder(entry), ir.IRBuilder(body_block)
+        i = body.phi(_I64)
+        results = self.update(hoisted, body, i, {})
+        for j in self.call.tensor_outputs:
+            self.store(body, j, results, i)
+        following = body.add(i, ir.Constant(_I64, 1))
+        _vectorized(
+            self.module, body.cbranch(body.icmp_signed("<", following, end), body_block, done)
+        )
+        hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
+        i.add_incoming(start, entry)
+        i.add_incoming(following, body_block)
+        ir.IRBuilder(done).ret_void()
+
+    def blocks(self, fn, start, end, scales_in: dict, scales_out: dict) -> None:
+        """The loop over blocks of quantize.BLOCK elements (``start`` is a block's first): per
+        block, the update of its elements (q8 results kept in a stack buffer, with their absmax),
+        then the q8 outputs' scales and codes."""
+        names = ("entry", "block", "loop", "encode", "next", "done")
+        entry, head, body_block, encode_block, tail, done = map(fn.append_basic_block, names)
+        hoisted = ir.IRBuilder(entry)
+        kept = {j: hoisted.alloca(F32, size=quantize.BLOCK) for j in scales_out}
+
+        b = ir.IRBuilder(head)
+        first = b.phi(_I64)
+        following_block = b.add(first, ir.Constant(_I64, quantize.BLOCK))
+        last = b.select(b.icmp_signed("<", following_block, end), following_block, end)
+        block = b.sdiv(first, ir.Constant(_I64, quantize.BLOCK))
+        scales = {
+            t: b.load(b.gep(p, [block], source_etype=F32), typ=F32) for t, p in scales_in.items()
+        }
+        b.branch(body_block)
+
+        body = ir.IRBuilder(body_block)
+        i = body.phi(_I64)
+        bits = {j: body.phi(_I32) for j in scales_out}
+        results = self.update(hoisted, body, i, scales)
+        offset = body.sub(i, first)
+        grown = {}
+        for j in self.call.tensor_outputs:
+            if j not in scales_out:
+                self.store(body, j, results, i)
+                continue
+            x = results[self.call.out_names[j]][0]
+            body.store(x, body.gep(kept[j], [offset], source_etype=F32))
+            grown[j] = absmax_bits(body, bits[j], x)
+        following = body.add(i, ir.Constant(_I64, 1))
+        _vectorized(
+            self.module,
+            body.cbranch(body.icmp_signed("<", following, last), body_block, encode_block),
+        )
+        i.add_incoming(first, head)
+        i.add_incoming(following, body_block)
+        for j in scales_out:
+            bits[j].add_incoming(ir.Constant(_I32, 0), head)
+            bits[j].add_incoming(grown[j], body_block)
+
+        b = ir.IRBuilder(encode_block)
+        reciprocals = {}
+        for j, pointer in scales_out.items():
+            scale = b.bitcast(grown[j], F32)
+            b.store(scale, b.gep(pointer, [block], source_etype=F32))
+            reciprocals[j] = block_reciprocal(b, scale)
+        self.encode(fn, b, tail, first, last, kept, reciprocals)
+
+        b = ir.IRBuilder(tail)
+        b.cbranch(b.icmp_signed("<", last, end), head, done)
+        hoisted.cbranch(
+            hoisted.icmp_signed("<", start, end), head, done
+        )  # after the hoisted values
+        first.add_incoming(start, entry)
+        first.add_incoming(last, tail)
+        ir.IRBuilder(done).ret_void()
+
+    def encode(self, fn, b: ir.IRBuilder, after, first, last, kept: dict, reciprocals: dict):
+        """A loop over a block's kept values: each q8 output's codes."""
+        loop_block = fn.append_basic_block("encode_loop")
+        b.branch(loop_block)
+        body = ir.IRBuilder(loop_block)
+        i = body.phi(_I64)
+        offset = body.sub(i, first)
+        for j, buffer in kept.items():
+            where = body.gep(buffer, [offset], source_etype=F32)
+            code = quantize_element(body, body.load(where, typ=F32), reciprocals[j])
+            body.store(code, body.gep(self.outputs[j], [i], source_etype=_I8))
+        following = body.add(i, ir.Constant(_I64, 1))
+        _vectorized(
+            self.module, body.cbranch(body.icmp_signed("<", following, last), loop_block, after)
+        )
+        i.add_incoming(first, b.block)
+        i.add_incoming(following, loop_block)
+
+    def update(self, hoisted, body, i, scales: dict) -> dict:
+        """The evaluator's results for element ``i`` (q8 inputs decoded by their block's scale)."""
+        call = self.call
+        elements = {}
+        for t, (name, ptr, dtype) in enumerate(
+            zip(call.tensor_names, self.inputs, self.in_dtypes, strict=True)
+        ):
+            x = body.load(
+                body.gep(ptr, [i], source_etype=_stored_type(dtype)), typ=_stored_type(dtype)
+            )
+            elements[name] = dequantize_element(body, x, scales[t]) if dtype == Q8 else x
+        invariants = [*self.scalars, *(self.leaf_ids or [])]
+        backend = LoopBackend(hoisted, body, invariants=invariants, index=i)
+        computed = [np.dtype(np.float32) if d == Q8 else d for d in self.out_dtypes]
+        return evaluate(
+            call.func,
+            backend,
+            {name: [x] for name, x in elements.items()},
+            dict(zip(call.scalar_names, self.scalars, strict=True)),
+            call.step_dtype,
+            {name: [dtype] for name, dtype in zip(call.out_names, computed, strict=True)},
+            call.delta_output,
+            out_extents=dict(zip(call.out_names, call.out_extents, strict=True)),
+            rounding=call.rounding,
+            leaf_ids=self.leaf_ids,
+        )
+
+    def store(self, body, j: int, results: dict, i) -> None:
+        ty = LLVM_TYPES[self.out_dtypes[j]]
+        body.store(
+            results[self.call.out_names[j]][0], body.gep(self.outputs[j], [i], source_etype=ty)
+        )
+
+
+def _stored_type(dtype) -> ir.Type:
+    return _I8 if dtype == Q8 else LLVM_TYPES[dtype]
 
 
 def _field(b: ir.IRBuilder, base, struct, path: str, typ=_PTR):
@@ -392,7 +552,7 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
     group, leaf, start, end = fields
     leaf = b.zext(leaf, _I64)
     switch = b.switch(group, next_block)
-    for g, loop in enumerate(loops):
+    for g, ((in_dtypes, out_dtypes), loop) in enumerate(loops):
         block = fn.append_basic_block(f"group{g}")
         switch.add_case(ir.Constant(_I32, g), block)
         gb = ir.IRBuilder(block)
@@ -404,6 +564,7 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
             for j in call.tensor_outputs
             if j not in call.aliases
         ]
+        operands += _scale_pointers(gb, call, args, rets, leaf, in_dtypes, out_dtypes)
         operands += _scalars(gb, call, args)
         if call.stochastic:
             operands.append(gb.trunc(gb.add(leaf, ir.Constant(_I64, call.first_leaf)), _I32))
@@ -415,6 +576,31 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
     b.cbranch(b.icmp_signed("<", following, last), head, done)
     ir.IRBuilder(done).ret_void()
     return fn
+
+
+def _scale_pointers(b: ir.IRBuilder, call: Call, args, rets, leaf, in_dtypes, out_dtypes) -> list:
+    """The scales of a group's q8 inputs, then its q8 outputs' (the inputs' when in place)."""
+    n = len(call.sizes)
+    first = len(call.tensor_names) * n + len(call.scalar_names)
+
+    def scales_in(s):
+        return buffer_data(b, args, b.add(ir.Constant(_I64, first + s * n), leaf))
+
+    pointers = [
+        scales_in(call.scaled_in.index(name))
+        for name, d in zip(call.tensor_names, in_dtypes, strict=True)
+        if d == Q8
+    ]
+    for j in call.tensor_outputs:
+        if out_dtypes[j] != Q8:
+            continue
+        s = call.scaled_out.index(call.out_names[j])
+        if s in call.scale_aliases:
+            pointers.append(scales_in(call.scale_aliases[s]))
+        else:
+            where = b.add(ir.Constant(_I64, call.scale_results + s * n), leaf)
+            pointers.append(buffer_data(b, rets, where))
+    return pointers
 
 
 def _scalars(b: ir.IRBuilder, call: Call, args) -> list:

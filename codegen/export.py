@@ -12,11 +12,12 @@ import contextlib
 
 import jax
 import numpy as np
-from optgen.codegen import fusion
+from optgen.codegen import fusion, quantize
 from optgen.codegen.primitive import run_ir
 
+from optgen.diagnostics import InputError
 from optgen.ir import Program
-from optgen.types import DTYPES, stored_shape
+from optgen.types import STATE_DTYPES, stored_shape
 
 
 def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = "shared"):
@@ -29,7 +30,9 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
     def step(inputs):
         tensors = {v.name: [inputs[v.name]] for v in func.inputs if v.type.extent != "step"}
         scalars = {v.name: inputs[v.name] for v in func.inputs if v.type.extent == "step"}
-        out_dtypes = {"p": [inputs["p"].dtype]} | {n: [d] for n, d in state_dtypes.items()}
+        out_dtypes = {"p": [inputs["p"].dtype]} | {
+            n: [_stored(d, inputs["p"].shape)] for n, d in state_dtypes.items()
+        }
         out = run_ir(
             func,
             tensors,
@@ -45,6 +48,11 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
     return step
 
 
+def _stored(dtype: np.dtype, shape) -> np.dtype:
+    """A state's storage dtype for a parameter of ``shape`` (concrete where a state is q8)."""
+    return quantize.storage(dtype, int(np.prod(shape))) if dtype == quantize.Q8 else dtype
+
+
 def x64_for(dtype: np.dtype):
     """float64 parameters need JAX's x64 mode while tracing; other dtypes leave it alone."""
     return jax.enable_x64(True) if dtype == np.float64 else contextlib.nullcontext()
@@ -56,13 +64,32 @@ def arg_specs(program: Program, dtype: np.dtype, shape: str, state_dtypes: dict[
     them).
     """
     dims = tuple(jax.export.symbolic_shape(shape))
-    return {
+    specs = {
         v.name: jax.ShapeDtypeStruct(
             stored_shape(dims, v.type.extent, program.factoring),
             state_dtypes.get(v.name, scalar_dtype(dtype) if v.type.extent == "step" else dtype),
         )
         for v in program.update.inputs
     }
+    return {name: _quantized_spec(name, spec, dims) for name, spec in specs.items()}
+
+
+def _quantized_spec(name: str, spec: jax.ShapeDtypeStruct, dims):
+    """A q8 state's codes and scales (float32 below quantize.MIN_ELEMENTS), else ``spec``."""
+    if spec.dtype != quantize.Q8:
+        return spec
+    if not all(isinstance(d, int) for d in dims):
+        raise InputError(
+            f"state '{name}' is q8, whose scales' count depends on the parameter's size, "
+            f"and the shape {tuple(map(str, dims))} is symbolic",
+            hint="give a concrete shape (--shape 4096,1024)",
+            code="E401",
+        )
+    size = int(np.prod(dims))
+    if quantize.storage(spec.dtype, size) != quantize.Q8:
+        return jax.ShapeDtypeStruct(spec.shape, np.float32)
+    scales = jax.ShapeDtypeStruct((quantize.blocks(size),), np.float32)
+    return quantize.Quantized(spec, scales)
 
 
 def scalar_dtype(dtype: np.dtype) -> np.dtype:
@@ -77,7 +104,11 @@ def state_dtypes(
     default :func:`scalar_dtype`) and the parameters' ``dtype`` for the others."""
     step_dtype = scalar_dtype(dtype) if step_dtype is None else step_dtype
     return {
-        name: DTYPES[d] if d else step_dtype if program.state_extents[name] == "step" else dtype
+        name: STATE_DTYPES[d]
+        if d
+        else step_dtype
+        if program.state_extents[name] == "step"
+        else dtype
         for name, d in program.state_dtypes.items()
     }
 

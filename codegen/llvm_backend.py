@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import ml_dtypes  # bfloat16 as a NumPy dtype; jax depends on it
 import numpy as np
 from llvmlite import ir
+from optgen.codegen import quantize
 
 
 class BFloatType(ir.types._BaseFloatType):
@@ -208,3 +209,38 @@ class LoopBackend:
 
     def barrier(self, xs):
         return xs
+
+
+# ---- q8 state (codegen/quantize.py): the same operations, in the same order, as its jnp form ----
+
+
+def dequantize_element(b: ir.IRBuilder, code, scale):
+    """An int8 code's float32 value in a block of absmax ``scale``."""
+    f = b.fmul(b.sitofp(code, F32), ir.Constant(F32, float(quantize.INVERSE_LEVELS)))
+    square = b.fmul(f, f)
+    return _intrinsic(b, "llvm.copysign", [b.fmul(b.fmul(square, square), scale), f])
+
+
+def block_reciprocal(b: ir.IRBuilder, scale):
+    """What a block's values are multiplied by before encoding: 1 / scale, or 0 for a zero scale."""
+    zero = ir.Constant(F32, 0.0)
+    return b.select(b.fcmp_ordered(">", scale, zero), b.fdiv(ir.Constant(F32, 1.0), scale), zero)
+
+
+def quantize_element(b: ir.IRBuilder, x, reciprocal):
+    """The int8 code of float32 ``x`` in a block whose :func:`block_reciprocal` is given."""
+    one = ir.Constant(F32, 1.0)
+    y = b.fmul(_intrinsic(b, "llvm.fabs", [x]), reciprocal)
+    y = b.select(b.fcmp_ordered("<=", y, one), y, one)
+    root = _intrinsic(b, "llvm.sqrt", [_intrinsic(b, "llvm.sqrt", [y])])
+    magnitude = _intrinsic(b, "llvm.roundeven", [b.fmul(ir.Constant(F32, quantize.LEVELS), root)])
+    return b.fptosi(_intrinsic(b, "llvm.copysign", [magnitude, x]), ir.IntType(8))
+
+
+def absmax_bits(b: ir.IRBuilder, bits, x):
+    """The running absmax ``bits`` with ``x`` seen. |x|'s bits as an integer order like |x|
+    (a NaN above inf), so the absmax is an integer max, which vectorizes where a float max
+    with NaNs would not; its bits are the block's scale."""
+    i32 = ir.IntType(32)
+    magnitude = b.and_(b.bitcast(x, i32), ir.Constant(i32, 0x7FFFFFFF))
+    return _intrinsic(b, "llvm.umax", [bits, magnitude])

@@ -13,7 +13,7 @@ from optgen import syntax as ast
 from optgen.diagnostics import SpecError, did_you_mean
 from optgen.hazards import analyze
 from optgen.ops import FUNCTIONS, SHAPE_CONSTANTS
-from optgen.types import DTYPES, STATE_EXTENTS, ExtentError, Type, fits, matmul_extent, widest
+from optgen.types import STATE_DTYPES, STATE_EXTENTS, ExtentError, Type, fits, matmul_extent, widest
 
 RESERVED = {"p": "the parameter", "g": "its gradient", "t": "the step number"} | {
     name: "a shape constant" for name in SHAPE_CONSTANTS
@@ -178,7 +178,7 @@ class _Checker:
                 "shape"
                 if q.id in STATE_EXTENTS
                 else "dtype"
-                if q.id in DTYPES
+                if q.id in STATE_DTYPES
                 else "access"
                 if q.id == "readonly"
                 else None
@@ -187,9 +187,9 @@ class _Checker:
                 raise self.error(
                     f"unknown state shape or storage dtype '{q.id}'",
                     q.span,
-                    did_you_mean(q.id, [*STATE_EXTENTS, *DTYPES, "readonly"])
+                    did_you_mean(q.id, [*STATE_EXTENTS, *STATE_DTYPES, "readonly"])
                     or f"a shape is one of {', '.join(STATE_EXTENTS)}; "
-                    f"a dtype one of {', '.join(DTYPES)}; or readonly",
+                    f"a dtype one of {', '.join(STATE_DTYPES)}; or readonly",
                     code="E206",
                 )
             if group in seen:
@@ -207,6 +207,15 @@ class _Checker:
             else:
                 self.readonly.add(name)
         self.extents[name], self.dtypes[name] = extent, dtype
+        if dtype == "q8" and extent != "tensor":
+            q8 = next(q for q in state.qualifiers if q.id == "q8")
+            raise self.error(
+                f"state '{name}' is one value per {extent}, and only a per-element state can be q8",
+                q8.span,
+                "q8 stores blocks of 256 elements of a parameter with one scale each; "
+                "drop q8 (or the shape) here",
+                code="E400",
+            )
         if extent in ("row", "col"):
             self.expect_factoring(state.qualifiers[0].span if state.qualifiers else state.name.span)
         env = {"p": Type("tensor")} | {h.name.id: Type("step") for h in self.spec.hypers}

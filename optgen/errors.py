@@ -150,6 +150,9 @@ CATALOG: dict[str, str] = {
     "E397": "a task whose steps is not a positive whole number",
     "E398": "a task with fewer batches than steps",
     "E399": "a seed spec that diverges on a task at every learning rate",
+    # Quantized (q8) state
+    "E400": "a q8 state that is not one value per element",
+    "E401": "a q8 spec compiled for a symbolic shape",
     # Stochastic rounding (optgen.load(..., stochastic_rounding=True), codegen/rounding.py)
     "E420": "stochastic rounding of a parameter with several symbolic sizes",
     # Warnings

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgen.codegen import cpu_kernel, export, fusion
+from optgen.codegen import cpu_kernel, export, fusion, quantize
 from optgen.ir import Program, dependencies
 
 # a fused loop (a lone one may be ROOT), or a call of optgen's own CPU loop
@@ -67,10 +67,13 @@ class Report:
         return out
 
 
-def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
+def min_bytes_per_element(program: Program, dtype: np.dtype) -> float:
     """One read of each tensor input and one write of each per-element output, at storage
-    dtypes, plus one more read of each tensor input a reduction depends on."""
-    dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
+    dtypes, plus one more read of each tensor input a reduction depends on. A q8 state's
+    element is its code and its share of a block's float32 scale."""
+    dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | {
+        name: _Stored(d) for name, d in export.state_dtypes(program, dtype).items()
+    }
     # The kernel updates one flat tensor, which is never factored: its row values are per element,
     # and so are its per-axis statistics (a vector's slices are its elements).
     per_element = ("tensor", "row", "axes")
@@ -82,6 +85,14 @@ def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
     return reads + sum(
         dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] in per_element
     )
+
+
+class _Stored:
+    """A storage dtype's bytes per element (``itemsize``), q8's scales included."""
+
+    def __init__(self, dtype: np.dtype):
+        scale = 4 / quantize.BLOCK if dtype == quantize.Q8 else 0
+        self.itemsize = dtype.itemsize + scale
 
 
 def _reduced_inputs(func) -> set[str]:
@@ -107,8 +118,8 @@ def count_kernels(hlo_text: str) -> tuple[int, int]:
     return per_element, scalar
 
 
-_ARRAY = re.compile(r"\b(pred|bf16|f16|f32|f64|s32)\[([\d,]*)\]")
-_ITEMSIZE = {"pred": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4}
+_ARRAY = re.compile(r"\b(pred|s8|bf16|f16|f32|f64|s32)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4}
 
 
 def own_loop_bytes(hlo_text: str) -> int:
@@ -188,9 +199,12 @@ def _time_step(program: Program, dtype: np.dtype, shape: str, lowering: str, rep
     step = export.kernel(program, dtypes, lowering)
     updated = {name for name, _ in program.update.outputs}
     rng = np.random.default_rng(0)
-    inputs = {
-        name: jnp.asarray(rng.uniform(0.1, 1.0, s.shape), s.dtype) for name, s in specs.items()
-    }
+    inputs = jax.tree.map(
+        lambda s: jnp.asarray(
+            rng.uniform(0.1, 1.0, s.shape) * (100 if s.dtype == np.int8 else 1), s.dtype
+        ),
+        specs,
+    )
     with export.x64_for(dtype):
         run = jax.jit(lambda donated, kept: step(donated | kept), donate_argnums=0)
         state = [{k: v for k, v in inputs.items() if k in updated}]

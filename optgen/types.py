@@ -42,6 +42,8 @@ DTYPES = {
     "f16": np.dtype(np.float16),
     "f64": np.dtype(np.float64),
 }
+# State-only storage: block-wise 8-bit (codegen/quantize.py), int8 codes and per-block scales.
+STATE_DTYPES = DTYPES | {"q8": np.dtype(np.int8)}
 
 EXTENTS = ("step", "leaf", "row", "col", "tensor", "axes", "cr", "rr", "cc")
 # The shapes a state may be declared with: a Gram-shaped state (Shampoo's statistics) is square.

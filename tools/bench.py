@@ -144,6 +144,15 @@ WORKLOADS = {
         jnp.bfloat16,
         {},
     ),
+    # 8-bit AdamW (kernels/adamw8bit.spec) against optgen's and torch's float32 AdamW and the
+    # 8-bit AdamWs of torchao and bitsandbytes (optional: pip install torchao bitsandbytes).
+    "8bit": (
+        "one 16M-element f32 tensor, 8-bit AdamW",
+        [(16 * 1024 * 1024,)],
+        np.float32,
+        np.int8,
+        {},
+    ),
 }
 
 
@@ -278,9 +287,10 @@ TORCH_REFERENCES = {
 }
 # Which references each workload runs besides torch-fused (which runs wherever its state's dtype
 # can be the workload's). The 8-bit and CPU-Adam libraries run the 16M single tensor, as in
-# issue 14; a workload with 8-bit state (kernels/adamw8bit.spec) lists them here when it lands.
+# issue 14, and beside optgen's adamw8bit.
 EXTRA_REFERENCES = {
     "single": ("torchao-8bit", "bnb-8bit", "deepspeed-cpuadam"),
+    "8bit": ("torchao-8bit", "bnb-8bit"),
     "bf16-sr": ("torchao-sr",),
 }
 
@@ -313,7 +323,12 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
     title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     mixed = np.dtype(state_dtype) != np.dtype(dtype)
-    if optimizer.startswith("muon"):
+    if key == "8bit":
+        # optgen's adamw8bit first (every ratio is against it), then its float32 AdamW
+        f32 = OptgenRunner(params, grads, "adamw")
+        f32.name = "optgen-f32"
+        runners = [OptgenRunner(params, grads, "adamw8bit"), f32]
+    elif optimizer.startswith("muon"):
         hypers = MUON_HYPERS | {"bf16_newton_schulz": optimizer == "muon-bf16"}
         runners = [
             OptgenRunner(params, grads, "muon", hypers, **options),

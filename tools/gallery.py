@@ -87,6 +87,8 @@ _FRAMEWORK = {
 _PAPER = {
     "cautious_adamw": "Liang et al. (2024), Algorithm 1",
     "shampoo": "Gupta et al. (2018), Algorithm 1",
+    "adamw8bit": "Dettmers et al. (2022), block-wise 8-bit state",
+    "lion8bit": "Dettmers et al. (2022), block-wise 8-bit state",
 }
 
 

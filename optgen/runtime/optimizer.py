@@ -28,6 +28,7 @@ from jax._src import (
     core as jax_core,
 )
 
+from optgen.codegen import quantize
 from optgen.codegen.export import state_dtypes
 from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
@@ -249,7 +250,12 @@ class Plan:
         per_leaf = [state_dtypes(program, leaf.dtype, step_dtype()) for leaf in leaves]
         shared = state_dtypes(program, step_dtype(), step_dtype())  # per-step states: one scalar
         dtypes = {
-            name: [shared[name]] if self.extents[name] == "step" else [d[name] for d in per_leaf]
+            name: [shared[name]]
+            if self.extents[name] == "step"
+            else [
+                quantize.storage(d[name], leaf.size)
+                for d, leaf in zip(per_leaf, leaves, strict=True)
+            ]
             for name in self.state_names
         }
         return dtypes if states_only else {"p": [leaf.dtype for leaf in leaves]} | dtypes

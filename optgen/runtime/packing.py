@@ -95,8 +95,8 @@ def plan(program: Program, leaves: Sequence) -> Layout:
     """The layout for these parameters: small replicated ones packed by dtype (see the
     module doc).
     """
-    if not _elementwise(program):
-        return Layout.unpacked(leaves)
+    if not _elementwise(program) or "q8" in program.state_dtypes.values():
+        return Layout.unpacked(leaves)  # (a q8 state is quantized per parameter)
     units, groups = [], {}
     for i, leaf in enumerate(leaves):
         if math.prod(leaf.shape) <= PACK_MAX_ELEMENTS and _replicated(leaf):
