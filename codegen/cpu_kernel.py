@@ -33,6 +33,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from optgen.codegen import ffi_abi as abi
+from optgen.codegen import reading_pass
 from optgen.codegen.evaluate import STRUCTURAL, evaluate
 from optgen.codegen.llvm_backend import LLVM_TYPES, LoopBackend
 
@@ -43,6 +44,7 @@ CHUNK_ELEMENTS = (
 )  # a chunk's elements: enough to hide the cost of taking it, small enough to share
 # LLVM's cost model picks 4 lanes for loops that convert bf16, which ran 1.5x slower than 8 (docs/fusion.md).
 VECTOR_WIDTH = 8
+REASSOC = "reassoc"  # names the adds that may be reassociated
 _SELF = "optgen.loop"  # marks the loop's metadata node, made self-referential as LLVM requires
 _I8, _I32, _I64, _PTR, _VOID = (
     ir.IntType(8),
@@ -54,18 +56,21 @@ _I8, _I32, _I64, _PTR, _VOID = (
 
 
 def unsupported(func: Function, out_extents: tuple[str, ...]) -> str | None:
-    """Why the per-element loop cannot run ``func`` (None when it can)."""
+    """Why the per-element loop cannot run ``func`` (None when it can). Sums over a parameter
+    or over every parameter run as a reading pass before the update (codegen/reading_pass.py)."""
     for op in func.ops:
-        if op.opcode in STRUCTURAL:
+        if op.opcode in STRUCTURAL and op.opcode not in reading_pass.REDUCTIONS:
             return f"it computes '{op.opcode}', which reads more than one element"
+    allowed = {"tensor", "leaf", "step"}
     extents = {v.type.extent for v in func.inputs} | {op.result.type.extent for op in func.ops}
-    if extents - {"tensor", "step"}:
-        return f"it has {sorted(extents - {'tensor', 'step'})[0]} values"
-    if set(out_extents) - {"tensor", "step"}:
-        return "an output is neither one value per element nor one per step"
+    if extents - allowed:
+        return f"it has {sorted(extents - allowed)[0]} values"
+    if set(out_extents) - allowed:
+        return "an output is not one value per element, per parameter or per step"
     if any(v.type.kind == "bool" for v in func.inputs):
         return "an input is a boolean"
-    return None
+    names = [name for name, _ in func.outputs]
+    return reading_pass.refusal(func, dict(zip(names, out_extents, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -141,13 +146,18 @@ _REGISTERED: dict[
 
 def target(call: Call) -> str:
     """The FFI target name of ``call``'s kernel, built and registered on first use."""
-    if call.name not in _REGISTERED:
-        engine = _compile(_module(call))
+    return register(call.name, lambda: _module(call))
+
+
+def register(name: str, build) -> str:
+    """Register the handler of the module ``build()`` makes as FFI target ``name`` (once)."""
+    if name not in _REGISTERED:
+        engine = _compile(build())
         address = engine.get_function_address("handler")
         handler = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(address)
-        jax.ffi.register_ffi_target(call.name, jax.ffi.pycapsule(handler), platform="cpu")
-        _REGISTERED[call.name] = (engine, handler)
-    return call.name
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+        _REGISTERED[name] = (engine, handler)
+    return name
 
 
 @functools.cache
@@ -163,7 +173,7 @@ def _target_machine():
 
 def _compile(module: ir.Module):
     machine = _target_machine()
-    parsed = llvm.parse_assembly(_with_loop_ids(str(module)))
+    parsed = llvm.parse_assembly(_with_reassociation(_with_loop_ids(str(module))))
     parsed.verify()
     tuning = llvm.create_pipeline_tuning_options(speed_level=3)
     tuning.loop_vectorization = tuning.slp_vectorization = True
@@ -184,36 +194,53 @@ def _with_loop_ids(text: str) -> str:
     )
 
 
+def _with_reassociation(text: str) -> str:
+    """Give the adds named ``REASSOC...`` LLVM's ``reassoc`` flag (llvmlite cannot write flags):
+    an accumulator's adds may then be split over vector lanes."""
+    return re.sub(r'(%"?' + REASSOC + r'[\w.]*"? = fadd) ', r"\1 reassoc ", text)
+
+
 # ---- the module: loops, items, chunks, and the handler -------------------------------------------
 
 
 def _module(call: Call) -> ir.Module:
     module = ir.Module(name=call.name)
     module.triple = llvm.get_process_triple()
-    groups: dict[tuple, int] = {}
-    items = []  # (group, parameter, start, end)
-    for leaf, size in enumerate(call.sizes):
-        key = (
+    keys = [
+        (
             tuple(d[leaf] for d in call.in_dtypes),
             tuple(
                 d[leaf] if e == "tensor" else d[0]
                 for d, e in zip(call.out_dtypes, call.out_extents, strict=True)
             ),
         )
-        group = groups.setdefault(key, len(groups))
-        items += [
-            (group, leaf, start, min(size, start + CHUNK_ELEMENTS))
-            for start in range(0, size, CHUNK_ELEMENTS)
-        ]
+        for leaf in range(len(call.sizes))
+    ]
+    groups, items = plan_items(call.sizes, keys)
     loops = [
         _loop(module, call, in_dtypes, out_dtypes, g)
         for (in_dtypes, out_dtypes), g in groups.items()
     ]
     chunks = _chunks(items)
-    run_chunk = _run_chunk(module, call, loops, items, chunks)
+    run_chunk = _run_chunk(module, loops, items, chunks, functools.partial(_operands, call))
     drain = _drain(module, run_chunk, len(chunks) - 1)
     _handler(module, drain, _task(module, drain), _step_outputs(module, call), len(chunks) - 1)
     return module
+
+
+def plan_items(sizes, keys) -> tuple[dict, list]:
+    """Parameters with equal ``keys`` (their dtypes) form a group, run by one loop; returns the
+    groups (key -> index) and the items (group, parameter, start, end) of up to CHUNK_ELEMENTS
+    elements each, in parameter order."""
+    groups: dict[tuple, int] = {}
+    items = []
+    for leaf, (size, key) in enumerate(zip(sizes, keys, strict=True)):
+        group = groups.setdefault(key, len(groups))
+        items += [
+            (group, leaf, start, min(size, start + CHUNK_ELEMENTS))
+            for start in range(0, size, CHUNK_ELEMENTS)
+        ]
+    return groups, items
 
 
 def _chunks(items) -> list[int]:
@@ -254,11 +281,10 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     entry, body_block, done = (fn.append_basic_block(name) for name in ("entry", "loop", "done"))
     hoisted, body = ir.IRBuilder(entry), ir.IRBuilder(body_block)
     i = body.phi(_I64)
-    elements = {
-        name: body.load(body.gep(ptr, [i], source_etype=LLVM_TYPES[dtype]), typ=LLVM_TYPES[dtype])
-        for name, ptr, dtype in zip(call.tensor_names, inputs, in_dtypes, strict=True)
-    }
-    backend = LoopBackend(hoisted, body, invariants=scalars)
+    elements, invariants = load_elements(
+        call.func, call.tensor_names, inputs, in_dtypes, hoisted, body, i
+    )
+    backend = LoopBackend(hoisted, body, invariants=list(scalars) + invariants)
     results = evaluate(
         call.func,
         backend,
@@ -276,15 +302,34 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
         )
     following = body.add(i, ir.Constant(_I64, 1))
     back = body.cbranch(body.icmp_signed("<", following, end), body_block, done)
-    width = module.add_metadata(
-        [ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(_I32, VECTOR_WIDTH)]
-    )
-    back.set_metadata("llvm.loop", module.add_metadata([ir.MetaDataString(module, _SELF), width]))
+    vectorize(module, back)
     hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
     i.add_incoming(start, entry)
     i.add_incoming(following, body_block)
     ir.IRBuilder(done).ret_void()
     return fn
+
+
+def load_elements(func, names, pointers, dtypes, hoisted, body, i) -> tuple[dict, list]:
+    """Element i of each per-element input (loaded in the loop ``body``) and the value of each
+    per-parameter input (loaded once, before the loop); returns them by name, and the latter."""
+    elements, invariants = {}, []
+    for name, ptr, dtype in zip(names, pointers, dtypes, strict=True):
+        once = func.input(name).type.extent == "leaf"
+        b, index = (hoisted, ir.Constant(_I64, 0)) if once else (body, i)
+        ty = LLVM_TYPES[dtype]
+        elements[name] = b.load(b.gep(ptr, [index], source_etype=ty), typ=ty)
+        if once:
+            invariants.append(elements[name])
+    return elements, invariants
+
+
+def vectorize(module, back) -> None:
+    """Ask LLVM to vectorize the loop whose back branch is ``back``, VECTOR_WIDTH lanes wide."""
+    width = module.add_metadata(
+        [ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(_I32, VECTOR_WIDTH)]
+    )
+    back.set_metadata("llvm.loop", module.add_metadata([ir.MetaDataString(module, _SELF), width]))
 
 
 def _field(b: ir.IRBuilder, base, struct, path: str, typ=_PTR):
@@ -309,9 +354,25 @@ def _table(module, name: str, element: ir.Type, values: list) -> ir.GlobalVariab
     return table
 
 
-def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
-    """``run_chunk(args, rets, c)``: every item of chunk c, each by its group's loop."""
-    n, n_tensors = len(call.sizes), len(call.tensor_names)
+def _operands(call: Call, b: ir.IRBuilder, args, rets, item, leaf) -> list:
+    """A loop's operands for one parameter: its inputs, its outputs not stored in place, the
+    per-step inputs."""
+    n = len(call.sizes)
+    operands = [
+        _buffer_data(b, args, b.add(ir.Constant(_I64, t * n), leaf))
+        for t in range(len(call.tensor_names))
+    ]
+    operands += [
+        _buffer_data(b, rets, b.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
+        for j in call.tensor_outputs
+        if j not in call.aliases
+    ]
+    return operands + _scalars(b, call, args)
+
+
+def _run_chunk(module, loops, items, chunks, operands) -> ir.Function:
+    """``run_chunk(args, rets, c)``: every item of chunk c, each by its group's loop, with
+    ``operands(builder, args, rets, item, leaf)`` before its element range."""
     item_type = ir.LiteralStructType([_I32, _I32, _I64, _I64])
     table = _table(
         module,
@@ -367,16 +428,7 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
         block = fn.append_basic_block(f"group{g}")
         switch.add_case(ir.Constant(_I32, g), block)
         gb = ir.IRBuilder(block)
-        operands = [
-            _buffer_data(gb, args, gb.add(ir.Constant(_I64, t * n), leaf)) for t in range(n_tensors)
-        ]
-        operands += [
-            _buffer_data(gb, rets, gb.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
-            for j in call.tensor_outputs
-            if j not in call.aliases
-        ]
-        operands += _scalars(gb, call, args)
-        gb.call(loop, operands + [start, end])
+        gb.call(loop, operands(gb, args, rets, k, leaf) + [start, end])
         gb.branch(next_block)
     b = ir.IRBuilder(next_block)
     following = b.add(k, ir.Constant(_I64, 1))
@@ -514,8 +566,9 @@ def _forget_error(b: ir.IRBuilder, api, error) -> None:
         _api_call(b, api, "Error_Destroy", abi.ErrorDestroyArgs, {"error": error})
 
 
-def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
-    """``handler(call_frame)``: the FFI entry point (XLA_FFI_Handler)."""
+def _handler(module, drain, task, step_outputs, n_chunks: int, finish=None) -> ir.Function:
+    """``handler(call_frame)``: the FFI entry point (XLA_FFI_Handler). It calls
+    ``step_outputs(args, rets)`` (if any), runs the chunks, then ``finish(args, rets)`` (if any)."""
     fn = ir.Function(module, ir.FunctionType(_PTR, [_PTR]), "handler")
     frame = fn.args[0]
     entry, check, metadata, run = (
@@ -555,8 +608,11 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
         _field(b, frame, abi.CallFrame, "args.args"),
         _field(b, frame, abi.CallFrame, "rets.args"),
     )
-    b.call(step_outputs, [args, rets])
+    if step_outputs is not None:
+        b.call(step_outputs, [args, rets])
     if n_chunks == 0:
+        if finish is not None:
+            b.call(finish, [args, rets])
         b.ret(ir.Constant(_PTR, None))
         return fn
     api, ctx = _field(b, frame, abi.CallFrame, "api"), _field(b, frame, abi.CallFrame, "ctx")
@@ -576,6 +632,8 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
     b.call(drain, [work])
     _wait(b, work, n_chunks)
     _let_go(b, work)
+    if finish is not None:
+        b.call(finish, [args, rets])
     b.ret(ir.Constant(_PTR, None))
     return fn
 

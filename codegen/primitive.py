@@ -20,7 +20,7 @@ import numpy as np
 from jax._src import sharding_impls
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
-from optgen.codegen import cpu_kernel, fusion
+from optgen.codegen import cpu_kernel, fusion, reading_pass, reduction_lowering
 from optgen.codegen.evaluate import evaluate
 from optgen.codegen.jnp_backend import jnp_backend
 from optgen.codegen.stablehlo import StableHLOBackend
@@ -170,6 +170,10 @@ def _lower(ctx, *operands, lowering, in_place, **params):
         else cpu_kernel.unsupported(params["func"], params["out_extents"])
     )
     choice = fusion.resolve(lowering, where, loop_dtypes, refusal)
+    if choice == "ffi" and reading_pass.has_reductions(params["func"]):
+        return reduction_lowering.lower(
+            ctx, operands, step_dtype, in_place, _lower_ffi, max_leaves=FFI_MAX_LEAVES, **params
+        )
     if choice == "ffi":
         return _lower_ffi(ctx, operands, step_dtype, in_place, **params)
     return _evaluate(
