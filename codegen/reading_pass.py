@@ -64,9 +64,7 @@ def split(func: Function, out_extents: dict[str, str]) -> Stages:
     reading = _prune(
         func.with_body(func.ops, [(f"_sum{k}", op.operands[0]) for k, op in enumerate(sums)])
     )
-    read = dependencies(reading, [v for _, v in reading.outputs])
-    kept = [v for v in func.inputs if id(v) in read or v.type.extent == "step" or v.name == "p"]
-    reading = replace(reading, inputs=tuple(kept))  # the inputs it reads (p sets compute dtypes)
+    reading = _reading_only(reading)
 
     # combine: the sums become per-parameter inputs; its outputs are what the update reads of
     # the reduced scalars, and the outputs that are reduced scalars themselves.
@@ -92,8 +90,17 @@ def split(func: Function, out_extents: dict[str, str]) -> Stages:
             given[id(v)] = b.op("ne", new_inputs[-1], b.const(0.0))
     kept = [(name, v) for name, v in func.outputs if (name, v) not in outputs]
     ops = b.ops + [op for op in func.ops if id(op.result) not in given]
-    update = _prune(_substitute(func, given, ops, kept, extra_inputs=new_inputs))
+    update = _reading_only(_prune(_substitute(func, given, ops, kept, extra_inputs=new_inputs)))
     return Stages(reading, combine, update)
+
+
+def _reading_only(func: Function) -> Function:
+    """``func`` without the per-element inputs it does not read, except ``p`` (it sets the compute
+    dtypes) and those named like an output (stored over in place)."""
+    read = dependencies(func, [v for _, v in func.outputs])
+    names = {"p"} | {name for name, _ in func.outputs}
+    kept = [v for v in func.inputs if id(v) in read or v.type.extent == "step" or v.name in names]
+    return replace(func, inputs=tuple(kept))
 
 
 def _reduced(func: Function) -> set[int]:

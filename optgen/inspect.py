@@ -5,9 +5,11 @@ each state) and one write of every output, at their storage dtypes; an AdamW ste
 float32 needs 16 bytes read and 12 written per element. XLA's cost analysis of the
 compiled executable says how many bytes its kernels actually touch.
 
-A per-tensor reduction (``norm(g)``, ``rms(p)``) must finish before any element that
-depends on it is updated, so it costs one more read of each tensor input it reduces
-over; the minimum counts that too.
+A per-tensor or global reduction (``norm(g)``, ``global_norm(g)``) must finish before any
+element that depends on it is updated: the step needs a reading pass, which reads each
+input the reductions are computed from, before the update pass (optgen's own CPU loop runs
+exactly that, ``codegen/reading_pass.py``). The minimum counts both passes, and only the
+branch the inspected parameter takes where the spec chooses by shape (``if ndim == 2:``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optgen.codegen import cpu_kernel, export, fusion
-from optgen.ir import Program, dependencies
+from optgen.codegen.evaluate import needed_by
+from optgen.ir import Program
 
 # a fused loop (a lone one may be ROOT), or a call of optgen's own CPU loop
 _FUSION = re.compile(
@@ -64,30 +67,34 @@ class Report:
         return out
 
 
-def min_bytes_per_element(program: Program, dtype: np.dtype) -> int:
-    """One read of each tensor input and one write of each per-element output, at storage
-    dtypes, plus one more read of each tensor input a reduction depends on."""
+def min_bytes_per_element(program: Program, dtype: np.dtype, shape=(2,)) -> int:
+    """The bytes per element a step must move at storage dtypes, in the pass structure it needs:
+    the update pass reads each per-element input its per-element outputs need and writes each
+    per-element output; where it has sums, a reading pass before it reads each per-element input
+    they need. Only the branch a parameter of ``shape`` takes counts (``if ndim == 2:``)."""
+    func = program.update
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
+    extents = program.extents()
     # The kernel updates one flat tensor, which is never factored: its row values are per element,
     # and so are its per-axis statistics (a vector's slices are its elements).
     per_element = ("tensor", "row", "axes")
-    reads = sum(
-        dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent in per_element
-    )
-    reads += sum(dtypes[name].itemsize for name in _reduced_inputs(program.update))
-    extents = program.extents()
+    written = [v for name, v in func.outputs if extents[name] in per_element]
+    needed = needed_by(func, shape, [v for _, v in func.outputs])
+    sums = [op.operands[0] for op in func.ops if op.opcode in _SUMS and id(op.result) in needed]
+    update = needed_by(func, shape, written, stop=_GIVEN)
+    reading = needed_by(func, shape, sums, stop=_GIVEN) if sums else set()
+    inputs = [v for v in func.inputs if v.type.extent in per_element]
+    reads = sum(dtypes[v.name].itemsize for v in inputs if id(v) in update)
+    reads += sum(dtypes[v.name].itemsize for v in inputs if id(v) in reading)
     return reads + sum(
-        dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] in per_element
+        dtypes[name].itemsize for name, _ in func.outputs if extents[name] in per_element
     )
 
 
-def _reduced_inputs(func) -> set[str]:
-    """Names of the per-element inputs that some reduction over a whole flat tensor (``sum``,
-    ``col_mean``) depends on."""
-    reduced = dependencies(
-        func, [op.operands[0] for op in func.ops if op.opcode in ("sum", "col_mean")]
-    )
-    return {v.name for v in func.inputs if v.type.extent in ("tensor", "row") and id(v) in reduced}
+# Sums over a whole flat tensor (each needs a reading pass first), and the ops whose results the
+# update pass is given rather than computes per element (sizes and dimensions read no element).
+_SUMS = ("sum", "col_mean")
+_GIVEN = _SUMS + ("gsum", "size", "dim")
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:

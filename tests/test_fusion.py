@@ -36,8 +36,9 @@ ELEMENTWISE = [
     "torch/nadamw",
     "yogi",
 ]
-# Not yet at their minimum, so not asserted: adan's six-output step (XLA:CPU splits it into two
-# loops, 68 bytes per element against 44), lamb (48 against 44) and lars (44 against 28).
+# Not at their minimum in XLA's loops, so not asserted there: adan's six-output step (XLA:CPU
+# splits it into two loops, 68 bytes per element against 44), lamb (48 against 44) and lars
+# (44 against 28). optgen's own loop runs them at their minimum (below).
 
 
 def program(spec):
@@ -158,6 +159,39 @@ def test_own_loop_step_is_one_call_at_the_spec_minimum(spec):
     assert report.bytes_per_element == pytest.approx(
         report.min_bytes_per_element, rel=1e-3
     )  # + a few scalars
+
+
+REDUCING = ["lamb", "lars", "novograd", "cautious_adamw", "prodigy"]
+
+
+@pytest.mark.parametrize("spec", REDUCING + ["adamw+options"])
+def test_own_loop_runs_sums_as_a_reading_pass_at_the_pass_structure_minimum(spec):
+    if spec == "adamw+options":
+        prog = optgen.load("adamw", global_clipnorm=1.0, skip_nonfinite=True).compiled.program
+    else:
+        prog = program(spec)
+    report = inspect(prog, np.dtype(np.float32), 1 << 16, lowering="ffi")
+    assert report.kernels == 2  # the reading pass, the update
+    assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)
+
+
+def test_own_loop_runs_adan_in_one_pass_at_its_minimum():
+    report = inspect(program("adan"), np.dtype(np.float32), 1 << 16, lowering="ffi")
+    assert report.kernels == 1
+    assert report.min_bytes_per_element == 44  # read p g m v n prev_g, write all but g
+    assert report.bytes_per_element == pytest.approx(44, rel=1e-3)
+
+
+def test_min_bytes_counts_one_reading_pass_and_the_branch_a_parameter_takes():
+    f32 = np.dtype(np.float32)
+    # update: read p g mu nu, write p mu nu; reading pass: p, and g mu nu p for the Adam direction
+    assert min_bytes_per_element(program("lamb"), f32) == 28 + 16
+    # prodigy's update does not read params0; its reading pass reads g, params0, p and grad_sum
+    assert min_bytes_per_element(program("prodigy"), f32) == 36 + 16
+    # muon: a vector takes the AdamW branch (28 B); a matrix the orthogonalized one, which
+    # also passes nu through (28 B) and reads g and mu first for norm(m) (8 B)
+    assert min_bytes_per_element(program("muon"), f32, (64,)) == 28
+    assert min_bytes_per_element(program("muon"), f32, (64, 32)) == 36
 
 
 def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
