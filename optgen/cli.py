@@ -22,7 +22,7 @@ from optgen.atomic import write_atomic
 from optgen.codegen import export, fusion
 from optgen.compiler import check_spec as _check_spec
 from optgen.compiler import compile_checked, user_warnings
-from optgen.diagnostics import SpecError
+from optgen.diagnostics import InputError, SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
 from optgen.syntax import format_spec
@@ -55,6 +55,21 @@ def _parse_with(values: tuple[str, ...]) -> tuple[dict[str, object], Variant]:
         options[name.strip()] = _with_value(text.strip())
     variant, options = split_options(options)
     return options, variant
+
+
+def _parse_state_dtypes(values: tuple[str, ...]) -> dict[str, str]:
+    """``--state-dtype`` items: a per-element state's name (or ``*``) and a storage dtype."""
+    chosen = {}
+    for item in values:
+        name, sep, dtype = (part.strip() for part in item.partition("="))
+        if not sep or not name or dtype not in ("f32", "bf16", "f16"):
+            raise InputError(
+                f"--state-dtype takes NAME=DTYPE with DTYPE f32, bf16 or f16, got '{item}'",
+                hint="for example: --state-dtype mu=bf16, or '*=bf16' for every state",
+                code="E411",
+            )
+        chosen[name] = dtype
+    return chosen
 
 
 def _with_value(text: str) -> object:
@@ -219,7 +234,7 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
 @click.argument("spec")
 @click.option(
     "--dtype",
-    type=click.Choice(["f32", "bf16", "f64"]),
+    type=click.Choice(["f32", "bf16", "f16", "f64"]),
     default="f32",
     show_default=True,
     help="Parameter dtype.",
@@ -248,13 +263,22 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
     metavar="NAME=VALUE",
     help="Set an option: the spec's, or one every spec takes (global_clipnorm=1.0, use_ema=true).",
 )
-def inspect(spec, dtype, elements, lowering, run, with_):
+@click.option(
+    "--state-dtype",
+    "state_dtypes",
+    multiple=True,
+    metavar="NAME=DTYPE",
+    help="Store a per-element state in f32, bf16 or f16 (NAME * for every one).",
+)
+def inspect(spec, dtype, elements, lowering, run, with_, state_dtypes):
     """Report what XLA made of SPEC: kernels, bytes and flops per element, speed."""
     from optgen.inspect import inspect as inspect_step  # imports jax's compiler only when asked
+    from optgen.inspect import with_state_dtypes
 
     options, variant = _parse_with(with_)
     compiled = compile_checked(check_spec(spec), options, variant=variant)
-    report = inspect_step(compiled.program, DTYPES[dtype], elements, lowering, run)
+    program = with_state_dtypes(compiled.program, _parse_state_dtypes(state_dtypes))
+    report = inspect_step(program, DTYPES[dtype], elements, lowering, run)
     print_out(
         "".join(
             [

@@ -149,6 +149,9 @@ CATALOG: dict[str, str] = {
     "E397": "a task whose steps is not a positive whole number",
     "E398": "a task with fewer batches than steps",
     "E399": "a seed spec that diverges on a task at every learning rate",
+    # optgen inspect's dtype mixes
+    "E410": "a state dtype for a state the spec does not have",
+    "E411": "a --state-dtype that is not NAME=DTYPE",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

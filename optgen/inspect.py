@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ import numpy as np
 
 from optgen.codegen import cpu_kernel, export, fusion
 from optgen.codegen.evaluate import needed_by
+from optgen.diagnostics import InputError
 from optgen.ir import Program
 
 # a fused loop (a lone one may be ROOT), or a call of optgen's own CPU loop
@@ -131,6 +132,23 @@ def own_loop_bytes(hlo_text: str) -> int:
     return total
 
 
+def with_state_dtypes(program: Program, dtypes: dict[str, str]) -> Program:
+    """``program`` with per-element states stored in other dtypes: ``dtypes`` maps a state's name,
+    or ``*`` for every per-element state, to a dtype's spec name (``bf16``)."""
+    per_element = [n for n, e in program.state_extents.items() if e in ("tensor", "row", "axes")]
+    chosen = {name: dtypes["*"] for name in per_element if "*" in dtypes}
+    chosen |= {name: d for name, d in dtypes.items() if name != "*"}
+    unknown = set(chosen) - set(per_element)
+    if unknown:
+        raise InputError(
+            f"no per-element state named '{sorted(unknown)[0]}' "
+            f"(its states: {', '.join(per_element)})",
+            hint="name a state of the spec, or * for every per-element state",
+            code="E410",
+        )
+    return replace(program, state_dtypes=program.state_dtypes | chosen)
+
+
 def inspect(
     program: Program,
     dtype: np.dtype,
@@ -165,52 +183,49 @@ def inspect(
         per_element,
         scalar,
         touched / elements,
-        min_bytes_per_element(program, dtype),
+        min_bytes_per_element(program, dtype, (elements,)),
         cost.get("flops", 0.0) / elements,
     )
     if run:
-        report.seconds = _time_step(program, dtype, shape, lowering, repeats)
-        report.copy_seconds = _time_copy(elements, repeats)
+        report.seconds, report.copy_seconds = _time_step_and_copy(
+            program, dtype, shape, lowering, repeats
+        )
     return report
 
 
-def _median_seconds(call, repeats: int) -> float:
-    call()  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _time_step(program: Program, dtype: np.dtype, shape: str, lowering: str, repeats: int) -> float:
-    """Median time of the step with ``p`` and state donated, as ``Optimizer.step`` runs it."""
+def _time_step_and_copy(
+    program: Program, dtype: np.dtype, shape: str, lowering: str, repeats: int
+) -> tuple[float, float]:
+    """Median times of the step (``p`` and state donated, as ``Optimizer.step`` runs it) and of a
+    donated in-place scaled copy of as many float32 values, timed in turn, so that both see the
+    machine in the same state."""
     dtypes = export.state_dtypes(program, dtype)
     specs = export.arg_specs(program, dtype, shape, dtypes)
     step = export.kernel(program, dtypes, lowering)
     updated = {name for name, _ in program.update.outputs}
     rng = np.random.default_rng(0)
-    inputs = {
-        name: jnp.asarray(rng.uniform(0.1, 1.0, s.shape), s.dtype) for name, s in specs.items()
-    }
     with export.x64_for(dtype):
+        inputs = {
+            name: jnp.asarray(rng.uniform(0.1, 1.0, s.shape), s.dtype) for name, s in specs.items()
+        }
         run = jax.jit(lambda donated, kept: step(donated | kept), donate_argnums=0)
         state = [{k: v for k, v in inputs.items() if k in updated}]
         kept = {k: v for k, v in inputs.items() if k not in updated}
+        buffer = [jnp.ones(int(np.prod(specs["p"].shape)), jnp.float32)]
+        scale = jax.jit(lambda x: x * 0.5, donate_argnums=0)
 
-        def call():
+        def call_step():
             state[0] = jax.block_until_ready(run(state[0], kept))
 
-        return _median_seconds(call, repeats)
+        def call_copy():
+            buffer[0] = jax.block_until_ready(scale(buffer[0]))
 
-
-def _time_copy(elements: int, repeats: int) -> float:
-    """Median time to read and write ``elements`` float32 values in place (a donated scaled copy)."""
-    buffer = [jnp.ones(elements, jnp.float32)]
-    scale = jax.jit(lambda x: x * 0.5, donate_argnums=0)
-
-    def call():
-        buffer[0] = jax.block_until_ready(scale(buffer[0]))
-
-    return _median_seconds(call, repeats)
+        times = {call_step: [], call_copy: []}
+        for call in times:
+            call()  # compile and warm up
+        for _ in range(repeats):
+            for call, seconds in times.items():
+                start = time.perf_counter()
+                call()
+                seconds.append(time.perf_counter() - start)
+        return float(np.median(times[call_step])), float(np.median(times[call_copy]))

@@ -15,7 +15,8 @@ import pytest
 from optgen.codegen import export, fusion
 
 import optgen
-from optgen.inspect import count_kernels, inspect, min_bytes_per_element
+from optgen.inspect import count_kernels, inspect, min_bytes_per_element, with_state_dtypes
+from optgen.types import DTYPES
 
 ELEMENTWISE = [
     "adabelief",
@@ -192,6 +193,25 @@ def test_min_bytes_counts_one_reading_pass_and_the_branch_a_parameter_takes():
     # also passes nu through (28 B) and reads g and mu first for norm(m) (8 B)
     assert min_bytes_per_element(program("muon"), f32, (64,)) == 28
     assert min_bytes_per_element(program("muon"), f32, (64, 32)) == 36
+
+
+MIXES = [("bf16", "f32"), ("bf16", "bf16"), ("f32", "bf16"), ("f16", "f32"), ("f16", "bf16")]
+# (params, states): with f32 and f32 (test_step_is_one_loop_at_the_spec_minimum), every pair
+
+
+@pytest.mark.parametrize("params, states", MIXES)
+@pytest.mark.parametrize("spec", ELEMENTWISE)
+def test_every_dtype_mix_is_one_pass_at_the_minimum(spec, params, states):
+    prog = with_state_dtypes(program(spec), {"*": states})
+    report = inspect(prog, DTYPES[params], 1 << 16)
+    assert report.kernels == 1
+    assert report.bytes_per_element <= 1.05 * report.min_bytes_per_element
+
+
+def test_a_state_dtype_is_counted_at_its_size():
+    prog = with_state_dtypes(program("adamw"), {"*": "f32", "mu": "bf16"})
+    # read p g (f16), mu (bf16), nu (f32); write p, mu, nu
+    assert min_bytes_per_element(prog, DTYPES["f16"]) == 2 + 2 + 2 + 4 + 2 + 2 + 4
 
 
 def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
