@@ -165,3 +165,39 @@ def test_a_step_with_reductions_is_one_reading_and_one_update_call():
     calls = [line for line in hlo.splitlines() if "custom-call(" in line and "optgen_cpu_" in line]
     assert len(calls) == 2
     assert sum("optgen_cpu_read_" in line for line in calls) == 1
+
+
+def test_a_non_finite_gradient_anywhere_skips_the_whole_step_in_the_loop():
+    opt = optgen.load("adamw", lowering="ffi", global_clipnorm=1.0, skip_nonfinite=True)
+    params = params_of(np.float32)
+    state = opt.init(params)
+    grads = grads_at(params, 0)
+    grads["big"] = grads["big"].at[BIG - 1].set(jnp.nan)  # in the last chunk of one parameter
+    before = jax.tree.map(np.asarray, params)
+    params, state = opt.step(params, grads, state)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert float(state.slots["total_notfinite"]) == 1
+    params, state = opt.step(params, grads_at(params, 1), state)  # a finite one is taken
+    assert not np.array_equal(np.asarray(params["big"]), before["big"])
+
+
+TWO_PASSES = """optimizer twice "a sum of a value scaled by another sum"
+
+hyper learning_rate = 0.1
+
+update:
+  c = g / (norm(g) + 1)
+  p = p - learning_rate * c / (norm(c) + 1)
+"""
+
+
+def test_a_sum_of_a_reduced_value_is_refused_and_auto_falls_back(tmp_path):
+    path = tmp_path / "twice.spec"
+    path.write_text(TWO_PASSES)
+    params, grads = params_of(np.float32), grads_at(params_of(np.float32), 0)
+    with pytest.raises(optgen.InputError, match="E384.*two reading passes"):
+        opt = optgen.load(str(path), lowering="ffi")
+        opt.update(grads, opt.init(params), params)
+    opt = optgen.load(str(path))
+    assert "optgen_cpu_" not in opt.step.lower(params, grads, opt.init(params)).as_text()
