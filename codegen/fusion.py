@@ -36,8 +36,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from optgen.codegen import reading_pass
 
 from optgen.diagnostics import InputError
+from optgen.ir import Function, dependencies
 
 LOWERINGS = ("auto", "ffi", "shared", "per-output")
 PER_OUTPUT_MAX_LEAVES = (
@@ -94,15 +96,35 @@ def ffi_refusal(where: Where, kernel_refusal: str | None) -> str | None:
     return kernel_refusal
 
 
+def own_loop_preferred(func: Function) -> bool:
+    """Whether the own CPU loop beats XLA's best loops for ``func`` even where XLA makes one loop
+    of its per-element outputs (docs/fusion.md, "Reductions"): with sums (XLA reads their inputs
+    in a loop per sum, and more: lamb 48 B/element against 44, prodigy 116 against 52; measured
+    0.30-0.73x XLA's time), except a single sum of a single input, where XLA's one reduce loop
+    and one update loop are the minimum (novograd's norm(g): the own loop took 1.09x); and with
+    an output that is an input passed through (adan's prev_g = g: XLA copies it apart and splits
+    the step, 68 B against 44; 0.15x)."""
+    sums = [op for op in func.ops if op.opcode in reading_pass.REDUCTIONS]
+    if any(op.opcode == "sum" for op in sums):
+        operands = [op.operands[0] for op in sums if op.opcode == "sum"]
+        read = dependencies(func, operands)
+        inputs = [v for v in func.inputs if v.type.extent == "tensor" and id(v) in read]
+        return not (len(operands) == 1 and len(inputs) == 1)
+    passed_through = {id(v) for v in func.inputs} & {id(v) for _, v in func.outputs}
+    return bool(passed_through)
+
+
 def resolve(
     lowering: str,
     where: Where,
     out_dtypes: Sequence[Sequence[np.dtype]],
     kernel_refusal: str | None = None,
+    prefer_own_loop: bool = False,
 ) -> str:
     """The concrete lowering (``ffi``, ``shared`` or ``per-output``) for ``lowering`` at ``where``.
 
-    ``out_dtypes`` holds each output's storage dtype per parameter.
+    ``out_dtypes`` holds each output's storage dtype per parameter; ``prefer_own_loop`` says
+    that the own loop beats XLA's even where XLA makes one loop (:func:`own_loop_preferred`).
     """
     refusal = ffi_refusal(where, kernel_refusal)
     if lowering == "ffi" and refusal is not None:
@@ -115,7 +137,9 @@ def resolve(
         return lowering
     xla = xla_lowering(where.platforms, out_dtypes)
     few = max((len(per_output) for per_output in out_dtypes), default=0) <= XLA_PREFERRED_MAX_LEAVES
-    return xla if refusal is not None or (xla == "per-output" and few) else "ffi"
+    if refusal is not None:
+        return xla
+    return xla if xla == "per-output" and few and not prefer_own_loop else "ffi"
 
 
 def xla_lowering(platforms: tuple[str, ...], out_dtypes: Sequence[Sequence[np.dtype]]) -> str:

@@ -169,7 +169,9 @@ def _lower(ctx, *operands, lowering, in_place, **params):
         if symbolic
         else cpu_kernel.unsupported(params["func"], params["out_extents"])
     )
-    choice = fusion.resolve(lowering, where, loop_dtypes, refusal)
+    choice = fusion.resolve(
+        lowering, where, loop_dtypes, refusal, fusion.own_loop_preferred(params["func"])
+    )
     if choice == "ffi" and reading_pass.has_reductions(params["func"]):
         return reduction_lowering.lower(
             ctx, operands, step_dtype, in_place, _lower_ffi, max_leaves=FFI_MAX_LEAVES, **params

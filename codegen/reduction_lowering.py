@@ -84,8 +84,10 @@ def lower(ctx, operands, step_dtype, in_place, lower_update, *, max_leaves: int,
         return jax.core.ShapedArray((), combine_out[name][1][k])
 
     step_values = dict(zip(scalar_names, zip(scalars, scalar_avals, strict=True), strict=True))
+    # the combined per-step values the update reads (not the new values of per-step states, which
+    # share their names with the inputs that hold the old ones)
     step_values |= {
-        name: (combined[name][0], aval(name, 0)) for name in u_scalar if name in combined
+        name: (combined[name][0], aval(name, 0)) for name in u_scalar if name not in step_values
     }
     u_operands = [x for name in u_tensor for x in operand(name)]
     u_operands += [step_values[name][0] for name in u_scalar]

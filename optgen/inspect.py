@@ -179,6 +179,7 @@ def inspect(
                 program.update,
                 tuple(program.extents().get(name, "tensor") for name, _ in program.update.outputs),
             ),
+            fusion.own_loop_preferred(program.update),
         ),
         per_element,
         scalar,

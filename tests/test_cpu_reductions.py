@@ -37,8 +37,13 @@ def params_of(dtype, seed=0):
 
 
 def grads_at(params, step):
+    """A quadratic's gradient (p) with noise: steps keep a direction, so Prodigy's distance
+    estimate grows, as it does in training (with gradients of pure noise it stays put)."""
     rng = np.random.default_rng(100 + step)
-    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(p.dtype)), params)
+    return jax.tree.map(
+        lambda p: jnp.asarray((np.asarray(p) + 0.3 * rng.normal(size=p.shape)).astype(p.dtype)),
+        params,
+    )
 
 
 def stepped(opt, params, steps=STEPS):
@@ -86,24 +91,32 @@ def test_reductions_in_the_loop_match_the_float64_interpreter(spec, hypers, x64)
             assert rel_err(g, w) < 1e-12, name
 
 
-# float32: each value within 1e-6 (relative, over a leaf) of float64's, as XLA's lowering is;
-# prodigy's distance estimate sums g * (p0 - p), a difference of nearly equal float32 numbers,
-# so its per-step state is only good to ~1e-2 in float32 on either lowering (XLA's: 1.2e-2 here),
-# and grad_sum, which is scaled by it, to a few 1e-6.
-F32_TOLERANCE = {"estim_lr": 3e-2, "numerator_weighted": 3e-2, "grad_sum": 1e-5}
+def errors(opt, dtype) -> dict[str, float]:
+    """Each parameter's and state's relative error after the steps, against float64's."""
+    params, state = stepped(opt, params_of(dtype))
+    want_p, want_slots = interpreted(opt, params_of(dtype))
+    leaves = jax.tree.leaves(params)
+    out = {f"p{k}": rel_err(g, w) for k, (g, w) in enumerate(zip(leaves, want_p, strict=True))}
+    for name, want in want_slots.items():
+        got = jax.tree.leaves(state.slots[name])
+        want = want if isinstance(want, list) else [want]
+        for k, (g, w) in enumerate(zip(got, want, strict=True)):
+            out[f"{name}{k}"] = rel_err(g, w)
+    return out
 
 
 @pytest.mark.parametrize("spec, hypers", CASES)
 def test_reductions_in_the_loop_in_float32(spec, hypers):
-    opt = optgen.load(spec, lowering="ffi", **hypers)
-    params, state = stepped(opt, params_of(np.float32))
-    want_p, want_slots = interpreted(opt, params_of(np.float32))
-    for got, want in zip(jax.tree.leaves(params), want_p, strict=True):
-        assert rel_err(got, want) < 1e-6
-    for name, want in want_slots.items():
-        got = jax.tree.leaves(state.slots[name])
-        for g, w in zip(got, want if isinstance(want, list) else [want], strict=True):
-            assert rel_err(g, w) < F32_TOLERANCE.get(name, 1e-6), name
+    mine = errors(optgen.load(spec, lowering="ffi", **hypers), np.float32)
+    if spec != "prodigy":  # within 1e-6 of float64, as XLA's loops are
+        assert max(mine.values()) < 1e-6, mine
+        return
+    # Prodigy's distance estimate sums g * (p0 - p), a difference of nearly equal float32
+    # numbers, and every state is scaled by it: XLA's loops are ~1e-1 from float64 here. The
+    # own loop must be no further from it than they are.
+    xla = errors(optgen.load(spec, lowering="per-output", **hypers), np.float32)
+    for name, error in mine.items():
+        assert error <= 1.5 * xla[name] + 1e-6, (name, error, xla[name])
 
 
 def many_leaves(seed):

@@ -231,6 +231,16 @@ def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
     assert fusion.resolve("shared", CPU, [[f32]]) == "shared"
 
 
+def test_auto_takes_the_cpu_loop_for_steps_with_sums_where_it_measured_faster():
+    f32 = np.dtype(np.float32)
+    assert fusion.resolve("auto", CPU, [[f32], [f32]], None, prefer_own_loop=True) == "ffi"
+    assert fusion.resolve("auto", CPU, [[f32]], REFUSED, prefer_own_loop=True) == "per-output"
+    preferred = {s: fusion.own_loop_preferred(program(s).update) for s in REDUCING + ["adan"]}
+    # novograd's one sum of one input: XLA's loops are at the same pass structure already
+    assert preferred == dict.fromkeys(REDUCING + ["adan"], True) | {"novograd": False}
+    assert not fusion.own_loop_preferred(program("adamw").update)
+
+
 def test_ffi_where_it_cannot_run_is_an_error():
     with pytest.raises(optgen.InputError, match="E384.*exported step must be portable"):
         fusion.resolve("ffi", fusion.Where(("cpu",), for_export=True), [[np.dtype(np.float32)]])
