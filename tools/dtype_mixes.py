@@ -1,8 +1,8 @@
 """Every built-in spec over dtype mixes: bytes per element against the minimum, and bandwidth
 against a copy timed beside the step (``optgen inspect --run`` for each mix).
 
-Parameters f32, bf16 or f16; per-element states all f32 or all bf16 (and, for specs with two or
-more, each state alone in bf16). Prints a markdown table (docs/fusion.md, "Dtype mixes").
+Parameters f32, bf16 or f16; per-element states all f32 or all bf16 (and, for the specs of
+``--per-state``, each state alone in bf16: optax's ``mu_dtype``). Prints a markdown table (docs/fusion.md, "Dtype mixes").
 
     flock /tmp/optgen-bench.lock python tools/dtype_mixes.py --elements 4194304 > mixes.md
 """
@@ -21,11 +21,11 @@ from optgen.types import DTYPES
 MIXES_OF_PARAMS = ("f32", "bf16", "f16")
 
 
-def state_mixes(program) -> list[dict[str, str]]:
-    """All states f32, all bf16, and each state alone in bf16 where there are several."""
+def state_mixes(program, per_state: bool) -> list[dict[str, str]]:
+    """All states f32, all bf16, and with ``per_state`` each state alone in bf16."""
     names = [n for n, e in program.state_extents.items() if e == "tensor"]
     mixes = [{"*": "f32"}, {"*": "bf16"}] if names else [{}]
-    if len(names) > 1:
+    if per_state and len(names) > 1:
         mixes += [{"*": "f32", name: "bf16"} for name in names]
     return mixes
 
@@ -61,6 +61,9 @@ def main(argv=None) -> None:
     parser.add_argument("--elements", type=int, default=1 << 22)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--specs", default="", help="comma-separated (default: every built-in)")
+    parser.add_argument(
+        "--per-state", default="adamw", help="specs that also get each state alone in bf16"
+    )
     args = parser.parse_args(argv)
     specs = args.specs.split(",") if args.specs else builtin_names()
     print(
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
     for spec in specs:
         program = optgen.load(spec).compiled.program
         for params in MIXES_OF_PARAMS:
-            for mix in state_mixes(program):
+            for mix in state_mixes(program, spec in args.per_state.split(",")):
                 print(row(spec, params, mix, args.elements, args.repeats), flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s", file=sys.stderr)
 
