@@ -2,7 +2,8 @@
 against a copy timed beside the step (``optgen inspect --run`` for each mix).
 
 Parameters f32, bf16 or f16; per-element states all f32 or all bf16 (and, for the specs of
-``--per-state``, each state alone in bf16: optax's ``mu_dtype``). Prints a markdown table (docs/fusion.md, "Dtype mixes").
+``--per-state``, each state alone in bf16: optax's ``mu_dtype``). Prints a markdown table
+(docs/fusion.md, "Dtype mixes").
 
     flock /tmp/optgen-bench.lock python tools/dtype_mixes.py --elements 4194304 > mixes.md
 """
