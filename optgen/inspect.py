@@ -202,7 +202,7 @@ def _time_step_and_copy(
     machine in the same state."""
     dtypes = export.state_dtypes(program, dtype)
     specs = export.arg_specs(program, dtype, shape, dtypes)
-    step = export.kernel(program, dtypes, lowering)
+    step = export.kernel(program, dtypes, lowering, in_place=True)  # as Optimizer.step: donated
     updated = {name for name, _ in program.update.outputs}
     rng = np.random.default_rng(0)
     with export.x64_for(dtype):
