@@ -16,7 +16,36 @@ from optgen.codegen import cpu_reduce, reading_pass
 from optgen.codegen.evaluate import compute_dtype, evaluate
 from optgen.codegen.stablehlo import StableHLOBackend
 
-from optgen.ir import dependencies
+from optgen.ir import Function, dependencies
+
+
+class _Operands:
+    """Lowered values and their avals by input name: a list per parameter, or one per step."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.per_parameter: dict[str, tuple[list, list]] = {}
+        self.per_step: dict[str, tuple] = {}
+
+    def add(self, name: str, values: list, avals: list, per_step: bool) -> None:
+        """Add ``name`` unless it is there (a per-step state's new value keeps the name of the
+        input holding the old one, which is what the update reads)."""
+        table = self.per_step if per_step else self.per_parameter
+        table.setdefault(name, (values[0], avals[0]) if per_step else (values, avals))
+
+    def flat(self, func: Function) -> tuple[list, list]:
+        """``func``'s operands in the primitive's order (each per-parameter input for every
+        parameter, then the per-step inputs), and their avals."""
+        values, avals = [], []
+        for v in func.inputs:
+            if v.type.extent != "step":
+                values += self.per_parameter[v.name][0]
+                avals += self.per_parameter[v.name][1]
+        for v in func.inputs:
+            if v.type.extent == "step":
+                values.append(self.per_step[v.name][0])
+                avals.append(self.per_step[v.name][1])
+        return values, avals
 
 
 def lower(ctx, operands, step_dtype, in_place, lower_update, *, max_leaves: int, **params):
@@ -25,88 +54,69 @@ def lower(ctx, operands, step_dtype, in_place, lower_update, *, max_leaves: int,
     ``lower_update(ctx, operands, step_dtype, in_place, **params)`` lowers an elementwise step
     with the own loop (:func:`codegen.primitive._lower_ffi`)."""
     func, n = params["func"], params["n"]
-    tensor_names, scalar_names = params["tensor_names"], params["scalar_names"]
     names = [name for name, _ in func.outputs]
     extents = dict(zip(names, params["out_extents"], strict=True))
     stages = reading_pass.split(func, extents)
-    tensors = {name: list(operands[k * n : (k + 1) * n]) for k, name in enumerate(tensor_names)}
-    avals = {name: list(ctx.avals_in[k * n : (k + 1) * n]) for k, name in enumerate(tensor_names)}
-    scalars = list(operands[len(tensor_names) * n :])
-    scalar_avals = list(ctx.avals_in[len(tensor_names) * n :])
-    param_dtypes = [np.dtype(a.dtype) for a in avals["p"]]
-    computed = [compute_dtype(d) for d in param_dtypes]
+    given = _Operands(n)
+    for k, name in enumerate(params["tensor_names"]):
+        part = slice(k * n, (k + 1) * n)
+        given.add(name, list(operands[part]), list(ctx.avals_in[part]), per_step=False)
+    first = len(params["tensor_names"]) * n
+    for k, name in enumerate(params["scalar_names"]):
+        given.add(name, [operands[first + k]], [ctx.avals_in[first + k]], per_step=True)
+    param_dtypes = [np.dtype(a.dtype) for a in given.per_parameter["p"][1]]
 
-    sums = _read(
-        ctx,
-        stages.reading,
-        tensors,
-        avals,
-        scalars,
-        scalar_avals,
-        param_dtypes,
-        scalar_names,
-        step_dtype,
-        max_leaves,
-    )
+    for k, sums in enumerate(
+        _read(ctx, stages.reading, given, param_dtypes, step_dtype, max_leaves)
+    ):
+        dtypes = [compute_dtype(d) for d in param_dtypes]
+        given.add(f"_sum{k}", sums, [jax.core.ShapedArray((), d) for d in dtypes], per_step=False)
 
-    # the scalars between the passes, over every parameter
-    combine_out = {}
+    # the scalars between the passes, over every parameter, by XLA
+    out_dtypes = {}
     for name, value in stages.combine.outputs:
         if name in extents:
-            combine_out[name] = (extents[name], list(params["out_dtypes"][names.index(name)]))
-        elif value.type.extent == "leaf":
-            combine_out[name] = ("leaf", computed)
+            out_dtypes[name] = list(params["out_dtypes"][names.index(name)])
         else:
-            combine_out[name] = ("step", [step_dtype])
-    given = tensors | {f"_sum{k}": leaf_sums for k, leaf_sums in enumerate(sums)}
+            out_dtypes[name] = (
+                [compute_dtype(d) for d in param_dtypes]
+                if value.type.extent == "leaf"
+                else [step_dtype]
+            )
+    out_extents = {name: extents.get(name, v.type.extent) for name, v in stages.combine.outputs}
     combined = evaluate(
         stages.combine,
         StableHLOBackend(),
-        {v.name: given[v.name] for v in stages.combine.inputs if v.type.extent != "step"},
-        dict(zip(scalar_names, scalars, strict=True)),
+        {name: xs for name, (xs, _) in given.per_parameter.items()},
+        {name: x for name, (x, _) in given.per_step.items()},
         step_dtype,
-        {name: dtypes for name, (_, dtypes) in combine_out.items()},
-        out_extents={name: extent for name, (extent, _) in combine_out.items()},
+        out_dtypes,
+        out_extents=out_extents,
     )
+    for name, values in combined.items():
+        avals = [jax.core.ShapedArray((), d) for d in out_dtypes[name]]
+        given.add(name, values, avals, per_step=out_extents[name] == "step")
 
-    # the update, with the combined scalars as inputs
+    # the update, with the combined scalars among its inputs
     update = stages.update
-    u_tensor = tuple(v.name for v in update.inputs if v.type.extent != "step")
-    u_scalar = tuple(v.name for v in update.inputs if v.type.extent == "step")
     u_names = [name for name, _ in update.outputs]
-
-    def operand(name):
-        return tensors[name] if name in tensors else combined[name]
-
-    def aval(name, k):
-        if name in avals:
-            return avals[name][k]
-        return jax.core.ShapedArray((), combine_out[name][1][k])
-
-    step_values = dict(zip(scalar_names, zip(scalars, scalar_avals, strict=True), strict=True))
-    # the combined per-step values the update reads (not the new values of per-step states, which
-    # share their names with the inputs that hold the old ones)
-    step_values |= {
-        name: (combined[name][0], aval(name, 0)) for name in u_scalar if name not in step_values
-    }
-    u_operands = [x for name in u_tensor for x in operand(name)]
-    u_operands += [step_values[name][0] for name in u_scalar]
-    u_avals = [aval(name, k) for name in u_tensor for k in range(n)]
-    u_avals += [step_values[name][1] for name in u_scalar]
-    positions, start = {}, 0  # each original output's results among the primitive's
+    positions, start = {}, 0  # each output's results among the primitive's
     for name in names:
         count = 1 if extents[name] == "step" else n
         positions[name], start = range(start, start + count), start + count
-    u_out_avals = [ctx.avals_out[k] for name in u_names for k in positions[name]]
+    u_operands, u_avals = given.flat(update)
     results = lower_update(
-        ctx.replace(avals_in=u_avals, avals_out=u_out_avals),
+        ctx.replace(
+            avals_in=u_avals,
+            avals_out=[ctx.avals_out[k] for name in u_names for k in positions[name]],
+        ),
         u_operands,
         step_dtype,
         in_place,
         func=update,
         n=n,
-        tensor_names=u_tensor,
-        scalar_names=u_scalar,
+        tensor_names=tuple(v.name for v in update.inputs if v.type.extent != "step"),
+        scalar_names=tuple(v.name for v in update.inputs if v.type.extent == "step"),
         out_dtypes=tuple(params["out_dtypes"][names.index(name)] for name in u_names),
         delta_output=params["delta_output"],
         out_extents=tuple(extents[name] for name in u_names),
@@ -118,31 +128,22 @@ def lower(ctx, operands, step_dtype, in_place, lower_update, *, max_leaves: int,
     return [x for name in names for x in (by_name[name] if name in by_name else combined[name])]
 
 
-def _read(
-    ctx,
-    reading,
-    tensors,
-    avals,
-    scalars,
-    scalar_avals,
-    param_dtypes,
-    scalar_names,
-    step_dtype,
-    max_leaves,
-) -> list[list]:
+def _read(ctx, reading, given: _Operands, param_dtypes, step_dtype, max_leaves) -> list[list]:
     """Each sum of ``reading`` for every parameter, by calls of the reading pass."""
     if not reading.outputs:
         return []
     read = dependencies(reading, [v for _, v in reading.outputs])
     names = tuple(v.name for v in reading.inputs if v.type.extent != "step" and id(v) in read)
+    scalar_names = tuple(v.name for v in reading.inputs if v.type.extent == "step")
     n = len(param_dtypes)
     sums = [[None] * n for _ in reading.outputs]
     for first in range(0, n, max_leaves):
         leaves = range(first, min(n, first + max_leaves))
+        avals = {name: given.per_parameter[name][1] for name in names + ("p",)}
         call = cpu_reduce.ReadingCall(
             reading,
             names,
-            tuple(scalar_names),
+            scalar_names,
             in_dtypes=tuple(
                 tuple(np.dtype(avals[name][k].dtype) for k in leaves) for name in names
             ),
@@ -150,15 +151,16 @@ def _read(
             sizes=tuple(int(np.prod(avals["p"][k].shape)) for k in leaves),
             step_dtype=step_dtype,
         )
-        items = len(call.plan[1])
-        out_avals = [jax.core.ShapedArray((max(items, 1) * call.n_sums,), np.float64)]
+        out_avals = [jax.core.ShapedArray((max(len(call.plan[1]), 1) * call.n_sums,), np.float64)]
         out_avals += [
             jax.core.ShapedArray((), compute_dtype(param_dtypes[k]))
             for _ in reading.outputs
             for k in leaves
         ]
-        in_avals = [avals[name][k] for name in names for k in leaves] + scalar_avals
-        ins = [tensors[name][k] for name in names for k in leaves] + scalars
+        ins = [given.per_parameter[name][0][k] for name in names for k in leaves]
+        in_avals = [avals[name][k] for name in names for k in leaves]
+        ins += [given.per_step[name][0] for name in scalar_names]
+        in_avals += [given.per_step[name][1] for name in scalar_names]
         part = ctx.replace(avals_in=in_avals, avals_out=out_avals)
         values = jax.ffi.ffi_lowering(cpu_reduce.target(call))(part, *ins)
         for s in range(call.n_sums):
