@@ -74,7 +74,7 @@ def interpreted(opt, params, steps=STEPS):
         out = interpret(program.update, tensors, scalars, out_extents=extents)
         p = out["p"]
         slots |= {n: out[n][0] if extents[n] == "step" else out[n] for n in out if n != "p"}
-        leaves = [jnp.asarray(x, leaves[0].dtype) for x in p]  # the next gradients' input
+        leaves = [jnp.asarray(x, y.dtype) for x, y in zip(p, leaves, strict=True)]  # next grads
     return p, slots
 
 
@@ -135,18 +135,23 @@ def many_leaves(seed):
     return {k: jnp.asarray(v) for k, v in tree.items()}
 
 
-@pytest.mark.parametrize("spec, hypers", [CASES[0], CASES[5]])
-def test_reductions_match_xla_on_mixed_dtypes_and_many_leaves(spec, hypers):
+def test_per_parameter_sums_on_mixed_dtypes_and_many_leaves():
+    # a learning rate large enough that three steps move bf16 parameters by many ulps
+    opt = optgen.load("lamb", lowering="ffi", learning_rate=0.05)
+    params, _ = stepped(opt, many_leaves(0), steps=3)
+    want_p, _ = interpreted(opt, many_leaves(0), steps=3)
+    for got, want in zip(jax.tree.leaves(params), want_p, strict=True):
+        # bf16 and f16 parameters and states are rounded on every store (2^-8, 2^-11)
+        low = np.dtype(got.dtype).itemsize == 2
+        assert rel_err(got, want) < (1e-2 if low else 1e-6)
+
+
+def test_global_sums_across_calls_match_xla_on_mixed_dtypes():
+    # Against XLA's loops rather than float64: AdamW's second moment in f16 (the f16 parameter's
+    # state) underflows where float64's does not, on both lowerings alike.
     def run(lowering):
-        opt = optgen.load(spec, lowering=lowering, **hypers)
-        params, state = many_leaves(0), None
-        state = opt.init(params)
-        for step in range(3):
-            grads = jax.tree.map(
-                lambda p, k=step: (p.astype(jnp.float32) * 0.3 + 0.1 * k).astype(p.dtype), params
-            )
-            params, state = opt.step(params, grads, state)
-        return params, state
+        opt = optgen.load("adamw", lowering=lowering, learning_rate=0.05, **CASES[5][1])
+        return stepped(opt, many_leaves(0), steps=3)
 
     for a, b in zip(jax.tree.leaves(run("ffi")), jax.tree.leaves(run("shared")), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
