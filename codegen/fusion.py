@@ -36,7 +36,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from optgen.codegen import reading_pass
 
 from optgen.diagnostics import InputError
 from optgen.ir import Function, dependencies
@@ -96,20 +95,21 @@ def ffi_refusal(where: Where, kernel_refusal: str | None) -> str | None:
     return kernel_refusal
 
 
-def own_loop_preferred(func: Function) -> bool:
+def own_loop_preferred(func: Function, out_dtypes: Sequence[Sequence[np.dtype]]) -> bool:
     """Whether the own CPU loop beats XLA's best loops for ``func`` even where XLA makes one loop
     of its per-element outputs (docs/fusion.md, "Reductions"): with sums (XLA reads their inputs
-    in a loop per sum, and more: lamb 48 B/element against 44, prodigy 116 against 52; measured
-    0.30-0.73x XLA's time), except a single sum of a single input, where XLA's one reduce loop
-    and one update loop are the minimum (novograd's norm(g): the own loop took 1.09x); and with
-    an output that is an input passed through (adan's prev_g = g: XLA copies it apart and splits
-    the step, 68 B against 44; 0.15x)."""
-    sums = [op for op in func.ops if op.opcode in reading_pass.REDUCTIONS]
-    if any(op.opcode == "sum" for op in sums):
-        operands = [op.operands[0] for op in sums if op.opcode == "sum"]
-        read = dependencies(func, operands)
+    in a loop per sum, and more: lamb 48 B/element against 44, prodigy 92 against 52; measured
+    0.30-0.73x XLA's time), except a single sum of a single input with 32- or 64-bit outputs,
+    where XLA's one reduce loop and one update loop are the minimum (novograd's norm(g): the own
+    loop took 1.09x; in bf16 XLA splits it, 20 B against 12); and with an output that is an input
+    passed through (adan's prev_g = g: XLA copies it apart and splits the step, 68 B against 44;
+    0.15x). ``out_dtypes`` holds each per-element output's dtype per parameter."""
+    sums = [op.operands[0] for op in func.ops if op.opcode == "sum"]
+    if sums:
+        read = dependencies(func, sums)
         inputs = [v for v in func.inputs if v.type.extent == "tensor" and id(v) in read]
-        return not (len(operands) == 1 and len(inputs) == 1)
+        wide = all(np.dtype(d).itemsize >= 4 for per_leaf in out_dtypes for d in per_leaf)
+        return not (len(sums) == 1 and len(inputs) == 1 and wide)
     passed_through = {id(v) for v in func.inputs} & {id(v) for _, v in func.outputs}
     return bool(passed_through)
 

@@ -170,7 +170,11 @@ def _lower(ctx, *operands, lowering, in_place, **params):
         else cpu_kernel.unsupported(params["func"], params["out_extents"])
     )
     choice = fusion.resolve(
-        lowering, where, loop_dtypes, refusal, fusion.own_loop_preferred(params["func"])
+        lowering,
+        where,
+        loop_dtypes,
+        refusal,
+        fusion.own_loop_preferred(params["func"], loop_dtypes),
     )
     if choice == "ffi" and reading_pass.has_reductions(params["func"]):
         return reduction_lowering.lower(

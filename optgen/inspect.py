@@ -75,6 +75,7 @@ def min_bytes_per_element(program: Program, dtype: np.dtype, shape=(2,)) -> int:
     they need. Only the branch a parameter of ``shape`` takes counts (``if ndim == 2:``)."""
     func = program.update
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | export.state_dtypes(program, dtype)
+    dtypes |= dict.fromkeys(program.extra_inputs, np.dtype(dtype))  # Sophia's Hessian, as g
     extents = program.extents()
     # The kernel updates one flat tensor, which is never factored: its row values are per element,
     # and so are its per-axis statistics (a vector's slices are its elements).
@@ -179,7 +180,7 @@ def inspect(
                 program.update,
                 tuple(program.extents().get(name, "tensor") for name, _ in program.update.outputs),
             ),
-            fusion.own_loop_preferred(program.update),
+            fusion.own_loop_preferred(program.update, out_dtypes),
         ),
         per_element,
         scalar,

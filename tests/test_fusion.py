@@ -235,10 +235,13 @@ def test_auto_takes_the_cpu_loop_for_steps_with_sums_where_it_measured_faster():
     f32 = np.dtype(np.float32)
     assert fusion.resolve("auto", CPU, [[f32], [f32]], None, prefer_own_loop=True) == "ffi"
     assert fusion.resolve("auto", CPU, [[f32]], REFUSED, prefer_own_loop=True) == "per-output"
-    preferred = {s: fusion.own_loop_preferred(program(s).update) for s in REDUCING + ["adan"]}
-    # novograd's one sum of one input: XLA's loops are at the same pass structure already
-    assert preferred == dict.fromkeys(REDUCING + ["adan"], True) | {"novograd": False}
-    assert not fusion.own_loop_preferred(program("adamw").update)
+    bf16 = np.dtype("bfloat16")
+    preferred = {s: fusion.own_loop_preferred(program(s).update, [[f32]]) for s in REDUCING}
+    # novograd's one sum of one input: XLA's loops are at the same pass structure already in f32
+    assert preferred == dict.fromkeys(REDUCING, True) | {"novograd": False}
+    assert fusion.own_loop_preferred(program("novograd").update, [[bf16], [bf16]])
+    assert fusion.own_loop_preferred(program("adan").update, [[f32]])  # prev_g = g
+    assert not fusion.own_loop_preferred(program("adamw").update, [[f32]])
 
 
 def test_ffi_where_it_cannot_run_is_an_error():
