@@ -34,7 +34,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from optgen.codegen import ffi_abi as abi
-from optgen.codegen import quantize
+from optgen.codegen import quantize, reading_pass
 from optgen.codegen.evaluate import STRUCTURAL, evaluate
 from optgen.codegen.llvm_backend import (
     F32,
@@ -54,6 +54,7 @@ CHUNK_ELEMENTS = 1 << 15
 # LLVM's cost model picks 4 lanes for loops that convert bf16, which ran 1.5x slower than 8
 # (docs/fusion.md).
 VECTOR_WIDTH = 8
+REASSOC = "reassoc"  # names the adds that may be reassociated
 _SELF = "optgen.loop"  # marks the loop's metadata node, made self-referential as LLVM requires
 _I8, _I32, _I64, _PTR, _VOID = (
     ir.IntType(8),
@@ -65,18 +66,21 @@ _I8, _I32, _I64, _PTR, _VOID = (
 
 
 def unsupported(func: Function, out_extents: tuple[str, ...]) -> str | None:
-    """Why the per-element loop cannot run ``func`` (None when it can)."""
+    """Why the per-element loop cannot run ``func`` (None when it can). Sums over a parameter
+    or over every parameter run as a reading pass before the update (codegen/reading_pass.py)."""
     for op in func.ops:
-        if op.opcode in STRUCTURAL:
+        if op.opcode in STRUCTURAL and op.opcode not in reading_pass.REDUCTIONS:
             return f"it computes '{op.opcode}', which reads more than one element"
+    allowed = {"tensor", "leaf", "step"}
     extents = {v.type.extent for v in func.inputs} | {op.result.type.extent for op in func.ops}
-    if extents - {"tensor", "step"}:
-        return f"it has {sorted(extents - {'tensor', 'step'})[0]} values"
-    if set(out_extents) - {"tensor", "step"}:
-        return "an output is neither one value per element nor one per step"
+    if extents - allowed:
+        return f"it has {sorted(extents - allowed)[0]} values"
+    if set(out_extents) - allowed:
+        return "an output is not one value per element, per parameter or per step"
     if any(v.type.kind == "bool" for v in func.inputs):
         return "an input is a boolean"
-    return None
+    names = [name for name, _ in func.outputs]
+    return reading_pass.refusal(func, dict(zip(names, out_extents, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def _target_machine():
 
 def _compile(module: ir.Module):
     machine = _target_machine()
-    parsed = llvm.parse_assembly(_with_loop_ids(str(module)))
+    parsed = llvm.parse_assembly(_with_reassociation(_with_loop_ids(str(module))))
     parsed.verify()
     tuning = llvm.create_pipeline_tuning_options(speed_level=3)
     tuning.loop_vectorization = tuning.slp_vectorization = True
@@ -236,36 +240,55 @@ def _with_loop_ids(text: str) -> str:
     )
 
 
+def _with_reassociation(text: str) -> str:
+    """Give the adds named ``REASSOC...`` LLVM's ``reassoc`` flag (llvmlite cannot write flags):
+    an accumulator's adds may then be split over vector lanes."""
+    return re.sub(r'(%"?' + REASSOC + r'[\w.]*"? = fadd) ', r"\1 reassoc ", text)
+
+
 # ---- the module: loops, items, chunks, and the handler -------------------------------------------
 
 
 def _module(call: Call) -> ir.Module:
     module = ir.Module(name=call.name)
     module.triple = llvm.get_process_triple()
-    groups: dict[tuple, int] = {}
-    items = []  # (group, parameter, start, end)
-    for leaf, size in enumerate(call.sizes):
-        key = (
+    keys = [
+        (
             tuple(d[leaf] for d in call.in_dtypes),
             tuple(
                 d[leaf] if e == "tensor" else d[0]
                 for d, e in zip(call.out_dtypes, call.out_extents, strict=True)
             ),
         )
-        group = groups.setdefault(key, len(groups))
-        items += [
-            (group, leaf, start, min(size, start + CHUNK_ELEMENTS))
-            for start in range(0, size, CHUNK_ELEMENTS)
-        ]
+        for leaf in range(len(call.sizes))
+    ]
+    groups, items = plan_items(call.sizes, keys)
     loops = [
         _loop(module, call, in_dtypes, out_dtypes, g)
         for (in_dtypes, out_dtypes), g in groups.items()
     ]
     chunks = _chunks(items)
-    run_chunk = _run_chunk(module, call, list(zip(groups, loops, strict=True)), items, chunks)
+    run_chunk = _run_chunk(
+        module, loops, items, chunks, functools.partial(_operands, call, list(groups))
+    )
     drain = _drain(module, run_chunk, len(chunks) - 1)
     _handler(module, drain, _task(module, drain), _step_outputs(module, call), len(chunks) - 1)
     return module
+
+
+def plan_items(sizes, keys) -> tuple[dict, list]:
+    """Parameters with equal ``keys`` (their dtypes) form a group, run by one loop; returns the
+    groups (key -> index) and the items (group, parameter, start, end) of up to CHUNK_ELEMENTS
+    elements each, in parameter order."""
+    groups: dict[tuple, int] = {}
+    items = []
+    for leaf, (size, key) in enumerate(zip(sizes, keys, strict=True)):
+        group = groups.setdefault(key, len(groups))
+        items += [
+            (group, leaf, start, min(size, start + CHUNK_ELEMENTS))
+            for start in range(0, size, CHUNK_ELEMENTS)
+        ]
+    return groups, items
 
 
 def _chunks(items) -> list[int]:
@@ -320,7 +343,7 @@ def _loop(module, call: Call, in_dtypes, out_dtypes, index: int) -> ir.Function:
     return fn
 
 
-def _vectorized(module, branch) -> None:
+def vectorize(module, branch) -> None:
     """Ask LLVM to vectorize the loop that ``branch`` closes, VECTOR_WIDTH lanes wide."""
     width = module.add_metadata(
         [ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(_I32, VECTOR_WIDTH)]
@@ -350,7 +373,7 @@ class _Loop:
         for j in self.call.tensor_outputs:
             self.store(body, j, results, i)
         following = body.add(i, ir.Constant(_I64, 1))
-        _vectorized(
+        vectorize(
             self.module, body.cbranch(body.icmp_signed("<", following, end), body_block, done)
         )
         hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
@@ -391,7 +414,7 @@ class _Loop:
             body.store(x, body.gep(kept[j], [offset], source_etype=F32))
             grown[j] = absmax_bits(body, bits[j], x)
         following = body.add(i, ir.Constant(_I64, 1))
-        _vectorized(
+        vectorize(
             self.module,
             body.cbranch(body.icmp_signed("<", following, last), body_block, encode_block),
         )
@@ -411,9 +434,8 @@ class _Loop:
 
         b = ir.IRBuilder(tail)
         b.cbranch(b.icmp_signed("<", last, end), head, done)
-        hoisted.cbranch(
-            hoisted.icmp_signed("<", start, end), head, done
-        )  # after the hoisted values
+        # after the hoisted values
+        hoisted.cbranch(hoisted.icmp_signed("<", start, end), head, done)
         first.add_incoming(start, entry)
         first.add_incoming(last, tail)
         ir.IRBuilder(done).ret_void()
@@ -430,7 +452,7 @@ class _Loop:
             code = quantize_element(body, body.load(where, typ=F32), reciprocals[j])
             body.store(code, body.gep(self.outputs[j], [i], source_etype=_I8))
         following = body.add(i, ir.Constant(_I64, 1))
-        _vectorized(
+        vectorize(
             self.module, body.cbranch(body.icmp_signed("<", following, last), loop_block, after)
         )
         i.add_incoming(first, b.block)
@@ -439,15 +461,13 @@ class _Loop:
     def update(self, hoisted, body, i, scales: dict) -> dict:
         """The evaluator's results for element ``i`` (q8 inputs decoded by their block's scale)."""
         call = self.call
-        elements = {}
-        for t, (name, ptr, dtype) in enumerate(
-            zip(call.tensor_names, self.inputs, self.in_dtypes, strict=True)
-        ):
-            x = body.load(
-                body.gep(ptr, [i], source_etype=_stored_type(dtype)), typ=_stored_type(dtype)
-            )
-            elements[name] = dequantize_element(body, x, scales[t]) if dtype == Q8 else x
-        invariants = [*self.scalars, *(self.leaf_ids or [])]
+        elements, invariants = load_elements(
+            call.func, call.tensor_names, self.inputs, self.in_dtypes, hoisted, body, i
+        )
+        for t, name in enumerate(call.tensor_names):
+            if self.in_dtypes[t] == Q8:
+                elements[name] = dequantize_element(body, elements[name], scales[t])
+        invariants += [*self.scalars, *(self.leaf_ids or [])]
         backend = LoopBackend(hoisted, body, invariants=invariants, index=i)
         computed = [np.dtype(np.float32) if d == Q8 else d for d in self.out_dtypes]
         return evaluate(
@@ -474,6 +494,20 @@ def _stored_type(dtype) -> ir.Type:
     return _I8 if dtype == Q8 else LLVM_TYPES[dtype]
 
 
+def load_elements(func, names, pointers, dtypes, hoisted, body, i) -> tuple[dict, list]:
+    """Element i of each per-element input (loaded in the loop ``body``) and the value of each
+    per-parameter input (loaded once, before the loop); returns them by name, and the latter."""
+    elements, invariants = {}, []
+    for name, ptr, dtype in zip(names, pointers, dtypes, strict=True):
+        once = func.input(name).type.extent == "leaf"
+        b, index = (hoisted, ir.Constant(_I64, 0)) if once else (body, i)
+        ty = _stored_type(dtype)
+        elements[name] = b.load(b.gep(ptr, [index], source_etype=ty), typ=ty)
+        if once:
+            invariants.append(elements[name])
+    return elements, invariants
+
+
 def _field(b: ir.IRBuilder, base, struct, path: str, typ=_PTR):
     """Load a field of a C struct (``codegen.ffi_abi``) at ``base``."""
     return b.load(
@@ -498,9 +532,30 @@ def _table(module, name: str, element: ir.Type, values: list) -> ir.GlobalVariab
     return table
 
 
-def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
-    """``run_chunk(args, rets, c)``: every item of chunk c, each by its group's loop."""
-    n, n_tensors = len(call.sizes), len(call.tensor_names)
+def _operands(call: Call, keys: list, b: ir.IRBuilder, args, rets, item, leaf, group) -> list:
+    """A loop's operands for one parameter: its inputs, its outputs not stored in place, its q8
+    scales, the per-step inputs and, with stochastic rounding, the parameter's number."""
+    in_dtypes, out_dtypes = keys[group]
+    n = len(call.sizes)
+    operands = [
+        buffer_data(b, args, b.add(ir.Constant(_I64, t * n), leaf))
+        for t in range(len(call.tensor_names))
+    ]
+    operands += [
+        buffer_data(b, rets, b.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
+        for j in call.tensor_outputs
+        if j not in call.aliases
+    ]
+    operands += _scale_pointers(b, call, args, rets, leaf, in_dtypes, out_dtypes)
+    operands += _scalars(b, call, args)
+    if call.stochastic:
+        operands.append(b.trunc(b.add(leaf, ir.Constant(_I64, call.first_leaf)), _I32))
+    return operands
+
+
+def _run_chunk(module, loops, items, chunks, operands) -> ir.Function:
+    """``run_chunk(args, rets, c)``: every item of chunk c, each by its group's loop, with
+    ``operands(builder, args, rets, item, leaf, group)`` before its element range."""
     item_type = ir.LiteralStructType([_I32, _I32, _I64, _I64])
     table = _table(
         module,
@@ -552,23 +607,11 @@ def _run_chunk(module, call: Call, loops, items, chunks) -> ir.Function:
     group, leaf, start, end = fields
     leaf = b.zext(leaf, _I64)
     switch = b.switch(group, next_block)
-    for g, ((in_dtypes, out_dtypes), loop) in enumerate(loops):
+    for g, loop in enumerate(loops):
         block = fn.append_basic_block(f"group{g}")
         switch.add_case(ir.Constant(_I32, g), block)
         gb = ir.IRBuilder(block)
-        operands = [
-            buffer_data(gb, args, gb.add(ir.Constant(_I64, t * n), leaf)) for t in range(n_tensors)
-        ]
-        operands += [
-            buffer_data(gb, rets, gb.add(ir.Constant(_I64, call.ret_offsets[j]), leaf))
-            for j in call.tensor_outputs
-            if j not in call.aliases
-        ]
-        operands += _scale_pointers(gb, call, args, rets, leaf, in_dtypes, out_dtypes)
-        operands += _scalars(gb, call, args)
-        if call.stochastic:
-            operands.append(gb.trunc(gb.add(leaf, ir.Constant(_I64, call.first_leaf)), _I32))
-        gb.call(loop, operands + [start, end])
+        gb.call(loop, operands(gb, args, rets, k, leaf, g) + [start, end])
         gb.branch(next_block)
     b = ir.IRBuilder(next_block)
     following = b.add(k, ir.Constant(_I64, 1))
@@ -780,13 +823,17 @@ def call_buffers(b: ir.IRBuilder, frame) -> tuple:
     )
 
 
-def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
-    """``handler(call_frame)``: the FFI entry point (XLA_FFI_Handler)."""
+def _handler(module, drain, task, step_outputs, n_chunks: int, finish=None) -> ir.Function:
+    """``handler(call_frame)``: the FFI entry point (XLA_FFI_Handler). It calls
+    ``step_outputs(args, rets)`` (if any), runs the chunks, then ``finish(args, rets)`` (if any)."""
     fn, b = handler(module)
     frame = fn.args[0]
     args, rets = call_buffers(b, frame)
-    b.call(step_outputs, [args, rets])
+    if step_outputs is not None:
+        b.call(step_outputs, [args, rets])
     if n_chunks == 0:
+        if finish is not None:
+            b.call(finish, [args, rets])
         b.ret(ir.Constant(_PTR, None))
         return fn
     api, ctx = _field(b, frame, abi.CallFrame, "api"), _field(b, frame, abi.CallFrame, "ctx")
@@ -806,6 +853,8 @@ def _handler(module, drain, task, step_outputs, n_chunks: int) -> ir.Function:
     b.call(drain, [work])
     _wait(b, work, n_chunks)
     _let_go(b, work)
+    if finish is not None:
+        b.call(finish, [args, rets])
     b.ret(ir.Constant(_PTR, None))
     return fn
 

@@ -287,7 +287,9 @@ class _Plan:
         )
         return None if cond is None else op.operands[1] if cond else op.operands[2]
 
-    def _walk(self, i: int | None, roots) -> set[int]:
+    def _walk(self, i: int | None, roots, stop=()) -> set[int]:
+        """Ids of ``roots`` and what parameter i computes them from (not walking past the
+        results of the ops named in ``stop``)."""
         found, stack = set(), list(roots)
         while stack:
             value = stack.pop()
@@ -295,10 +297,26 @@ class _Plan:
                 continue
             found.add(id(value))
             op = self.producers.get(id(value))
-            if op is not None:
+            if op is not None and op.opcode not in stop:
                 chosen = self.chosen(op, i)
                 stack.extend(op.operands if chosen is None else (chosen,))
         return found
+
+
+def needed_by(
+    func: Function, shape: tuple[int, ...], roots, stop=(), factoring: Factoring = NOT_FACTORED
+) -> set[int]:
+    """Ids of ``roots`` and of the values one parameter of ``shape`` computes them from: only the
+    branch it takes at a ``select`` on its shape, and not past the results of ``stop``'s ops."""
+    layout = _Layout(_Shapes(), [shape], factoring)
+    return _Plan(func, layout)._walk(0, roots, stop)
+
+
+class _Shapes:
+    """A backend whose arrays are their shapes: enough to plan for a parameter of a given shape."""
+
+    def shape_of(self, x):
+        return tuple(x)
 
 
 def _static_value(op: Op, known: dict, layout: _Layout, i: int):

@@ -20,10 +20,16 @@ from optgen.ir import Program
 from optgen.types import STATE_DTYPES, stored_shape
 
 
-def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = "shared"):
+def kernel(
+    program: Program,
+    state_dtypes: dict[str, np.dtype],
+    lowering: str = "shared",
+    in_place: bool = False,
+):
     """A function of flat arrays that runs ``program.update`` on one tensor.
 
-    ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`.
+    ``lowering`` is one of :data:`codegen.fusion.LOWERINGS`; ``in_place`` as in
+    :func:`codegen.primitive.run_ir` (a donating caller's outputs stored over its inputs).
     """
     func = program.update
 
@@ -42,6 +48,7 @@ def kernel(program: Program, state_dtypes: dict[str, np.dtype], lowering: str = 
             out_extents=program.extents(),
             factoring=program.factoring,
             rounding=program.rounding,
+            in_place=in_place,
         )
         return {name: out[name][0] for name, _ in func.outputs}
 

@@ -21,7 +21,7 @@ import numpy as np
 from jax._src import sharding_impls
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
-from optgen.codegen import cpu_kernel, fusion, gemm_kernel
+from optgen.codegen import cpu_kernel, fusion, gemm_kernel, reading_pass, reduction_lowering
 from optgen.codegen.evaluate import evaluate
 from optgen.codegen.jnp_backend import jnp_backend
 from optgen.codegen.quantize import Q8, Quantized, blocks, dequantize, quantize
@@ -267,15 +267,19 @@ def _lower(ctx, *operands, lowering, in_place, **params):
         _one_device(ctx.module_context),
         ctx.module_context.lowering_parameters.for_export,
     )
-    symbolic = any(not isinstance(d, int) for aval in ctx.avals_in for d in aval.shape)
-    refusal = (
-        "a shape is symbolic"
-        if symbolic
-        else cpu_kernel.unsupported(params["func"], params["out_extents"])
-    )
+    refusal = _refusal(ctx, params)
     choice = fusion.resolve(
-        lowering, where, loop_dtypes, refusal, stochastic=params["rounding"] == "stochastic"
+        lowering,
+        where,
+        loop_dtypes,
+        refusal,
+        stochastic=params["rounding"] == "stochastic",
+        prefer_own_loop=fusion.own_loop_preferred(params["func"], loop_dtypes),
     )
+    if choice == "ffi" and reading_pass.has_reductions(params["func"]):
+        return reduction_lowering.lower(
+            ctx, operands, step_dtype, in_place, _lower_ffi, max_leaves=FFI_MAX_LEAVES, **params
+        )
     if choice == "ffi":
         return _lower_ffi(ctx, operands, step_dtype, in_place, **params)
     dtypes = [np.dtype(aval.dtype) for aval in ctx.avals_in]
@@ -289,6 +293,19 @@ def _lower(ctx, *operands, lowering, in_place, **params):
     return _evaluate(
         backend, codec, step_dtype, operands, dtypes, shapes, per_output=per_output, **params
     )
+
+
+def _refusal(ctx, params) -> str | None:
+    """Why optgen's own CPU loop cannot run this step, or None."""
+    if any(not isinstance(d, int) for aval in ctx.avals_in for d in aval.shape):
+        return "a shape is symbolic"
+    quantized = params["scaled_in"] or _scaled_out(
+        [name for name, _ in params["func"].outputs], params["out_dtypes"]
+    )
+    if quantized and reading_pass.has_reductions(params["func"]):
+        # the reading pass reads stored values; a q8 state's need its block's scale
+        return "a step with sums keeps q8 state"
+    return cpu_kernel.unsupported(params["func"], params["out_extents"])
 
 
 def _one_device(module_context) -> bool:

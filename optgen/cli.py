@@ -22,7 +22,7 @@ from optgen.atomic import write_atomic
 from optgen.codegen import export, fusion
 from optgen.compiler import check_spec as _check_spec
 from optgen.compiler import compile_checked, user_warnings
-from optgen.diagnostics import Diagnostic, SpecError
+from optgen.diagnostics import Diagnostic, InputError, SpecError
 from optgen.ir import print_function, print_program
 from optgen.library import builtin_names, read_spec
 from optgen.syntax import format_spec
@@ -40,7 +40,7 @@ _WITH_OPTION = click.option(
 )
 _DTYPE_OPTION = click.option(
     "--dtype",
-    type=click.Choice(["f32", "bf16", "f64"]),
+    type=click.Choice(["f32", "bf16", "f16", "f64"]),
     default="f32",
     show_default=True,
     help="Parameter dtype of the kernel.",
@@ -70,6 +70,21 @@ def _parse_with(values: tuple[str, ...]) -> tuple[dict[str, object], TransformOp
         options[name.strip()] = _with_value(text.strip())
     transform_options, options = split_options(options)
     return options, transform_options
+
+
+def _parse_state_dtypes(values: tuple[str, ...]) -> dict[str, str]:
+    """``--state-dtype`` items: a per-element state's name (or ``*``) and a storage dtype."""
+    chosen = {}
+    for item in values:
+        name, sep, dtype = (part.strip() for part in item.partition("="))
+        if not sep or not name or dtype not in ("f32", "bf16", "f16"):
+            raise InputError(
+                f"--state-dtype takes NAME=DTYPE with DTYPE f32, bf16 or f16, got '{item}'",
+                hint="for example: --state-dtype mu=bf16, or '*=bf16' for every state",
+                code="E411",
+            )
+        chosen[name] = dtype
+    return chosen
 
 
 def _with_value(text: str) -> object:
@@ -240,15 +255,23 @@ def compile(spec, output, emit, dtype, shape, platforms, passes, with_, print_ir
     "--run", is_flag=True, help="Also time the step and a copy of the same size on this machine."
 )
 @_WITH_OPTION
-def inspect(spec, dtype, elements, lowering, run, with_):
+@click.option(
+    "--state-dtype",
+    "state_dtypes",
+    multiple=True,
+    metavar="NAME=DTYPE",
+    help="Store a per-element state in f32, bf16 or f16 (NAME * for every one).",
+)
+def inspect(spec, dtype, elements, lowering, run, with_, state_dtypes):
     """Report what XLA made of SPEC: kernels, bytes and flops per element, speed."""
-    from optgen.kernel_report import (
-        inspect as inspect_step,  # imports jax's compiler only when asked
-    )
+    # imports jax's compiler only when asked
+    from optgen.kernel_report import inspect as inspect_step
+    from optgen.kernel_report import with_state_dtypes
 
     options, transform_options = _parse_with(with_)
     compiled = compile_checked(check_spec(spec), options, transform_options=transform_options)
-    report = inspect_step(compiled.program, DTYPES[dtype], elements, lowering, run)
+    program = with_state_dtypes(compiled.program, _parse_state_dtypes(state_dtypes))
+    report = inspect_step(program, DTYPES[dtype], elements, lowering, run)
     print_out(
         "".join(
             [

@@ -155,6 +155,9 @@ CATALOG: dict[str, str] = {
     "E401": "a q8 spec compiled for a symbolic shape",
     # Stochastic rounding (optgen.load(..., stochastic_rounding=True), codegen/rounding.py)
     "E420": "stochastic rounding of a parameter with several symbolic sizes",
+    # optgen inspect's dtype mixes
+    "E410": "a state dtype for a state the spec does not have",
+    "E411": "a --state-dtype that is not NAME=DTYPE",
     # Warnings
     "W201": "sqrt, rsqrt or log of a value that can be negative",
     "W202": "a value that can be negative to a fractional power",

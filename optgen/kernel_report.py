@@ -5,23 +5,27 @@ each state) and one write of every output, at their storage dtypes; an AdamW ste
 float32 needs 16 bytes read and 12 written per element. XLA's cost analysis of the
 compiled executable says how many bytes its kernels actually touch.
 
-A per-tensor reduction (``norm(g)``, ``rms(p)``) must finish before any element that
-depends on it is updated, so it costs one more read of each tensor input it reduces
-over; the minimum counts that too.
+A per-tensor or global reduction (``norm(g)``, ``global_norm(g)``) must finish before any
+element that depends on it is updated: the step needs a reading pass, which reads each
+input the reductions are computed from, before the update pass (optgen's own CPU loop runs
+exactly that, ``codegen/reading_pass.py``). The minimum counts both passes, and only the
+branch the inspected parameter takes where the spec chooses by shape (``if ndim == 2:``).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from optgen.codegen import cpu_kernel, export, fusion, quantize
-from optgen.ir import Program, dependencies
+from optgen.codegen.evaluate import needed_by
+from optgen.diagnostics import InputError
+from optgen.ir import Program
 
 # a fused loop (a lone one may be ROOT), or a call of optgen's own CPU loop
 _FUSION = re.compile(
@@ -67,23 +71,31 @@ class Report:
         return out
 
 
-def min_bytes_per_element(program: Program, dtype: np.dtype) -> float:
-    """One read of each tensor input and one write of each per-element output, at storage
-    dtypes, plus one more read of each tensor input a reduction depends on. A q8 state's
-    element is its code and its share of a block's float32 scale."""
+def min_bytes_per_element(program: Program, dtype: np.dtype, shape=(2,)) -> float:
+    """The bytes per element a step must move at storage dtypes, in the pass structure it needs:
+    the update pass reads each per-element input its per-element outputs need and writes each
+    per-element output; where it has sums, a reading pass before it reads each per-element input
+    they need. Only the branch a parameter of ``shape`` takes counts (``if ndim == 2:``). A q8
+    state's element is its code and its share of a block's float32 scale."""
+    func = program.update
     dtypes = {"p": np.dtype(dtype), "g": np.dtype(dtype)} | {
         name: _Stored(d) for name, d in export.state_dtypes(program, dtype).items()
     }
+    dtypes |= dict.fromkeys(program.extra_inputs, np.dtype(dtype))  # Sophia's Hessian, as g
+    extents = program.extents()
     # The kernel updates one flat tensor, which is never factored: its row values are per element,
     # and so are its per-axis statistics (a vector's slices are its elements).
     per_element = ("tensor", "row", "axes")
-    reads = sum(
-        dtypes[v.name].itemsize for v in program.update.inputs if v.type.extent in per_element
-    )
-    reads += sum(dtypes[name].itemsize for name in _reduced_inputs(program.update))
-    extents = program.extents()
+    written = [v for name, v in func.outputs if extents[name] in per_element]
+    needed = needed_by(func, shape, [v for _, v in func.outputs])
+    sums = [op.operands[0] for op in func.ops if op.opcode in _SUMS and id(op.result) in needed]
+    update = needed_by(func, shape, written, stop=_GIVEN)
+    reading = needed_by(func, shape, sums, stop=_GIVEN) if sums else set()
+    inputs = [v for v in func.inputs if v.type.extent in per_element]
+    reads = sum(dtypes[v.name].itemsize for v in inputs if id(v) in update)
+    reads += sum(dtypes[v.name].itemsize for v in inputs if id(v) in reading)
     return reads + sum(
-        dtypes[name].itemsize for name, _ in program.update.outputs if extents[name] in per_element
+        dtypes[name].itemsize for name, _ in func.outputs if extents[name] in per_element
     )
 
 
@@ -95,13 +107,10 @@ class _Stored:
         self.itemsize = dtype.itemsize + scale
 
 
-def _reduced_inputs(func) -> set[str]:
-    """Names of the per-element inputs that some reduction over a whole flat tensor (``sum``,
-    ``col_mean``) depends on."""
-    reduced = dependencies(
-        func, [op.operands[0] for op in func.ops if op.opcode in ("sum", "col_mean")]
-    )
-    return {v.name for v in func.inputs if v.type.extent in ("tensor", "row") and id(v) in reduced}
+# Sums over a whole flat tensor (each needs a reading pass first), and the ops whose results the
+# update pass is given rather than computes per element (sizes and dimensions read no element).
+_SUMS = ("sum", "col_mean")
+_GIVEN = _SUMS + ("gsum", "size", "dim")
 
 
 def count_kernels(hlo_text: str) -> tuple[int, int]:
@@ -138,6 +147,23 @@ def own_loop_bytes(hlo_text: str) -> int:
     return total
 
 
+def with_state_dtypes(program: Program, dtypes: dict[str, str]) -> Program:
+    """``program`` with per-element states stored in other dtypes: ``dtypes`` maps a state's name,
+    or ``*`` for every per-element state, to a dtype's spec name (``bf16``)."""
+    per_element = [n for n, e in program.state_extents.items() if e in ("tensor", "row", "axes")]
+    chosen = {name: dtypes["*"] for name in per_element if "*" in dtypes}
+    chosen |= {name: d for name, d in dtypes.items() if name != "*"}
+    unknown = set(chosen) - set(per_element)
+    if unknown:
+        raise InputError(
+            f"no per-element state named '{sorted(unknown)[0]}' "
+            f"(its states: {', '.join(per_element)})",
+            hint="name a state of the spec, or * for every per-element state",
+            code="E410",
+        )
+    return replace(program, state_dtypes=program.state_dtypes | chosen)
+
+
 def inspect(
     program: Program,
     dtype: np.dtype,
@@ -169,61 +195,57 @@ def inspect(
                 tuple(program.extents().get(name, "tensor") for name, _ in program.update.outputs),
             ),
             stochastic=program.rounding == "stochastic",
+            prefer_own_loop=fusion.own_loop_preferred(program.update, out_dtypes),
         ),
         per_element,
         scalar,
         touched / elements,
-        min_bytes_per_element(program, dtype),
+        min_bytes_per_element(program, dtype, (elements,)),
         cost.get("flops", 0.0) / elements,
     )
     if run:
-        report.seconds = _time_step(program, dtype, shape, lowering, repeats)
-        report.copy_seconds = _time_copy(elements, repeats)
+        report.seconds, report.copy_seconds = _time_step_and_copy(
+            program, dtype, shape, lowering, repeats
+        )
     return report
 
 
-def _median_seconds(call, repeats: int) -> float:
-    call()  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _time_step(program: Program, dtype: np.dtype, shape: str, lowering: str, repeats: int) -> float:
-    """Median time of the step with ``p`` and state donated, as ``Optimizer.step`` runs it."""
+def _time_step_and_copy(
+    program: Program, dtype: np.dtype, shape: str, lowering: str, repeats: int
+) -> tuple[float, float]:
+    """Median times of the step (``p`` and state donated, as ``Optimizer.step`` runs it) and of a
+    donated in-place scaled copy of as many float32 values, timed in turn, so that both see the
+    machine in the same state."""
     dtypes = export.state_dtypes(program, dtype)
     specs = export.arg_specs(program, dtype, shape, dtypes)
-    step = export.kernel(program, dtypes, lowering)
+    step = export.kernel(program, dtypes, lowering, in_place=True)  # as Optimizer.step: donated
     updated = {name for name, _ in program.update.outputs}
     rng = np.random.default_rng(0)
-    inputs = jax.tree.map(
-        lambda s: jnp.asarray(
-            rng.uniform(0.1, 1.0, s.shape) * (100 if s.dtype == np.int8 else 1), s.dtype
-        ),
-        specs,
-    )
     with export.x64_for(dtype):
+        inputs = jax.tree.map(
+            lambda s: jnp.asarray(
+                rng.uniform(0.1, 1.0, s.shape) * (100 if s.dtype == np.int8 else 1), s.dtype
+            ),
+            specs,
+        )
         run = jax.jit(lambda donated, kept: step(donated | kept), donate_argnums=0)
         state = [{k: v for k, v in inputs.items() if k in updated}]
         kept = {k: v for k, v in inputs.items() if k not in updated}
+        buffer = [jnp.ones(int(np.prod(specs["p"].shape)), jnp.float32)]
+        scale = jax.jit(lambda x: x * 0.5, donate_argnums=0)
 
-        def call():
+        def call_step():
             state[0] = jax.block_until_ready(run(state[0], kept))
 
-        return _median_seconds(call, repeats)
+        def call_copy():
+            buffer[0] = jax.block_until_ready(scale(buffer[0]))
 
-
-def _time_copy(elements: int, repeats: int) -> float:
-    """Median time to read and write ``elements`` float32 values in place (a donated
-    scaled copy).
-    """
-    buffer = [jnp.ones(elements, jnp.float32)]
-    scale = jax.jit(lambda x: x * 0.5, donate_argnums=0)
-
-    def call():
-        buffer[0] = jax.block_until_ready(scale(buffer[0]))
-
-    return _median_seconds(call, repeats)
+        times = {call_step: [], call_copy: []}
+        for call in times:
+            call()  # compile and warm up
+        for _ in range(repeats):
+            for call, seconds in times.items():
+                start = time.perf_counter()
+                call()
+                seconds.append(time.perf_counter() - start)
+        return float(np.median(times[call_step])), float(np.median(times[call_copy]))

@@ -178,6 +178,15 @@ def test_inspect_reports_one_loop_and_measures_with_run(tmp_path):
     )
 
 
+def test_inspect_takes_a_dtype_mix(tmp_path):
+    # f16 parameters, a bf16 first moment, an f32 second: read p g mu nu, write p mu nu
+    args = ["--dtype", "f16", "--state-dtype", "*=f32", "--state-dtype", "mu=bf16"]
+    result = run("inspect", "adamw", "--elements", "65536", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lowering            ffi" in result.stdout  # outputs of three dtypes: the own loop
+    assert "bytes per element   18.00 (spec minimum 18, +0.0%)" in result.stdout
+
+
 def test_a_device_without_a_size_is_read_only_up_to_the_limit():
     from click.testing import CliRunner
 

@@ -12,7 +12,13 @@ from conftest import run_device_script
 from optgen.codegen import export, fusion
 
 import optgen
-from optgen.kernel_report import count_kernels, inspect, min_bytes_per_element
+from optgen.kernel_report import (
+    count_kernels,
+    inspect,
+    min_bytes_per_element,
+    with_state_dtypes,
+)
+from optgen.types import DTYPES
 
 ELEMENTWISE = [
     "adabelief",
@@ -33,8 +39,9 @@ ELEMENTWISE = [
     "torch/nadamw",
     "yogi",
 ]
-# Not yet at their minimum, so not asserted: adan's six-output step (XLA:CPU splits it into two
-# loops, 68 bytes per element against 44), lamb (48 against 44) and lars (44 against 28).
+# Not at their minimum in XLA's loops, so not asserted there: adan's six-output step (XLA:CPU
+# splits it into two loops, 68 bytes per element against 44), lamb (48 against 44) and lars
+# (44 against 28). optgen's own loop runs them at their minimum (below).
 
 
 def program(spec):
@@ -160,6 +167,58 @@ def test_own_loop_step_is_one_call_at_the_spec_minimum(spec):
     assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)
 
 
+REDUCING = ["lamb", "lars", "novograd", "cautious_adamw", "prodigy"]
+
+
+@pytest.mark.parametrize("spec", REDUCING + ["adamw+options"])
+def test_own_loop_runs_sums_as_a_reading_pass_at_the_pass_structure_minimum(spec):
+    if spec == "adamw+options":
+        prog = optgen.load("adamw", global_clipnorm=1.0, skip_nonfinite=True).compiled.program
+    else:
+        prog = program(spec)
+    report = inspect(prog, np.dtype(np.float32), 1 << 16, lowering="ffi")
+    assert report.kernels == 2  # the reading pass, the update
+    assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)
+
+
+def test_own_loop_runs_adan_in_one_pass_at_its_minimum():
+    report = inspect(program("adan"), np.dtype(np.float32), 1 << 16, lowering="ffi")
+    assert report.kernels == 1
+    assert report.min_bytes_per_element == 44  # read p g m v n prev_g, write all but g
+    assert report.bytes_per_element == pytest.approx(44, rel=1e-3)
+
+
+def test_min_bytes_counts_one_reading_pass_and_the_branch_a_parameter_takes():
+    f32 = np.dtype(np.float32)
+    # update: read p g mu nu, write p mu nu; reading pass: p, and g mu nu p for the Adam direction
+    assert min_bytes_per_element(program("lamb"), f32) == 28 + 16
+    # prodigy's update does not read params0; its reading pass reads g, params0, p and grad_sum
+    assert min_bytes_per_element(program("prodigy"), f32) == 36 + 16
+    # muon: a vector takes the AdamW branch (28 B); a matrix the orthogonalized one, which
+    # also passes nu through (28 B) and reads g and mu first for norm(m) (8 B)
+    assert min_bytes_per_element(program("muon"), f32, (64,)) == 28
+    assert min_bytes_per_element(program("muon"), f32, (64, 32)) == 36
+
+
+MIXES = [("bf16", "f32"), ("bf16", "bf16"), ("f32", "bf16"), ("f16", "f32"), ("f16", "bf16")]
+# (params, states): with f32 and f32 (test_step_is_one_loop_at_the_spec_minimum), every pair
+
+
+@pytest.mark.parametrize("params, states", MIXES)
+@pytest.mark.parametrize("spec", ELEMENTWISE)
+def test_every_dtype_mix_is_one_pass_at_the_minimum(spec, params, states):
+    prog = with_state_dtypes(program(spec), {"*": states})
+    report = inspect(prog, DTYPES[params], 1 << 16)
+    assert report.kernels == 1
+    assert report.bytes_per_element <= 1.05 * report.min_bytes_per_element
+
+
+def test_a_state_dtype_is_counted_at_its_size():
+    prog = with_state_dtypes(program("adamw"), {"*": "f32", "mu": "bf16"})
+    # read p g (f16), mu (bf16), nu (f32); write p, mu, nu
+    assert min_bytes_per_element(prog, DTYPES["f16"]) == 2 + 2 + 2 + 4 + 2 + 2 + 4
+
+
 def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
     f32, bf16 = np.dtype(np.float32), np.dtype("bfloat16")
     assert fusion.resolve("auto", CPU, [[bf16], [f32]]) == "ffi"  # mixed dtypes
@@ -175,6 +234,19 @@ def test_auto_takes_the_cpu_loop_where_xla_has_no_one_loop_lowering():
         fusion.resolve("auto", fusion.Where(("cpu",), for_export=True), [[bf16], [f32]]) == "shared"
     )
     assert fusion.resolve("shared", CPU, [[f32]]) == "shared"
+
+
+def test_auto_takes_the_cpu_loop_for_steps_with_sums_where_it_measured_faster():
+    f32 = np.dtype(np.float32)
+    assert fusion.resolve("auto", CPU, [[f32], [f32]], None, prefer_own_loop=True) == "ffi"
+    assert fusion.resolve("auto", CPU, [[f32]], REFUSED, prefer_own_loop=True) == "per-output"
+    bf16 = np.dtype("bfloat16")
+    preferred = {s: fusion.own_loop_preferred(program(s).update, [[f32]]) for s in REDUCING}
+    # novograd's one sum of one input: XLA's loops are at the same pass structure already in f32
+    assert preferred == dict.fromkeys(REDUCING, True) | {"novograd": False}
+    assert fusion.own_loop_preferred(program("novograd").update, [[bf16], [bf16]])
+    assert fusion.own_loop_preferred(program("adan").update, [[f32]])  # prev_g = g
+    assert not fusion.own_loop_preferred(program("adamw").update, [[f32]])
 
 
 def test_ffi_where_it_cannot_run_is_an_error():
