@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
-from optgen.codegen import cpu_kernel as kernel
+from optgen.codegen import ffi_runtime as rt
+from optgen.codegen.cpu_loop import load_elements
 from optgen.codegen.evaluate import compute_dtype, evaluate
 from optgen.codegen.llvm_backend import F64, LLVM_TYPES, LoopBackend
 
@@ -56,7 +57,7 @@ class ReadingCall:
             (self.param_dtypes[leaf], tuple(d[leaf] for d in self.in_dtypes))
             for leaf in range(len(self.sizes))
         ]
-        return kernel.plan_items(self.sizes, keys)
+        return rt.plan_items(self.sizes, keys)
 
     @functools.cached_property
     def name(self) -> str:
@@ -76,37 +77,37 @@ class ReadingCall:
 
 def target(call: ReadingCall) -> str:
     """The FFI target name of ``call``'s kernel, built and registered on first use."""
-    return kernel.register(call.name, lambda: _module(call))
+    return rt.register(call.name, lambda: _module(call))
 
 
 def _module(call: ReadingCall) -> ir.Module:
     module = ir.Module(name=call.name)
-    module.triple = kernel.llvm.get_process_triple()
+    module.triple = rt.llvm.get_process_triple()
     groups, items = call.plan
     loops = [
         _loop(module, call, p_dtype, in_dtypes, g) for (p_dtype, in_dtypes), g in groups.items()
     ]
-    chunks = kernel._chunks(items)
+    chunks = rt.chunk_bounds(items)
     operands = functools.partial(_operands, call)
-    run_chunk = kernel._run_chunk(module, loops, items, chunks, operands)
-    drain = kernel._drain(module, run_chunk, len(chunks) - 1)
-    task = kernel._task(module, drain)
-    kernel._handler(module, drain, task, None, len(chunks) - 1, _combine(module, call, items))
+    run_chunk = rt.run_chunk(module, loops, items, chunks, operands)
+    drain = rt.drain(module, run_chunk, len(chunks) - 1)
+    task = rt.task(module, drain)
+    rt.chunked_handler(module, drain, task, None, len(chunks) - 1, _combine(module, call, items))
     return module
 
 
 def _operands(call: ReadingCall, b: ir.IRBuilder, args, rets, item, leaf, group) -> list:
     n = len(call.sizes)
     inputs = [
-        kernel.buffer_data(b, args, b.add(ir.Constant(_I64, t * n), leaf))
+        rt.buffer_data(b, args, b.add(ir.Constant(_I64, t * n), leaf))
         for t in range(len(call.tensor_names))
     ]
     slots = b.gep(
-        kernel.buffer_data(b, rets, 0),
+        rt.buffer_data(b, rets, 0),
         [b.mul(item, ir.Constant(_I64, call.n_sums))],
         source_etype=F64,
     )
-    return inputs + [slots] + kernel._scalars(b, call, args)
+    return inputs + [slots] + rt.load_scalars(b, call, args)
 
 
 def _loop(module, call: ReadingCall, p_dtype, in_dtypes, index: int) -> ir.Function:
@@ -125,7 +126,7 @@ def _loop(module, call: ReadingCall, p_dtype, in_dtypes, index: int) -> ir.Funct
     hoisted, body = ir.IRBuilder(entry), ir.IRBuilder(body_block)
     i = body.phi(_I64)
     accumulators = [body.phi(F64) for _ in range(call.n_sums)]
-    elements, invariants = kernel.load_elements(
+    elements, invariants = load_elements(
         call.func, call.tensor_names, inputs, in_dtypes, hoisted, body, i
     )
     if "p" not in elements:  # the evaluator takes its compute dtype from p, which is not read
@@ -140,12 +141,12 @@ def _loop(module, call: ReadingCall, p_dtype, in_dtypes, index: int) -> ir.Funct
         {name: [_F64] for name in names},
     )
     totals = [
-        body.fadd(acc, values[name][0], name=kernel.REASSOC)
+        body.fadd(acc, values[name][0], name=rt.REASSOC)
         for acc, name in zip(accumulators, names, strict=True)
     ]
     following = body.add(i, ir.Constant(_I64, 1))
     back = body.cbranch(body.icmp_signed("<", following, end), body_block, done)
-    kernel.vectorize(module, back)
+    rt.vectorize(module, back)
     hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
     i.add_incoming(start, entry)
     i.add_incoming(following, body_block)
@@ -170,7 +171,7 @@ def _combine(module, call: ReadingCall, items) -> ir.Function:
     fn.linkage = "internal"
     _, rets = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    slots = kernel.buffer_data(b, rets, 0)
+    slots = rt.buffer_data(b, rets, 0)
     n = len(call.sizes)
     first = {}
     for k, (_, leaf, _, _) in enumerate(items):
@@ -185,6 +186,6 @@ def _combine(module, call: ReadingCall, items) -> ir.Function:
                 total = b.fadd(total, b.load(where, typ=F64))
             if target_type != F64:
                 total = b.fptrunc(total, target_type)
-            b.store(total, kernel.buffer_data(b, rets, 1 + s * n + leaf))
+            b.store(total, rt.buffer_data(b, rets, 1 + s * n + leaf))
     b.ret_void()
     return fn

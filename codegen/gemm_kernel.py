@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 from jaxlib.mlir import ir as mlir_ir
 from llvmlite import ir
-from optgen.codegen import cpu_kernel
+from optgen.codegen import ffi_runtime as rt
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS_LAYOUT and CBLAS_TRANSPOSE values
 _SYMBOL = "cblas_gemm_bf16bf16f32"
@@ -92,7 +92,7 @@ def target(gemm: Gemm) -> str:
     """The FFI target of ``gemm``, registered on first use (MKL must be installed)."""
     if mkl() is None:  # it also tells LLVM where MKL's function is
         raise RuntimeError("the bfloat16 GEMM needs MKL: pip install mkl")
-    return cpu_kernel.register(gemm.name, lambda: _module(gemm))
+    return rt.register(gemm.name, lambda: _module(gemm))
 
 
 def _module(gemm: Gemm) -> ir.Module:
@@ -101,10 +101,10 @@ def _module(gemm: Gemm) -> ir.Module:
     module.triple = llvm.get_process_triple()
     kinds = [_I32] * 6 + [_F32, _PTR, _I32, _PTR, _I32, _F32, _PTR, _I32]
     blas = ir.Function(module, ir.FunctionType(ir.VoidType(), kinds), _SYMBOL)
-    fn, b = cpu_kernel.handler(module)
-    args, rets = cpu_kernel.call_buffers(b, fn.args[0])
-    a, bb = cpu_kernel.buffer_data(b, args, 0), cpu_kernel.buffer_data(b, args, 1)
-    c = cpu_kernel.buffer_data(b, rets, 0)
+    fn, b = rt.handler(module)
+    args, rets = rt.call_buffers(b, fn.args[0])
+    a, bb = rt.buffer_data(b, args, 0), rt.buffer_data(b, args, 1)
+    c = rt.buffer_data(b, rets, 0)
     lda = gemm.m if gemm.trans_a else gemm.k  # row-major: a row's length
     ldb = gemm.k if gemm.trans_b else gemm.n
     numbers = [

@@ -10,12 +10,13 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from optgen.codegen import cpu_kernel, primitive
+from optgen.codegen import ffi_runtime, primitive
 
 import optgen
 import optgen.library
 
-BIG = 3 * cpu_kernel.CHUNK_ELEMENTS + 5  # several chunks, so the pool's threads share the parameter
+# several chunks, so the pool's threads share the parameter
+BIG = 3 * ffi_runtime.CHUNK_ELEMENTS + 5
 
 
 def mixed_tree(seed):

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import rel_err
-from optgen.codegen import cpu_kernel, primitive
+from optgen.codegen import ffi_runtime, primitive
 from optgen.codegen.interpret import interpret
 
 import optgen
@@ -26,7 +26,7 @@ CASES = [
     ("adamw", {"global_clipnorm": 0.5, "skip_nonfinite": True}),
     ("adan", {}),  # elementwise: the issue lists it with them (XLA made 68 B of its 44)
 ]
-BIG = 2 * cpu_kernel.CHUNK_ELEMENTS + 7  # several chunks: partial sums from the pool's threads
+BIG = 2 * ffi_runtime.CHUNK_ELEMENTS + 7  # several chunks: partial sums from the pool's threads
 SHAPES = {"big": (BIG,), "matrix": (33, 7), "vector": (5,), "scalar": ()}
 STEPS = 8
 

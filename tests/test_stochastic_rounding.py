@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from optgen.codegen import cpu_kernel, primitive
+from optgen.codegen import ffi_runtime, primitive
 
 import optgen
 from optgen.diagnostics import InputError
@@ -73,7 +73,7 @@ def many_params(seed):
     """More parameters than one call of the loop takes, one over several chunks, a matrix."""
     rng = np.random.default_rng(seed)
     params = {f"s{i:03d}": rng.normal(size=int(rng.integers(1, 40))) for i in range(70)}
-    params |= {"big": rng.normal(size=3 * cpu_kernel.CHUNK_ELEMENTS + 5)}
+    params |= {"big": rng.normal(size=3 * ffi_runtime.CHUNK_ELEMENTS + 5)}
     params |= {"m": rng.normal(size=(33, 7))}
     return {k: v.astype(np.float32) for k, v in params.items()}
 

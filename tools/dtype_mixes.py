@@ -14,9 +14,8 @@ import argparse
 import sys
 import time
 
-from optgen.kernel_report import inspect, with_state_dtypes
-
 import optgen  # first: it sets XLA:CPU's fusion option before JAX starts a backend
+from optgen.kernel_report import inspect, with_state_dtypes
 from optgen.library import builtin_names
 from optgen.types import DTYPES
 
