@@ -16,10 +16,8 @@ its shapes and dtypes, like any XLA executable; it lives as long as the process.
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from optgen.codegen import ffi_runtime as rt
@@ -133,7 +131,8 @@ class Call:
 
     @functools.cached_property
     def name(self) -> str:
-        text = repr(
+        return rt.kernel_name(
+            "optgen_cpu_",
             (
                 print_function(self.func),
                 self.tensor_names,
@@ -151,9 +150,8 @@ class Call:
                 self.first_leaf,
                 self.scaled_in,
                 self.scaled_out,
-            )
+            ),
         )
-        return "optgen_cpu_" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def target(call: Call) -> str:
@@ -162,8 +160,7 @@ def target(call: Call) -> str:
 
 
 def _module(call: Call) -> ir.Module:
-    module = ir.Module(name=call.name)
-    module.triple = llvm.get_process_triple()
+    module = rt.new_module(call.name)
     keys = [
         (
             tuple(d[leaf] for d in call.in_dtypes),

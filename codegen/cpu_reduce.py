@@ -15,7 +15,6 @@ order is fixed by the code, so it too is the same every run.
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +60,8 @@ class ReadingCall:
 
     @functools.cached_property
     def name(self) -> str:
-        text = repr(
+        return rt.kernel_name(
+            "optgen_cpu_read_",
             (
                 print_function(self.func),
                 self.tensor_names,
@@ -70,9 +70,8 @@ class ReadingCall:
                 self.param_dtypes,
                 self.sizes,
                 self.step_dtype,
-            )
+            ),
         )
-        return "optgen_cpu_read_" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def target(call: ReadingCall) -> str:
@@ -81,8 +80,7 @@ def target(call: ReadingCall) -> str:
 
 
 def _module(call: ReadingCall) -> ir.Module:
-    module = ir.Module(name=call.name)
-    module.triple = rt.llvm.get_process_triple()
+    module = rt.new_module(call.name)
     groups, items = call.plan
     loops = [
         _loop(module, call, p_dtype, in_dtypes, g) for (p_dtype, in_dtypes), g in groups.items()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import re
 
 import jax
@@ -48,6 +49,18 @@ I8, I32, I64, PTR, VOID = (
 _REGISTERED: dict[
     str, tuple
 ] = {}  # target name -> its execution engine and handler, alive for the process
+
+
+def kernel_name(prefix: str, specialized_on: tuple) -> str:
+    """A target name unique to what a kernel is specialized on (its IR, dtypes, sizes, ...)."""
+    return prefix + hashlib.sha256(repr(specialized_on).encode()).hexdigest()[:24]
+
+
+def new_module(name: str) -> ir.Module:
+    """An empty LLVM module for this process's CPU."""
+    module = ir.Module(name=name)
+    module.triple = llvm.get_process_triple()
+    return module
 
 
 def register(name: str, build) -> str:

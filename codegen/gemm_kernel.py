@@ -97,8 +97,7 @@ def target(gemm: Gemm) -> str:
 
 def _module(gemm: Gemm) -> ir.Module:
     """``handler``: C = op(A) op(B) from the call's two bfloat16 arguments into its one result."""
-    module = ir.Module(name=gemm.name)
-    module.triple = llvm.get_process_triple()
+    module = rt.new_module(gemm.name)
     kinds = [_I32] * 6 + [_F32, _PTR, _I32, _PTR, _I32, _F32, _PTR, _I32]
     blas = ir.Function(module, ir.FunctionType(ir.VoidType(), kinds), _SYMBOL)
     fn, b = rt.handler(module)

@@ -226,3 +226,23 @@ def run_device_script(name: str, timeout: int) -> dict:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def many_leaf_tree(seed: int, big: int, matrix: bool = True) -> dict:
+    """f32, bf16 and f16 parameters: one of ``big`` elements, optionally a (33, 7) matrix, and more
+    small ones than one call of optgen's own CPU loop takes (so a step is several calls)."""
+    import jax.numpy as jnp
+    import ml_dtypes
+    from optgen.codegen.primitive import FFI_MAX_LEAVES
+
+    rng = np.random.default_rng(seed)
+    tree = {"big": rng.normal(size=big).astype(np.float32)}
+    if matrix:
+        tree["m"] = rng.normal(size=(33, 7)).astype(np.float32)
+    tree["bf16"] = rng.normal(size=(5, 300)).astype(ml_dtypes.bfloat16)
+    tree["f16"] = rng.normal(size=129).astype(np.float16)
+    tree |= {
+        f"s{i:03d}": rng.normal(size=int(rng.integers(1, 40))).astype(np.float32)
+        for i in range(FFI_MAX_LEAVES + 2)
+    }
+    return {k: jnp.asarray(v) for k, v in tree.items()}

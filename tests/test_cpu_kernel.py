@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from conftest import many_leaf_tree
 from optgen.codegen import ffi_runtime, primitive
 
 import optgen
@@ -20,19 +20,7 @@ BIG = 3 * ffi_runtime.CHUNK_ELEMENTS + 5
 
 
 def mixed_tree(seed):
-    rng = np.random.default_rng(seed)
-    tree = {
-        "big": rng.normal(size=BIG).astype(np.float32),
-        "m": rng.normal(size=(33, 7)).astype(np.float32),
-        "bf16": rng.normal(size=(5, 300)).astype(ml_dtypes.bfloat16),
-        "f16": rng.normal(size=129).astype(np.float16),
-    }
-    # more parameters than one call of the loop takes, so the step is several calls
-    tree |= {
-        f"s{i:03d}": rng.normal(size=int(rng.integers(1, 40))).astype(np.float32)
-        for i in range(primitive.FFI_MAX_LEAVES + 2)
-    }
-    return {k: jnp.asarray(v) for k, v in tree.items()}
+    return many_leaf_tree(seed, BIG)
 
 
 def run(spec, lowering, steps=3, **hypers):

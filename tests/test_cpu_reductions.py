@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
-from conftest import rel_err
-from optgen.codegen import ffi_runtime, primitive
+from conftest import many_leaf_tree, rel_err
+from optgen.codegen import ffi_runtime
 from optgen.codegen.interpret import interpret
 
 import optgen
@@ -122,17 +121,7 @@ def test_reductions_in_the_loop_in_float32(spec, hypers):
 def many_leaves(seed):
     """bf16, f16 and f32 parameters, more than one call of the loop takes (so global sums cross
     calls)."""
-    rng = np.random.default_rng(seed)
-    tree = {
-        "big": rng.normal(size=BIG).astype(np.float32),
-        "bf16": rng.normal(size=(5, 300)).astype(ml_dtypes.bfloat16),
-        "f16": rng.normal(size=129).astype(np.float16),
-    }
-    tree |= {
-        f"s{i:03d}": rng.normal(size=int(rng.integers(1, 40))).astype(np.float32)
-        for i in range(primitive.FFI_MAX_LEAVES + 2)
-    }
-    return {k: jnp.asarray(v) for k, v in tree.items()}
+    return many_leaf_tree(seed, BIG, matrix=False)
 
 
 def test_per_parameter_sums_on_mixed_dtypes_and_many_leaves():
