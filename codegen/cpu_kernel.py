@@ -64,9 +64,8 @@ class Call:
     sizes: tuple[int, ...]  # each parameter's number of elements
     out_names: tuple[str, ...]
     out_extents: tuple[str, ...]  # "tensor" or "step"
-    out_dtypes: tuple[
-        tuple[np.dtype, ...], ...
-    ]  # per output, per parameter (one dtype for a step output)
+    # per output, per parameter (one dtype for a step output)
+    out_dtypes: tuple[tuple[np.dtype, ...], ...]
     step_dtype: np.dtype
     delta_output: str | None
     in_place: bool  # each output named like an input is stored over it

@@ -46,9 +46,8 @@ I8, I32, I64, PTR, VOID = (
     ir.VoidType(),
 )
 
-_REGISTERED: dict[
-    str, tuple
-] = {}  # target name -> its execution engine and handler, alive for the process
+# target name -> its execution engine and handler, alive for the process
+_REGISTERED: dict[str, tuple] = {}
 
 
 def kernel_name(prefix: str, specialized_on: tuple) -> str:

@@ -332,9 +332,8 @@ def _lower_ffi(
 ):
     """The step as calls of optgen's own CPU loop (codegen/cpu_kernel.py), one per
     :data:`FFI_MAX_LEAVES` parameters; the first also writes the per-step outputs."""
-    starts = np.cumsum([0] + [n if extent == "tensor" else 1 for extent in out_extents])[
-        :-1
-    ]  # each output's first
+    # each output's first
+    starts = np.cumsum([0] + [n if extent == "tensor" else 1 for extent in out_extents])[:-1]
     out_names = tuple(name for name, _ in func.outputs)
     scaled_out = tuple(_scaled_out(out_names, out_dtypes))
     first_scale = len(tensor_names) * n + len(scalar_names)

@@ -65,9 +65,8 @@ class _Checker:
         self.extents: dict[str, str] = {}
         self.dtypes: dict[str, str | None] = {}
         self.readonly: set[str] = set()
-        self.conflicts: dict[
-            str, ast.If
-        ] = {}  # names whose two branches gave different matrix extents
+        # names whose two branches gave different matrix extents
+        self.conflicts: dict[str, ast.If] = {}
         self.shape_ifs = 0  # how many ifs on shape constants enclose the statement being checked
 
     def error(

@@ -111,9 +111,8 @@ class Program:
     state_extents: dict[str, str] = field(default_factory=dict)
     factoring: Factoring = NOT_FACTORED  # which parameters have rows and columns (optgen.types)
     derived: Function | None = None  # the spec's outputs, from p, t, the states and hyperparameters
-    extra_inputs: tuple[
-        str, ...
-    ] = ()  # per-element inputs of update beside g (Sophia's Hessian estimate)
+    # per-element inputs of update beside g (Sophia's Hessian estimate)
+    extra_inputs: tuple[str, ...] = ()
     rounding: str = (
         "nearest"  # how update's bf16 stores round: or "stochastic" (codegen/rounding.py)
     )

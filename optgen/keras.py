@@ -231,9 +231,8 @@ class Optimizer(keras.optimizers.Optimizer):
         }
         # holds Keras's own transform arguments (clipnorm, use_ema, ...)
         config = super().get_config()
-        others = {
-            k: v for k, v in spec["transforms"].items() if k not in config
-        }  # optgen's own: skip_nonfinite
+        # optgen's own: skip_nonfinite
+        others = {k: v for k, v in spec["transforms"].items() if k not in config}
         return (
             config
             | others

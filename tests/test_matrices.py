@@ -186,9 +186,8 @@ def test_every_construct_goes_through_every_stage_of_the_command_line(emit, tmp_
         p, g, h = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3))
         opt = optgen.load(str(CONSTRUCTS))
         state = opt.init({"w": p})
-        slots = {
-            name: np.array(slot["w"]) for name, slot in state.slots.items()
-        }  # before step donates them
+        # before step donates them
+        slots = {name: np.array(slot["w"]) for name, slot in state.slots.items()}
         want, after = opt.step(
             {"w": jax.numpy.asarray(p)}, {"w": jax.numpy.asarray(g)}, state, h={"w": h}
         )

@@ -197,11 +197,12 @@ def test_a_state_for_other_parameters_names_the_leaf():
     "params",
     [
         {"b": np.ones(64), "w": np.ones((BIG,))},  # one small leaf, flattened before a big one
+        # one small leaf between two big
         {
             "a": np.ones((BIG,)),
             "b": np.full(5, 2.0),
             "c": np.ones((BIG + 7,)),
-        },  # one small leaf between two big
+        },
     ],
     ids=["small-first", "small-between"],
 )

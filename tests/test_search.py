@@ -317,10 +317,11 @@ def test_the_funnel_ranks_against_every_candidate_that_reached_a_task(tmp_path, 
     for _ in range(4):
         evolution.round(0.0, 0.0)
     scored = [len(c.stage_scores) for c in evolution.candidates]
+    # the seed and 4 children reached task 1
     assert len(evolution.history[1]) == 5 and set(scored) <= {
         1,
         2,
-    }  # the seed and 4 children reached task 1
+    }
     assert evolution.history[1] == [c.stage_scores[0] for c in evolution.candidates]
 
 

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+# a 512 x 2048 MLP kernel; the 16000 x 512 embedding, transposed
 SHAPES = [
     (512, 2048),
     (512, 16000),
-]  # a 512 x 2048 MLP kernel; the 16000 x 512 embedding, transposed
+]
 FLAGS = [
     "",
     "--xla_cpu_use_onednn=true",

@@ -27,9 +27,8 @@ from optgen.runtime.validate import check_hyperparams
 from optgen.transforms import DEFAULTS as TRANSFORM_OPTIONS
 from optgen.transforms import TransformOptions, split_options
 
-_COMPILED: dict[
-    Any, Compiled
-] = {}  # grows with each distinct optimizer a process loads: a few per program
+# grows with each distinct optimizer a process loads: a few per program
+_COMPILED: dict[Any, Compiled] = {}
 
 
 def load(

@@ -205,9 +205,8 @@ class Plan:
             for name in self.state_names
             if name in out
         }
-        slots = {
-            name: slots.get(name, state.slots[name]) for name in self.state_names
-        }  # read-only: as given
+        # read-only: as given
+        slots = {name: slots.get(name, state.slots[name]) for name in self.state_names}
         return treedef.unflatten(layout.unpack(out["p"])), OptState(count, state.hyperparams, slots)
 
     def outputs(self, params, state: OptState, bound: dict) -> dict:

@@ -23,9 +23,8 @@ class OptState(NamedTuple):
 
     # int32: calls of update/step so far (with skip_nonfinite or accumulation, not all update p)
     count: jax.Array
-    hyperparams: dict[
-        str, jax.Array
-    ]  # the hyperparameters given as numbers: changeable between steps
+    # the hyperparameters given as numbers: changeable between steps
+    hyperparams: dict[str, jax.Array]
     slots: dict[str, Any]
 
 

@@ -24,9 +24,8 @@ from optgen.syntax import Range
 class Option:
     name: str
     default: Any  # None or False: the transform is off
-    validate: Callable[
-        [str, Any], None
-    ]  # raises SpecError (E342) for a value the option does not take
+    # raises SpecError (E342) for a value the option does not take
+    validate: Callable[[str, Any], None]
     hyper_range: Range | None = None  # a hyperparameter of the same name, kept in this range
 
     @property
