@@ -258,3 +258,25 @@ def test_the_own_loop_is_one_call_at_the_q8_minimum(spec):
     assert report.min_bytes_per_element == pytest.approx(12 + states * 2 * (1 + 4 / 256))
     assert report.kernels == 1
     assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)
+
+
+def test_a_q8_step_with_sums_runs_on_xla_loops_and_ffi_refuses_it():
+    """The reading pass reads stored values, and a q8 state's need its block's scale: such a
+    step keeps XLA's loops under auto (the same numbers as lowering='shared'), and
+    lowering='ffi' says why it cannot run it."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(300, 70)), jnp.float32)}
+    results = []
+    for lowering in ("auto", "shared"):
+        opt = optgen.load("adamw8bit", global_clipnorm=1.0, lowering=lowering)
+        p, state = jax.tree.map(jnp.copy, params), opt.init(params)
+        for step in range(3):
+            grads = {
+                "w": jnp.asarray(np.random.default_rng(step).normal(size=(300, 70)), jnp.float32)
+            }
+            p, state = opt.step(p, grads, state)
+        results.append(p["w"])
+    np.testing.assert_array_equal(results[0], results[1])
+    opt = optgen.load("adamw8bit", global_clipnorm=1.0, lowering="ffi")
+    with pytest.raises(optgen.InputError, match="E384.*sums keeps q8 state"):
+        opt.step(params, params | {"w": params["w"] + 1}, opt.init(params))
