@@ -35,9 +35,15 @@ from optgen.codegen.quantize import Q8
 from optgen.ir import Function, print_function
 
 
-def unsupported(func: Function, out_extents: tuple[str, ...]) -> str | None:
-    """Why the per-element loop cannot run ``func`` (None when it can). Sums over a parameter
-    or over every parameter run as a reading pass before the update (codegen/reading_pass.py)."""
+def unsupported(
+    func: Function, out_extents: tuple[str, ...], quantized: bool = False
+) -> str | None:
+    """Why the per-element loop cannot run ``func`` (None when it can); ``quantized``: some state
+    is q8. Sums over a parameter or over every parameter run as a reading pass before the update
+    (codegen/reading_pass.py)."""
+    if quantized and reading_pass.has_reductions(func):
+        # the reading pass reads stored values; a q8 state's need its block's scale
+        return "a step with sums keeps q8 state"
     for op in func.ops:
         if op.opcode in STRUCTURAL and op.opcode not in reading_pass.REDUCTIONS:
             return f"it computes '{op.opcode}', which reads more than one element"

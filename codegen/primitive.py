@@ -302,10 +302,7 @@ def _refusal(ctx, params) -> str | None:
     quantized = params["scaled_in"] or _scaled_out(
         [name for name, _ in params["func"].outputs], params["out_dtypes"]
     )
-    if quantized and reading_pass.has_reductions(params["func"]):
-        # the reading pass reads stored values; a q8 state's need its block's scale
-        return "a step with sums keeps q8 state"
-    return cpu_kernel.unsupported(params["func"], params["out_extents"])
+    return cpu_kernel.unsupported(params["func"], params["out_extents"], bool(quantized))
 
 
 def _one_device(module_context) -> bool:

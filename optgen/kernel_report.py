@@ -193,6 +193,7 @@ def inspect(
             cpu_kernel.unsupported(
                 program.update,
                 tuple(program.extents().get(name, "tensor") for name, _ in program.update.outputs),
+                quantize.Q8 in export.state_dtypes(program, dtype).values(),
             ),
             stochastic=program.rounding == "stochastic",
             prefer_own_loop=fusion.own_loop_preferred(program.update, out_dtypes),

@@ -277,6 +277,9 @@ def test_a_q8_step_with_sums_runs_on_xla_loops_and_ffi_refuses_it():
             p, state = opt.step(p, grads, state)
         results.append(p["w"])
     np.testing.assert_array_equal(results[0], results[1])
+    # optgen inspect reports the lowering the step takes
+    report = inspect(opt.compiled.program, np.dtype(np.float32), 1 << 16)
+    assert report.lowering == "shared"
     opt = optgen.load("adamw8bit", global_clipnorm=1.0, lowering="ffi")
     with pytest.raises(optgen.InputError, match="E384.*sums keeps q8 state"):
         opt.step(params, params | {"w": params["w"] + 1}, opt.init(params))
