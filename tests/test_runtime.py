@@ -197,8 +197,8 @@ def test_a_factored_artifact_steps_as_the_optimizer_does(tmp_path):
 
 
 def test_runtime_imports_run_one_way():
-    # load and checkpoint -> optimizer -> validate, packing, ... -> state; a module imports only
-    # those below it
+    # load and checkpoint -> optimizer -> validate, parts, packing, ... -> state; a module imports
+    # only those below it
     import ast
     import pathlib
 
@@ -208,6 +208,7 @@ def test_runtime_imports_run_one_way():
         "config",
         "placement",
         "packing",
+        "parts",
         "validate",
         "optimizer",
         "checkpoint",

@@ -15,6 +15,7 @@ The jitted step, update and init are shared by every optimizer with the same
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,7 @@ from optgen.codegen.primitive import run_ir
 from optgen.compiler import Compiled
 from optgen.diagnostics import InputError
 from optgen.ir import dependencies
-from optgen.runtime import packing, placement
+from optgen.runtime import packing, parts, placement
 from optgen.runtime.config import get_config
 from optgen.runtime.state import OptState, safe_increment, step_dtype
 from optgen.runtime.validate import InputChecker, check_params
@@ -89,6 +90,12 @@ class Plan:
             sorted(hyperparams.keys() - set(self.stored) - {name for name, _ in self.schedules})
         )
         self.delta_reads_params = _delta_reads_params(compiled.program.update)
+        self.per_parameter = tuple(
+            name for name in self.state_names if self.extents[name] != "step"
+        )
+        self.splittable = parts.splittable(
+            compiled.program, pack, masked=transform_options.has_leaf_inputs()
+        )
         self.checker = InputChecker(self)
         self._key = (
             (identity, pack, lowering, self.stored, self.schedules)
@@ -171,7 +178,7 @@ class Plan:
         count = safe_increment(state.count)
         if not leaves:
             return params, OptState(count, state.hyperparams, state.slots)
-        per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
+        per_parameter = self.per_parameter
         layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
         units = layout.pack(leaves)
         # Per-leaf inputs (the weight-decay mask) come with leaf ops, so their specs are never
@@ -215,7 +222,7 @@ class Plan:
         """
         derived = self.compiled.program.derived
         leaves, treedef = jax.tree.flatten(params)
-        per_parameter = [name for name in self.state_names if self.extents[name] != "step"]
+        per_parameter = self.per_parameter
         layout = packing.layout_of({name: state.slots[name] for name in per_parameter}, leaves)
         units = layout.pack(leaves)
         tensors = {"p": units} | {
@@ -317,6 +324,18 @@ def _run_step(plan: Plan, params, grads, state, bound, inputs):
 
 
 _step = jax.jit(_run_step, static_argnums=0, donate_argnums=(1, 3))
+
+
+def _run_part(plan: Plan, as_update: bool, bound, params, grads, slots, shared, inputs):
+    count, hypers, steps = shared
+    state = OptState(count, hypers, slots | steps)
+    return plan.apply(params, grads, state, bound, as_update, inputs)
+
+
+# One part of many parameters (runtime/parts.py): its params and per-parameter states are donated,
+# not the count and hyperparameters every part reads.
+_step_part = jax.jit(_run_part, static_argnums=(0, 1), donate_argnums=(3, 5))
+_update_part = jax.jit(_run_part, static_argnums=(0, 1))
 # step's form for traced arguments (under jax.grad, vmap or a user's jit): nothing to donate there,
 # and donating the concrete leaves a transformation passes along (count, hyperparameters) would
 # delete arrays the caller still holds.
@@ -365,8 +384,8 @@ class Optimizer:
         self.extents = self._plan.extents  # each output's extent: tensor, leaf, row, col or step
         # those given as numbers: kept in state.hyperparams
         self.stored_hyperparams = self._plan.stored
-        self.step = _Jitted(self, _step, traced=_step_kept)
-        self._update = _Jitted(self, _update)
+        self.step = _Jitted(self, _step, traced=_step_kept, part=_step_part)
+        self._update = _Jitted(self, _update, part=_update_part)
 
     def __repr__(self) -> str:
         return f"<optgen.Optimizer {self.name} {self.hyperparams}>"
@@ -389,9 +408,18 @@ class Optimizer:
             placement.has_buffer(leaf) and leaf.committed for leaf in leaves
         )
         shardings = tuple(leaf.sharding for leaf in leaves) if concrete else None
-        count, hypers, out = _initialize(
-            self._plan, leaves, self._stored(), self._bound(), shardings, layout
-        )
+        stored, bound = self._stored(), self._bound()
+        if parts.wanted(self._plan, leaves):
+            count, hypers, out = parts.initialize(
+                lambda xs, where: _initialize(
+                    self._plan, xs, stored, bound, where, packing.Layout.unpacked(xs)
+                ),
+                self._plan.per_parameter,
+                leaves,
+                shardings,
+            )
+        else:
+            count, hypers, out = _initialize(self._plan, leaves, stored, bound, shardings, layout)
         if concrete:
             self._spread(out, leaves, layout)
         slots = {
@@ -507,8 +535,8 @@ class _Jitted:
     declarations are keyword arguments of both.
     """
 
-    def __init__(self, opt: Optimizer, jitted, traced=None):
-        self.opt, self.jitted, self.traced = opt, jitted, traced or jitted
+    def __init__(self, opt: Optimizer, jitted, part, traced=None):
+        self.opt, self.jitted, self.part, self.traced = opt, jitted, part, traced or jitted
 
     def __call__(self, params, grads, state, **inputs):
         plan = self.opt._plan
@@ -518,9 +546,21 @@ class _Jitted:
         # inside jit, grad, vmap...: 0.2 us (a scan for tracers: 2 ms)
         traced = not jax_core.trace_state_clean()
         try:
-            return (self.traced if traced else self.jitted)(
-                plan, params, grads, state, bound, inputs
-            )
+            if traced:
+                return self.traced(plan, params, grads, state, bound, inputs)
+            if parts.wanted(plan, params):
+                # a misfit found in a later part would come after the first gave up its buffers
+                plan.checker.check_once(params, grads, state, inputs)
+                as_update = self.jitted is _update
+                return parts.run(
+                    functools.partial(self.part, plan, as_update, bound),
+                    plan.per_parameter,
+                    params,
+                    grads,
+                    state,
+                    inputs,
+                )
+            return self.jitted(plan, params, grads, state, bound, inputs)
         except TypeError:
             # jit refuses a leaf that is no array before tracing: name it as InputError
             plan.checker.check(params, grads, state, inputs)
@@ -530,7 +570,8 @@ class _Jitted:
             RuntimeError,
         ):
             # XLA's words for a donated or doubly donated buffer: say which
-            plan.checker.check(params, grads, state)  # a wrong tree is the first thing to say
+            # a wrong tree is the first thing to say (in the user's tree, not a part's list)
+            plan.checker.check(params, grads, state, inputs)
             if self.jitted is _step:
                 explain_donation(params, grads, state)
             raise

@@ -114,6 +114,20 @@ class InputChecker:
         self.plan = plan
         # the spec's, and its options' (clipnorm > 0)
         self.ranges = plan.compiled.checked.ranges | HYPER_RANGES
+        self._fitting: dict = {}  # signatures check_once passed, newest last
+
+    def check_once(self, params, grads, state, inputs: dict) -> None:
+        """:meth:`check`, skipped for arguments whose trees, shapes and dtypes passed it before
+        (about 2 us a leaf instead of 50): for a step run in parts, where a misfit found in a
+        later part would come after the first part gave up its buffers."""
+        leaves, treedef = jax.tree.flatten((params, grads, state, inputs))
+        key = (treedef, tuple((getattr(x, "shape", x), getattr(x, "dtype", x)) for x in leaves))
+        if key in self._fitting:
+            return
+        self.check(params, grads, state, inputs)
+        self._fitting[key] = None
+        if len(self._fitting) > 8:  # a few shapes at a time; forget the oldest
+            del self._fitting[next(iter(self._fitting))]
 
     def check_call(self, params, grads, state) -> None:
         """The per-call checks: the state's hyperparameters that are host numbers are in range."""

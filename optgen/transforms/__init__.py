@@ -80,12 +80,18 @@ class TransformOptions:
             v.name: float(self[v.name]) for v in program.update.inputs if v.name in HYPER_RANGES
         }
 
+    def _with_leaf_inputs(self) -> list:
+        return [m for m in TRANSFORMS if hasattr(m, "leaf_inputs") and m.enabled(self)]
+
+    def has_leaf_inputs(self) -> bool:
+        """Whether an enabled transform adds per-parameter inputs (looked up by path)."""
+        return bool(self._with_leaf_inputs())
+
     def leaf_inputs(self, params) -> dict[str, list]:
         """Per-parameter inputs of these transforms (the weight-decay mask: 1.0 or 0.0 per leaf)."""
         inputs = {}
-        for module in TRANSFORMS:
-            if hasattr(module, "leaf_inputs") and module.enabled(self):
-                inputs |= module.leaf_inputs(self, params)
+        for module in self._with_leaf_inputs():
+            inputs |= module.leaf_inputs(self, params)
         return inputs
 
 
