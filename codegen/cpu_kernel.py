@@ -23,7 +23,7 @@ from llvmlite import ir
 from optgen.codegen import ffi_runtime as rt
 from optgen.codegen import reading_pass
 from optgen.codegen.cpu_loop import loop_function
-from optgen.codegen.evaluate import STRUCTURAL, evaluate
+from optgen.codegen.evaluate import ELEMENTWISE_STRUCTURAL, STRUCTURAL, evaluate
 from optgen.codegen.ffi_runtime import I32 as _I32
 from optgen.codegen.ffi_runtime import I64 as _I64
 from optgen.codegen.ffi_runtime import PTR as _PTR
@@ -45,7 +45,9 @@ def unsupported(
         # the reading pass reads stored values; a q8 state's need its block's scale
         return "a step with sums keeps q8 state"
     for op in func.ops:
-        if op.opcode in STRUCTURAL and op.opcode not in reading_pass.REDUCTIONS:
+        if op.opcode in STRUCTURAL and op.opcode not in (
+            reading_pass.REDUCTIONS + ELEMENTWISE_STRUCTURAL
+        ):
             return f"it computes '{op.opcode}', which reads more than one element"
     allowed = {"tensor", "leaf", "step"}
     extents = {v.type.extent for v in func.inputs} | {op.result.type.extent for op in func.ops}

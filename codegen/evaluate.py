@@ -181,6 +181,7 @@ class _Layout:
     def __init__(self, backend: Backend, params: list, factoring: Factoring):
         self.backend = backend
         self.shapes = [backend.shape_of(x) for x in params]
+        self.storage = [backend.dtype_of(x) for x in params]  # what ``stored`` rounds to
         self.axes = [
             dict(zip(("row", "col"), factoring.axes(shape), strict=True)) for shape in self.shapes
         ]
@@ -318,6 +319,9 @@ class _Shapes:
     def shape_of(self, x):
         return tuple(x)
 
+    def dtype_of(self, x):
+        return None  # planning reads shapes only
+
 
 def _static_value(op: Op, known: dict, layout: _Layout, i: int):
     """The value of ``op`` for parameter i if constants and shape constants decide it, else None."""
@@ -447,6 +451,15 @@ def _operand(op, view, i):
     return view.env[id(op.operands[0])][i]
 
 
+def _stored(op, backend, view, i):
+    """The operand rounded to parameter i's storage dtype and widened back to its compute dtype
+    (itself where the two are alike: float32 and float64 parameters)."""
+    x, storage = view(op.operands[0], i, op.result.type.extent), view.layout.storage[i]
+    if storage == view.dtypes[i]:
+        return x
+    return backend.convert(backend.convert(x, storage), view.dtypes[i])
+
+
 def _axis_max(op, backend, view, i):
     """Each axis's slice maxima, end to end (a vector's slices are its elements; a 0-d parameter
     is its only slice)."""
@@ -504,8 +517,11 @@ PER_LEAF = {
     "axis_min": _axis_min,
     "sum": lambda op, backend, view, i: backend.reduce_sum(_operand(op, view, i)),
     "size": lambda op, backend, view, i: backend.size(_operand(op, view, i), view.dtypes[i]),
+    "stored": _stored,
 }
 STRUCTURAL = set(PER_LEAF) | {"gsum"}
+# The structural ops that read one element to write one (per parameter only for its dtype).
+ELEMENTWISE_STRUCTURAL = ("stored",)
 
 
 def _compute(

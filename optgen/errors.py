@@ -153,8 +153,10 @@ CATALOG: dict[str, str] = {
     # Quantized (q8) state
     "E400": "a q8 state that is not one value per element",
     "E401": "a q8 spec compiled for a symbolic shape",
-    # Stochastic rounding (optgen.load(..., stochastic_rounding=True), codegen/rounding.py)
+    # Stochastic rounding (optgen.load(..., stochastic_rounding=True), codegen/rounding.py) and
+    # Kahan summation (kahan_sum=True, optgen/transforms/kahan_sum.py)
     "E420": "stochastic rounding of a parameter with several symbolic sizes",
+    "E421": "kahan_sum together with stochastic_rounding",
     # optgen inspect's dtype mixes
     "E410": "a state dtype for a state the spec does not have",
     "E411": "a --state-dtype that is not NAME=DTYPE",

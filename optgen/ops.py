@@ -192,6 +192,13 @@ OPS: dict[str, OpDef] = {
         OpDef("select", (B, F, F), "select(c, a, b): a where c holds, else b", numpy=np.where),
         # structural: reductions and sizes, applied by the evaluator
         OpDef(
+            "stored",
+            (F,),
+            "x rounded to the parameter's storage dtype (nearest, ties to even) and computed on "
+            "as before: bf16(x) for a bfloat16 parameter, the float16 value for a float16 one, x "
+            "itself for float32 and float64 (kahan_sum's rounded p)",
+        ),
+        OpDef(
             "sum", (F,), "the sum of a parameter's values", reduces=dict.fromkeys(_ARRAYS, "leaf")
         ),
         OpDef(

@@ -7,8 +7,9 @@ rewrite shows in ``optgen compile --emit ir`` and is fused into the same kernel.
 
 The options take Keras's names and defaults (``keras.optimizers.Optimizer``), plus
 optax's ``mask`` and ``skip_nonfinite`` (``optax.apply_if_finite``), TF Model
-Garden's ``include_in_weight_decay`` and torchao's stochastic rounding of bf16 stores
-(``stochastic_rounding``). Numbers among them
+Garden's ``include_in_weight_decay``, torchao's stochastic rounding of bf16 stores
+(``stochastic_rounding``) and torch-optimi's Kahan-compensated bf16 parameters
+(``kahan_sum``). Numbers among them
 become hyperparameters of the same name (``clipnorm``, ``ema_momentum``, ...): they
 live in the optimizer state and change without recompiling.
 
@@ -33,17 +34,37 @@ from optgen.transforms import (
     clip,
     decay_mask,
     ema,
+    kahan_sum,
     loss_scale,
     skip_nonfinite,
     stochastic_rounding,
 )
 from optgen.transforms.option import Option
 
-# innermost first; stochastic_rounding changes how the update's stores round, not its values
-TRANSFORMS = (decay_mask, clip, accumulate, ema, skip_nonfinite, loss_scale, stochastic_rounding)
+# innermost first; stochastic_rounding changes how the update's stores round, not its values;
+# kahan_sum compensates the store of the final p, so it wraps everything
+TRANSFORMS = (
+    decay_mask,
+    clip,
+    accumulate,
+    ema,
+    skip_nonfinite,
+    loss_scale,
+    stochastic_rounding,
+    kahan_sum,
+)
 # Listed (in hints and docs) in Keras's order: clips, EMA, loss scale, accumulation, then the
 # others.
-_LISTED = (clip, ema, loss_scale, accumulate, decay_mask, skip_nonfinite, stochastic_rounding)
+_LISTED = (
+    clip,
+    ema,
+    loss_scale,
+    accumulate,
+    decay_mask,
+    skip_nonfinite,
+    stochastic_rounding,
+    kahan_sum,
+)
 OPTIONS: dict[str, Option] = {
     option.name: option for module in _LISTED for option in module.OPTIONS
 }
