@@ -112,7 +112,12 @@ def own_loop_preferred(func: Function, out_dtypes: Sequence[Sequence[np.dtype]])
     where XLA's one reduce loop and one update loop are the minimum (novograd's norm(g): the own
     loop took 1.09x; in bf16 XLA splits it, 20 B against 12); and with an output that is an input
     passed through (adan's prev_g = g: XLA copies it apart and splits the step, 68 B against 44;
-    0.15x). ``out_dtypes`` holds each per-element output's dtype per parameter."""
+    0.15x); and with a ``stored`` op (kahan_sum: XLA's one loop computes the update once for
+    ``p`` and again for ``kahan_comp``; AdamW on bf16 transformer leaves took 1.40x the step
+    without it, the own loop 1.07x). ``out_dtypes`` holds each per-element output's dtype per
+    parameter."""
+    if any(op.opcode == "stored" for op in func.ops):
+        return True
     sums = [op.operands[0] for op in func.ops if op.opcode == "sum"]
     if sums:
         read = dependencies(func, sums)

@@ -247,6 +247,9 @@ def test_auto_takes_the_cpu_loop_for_steps_with_sums_where_it_measured_faster():
     assert fusion.own_loop_preferred(program("novograd").update, [[bf16], [bf16]])
     assert fusion.own_loop_preferred(program("adan").update, [[f32]])  # prev_g = g
     assert not fusion.own_loop_preferred(program("adamw").update, [[f32]])
+    # kahan_sum: XLA's loop computes the update for p and again for kahan_comp
+    kahan = optgen.load("adamw", kahan_sum=True).compiled.program.update
+    assert fusion.own_loop_preferred(kahan, [[bf16]] * 4)
 
 
 def test_ffi_where_it_cannot_run_is_an_error():

@@ -136,6 +136,15 @@ WORKLOADS = {
         jnp.bfloat16,
         {"stochastic_rounding": True},
     ),
+    # optgen.load(..., kahan_sum=True) against the same step without it (optgen-nearest) and
+    # torch-optimi's AdamW(kahan_sum=True); optax and torch's fused AdamW round to nearest.
+    "bf16-kahan": (
+        "transformer leaves, bf16 params and state, Kahan-compensated params",
+        transformer_shapes(),
+        jnp.bfloat16,
+        jnp.bfloat16,
+        {"kahan_sum": True},
+    ),
     # optax's mu_dtype; torch's fused AdamW has no such option, so it sits this one out.
     "bf16-mu": (
         "transformer leaves, f32 params, bf16 first moment",
@@ -271,6 +280,12 @@ def _torchao_stochastic(params):
     return [_AdamW(params, **_torch_adamw_hypers(), bf16_stochastic_round=True)]
 
 
+def _optimi_kahan(params):
+    import optimi  # torch-optimi: its compensation in bf16 beside each bf16 parameter
+
+    return [optimi.AdamW(params, **_torch_adamw_hypers(), kahan_sum=True)]
+
+
 def _deepspeed_cpu_adam(params):
     from deepspeed.ops.adam import DeepSpeedCPUAdam  # its C++ op, built on first use (ninja)
 
@@ -284,6 +299,7 @@ TORCH_REFERENCES = {
     "bnb-8bit": _bnb_8bit,
     "deepspeed-cpuadam": _deepspeed_cpu_adam,
     "torchao-sr": _torchao_stochastic,
+    "optimi-kahan": _optimi_kahan,
 }
 # Which references each workload runs besides torch-fused (which runs wherever its state's dtype
 # can be the workload's). The 8-bit and CPU-Adam libraries run the 16M single tensor, as in
@@ -292,6 +308,7 @@ EXTRA_REFERENCES = {
     "single": ("torchao-8bit", "bnb-8bit", "deepspeed-cpuadam"),
     "8bit": ("torchao-8bit", "bnb-8bit"),
     "bf16-sr": ("torchao-sr",),
+    "bf16-kahan": ("optimi-kahan",),
 }
 
 
@@ -340,6 +357,10 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
             OptgenRunner(params, grads, spec, **options),
             OptaxRunner(params, grads, mu_dtype=state_dtype if mixed else None),
         ]
+        if options.get("kahan_sum"):  # what the compensation costs, paired per repeat
+            nearest = OptgenRunner(params, grads, spec)
+            nearest.name = "optgen-nearest"
+            runners.append(nearest)
         if compare_xla:
             xla = OptgenRunner(
                 params, grads, spec, lowering=xla_lowering(len(shapes), not mixed), **options
