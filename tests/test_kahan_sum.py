@@ -4,6 +4,7 @@ leave float32 parameters as they were, and follow float32 training where plain b
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -170,6 +171,59 @@ def test_adamw_alike_on_both_lowerings(adamw_f32_moments):
         carried = np.abs((p[0] + c[0]) - (p[1] + c[1]))
         assert np.all(carried <= 2.0**-16 * np.abs(p[0])), k  # twice bf16's significant bits
     assert differ <= 1e-4 * sum(v.size for v in params.values())
+
+
+@pytest.mark.parametrize(
+    "option", [{"skip_nonfinite": True}, {"gradient_accumulation_steps": 2}], ids=lambda o: [*o][0]
+)
+def test_a_call_that_does_not_update_keeps_p_and_kahan_comp(option):
+    """skip_nonfinite and accumulation wrap the compensated update: a skipped step or an
+    accumulating call leaves both bit for bit (outside, p + c would round again)."""
+    opt = optgen.load("adamw", learning_rate=1e-2, kahan_sum=True, **option)
+    params = {k: jnp.asarray(v) for k, v in mixed_params(BF16).items()}
+    grads = [{k: jnp.asarray(v) for k, v in g.items()} for g in gradients(params, 3)]
+    state = opt.init(params)
+    for g in grads[:2]:  # a step, then the accumulation's first call of the next
+        params, state = opt.step(params, g, state)
+    if "skip_nonfinite" in option:
+        grads[2]["s000"] = grads[2]["s000"].at[0].set(jnp.nan)
+    else:
+        grads[2] = grads[1]  # (compensations are nonzero only after an update)
+    before = jax.tree.map(np.array, (params, state.slots["kahan_comp"]))  # copies: step donates
+    assert any(np.any(c != 0) for c in before[1].values())
+    params, state = opt.step(params, grads[2], state)
+    for old, new in zip(before, (params, state.slots["kahan_comp"]), strict=True):
+        for k in old:
+            np.testing.assert_array_equal(np.asarray(new[k]), old[k], err_msg=k)
+
+
+def test_vmap_and_pack_step_as_the_kernel():
+    """Under jax.vmap the step is the IR in jnp ops (codegen/jnp_backend.py), and with
+    pack=True small parameters' states live in flat buffers: both give the kernel's bits."""
+    rng = np.random.default_rng(4)
+    params = {"w": jnp.asarray(rng.normal(size=(2, 300)), jnp.bfloat16)}
+    grads = {"w": jnp.asarray(rng.normal(size=(2, 300)), jnp.bfloat16)}
+    opt = optgen.load("adamw", learning_rate=1e-3, kahan_sum=True)
+    state = opt.init({"w": params["w"][0]})
+    alone = [opt.update({"w": grads["w"][i]}, state, {"w": params["w"][i]}) for i in range(2)]
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    batched = jax.vmap(opt.update)(grads, stacked, params)
+    for i in range(2):
+        for got, want in (
+            (batched[0]["w"][i], alone[i][0]["w"]),
+            (batched[1].slots["kahan_comp"]["w"][i], alone[i][1].slots["kahan_comp"]["w"]),
+        ):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    small = {k: v for k, v in mixed_params(BF16).items() if v.size <= 40}
+    unpacked, unpacked_state = run("adamw", small, "auto", 5, kahan_sum=True)
+    packed, packed_state = run("adamw", small, "auto", 5, kahan_sum=True, pack=True)
+    for k in small:
+        np.testing.assert_array_equal(np.asarray(packed[k]), np.asarray(unpacked[k]), err_msg=k)
+        np.testing.assert_array_equal(
+            np.asarray(packed_state.slots["kahan_comp"][k]),
+            np.asarray(unpacked_state.slots["kahan_comp"][k]),
+            err_msg=k,
+        )
 
 
 def test_refused_with_stochastic_rounding():

@@ -16,9 +16,9 @@ live in the optimizer state and change without recompiling.
 Each transform is one module that declares its options (:mod:`optgen.transforms.option`:
 name, default, the values it takes, and the range of those that become hyperparameters).
 Transforms wrap each other in the order of :data:`TRANSFORMS`, innermost first:
-weight-decay mask, clip, accumulation, EMA, skip_nonfinite, loss scale. This is Keras's
-order (unscale, accumulate, clip, update, average); a non-finite gradient is skipped
-before it is accumulated. A spec may not declare a name that is one of these options
+weight-decay mask, clip, Kahan summation, accumulation, EMA, skip_nonfinite, loss scale.
+This is Keras's order (unscale, accumulate, clip, update, average); a non-finite gradient is
+skipped before it is accumulated. A spec may not declare a name that is one of these options
 (E260): ``optgen.load(spec, ema_momentum=...)`` must mean one thing.
 """
 
@@ -42,16 +42,17 @@ from optgen.transforms import (
 from optgen.transforms.option import Option
 
 # innermost first; stochastic_rounding changes how the update's stores round, not its values;
-# kahan_sum compensates the store of the final p, so it wraps everything
+# kahan_sum compensates the update's store of p, inside the transforms that gate p and state (a
+# call that does not update leaves p and kahan_comp bit for bit)
 TRANSFORMS = (
     decay_mask,
     clip,
+    kahan_sum,
     accumulate,
     ema,
     skip_nonfinite,
     loss_scale,
     stochastic_rounding,
-    kahan_sum,
 )
 # Listed (in hints and docs) in Keras's order: clips, EMA, loss scale, accumulation, then the
 # others.

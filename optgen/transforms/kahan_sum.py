@@ -3,8 +3,8 @@
 As torch-optimi's ``kahan_sum=True``: a parameter stored in bfloat16 loses every update
 smaller than half its ulp (a bf16 parameter of 1.0 never moves under steps of 1e-3). A
 state ``kahan_comp`` in the parameter's dtype holds what the last store rounded away, and
-the next step adds it back. With ``p'`` the float32 value the wrapped update gives for
-``p`` and ``c`` the compensation::
+the next step adds it back. With ``p'`` the float32 value the wrapped update (the spec's,
+after clips and the weight-decay mask) gives for ``p`` and ``c`` the compensation::
 
     s  = p' + c            # the step's exact target, to float32
     p  = stored(s)         # s rounded to the parameter's dtype (to nearest)
@@ -12,7 +12,9 @@ the next step adds it back. With ``p'`` the float32 value the wrapped update giv
 
 A float32 or float64 parameter stores ``s`` exactly, so its ``c`` stays 0 and its ``p`` is
 the wrapped update's (as torch-optimi, which compensates only low-precision parameters).
-The pair ``p + c`` carries about twice the parameter's significant bits.
+The pair ``p + c`` carries about twice the parameter's significant bits. Accumulation, EMA
+and skip_nonfinite wrap this transform: a call that does not update leaves ``p`` and ``c`` bit
+for bit, and an EMA overwrite stores the average to nearest.
 """
 
 from __future__ import annotations
