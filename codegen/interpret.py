@@ -54,6 +54,10 @@ class NumpyBackend:
     def convert(self, x, dtype):
         return self.xp.asarray(x).astype(dtype)
 
+    def round_to(self, x, dtype):
+        """``x`` rounded to ``dtype`` (to nearest, ties to even), kept in its own dtype."""
+        return self.convert(self.convert(x, dtype), self.dtype_of(x))
+
     def broadcast(self, x, like):
         return self.xp.broadcast_to(x, self.xp.shape(like))
 

@@ -183,6 +183,9 @@ class LoopBackend:
         widen = _WIDTH[str(target)] > _WIDTH[str(x.type)]
         return self._result((builder.fpext if widen else builder.fptrunc)(x, target), builder)
 
+    def round_to(self, x, dtype):
+        return self.convert(self.convert(x, dtype), self.dtype_of(x))
+
     def integer(self, opcode, operands):
         builder = self._builder_for(operands)
         return self._result(INTEGER_EMIT[opcode](builder, *operands), builder)

@@ -7,6 +7,7 @@ location (``loc("adamw.spec":14:3)``) so XLA dumps and profiles point at spec li
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 from jax.interpreters import mlir
 from jaxlib.mlir import ir
@@ -130,6 +131,16 @@ class StableHLOBackend:
         if source.element_type == target:
             return x
         return hlo.ConvertOp(ir.RankedTensorType.get(source.shape, target), x).result
+
+    def round_to(self, x, dtype):
+        """``x`` rounded to ``dtype``, kept in its own type: into bfloat16 as one reduce_precision,
+        which XLA's GPU pipelines keep where they drop an f32 -> bf16 -> f32 convert pair (their
+        simplify-fp-conversions pass, under the default xla_allow_excess_precision); it is the
+        pair bit for bit (the same exponent bits). float16 keeps the pair: reduce_precision
+        flushes float16's subnormals to zero."""
+        if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+            return hlo.ReducePrecisionOp(x, exponent_bits=8, mantissa_bits=7).result
+        return self.convert(self.convert(x, dtype), self.dtype_of(x))
 
     def broadcast(self, x, like):
         """Broadcast ``x`` (0-d, or of ``like``'s rank with size-1 axes) to the shape of ``like``

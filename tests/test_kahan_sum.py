@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from optgen.codegen import ffi_runtime, primitive
+from optgen.codegen import export, ffi_runtime, primitive
 
 import optgen
 from optgen.diagnostics import SpecError
@@ -224,6 +224,15 @@ def test_vmap_and_pack_step_as_the_kernel():
             np.asarray(unpacked_state.slots["kahan_comp"][k]),
             err_msg=k,
         )
+
+
+def test_xla_rounds_bf16_with_one_reduce_precision():
+    """XLA's GPU pipelines drop an f32 -> bf16 -> f32 convert pair (simplify-fp-conversions),
+    which would leave nothing to compensate: XLA's loops round with reduce_precision instead."""
+    program = optgen.load("adamw", kahan_sum=True).compiled.program
+    text = export.stablehlo_text(program, BF16, "n")
+    assert text.count("stablehlo.reduce_precision") == 1
+    assert "stablehlo.reduce_precision" not in export.stablehlo_text(program, F32, "n")
 
 
 def test_refused_with_stochastic_rounding():
