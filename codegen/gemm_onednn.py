@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import llvmlite.binding as llvm
@@ -60,11 +61,21 @@ def _check(status: int) -> None:
 @functools.cache
 def onednn() -> _Handles | None:
     """oneDNN, from the ``onednn-cpu-gomp`` wheel beside this interpreter, with its engine and
-    stream (or None)."""
+    stream (or None: not installed, or a build without a CPU engine, such as the SYCL one of
+    the ``onednn`` wheel, which is said once in a warning)."""
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         path = Path(prefix) / "lib" / "libdnnl.so.3"
         if path.exists():
-            return _Handles(ctypes.CDLL(str(path)))
+            try:
+                return _Handles(ctypes.CDLL(str(path)))
+            except (OSError, AttributeError, RuntimeError) as err:
+                warnings.warn(
+                    f"{path} cannot run on this CPU ({err}); bfloat16 products use MKL or XLA's "
+                    "dot (pip install onednn-cpu-gomp)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return None
     return None
 
 

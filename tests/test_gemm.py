@@ -213,3 +213,20 @@ def test_a_failing_handler_raises_its_message():
     call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((2,), jnp.float32))
     with pytest.raises(Exception, match="the library said no"):
         jax.block_until_ready(jax.jit(call)(jnp.ones(2)))
+
+
+def test_a_onednn_that_cannot_load_leaves_the_products_to_the_others(tmp_path, monkeypatch):
+    """A libdnnl.so.3 that does not load (here an empty file; the SYCL build of the ``onednn``
+    wheel fails the same way, without a CPU engine) is said in a warning, and the GEMM falls
+    back to MKL or XLA's dot instead of failing the step."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libdnnl.so.3").write_bytes(b"")
+    monkeypatch.setattr("sys.prefix", str(tmp_path))
+    monkeypatch.setattr("sys.base_prefix", str(tmp_path))
+    gemm_onednn.onednn.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot run on this CPU"):
+            assert gemm_onednn.onednn() is None
+        assert gemm_kernel.library() in ("mkl", None)
+    finally:
+        gemm_onednn.onednn.cache_clear()
