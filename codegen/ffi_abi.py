@@ -105,6 +105,18 @@ class Api(ctypes.Structure):
     ]
 
 
+ERROR_INTERNAL = 13  # XLA_FFI_Error_Code_INTERNAL
+
+
+class ErrorCreateArgs(ctypes.Structure):  # XLA_FFI_Error_Create_Args
+    _fields_ = [
+        ("struct_size", _SIZE),
+        ("extension_start", _P),
+        ("message", _P),
+        ("errc", ctypes.c_int),
+    ]
+
+
 class ErrorDestroyArgs(ctypes.Structure):
     _fields_ = [("struct_size", _SIZE), ("extension_start", _P), ("error", _P)]
 

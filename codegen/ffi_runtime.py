@@ -339,6 +339,22 @@ def _forget_error(b: ir.IRBuilder, api, error) -> None:
         _api_call(b, api, "Error_Destroy", abi.ErrorDestroyArgs, {"error": error})
 
 
+def error_if(b: ir.IRBuilder, frame, failed, message: str):
+    """The handler's result for a call that can fail: a new XLA_FFI_Error (``message``, INTERNAL)
+    where ``failed`` (an i1) is true, else null (XLA then raises it in the caller)."""
+    text = bytearray(message.encode() + b"\0")
+    string = ir.GlobalVariable(b.module, ir.ArrayType(I8, len(text)), b.module.get_unique_name())
+    string.global_constant, string.linkage = True, "internal"
+    string.initializer = ir.Constant(ir.ArrayType(I8, len(text)), text)
+    result = b.alloca(PTR)
+    b.store(ir.Constant(PTR, None), result)
+    with b.if_then(failed):
+        api = _field(b, frame, abi.CallFrame, "api")
+        values = {"message": string, "errc": ir.Constant(I32, abi.ERROR_INTERNAL)}
+        b.store(_api_call(b, api, "Error_Create", abi.ErrorCreateArgs, values), result)
+    return b.load(result, typ=PTR)
+
+
 def handler(module) -> tuple[ir.Function, ir.IRBuilder]:
     """``handler(call_frame)``, the FFI entry point (XLA_FFI_Handler): it answers XLA's metadata
     query (the FFI API version) and returns a builder at the block that runs the call, for the

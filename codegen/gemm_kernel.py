@@ -1,17 +1,19 @@
-"""A bfloat16 matrix product on CPU: MKL's ``cblas_gemm_bf16bf16f32`` called through XLA's FFI.
+"""A bfloat16 matrix product on CPU: oneDNN's matmul or MKL's ``cblas_gemm_bf16bf16f32``,
+called through XLA's FFI.
 
-XLA:CPU's dot never reaches the AMX tiles that a bfloat16 GEMM runs on: on Muon's products it
-is 7-13x slower than torch's (docs/fusion.md). When a spec multiplies two values it rounded to
-bfloat16 (``bf16(x) @ bf16(y)``), the product of their bfloat16 bits accumulated in float32 is
-the same number up to the order of the sum, so on CPU the StableHLO backend hands such a
-product of two matrices to MKL: a custom call whose handler (built with the FFI machinery of
-:mod:`codegen.cpu_kernel`) calls
+XLA:CPU's dot never reaches the AMX tiles or the ``avx512_bf16`` instructions that a bfloat16
+GEMM runs on: on Muon's products it is 7-13x slower than torch's (docs/fusion.md). When a spec
+multiplies two values it rounded to bfloat16 (``bf16(x) @ bf16(y)``), the product of their
+bfloat16 bits accumulated in float32 is the same number up to the order of the sum, so on CPU
+the StableHLO backend hands such a product of two matrices to a GEMM library: a custom call
+whose handler (built with the FFI machinery of :mod:`codegen.ffi_runtime`) computes
 
     C (m x n, float32) = op(A) op(B),  op(X) = X or X^T,  A and B bfloat16, row-major
 
-MKL is optional (``pip install mkl``, the ``gemm`` extra): it is loaded with ctypes from the
-interpreter's lib folder, where the wheel puts ``libmkl_rt.so``; without it, and on GPU, for
-an exported step or a batched product, the product stays XLA's ``dot_general``.
+The libraries are optional (the ``gemm`` extra) and loaded with ctypes from the interpreter's
+lib folder, where their wheels put them: oneDNN (``onednn-cpu-gomp``, :mod:`codegen.gemm_onednn`,
+the library torch's CPU matmul runs on) where it is there, else MKL (``mkl``). Without either,
+and on GPU, for an exported step or a batched product, the product stays XLA's ``dot_general``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from jaxlib.mlir import ir as mlir_ir
 from llvmlite import ir
 from optgen.codegen import ffi_runtime as rt
+from optgen.codegen import gemm_onednn
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS_LAYOUT and CBLAS_TRANSPOSE values
 _SYMBOL = "cblas_gemm_bf16bf16f32"
@@ -48,6 +51,13 @@ def mkl() -> ctypes.CDLL | None:
                 )
                 return library
     return None
+
+
+def library() -> str | None:
+    """The GEMM library products run on in this process: ``"onednn"``, ``"mkl"`` or None."""
+    if gemm_onednn.onednn() is not None:
+        return "onednn"
+    return "mkl" if mkl() is not None else None
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,22 @@ def emitter(ctx):
     return emit
 
 
-def target(gemm: Gemm) -> str:
-    """The FFI target of ``gemm``, registered on first use (MKL must be installed)."""
-    if mkl() is None:  # it also tells LLVM where MKL's function is
-        raise RuntimeError("the bfloat16 GEMM needs MKL: pip install mkl")
-    return rt.register(gemm.name, lambda: _module(gemm))
+def target(gemm: Gemm, on: str | None = None) -> str:
+    """The FFI target of ``gemm`` on library ``on`` (``"onednn"`` or ``"mkl"``; default:
+    :func:`library`), registered on first use."""
+    on = on or library()
+    name = f"{gemm.name}_{on}"
+    if on == "onednn" and gemm_onednn.onednn() is not None:
+        return rt.register(name, lambda: gemm_onednn.module(gemm, name))
+    if on == "mkl" and mkl() is not None:  # mkl() also tells LLVM where MKL's function is
+        return rt.register(name, lambda: _mkl_module(gemm, name))
+    raise RuntimeError("the bfloat16 GEMM needs oneDNN or MKL: pip install onednn-cpu-gomp")
 
 
-def _module(gemm: Gemm) -> ir.Module:
-    """``handler``: C = op(A) op(B) from the call's two bfloat16 arguments into its one result."""
-    module = rt.new_module(gemm.name)
+def _mkl_module(gemm: Gemm, name: str) -> ir.Module:
+    """``handler``: C = op(A) op(B) from the call's two bfloat16 arguments into its one result,
+    through MKL's ``cblas_gemm_bf16bf16f32``."""
+    module = rt.new_module(name)
     kinds = [_I32] * 6 + [_F32, _PTR, _I32, _PTR, _I32, _F32, _PTR, _I32]
     blas = ir.Function(module, ir.FunctionType(ir.VoidType(), kinds), _SYMBOL)
     fn, b = rt.handler(module)

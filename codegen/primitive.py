@@ -285,7 +285,9 @@ def _lower(ctx, *operands, lowering, in_place, **params):
     dtypes = [np.dtype(aval.dtype) for aval in ctx.avals_in]
     shapes = [aval.shape for aval in ctx.avals_in[: params["n"]]]
     gemm = (
-        gemm_kernel.emitter(ctx) if fusion.gemm_here(lowering, where, gemm_kernel.mkl()) else None
+        gemm_kernel.emitter(ctx)
+        if fusion.gemm_here(lowering, where, gemm_kernel.library())
+        else None
     )
     backend = StableHLOBackend(gemm)
     per_output = choice == "per-output"

@@ -1,7 +1,7 @@
-"""bf16(x) and the bfloat16 GEMM (codegen/gemm_kernel.py): MKL's product against a float64 NumPy
-product of the same rounded matrices and against XLA's dot, in every orientation; where it is used
-(CPU, ``auto``) and where the step stays portable StableHLO. The MKL tests skip without the ``mkl``
-wheel (``pip install -e '.[gemm]'``)."""
+"""bf16(x) and the bfloat16 GEMM (codegen/gemm_kernel.py): oneDNN's and MKL's products against a
+float64 NumPy product of the same rounded matrices and against XLA's dot, in every orientation;
+where it is used (CPU, ``auto``) and where the step stays portable StableHLO. The GEMM tests skip
+without a GEMM library (``pip install -e '.[gemm]'``), each library's own without it."""
 
 from __future__ import annotations
 
@@ -10,14 +10,22 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from optgen.codegen import gemm_kernel
+from optgen.codegen import gemm_kernel, gemm_onednn
 
 import optgen
 from optgen.ops import round_to_bfloat16
 
-needs_mkl = pytest.mark.skipif(
-    gemm_kernel.mkl() is None, reason="MKL is not installed (pip install -e '.[gemm]')"
+needs_gemm = pytest.mark.skipif(
+    gemm_kernel.library() is None,
+    reason="no GEMM library is installed (pip install -e '.[gemm]')",
 )
+LIBRARIES = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(loaded() is None, reason=f"{name} is not installed"),
+    )
+    for name, loaded in (("onednn", gemm_onednn.onednn), ("mkl", gemm_kernel.mkl))
+]
 # Every way a product meets its operands: as rounded, transposed on the left, on the right, both;
 # and the product of a rounded product (a Gram matrix) with a rounded matrix.
 PRODUCTS = """optimizer bf16_products "bfloat16 products in each orientation"
@@ -87,7 +95,7 @@ def test_bf16_products_match_float64_numpy(spec, lowering):
         np.testing.assert_allclose(np.asarray(got[name]), p, rtol=2e-5, atol=1e-5, err_msg=name)
 
 
-@needs_mkl
+@needs_gemm
 def test_the_gemm_runs_where_it_can_and_nowhere_else(spec):
     """On CPU under auto, each 2-d product of rounded matrices is a custom call (5 per step and
     parameter, the other 2 of each step's 7 products being a rounded Gram matrix's own); shared,
@@ -104,7 +112,7 @@ def test_the_gemm_runs_where_it_can_and_nowhere_else(spec):
         assert "optgen_gemm" not in texts[name] and "dot_general" in texts[name], name
 
 
-@needs_mkl
+@needs_gemm
 def test_an_exported_step_stays_portable(spec):
     """jax.export under auto: the products stay dot_general (the GEMM lives in this process)."""
     opt = optgen.load(spec)
@@ -114,15 +122,17 @@ def test_an_exported_step_stays_portable(spec):
     assert "optgen_gemm" not in text and text.count("stablehlo.dot_general") == 7
 
 
-@needs_mkl
-@pytest.mark.parametrize(("trans_a", "trans_b"), [(False, False), (True, False), (False, True)])
-def test_the_gemm_kernel_alone_matches_numpy_on_a_larger_product(trans_a, trans_b):
-    """One custom call, 96 x 80 from 300 terms: MKL's float32 sums against float64."""
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize(
+    ("trans_a", "trans_b"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_the_gemm_kernel_alone_matches_numpy_on_a_larger_product(library, trans_a, trans_b):
+    """One custom call, 96 x 80 from 300 terms: each library's float32 sums against float64."""
     m, n, k = 96, 80, 300
     rng = np.random.default_rng(2)
     a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(ml_dtypes.bfloat16)
     b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(ml_dtypes.bfloat16)
-    name = gemm_kernel.target(gemm_kernel.Gemm(m, n, k, trans_a, trans_b))
+    name = gemm_kernel.target(gemm_kernel.Gemm(m, n, k, trans_a, trans_b), library)
     call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((m, n), jnp.float32))
     got = np.asarray(jax.jit(call)(jnp.asarray(a), jnp.asarray(b)))
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
@@ -169,18 +179,54 @@ def test_muon_in_bfloat16_near_float32_and_its_gemm_near_xla():
         assert (2e-5 < rel_err(runs["auto"][name], runs["f32"][name]) < 5e-3) == matrix, name
 
 
-@needs_mkl
-def test_a_fresh_process_can_call_the_gemm_before_asking_for_mkl():
-    """target() loads MKL itself: LLVM must know where cblas_gemm_bf16bf16f32 is before it links
-    a handler (an unresolved call crashed the process)."""
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_a_fresh_process_can_call_the_gemm_before_asking_for_its_library(library):
+    """target() loads the library itself: LLVM must know where the functions the handler calls
+    are before it links it (an unresolved call crashed the process)."""
     import subprocess
     import sys
 
     code = (
         "import jax, jax.numpy as jnp; from optgen.codegen import gemm_kernel as g\n"
-        "name = g.target(g.Gemm(2, 2, 3, False, True))\n"
+        f"name = g.target(g.Gemm(2, 2, 3, False, True), {library!r})\n"
         "x = jnp.ones((2, 3), jnp.bfloat16)\n"
         "print(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((2, 2), jnp.float32))(x, x).sum())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "12.0", out.stderr[-2000:]
+
+
+def test_a_failing_handler_raises_its_message():
+    """ffi_runtime.error_if, what the oneDNN handler returns when a oneDNN call fails: XLA raises
+    the message in the caller instead of handing back an unwritten result."""
+    from llvmlite import ir
+    from optgen.codegen import ffi_runtime as rt
+
+    def build():
+        module = rt.new_module("optgen_test_failing_handler")
+        fn, b = rt.handler(module)
+        failed = ir.Constant(ir.IntType(1), 1)
+        b.ret(rt.error_if(b, fn.args[0], failed, "the library said no"))
+        return module
+
+    name = rt.register("optgen_test_failing_handler", build)
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((2,), jnp.float32))
+    with pytest.raises(Exception, match="the library said no"):
+        jax.block_until_ready(jax.jit(call)(jnp.ones(2)))
+
+
+def test_a_onednn_that_cannot_load_leaves_the_products_to_the_others(tmp_path, monkeypatch):
+    """A libdnnl.so.3 that does not load (here an empty file; the SYCL build of the ``onednn``
+    wheel fails the same way, without a CPU engine) is said in a warning, and the GEMM falls
+    back to MKL or XLA's dot instead of failing the step."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libdnnl.so.3").write_bytes(b"")
+    monkeypatch.setattr("sys.prefix", str(tmp_path))
+    monkeypatch.setattr("sys.base_prefix", str(tmp_path))
+    gemm_onednn.onednn.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot run on this CPU"):
+            assert gemm_onednn.onednn() is None
+        assert gemm_kernel.library() in ("mkl", None)
+    finally:
+        gemm_onednn.onednn.cache_clear()

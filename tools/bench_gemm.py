@@ -1,5 +1,5 @@
 """Muon's Gram product x @ x^T on this CPU: XLA's dot (float32, bfloat16; XLA flags) against torch's
-and MKL's bfloat16 GEMM (AMX where the CPU has it).
+and MKL's bfloat16 GEMM (AMX where the CPU has it) and optgen's custom call (oneDNN or MKL).
 
     flock /tmp/optgen-bench.lock python tools/bench_gemm.py
     flock /tmp/optgen-bench.lock python tools/bench_gemm.py --muon-products
@@ -10,7 +10,9 @@ they are the whole cost of a Muon step. Each XLA row runs in its own process (XL
 the ``mkl`` wheel (``pip install mkl``: ``libmkl_rt.so.3`` beside the interpreter), called
 through ctypes as ``cblas_gemm_bf16bf16f32``. Prints median milliseconds per product and the
 ratio to torch's bfloat16 product. The row of optgen's own custom call (``codegen/gemm_kernel.py``)
-times the same MKL GEMM called by XLA, as a Muon step with ``bf16_newton_schulz`` runs it.
+times the GEMM library it runs on (oneDNN where installed, else MKL) called by XLA, as a Muon step
+with ``bf16_newton_schulz`` runs it. ``--muon-products`` times each product of a Newton-Schulz
+iteration through the custom call on each installed library against torch's.
 """
 
 from __future__ import annotations
@@ -73,15 +75,15 @@ def xla_rows() -> dict:
 
 
 def ffi_rows() -> dict | None:
-    """MKL's bfloat16 GEMM inside XLA: optgen's custom call (codegen/gemm_kernel.py), as a
+    """The bfloat16 GEMM inside XLA: optgen's custom call (codegen/gemm_kernel.py), as a
     Muon step with bf16_newton_schulz runs it."""
     import jax
     import jax.numpy as jnp
     from optgen.codegen import gemm_kernel
 
-    if gemm_kernel.mkl() is None:
+    if gemm_kernel.library() is None:
         return None
-    out = {}
+    out = {"library": gemm_kernel.library()}
     for m, k in SHAPES:
         name = gemm_kernel.target(gemm_kernel.Gemm(m, m, k, False, True))
         gram = jax.jit(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((m, m), jnp.float32)))
@@ -171,10 +173,17 @@ def muon_products() -> None:
     import jax
     import jax.numpy as jnp
     import torch
-    from optgen.codegen import gemm_kernel
+    from optgen.codegen import gemm_kernel, gemm_onednn
 
-    def ours(m, n, k, trans_b):
-        name = gemm_kernel.target(gemm_kernel.Gemm(m, n, k, False, trans_b))
+    libraries = [
+        name
+        for name, loaded in (("onednn", gemm_onednn.onednn), ("mkl", gemm_kernel.mkl))
+        if loaded() is not None
+    ]
+
+    def ours(m, n, k, trans_b, library):
+        gemm = gemm_kernel.Gemm(m, n, k, False, trans_b)
+        name = gemm_kernel.target(gemm, library)
         product = jax.jit(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((m, n), jnp.float32)))
         a = jnp.asarray(matrix((m, k))).astype(jnp.bfloat16)
         b = jnp.asarray(matrix((n, k) if trans_b else (k, n))).astype(jnp.bfloat16)
@@ -185,20 +194,21 @@ def muon_products() -> None:
         b = b.bfloat16()
         return median_ms(lambda: a @ b)
 
-    print("| matrix (count) | Gram, optgen / torch | a @ a | update product |\n|---|---|---|---|")
-    totals = [0.0, 0.0]
+    who = " / ".join([*libraries, "torch"])
+    print(f"| matrix (count) | Gram, {who} | a @ a | update product |\n|---|---|---|---|")
+    totals = [0.0] * (len(libraries) + 1)
     for shape, count in MUON_MATRICES:
-        s, n = min(shape), max(shape)  # both run on the wide orientation
-        pairs = [
-            (ours(s, s, n, True), theirs(s, s, n)),
-            (ours(s, s, s, False), theirs(s, s, s)),
-            (ours(s, n, s, False), theirs(s, n, s)),
-        ]
-        for i in (0, 1):
-            totals[i] += 5 * count * sum(pair[i] for pair in pairs)
-        cells = " | ".join(f"{a:.2f} / {b:.2f}" for a, b in pairs)
+        s, n = min(shape), max(shape)  # all run on the wide orientation
+        products = [(s, s, n, True), (s, s, s, False), (s, n, s, False)]
+        rows = [[*(ours(*p, library) for library in libraries), theirs(*p[:3])] for p in products]
+        for i in range(len(totals)):
+            totals[i] += 5 * count * sum(row[i] for row in rows)
+        cells = " | ".join(" / ".join(f"{ms:.2f}" for ms in row) for row in rows)
         print(f"| {shape[0]} x {shape[1]} ({count}) | {cells} |")
-    print(f"\nproducts of one step: optgen {totals[0]:.0f} ms, torch {totals[1]:.0f} ms")
+    sums = ", ".join(
+        f"{name} {ms:.0f} ms" for name, ms in zip([*libraries, "torch"], totals, strict=True)
+    )
+    print(f"\nproducts of one step: {sums}")
 
 
 def main() -> int:
@@ -234,7 +244,7 @@ def main() -> int:
     )
     ffi = json.loads(child.stdout.strip().splitlines()[-1])
     if ffi is not None:
-        rows["optgen's MKL GEMM in XLA (custom call)"] = ffi
+        rows[f"optgen's GEMM in XLA (custom call, {ffi.pop('library')})"] = ffi
     try:
         rows["torch"] = torch_rows()
     except ImportError:
