@@ -100,6 +100,17 @@ def run(spec, params, lowering, steps, **options):
     return params, state
 
 
+def assert_same_p_and_compensation(got, want):
+    """Each ``(params, state)``'s parameters and ``kahan_comp``, bit for bit, leaf by leaf."""
+    for k in want[0]:
+        np.testing.assert_array_equal(np.asarray(got[0][k]), np.asarray(want[0][k]), err_msg=k)
+        np.testing.assert_array_equal(
+            np.asarray(got[1].slots["kahan_comp"][k]),
+            np.asarray(want[1].slots["kahan_comp"][k]),
+            err_msg=k,
+        )
+
+
 @pytest.mark.parametrize("low", [BF16, F16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("lowering", ["ffi", "shared"])
 def test_sgd_is_the_float64_reference_bit_for_bit(lowering, low):
@@ -143,13 +154,7 @@ def test_adamw_update_then_apply_updates_is_step(lowering):
     params = {k: np.sign(v) * (1 + np.abs(v)) for k, v in mixed_params(BF16).items()}
     got, got_state = adamw_through_update(params, lowering, 20)
     want, want_state = run("adamw", params, lowering, 20, kahan_sum=True)
-    for k in params:
-        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
-        np.testing.assert_array_equal(
-            np.asarray(got_state.slots["kahan_comp"][k]),
-            np.asarray(want_state.slots["kahan_comp"][k]),
-            err_msg=k,
-        )
+    assert_same_p_and_compensation((got, got_state), (want, want_state))
 
 
 def test_adamw_alike_on_both_lowerings(adamw_f32_moments):
@@ -217,13 +222,7 @@ def test_vmap_and_pack_step_as_the_kernel():
     small = {k: v for k, v in mixed_params(BF16).items() if v.size <= 40}
     unpacked, unpacked_state = run("adamw", small, "auto", 5, kahan_sum=True)
     packed, packed_state = run("adamw", small, "auto", 5, kahan_sum=True, pack=True)
-    for k in small:
-        np.testing.assert_array_equal(np.asarray(packed[k]), np.asarray(unpacked[k]), err_msg=k)
-        np.testing.assert_array_equal(
-            np.asarray(packed_state.slots["kahan_comp"][k]),
-            np.asarray(unpacked_state.slots["kahan_comp"][k]),
-            err_msg=k,
-        )
+    assert_same_p_and_compensation((packed, packed_state), (unpacked, unpacked_state))
 
 
 def test_xla_rounds_bf16_with_one_reduce_precision():
