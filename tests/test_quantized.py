@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from optgen.codegen import ffi_runtime as rt
 from optgen.codegen import quantize
 
 import optgen
@@ -295,6 +296,7 @@ update:
   m = g
   p = p - 0 * m
 """
+SUM_SPEC = COPY_SPEC.replace("q8copy", "q8sum").replace("m = g", "m = m + g")
 
 
 def np_codes32(x: np.ndarray) -> np.ndarray:
@@ -302,7 +304,8 @@ def np_codes32(x: np.ndarray) -> np.ndarray:
     y = min(|x| * (1 / s), 1), c = copysign(rint(127 * sqrt(sqrt(y))), x). Both lowerings run with
     denormals read as zero (XLA:CPU's setting, which optgen's loop runs under too): a block whose
     absmax is denormal has a zero reciprocal, so codes 0."""
-    values = x.reshape(-1, quantize.BLOCK)
+    flat = x.reshape(-1)
+    values = np.pad(flat, (0, -flat.size % quantize.BLOCK)).reshape(-1, quantize.BLOCK)
     bits = values.view(np.int32) & 0x7FFFFFFF
     s = bits.max(axis=1).view(np.float32)[:, None]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -310,7 +313,16 @@ def np_codes32(x: np.ndarray) -> np.ndarray:
         y = np.abs(values) * reciprocal
         y = np.where(y <= 1, y, np.float32(1))
         magnitude = np.rint(np.float32(quantize.LEVELS) * np.sqrt(np.sqrt(y)))
-    return np.copysign(magnitude, values).astype(np.int8).reshape(x.shape)
+    codes = np.copysign(magnitude, values).astype(np.int8)
+    return codes.reshape(-1)[: flat.size].reshape(x.shape)
+
+
+def np_decoded32(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """codegen/quantize.py's dequantize in float32 NumPy, operation by operation."""
+    f = codes.astype(np.float32) * quantize.INVERSE_LEVELS
+    square = f * f
+    scale = np.repeat(scales, quantize.BLOCK)[: codes.size]
+    return np.copysign(square * square * scale, f)
 
 
 def adversarial_blocks() -> np.ndarray:
@@ -359,3 +371,35 @@ def test_the_encoder_gives_the_reference_codes_on_adversarial_values(tmp_path, l
     codes = np.asarray(q.codes)
     assert (codes[2:129] == np.arange(1, 128) * np.sign(x[2:129])).all()  # at threshold k: k
     assert (np.abs(codes[129:256]) == np.arange(0, 127)).all()  # just below it: k - 1
+
+
+@pytest.mark.parametrize("lowering", ["shared", "ffi"])
+def test_codes_across_chunks_and_short_blocks(tmp_path, lowering):
+    """The own loop encodes each block within the loop over the next one: parameters that span
+    several chunks of the thread pool, end in a short block, or give a chunk one short block
+    only, decoded and encoded again in a second step, equal the float32 definition bit for bit."""
+    chunk = rt.CHUNK_ELEMENTS
+    (tmp_path / "sum.spec").write_text(SUM_SPEC)
+    opt = optgen.load(str(tmp_path / "sum.spec"), lowering=lowering)
+    rng = np.random.default_rng(3)
+    sizes = {"a": 2 * chunk + 100, "b": chunk + 263, "c": 4097, "d": 4096}
+    params = {k: jnp.zeros(n, jnp.float32) for k, n in sizes.items()}
+    state = opt.init(params)
+    expected = {k: np.zeros(n, np.float32) for k, n in sizes.items()}
+    for _ in range(2):
+        grads = {
+            k: (rng.normal(size=n) * 10.0 ** rng.uniform(-6, 0, n)).astype(np.float32)
+            for k, n in sizes.items()
+        }
+        params, state = opt.step(params, {k: jnp.asarray(g) for k, g in grads.items()}, state)
+        for k, g in grads.items():
+            m = expected[k] + g
+            expected[k] = np_decoded32(
+                np_codes32(m), np.abs(np.pad(m, (0, -m.size % 256))).reshape(-1, 256).max(axis=1)
+            )
+            q = state.slots["m"][k]
+            np.testing.assert_array_equal(np.asarray(q.codes), np_codes32(m))
+    for k, q in state.slots["m"].items():
+        np.testing.assert_array_equal(
+            np_decoded32(np.asarray(q.codes), np.asarray(q.scales)), expected[k]
+        )
