@@ -2,13 +2,15 @@
 
     flock /tmp/optgen-bench.lock python tools/q8_code_costs.py            # the whole step
     flock /tmp/optgen-bench.lock python tools/q8_code_costs.py --alone    # encoders alone
+    flock /tmp/optgen-bench.lock python tools/q8_code_costs.py --against 1bcac0a
 
 The whole step: ``adamw8bit`` on one 16M-element float32 parameter in optgen's own CPU loop,
 with parts of the loop swapped out, interleaved in one process with float32 ``adamw`` and
 torch's fused float32 AdamW (paired medians). The swaps: the loop's lanes (16, what ships, or
 8); the encoder (power-4, what ``q8`` is: two square roots; power-2: one; linear: none; none:
 the code is the value's low byte); the decoder (three products, or one). Only speed is
-measured: a swapped encoder or decoder stores other codes.
+measured: a swapped encoder or decoder stores other codes. ``--against REV`` adds the step
+with ``codegen/cpu_loop.py`` as it was at git revision REV (its loop before a change).
 
 ``--alone``: each encoder over one L1-resident block, 16 lanes, nanoseconds per element:
 power-4 as shipped; an exact one without square roots (an estimate of the fourth root by an
@@ -22,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,8 +136,26 @@ ALONE = {
 }
 
 
-def whole_step(repeats: int) -> None:
+def loop_function_at(revision: str):
+    """``loop_function`` of codegen/cpu_loop.py as it was at git ``revision``."""
+    text = subprocess.run(
+        ["git", "show", f"{revision}:codegen/cpu_loop.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "cpu_loop_then.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("cpu_loop_then", path)
+    module = sys.modules["cpu_loop_then"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.loop_function
+
+
+def whole_step(repeats: int, against: str | None) -> None:
     import torch
+    from optgen.codegen import cpu_kernel
 
     rng = np.random.default_rng(0)
     grads = {"w": jnp.asarray(rng.standard_normal(ELEMENTS, dtype=np.float32))}
@@ -154,6 +177,12 @@ def whole_step(repeats: int) -> None:
         path.write_text(text.replace("hyper eps = 1e-8", f"hyper eps = 1e-8\nhyper unused{k} = 0"))
         add(name, str(path))
     cpu_loop.quantize_element, cpu_loop.dequantize_element, cpu_loop.Q8_LANES = shipped
+    if against:
+        now, cpu_kernel.loop_function = cpu_kernel.loop_function, loop_function_at(against)
+        path = folder / "then.spec"
+        path.write_text(text.replace("hyper eps = 1e-8", "hyper eps = 1e-8\nhyper then = 0"))
+        add(f"adamw8bit, the loop at {against}", str(path))
+        cpu_kernel.loop_function = now
 
     weights = torch.from_numpy(rng.standard_normal(ELEMENTS, dtype=np.float32)).requires_grad_()
     weights.grad = torch.from_numpy(np.asarray(grads["w"]).copy())
@@ -170,16 +199,15 @@ def whole_step(repeats: int) -> None:
         for _ in range(3):
             fused.step()
         times["torch fused AdamW (f32)"].append((time.perf_counter() - start) / 3)
-    torch_times, f32_times = (
-        np.asarray(times[k]) for k in ("torch fused AdamW (f32)", "adamw (f32 state)")
-    )
-    print("| variant | ms | vs torch fused f32 | vs optgen adamw f32 |\n|---|---:|---:|---:|")
+    against = {
+        k: np.asarray(times[k])
+        for k in ("torch fused AdamW (f32)", "adamw (f32 state)", "adamw8bit (power-4, 16 lanes)")
+    }
+    print("| variant | ms | vs torch fused f32 | vs optgen adamw f32 | vs adamw8bit |")
+    print("|---|---:|---:|---:|---:|")
     for name, ts in times.items():
-        ts = np.asarray(ts)
-        print(
-            f"| {name} | {np.median(ts) * 1e3:.2f} | {np.median(ts / torch_times):.3f} "
-            f"| {np.median(ts / f32_times):.3f} |"
-        )
+        ratios = " | ".join(f"{np.median(np.asarray(ts) / b):.3f}" for b in against.values())
+        print(f"| {name} | {np.median(ts) * 1e3:.2f} | {ratios} |")
 
 
 _ENGINES = []  # alive for the process, as ffi_runtime's: llvmlite crashes freeing one
@@ -247,9 +275,13 @@ def alone(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alone", action="store_true", help="encoders alone, on one block")
+    parser.add_argument("--against", help="a git revision whose q8 loop runs beside")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    (alone if args.alone else whole_step)(args.repeats)
+    if args.alone:
+        alone(args.repeats)
+    else:
+        whole_step(args.repeats, args.against)
 
 
 if __name__ == "__main__":
