@@ -144,10 +144,10 @@ def chunk_bounds(items) -> list[int]:
     return bounds
 
 
-def vectorize(module, branch) -> None:
-    """Ask LLVM to vectorize the loop that ``branch`` closes, VECTOR_WIDTH lanes wide."""
+def vectorize(module, branch, lanes: int = VECTOR_WIDTH) -> None:
+    """Ask LLVM to vectorize the loop that ``branch`` closes, ``lanes`` wide."""
     width = module.add_metadata(
-        [ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(I32, VECTOR_WIDTH)]
+        [ir.MetaDataString(module, "llvm.loop.vectorize.width"), ir.Constant(I32, lanes)]
     )
     branch.set_metadata("llvm.loop", module.add_metadata([ir.MetaDataString(module, _SELF), width]))
 

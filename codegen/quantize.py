@@ -85,3 +85,23 @@ def quantize(x: jax.Array) -> Quantized:
     magnitude = jnp.round(LEVELS * jnp.sqrt(jnp.sqrt(y)))
     codes = jnp.copysign(magnitude, values).astype(jnp.int8)
     return Quantized(codes.reshape(-1)[: x.size].reshape(x.shape), scales)
+
+
+def thresholds() -> np.ndarray:
+    """The code's decision points: ``T[k - 1]``, k = 1..127, the least float32 ``y`` in [0, 1]
+    whose code ``rint(127 * sqrt(sqrt(y)))`` (each operation rounded to float32) is k. Each
+    rounded operation is monotone, so the code never decreases as ``y`` grows and a bisection
+    over ``y``'s bits finds each; they lie up to 7 ulps from ``((k - 1/2) / 127)^4``."""
+
+    def code(bits: int) -> int:
+        y = np.asarray([bits], np.uint32).view(np.float32)
+        return int(np.rint(np.float32(LEVELS) * np.sqrt(np.sqrt(y)))[0])
+
+    found = []
+    for k in range(1, LEVELS + 1):
+        low, high = 0, 0x3F800000  # code(low) < k <= code(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if code(middle) >= k else (middle, high)
+        found.append(high)
+    return np.asarray(found, np.uint32).view(np.float32)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from optgen.codegen import ffi_runtime as rt
 from optgen.codegen import quantize
 
 import optgen
@@ -283,3 +284,122 @@ def test_a_q8_step_with_sums_runs_on_xla_loops_and_ffi_refuses_it():
     opt = optgen.load("adamw8bit", global_clipnorm=1.0, lowering="ffi")
     with pytest.raises(optgen.InputError, match="E384.*sums keeps q8 state"):
         opt.step(params, params | {"w": params["w"] + 1}, opt.init(params))
+
+
+# ---- the encoder on adversarial values ---------------------------------------------------------
+
+COPY_SPEC = """optimizer q8copy "stores the gradient as a q8 state"
+
+state m: q8 = 0
+
+update:
+  m = g
+  p = p - 0 * m
+"""
+SUM_SPEC = COPY_SPEC.replace("q8copy", "q8sum").replace("m = g", "m = m + g")
+
+
+def np_codes32(x: np.ndarray) -> np.ndarray:
+    """The encoder in float32 NumPy, operation by operation as codegen/quantize.py's jnp form:
+    y = min(|x| * (1 / s), 1), c = copysign(rint(127 * sqrt(sqrt(y))), x). Both lowerings run with
+    denormals read as zero (XLA:CPU's setting, which optgen's loop runs under too): a block whose
+    absmax is denormal has a zero reciprocal, so codes 0."""
+    flat = x.reshape(-1)
+    values = np.pad(flat, (0, -flat.size % quantize.BLOCK)).reshape(-1, quantize.BLOCK)
+    bits = values.view(np.int32) & 0x7FFFFFFF
+    s = bits.max(axis=1).view(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        reciprocal = np.where(s >= np.finfo(np.float32).tiny, np.float32(1) / s, np.float32(0))
+        y = np.abs(values) * reciprocal
+        y = np.where(y <= 1, y, np.float32(1))
+        magnitude = np.rint(np.float32(quantize.LEVELS) * np.sqrt(np.sqrt(y)))
+    codes = np.copysign(magnitude, values).astype(np.int8)
+    return codes.reshape(-1)[: flat.size].reshape(x.shape)
+
+
+def np_decoded32(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """codegen/quantize.py's dequantize in float32 NumPy, operation by operation."""
+    f = codes.astype(np.float32) * quantize.INVERSE_LEVELS
+    square = f * f
+    scale = np.repeat(scales, quantize.BLOCK)[: codes.size]
+    return np.copysign(square * square * scale, f)
+
+
+def adversarial_blocks() -> np.ndarray:
+    """Blocks of 256 values where an encoder can go wrong: each code's threshold and the float
+    just below it (scale 1, so y is the value itself), the same around a scale whose reciprocal
+    rounds (3), zeros of both signs, denormals, a block of denormals only, the absmax element of
+    either sign, inf and NaN, then ordinary values up to the quantized minimum size."""
+    t = quantize.thresholds()
+    below = np.nextafter(t, np.float32(0))
+    sign = np.where(np.arange(t.size) % 2, np.float32(-1), np.float32(1))
+    tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+    rng = np.random.default_rng(7)
+
+    def block(head, fill=0.0):
+        return np.concatenate(
+            [np.asarray(head, np.float32), np.full(256 - len(head), fill, np.float32)]
+        )
+
+    around = (np.float32(3) * t).astype(np.float32)
+    blocks = [
+        block([1.0, 0.0, *(sign * t), *(-sign * below)]),
+        block([3.0, -0.0, *(sign * np.nextafter(around, 0)), *(-sign * np.nextafter(around, 9))]),
+        block([-1.0, -0.0, 0.0, tiny, -tiny, 1e-39, -1e-38, 1.2e-38, 2.4e-10, 1e-30], -0.0),
+        block([tiny * 3, -tiny, 0.0, -0.0, tiny * 2]),  # a denormal absmax
+        block([np.inf, 1.0, -2.0, 0.0, -np.inf]),
+        block([np.nan, 1.0, -2.0, 0.0]),
+        block([-2.0, 2.0 - 2**-22, 1.0, -1e-10]),
+    ]
+    ordinary = rng.normal(size=(16 - len(blocks)) * 256) * 10.0 ** rng.uniform(-9, 0, 256 * 9)
+    return np.concatenate([*blocks, ordinary.astype(np.float32)])
+
+
+@pytest.mark.parametrize("lowering", ["shared", "ffi"])
+def test_the_encoder_gives_the_reference_codes_on_adversarial_values(tmp_path, lowering):
+    """Codes and scales of each lowering equal the float32 definition bit for bit on values at
+    every code threshold, signed zeros, denormals, absmax elements, inf and NaN."""
+    (tmp_path / "copy.spec").write_text(COPY_SPEC)
+    opt = optgen.load(str(tmp_path / "copy.spec"), lowering=lowering)
+    x = adversarial_blocks()
+    params = {"w": jnp.zeros(x.size, jnp.float32)}
+    _, state = opt.step(params, {"w": jnp.asarray(x)}, opt.init(params))
+    q = state.slots["m"]["w"]
+    scales = (x.view(np.int32).reshape(-1, 256) & 0x7FFFFFFF).max(axis=1)
+    np.testing.assert_array_equal(np.asarray(q.scales).view(np.int32), scales)
+    np.testing.assert_array_equal(np.asarray(q.codes), np_codes32(x))
+    codes = np.asarray(q.codes)
+    assert (codes[2:129] == np.arange(1, 128) * np.sign(x[2:129])).all()  # at threshold k: k
+    assert (np.abs(codes[129:256]) == np.arange(0, 127)).all()  # just below it: k - 1
+
+
+@pytest.mark.parametrize("lowering", ["shared", "ffi"])
+def test_codes_across_chunks_and_short_blocks(tmp_path, lowering):
+    """The own loop encodes each block within the loop over the next one: parameters that span
+    several chunks of the thread pool, end in a short block, or give a chunk one short block
+    only, decoded and encoded again in a second step, equal the float32 definition bit for bit."""
+    chunk = rt.CHUNK_ELEMENTS
+    (tmp_path / "sum.spec").write_text(SUM_SPEC)
+    opt = optgen.load(str(tmp_path / "sum.spec"), lowering=lowering)
+    rng = np.random.default_rng(3)
+    sizes = {"a": 2 * chunk + 100, "b": chunk + 263, "c": 4097, "d": 4096}
+    params = {k: jnp.zeros(n, jnp.float32) for k, n in sizes.items()}
+    state = opt.init(params)
+    expected = {k: np.zeros(n, np.float32) for k, n in sizes.items()}
+    for _ in range(2):
+        grads = {
+            k: (rng.normal(size=n) * 10.0 ** rng.uniform(-6, 0, n)).astype(np.float32)
+            for k, n in sizes.items()
+        }
+        params, state = opt.step(params, {k: jnp.asarray(g) for k, g in grads.items()}, state)
+        for k, g in grads.items():
+            m = expected[k] + g
+            expected[k] = np_decoded32(
+                np_codes32(m), np.abs(np.pad(m, (0, -m.size % 256))).reshape(-1, 256).max(axis=1)
+            )
+            q = state.slots["m"][k]
+            np.testing.assert_array_equal(np.asarray(q.codes), np_codes32(m))
+    for k, q in state.slots["m"].items():
+        np.testing.assert_array_equal(
+            np_decoded32(np.asarray(q.codes), np.asarray(q.scales)), expected[k]
+        )
