@@ -15,6 +15,10 @@ handler that, per call, wraps the three XLA buffers in oneDNN memory objects, ex
 primitive on a CPU stream, waits, and frees the wrappers. A failed oneDNN call is an FFI error,
 never a silently unwritten result. The primitive, its descriptors, the engine and the stream
 live for the process (their addresses are constants of the handler).
+
+:func:`folded_module` builds the same call with a rounded combination folded in (torch's
+``addmm(C0, A, B, beta=beta, alpha=alpha)``): D = bf16(alpha * op(A) op(B) + beta * C0), its
+float32 product combined by the matmul's binary post-ops and stored once in bfloat16.
 """
 
 from __future__ import annotations
