@@ -70,11 +70,21 @@ class Gemm:
     k: int
     trans_a: bool
     trans_b: bool
+    folded: bool = False  # D = bf16(alpha * op(A) op(B) + beta * C0): :func:`folding_emitter`
 
     @property
     def name(self) -> str:
         flags = "t" if self.trans_a else "n", "t" if self.trans_b else "n"
-        return f"optgen_gemm_bf16_{self.m}x{self.n}x{self.k}_{''.join(flags)}"
+        fold = "_fold" if self.folded else ""
+        return f"optgen_gemm_bf16_{self.m}x{self.n}x{self.k}_{''.join(flags)}{fold}"
+
+
+def _shape(a, trans_a: bool, b, trans_b: bool) -> tuple[Gemm, tuple, tuple]:
+    shape_a = tuple(mlir_ir.RankedTensorType(a.type).shape)
+    shape_b = tuple(mlir_ir.RankedTensorType(b.type).shape)
+    m, k = shape_a[::-1] if trans_a else shape_a
+    n = shape_b[0] if trans_b else shape_b[1]
+    return Gemm(m, n, k, trans_a, trans_b), shape_a, shape_b
 
 
 def emitter(ctx):
@@ -83,17 +93,38 @@ def emitter(ctx):
     whose context is ``ctx``."""
 
     def emit(a, trans_a: bool, b, trans_b: bool):
-        shape_a = tuple(mlir_ir.RankedTensorType(a.type).shape)
-        shape_b = tuple(mlir_ir.RankedTensorType(b.type).shape)
-        m, k = shape_a[::-1] if trans_a else shape_a
-        n = shape_b[0] if trans_b else shape_b[1]
-        gemm = Gemm(m, n, k, trans_a, trans_b)
+        gemm, shape_a, shape_b = _shape(a, trans_a, b, trans_b)
         part = ctx.replace(
             avals_in=[jax.core.ShapedArray(s, ml_dtypes.bfloat16) for s in (shape_a, shape_b)],
-            avals_out=[jax.core.ShapedArray((m, n), np.float32)],
+            avals_out=[jax.core.ShapedArray((gemm.m, gemm.n), np.float32)],
         )
         (product,) = jax.ffi.ffi_lowering(target(gemm))(part, a, b)
         return product
+
+    return emit
+
+
+def folding_emitter(ctx):
+    """``emit(a, transposed_a, b, transposed_b, c0, alpha, beta)``, or None where the library
+    cannot fold (MKL's beta reads and writes a float32 C): the custom call of
+
+        D (m x n, bfloat16) = bf16(alpha * op(A) op(B) + beta * C0),
+
+    A, B, C0 bfloat16 (C0 m x n, row-major), alpha and beta float32 scalars read at run time;
+    one oneDNN matmul (:func:`codegen.gemm_onednn.folded_module`), whose D equals the unfused
+    combination up to float32 rounding before the one bfloat16 rounding."""
+    if library() != "onednn":
+        return None
+
+    def emit(a, trans_a: bool, b, trans_b: bool, c0, alpha, beta):
+        gemm, shape_a, shape_b = _shape(a, trans_a, b, trans_b)
+        gemm = Gemm(gemm.m, gemm.n, gemm.k, trans_a, trans_b, folded=True)
+        bf16 = [jax.core.ShapedArray(s, ml_dtypes.bfloat16) for s in (shape_a, shape_b)]
+        scalars = [jax.core.ShapedArray((), np.float32)] * 2
+        out = jax.core.ShapedArray((gemm.m, gemm.n), ml_dtypes.bfloat16)
+        part = ctx.replace(avals_in=[*bf16, out, *scalars], avals_out=[out])
+        (folded,) = jax.ffi.ffi_lowering(target(gemm))(part, a, b, c0, alpha, beta)
+        return folded
 
     return emit
 
@@ -104,8 +135,10 @@ def target(gemm: Gemm, on: str | None = None) -> str:
     on = on or library()
     name = f"{gemm.name}_{on}"
     if on == "onednn" and gemm_onednn.onednn() is not None:
-        return rt.register(name, lambda: gemm_onednn.module(gemm, name))
-    if on == "mkl" and mkl() is not None:  # mkl() also tells LLVM where MKL's function is
+        build = gemm_onednn.folded_module if gemm.folded else gemm_onednn.module
+        return rt.register(name, lambda: build(gemm, name))
+    # mkl() also tells LLVM where MKL's function is
+    if on == "mkl" and mkl() is not None and not gemm.folded:
         return rt.register(name, lambda: _mkl_module(gemm, name))
     raise RuntimeError("the bfloat16 GEMM needs oneDNN or MKL: pip install onednn-cpu-gomp")
 

@@ -15,6 +15,10 @@ handler that, per call, wraps the three XLA buffers in oneDNN memory objects, ex
 primitive on a CPU stream, waits, and frees the wrappers. A failed oneDNN call is an FFI error,
 never a silently unwritten result. The primitive, its descriptors, the engine and the stream
 live for the process (their addresses are constants of the handler).
+
+:func:`folded_module` builds the same call with a rounded combination folded in (torch's
+``addmm(C0, A, B, beta=beta, alpha=alpha)``): D = bf16(alpha * op(A) op(B) + beta * C0), its
+float32 product combined by the matmul's binary post-ops and stored once in bfloat16.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ from optgen.codegen import ffi_runtime as rt
 
 _CPU, _IN_ORDER = 1, 1  # dnnl_engine_kind_t, dnnl_stream_flags_t
 _BF16, _F32 = 2, 3  # dnnl_data_type_t
-_SRC, _WEIGHTS, _DST = 1, 33, 17  # DNNL_ARG_*
+_SRC, _SRC_1, _WEIGHTS, _DST = 1, 2, 33, 17  # DNNL_ARG_*
+_POST_OP_BASE = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP_BASE
+_ADD, _MUL = 0x1FFF0, 0x1FFF1  # dnnl_binary_add, dnnl_binary_mul
 _SYMBOLS = (
     "dnnl_memory_create",
     "dnnl_memory_destroy",
     "dnnl_primitive_execute",
     "dnnl_stream_wait",
 )
-_I32, _I64, _PTR = ir.IntType(32), ir.IntType(64), ir.PointerType()
+_I32, _I64, _PTR, _F = ir.IntType(32), ir.IntType(64), ir.PointerType(), ir.FloatType()
 
 
 class _Handles:
@@ -95,6 +101,73 @@ def _constant(handle: ctypes.c_void_p):
     return ir.Constant(_I64, handle.value).inttoptr(_PTR)
 
 
+def _matmul(handles: _Handles, descs, post_ops=()) -> ctypes.c_void_p:
+    """The matmul primitive ``descs[2] = descs[0] @ descs[1]``, then each binary post-op
+    ``(algorithm, src1 descriptor)`` in turn, computed in float32 and stored once in the
+    destination's dtype."""
+    lib = handles.library
+    attr, chain = ctypes.c_void_p(), ctypes.c_void_p()
+    _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)))
+    _check(lib.dnnl_post_ops_create(ctypes.byref(chain)))
+    for algorithm, desc in post_ops:
+        _check(lib.dnnl_post_ops_append_binary(chain, algorithm, desc))
+    _check(lib.dnnl_primitive_attr_set_post_ops(attr, chain))
+    pd, primitive = ctypes.c_void_p(), ctypes.c_void_p()
+    _check(
+        lib.dnnl_matmul_primitive_desc_create(
+            ctypes.byref(pd), handles.engine, descs[0], descs[1], None, descs[2], attr
+        )
+    )
+    _check(lib.dnnl_primitive_create(ctypes.byref(primitive), pd))
+    return primitive
+
+
+def _post_op(index: int) -> int:
+    """DNNL_ARG_ATTR_MULTIPLE_POST_OP(index) | DNNL_ARG_SRC_1 (oneDNN 3.2's numbering)."""
+    return _POST_OP_BASE * (index + 1) | _SRC_1
+
+
+def _declare(mod: ir.Module) -> dict:
+    kinds = {
+        "dnnl_memory_create": [_PTR, _PTR, _PTR, _PTR],
+        "dnnl_memory_destroy": [_PTR],
+        "dnnl_primitive_execute": [_PTR, _PTR, _I32, _PTR],
+        "dnnl_stream_wait": [_PTR],
+    }
+    return {name: ir.Function(mod, ir.FunctionType(_I32, k), name) for name, k in kinds.items()}
+
+
+def _execute(b: ir.IRBuilder, fns: dict, handles: _Handles, primitive, arguments):
+    """Emit one execution of ``primitive`` on ``arguments``, ``(role, descriptor, pointer)``
+    each: wrap each buffer in a oneDNN memory object, execute, wait, free the wrappers. Returns
+    the i32 status (0: done)."""
+    count = len(arguments)
+    memories = b.alloca(ir.ArrayType(_PTR, count))
+    exec_args = b.alloca(ir.ArrayType(ir.LiteralStructType([_I32, _PTR]), count))  # dnnl_exec_arg_t
+    status = b.alloca(_I32)
+    b.store(ir.Constant(_I32, 0), status)
+    engine = _constant(handles.engine)
+    for i, (role, desc, pointer) in enumerate(arguments):
+        slot = b.gep(memories, [ir.Constant(_I32, 0), ir.Constant(_I32, i)])
+        b.store(ir.Constant(_PTR, None), slot)  # destroying a null memory is a no-op
+        made = b.call(fns["dnnl_memory_create"], [slot, _constant(desc), engine, pointer])
+        b.store(b.or_(b.load(status, typ=_I32), made), status)
+        for field, value in enumerate((ir.Constant(_I32, role), b.load(slot, typ=_PTR))):
+            at = [ir.Constant(_I32, x) for x in (0, i, field)]
+            b.store(value, b.gep(exec_args, at))
+    with b.if_then(b.icmp_signed("==", b.load(status, typ=_I32), ir.Constant(_I32, 0))):
+        stream = _constant(handles.stream)
+        ran = b.call(
+            fns["dnnl_primitive_execute"],
+            [_constant(primitive), stream, ir.Constant(_I32, count), exec_args],
+        )
+        b.store(b.or_(ran, b.call(fns["dnnl_stream_wait"], [stream])), status)
+    for i in range(count):
+        slot = b.gep(memories, [ir.Constant(_I32, 0), ir.Constant(_I32, i)])
+        b.call(fns["dnnl_memory_destroy"], [b.load(slot, typ=_PTR)])
+    return b.load(status, typ=_I32)
+
+
 def module(gemm, name: str) -> ir.Module:
     """``handler``: C = op(A) op(B) (``gemm``, a :class:`codegen.gemm_kernel.Gemm`) from the
     call's two bfloat16 arguments into its one float32 result, through oneDNN's matmul."""
@@ -105,44 +178,65 @@ def module(gemm, name: str) -> ir.Module:
         _descriptor(lib, gemm.k, gemm.n, _BF16, gemm.trans_b),
         _descriptor(lib, gemm.m, gemm.n, _F32, False),
     ]
-    pd, primitive = ctypes.c_void_p(), ctypes.c_void_p()
-    _check(
-        lib.dnnl_matmul_primitive_desc_create(
-            ctypes.byref(pd), handles.engine, descs[0], descs[1], None, descs[2], None
-        )
-    )
-    _check(lib.dnnl_primitive_create(ctypes.byref(primitive), pd))
-
+    primitive = _matmul(handles, descs)
     mod = rt.new_module(name)
-    create = ir.Function(mod, ir.FunctionType(_I32, [_PTR, _PTR, _PTR, _PTR]), _SYMBOLS[0])
-    destroy = ir.Function(mod, ir.FunctionType(_I32, [_PTR]), _SYMBOLS[1])
-    execute = ir.Function(mod, ir.FunctionType(_I32, [_PTR, _PTR, _I32, _PTR]), _SYMBOLS[2])
-    wait = ir.Function(mod, ir.FunctionType(_I32, [_PTR]), _SYMBOLS[3])
+    fns = _declare(mod)
     fn, b = rt.handler(mod)
     args, rets = rt.call_buffers(b, fn.args[0])
     data = [rt.buffer_data(b, args, 0), rt.buffer_data(b, args, 1), rt.buffer_data(b, rets, 0)]
-    memories = b.alloca(ir.ArrayType(_PTR, 3))
-    arg_type = ir.LiteralStructType([_I32, _PTR])  # dnnl_exec_arg_t
-    exec_args = b.alloca(ir.ArrayType(arg_type, 3))
-    status = b.alloca(_I32)
-    b.store(ir.Constant(_I32, 0), status)
-    for i, (desc, pointer, role) in enumerate(
-        zip(descs, data, (_SRC, _WEIGHTS, _DST), strict=True)
-    ):
-        slot = b.gep(memories, [ir.Constant(_I32, 0), ir.Constant(_I32, i)])
-        b.store(ir.Constant(_PTR, None), slot)  # destroying a null memory is a no-op
-        made = b.call(create, [slot, _constant(desc), _constant(handles.engine), pointer])
-        b.store(b.or_(b.load(status, typ=_I32), made), status)
-        for field, value in enumerate((ir.Constant(_I32, role), b.load(slot, typ=_PTR))):
-            at = [ir.Constant(_I32, x) for x in (0, i, field)]
-            b.store(value, b.gep(exec_args, at))
-    with b.if_then(b.icmp_signed("==", b.load(status, typ=_I32), ir.Constant(_I32, 0))):
-        stream = _constant(handles.stream)
-        ran = b.call(execute, [_constant(primitive), stream, ir.Constant(_I32, 3), exec_args])
-        b.store(b.or_(ran, b.call(wait, [stream])), status)
-    for i in range(3):
-        slot = b.gep(memories, [ir.Constant(_I32, 0), ir.Constant(_I32, i)])
-        b.call(destroy, [b.load(slot, typ=_PTR)])
-    failed = b.icmp_signed("!=", b.load(status, typ=_I32), ir.Constant(_I32, 0))
+    operands = list(zip((_SRC, _WEIGHTS, _DST), descs, data, strict=True))
+    status = _execute(b, fns, handles, primitive, operands)
+    failed = b.icmp_signed("!=", status, ir.Constant(_I32, 0))
     b.ret(rt.error_if(b, fn.args[0], failed, f"oneDNN's matmul failed in {name}"))
+    return mod
+
+
+def folded_module(gemm, name: str) -> ir.Module:
+    """``handler``: D = bf16(alpha * op(A) op(B) + beta * C0) from the call's arguments
+    (A, B, C0: bfloat16; alpha, beta: float32 scalars) into its one bfloat16 result, in one
+    oneDNN matmul whose binary post-ops combine the float32 product P before the one rounding:
+
+        D = bf16(beta * (C0 + q * P)),  q = alpha / beta   (float32, when beta != 0 and q finite)
+        D = bf16(alpha * P)                                (when beta == 0)
+
+    beta * C0 cannot be a post-op (oneDNN scales only the accumulator), hence the factor beta;
+    each float32 operation rounds once, so D is the unfused bf16(beta * C0 + alpha * P) up to
+    float32 rounding (a few float32 ulps of the terms) before the bfloat16 rounding. An
+    |alpha / beta| beyond float32 is an FFI error, never a silently wrong number."""
+    handles = onednn()
+    lib = handles.library
+    scalar = _descriptor(lib, 1, 1, _F32, False)  # broadcast over the product
+    descs = [
+        _descriptor(lib, gemm.m, gemm.k, _BF16, gemm.trans_a),
+        _descriptor(lib, gemm.k, gemm.n, _BF16, gemm.trans_b),
+        _descriptor(lib, gemm.m, gemm.n, _BF16, False),
+    ]
+    chain = ((_MUL, scalar), (_ADD, descs[2]), (_MUL, scalar))
+    fused, scaled = _matmul(handles, descs, chain), _matmul(handles, descs, chain[:1])
+
+    mod = rt.new_module(name)
+    fns = _declare(mod)
+    fn, b = rt.handler(mod)
+    args, rets = rt.call_buffers(b, fn.args[0])
+    a, bb, c0, alpha_at, beta_at = (rt.buffer_data(b, args, i) for i in range(5))
+    d = rt.buffer_data(b, rets, 0)
+    operands = [(_SRC, descs[0], a), (_WEIGHTS, descs[1], bb), (_DST, descs[2], d)]
+    alpha, beta = b.load(alpha_at, typ=_F), b.load(beta_at, typ=_F)
+    q = b.fdiv(alpha, beta)
+    q_at = b.alloca(_F)
+    b.store(q, q_at)
+    status = b.alloca(_I32)
+    b.store(ir.Constant(_I32, -1), status)  # unless a branch below runs
+    finite = b.fcmp_ordered("==", b.fsub(q, q), ir.Constant(_F, 0.0))  # false for inf, nan
+    with b.if_else(b.fcmp_ordered("==", beta, ir.Constant(_F, 0.0))) as (no_c0, with_c0):
+        with no_c0:
+            post = [(_post_op(0), scalar, alpha_at)]
+            b.store(_execute(b, fns, handles, scaled, operands + post), status)
+        with with_c0, b.if_then(finite):
+            post = [(_post_op(0), scalar, q_at), (_post_op(1), descs[2], c0)]
+            post.append((_post_op(2), scalar, beta_at))
+            b.store(_execute(b, fns, handles, fused, operands + post), status)
+    failed = b.icmp_signed("!=", b.load(status, typ=_I32), ir.Constant(_I32, 0))
+    message = f"oneDNN's matmul failed in {name} (or |alpha / beta| is beyond float32)"
+    b.ret(rt.error_if(b, fn.args[0], failed, message))
     return mod

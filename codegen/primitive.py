@@ -284,12 +284,9 @@ def _lower(ctx, *operands, lowering, in_place, **params):
         return _lower_ffi(ctx, operands, step_dtype, in_place, **params)
     dtypes = [np.dtype(aval.dtype) for aval in ctx.avals_in]
     shapes = [aval.shape for aval in ctx.avals_in[: params["n"]]]
-    gemm = (
-        gemm_kernel.emitter(ctx)
-        if fusion.gemm_here(lowering, where, gemm_kernel.library())
-        else None
-    )
-    backend = StableHLOBackend(gemm)
+    here = fusion.gemm_here(lowering, where, gemm_kernel.library())
+    gemm = gemm_kernel.emitter(ctx) if here else None
+    backend = StableHLOBackend(gemm, gemm_kernel.folding_emitter(ctx) if here else None)
     per_output = choice == "per-output"
     codec = _Codec(ctx)
     return _evaluate(

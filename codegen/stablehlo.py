@@ -92,12 +92,21 @@ class StableHLOBackend:
     bfloat16 matrices (``codegen/gemm_kernel.py``); the backend calls it for a product of two
     float32 matrices that ``bf16`` rounded (or their transposes), which it is equal to up to
     the order of the sums. Without it every product is one ``stablehlo.dot_general``.
+
+    ``fold(a, transposed_a, b, transposed_b, c0, alpha, beta)``, where given, emits
+    ``bf16(alpha * op(a) op(b) + beta * c0)`` as one call (``gemm_kernel.folding_emitter``); the
+    backend calls it for ``bf16(s1 * c0 + s2 * (u @ v))`` of a GEMM product and a rounded
+    matrix ``c0`` (either order, either scale absent, scales per step), so that the float32
+    product and the combination never travel through memory.
     """
 
-    def __init__(self, gemm=None):
+    def __init__(self, gemm=None, fold=None):
         self._shapes = {}  # symbolic shape tensors, built once per tensor
-        self._gemm = gemm
+        self._gemm, self._fold = gemm, fold
         self._narrow = {}  # a float32 matrix bf16 rounded -> (its bfloat16 value, transposed?)
+        # What a fold reads back: a GEMM product -> its operands as passed to gemm; a scalar
+        # broadcast -> the scalar; scalar * x -> (scalar, x); x + y -> (x, y).
+        self._products, self._scalars, self._scaled, self._sums = {}, {}, {}, {}
 
     def at(self, loc: Loc | None):
         return ir.Location.file(loc.file, loc.line, loc.col) if loc else ir.Location.unknown()
@@ -110,10 +119,44 @@ class StableHLOBackend:
         return mlir.ir_constant(array)
 
     def apply(self, opcode, operands):
+        if opcode == "bf16" and operands[0] in self._sums:
+            folded = self._folded(operands[0])
+            if folded is not None:
+                return folded
         op = EMIT[opcode](*operands)
         if opcode == "bf16" and self._gemm_operand(op.result):
             self._narrow[op.result] = (op.operands[0], False)
+        if self._fold is not None:
+            self._note(opcode, operands, op.result)
         return op.result
+
+    def _note(self, opcode, operands, result) -> None:
+        """Remember a scaled product or rounded matrix, and a sum of two such terms."""
+        if opcode == "mul":
+            for s, x in (operands, operands[::-1]):
+                if s in self._scalars and (x in self._products or x in self._narrow):
+                    self._scaled[result] = (self._scalars[s], x)
+                    return
+        if opcode == "add":
+            self._sums[result] = tuple(operands)
+
+    def _folded(self, x):
+        """``bf16(x)`` as one folded call where ``x`` is ``s1 * c0 + s2 * product`` (each
+        scale optional, in either order), else None."""
+        one = None
+        terms = [self._scaled.get(t, (None, t)) for t in self._sums[x]]
+        for (s2, product), (s1, c0) in (terms, terms[::-1]):
+            rounded = self._narrow.get(c0)
+            if product not in self._products or rounded is None or rounded[1]:
+                continue
+            if one is None:
+                one = self.constant(1.0, np.float32)
+            scales = [one if s is None else self.convert(s, np.float32) for s in (s2, s1)]
+            folded = self._fold(*self._products[product], rounded[0], *scales)
+            result = self.convert(folded, np.float32)
+            self._narrow[result] = (folded, False)
+            return result
+        return None
 
     def _gemm_operand(self, x) -> bool:
         """Whether ``x`` could be a GEMM operand: a float32 matrix of static shape, with a gemm."""
@@ -158,9 +201,12 @@ class StableHLOBackend:
         ``shape``.
         """
         out = ir.RankedTensorType.get(list(shape), _tensor_type(x).element_type)
-        return hlo.BroadcastInDimOp(
+        result = hlo.BroadcastInDimOp(
             out, x, mlir.dense_int_array(list(range(_tensor_type(x).rank)))
         ).result
+        if self._fold is not None and _tensor_type(x).rank == 0:
+            self._scalars[result] = x
+        return result
 
     def reshape(self, x, shape):
         return hlo.ReshapeOp(
@@ -234,7 +280,10 @@ class StableHLOBackend:
         """``x @ y`` over the last two axes, batched over the leading ones (stablehlo.dot_general;
         a product of two bfloat16-rounded matrices through ``gemm``)."""
         if x in self._narrow and y in self._narrow:
-            return self._gemm(*self._narrow[x], *self._narrow[y])
+            operands = (*self._narrow[x], *self._narrow[y])
+            product = self._gemm(*operands)
+            self._products[product] = operands
+            return product
         lhs, rhs = _tensor_type(x), _tensor_type(y)
         batch = list(range(lhs.rank - 2))
         result = ir.RankedTensorType.get([*lhs.shape[:-1], rhs.shape[-1]], lhs.element_type)

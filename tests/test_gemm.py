@@ -230,3 +230,125 @@ def test_a_onednn_that_cannot_load_leaves_the_products_to_the_others(tmp_path, m
         assert gemm_kernel.library() in ("mkl", None)
     finally:
         gemm_onednn.onednn.cache_clear()
+
+
+def _bf16_ulp(x):
+    """The spacing of bfloat16 numbers at |x| (8 significant bits; the smallest normal's below)."""
+    exponent = np.floor(np.log2(np.maximum(np.abs(x), np.finfo(np.float32).tiny)))
+    return 2.0 ** (exponent - 7)
+
+
+needs_onednn = pytest.mark.skipif(gemm_onednn.onednn() is None, reason="oneDNN is not installed")
+
+
+def _folded_call(gemm, a, b, c0, alpha, beta):
+    name = gemm_kernel.target(gemm, "onednn")
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((gemm.m, gemm.n), jnp.bfloat16))
+    scalars = np.float32(alpha), np.float32(beta)
+    return jax.block_until_ready(jax.jit(call)(a, b, c0, *scalars))
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    ("trans_a", "trans_b"), [(False, False), (True, False), (False, True), (True, True)]
+)
+@pytest.mark.parametrize(("alpha", "beta"), [(2.0315, -4.775), (1.0, 3.4445), (-0.5, 0.0)])
+def test_the_folded_call_is_the_float64_value_rounded_once_within_one_ulp(
+    trans_a, trans_b, alpha, beta
+):
+    """bf16(alpha * op(A) op(B) + beta * C0) in one oneDNN call (96 x 80 from 300 terms, C0 of
+    the product's size) against the float64 value of the same bfloat16 inputs rounded once to
+    bfloat16: at most one bfloat16 ulp apart, element by element (float32's sums and the
+    factored beta * (C0 + alpha / beta * P) move the value a few float32 ulps before it rounds),
+    or, where the terms cancel to far below their size (one element of 7680 here: 3.1e-6 from
+    terms of ~17), float32's error bound for a sum of k + 3 terms; beta = 0 takes the call's
+    product-only branch."""
+    m, n, k = 96, 80, 300
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(ml_dtypes.bfloat16)
+    b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(ml_dtypes.bfloat16)
+    c0 = (17 * rng.normal(size=(m, n))).astype(ml_dtypes.bfloat16)
+    gemm = gemm_kernel.Gemm(m, n, k, trans_a, trans_b, folded=True)
+    got = np.asarray(_folded_call(gemm, a, b, c0, alpha, beta)).astype(np.float64)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    product = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    exact = np.float32(alpha) * product + np.float32(beta) * c0.astype(np.float64)
+    once = exact.astype(ml_dtypes.bfloat16).astype(np.float64)
+    magnitude = abs(alpha) * (np.abs(a64.T if trans_a else a64) @ np.abs(b64.T if trans_b else b64))
+    float32_bound = (k + 3) * 2.0**-24 * (magnitude + abs(beta) * np.abs(c0.astype(np.float64)))
+    ulp = np.maximum(_bf16_ulp(once), _bf16_ulp(got))
+    assert np.all(np.abs(got - once) <= np.maximum(ulp, float32_bound))
+    assert np.mean(got == once) > 0.99  # mostly the same number
+
+
+@needs_onednn
+def test_a_folded_call_whose_scale_ratio_overflows_raises():
+    """|alpha / beta| beyond float32 cannot be factored out: an error, never a wrong number."""
+    x = np.ones((4, 4), ml_dtypes.bfloat16)
+    gemm = gemm_kernel.Gemm(4, 4, 4, False, False, folded=True)
+    with pytest.raises(Exception, match="beyond float32"):
+        _folded_call(gemm, x, x, x, 1e30, 1e-30)
+
+
+FOLDS = """optimizer bf16_folds "products folded with the combinations around them"
+hyper s1 = 0.75
+hyper s2 = -1.5
+update:
+  x = bf16(g)
+  a = bf16(x @ transpose(x))
+  b = bf16(s1 * a + s2 * (a @ a))
+  c = bf16(s1 * x + b @ x)
+  d = bf16((a @ c) * s2 + c)
+  p = p - 0.25 * d
+"""
+FOLD_SHAPES = [(5, 3), (3, 5), (24, 40)]
+
+
+def _folds_reference(p, g, s1=0.75, s2=-1.5):
+    def r(v):
+        return v.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    x = r(g)
+    a = r(x @ x.T)
+    b = r(s1 * a + s2 * (a @ a))
+    c = r(s1 * x + b @ x)
+    d = r(s2 * (a @ c) + c)
+    return p - 0.25 * d, d
+
+
+@needs_onednn
+def test_bf16_combinations_of_products_fold_into_the_call(tmp_path):
+    """Each bf16(s1 * c0 + s2 * (u @ v)) of the spec (both scales, the product's scale absent,
+    the scalars on the right, c0 unscaled) is one folded call in the compiled step, its
+    product no call of its own; its values stay within a bfloat16 rounding of the float64
+    reference (a rounding may flip: d is within one of its ulps); ``shared`` folds nothing."""
+    path = tmp_path / "bf16_folds.spec"
+    path.write_text(FOLDS)
+    opt = optgen.load(str(path))
+    params, grads = _tree(0, FOLD_SHAPES), _tree(1, FOLD_SHAPES)
+    step = jax.jit(lambda p, g, s: opt.update(g, s, p))
+    compiled = step.trace(grads, params, opt.init(params)).lower().compile().as_text()
+    targets = [line for line in compiled.splitlines() if "custom_call_target=" in line]
+    assert sum("_fold_onednn" in t for t in targets) == 3 * len(FOLD_SHAPES)
+    assert len(targets) == 4 * len(FOLD_SHAPES)  # and the Gram matrix's product
+    assert "_fold" not in _lowered_text(str(path), "shared", FOLD_SHAPES)
+    before = {name: np.asarray(x, np.float64) for name, x in params.items()}
+    got, _ = opt.step(params, grads, opt.init(params))  # donates params
+    for name, p in before.items():
+        want, d = _folds_reference(p, np.asarray(grads[name], np.float64))
+        err = np.abs(np.asarray(got[name], np.float64) - want)
+        assert np.all(err <= 0.25 * _bf16_ulp(d) + 1e-6 * np.abs(want)), name
+
+
+@needs_onednn
+def test_muon_bf16_newton_schulz_folds_both_combinations_of_each_iteration():
+    """muon's bf16 Newton-Schulz: per iteration and matrix, the Gram product and two folded
+    calls (bf16(ns_b * a + ns_c * (a @ a)) and bf16(ns_a * x + b @ x)), in both orientations."""
+    opt = optgen.load("muon", bf16_newton_schulz=True)
+    shapes = [(24, 40), (40, 24), (7,)]
+    params = _tree(0, shapes)
+    step = jax.jit(lambda p, g, s: opt.update(g, s, p))
+    compiled = step.trace(params, params, opt.init(params)).lower().compile().as_text()
+    targets = [line for line in compiled.splitlines() if "custom_call_target=" in line]
+    assert sum("_fold_onednn" in t for t in targets) == 2 * 5 * 2
+    assert len(targets) == 3 * 5 * 2
