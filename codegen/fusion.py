@@ -49,6 +49,7 @@ PER_OUTPUT_MAX_LEAVES = (
 # the time of XLA's (one call per 64 parameters against a loop each). Between the two: a guess.
 XLA_PREFERRED_MAX_LEAVES = 256
 _CPU_FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
+_BFLOAT16 = np.dtype(jnp.bfloat16)
 
 
 def request_cpu_multi_output_fusion() -> None:
@@ -114,9 +115,14 @@ def own_loop_preferred(func: Function, out_dtypes: Sequence[Sequence[np.dtype]])
     passed through (adan's prev_g = g: XLA copies it apart and splits the step, 68 B against 44;
     0.15x); and with a ``stored`` op (kahan_sum: XLA's one loop computes the update once for
     ``p`` and again for ``kahan_comp``; AdamW on bf16 transformer leaves took 1.40x the step
-    without it, the own loop 1.07x). ``out_dtypes`` holds each per-element output's dtype per
+    without it, the own loop 1.07x); and with a bfloat16 output (XLA:CPU's loop rounds to bf16
+    slowly: every built-in with bf16 parameters and state ran at 22-97% of copy bandwidth on the
+    Intel machine, 34-85% on the AMD one, where the own loop ran AdamW at 83%, against 41%; docs/
+    fusion.md, "Dtype mixes"). ``out_dtypes`` holds each per-element output's dtype per
     parameter."""
     if any(op.opcode == "stored" for op in func.ops):
+        return True
+    if any(np.dtype(d) == _BFLOAT16 for per_leaf in out_dtypes for d in per_leaf):
         return True
     sums = [op.operands[0] for op in func.ops if op.opcode == "sum"]
     if sums:
