@@ -21,9 +21,11 @@ memory, so ``auto`` lowers a step over more than :data:`PER_OUTPUT_MAX_LEAVES` a
 ``shared`` (docs/fusion.md, "Compile time").
 
 Lowerings: ``shared`` (outputs share intermediates; right for GPU and for artifacts
-compiled elsewhere), ``per-output`` (as above), ``auto`` (``per-output`` on CPU when
-the option is on in this process, every output of a parameter has one dtype and there
-are at most :data:`PER_OUTPUT_MAX_LEAVES` arrays, else ``shared``).
+compiled elsewhere), ``per-output`` (as above), ``ffi`` (optgen's own CPU loop,
+codegen/cpu_kernel.py), ``auto`` (:func:`resolve`: on one CPU device the own loop, except
+XLA's ``per-output`` loop for at most :data:`XLA_PREFERRED_MAX_LEAVES` parameters whose
+outputs share one dtype where XLA's loop measured as fast (:func:`own_loop_preferred`);
+elsewhere XLA's best, ``per-output`` or ``shared``).
 """
 
 from __future__ import annotations
