@@ -44,6 +44,7 @@ _SYMBOLS = (
     "dnnl_primitive_execute",
     "dnnl_stream_wait",
 )
+_LOCKING = ("pthread_mutex_lock", "pthread_mutex_unlock")
 _I32, _I64, _PTR, _F = ir.IntType(32), ir.IntType(64), ir.PointerType(), ir.FloatType()
 
 
@@ -57,6 +58,14 @@ class _Handles:
         _check(library.dnnl_stream_create(ctypes.byref(self.stream), self.engine, _IN_ORDER))
         for name in _SYMBOLS:
             llvm.add_symbol(name, ctypes.cast(getattr(library, name), ctypes.c_void_p).value)
+        # XLA runs independent custom calls at once, and oneDNN's default build shares one
+        # scratchpad between primitives and is not safe to execute concurrently: Muon's steps
+        # returned whole matrices of NaN when two products overlapped. One product at a time
+        # (each already uses every core); the mutex is zeroed, as PTHREAD_MUTEX_INITIALIZER.
+        self.mutex = ctypes.create_string_buffer(64)
+        libc = ctypes.CDLL(None)
+        for name in _LOCKING:
+            llvm.add_symbol(name, ctypes.cast(getattr(libc, name), ctypes.c_void_p).value)
 
 
 def _check(status: int) -> None:
@@ -133,6 +142,8 @@ def _declare(mod: ir.Module) -> dict:
         "dnnl_memory_destroy": [_PTR],
         "dnnl_primitive_execute": [_PTR, _PTR, _I32, _PTR],
         "dnnl_stream_wait": [_PTR],
+        "pthread_mutex_lock": [_PTR],
+        "pthread_mutex_unlock": [_PTR],
     }
     return {name: ir.Function(mod, ir.FunctionType(_I32, k), name) for name, k in kinds.items()}
 
@@ -157,11 +168,14 @@ def _execute(b: ir.IRBuilder, fns: dict, handles: _Handles, primitive, arguments
             b.store(value, b.gep(exec_args, at))
     with b.if_then(b.icmp_signed("==", b.load(status, typ=_I32), ir.Constant(_I32, 0))):
         stream = _constant(handles.stream)
+        mutex = ir.Constant(_I64, ctypes.addressof(handles.mutex)).inttoptr(_PTR)
+        b.call(fns["pthread_mutex_lock"], [mutex])
         ran = b.call(
             fns["dnnl_primitive_execute"],
             [_constant(primitive), stream, ir.Constant(_I32, count), exec_args],
         )
         b.store(b.or_(ran, b.call(fns["dnnl_stream_wait"], [stream])), status)
+        b.call(fns["pthread_mutex_unlock"], [mutex])
     for i in range(count):
         slot = b.gep(memories, [ir.Constant(_I32, 0), ir.Constant(_I32, i)])
         b.call(fns["dnnl_memory_destroy"], [b.load(slot, typ=_PTR)])
