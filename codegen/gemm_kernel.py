@@ -71,12 +71,13 @@ class Gemm:
     trans_a: bool
     trans_b: bool
     folded: bool = False  # D = bf16(alpha * op(A) op(B) + beta * C0): :func:`folding_emitter`
+    rounded: bool = False  # bf16(C), stored in bfloat16: :func:`rounding_emitter`
 
     @property
     def name(self) -> str:
         flags = "t" if self.trans_a else "n", "t" if self.trans_b else "n"
-        fold = "_fold" if self.folded else ""
-        return f"optgen_gemm_bf16_{self.m}x{self.n}x{self.k}_{''.join(flags)}{fold}"
+        kind = "_fold" if self.folded else "_round" if self.rounded else ""
+        return f"optgen_gemm_bf16_{self.m}x{self.n}x{self.k}_{''.join(flags)}{kind}"
 
 
 def _shape(a, trans_a: bool, b, trans_b: bool) -> tuple[Gemm, tuple, tuple]:
@@ -87,21 +88,31 @@ def _shape(a, trans_a: bool, b, trans_b: bool) -> tuple[Gemm, tuple, tuple]:
     return Gemm(m, n, k, trans_a, trans_b), shape_a, shape_b
 
 
-def emitter(ctx):
+def emitter(ctx, rounded: bool = False):
     """``emit(a, transposed_a, b, transposed_b)`` for :class:`codegen.stablehlo.StableHLOBackend`:
-    the custom call of the float32 product of two bfloat16 matrices, inside the lowering rule
-    whose context is ``ctx``."""
+    the custom call of the float32 product of two bfloat16 matrices (with ``rounded``, of its
+    rounding to bfloat16), inside the lowering rule whose context is ``ctx``."""
+    dtype = ml_dtypes.bfloat16 if rounded else np.float32
 
     def emit(a, trans_a: bool, b, trans_b: bool):
         gemm, shape_a, shape_b = _shape(a, trans_a, b, trans_b)
+        gemm = Gemm(gemm.m, gemm.n, gemm.k, trans_a, trans_b, rounded=rounded)
         part = ctx.replace(
             avals_in=[jax.core.ShapedArray(s, ml_dtypes.bfloat16) for s in (shape_a, shape_b)],
-            avals_out=[jax.core.ShapedArray((gemm.m, gemm.n), np.float32)],
+            avals_out=[jax.core.ShapedArray((gemm.m, gemm.n), dtype)],
         )
         (product,) = jax.ffi.ffi_lowering(target(gemm))(part, a, b)
         return product
 
     return emit
+
+
+def rounding_emitter(ctx):
+    """``emit(a, transposed_a, b, transposed_b)``, or None where the library cannot round (MKL
+    writes float32): the custom call of bf16(op(A) op(B)), stored in bfloat16 by oneDNN's
+    matmul, rounded to nearest even once as XLA's convert rounds the float32 product, so the
+    same bits without the float32 product's write and read."""
+    return emitter(ctx, rounded=True) if library() == "onednn" else None
 
 
 def folding_emitter(ctx):
@@ -138,7 +149,7 @@ def target(gemm: Gemm, on: str | None = None) -> str:
         build = gemm_onednn.folded_module if gemm.folded else gemm_onednn.module
         return rt.register(name, lambda: build(gemm, name))
     # mkl() also tells LLVM where MKL's function is
-    if on == "mkl" and mkl() is not None and not gemm.folded:
+    if on == "mkl" and mkl() is not None and not (gemm.folded or gemm.rounded):
         return rt.register(name, lambda: _mkl_module(gemm, name))
     raise RuntimeError("the bfloat16 GEMM needs oneDNN or MKL: pip install onednn-cpu-gomp")
 

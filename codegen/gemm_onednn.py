@@ -10,7 +10,8 @@ primitive for
 
     C (m x n, float32) = op(A) op(B),  A and B bfloat16, row-major; op(X) = X or X^T,
 
-(a transposed operand is the same buffer described with swapped strides) and builds the FFI
+(a transposed operand is the same buffer described with swapped strides), or for bf16(C)
+stored in bfloat16 (a spec's ``bf16(u @ v)``, such as Muon's Gram matrix), and builds the FFI
 handler that, per call, wraps the three XLA buffers in oneDNN memory objects, executes the
 primitive on a CPU stream, waits, and frees the wrappers. A failed oneDNN call is an FFI error,
 never a silently unwritten result. The primitive, its descriptors, the engine and the stream
@@ -184,13 +185,15 @@ def _execute(b: ir.IRBuilder, fns: dict, handles: _Handles, primitive, arguments
 
 def module(gemm, name: str) -> ir.Module:
     """``handler``: C = op(A) op(B) (``gemm``, a :class:`codegen.gemm_kernel.Gemm`) from the
-    call's two bfloat16 arguments into its one float32 result, through oneDNN's matmul."""
+    call's two bfloat16 arguments into its one result, through oneDNN's matmul: float32, or
+    with ``gemm.rounded`` bf16(C), the float32 sums rounded once to nearest even as they are
+    stored (XLA's convert of the float32 C, without C's float32 write and read)."""
     handles = onednn()
     lib = handles.library
     descs = [
         _descriptor(lib, gemm.m, gemm.k, _BF16, gemm.trans_a),
         _descriptor(lib, gemm.k, gemm.n, _BF16, gemm.trans_b),
-        _descriptor(lib, gemm.m, gemm.n, _F32, False),
+        _descriptor(lib, gemm.m, gemm.n, _BF16 if gemm.rounded else _F32, False),
     ]
     primitive = _matmul(handles, descs)
     mod = rt.new_module(name)

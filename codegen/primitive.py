@@ -286,7 +286,11 @@ def _lower(ctx, *operands, lowering, in_place, **params):
     shapes = [aval.shape for aval in ctx.avals_in[: params["n"]]]
     here = fusion.gemm_here(lowering, where, gemm_kernel.library())
     gemm = gemm_kernel.emitter(ctx) if here else None
-    backend = StableHLOBackend(gemm, gemm_kernel.folding_emitter(ctx) if here else None)
+    backend = StableHLOBackend(
+        gemm,
+        gemm_kernel.folding_emitter(ctx) if here else None,
+        gemm_kernel.rounding_emitter(ctx) if here else None,
+    )
     per_output = choice == "per-output"
     codec = _Codec(ctx)
     return _evaluate(

@@ -98,11 +98,15 @@ class StableHLOBackend:
     backend calls it for ``bf16(s1 * c0 + s2 * (u @ v))`` of a GEMM product and a rounded
     matrix ``c0`` (either order, either scale absent, scales per step), so that the float32
     product and the combination never travel through memory.
+
+    ``rounding(a, transposed_a, b, transposed_b)``, where given, emits ``bf16(op(a) op(b))`` stored
+    in bfloat16 (``gemm_kernel.rounding_emitter``); the backend calls it for ``bf16(u @ v)`` of a
+    GEMM product, the same bits as rounding the float32 product without writing it.
     """
 
-    def __init__(self, gemm=None, fold=None):
+    def __init__(self, gemm=None, fold=None, rounding=None):
         self._shapes = {}  # symbolic shape tensors, built once per tensor
-        self._gemm, self._fold = gemm, fold
+        self._gemm, self._fold, self._rounding = gemm, fold, rounding
         self._narrow = {}  # a float32 matrix bf16 rounded -> (its bfloat16 value, transposed?)
         # What a fold reads back: a GEMM product -> its operands as passed to gemm; a scalar
         # broadcast -> the scalar; scalar * x -> (scalar, x); x + y -> (x, y).
@@ -123,6 +127,9 @@ class StableHLOBackend:
             folded = self._folded(operands[0])
             if folded is not None:
                 return folded
+        if opcode == "bf16" and self._rounding is not None and operands[0] in self._products:
+            # the float32 product's call, now unused, is dead code to XLA
+            return self._widened(self._rounding(*self._products[operands[0]]))
         op = EMIT[opcode](*operands)
         if opcode == "bf16" and self._gemm_operand(op.result):
             self._narrow[op.result] = (op.operands[0], False)
@@ -152,11 +159,14 @@ class StableHLOBackend:
             if one is None:
                 one = self.constant(1.0, np.float32)
             scales = [one if s is None else self.convert(s, np.float32) for s in (s2, s1)]
-            folded = self._fold(*self._products[product], rounded[0], *scales)
-            result = self.convert(folded, np.float32)
-            self._narrow[result] = (folded, False)
-            return result
+            return self._widened(self._fold(*self._products[product], rounded[0], *scales))
         return None
+
+    def _widened(self, narrow):
+        """A bfloat16 matrix as the spec's float32 value, remembered as rounded."""
+        result = self.convert(narrow, np.float32)
+        self._narrow[result] = (narrow, False)
+        return result
 
     def _gemm_operand(self, x) -> bool:
         """Whether ``x`` could be a GEMM operand: a float32 matrix of static shape, with a gemm."""

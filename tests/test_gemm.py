@@ -98,16 +98,24 @@ def test_bf16_products_match_float64_numpy(spec, lowering):
 @needs_gemm
 def test_the_gemm_runs_where_it_can_and_nowhere_else(spec):
     """On CPU under auto, each 2-d product of rounded matrices is a custom call (5 per step and
-    parameter, the other 2 of each step's 7 products being a rounded Gram matrix's own); shared,
-    another platform and a batched product keep dot_general."""
+    parameter, the other 2 of each step's 7 products being a rounded Gram matrix's own, whose
+    rounding oneDNN does: the compiled step keeps no float32 Gram product); shared, another
+    platform and a batched product keep dot_general."""
     texts = {
         "auto": _lowered_text(spec, "auto"),
         "shared": _lowered_text(spec, "shared"),
         "cuda": _lowered_text(spec, "auto", platforms=("cuda",)),
         "batched": _lowered_text(spec, "auto", shapes=[(2, 3, 4)]),
     }
-    assert texts["auto"].count("optgen_gemm_bf16") == 7 * len(SHAPES)
     assert "dot_general" not in texts["auto"]
+    opt = optgen.load(spec)
+    params = _tree(0)
+    step = jax.jit(lambda p, g, s: opt.update(g, s, p))
+    compiled = step.trace(params, params, opt.init(params)).lower().compile().as_text()
+    calls = [line for line in compiled.splitlines() if "custom_call_target=" in line]
+    assert len(calls) == 7 * len(SHAPES)
+    rounded = 2 if gemm_kernel.library() == "onednn" else 0
+    assert sum("_round_" in line for line in calls) == rounded * len(SHAPES)
     for name in ("shared", "cuda", "batched"):
         assert "optgen_gemm" not in texts[name] and "dot_general" in texts[name], name
 
@@ -376,3 +384,45 @@ def test_products_that_overlap_do_not_clobber_each_other():
         assert all(np.isfinite(v).all() for v in result.values())
         for k, v in result.items():
             np.testing.assert_array_equal(v, results[0][k], err_msg=k)
+
+
+GRAMS = """optimizer bf16_grams "rounded Gram matrices, each orientation, read through p = I"
+update:
+  x = bf16(g)
+  e = bf16(p)
+  p = bf16(x @ transpose(x)) @ e + 2 * (e @ bf16(transpose(x) @ x))
+"""
+
+
+def _ties(v):
+    """How many integers of ``v`` lie exactly halfway between two bfloat16 numbers."""
+    v = np.abs(v[np.abs(v) >= 256]).astype(np.int64)
+    spacing = 2 ** (np.floor(np.log2(v)).astype(np.int64) - 7)
+    return int(np.sum(v % spacing == spacing // 2))
+
+
+@needs_onednn
+def test_a_rounded_product_is_stored_in_bfloat16_with_the_bits_of_xla_rounding_it(tmp_path):
+    """bf16(x @ transpose(x)) under auto is one oneDNN call that stores bfloat16 (no float32
+    product, no XLA rounding loop), bit for bit XLA's (shared) dot rounded by its convert: the
+    integer inputs make every float32 sum exact whatever its order (and p = I passes the rounded
+    Gram matrices through unchanged), and their entries (up to 40 * 15^2 = 9000) need up to 14
+    bits, so the rounding to bfloat16's 8 decides the bits, many of them ties (to even)."""
+    path = tmp_path / "bf16_grams.spec"
+    path.write_text(GRAMS)
+    rng = np.random.default_rng(4)
+    x = rng.integers(-15, 16, size=(40, 40)).astype(np.float64)
+    grams = [np.asarray(a, ml_dtypes.bfloat16).astype(np.float64) for a in (x @ x.T, x.T @ x)]
+    assert min(_ties(a) for a in (x @ x.T, x.T @ x)) > 100
+    grads = {"w": jnp.asarray(x, jnp.float32)}
+    got = {}
+    for lowering in ("auto", "shared"):
+        opt = optgen.load(str(path), lowering=lowering)
+        params = {"w": jnp.eye(40, dtype=jnp.float32)}
+        step = jax.jit(lambda p, g, s, opt=opt: opt.update(g, s, p))
+        compiled = step.trace(params, grads, opt.init(params)).lower().compile().as_text()
+        calls = [line for line in compiled.splitlines() if "custom_call_target=" in line]
+        assert sum("_round_onednn" in line for line in calls) == (2 if lowering == "auto" else 0)
+        got[lowering] = np.asarray(opt.step(params, grads, opt.init(params))[0]["w"])
+    np.testing.assert_array_equal(got["auto"], got["shared"])
+    np.testing.assert_array_equal(got["auto"], (grams[0] + 2 * grams[1]).astype(np.float32))
