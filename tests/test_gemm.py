@@ -229,6 +229,7 @@ def test_a_onednn_that_cannot_load_leaves_the_products_to_the_others(tmp_path, m
     back to MKL or XLA's dot instead of failing the step."""
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "libdnnl.so.3").write_bytes(b"")
+    monkeypatch.setenv("OPTGEN_ONEDNN", "1")
     monkeypatch.setattr("sys.prefix", str(tmp_path))
     monkeypatch.setattr("sys.base_prefix", str(tmp_path))
     gemm_onednn.onednn.cache_clear()
