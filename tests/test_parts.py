@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close, count_compiles
 
 import optgen
 from optgen.diagnostics import InputError
 from optgen.runtime import parts
-from tests.conftest import assert_trees_close, count_compiles
 
 LEAVES = 620
 # 620 leaves in parts of 310: both parts have the same shapes, so one executable
