@@ -12,7 +12,8 @@ whose handler (built with the FFI machinery of :mod:`codegen.ffi_runtime`) compu
 
 The libraries are optional (the ``gemm`` extra) and loaded with ctypes from the interpreter's
 lib folder, where their wheels put them: oneDNN (``onednn-cpu-gomp``, :mod:`codegen.gemm_onednn`,
-the library torch's CPU matmul runs on) where it is there, else MKL (``mkl``). Without either,
+the library torch's CPU matmul runs on) where it is there and ``OPTGEN_ONEDNN=1`` asks for it,
+else MKL (``mkl``). Without either,
 and on GPU, for an exported step or a batched product, the product stays XLA's ``dot_general``.
 """
 

@@ -3,7 +3,10 @@
 On a CPU with ``avx512_bf16`` but no AMX (AMD EPYC, Zen 4) MKL's ``cblas_gemm_bf16bf16f32``
 took 2.2-3x torch's time on each of Muon's products, oneDNN's matmul about torch's
 (docs/fusion.md). oneDNN comes from the ``onednn-cpu-gomp`` wheel (``libdnnl.so.3`` in the
-interpreter's lib folder, threaded with GNU OpenMP as torch is), loaded with ctypes.
+interpreter's lib folder, threaded with GNU OpenMP as torch is), loaded with ctypes, and only
+with ``OPTGEN_ONEDNN=1``: XLA runs independent custom calls at once, and oneDNN's default build
+shares one scratchpad between primitives, so concurrent products returned whole matrices of
+NaN; a process-wide mutex around each product fixed that but deadlocked now and then.
 
 For each product shape, :func:`module` creates once, through oneDNN's C API, the matmul
 primitive for
@@ -71,9 +74,7 @@ def onednn() -> _Handles | None:
     """oneDNN, from the ``onednn-cpu-gomp`` wheel beside this interpreter, with its engine and
     stream (or None: not installed, or a build without a CPU engine, such as the SYCL one of
     the ``onednn`` wheel, which is said once in a warning)."""
-    # Off unless asked for: XLA runs independent custom calls at once, and concurrent oneDNN
-    # products returned whole matrices of NaN (tests/test_gemm.py, ...clobber...); a process-wide
-    # mutex fixed that but deadlocked test_gemm now and then. Until that is solved, MKL's GEMM.
+    # off unless asked for: concurrent products are unsafe (module docstring)
     if os.environ.get("OPTGEN_ONEDNN") != "1":
         return None
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
