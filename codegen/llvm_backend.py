@@ -14,8 +14,10 @@ when a value is stored in a narrower dtype.
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
+import llvmlite.binding as llvm
 import ml_dtypes  # bfloat16 as a NumPy dtype; jax depends on it
 import numpy as np
 from llvmlite import ir
@@ -77,10 +79,43 @@ def _isfinite(b: ir.IRBuilder, x):
     return b.fcmp_ordered("!=", _intrinsic(b, "llvm.fabs", [x]), ir.Constant(x.type, float("inf")))
 
 
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU converts float32 to bfloat16 with an instruction (x86's AVX512-BF16,
+    ARM's BF16). Elsewhere (AVX2 alone) LLVM lowers the conversion to a call of compiler-rt's
+    ``__truncsfbf2``, which nothing in this process defines: the kernel would jump to address
+    zero."""
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512bf16") or features.get("bf16"))
+
+
+def _to_bfloat16(b: ir.IRBuilder, x):
+    """float32 ``x`` stored in bfloat16, rounded to nearest even; NaN stays a (quiet) NaN.
+    Without the instruction, on the bits: adding 0x7FFF plus the kept part's lowest bit to the
+    float32's bits, then dropping the low 16, rounds to nearest even (a carry into the exponent
+    is the next binade, or infinity past the largest bfloat16)."""
+    if native_bfloat16():
+        return b.fptrunc(x, BFloatType())
+    i16 = ir.IntType(16)
+    bits = b.bitcast(x, U32)
+    high = b.lshr(bits, ir.Constant(U32, 16))
+    odd = b.and_(high, ir.Constant(U32, 1))
+    rounded = b.lshr(b.add(bits, b.add(odd, ir.Constant(U32, 0x7FFF))), ir.Constant(U32, 16))
+    quiet = b.or_(high, ir.Constant(U32, 0x40))
+    kept = b.select(b.fcmp_unordered("uno", x, x), quiet, rounded)
+    return b.bitcast(b.trunc(kept, i16), BFloatType())
+
+
+def _narrow(b: ir.IRBuilder, x, target: ir.Type):
+    """``x`` stored in the narrower ``target``; bfloat16 from float64 through float32, as
+    ml_dtypes and XLA round a double."""
+    if isinstance(target, BFloatType):
+        return _to_bfloat16(b, b.fptrunc(x, F32) if x.type == F64 else x)
+    return b.fptrunc(x, target)
+
+
 def _round_to_bfloat16(b: ir.IRBuilder, x):
-    # through float32 from float64, as ml_dtypes and XLA round a double
-    narrow = b.fptrunc(x, F32) if x.type == F64 else x
-    return b.fpext(b.fptrunc(narrow, BFloatType()), x.type)
+    return b.fpext(_narrow(b, x, BFloatType()), x.type)
 
 
 def _compare(predicate: str):
@@ -181,7 +216,8 @@ class LoopBackend:
         if target == U32:  # a step number, a float holding an integer
             return self._result(builder.fptoui(x, target), builder)
         widen = _WIDTH[str(target)] > _WIDTH[str(x.type)]
-        return self._result((builder.fpext if widen else builder.fptrunc)(x, target), builder)
+        narrowed = builder.fpext(x, target) if widen else _narrow(builder, x, target)
+        return self._result(narrowed, builder)
 
     def round_to(self, x, dtype):
         return self.convert(self.convert(x, dtype), self.dtype_of(x))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from optgen.codegen import gemm_kernel, gemm_onednn
+from optgen.codegen import gemm_kernel, gemm_onednn, llvm_backend
 
 import optgen
 from optgen.ops import round_to_bfloat16
@@ -148,18 +148,28 @@ def test_the_gemm_kernel_alone_matches_numpy_on_a_larger_product(library, trans_
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-def test_bf16_in_the_cpu_loop_rounds_as_ml_dtypes(tmp_path):
-    """The LLVM loop's bf16 (an elementwise op, no product) on float32 values near ties."""
-    path = tmp_path / "round.spec"
-    path.write_text('optimizer round "sgd on rounded g"\nupdate:\n  p = p - bf16(g)\n')
+@pytest.mark.parametrize("instruction", [True, False], ids=["instruction", "bits"])
+def test_bf16_in_the_cpu_loop_rounds_as_ml_dtypes(tmp_path, monkeypatch, instruction):
+    """The LLVM loop's bf16 (an elementwise op, no product) on float32 values near ties, with the
+    CPU's conversion instruction and with the integer rounding used where there is none (before
+    it, a CPU with AVX2 alone crashed here: LLVM called a ``__truncsfbf2`` nothing defined)."""
+    if instruction and not llvm_backend.native_bfloat16():
+        pytest.skip("this CPU has no float32 -> bfloat16 instruction")
+    monkeypatch.setattr(llvm_backend, "native_bfloat16", lambda: instruction)
+    path = tmp_path / "round.spec"  # a kernel name of its own for each variant
+    path.write_text(f'optimizer round_{instruction} "p = g, rounded"\nupdate:\n  p = bf16(g)\n')
     rng = np.random.default_rng(3)
     g = rng.normal(size=4096).astype(np.float32)
-    g[:4] = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38]  # ties to even, and an overflow
+    tiny = np.finfo(np.float32).tiny
+    edges = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38, -3.4e38, np.inf, -np.inf, np.nan]
+    edges += [tiny * 0.75, -tiny * (1 + 2**-8), tiny * 2**-20, 0.0, -0.0, 3.3895e38]
+    g[: len(edges)] = edges  # ties to even, overflow, infinities, NaN, denormals, signed zeros
+    g[len(edges) : 64] = rng.integers(-(2**31), 2**31, 64 - len(edges)).astype(np.float32)
     params, grads = {"w": jnp.zeros(4096, jnp.float32)}, {"w": jnp.asarray(g)}
     for lowering in ("ffi", "shared"):
         opt = optgen.load(str(path), lowering=lowering)
         new, _ = opt.step(jax.tree.map(jnp.copy, params), grads, opt.init(params))
-        np.testing.assert_array_equal(np.asarray(new["w"]), -round_to_bfloat16(g), err_msg=lowering)
+        np.testing.assert_array_equal(np.asarray(new["w"]), round_to_bfloat16(g), err_msg=lowering)
 
 
 def test_muon_in_bfloat16_near_float32_and_its_gemm_near_xla():
@@ -247,7 +257,10 @@ def _bf16_ulp(x):
     return 2.0 ** (exponent - 7)
 
 
-needs_onednn = pytest.mark.skipif(gemm_onednn.onednn() is None, reason="oneDNN is not installed")
+needs_onednn = pytest.mark.skipif(
+    gemm_onednn.onednn() is None,
+    reason="needs OPTGEN_ONEDNN=1, the gemm extra and oneDNN bf16 matmul (avx512_bf16)",
+)
 
 
 def _folded_call(gemm, a, b, c0, alpha, beta):
