@@ -3,10 +3,16 @@
 On a CPU with ``avx512_bf16`` but no AMX (AMD EPYC, Zen 4) MKL's ``cblas_gemm_bf16bf16f32``
 took 2.2-3x torch's time on each of Muon's products, oneDNN's matmul about torch's
 (docs/fusion.md). oneDNN comes from the ``onednn-cpu-gomp`` wheel (``libdnnl.so.3`` in the
-interpreter's lib folder, threaded with GNU OpenMP as torch is), loaded with ctypes, and only
-with ``OPTGEN_ONEDNN=1``: XLA runs independent custom calls at once, and oneDNN's default build
-shares one scratchpad between primitives, so concurrent products returned whole matrices of
-NaN; a process-wide mutex around each product fixed that but deadlocked now and then.
+interpreter's lib folder, threaded with GNU OpenMP as torch is), loaded with ctypes.
+
+XLA runs independent custom calls at once, on its own threads. oneDNN's default build shares
+one scratchpad between primitives, and a primitive may not run on a thread other than the one
+that created it: concurrent products returned whole matrices of NaN (a process-wide mutex
+around each product fixed that but deadlocked now and then). So every primitive is created in
+oneDNN's *user* scratchpad mode, and each call brings its own scratchpad and stream; that mode is
+thread-safe as long as no scratchpad is shared by two executions. That is not yet seen to end
+the NaN on a CPU with ``avx512_bf16`` (none was at hand; on AVX2 alone oneDNN has no bfloat16
+matmul), so oneDNN still runs only with ``OPTGEN_ONEDNN=1``.
 
 For each product shape, :func:`module` creates once, through oneDNN's C API, the matmul
 primitive for
@@ -15,10 +21,11 @@ primitive for
 
 (a transposed operand is the same buffer described with swapped strides), or for bf16(C)
 stored in bfloat16 (a spec's ``bf16(u @ v)``, such as Muon's Gram matrix), and builds the FFI
-handler that, per call, wraps the three XLA buffers in oneDNN memory objects, executes the
-primitive on a CPU stream, waits, and frees the wrappers. A failed oneDNN call is an FFI error,
-never a silently unwritten result. The primitive, its descriptors, the engine and the stream
-live for the process (their addresses are constants of the handler).
+handler that, per call, allocates the primitive's scratchpad and a CPU stream, wraps the XLA
+buffers in oneDNN memory objects, executes the primitive, waits, and frees all of it. A failed
+oneDNN call (or allocation) is an FFI error, never a silently unwritten result. The primitive,
+its descriptors and the engine live for the process (their addresses are constants of the
+handler).
 
 :func:`folded_module` builds the same call with a rounded combination folded in (torch's
 ``addmm(C0, A, B, beta=beta, alpha=alpha)``): D = bf16(alpha * op(A) op(B) + beta * C0), its
@@ -33,6 +40,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import llvmlite.binding as llvm
 from llvmlite import ir
@@ -40,26 +48,30 @@ from optgen.codegen import ffi_runtime as rt
 
 _CPU, _IN_ORDER = 1, 1  # dnnl_engine_kind_t, dnnl_stream_flags_t
 _BF16, _F32 = 2, 3  # dnnl_data_type_t
-_SRC, _SRC_1, _WEIGHTS, _DST = 1, 2, 33, 17  # DNNL_ARG_*
+_SRC, _SRC_1, _WEIGHTS, _DST, _SCRATCHPAD = 1, 2, 33, 17, 80  # DNNL_ARG_*
+_USER_SCRATCHPAD, _QUERY_SCRATCHPAD_MD = 1, 136  # dnnl_scratchpad_mode_user, dnnl_query_t
 _POST_OP_BASE = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP_BASE
 _ADD, _MUL = 0x1FFF0, 0x1FFF1  # dnnl_binary_add, dnnl_binary_mul
 _SYMBOLS = (
     "dnnl_memory_create",
     "dnnl_memory_destroy",
     "dnnl_primitive_execute",
+    "dnnl_stream_create",
+    "dnnl_stream_destroy",
     "dnnl_stream_wait",
 )
 _I32, _I64, _PTR, _F = ir.IntType(32), ir.IntType(64), ir.PointerType(), ir.FloatType()
 
 
 class _Handles:
-    """The process's oneDNN library, CPU engine and stream."""
+    """The process's oneDNN library and CPU engine."""
 
     def __init__(self, library: ctypes.CDLL):
         self.library = library
-        self.engine, self.stream = ctypes.c_void_p(), ctypes.c_void_p()
+        self.engine = ctypes.c_void_p()
         _check(library.dnnl_engine_create(ctypes.byref(self.engine), _CPU, ctypes.c_size_t(0)))
-        _check(library.dnnl_stream_create(ctypes.byref(self.stream), self.engine, _IN_ORDER))
+        library.dnnl_primitive_desc_query_md.restype = ctypes.c_void_p
+        library.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
         for name in _SYMBOLS:
             llvm.add_symbol(name, ctypes.cast(getattr(library, name), ctypes.c_void_p).value)
 
@@ -71,17 +83,20 @@ def _check(status: int) -> None:
 
 @functools.cache
 def onednn() -> _Handles | None:
-    """oneDNN, from the ``onednn-cpu-gomp`` wheel beside this interpreter, with its engine and
-    stream (or None: not installed, or a build without a CPU engine, such as the SYCL one of
-    the ``onednn`` wheel, which is said once in a warning)."""
-    # off unless asked for: concurrent products are unsafe (module docstring)
+    """oneDNN, from the ``onednn-cpu-gomp`` wheel beside this interpreter, with its engine (or
+    None: not asked for with ``OPTGEN_ONEDNN=1``; not installed; a CPU it has no bfloat16 matmul
+    for, such as one with AVX2 but neither ``avx512_bf16`` nor AMX, where MKL emulates it; or a
+    build without a CPU engine, such as the SYCL one of the ``onednn`` wheel, which is said once
+    in a warning)."""
+    # opt-in until the user scratchpad is seen to end the NaN on a CPU with bf16 (module docstring)
     if os.environ.get("OPTGEN_ONEDNN") != "1":
         return None
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         path = Path(prefix) / "lib" / "libdnnl.so.3"
         if path.exists():
             try:
-                return _Handles(ctypes.CDLL(str(path)))
+                handles = _Handles(ctypes.CDLL(str(path)))
+                return handles if _has_bf16_matmul(handles) else None
             except (OSError, AttributeError, RuntimeError) as err:
                 warnings.warn(
                     f"{path} cannot run on this CPU ({err}); bfloat16 products use MKL or XLA's "
@@ -91,6 +106,23 @@ def onednn() -> _Handles | None:
                 )
                 return None
     return None
+
+
+def _has_bf16_matmul(handles: _Handles) -> bool:
+    """Whether oneDNN implements a bfloat16 matmul on this CPU (a primitive descriptor for a
+    small one can be made; dnnl_unimplemented where the CPU lacks the instructions)."""
+    lib = handles.library
+    bf16 = _descriptor(lib, 16, 16, _BF16, False)
+    f32 = _descriptor(lib, 16, 16, _F32, False)
+    pd = ctypes.c_void_p()
+    made = lib.dnnl_matmul_primitive_desc_create(
+        ctypes.byref(pd), handles.engine, bf16, bf16, None, f32, None
+    )
+    for desc in (bf16, f32):
+        _check(lib.dnnl_memory_desc_destroy(desc))
+    if made == 0:
+        _check(lib.dnnl_primitive_desc_destroy(pd))
+    return made == 0
 
 
 def _descriptor(library, rows: int, cols: int, dtype: int, transposed: bool) -> ctypes.c_void_p:
@@ -109,13 +141,22 @@ def _constant(handle: ctypes.c_void_p):
     return ir.Constant(_I64, handle.value).inttoptr(_PTR)
 
 
-def _matmul(handles: _Handles, descs, post_ops=()) -> ctypes.c_void_p:
+class _Primitive(NamedTuple):
+    """A created primitive and the scratchpad each execution of it must bring."""
+
+    handle: ctypes.c_void_p
+    scratchpad: ctypes.c_void_p  # its memory descriptor (owned by the primitive descriptor)
+    scratchpad_bytes: int
+
+
+def _matmul(handles: _Handles, descs, post_ops=()) -> _Primitive:
     """The matmul primitive ``descs[2] = descs[0] @ descs[1]``, then each binary post-op
     ``(algorithm, src1 descriptor)`` in turn, computed in float32 and stored once in the
-    destination's dtype."""
+    destination's dtype; in user scratchpad mode (module docstring)."""
     lib = handles.library
     attr, chain = ctypes.c_void_p(), ctypes.c_void_p()
     _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)))
+    _check(lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _USER_SCRATCHPAD))
     _check(lib.dnnl_post_ops_create(ctypes.byref(chain)))
     for algorithm, desc in post_ops:
         _check(lib.dnnl_post_ops_append_binary(chain, algorithm, desc))
@@ -127,7 +168,8 @@ def _matmul(handles: _Handles, descs, post_ops=()) -> ctypes.c_void_p:
         )
     )
     _check(lib.dnnl_primitive_create(ctypes.byref(primitive), pd))
-    return primitive
+    scratchpad = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(pd, _QUERY_SCRATCHPAD_MD, 0))
+    return _Primitive(primitive, scratchpad, lib.dnnl_memory_desc_get_size(scratchpad))
 
 
 def _post_op(index: int) -> int:
@@ -140,21 +182,36 @@ def _declare(mod: ir.Module) -> dict:
         "dnnl_memory_create": [_PTR, _PTR, _PTR, _PTR],
         "dnnl_memory_destroy": [_PTR],
         "dnnl_primitive_execute": [_PTR, _PTR, _I32, _PTR],
+        "dnnl_stream_create": [_PTR, _PTR, _I32],
+        "dnnl_stream_destroy": [_PTR],
         "dnnl_stream_wait": [_PTR],
     }
-    return {name: ir.Function(mod, ir.FunctionType(_I32, k), name) for name, k in kinds.items()}
+    fns = {name: ir.Function(mod, ir.FunctionType(_I32, k), name) for name, k in kinds.items()}
+    fns["aligned_alloc"] = ir.Function(mod, ir.FunctionType(_PTR, [_I64, _I64]), "aligned_alloc")
+    fns["free"] = ir.Function(mod, ir.FunctionType(ir.VoidType(), [_PTR]), "free")
+    return fns
 
 
-def _execute(b: ir.IRBuilder, fns: dict, handles: _Handles, primitive, arguments):
+def _execute(b: ir.IRBuilder, fns: dict, handles: _Handles, primitive: _Primitive, arguments):
     """Emit one execution of ``primitive`` on ``arguments``, ``(role, descriptor, pointer)``
-    each: wrap each buffer in a oneDNN memory object, execute, wait, free the wrappers. Returns
-    the i32 status (0: done)."""
+    each: allocate this call's scratchpad and stream, wrap each buffer in a oneDNN memory
+    object, execute, wait, free it all. Returns the i32 status (0: done)."""
+    status = b.alloca(_I32)
+    stream = b.alloca(_PTR)
+    b.store(ir.Constant(_PTR, None), stream)  # destroying a null stream is a no-op
+    engine = _constant(handles.engine)
+    flags = ir.Constant(_I32, _IN_ORDER)
+    b.store(b.call(fns["dnnl_stream_create"], [stream, engine, flags]), status)
+    scratchpad = ir.Constant(_PTR, None)
+    if primitive.scratchpad_bytes:
+        size = -(-primitive.scratchpad_bytes // 64) * 64  # aligned_alloc wants a multiple
+        scratchpad = b.call(fns["aligned_alloc"], [ir.Constant(_I64, 64), ir.Constant(_I64, size)])
+        unallocated = b.zext(b.icmp_unsigned("==", scratchpad, ir.Constant(_PTR, None)), _I32)
+        b.store(b.or_(b.load(status, typ=_I32), unallocated), status)
+        arguments = [*arguments, (_SCRATCHPAD, primitive.scratchpad, scratchpad)]
     count = len(arguments)
     memories = b.alloca(ir.ArrayType(_PTR, count))
     exec_args = b.alloca(ir.ArrayType(ir.LiteralStructType([_I32, _PTR]), count))  # dnnl_exec_arg_t
-    status = b.alloca(_I32)
-    b.store(ir.Constant(_I32, 0), status)
-    engine = _constant(handles.engine)
     for i, (role, desc, pointer) in enumerate(arguments):
         slot = b.gep(memories, [ir.Constant(_I32, 0), ir.Constant(_I32, i)])
         b.store(ir.Constant(_PTR, None), slot)  # destroying a null memory is a no-op
@@ -164,15 +221,17 @@ def _execute(b: ir.IRBuilder, fns: dict, handles: _Handles, primitive, arguments
             at = [ir.Constant(_I32, x) for x in (0, i, field)]
             b.store(value, b.gep(exec_args, at))
     with b.if_then(b.icmp_signed("==", b.load(status, typ=_I32), ir.Constant(_I32, 0))):
-        stream = _constant(handles.stream)
+        on = b.load(stream, typ=_PTR)
         ran = b.call(
             fns["dnnl_primitive_execute"],
-            [_constant(primitive), stream, ir.Constant(_I32, count), exec_args],
+            [_constant(primitive.handle), on, ir.Constant(_I32, count), exec_args],
         )
-        b.store(b.or_(ran, b.call(fns["dnnl_stream_wait"], [stream])), status)
+        b.store(b.or_(ran, b.call(fns["dnnl_stream_wait"], [on])), status)
     for i in range(count):
         slot = b.gep(memories, [ir.Constant(_I32, 0), ir.Constant(_I32, i)])
         b.call(fns["dnnl_memory_destroy"], [b.load(slot, typ=_PTR)])
+    b.call(fns["free"], [scratchpad])  # free(NULL) is a no-op
+    b.call(fns["dnnl_stream_destroy"], [b.load(stream, typ=_PTR)])
     return b.load(status, typ=_I32)
 
 
