@@ -240,10 +240,13 @@ def _cautious_adamw(params, grads, slots, t, h):
     }
 
 
-def _inverse_fourth_root(a):
-    """a^-1/4 of a symmetric positive definite matrix, by its eigendecomposition (float64)."""
+def _inverse_fourth_root(a, eps):
+    """a^-1/4 of a symmetric matrix a = L + eps I, L positive semidefinite, by its
+    eigendecomposition (float64). Its eigenvalues are at least eps, but rounding can put the
+    smallest below, even below zero (a rank-2 L of norm 1e12 beside eps = 1e-4, on OpenBLAS's
+    AVX2 kernels), so they are clipped at eps."""
     w, v = np.linalg.eigh(a)
-    return (v * w**-0.25) @ v.T
+    return (v * np.maximum(w, eps) ** -0.25) @ v.T
 
 
 def _shampoo(params, grads, slots, t, h):
@@ -256,9 +259,9 @@ def _shampoo(params, grads, slots, t, h):
         return (params - lr * g / np.sqrt(acc + eps)).astype(params.dtype), slots | {"acc": acc}
     left, right = slots.get("L", 0.0) + g @ g.T, slots.get("R", 0.0) + g.T @ g
     step = (
-        _inverse_fourth_root(left + eps * np.eye(len(left)))
+        _inverse_fourth_root(left + eps * np.eye(len(left)), eps)
         @ g
-        @ _inverse_fourth_root(right + eps * np.eye(len(right)))
+        @ _inverse_fourth_root(right + eps * np.eye(len(right)), eps)
     )
     return (params - lr * step).astype(params.dtype), slots | {"L": left, "R": right}
 
