@@ -13,8 +13,9 @@ whose handler (built with the FFI machinery of :mod:`codegen.ffi_runtime`) compu
 The libraries are optional (the ``gemm`` extra) and loaded with ctypes from the interpreter's
 lib folder, where their wheels put them: oneDNN (``onednn-cpu-gomp``, :mod:`codegen.gemm_onednn`,
 the library torch's CPU matmul runs on) where it is there and ``OPTGEN_ONEDNN=1`` asks for it,
-else MKL (``mkl``). Without either,
-and on GPU, for an exported step or a batched product, the product stays XLA's ``dot_general``.
+else MKL (``mkl``). Without either, on a CPU without bfloat16 instructions (AVX2 alone, where
+XLA's float32 dot is faster than MKL's emulated bfloat16 GEMM), on GPU, for an exported step
+or a batched product, the product stays XLA's ``dot_general``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from jaxlib.mlir import ir as mlir_ir
 from llvmlite import ir
 from optgen.codegen import ffi_runtime as rt
-from optgen.codegen import gemm_onednn
+from optgen.codegen import gemm_onednn, llvm_backend
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS_LAYOUT and CBLAS_TRANSPOSE values
 _SYMBOL = "cblas_gemm_bf16bf16f32"
@@ -55,7 +56,11 @@ def mkl() -> ctypes.CDLL | None:
 
 
 def library() -> str | None:
-    """The GEMM library products run on in this process: ``"onednn"``, ``"mkl"`` or None."""
+    """The GEMM library products run on in this process: ``"onednn"``, ``"mkl"`` or None (XLA's
+    dot). None on a CPU without bfloat16 instructions (AVX2 alone): MKL emulates its bfloat16
+    GEMM there, and Muon's step took 1.45x the time of XLA's dot (docs/fusion.md)."""
+    if not llvm_backend.native_bfloat16():
+        return None
     if gemm_onednn.onednn() is not None:
         return "onednn"
     return "mkl" if mkl() is not None else None

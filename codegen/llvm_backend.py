@@ -81,8 +81,9 @@ def _isfinite(b: ir.IRBuilder, x):
 
 @functools.cache
 def native_bfloat16() -> bool:
-    """Whether this CPU converts float32 to bfloat16 with an instruction (x86's AVX512-BF16,
-    ARM's BF16). Elsewhere (AVX2 alone) LLVM lowers the conversion to a call of compiler-rt's
+    """Whether this CPU has bfloat16 instructions (x86's AVX512-BF16, which AMX CPUs have too;
+    ARM's BF16): the conversion from float32 and the dot products a bfloat16 GEMM runs on.
+    Elsewhere (AVX2 alone) LLVM lowers the conversion to a call of compiler-rt's
     ``__truncsfbf2``, which nothing in this process defines: the kernel would jump to address
     zero."""
     features = llvm.get_host_cpu_features()
