@@ -315,7 +315,7 @@ EXTRA_REFERENCES = {
 def torch_runners(key, params, grads, optimizer) -> tuple[list, dict[str, str]]:
     """The PyTorch runners of workload ``key``, and the reason each one left out was skipped."""
     if torch is None:
-        return [], {"torch-fused": "torch is not installed (pip install -e '.[bench]')"}
+        return [], {"torch": "torch is not installed (pip install -e '.[bench]'), or --no-torch"}
     if key == "bf16-mu":
         return [], {"torch-fused": "torch's AdamW keeps its moments in the parameters' dtype"}
     if optimizer.startswith("muon"):
@@ -483,7 +483,9 @@ def run_here(keys, repeats, block, optimizer, compare_xla) -> list[dict]:
     return runs
 
 
-def run_in_processes(keys, repeats, block, processes, optimizer, compare_xla) -> list[list[dict]]:
+def run_in_processes(
+    keys, repeats, block, processes, optimizer, compare_xla, no_torch=False
+) -> list[list[dict]]:
     """Every workload in each of ``processes`` fresh processes, one after another."""
     per_process = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -508,7 +510,8 @@ def run_in_processes(keys, repeats, block, processes, optimizer, compare_xla) ->
                     "--json",
                     str(out),
                 ]
-                + ["--compare-xla"] * compare_xla,
+                + ["--compare-xla"] * compare_xla
+                + ["--no-torch"] * no_torch,
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
@@ -555,7 +558,7 @@ def main(argv=None) -> int:
         "--optimizer",
         choices=("adamw", "muon", "muon-bf16"),
         default="adamw",
-        help="muon-bf16: optgen's muon with bf16_newton_schulz (torch's numerics, MKL's GEMM)",
+        help="muon-bf16: optgen's muon with bf16_newton_schulz (torch's numerics; GEMM library)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
@@ -568,6 +571,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="also run optgen with XLA's fused loops instead of its own CPU loop (optgen-xla)",
     )
+    parser.add_argument(
+        "--no-torch",
+        action="store_true",
+        help="leave PyTorch out (its bf16 Muon takes minutes a step where the CPU lacks bf16)",
+    )
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.workloads.split(",")]
     unknown = [k for k in keys if k not in WORKLOADS]
@@ -578,9 +586,18 @@ def main(argv=None) -> int:
     if args.processes < 1 or args.repeats < 1 or args.block < 1:
         parser.error("--processes, --repeats and --block must be at least 1")
 
+    if args.no_torch:
+        global torch
+        torch = None
     if args.processes > 1:
         per_process = run_in_processes(
-            keys, args.repeats, args.block, args.processes, args.optimizer, args.compare_xla
+            keys,
+            args.repeats,
+            args.block,
+            args.processes,
+            args.optimizer,
+            args.compare_xla,
+            args.no_torch,
         )
     else:
         per_process = [run_here(keys, args.repeats, args.block, args.optimizer, args.compare_xla)]
