@@ -535,8 +535,20 @@ def _cpu_name() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line]
-    return names[0] if names else platform.machine()
+    lines = text.splitlines()
+    names = [line.split(":", 1)[1].strip() for line in lines if "model name" in line]
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    # the same name covers CPUs of several generations: say which vector units it has
+    isa = [name for flag, name in _ISA if flag in flags][-1:] or ["no AVX2"]
+    return f"{names[0] if names else platform.machine()} ({isa[0]})"
+
+
+_ISA = (
+    ("avx2", "AVX2"),
+    ("avx512f", "AVX-512"),
+    ("avx512_bf16", "AVX-512 BF16"),
+    ("amx_bf16", "AMX"),
+)
 
 
 def main(argv=None) -> int:
