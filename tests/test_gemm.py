@@ -37,6 +37,8 @@ def test_without_bfloat16_instructions_products_stay_xla_dots(spec, monkeypatch)
     assert gemm_kernel.library() is None
     text = _lowered_text(spec, "auto")
     assert "optgen_gemm" not in text and "dot_general" in text
+
+
 LIBRARIES = [
     pytest.param(
         name,
