@@ -165,6 +165,9 @@ def test_own_loop_step_is_one_call_at_the_spec_minimum(spec):
     assert report.kernels == 1
     # + a few scalars
     assert report.bytes_per_element == pytest.approx(report.min_bytes_per_element, rel=1e-3)
+    # XLA cannot count the loop's flops (it printed "-0.00"): the report says so
+    assert report.flops_per_element is None
+    assert "flops per element   - (optgen's own loop" in "\n".join(report.lines())
 
 
 REDUCING = ["lamb", "lars", "novograd", "cautious_adamw", "prodigy"]
