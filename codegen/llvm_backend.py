@@ -94,7 +94,9 @@ def _to_bfloat16(b: ir.IRBuilder, x):
     """float32 ``x`` stored in bfloat16, rounded to nearest even; NaN stays a (quiet) NaN.
     Without the instruction, on the bits: adding 0x7FFF plus the kept part's lowest bit to the
     float32's bits, then dropping the low 16, rounds to nearest even (a carry into the exponent
-    is the next binade, or infinity past the largest bfloat16)."""
+    is the next binade, or infinity past the largest bfloat16). The instruction (x86's
+    ``vcvtneps2bf16``) reads a denormal float32 as zero, as XLA's convert on that CPU does; the
+    bits keep it, as XLA's convert does where it calls ``__truncsfbf2``."""
     if native_bfloat16():
         return b.fptrunc(x, BFloatType())
     i16 = ir.IntType(16)
@@ -108,11 +110,14 @@ def _to_bfloat16(b: ir.IRBuilder, x):
 
 
 def _narrow(b: ir.IRBuilder, x, target: ir.Type):
-    """``x`` stored in the narrower ``target``; bfloat16 from float64 through float32, as
-    ml_dtypes and XLA round a double."""
+    """``x`` stored in the narrower ``target``. A double becomes a 16-bit float through float32,
+    rounded twice as XLA:CPU's convert does (LLVM's direct conversion to half would call
+    compiler-rt's ``__truncdfhf2``, which nothing in this process defines)."""
+    sixteen = isinstance(target, (BFloatType, ir.HalfType))
+    narrow = b.fptrunc(x, F32) if sixteen and x.type == F64 else x
     if isinstance(target, BFloatType):
-        return _to_bfloat16(b, b.fptrunc(x, F32) if x.type == F64 else x)
-    return b.fptrunc(x, target)
+        return _to_bfloat16(b, narrow)
+    return b.fptrunc(narrow, target)
 
 
 def _round_to_bfloat16(b: ir.IRBuilder, x):

@@ -123,3 +123,28 @@ def test_an_exported_step_stays_portable_stablehlo(tmp_path):
     new_params, _ = restored.call(params, params, opt.init(params))
     mine, _ = opt.step(jax.tree.map(jnp.copy, params), params, opt.init(params))
     np.testing.assert_allclose(np.asarray(new_params["w"]), np.asarray(mine["w"]), rtol=1e-6)
+
+
+def test_a_double_stored_in_half_rounds_through_float32_as_xla(tmp_path):
+    """float64 parameters with a float16 state on the own loop: LLVM's direct double -> half
+    conversion called compiler-rt's ``__truncdfhf2``, which nothing in the process defines, and
+    the process crashed. It now rounds through float32, as XLA:CPU's convert does: twice, so
+    1 + 2^-11 + 2^-40 (above a half tie, rounded up directly) becomes 1, as on XLA."""
+    path = tmp_path / "half_state.spec"
+    path.write_text(
+        'optimizer half_state "m = g, kept in half"\n'
+        "state m: f16 = 0\nupdate:\n  m = g\n  p = p - 0 * m\n"
+    )
+    g = np.random.default_rng(5).normal(size=4096) * np.logspace(-9, 5, 4096)
+    g[:4] = [1 + 2**-11 + 2**-40, 65519.99999999, -(1 + 3 * 2**-11 + 2**-40), 1e-8]
+    with np.errstate(over="ignore"):  # 65519.99999999 rounds to infinity, on purpose
+        want = g.astype(np.float32).astype(np.float16)
+    assert want[0] != g[:1].astype(np.float16)[0]  # the case where rounding twice differs
+    with jax.enable_x64(True):
+        params = {"w": jnp.zeros(4096, jnp.float64)}
+        grads = {"w": jnp.asarray(g)}
+        for lowering in ("ffi", "shared"):
+            opt = optgen.load(str(path), lowering=lowering)
+            _, state = opt.step(jax.tree.map(jnp.copy, params), grads, opt.init(params))
+            got = np.asarray(state.slots["m"]["w"])
+            np.testing.assert_array_equal(got, want, err_msg=lowering)

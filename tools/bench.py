@@ -539,8 +539,8 @@ def _cpu_name() -> str:
     names = [line.split(":", 1)[1].strip() for line in lines if "model name" in line]
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     # the same name covers CPUs of several generations: say which vector units it has
-    isa = [name for flag, name in _ISA if flag in flags][-1:] or ["no AVX2"]
-    return f"{names[0] if names else platform.machine()} ({isa[0]})"
+    isa = [name for flag, name in _ISA if flag in flags][-1:]
+    return (names[0] if names else platform.machine()) + "".join(f" ({unit})" for unit in isa)
 
 
 _ISA = (
