@@ -181,8 +181,9 @@ def inspect(
     shape = str(elements)
     compiled = export.lowered_kernel(program, dtype, shape, lowering).compile()
     cost = compiled.cost_analysis()
-    per_element, scalar = count_kernels(compiled.as_text())
-    loop_bytes = own_loop_bytes(compiled.as_text())
+    text = compiled.as_text()
+    per_element, scalar = count_kernels(text)
+    loop_bytes = own_loop_bytes(text)
     touched = cost["bytes accessed"] + loop_bytes
     out_dtypes = [[dtype]] + [
         [d]
