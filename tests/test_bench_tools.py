@@ -75,3 +75,24 @@ def test_the_plot_is_written(tmp_path):
     path = tmp_path / "bench.png"
     plot_bench.plot(summaries, runs, "a made-up machine", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("key", ["bf16", "bf16-mu"])
+def test_mixed_workloads_pair_optgen_with_its_float32_step(key, monkeypatch, tmp_path):
+    # issue 14's targets for the mixes are against optgen's own all-f32 step, in the same run
+    bench = load_tool("bench")
+    title, _, dtype, state_dtype, options = bench.WORKLOADS[key]
+    monkeypatch.setitem(bench.WORKLOADS, key, (title, [(8, 4), (5,)], dtype, state_dtype, options))
+    monkeypatch.setattr(bench, "torch", None)
+    specs = {
+        "f32-state": tmp_path / "f32_state.spec",
+        "bf16-mu": tmp_path / "bf16_mu.spec",
+    }
+    specs["f32-state"].write_text(bench._ADAMW_F32_STATE)
+    specs["bf16-mu"].write_text(bench._ADAMW_BF16_MU)
+    run = bench.bench_workload(
+        key, {k: str(v) for k, v in specs.items()}, repeats=1, block=1, progress=print
+    )
+    assert list(run["times_ms"]) == ["optgen", "optax", "optgen-f32"]
+    f32 = bench._f32_runner([(5,)])
+    assert f32.params["w0000"].dtype == f32.state.slots["nu"]["w0000"].dtype == "float32"

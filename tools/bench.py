@@ -336,15 +336,21 @@ def xla_lowering(leaves: int, uniform: bool) -> str:
     return "per-output" if uniform and leaves <= fusion.PER_OUTPUT_MAX_LEAVES else "shared"
 
 
+def _f32_runner(shapes) -> OptgenRunner:
+    """optgen's AdamW with float32 parameters and state on ``shapes``, paired with a mixed or
+    8-bit step in every repeat (its own buffers: a bf16 workload's are another dtype)."""
+    f32 = OptgenRunner(make_tree(shapes, np.float32, 0), make_tree(shapes, np.float32, 1), "adamw")
+    f32.name = "optgen-f32"
+    return f32
+
+
 def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", compare_xla=False):
     title, shapes, dtype, state_dtype, options = WORKLOADS[key]
     params, grads = make_tree(shapes, dtype, 0), make_tree(shapes, dtype, 1)
     mixed = np.dtype(state_dtype) != np.dtype(dtype)
     if key == "8bit":
         # optgen's adamw8bit first (every ratio is against it), then its float32 AdamW
-        f32 = OptgenRunner(params, grads, "adamw")
-        f32.name = "optgen-f32"
-        runners = [OptgenRunner(params, grads, "adamw8bit"), f32]
+        runners = [OptgenRunner(params, grads, "adamw8bit"), _f32_runner(shapes)]
     elif optimizer.startswith("muon"):
         hypers = MUON_HYPERS | {"bf16_newton_schulz": optimizer == "muon-bf16"}
         runners = [
@@ -361,6 +367,8 @@ def bench_workload(key, specs, repeats, block, progress, optimizer="adamw", comp
             nearest = OptgenRunner(params, grads, spec)
             nearest.name = "optgen-nearest"
             runners.append(nearest)
+        if key in ("bf16", "bf16-mu"):  # issue 14's targets: against optgen's all-f32 step
+            runners.append(_f32_runner(shapes))
         if compare_xla:
             xla = OptgenRunner(
                 params, grads, spec, lowering=xla_lowering(len(shapes), not mixed), **options
