@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import ml_dtypes
 import numpy as np
 from llvmlite import ir
 from optgen.codegen import quantize
@@ -20,8 +21,8 @@ from optgen.codegen.ffi_runtime import I8 as _I8
 from optgen.codegen.ffi_runtime import I32 as _I32
 from optgen.codegen.ffi_runtime import I64 as _I64
 from optgen.codegen.ffi_runtime import PTR as _PTR
+from optgen.codegen.ffi_runtime import VECTOR_WIDTH, vectorize
 from optgen.codegen.ffi_runtime import VOID as _VOID
-from optgen.codegen.ffi_runtime import vectorize
 from optgen.codegen.llvm_backend import (
     F32,
     LLVM_TYPES,
@@ -30,12 +31,17 @@ from optgen.codegen.llvm_backend import (
     block_reciprocal,
     dequantize_element,
     quantize_element,
+    rounds_bfloat16_in_8_lanes,
 )
 from optgen.codegen.quantize import Q8
 
 # The q8 block loops' vector width: 16 lanes, not the 8 of the other loops: the 16M-element
 # adamw8bit step, bound by its square roots (two per q8 state), took 0.85-0.93x the time at 8.
 Q8_LANES = 16
+# The same width for a loop that rounds to bfloat16 on the bits in 8-lane registers (AVX2): two
+# registers' rounded halves then pack with one instruction, and AdamW's bf16 loops took
+# 0.88-0.92x the time of 8 lanes over arrays in L3 (docs/fusion.md).
+BF16_BITS_LANES = 16
 
 if TYPE_CHECKING:  # for annotations only: cpu_kernel imports this module
     from optgen.codegen.cpu_kernel import Call
@@ -91,6 +97,14 @@ class _Loop:
     scalars: list
     leaf_ids: list | None  # the parameter's number, for stochastic rounding's hash
 
+    def rounds_bfloat16_on_bits(self) -> bool:
+        """Whether the body rounds to bfloat16 (a bf16 output, or the ``bf16`` op) in 8-lane
+        registers, on the bits."""
+        rounds = any(d == ml_dtypes.bfloat16 for d in self.out_dtypes) or any(
+            op.opcode == "bf16" for op in self.call.func.ops
+        )
+        return rounds and rounds_bfloat16_in_8_lanes()
+
     def elements(self, fn, start, end) -> None:
         """The plain loop: each element read, updated and stored."""
         entry, body_block, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
@@ -101,7 +115,9 @@ class _Loop:
             self.store(body, j, results, i)
         following = body.add(i, ir.Constant(_I64, 1))
         vectorize(
-            self.module, body.cbranch(body.icmp_signed("<", following, end), body_block, done)
+            self.module,
+            body.cbranch(body.icmp_signed("<", following, end), body_block, done),
+            BF16_BITS_LANES if self.rounds_bfloat16_on_bits() else VECTOR_WIDTH,
         )
         hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
         i.add_incoming(start, entry)

@@ -25,7 +25,7 @@ import jax
 import llvmlite.binding as llvm
 from llvmlite import ir
 from optgen.codegen import ffi_abi as abi
-from optgen.codegen.llvm_backend import LLVM_TYPES
+from optgen.codegen.llvm_backend import LLVM_TYPES, MISSING_CONVERSIONS, define_conversions
 
 # a chunk's elements: enough to hide the cost of taking it, small enough to share
 CHUNK_ELEMENTS = 1 << 15
@@ -80,9 +80,31 @@ def _target_machine():
     llvm.initialize_native_asmprinter()
     llvm.load_library_permanently(ctypes.util.find_library("m"))  # powf, tanhf, fmodf
     cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
-    return llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
+    machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
         cpu=cpu, features=features, opt=3, codemodel="jitdefault"
     )
+    _define_missing_conversions(machine)
+    return machine
+
+
+# Every execution engine made, alive for the process: llvmlite frees an engine's target machine
+# with it, and all of them share one (a freed engine left the next compile a dangling machine).
+_ENGINES: list = []
+
+
+def _define_missing_conversions(machine) -> None:
+    """Give compiler-rt's float conversions that this process lacks a definition
+    (:func:`llvm_backend.define_conversions`) before any kernel can call one."""
+    missing = [n for n in MISSING_CONVERSIONS if not llvm.address_of_symbol(n)]
+    if not missing:
+        return
+    module = new_module("optgen_conversions")
+    define_conversions(module, missing)
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(module)), machine)
+    engine.finalize_object()
+    for name in missing:
+        llvm.add_symbol(name, engine.get_function_address(name))
+    _ENGINES.append(engine)
 
 
 def _compile(module: ir.Module):
@@ -95,6 +117,7 @@ def _compile(module: ir.Module):
     passes.getModulePassManager().run(parsed, passes)
     engine = llvm.create_mcjit_compiler(parsed, machine)
     engine.finalize_object()
+    _ENGINES.append(engine)
     return engine
 
 

@@ -90,6 +90,13 @@ def native_bfloat16() -> bool:
     return bool(features.get("avx512bf16") or features.get("bf16"))
 
 
+@functools.cache
+def rounds_bfloat16_in_8_lanes() -> bool:
+    """Whether bfloat16 stores round on the bits (:func:`_to_bfloat16`) in registers of 8 float32
+    lanes: a CPU with AVX2 but neither AVX-512 nor bfloat16 instructions."""
+    return not native_bfloat16() and not llvm.get_host_cpu_features().get("avx512f")
+
+
 def _to_bfloat16(b: ir.IRBuilder, x):
     """float32 ``x`` stored in bfloat16, rounded to nearest even; NaN stays a (quiet) NaN.
     Without the instruction, on the bits: adding 0x7FFF plus the kept part's lowest bit to the
@@ -97,27 +104,58 @@ def _to_bfloat16(b: ir.IRBuilder, x):
     is the next binade, or infinity past the largest bfloat16). The instruction (x86's
     ``vcvtneps2bf16``) reads a denormal float32 as zero, as XLA's convert on that CPU does; the
     bits keep it, as XLA's convert does where it calls ``__truncsfbf2``."""
-    if native_bfloat16():
-        return b.fptrunc(x, BFloatType())
+    return b.fptrunc(x, BFloatType()) if native_bfloat16() else _bfloat16_on_the_bits(b, x)
+
+
+def _bfloat16_on_the_bits(b: ir.IRBuilder, x):
     i16 = ir.IntType(16)
     bits = b.bitcast(x, U32)
     high = b.lshr(bits, ir.Constant(U32, 16))
     odd = b.and_(high, ir.Constant(U32, 1))
     rounded = b.lshr(b.add(bits, b.add(odd, ir.Constant(U32, 0x7FFF))), ir.Constant(U32, 16))
     quiet = b.or_(high, ir.Constant(U32, 0x40))
-    kept = b.select(b.fcmp_unordered("uno", x, x), quiet, rounded)
+    # NaN tested on the bits: on a float widened from bfloat16 LLVM narrows ``fcmp uno`` to a
+    # bfloat compare, which at 16 lanes on AVX2 it lowers to calls of ``__truncsfbf2``
+    magnitude = b.and_(bits, ir.Constant(U32, 0x7FFFFFFF))
+    nan = b.icmp_unsigned(">", magnitude, ir.Constant(U32, 0x7F800000))
+    kept = b.select(nan, quiet, rounded)
     return b.bitcast(b.trunc(kept, i16), BFloatType())
 
 
 def _narrow(b: ir.IRBuilder, x, target: ir.Type):
     """``x`` stored in the narrower ``target``. A double becomes a 16-bit float through float32,
     rounded twice as XLA:CPU's convert does (LLVM's direct conversion to half would call
-    compiler-rt's ``__truncdfhf2``, which nothing in this process defines)."""
+    compiler-rt's ``__truncdfhf2``: slower, and it rounds once)."""
     sixteen = isinstance(target, (BFloatType, ir.HalfType))
     narrow = b.fptrunc(x, F32) if sixteen and x.type == F64 else x
     if isinstance(target, BFloatType):
         return _to_bfloat16(b, narrow)
     return b.fptrunc(narrow, target)
+
+
+# compiler-rt's conversions that LLVM calls where the CPU has no instruction for them, and their
+# argument and result types
+MISSING_CONVERSIONS = {
+    "__truncsfbf2": (F32, BFloatType()),
+    "__truncdfbf2": (F64, BFloatType()),
+    "__truncdfhf2": (F64, ir.HalfType()),
+}
+
+
+def define_conversions(module: ir.Module, names) -> None:
+    """Define compiler-rt's float conversions ``names`` (of :data:`MISSING_CONVERSIONS`) in
+    ``module``, as :func:`_narrow` converts: to bfloat16 on the bits, from a double through float32
+    (as XLA:CPU). The own loop never calls them, but LLVM lowers some operations on bfloat16
+    vectors to them, and a call of an undefined symbol jumps to address zero: this process lacks
+    compiler-rt."""
+    for name in names:
+        source, target = MISSING_CONVERSIONS[name]
+        fn = ir.Function(module, ir.FunctionType(target, [source]), name)
+        b = ir.IRBuilder(fn.append_basic_block())
+        x = fn.args[0] if source == F32 else b.fptrunc(fn.args[0], F32)
+        b.ret(
+            _bfloat16_on_the_bits(b, x) if isinstance(target, BFloatType) else b.fptrunc(x, target)
+        )
 
 
 def _round_to_bfloat16(b: ir.IRBuilder, x):

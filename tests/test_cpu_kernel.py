@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 from conftest import many_leaf_tree
-from optgen.codegen import ffi_runtime, primitive
+from optgen.codegen import cpu_loop, ffi_runtime, llvm_backend, primitive
 
 import optgen
 import optgen.library
+from optgen.ops import round_to_bfloat16
 
 # several chunks, so the pool's threads share the parameter
 BIG = 3 * ffi_runtime.CHUNK_ELEMENTS + 5
@@ -148,3 +149,116 @@ def test_a_double_stored_in_half_rounds_through_float32_as_xla(tmp_path):
             _, state = opt.step(jax.tree.map(jnp.copy, params), grads, opt.init(params))
             got = np.asarray(state.slots["m"]["w"])
             np.testing.assert_array_equal(got, want, err_msg=lowering)
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_bf16_inputs_stored_again_round_on_the_bits_at_any_width(tmp_path, monkeypatch, lanes):
+    """Where the CPU has no bfloat16 instruction the own loop rounds on the bits, 16 lanes wide
+    with 8-lane registers (AVX2), 8 elsewhere. A bf16 input stored again (adan's ``prev_g = g``)
+    and a rounded update, at both widths, against ml_dtypes and XLA, over a length that leaves a
+    tail of 7, with NaNs, infinities and denormals."""
+    import ml_dtypes
+
+    monkeypatch.setattr(llvm_backend, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(cpu_loop, "rounds_bfloat16_in_8_lanes", lambda: lanes == 16)
+    path = tmp_path / "again.spec"  # a kernel name of its own for each width
+    path.write_text(
+        f'optimizer again_{lanes} "a bf16 input kept, and a rounded update"\n'
+        "state prev = 0\nupdate:\n  prev = g\n  p = p - 0.375 * g\n"
+    )
+    n = 4096 + 7
+    rng = np.random.default_rng(7)
+    g = rng.normal(size=n).astype(ml_dtypes.bfloat16)
+    p = rng.normal(size=n).astype(ml_dtypes.bfloat16)
+    bits = np.array([0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x0001, 0x8001, 0x8000], np.uint16)
+    g[-len(bits) :] = bits.view(ml_dtypes.bfloat16)  # NaNs (one signaling), +-inf, denormals, -0
+    with np.errstate(invalid="ignore"):  # inf * 0.375 - p is fine; NaN stays NaN
+        want_p = round_to_bfloat16(p.astype(np.float32) - np.float32(0.375) * g.astype(np.float32))
+    params, grads = {"w": jnp.asarray(p)}, {"w": jnp.asarray(g)}
+    got = {}
+    for lowering in ("ffi", "shared"):
+        opt = optgen.load(str(path), lowering=lowering)
+        new, state = opt.step(jax.tree.map(jnp.copy, params), grads, opt.init(params))
+        got[lowering] = (np.asarray(new["w"]), np.asarray(state.slots["prev"]["w"]))
+    new_p, prev = got["ffi"]
+    # a value comes back as it went in; the signaling NaN (0x7F81) comes back quiet (0x7FC1), still
+    # a NaN (XLA's copy keeps its bits)
+    kept = g.view(np.uint16) != 0x7F81
+    for stored in (g, got["shared"][1]):
+        np.testing.assert_array_equal(prev.view(np.uint16)[kept], stored.view(np.uint16)[kept])
+    np.testing.assert_array_equal(prev.view(np.uint16)[~kept], [0x7FC1])
+    nan = np.isnan(new_p.astype(np.float32))  # (a NaN's payload after arithmetic is the CPU's)
+    for want in (want_p.astype(ml_dtypes.bfloat16), got["shared"][0]):
+        np.testing.assert_array_equal(nan, np.isnan(want.astype(np.float32)))
+        np.testing.assert_array_equal(new_p.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_adan_in_bf16_rounds_on_the_bits_at_any_width(tmp_path, monkeypatch, lanes):
+    """adan with bf16 parameters and state, the own loop at both widths against XLA's loops over
+    three steps (before the NaN test moved to the bits, 16 lanes crashed here on AVX2)."""
+    monkeypatch.setattr(llvm_backend, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(cpu_loop, "rounds_bfloat16_in_8_lanes", lambda: lanes == 16)
+    path = tmp_path / "adan.spec"  # a kernel name of its own for each width
+    path.write_text(
+        optgen.library.read_spec("adan").text.replace("optimizer adan", f"optimizer adan_{lanes}")
+    )
+    rng = np.random.default_rng(8)
+    params = {"w": jnp.asarray(rng.normal(size=1000 + 3), jnp.bfloat16)}
+    grads = [{"w": jnp.asarray(rng.normal(size=1000 + 3), jnp.bfloat16)} for _ in range(3)]
+    got = {}
+    for lowering in ("ffi", "shared"):
+        opt = optgen.load(str(path), learning_rate=0.01, lowering=lowering)
+        p, state = jax.tree.map(jnp.copy, params), opt.init(params)
+        for g in grads:
+            p, state = opt.step(p, g, state)
+        got[lowering] = np.asarray(p["w"], np.float32)
+    np.testing.assert_allclose(got["ffi"], got["shared"], rtol=2**-7, atol=0)
+
+
+def _conversion_loop(module, name, source, target):
+    """``name(in, out, n)``: LLVM's own fptrunc over n values (a libcall where the CPU has no
+    instruction for it)."""
+    from llvmlite import ir
+
+    i64 = ffi_runtime.I64
+    fn = ir.Function(module, ir.FunctionType(ffi_runtime.VOID, [ffi_runtime.PTR] * 2 + [i64]), name)
+    entry, body, done = (fn.append_basic_block() for _ in range(3))
+    start = ir.IRBuilder(entry)
+    start.cbranch(start.icmp_signed(">", fn.args[2], ir.Constant(i64, 0)), body, done)
+    b = ir.IRBuilder(body)
+    i = b.phi(i64)
+    x = b.load(b.gep(fn.args[0], [i], source_etype=source), typ=source)
+    b.store(b.fptrunc(x, target), b.gep(fn.args[1], [i], source_etype=target))
+    following = b.add(i, ir.Constant(i64, 1))
+    b.cbranch(b.icmp_signed("<", following, fn.args[2]), body, done)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    i.add_incoming(following, body)
+    ir.IRBuilder(done).ret_void()
+
+
+def test_llvm_s_own_narrowing_conversions_never_call_a_missing_symbol():
+    """Where the CPU lacks an instruction, LLVM lowers fptrunc to bfloat16 (and double to half)
+    to compiler-rt calls, which this process lacked: a kernel that reached one jumped to address
+    zero. optgen defines them once per process; each against ml_dtypes/NumPy through float32."""
+    import ctypes
+
+    import ml_dtypes
+
+    module = ffi_runtime.new_module("conversions_test")
+    for name, (source, target) in llvm_backend.MISSING_CONVERSIONS.items():
+        _conversion_loop(module, "loop" + name, source, target)
+    engine = ffi_runtime._compile(module)
+    x = np.array([1 + 2**-8, 1 + 3 * 2**-8, np.nan, -np.inf, 3.4e38, -0.0, 1 + 2**-11 + 2**-40])
+    for name, (source, target) in llvm_backend.MISSING_CONVERSIONS.items():
+        given = x.astype(np.float32 if source == llvm_backend.F32 else np.float64)
+        out = np.zeros(len(given), np.uint16)
+        loop = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(
+            engine.get_function_address("loop" + name)
+        )
+        loop(given.ctypes.data, out.ctypes.data, len(given))
+        with np.errstate(over="ignore"):  # 3.4e38 is past the largest half
+            want = given.astype(np.float32).astype(
+                ml_dtypes.bfloat16 if isinstance(target, llvm_backend.BFloatType) else np.float16
+            )
+        np.testing.assert_array_equal(out, want.view(np.uint16), err_msg=name)
