@@ -25,7 +25,7 @@ import jax
 import llvmlite.binding as llvm
 from llvmlite import ir
 from optgen.codegen import ffi_abi as abi
-from optgen.codegen.llvm_backend import LLVM_TYPES, MISSING_CONVERSIONS, define_conversions
+from optgen.codegen.llvm_backend import LLVM_TYPES, TRUNCSFBF2, define_truncsfbf2
 
 # a chunk's elements: enough to hide the cost of taking it, small enough to share
 CHUNK_ELEMENTS = 1 << 15
@@ -93,17 +93,15 @@ _ENGINES: list = []
 
 
 def _define_missing_conversions(machine) -> None:
-    """Give compiler-rt's float conversions that this process lacks a definition
-    (:func:`llvm_backend.define_conversions`) before any kernel can call one."""
-    missing = [n for n in MISSING_CONVERSIONS if not llvm.address_of_symbol(n)]
-    if not missing:
+    """Give compiler-rt's ``__truncsfbf2`` a definition (:func:`llvm_backend.define_truncsfbf2`)
+    where this process lacks one, before any kernel can call it."""
+    if llvm.address_of_symbol(TRUNCSFBF2):
         return
     module = new_module("optgen_conversions")
-    define_conversions(module, missing)
+    define_truncsfbf2(module)
     engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(module)), machine)
     engine.finalize_object()
-    for name in missing:
-        llvm.add_symbol(name, engine.get_function_address(name))
+    llvm.add_symbol(TRUNCSFBF2, engine.get_function_address(TRUNCSFBF2))
     _ENGINES.append(engine)
 
 

@@ -90,11 +90,11 @@ def native_bfloat16() -> bool:
     return bool(features.get("avx512bf16") or features.get("bf16"))
 
 
-@functools.cache
 def rounds_bfloat16_in_8_lanes() -> bool:
     """Whether bfloat16 stores round on the bits (:func:`_to_bfloat16`) in registers of 8 float32
     lanes: a CPU with AVX2 but neither AVX-512 nor bfloat16 instructions."""
-    return not native_bfloat16() and not llvm.get_host_cpu_features().get("avx512f")
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx2")) and not features.get("avx512f") and not native_bfloat16()
 
 
 def _to_bfloat16(b: ir.IRBuilder, x):
@@ -124,8 +124,8 @@ def _bfloat16_on_the_bits(b: ir.IRBuilder, x):
 
 def _narrow(b: ir.IRBuilder, x, target: ir.Type):
     """``x`` stored in the narrower ``target``. A double becomes a 16-bit float through float32,
-    rounded twice as XLA:CPU's convert does (LLVM's direct conversion to half would call
-    compiler-rt's ``__truncdfhf2``: slower, and it rounds once)."""
+    rounded twice as XLA:CPU's convert does (LLVM's direct conversion to half would round once,
+    in a call of compiler-rt's ``__truncdfhf2``, which this process lacks)."""
     sixteen = isinstance(target, (BFloatType, ir.HalfType))
     narrow = b.fptrunc(x, F32) if sixteen and x.type == F64 else x
     if isinstance(target, BFloatType):
@@ -133,29 +133,20 @@ def _narrow(b: ir.IRBuilder, x, target: ir.Type):
     return b.fptrunc(narrow, target)
 
 
-# compiler-rt's conversions that LLVM calls where the CPU has no instruction for them, and their
-# argument and result types
-MISSING_CONVERSIONS = {
-    "__truncsfbf2": (F32, BFloatType()),
-    "__truncdfbf2": (F64, BFloatType()),
-    "__truncdfhf2": (F64, ir.HalfType()),
-}
+# compiler-rt's conversion from float32 to bfloat16, which LLVM calls where the CPU has no
+# instruction for it (and where it narrows an operation on values widened from bfloat16)
+TRUNCSFBF2 = "__truncsfbf2"
 
 
-def define_conversions(module: ir.Module, names) -> None:
-    """Define compiler-rt's float conversions ``names`` (of :data:`MISSING_CONVERSIONS`) in
-    ``module``, as :func:`_narrow` converts: to bfloat16 on the bits, from a double through float32
-    (as XLA:CPU). The own loop never calls them, but LLVM lowers some operations on bfloat16
-    vectors to them, and a call of an undefined symbol jumps to address zero: this process lacks
-    compiler-rt."""
-    for name in names:
-        source, target = MISSING_CONVERSIONS[name]
-        fn = ir.Function(module, ir.FunctionType(target, [source]), name)
-        b = ir.IRBuilder(fn.append_basic_block())
-        x = fn.args[0] if source == F32 else b.fptrunc(fn.args[0], F32)
-        b.ret(
-            _bfloat16_on_the_bits(b, x) if isinstance(target, BFloatType) else b.fptrunc(x, target)
-        )
+def define_truncsfbf2(module: ir.Module) -> None:
+    """Define compiler-rt's ``__truncsfbf2`` in ``module``: float32 to bfloat16, to nearest even,
+    on the bits as the loop rounds. The own loop never calls it, but a call of an undefined
+    symbol jumps to address zero, and this process lacks compiler-rt. (Only this one: a double
+    narrowed to 16 bits, ``__truncdfhf2``, must round once, and ``_narrow`` never asks LLVM for
+    it; a definition here would serve every llvmlite user in the process.)"""
+    fn = ir.Function(module, ir.FunctionType(BFloatType(), [F32]), TRUNCSFBF2)
+    b = ir.IRBuilder(fn.append_basic_block())
+    b.ret(_bfloat16_on_the_bits(b, fn.args[0]))
 
 
 def _round_to_bfloat16(b: ir.IRBuilder, x):

@@ -210,9 +210,6 @@ def whole_step(repeats: int, against: str | None) -> None:
         print(f"| {name} | {np.median(ts) * 1e3:.2f} | {ratios} |")
 
 
-_ENGINES = []  # alive for the process, as ffi_runtime's: llvmlite crashes freeing one
-
-
 def _encode_function(name: str, encode):
     """``encode(x, codes, n, reciprocal, repeats)``: x's codes, ``repeats`` times over."""
     module = rt.new_module(name)
@@ -244,7 +241,7 @@ def _encode_function(name: str, encode):
     kind = ctypes.CFUNCTYPE(
         None, *[ctypes.c_void_p] * 2, ctypes.c_int64, ctypes.c_float, ctypes.c_int64
     )
-    return engine, kind(engine.get_function_address("encode"))
+    return kind(engine.get_function_address("encode"))  # (ffi_runtime keeps the engine alive)
 
 
 def alone(repeats: int) -> None:
@@ -257,8 +254,7 @@ def alone(repeats: int) -> None:
     checked = np.ascontiguousarray(checked, np.float32)
     expected = None
     for name, encode in ALONE.items():
-        engine, run = _encode_function(name, encode)
-        _ENGINES.append(engine)
+        run = _encode_function(name, encode)
         codes = np.zeros(checked.size, np.int8)
         run(checked.ctypes.data, codes.ctypes.data, checked.size, 1.0, 1)
         expected = codes if expected is None else expected
