@@ -97,13 +97,13 @@ class _Loop:
     scalars: list
     leaf_ids: list | None  # the parameter's number, for stochastic rounding's hash
 
-    def rounds_bfloat16_on_bits(self) -> bool:
-        """Whether the body rounds to bfloat16 (a bf16 output, or the ``bf16`` op) in 8-lane
-        registers, on the bits."""
+    def lanes(self) -> int:
+        """The plain loop's vector width: BF16_BITS_LANES where its body rounds to bfloat16 (a
+        bf16 output, or the ``bf16`` op) on the bits in 8-lane registers."""
         rounds = any(d == ml_dtypes.bfloat16 for d in self.out_dtypes) or any(
             op.opcode == "bf16" for op in self.call.func.ops
         )
-        return rounds and rounds_bfloat16_in_8_lanes()
+        return BF16_BITS_LANES if rounds and rounds_bfloat16_in_8_lanes() else VECTOR_WIDTH
 
     def elements(self, fn, start, end) -> None:
         """The plain loop: each element read, updated and stored."""
@@ -117,7 +117,7 @@ class _Loop:
         vectorize(
             self.module,
             body.cbranch(body.icmp_signed("<", following, end), body_block, done),
-            BF16_BITS_LANES if self.rounds_bfloat16_on_bits() else VECTOR_WIDTH,
+            self.lanes(),
         )
         hoisted.cbranch(hoisted.icmp_signed("<", start, end), body_block, done)
         i.add_incoming(start, entry)

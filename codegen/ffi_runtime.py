@@ -46,8 +46,8 @@ I8, I32, I64, PTR, VOID = (
     ir.VoidType(),
 )
 
-# target name -> its execution engine and handler, alive for the process
-_REGISTERED: dict[str, tuple] = {}
+# target name -> its handler, alive for the process (its engine lives in _ENGINES)
+_REGISTERED: dict[str, object] = {}
 
 
 def kernel_name(prefix: str, specialized_on: tuple) -> str:
@@ -70,7 +70,7 @@ def register(name: str, build) -> str:
         address = engine.get_function_address("handler")
         handler = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(address)
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
-        _REGISTERED[name] = (engine, handler)
+        _REGISTERED[name] = handler
     return name
 
 
@@ -83,7 +83,7 @@ def _target_machine():
     machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
         cpu=cpu, features=features, opt=3, codemodel="jitdefault"
     )
-    _define_missing_conversions(machine)
+    _define_missing_truncsfbf2(machine)
     return machine
 
 
@@ -92,12 +92,12 @@ def _target_machine():
 _ENGINES: list = []
 
 
-def _define_missing_conversions(machine) -> None:
+def _define_missing_truncsfbf2(machine) -> None:
     """Give compiler-rt's ``__truncsfbf2`` a definition (:func:`llvm_backend.define_truncsfbf2`)
     where this process lacks one, before any kernel can call it."""
     if llvm.address_of_symbol(TRUNCSFBF2):
         return
-    module = new_module("optgen_conversions")
+    module = new_module("optgen_truncsfbf2")
     define_truncsfbf2(module)
     engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(module)), machine)
     engine.finalize_object()

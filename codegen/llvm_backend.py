@@ -84,8 +84,8 @@ def native_bfloat16() -> bool:
     """Whether this CPU has bfloat16 instructions (x86's AVX512-BF16, which AMX CPUs have too;
     ARM's BF16): the conversion from float32 and the dot products a bfloat16 GEMM runs on.
     Elsewhere (AVX2 alone) LLVM lowers the conversion to a call of compiler-rt's
-    ``__truncsfbf2``, which nothing in this process defines: the kernel would jump to address
-    zero."""
+    ``__truncsfbf2``, one element at a time (:func:`define_truncsfbf2`): the loop rounds on the
+    bits instead."""
     features = llvm.get_host_cpu_features()
     return bool(features.get("avx512bf16") or features.get("bf16"))
 
